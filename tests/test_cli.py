@@ -18,3 +18,21 @@ def test_help_lists_description(capsys):
     except SystemExit as e:
         assert e.code == 0
     assert "Xen block backend" in capsys.readouterr().out
+
+
+def test_check_accepts_a_valid_file_and_refuses_a_broken_one(tmp_path):
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\0" * 512)
+    good = tmp_path / "good.yaml"
+    good.write_text(f"domain: {{name: g}}\ndisks:\n  - {{vdev: xvda, driver: io_uring, path: {img}}}\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("domain: {name: b}\ndisks:\n  - {vdev: xvda, driver: io_uring, path: /none, queues: 0}\n")
+    ok = subprocess.run([sys.executable, "-m", "xenblk_vhost", "check", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0 and f"{good}: ok: domain 'g': xvda (io_uring {img})" in ok.stdout
+    no = subprocess.run([sys.executable, "-m", "xenblk_vhost", "check", str(good), str(bad)],
+                        capture_output=True, text=True)
+    assert no.returncode == 2
+    assert no.stderr.splitlines() == [
+        f"{bad}:3: disks[0].path: /none: no such file (file or block device expected)",
+        f"{bad}:3: disks[0].queues: must be between 1 and 64, got 0",
+    ]

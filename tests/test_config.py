@@ -1,0 +1,177 @@
+"""YAML per domain: typed objects on good input, `FILE:LINE: key: reason` on bad."""
+
+import socket
+import textwrap
+
+import pytest
+
+from xenblk_vhost.config import ConfigError, load_config, load_configs, parse_size
+
+
+@pytest.fixture
+def disk_img(tmp_path):
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"\0" * 4096)
+    return img
+
+
+def write(tmp_path, text, name="dom.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def problems(path):
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_full_disk_is_read_into_typed_values(tmp_path, disk_img):
+    path = write(tmp_path, f"""
+        domain:
+          name: web1
+        disks:
+          - vdev: xvdb
+            driver: io_uring
+            path: {disk_img}
+            direct: true
+            readonly: true
+            queues: 2
+            ring_page_order: 3
+            max_indirect_segments: 64
+            data_path: map
+            persistent_grants: false
+            discard: false
+            limits: {{max_inflight: 64, memory: 16MiB}}
+            properties: {{num-entries: 128}}
+        """)
+    cfg = load_config(path)
+    assert (cfg.name, cfg.domid) == ("web1", None)
+    (disk,) = cfg.disks
+    assert disk.vdev == 51728 and disk.name == "xvdb"
+    assert (disk.driver, disk.path, disk.direct, disk.readonly) == ("io_uring", str(disk_img), True, True)
+    assert (disk.queues, disk.ring_page_order, disk.max_indirect_segments) == (2, 3, 64)
+    assert (disk.data_path, disk.persistent_grants, disk.discard) == ("map", False, False)
+    assert (disk.max_inflight, disk.memory) == (64, 16 << 20)
+    assert disk.blkio_properties() == {"path": str(disk_img), "direct": True, "read-only": True,
+                                       "num-entries": 128}
+    assert cfg.matches(7, "web1") and not cfg.matches(7, "web2")
+
+
+def test_defaults_and_relative_path(tmp_path, disk_img):
+    path = write(tmp_path, """
+        domain: {domid: 3}
+        disks:
+          - {vdev: 51712, driver: io_uring, path: disk.img}
+        """)
+    cfg = load_config(path)
+    disk = cfg.disks[0]
+    assert disk.path == str(disk_img)
+    assert (disk.queues, disk.ring_page_order, disk.max_indirect_segments, disk.data_path) == (4, 4, 256, "copy")
+    assert cfg.matches(3, None) and not cfg.matches(4, None)
+
+
+def test_every_problem_is_reported_with_file_line_and_key(tmp_path, disk_img):
+    path = write(tmp_path, f"""
+        domain:
+          name: web1
+        disks:
+          - vdev: xvda
+            driver: io_uring
+            path: {disk_img}
+            queuez: 2
+            ring_page_order: 9
+            readonly: "yes"
+          - vdev: xvda
+            driver: floppy
+            path: /nonexistent
+        """)
+    got = problems(path)
+    assert f"{path}:7: disks[0].queuez: unknown key (did you mean 'queues'?)" in got
+    assert f"{path}:8: disks[0].ring_page_order: must be between 0 and 4, got 9" in got
+    assert f"{path}:9: disks[0].readonly: must be true or false, got a string" in got
+    assert any(p.startswith(f"{path}:11: disks[1].driver: must be one of io_uring") for p in got)
+    assert len(got) == 4
+
+
+def test_missing_storage_and_wrong_kind_are_refused(tmp_path, disk_img):
+    path = write(tmp_path, f"""
+        domain: {{name: a}}
+        disks:
+          - {{vdev: xvda, driver: io_uring, path: /no/such.img}}
+          - {{vdev: xvdb, driver: virtio-blk-vhost-user, path: {disk_img}}}
+        """)
+    assert problems(path) == [
+        f"{path}:3: disks[0].path: /no/such.img: no such file (file or block device expected)",
+        f"{path}:4: disks[1].path: {disk_img}: not a vhost-user-blk unix socket",
+    ]
+
+
+def test_vhost_user_socket_is_accepted_and_map_refused(tmp_path):
+    sock_path = tmp_path / "vu.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock_path))
+        ok = write(tmp_path, f"""
+            domain: {{name: a}}
+            disks:
+              - {{vdev: xvda, driver: virtio-blk-vhost-user, path: {sock_path}}}
+            """, "ok.yaml")
+        assert load_config(ok).disks[0].driver == "virtio-blk-vhost-user"
+        bad = write(tmp_path, f"""
+            domain: {{name: a}}
+            disks:
+              - {{vdev: xvda, driver: virtio-blk-vhost-user, path: {sock_path}, data_path: map}}
+            """, "bad.yaml")
+        (problem,) = problems(bad)
+        assert problem.startswith(f"{bad}:3: disks[0].data_path: map is impossible with virtio-blk-vhost-user")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("domain: [\n", ":2: yaml: "),
+        ("", ":1: file: empty"),
+        ("- a\n", ":1: file: must be a mapping, got a list"),
+        ("domain: {name: a}\ndomain: {name: b}\ndisks: []\n", ":2: domain: duplicate key (first at line 1)"),
+        ("domain: {name: a, domid: 2}\ndisks: [x]\n", ":1: domain: give `name` or `domid`, not both"),
+        ("domain: {name: a}\ndisks: []\n", ":2: disks: must be a non-empty list of disks"),
+        ("domain: {name: a}\ndisks:\n  - {driver: io_uring}\n", ":3: disks[0].vdev: missing (required)"),
+        ("domain: {name: a}\ndisks:\n  - {vdev: xvdzzzzzzz, driver: io_uring, path: /x}\n", ":3: disks[0].vdev: "),
+    ],
+)
+def test_malformed_files_get_line_numbered_errors(tmp_path, text, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    got = problems(path)
+    assert any(p.startswith(f"{path}{expected}") for p in got), got
+
+
+def test_same_vdev_twice_and_same_domain_twice(tmp_path, disk_img):
+    a = write(tmp_path, f"""
+        domain: {{name: a}}
+        disks:
+          - {{vdev: xvda, driver: io_uring, path: {disk_img}}}
+          - {{vdev: 51712, driver: io_uring, path: {disk_img}}}
+        """, "a.yaml")
+    assert problems(a) == [f"{a}:4: disks[1].vdev: xvda is already used by the disk at line 3"]
+    b = write(tmp_path, f"domain: {{name: a}}\ndisks: [{{vdev: xvda, driver: io_uring, path: {disk_img}}}]\n", "b.yaml")
+    c = write(tmp_path, f"domain: {{name: a}}\ndisks: [{{vdev: xvdb, driver: io_uring, path: {disk_img}}}]\n", "c.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_configs([b, c])
+    assert str(info.value) == f"{c}:1: domain: the same domain is configured in {b}"
+
+
+def test_unreadable_file(tmp_path):
+    assert problems(tmp_path / "missing.yaml") == [f"{tmp_path / 'missing.yaml'}:0: file: No such file or directory"]
+
+
+@pytest.mark.parametrize("value, expected", [(4096, 4096), ("64MiB", 64 << 20), ("512k", 512 << 10), ("1G", 1 << 30)])
+def test_sizes(value, expected):
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["lots", True, -1, "1.5G"])
+def test_bad_sizes(value):
+    with pytest.raises(ValueError):
+        parse_size(value)

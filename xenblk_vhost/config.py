@@ -1,0 +1,438 @@
+"""One YAML file per domain, read into validated, typed, immutable objects.
+
+A file names its domain and its disks::
+
+    domain:
+      name: web1            # survives reboots and new domids; or `domid: 5`
+    disks:
+      - vdev: xvda          # or 51712
+        driver: io_uring    # any libblkio driver
+        path: /var/lib/xen/web1.img
+        direct: true
+        readonly: false
+        queues: 4                 # most rings offered (multi-queue-max-queues)
+        ring_page_order: 4        # largest ring offered (max-ring-page-order)
+        max_indirect_segments: 256
+        data_path: copy           # copy | map
+        persistent_grants: true   # only with data_path: map
+        discard: true
+        limits: {max_inflight: 128, memory: 64MiB}   # per ring
+        properties: {num-entries: 256}               # passed to libblkio as is
+
+Everything is checked before anything starts; every problem is reported at
+once as `FILE:LINE: key: reason`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .vdev import VdevError, parse_vdev, vdev_name
+
+DRIVERS = {
+    "io_uring": "file or block device",
+    "nvme-io_uring": "NVMe character device (/dev/ngXnY)",
+    "virtio-blk-vhost-user": "vhost-user-blk unix socket",
+    "virtio-blk-vhost-vdpa": "vhost-vdpa character device",
+    "virtio-blk-vfio-pci": "PCI device sysfs path",
+}
+DATA_PATHS = ("copy", "map")
+
+# Defaults. `copy` works with every driver (vhost-user needs its buffers in
+# shared memory regions, which grant-mapped pages are not); see README for the
+# measurements behind data_path and the limits.
+DEFAULT_QUEUES = 4
+DEFAULT_RING_PAGE_ORDER = 4
+DEFAULT_MAX_INDIRECT_SEGMENTS = 256
+DEFAULT_MAX_INFLIGHT = 256
+DEFAULT_MEMORY = 64 << 20
+MAX_RING_PAGE_ORDER = 4
+MAX_INDIRECT_SEGMENTS = 8 * 512
+MAX_QUEUES = 64
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    vdev: int
+    driver: str
+    path: str
+    direct: bool = False
+    readonly: bool = False
+    queues: int = DEFAULT_QUEUES
+    ring_page_order: int = DEFAULT_RING_PAGE_ORDER
+    max_indirect_segments: int = DEFAULT_MAX_INDIRECT_SEGMENTS
+    data_path: str = "copy"
+    persistent_grants: bool = True
+    discard: bool = True
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+    memory: int = DEFAULT_MEMORY
+    properties: tuple[tuple[str, Any], ...] = ()
+    line: int = 0
+
+    @property
+    def name(self) -> str:
+        return vdev_name(self.vdev)
+
+    def blkio_properties(self) -> dict[str, Any]:
+        """Properties for libblkio: path, direct, read-only, then the pass-through ones."""
+        props: dict[str, Any] = {"path": self.path}
+        if self.direct:
+            props["direct"] = True
+        if self.readonly:
+            props["read-only"] = True
+        props.update(self.properties)
+        return props
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    source: str
+    name: str | None
+    domid: int | None
+    disks: tuple[DiskConfig, ...] = field(default_factory=tuple)
+
+    def disk(self, vdev: int) -> DiskConfig | None:
+        return next((d for d in self.disks if d.vdev == vdev), None)
+
+    def matches(self, domid: int, name: str | None) -> bool:
+        if self.domid is not None:
+            return self.domid == domid
+        return name is not None and name == self.name
+
+
+@dataclass(frozen=True)
+class Problem:
+    source: str
+    line: int
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.key}: {self.reason}"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: Iterable[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+class _Mapping(dict):
+    """A YAML mapping that remembers where it and each of its keys stand."""
+
+    line: int = 0
+    key_lines: dict
+
+
+class _Sequence(list):
+    line: int = 0
+    item_lines: list
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Mapping:
+    loader.flatten_mapping(node)
+    out = _Mapping()
+    out.line = node.start_mark.line + 1
+    out.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, str):
+            raise _YamlProblem(line, str(key), "keys must be strings")
+        if key in out:
+            raise _YamlProblem(line, key, f"duplicate key (first at line {out.key_lines[key]})")
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = line
+    return out
+
+
+def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> _Sequence:
+    out = _Sequence(loader.construct_object(child, deep=True) for child in node.value)
+    out.line = node.start_mark.line + 1
+    out.item_lines = [child.start_mark.line + 1 for child in node.value]
+    return out
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+
+
+class _YamlProblem(Exception):
+    def __init__(self, line: int, key: str, reason: str):
+        self.line, self.key, self.reason = line, key, reason
+
+
+# ---------------------------------------------------------------- validation
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(|k|ki|kib|kb|m|mi|mib|mb|g|gi|gib|gb)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string like '64MiB' / '512k' (binary units)."""
+    if isinstance(value, bool):
+        raise ValueError("a size is needed, not a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(m.group(1)) * _SIZE_UNITS[m.group(2)[:1].lower()]
+    raise ValueError(f"{value!r} is not a size (e.g. 67108864, 64MiB, 512k)")
+
+
+class _Checker:
+    """Collects problems for one file; each check reports `FILE:LINE: key: reason`."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.problems: list[Problem] = []
+
+    def problem(self, line: int, key: str, reason: str) -> None:
+        self.problems.append(Problem(self.source, line, key, reason))
+
+    def mapping(self, value: Any, line: int, key: str) -> _Mapping | None:
+        if isinstance(value, _Mapping):
+            return value
+        self.problem(line, key, f"must be a mapping, got {_type_name(value)}")
+        return None
+
+    def unknown_keys(self, mapping: _Mapping, allowed: Iterable[str], where: str) -> None:
+        allowed = set(allowed)
+        for key in mapping:
+            if key not in allowed:
+                hint = _closest(key, allowed)
+                self.problem(mapping.key_lines[key], f"{where}{key}",
+                             "unknown key" + (f" (did you mean {hint!r}?)" if hint else ""))
+
+    def typed(self, mapping: _Mapping, key: str, kind: type, default: Any, where: str,
+              lo: int | None = None, hi: int | None = None, choices: Iterable[str] | None = None) -> Any:
+        if key not in mapping:
+            return default
+        value, line, name = mapping[key], mapping.key_lines[key], f"{where}{key}"
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            self.problem(line, name, f"must be an integer, got {_type_name(value)}")
+            return default
+        if kind is bool and not isinstance(value, bool):
+            self.problem(line, name, f"must be true or false, got {_type_name(value)}")
+            return default
+        if kind is str and not isinstance(value, str):
+            self.problem(line, name, f"must be a string, got {_type_name(value)}")
+            return default
+        if lo is not None and value < lo or hi is not None and value > hi:
+            self.problem(line, name, f"must be between {lo} and {hi}, got {value}")
+            return default
+        if choices is not None and value not in choices:
+            self.problem(line, name, f"must be one of {', '.join(choices)}, got {value!r}")
+            return default
+        return value
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            _Mapping: "a mapping", _Sequence: "a list"}.get(type(value), type(value).__name__)
+
+
+def _closest(key: str, allowed: set[str]) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+_DISK_KEYS = ("vdev", "driver", "path", "direct", "readonly", "queues", "ring_page_order",
+              "max_indirect_segments", "data_path", "persistent_grants", "discard", "limits",
+              "properties")
+_LIMIT_KEYS = ("max_inflight", "memory")
+
+
+def _check_target(check: _Checker, driver: str, path: str, line: int, key: str) -> None:
+    """The storage a disk names must exist, and be the kind of thing its driver opens."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        check.problem(line, key, f"{path}: no such file ({DRIVERS[driver]} expected)")
+        return
+    except OSError as e:
+        check.problem(line, key, f"{path}: {e.strerror}")
+        return
+    mode = st.st_mode
+    ok = {
+        "io_uring": stat.S_ISREG(mode) or stat.S_ISBLK(mode),
+        "nvme-io_uring": stat.S_ISCHR(mode),
+        "virtio-blk-vhost-user": stat.S_ISSOCK(mode),
+        "virtio-blk-vhost-vdpa": stat.S_ISCHR(mode),
+        "virtio-blk-vfio-pci": stat.S_ISDIR(mode),
+    }[driver]
+    if not ok:
+        check.problem(line, key, f"{path}: not a {DRIVERS[driver]}")
+
+
+def _disk(check: _Checker, item: Any, line: int, index: int, base: Path) -> DiskConfig | None:
+    where = f"disks[{index}]."
+    disk = check.mapping(item, line, f"disks[{index}]")
+    if disk is None:
+        return None
+    check.unknown_keys(disk, _DISK_KEYS, where)
+    before = len(check.problems)
+    for required in ("vdev", "driver", "path"):
+        if required not in disk:
+            check.problem(disk.line, f"{where}{required}", "missing (required)")
+    vdev = 0
+    if "vdev" in disk:
+        try:
+            vdev = parse_vdev(disk["vdev"])
+        except VdevError as e:
+            check.problem(disk.key_lines["vdev"], f"{where}vdev", str(e))
+    driver = check.typed(disk, "driver", str, None, where, choices=list(DRIVERS))
+    path = check.typed(disk, "path", str, None, where)
+    if path is not None and driver is not None:
+        if not os.path.isabs(path):
+            path = str(base / path)
+        _check_target(check, driver, path, disk.key_lines["path"], f"{where}path")
+    direct = check.typed(disk, "direct", bool, False, where)
+    readonly = check.typed(disk, "readonly", bool, False, where)
+    queues = check.typed(disk, "queues", int, DEFAULT_QUEUES, where, 1, MAX_QUEUES)
+    order = check.typed(disk, "ring_page_order", int, DEFAULT_RING_PAGE_ORDER, where, 0, MAX_RING_PAGE_ORDER)
+    indirect = check.typed(disk, "max_indirect_segments", int, DEFAULT_MAX_INDIRECT_SEGMENTS, where,
+                           0, MAX_INDIRECT_SEGMENTS)
+    data_path = check.typed(disk, "data_path", str, "copy", where, choices=DATA_PATHS)
+    persistent = check.typed(disk, "persistent_grants", bool, True, where)
+    discard = check.typed(disk, "discard", bool, True, where)
+    if driver == "virtio-blk-vhost-user" and data_path == "map":
+        check.problem(disk.key_lines["data_path"], f"{where}data_path",
+                      "map is impossible with virtio-blk-vhost-user: its buffers must live in "
+                      "memory shared with the vhost-user server; use copy")
+    max_inflight, memory = DEFAULT_MAX_INFLIGHT, DEFAULT_MEMORY
+    if "limits" in disk:
+        limits = check.mapping(disk["limits"], disk.key_lines["limits"], f"{where}limits")
+        if limits is not None:
+            lwhere = f"{where}limits."
+            check.unknown_keys(limits, _LIMIT_KEYS, lwhere)
+            max_inflight = check.typed(limits, "max_inflight", int, DEFAULT_MAX_INFLIGHT, lwhere, 1, 65536)
+            if "memory" in limits:
+                try:
+                    memory = parse_size(limits["memory"])
+                    if memory < 1 << 20:
+                        raise ValueError(f"{memory} bytes is below the 1MiB minimum")
+                except ValueError as e:
+                    check.problem(limits.key_lines["memory"], f"{lwhere}memory", str(e))
+    properties: tuple[tuple[str, Any], ...] = ()
+    if "properties" in disk:
+        props = check.mapping(disk["properties"], disk.key_lines["properties"], f"{where}properties")
+        if props is not None:
+            for key, value in props.items():
+                if key in ("path", "direct", "read-only"):
+                    check.problem(props.key_lines[key], f"{where}properties.{key}",
+                                  f"set it with the disk's own key ({'readonly' if key == 'read-only' else key})")
+                elif not isinstance(value, (str, int, bool)):
+                    check.problem(props.key_lines[key], f"{where}properties.{key}",
+                                  f"must be a string, integer or boolean, got {_type_name(value)}")
+            properties = tuple(props.items())
+    if len(check.problems) > before:
+        return None
+    return DiskConfig(vdev=vdev, driver=driver, path=path, direct=direct, readonly=readonly,
+                      queues=queues, ring_page_order=order, max_indirect_segments=indirect,
+                      data_path=data_path, persistent_grants=persistent, discard=discard,
+                      max_inflight=max_inflight, memory=memory, properties=properties, line=disk.line)
+
+
+def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> DomainConfig:
+    """Validate one domain's YAML; raise ConfigError listing every problem."""
+    check = _Checker(source)
+    base = base or Path(source).resolve().parent
+    try:
+        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
+    except _YamlProblem as e:
+        raise ConfigError([Problem(source, e.line, e.key, e.reason)]) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 0
+        raise ConfigError([Problem(source, line, "yaml", f"{e.problem or e.context}")]) from None
+    except yaml.YAMLError as e:
+        raise ConfigError([Problem(source, 0, "yaml", str(e))]) from None
+    if doc is None:
+        raise ConfigError([Problem(source, 1, "file", "empty: needs `domain` and `disks`")])
+    root = check.mapping(doc, 1, "file")
+    if root is None:
+        raise ConfigError(check.problems)
+    check.unknown_keys(root, ("domain", "disks"), "")
+    name = domid = None
+    if "domain" not in root:
+        check.problem(root.line, "domain", "missing (required): give `name` or `domid`")
+    else:
+        dom = check.mapping(root["domain"], root.key_lines["domain"], "domain")
+        if dom is not None:
+            check.unknown_keys(dom, ("name", "domid"), "domain.")
+            name = check.typed(dom, "name", str, None, "domain.")
+            domid = check.typed(dom, "domid", int, None, "domain.", 1, 0x7FEF)
+            if "name" in dom and "domid" in dom:
+                check.problem(dom.line, "domain", "give `name` or `domid`, not both")
+            elif "name" not in dom and "domid" not in dom:
+                check.problem(dom.line, "domain", "needs `name` (preferred) or `domid`")
+    disks: list[DiskConfig] = []
+    if "disks" not in root:
+        check.problem(root.line, "disks", "missing (required): a list of disks")
+    elif not isinstance(root["disks"], _Sequence) or not root["disks"]:
+        check.problem(root.key_lines["disks"], "disks", "must be a non-empty list of disks")
+    else:
+        seq = root["disks"]
+        for i, (item, line) in enumerate(zip(seq, seq.item_lines)):
+            disk = _disk(check, item, line, i, base)
+            if disk is None:
+                continue
+            clash = next((d for d in disks if d.vdev == disk.vdev), None)
+            if clash is not None:
+                check.problem(line, f"disks[{i}].vdev",
+                              f"{disk.name} is already used by the disk at line {clash.line}")
+                continue
+            disks.append(disk)
+    if check.problems:
+        raise ConfigError(check.problems)
+    return DomainConfig(source=source, name=name, domid=domid, disks=tuple(disks))
+
+
+def load_config(path: str | os.PathLike) -> DomainConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError([Problem(str(p), 0, "file", e.strerror or str(e))]) from None
+    return parse_config(text, source=str(p), base=p.resolve().parent)
+
+
+def load_configs(paths: Iterable[str | os.PathLike]) -> list[DomainConfig]:
+    """Load several files; all problems from all files in one ConfigError."""
+    configs, problems = [], []
+    for path in paths:
+        try:
+            configs.append(load_config(path))
+        except ConfigError as e:
+            problems.extend(e.problems)
+    seen: dict[tuple[str, Any], DomainConfig] = {}
+    for cfg in configs:
+        key = ("name", cfg.name) if cfg.name is not None else ("domid", cfg.domid)
+        if key in seen:
+            problems.append(Problem(cfg.source, 1, "domain",
+                                    f"the same domain is configured in {seen[key].source}"))
+        seen[key] = cfg
+    if problems:
+        raise ConfigError(problems)
+    return configs
