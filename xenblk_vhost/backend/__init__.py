@@ -1,0 +1,1 @@
+"""The service: xenbus state machine per device, one trio task per ring."""
