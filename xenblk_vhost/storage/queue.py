@@ -1,0 +1,247 @@
+"""One libblkio queue: the datapath.
+
+Made for batches: queue many requests (each one cffi call, no allocation),
+then one do_io() submits them all and reaps up to `max_completions`
+completions into an array preallocated per queue. Completions come back as a
+list of (tag, ret) tuples decoded in one C-level struct.iter_unpack over
+that array; ret is 0 (or a byte count for some drivers) on success, -errno on
+failure, and error_message(i) fetches libblkio's text for the i-th
+completion of the last do_io() only when someone wants it.
+
+Addresses are ints (local virtual addresses: grant-mapped pages, memory
+region offsets, IovecArray entries) and tags are ints that fit in a pointer
+(they travel as the request's user_data).
+
+A queue is not thread-safe (libblkio's rule); with trio it belongs to one
+task at a time for submission, and to one task for wait_io().
+
+Modes:
+- blocking: do_io(min_completions=n, timeout=...) -- waits inside libblkio
+  (blocks the thread: benchmarks, tools, never the trio event loop for long);
+- event-driven: await wait_io() -- submits, then sleeps on the completion
+  fd in trio until something completes.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import struct
+
+import trio
+
+from .cdef import ffi, lib
+from .errors import BlkioError, last_error_message
+
+# struct blkio_completion { void *user_data; const char *error_msg; int ret; uint8_t reserved_[12]; }
+# decoded as (user_data, ret): the message pointer is skipped, fetched on demand.
+_COMPLETION = struct.Struct("=Q8xi12x")
+assert _COMPLETION.size == ffi.sizeof("struct blkio_completion")
+_COMPLETION_SIZE = _COMPLETION.size
+_iter_completions = _COMPLETION.iter_unpack
+
+DEFAULT_MAX_COMPLETIONS = 256
+
+
+def _closed(*_args, **_kwargs):
+    raise BlkioError(errno.EBADF, "queue is closed", "blkioq")
+
+
+class Queue:
+    """A started queue of a Blkio instance (blkio_get_queue / blkio_add_queue).
+
+    Obtain through Blkio.queue() / StorageDevice.queues; closed together with
+    its instance. After close every method raises BlkioError(EBADF).
+    """
+
+    def __init__(self, handle, index: int, *, poll: bool = False, max_completions: int = DEFAULT_MAX_COMPLETIONS):
+        getter = lib.blkio_get_poll_queue if poll else lib.blkio_get_queue
+        q = getter(handle, index)
+        if q == ffi.NULL:
+            raise BlkioError(errno.ENOENT, last_error_message() or f"no queue {index}", "blkio_get_queue")
+        if max_completions <= 0:
+            raise ValueError("max_completions must be positive")
+        self.index = index
+        self.poll = poll
+        self.max_completions = max_completions
+        self._q = q
+        self._completions = ffi.new("struct blkio_completion[]", max_completions)
+        self._completion_bytes = memoryview(ffi.buffer(self._completions))
+        self._timeout = ffi.new("struct timespec *")  # libblkio writes the remaining time back
+        self._completion_fd: int | None = None
+        # The C functions, swapped for _closed on close() so a stale Queue can
+        # never hand a dangling blkioq pointer to libblkio.
+        self._read = lib.blkioq_read
+        self._write = lib.blkioq_write
+        self._readv = lib.blkioq_readv
+        self._writev = lib.blkioq_writev
+        self._write_zeroes = lib.blkioq_write_zeroes
+        self._discard = lib.blkioq_discard
+        self._flush = lib.blkioq_flush
+        self._do_io = lib.blkioq_do_io
+
+    # ---- queueing requests (nothing reaches the device before do_io/wait_io) ----
+
+    def read(self, start: int, addr: int, length: int, tag: int, flags: int = 0) -> None:
+        self._read(self._q, start, addr, length, tag, flags)
+
+    def write(self, start: int, addr: int, length: int, tag: int, flags: int = 0) -> None:
+        self._write(self._q, start, addr, length, tag, flags)
+
+    def readv(self, start: int, iovec_addr: int, iovcnt: int, tag: int, flags: int = 0) -> None:
+        """iovec_addr: address of iovcnt struct iovec, e.g. IovecArray.address(i); kept until completion."""
+        self._readv(self._q, start, iovec_addr, iovcnt, tag, flags)
+
+    def writev(self, start: int, iovec_addr: int, iovcnt: int, tag: int, flags: int = 0) -> None:
+        self._writev(self._q, start, iovec_addr, iovcnt, tag, flags)
+
+    def write_zeroes(self, start: int, length: int, tag: int, flags: int = 0) -> None:
+        self._write_zeroes(self._q, start, length, tag, flags)
+
+    def discard(self, start: int, length: int, tag: int, flags: int = 0) -> None:
+        self._discard(self._q, start, length, tag, flags)
+
+    def flush(self, tag: int, flags: int = 0) -> None:
+        self._flush(self._q, tag, flags)
+
+    # ---- submitting and reaping ----
+
+    def do_io(self, min_completions: int = 0, max_completions: int | None = None,
+              timeout: float | None = None) -> list[tuple[int, int]]:
+        """Submit everything queued and return up to max_completions (tag, ret).
+
+        min_completions > 0 blocks the thread until that many completed or
+        `timeout` seconds passed (then BlkioError(ETIME)); min_completions
+        must not exceed the requests in flight (libblkio: EINVAL).
+        """
+        if max_completions is None:
+            max_completions = self.max_completions
+        elif max_completions > self.max_completions:
+            raise ValueError(f"max_completions {max_completions} > preallocated {self.max_completions}")
+        if timeout is None:
+            ts = ffi.NULL
+        else:
+            ts = self._timeout
+            frac, whole = math.modf(max(timeout, 0.0))
+            ts.tv_sec = int(whole)
+            ts.tv_nsec = int(frac * 1e9)
+        n = self._do_io(self._q, self._completions, min_completions, max_completions, ts)
+        if n <= 0:
+            if n == 0:
+                return []
+            raise BlkioError(-n, last_error_message(), f"blkioq_do_io(queue {self.index})")
+        return list(_iter_completions(self._completion_bytes[: n * _COMPLETION_SIZE]))
+
+    def submit(self) -> None:
+        """Submit queued requests without reaping (do_io with max 0)."""
+        n = self._do_io(self._q, ffi.NULL, 0, 0, ffi.NULL)
+        if n < 0:
+            raise BlkioError(-n, last_error_message(), f"blkioq_do_io(queue {self.index})")
+
+    def error_message(self, position: int) -> str | None:
+        """libblkio's message for completion `position` of the last do_io()/wait_io() batch.
+
+        May be None even when ret < 0 (libblkio does not always say more).
+        Valid only until the next do_io()/wait_io() on this queue.
+        """
+        if self._q is None:
+            _closed()
+        if not 0 <= position < self.max_completions:
+            raise IndexError(position)
+        msg = self._completions[position].error_msg
+        return None if msg == ffi.NULL else ffi.string(msg).decode(errors="replace")
+
+    # ---- event-driven mode (trio) ----
+
+    @property
+    def completion_fd(self) -> int:
+        """The queue's completion fd (O_NONBLOCK; owned by libblkio; -1 for poll queues)."""
+        if self._q is None:
+            _closed()
+        if self._completion_fd is None:
+            self._completion_fd = lib.blkioq_get_completion_fd(self._q)
+        return self._completion_fd
+
+    def set_completion_fd_enabled(self, enabled: bool) -> None:
+        if self._q is None:
+            _closed()
+        lib.blkioq_set_completion_fd_enabled(self._q, enabled)
+
+    async def wait_io(self, max_completions: int | None = None,
+                      timeout: float | None = None) -> list[tuple[int, int]]:
+        """Submit everything queued, then return >= 1 completions (up to max).
+
+        Sleeps on the completion fd when nothing has completed yet. The fd is
+        enabled only while we sleep (the blkio(3) pattern: while we are busy
+        processing completions, notifications would only cause extra
+        wake-ups); after enabling we check again, because a completion that
+        landed between the check and the enable raised no event. Spurious
+        events and an already-drained eventfd (EAGAIN) just loop.
+
+        Always one trio checkpoint, taken *before* reaping so a cancellation
+        never drops completions that were already taken from libblkio. With
+        io_uring on page-cached files, requests complete inline at submit:
+        the caller's loop then never sleeps, and this checkpoint is what lets
+        other tasks run.
+
+        timeout: seconds without any completion before BlkioError(ETIME)
+        (libblkio cannot tell us that a vhost-user server died: its requests
+        simply never complete). A closed queue wakes a sleeper with
+        trio.ClosedResourceError.
+        """
+        await trio.lowlevel.checkpoint()
+        batch = self.do_io(0, max_completions)
+        if batch:
+            return batch
+        fd = self.completion_fd
+        if fd < 0:
+            raise BlkioError(errno.EINVAL, "poll queues have no completion fd", "wait_io")
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        lib.blkioq_set_completion_fd_enabled(self._q, True)
+        try:
+            while True:
+                batch = self.do_io(0, max_completions)
+                if batch:
+                    return batch
+                with trio.move_on_at(deadline):
+                    await trio.lowlevel.wait_readable(fd)
+                if self._q is None:  # closed while we slept
+                    raise trio.ClosedResourceError("queue closed while waiting for completions")
+                try:
+                    os.read(fd, 8)  # reset the eventfd before do_io, as blkio(3) requires
+                except BlockingIOError:
+                    pass  # spurious or already consumed: do_io below decides
+                if trio.current_time() >= deadline:
+                    batch = self.do_io(0, max_completions)
+                    if batch:
+                        return batch
+                    raise BlkioError(errno.ETIME, f"no completion within {timeout} s", f"wait_io(queue {self.index})")
+        finally:
+            if self._q is not None:
+                lib.blkioq_set_completion_fd_enabled(self._q, False)
+
+    # ---- lifecycle ----
+
+    @property
+    def closed(self) -> bool:
+        return self._q is None
+
+    def _close(self) -> None:
+        """Called by the owning Blkio before blkio_destroy()/blkio_remove_queue()."""
+        if self._q is None:
+            return
+        if self._completion_fd is not None and self._completion_fd >= 0:
+            # Wake any task sleeping in wait_readable(fd) before libblkio closes
+            # the fd (trio must never wait on a closed or reused fd number).
+            try:
+                trio.lowlevel.notify_closing(self._completion_fd)
+            except RuntimeError:
+                pass  # closed outside trio.run(): nobody can be waiting in trio
+        self._q = None
+        self._completion_fd = None
+        self._read = self._write = self._readv = self._writev = _closed
+        self._write_zeroes = self._discard = self._flush = self._do_io = _closed
+
+    def __repr__(self) -> str:
+        return f"<Queue {self.index}{' poll' if self.poll else ''}{' closed' if self._q is None else ''}>"
