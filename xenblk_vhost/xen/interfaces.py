@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol, Sequence, runtime_checkable
+from typing import AsyncContextManager, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar, runtime_checkable
 
 PAGE_SIZE = 4096
+
+T = TypeVar("T")
 
 
 class GrantStatus(enum.IntEnum):
@@ -166,11 +168,41 @@ class XenStore(Protocol):
 
     async def get_domain_path(self, domid: int) -> str: ...
 
-    def watch(self, path: str, token: str) -> "AsyncIterator[str]":
+    async def exists(self, path: str) -> bool: ...
+
+    def transaction(self) -> "AsyncContextManager[XenStoreTransaction]":
+        """`async with xs.transaction() as t:` commits on exit, aborts if the block raises."""
+
+    async def transact(self, fn: "Callable[[XenStoreTransaction], Awaitable[T]]") -> T:
+        """Run fn(t) in a transaction, retried from the start while it conflicts (EAGAIN)."""
+
+    def watch(self, path: str, token: str | None = None) -> "AsyncContextManager[AsyncIterator[str]]":
         """An async context manager yielding an async iterator of fired paths.
 
         The first event is the registration's own fire (the path itself), as
-        xenstored does.
+        xenstored does. Without a token the client makes up a unique one.
         """
 
     async def close(self) -> None: ...
+
+
+class XenStoreTransaction(Protocol):
+    """The handle `XenStore.transaction()` yields: the data base calls, in one transaction."""
+
+    async def read(self, path: str) -> bytes: ...
+
+    async def write(self, path: str, value: str | bytes) -> None: ...
+
+    async def mkdir(self, path: str) -> None: ...
+
+    async def rm(self, path: str) -> None: ...
+
+    async def exists(self, path: str) -> bool: ...
+
+    async def directory(self, path: str) -> list[str]: ...
+
+    async def get_perms(self, path: str) -> list[Permission]: ...
+
+    async def set_perms(self, path: str, perms: Sequence[Permission]) -> None: ...
+
+    async def get_domain_path(self, domid: int) -> str: ...

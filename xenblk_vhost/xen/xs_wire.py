@@ -2,9 +2,10 @@
 
 Shared by our client (`xenblk_vhost.xen.xenstore`) and the simulated
 xenstored (`xenblk_vhost.sim.xenstored`). A message is a 16-byte header
-{type, req_id, tx_id, len} (native-endian u32s, little-endian on x86) then
-`len` payload bytes; strings in payloads are NUL-terminated, lists are
-NUL-separated.
+{type, req_id, tx_id, len} (native-endian u32s; we only run on little-endian
+x86, so "<") then `len` payload bytes; strings in payloads are NUL-terminated,
+lists are NUL-separated. Constants here are checked against Debian's
+/usr/include/xen/io/xs_wire.h by tests/test_xenstore_wire.py.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import struct
 from dataclasses import dataclass
 
 HEADER = struct.Struct("<IIII")
-PAYLOAD_MAX = 4096  # XENSTORE_PAYLOAD_MAX
+PAYLOAD_MAX = 4096  # XENSTORE_PAYLOAD_MAX: both directions; xenstored drops a client that exceeds it
 ABS_PATH_MAX = 3072  # XENSTORE_ABS_PATH_MAX
 REL_PATH_MAX = 2048  # XENSTORE_REL_PATH_MAX
 
 
 class Op(enum.IntEnum):
+    """enum xsd_sockmsg_type (XS_*). 20 was XS_RESTRICT, removed upstream."""
+
     CONTROL = 0
     DIRECTORY = 1
     READ = 2
@@ -43,9 +46,17 @@ class Op(enum.IntEnum):
     SET_TARGET = 19
     RESET_WATCHES = 21
     DIRECTORY_PART = 22
+    INVALID = 0xFFFF  # "guaranteed to remain an invalid type"
 
 
-# The error names xenstored sends (xsd_errors[] in xs_wire.h) and the errno each means.
+# XS_TYPE_COUNT in the Xen 4.17 header (Debian 12): types >= this are unknown to that xenstored.
+TYPE_COUNT = 23
+
+# Field indices of a WATCH_EVENT payload (enum xs_watch_type).
+WATCH_PATH = 0
+WATCH_TOKEN = 1
+
+# The error names xenstored sends (xsd_errors[] in xs_wire.h, in that order) and the errno each means.
 ERROR_NAMES: dict[str, int] = {
     name: getattr(errno, name)
     for name in (
@@ -74,7 +85,12 @@ class Message:
 
 
 class Reader:
-    """Incremental decoder: feed() bytes as they arrive, then iterate messages()."""
+    """Incremental decoder: feed() bytes as they arrive, then iterate messages().
+
+    A header announcing more than PAYLOAD_MAX bytes raises WireError: the
+    stream cannot be resynchronised after that, so the caller drops it (as
+    xenstored and libxenstore both do).
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -96,16 +112,24 @@ class Reader:
         return out
 
 
+def encode_str(text: str | bytes) -> bytes:
+    """Paths and tokens as bytes; surrogateescape round-trips whatever split_strings() decoded."""
+    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+
+
 def join_args(*args: str | bytes) -> bytes:
-    """Encode request arguments: each NUL-terminated, as xs.c does."""
-    parts = [a.encode() if isinstance(a, str) else a for a in args]
-    return b"".join(p + b"\0" for p in parts)
+    """Encode request arguments: each NUL-terminated, as libxenstore does."""
+    return b"".join(encode_str(a) + b"\0" for a in args)
 
 
 def split_strings(payload: bytes) -> list[str]:
-    """Decode a NUL-separated list (directory, perms, watch event)."""
+    """Decode a NUL-separated list (directory, perms, watch event).
+
+    Never raises on odd bytes: they come from another party and are decoded
+    with surrogateescape, so encode_str() gives the same bytes back.
+    """
     if not payload:
         return []
     if payload.endswith(b"\0"):
         payload = payload[:-1]
-    return [p.decode() for p in payload.split(b"\0")]
+    return [p.decode("utf-8", "surrogateescape") for p in payload.split(b"\0")]
