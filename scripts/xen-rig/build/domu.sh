@@ -1,0 +1,74 @@
+#!/bin/bash
+# Stage "domu": the PV guest's kernel and busybox initramfs with the workload
+# (domu/init), xen-blkfront and ext4 modules of the dom0 kernel, the odio
+# O_DIRECT helper (domu/odio.c, built static here), and mke2fs, e2fsck and
+# blkdiscard copied from the dom0 rootfs with the shared libraries they need.
+# Outputs boot/domu-vmlinuz and boot/domu-initrd.gz; run.sh hands them to dom0
+# on the 9p share, so a workload change never rebuilds dom0.img.
+set -euo pipefail
+. "$(dirname "$0")/../lib.sh"
+SRC=$RIG_HERE/domu
+KVER=$(ls "$ROOTFS/lib/modules" | sort -V | tail -1)
+MODDIR=$ROOTFS/lib/modules/$KVER
+D=$RIG/domu-initramfs.tmp
+[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || rig_die "need a static /bin/busybox (busybox-static)"
+command -v gcc >/dev/null || rig_die "need gcc (and libc6-dev for -static)"
+
+rm -rf "$D"; mkdir -p "$D"/{bin,sbin,etc,proc,sys,dev,tmp,mnt,lib/modules}
+cp /bin/busybox "$D/bin/busybox"
+for a in $("$D/bin/busybox" --list); do [ -e "$D/bin/$a" ] || ln -s busybox "$D/bin/$a"; done
+
+# Modules with their dependencies, in load order (modules.dep lists a module's
+# dependencies after it, deepest last). crc32c: ext4's metadata checksums ask
+# the crypto API for it by name, which needs modprobe; load it up front.
+declare -A seen=()
+order=()
+add_mod() {  # module name, as in modules.dep (dashes and underscores both appear)
+  local name=$1 pat line path deps d
+  pat=$(echo "$name" | sed 's/[-_]/[-_]/g')
+  line=$(grep -E "(^|/)${pat}\.ko(\.xz|\.zst|\.gz)?:" "$MODDIR/modules.dep" || true)
+  if [ -z "$line" ]; then
+    grep -qE "/${pat}\.ko" "$MODDIR/modules.builtin" && return 0
+    rig_die "module $name neither in modules.dep nor built in ($KVER)"
+  fi
+  path=${line%%:*}; deps=${line#*:}
+  [ -n "${seen[$path]:-}" ] && return 0
+  seen[$path]=1
+  for d in $deps; do add_mod "$(basename "${d%%.ko*}")"; done
+  order+=("$path")
+}
+for m in crc32c_generic ext4 xen-blkfront; do add_mod $m; done
+: > "$D/lib/modules/load-order"
+for p in "${order[@]}"; do
+  base=$(basename "${p%%.ko*}").ko
+  case "$p" in
+    *.xz) xz -dc "$MODDIR/$p" > "$D/lib/modules/$base";;
+    *.zst) zstd -qdc "$MODDIR/$p" > "$D/lib/modules/$base";;
+    *.gz) zcat "$MODDIR/$p" > "$D/lib/modules/$base";;
+    *) cp "$MODDIR/$p" "$D/lib/modules/$base";;
+  esac
+  echo "/lib/modules/$base" >> "$D/lib/modules/load-order"
+done
+echo "modules: $(tr '\n' ' ' < "$D/lib/modules/load-order")"
+
+# Real e2fsprogs/util-linux tools (busybox's mke2fs cannot make ext4), with
+# their libraries as the dom0 rootfs's loader resolves them.
+for b in /sbin/mke2fs /sbin/e2fsck /sbin/blkdiscard; do
+  real=$(chroot "$ROOTFS" sh -c "readlink -f $b")
+  install -D -m 0755 "$ROOTFS$real" "$D/sbin/$(basename $b)"
+  chroot "$ROOTFS" ldd "$real" | awk '/=> \//{print $3} /^\t\/lib/{print $1}' | while read -r lib; do
+    [ -e "$D$lib" ] || install -D -m 0755 "$ROOTFS$(chroot "$ROOTFS" readlink -f "$lib")" "$D$lib"
+  done
+done
+# lib64 loader path: the binaries ask for /lib64/ld-linux-x86-64.so.2.
+[ -e "$D/lib64/ld-linux-x86-64.so.2" ] || rig_die "loader missing from initramfs"
+cp "$ROOTFS/etc/mke2fs.conf" "$D/etc/mke2fs.conf"
+
+gcc -static -O2 -Wall -Wextra -Werror -o "$D/bin/odio" "$SRC/odio.c"
+install -m 0755 "$SRC/init" "$D/init"
+
+(cd "$D" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -6) > "$RIG/boot/domu-initrd.gz.tmp"
+mv "$RIG/boot/domu-initrd.gz.tmp" "$RIG/boot/domu-initrd.gz"
+cp "$ROOTFS/boot/vmlinuz-$KVER" "$RIG/boot/domu-vmlinuz"
+rm -rf "$RIG/domu-initramfs"; mv "$D" "$RIG/domu-initramfs"   # kept for inspection
+echo "initramfs $(du -h "$RIG/boot/domu-initrd.gz" | cut -f1), kernel $KVER"

@@ -1,0 +1,95 @@
+#!/bin/bash
+# Run real-Xen scenarios: build/refresh the image if needed, boot Xen + dom0
+# once in QEMU, run the named scenarios in that one boot, collect the logs and
+# exit non-zero if any scenario failed or never reported.
+#
+#   scripts/xen-rig/run.sh smoke                 one scenario
+#   scripts/xen-rig/run.sh smoke adapters        several, in this order, one boot
+#   scripts/xen-rig/run.sh all                   every scenarios/* file (smoke first)
+#   scripts/xen-rig/run.sh --list
+# Options: --timeout S (whole boot; default: sum of the scenarios' own
+#          "# rig-timeout:" + 300 s for boot), --quiet (serial console only to
+#          the log, not to stdout).
+# A scenario is one file, scripts/xen-rig/scenarios/NAME.sh (bash, with
+# dom0/lib.sh sourced) or NAME.py (dom0 venv python, dom0/ on sys.path).
+# Results: $XENBLK_RIG_DIR/runs/<stamp>-<names>/ (symlink runs/latest):
+#   serial.log, share/out/<scenario>/{log,status,results.json,...}
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+[ "$(id -u)" = 0 ] || rig_die "run as root"
+
+TIMEOUT=""; QUIET=0; names=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --timeout) TIMEOUT=$2; shift 2;;
+    --quiet) QUIET=1; shift;;
+    --list) ls "$RIG_HERE/scenarios" | sed 's/\.\(sh\|py\)$//'; exit 0;;
+    -*) rig_die "unknown option $1";;
+    *) names+=("$1"); shift;;
+  esac
+done
+[ ${#names[@]} -gt 0 ] || rig_die "usage: run.sh [--timeout S] [--quiet] SCENARIO...|all  (--list to see them)"
+scenario_file() { ls "$RIG_HERE/scenarios/$1".sh "$RIG_HERE/scenarios/$1".py 2>/dev/null | head -1 || true; }
+if [ "${names[*]}" = all ]; then
+  # smoke first: if dom0 itself is broken, that is the failure to read first.
+  mapfile -t names < <(ls "$RIG_HERE/scenarios" | sed 's/\.\(sh\|py\)$//' | sort | awk '$0=="smoke"{print; next} {rest=rest $0 "\n"} END{printf "%s", rest}')
+fi
+tmo_sum=300
+for n in "${names[@]}"; do
+  f=$(scenario_file "$n"); [ -n "$f" ] || rig_die "no scenario '$n' (have: $(ls "$RIG_HERE/scenarios" | sed 's/\.\(sh\|py\)$//' | tr '\n' ' '))"
+  t=$(sed -n 's/^# rig-timeout: *\([0-9]*\).*/\1/p' "$f" | head -1)
+  tmo_sum=$((tmo_sum + ${t:-300} + 15))
+done
+TIMEOUT=${TIMEOUT:-$tmo_sum}
+
+rig_lock
+T0=$EPOCHREALTIME
+RIG_LOCKED=1 "$RIG_HERE/build-image.sh"
+T_BUILD=$(rig_since "$T0")
+
+# The run directory: the 9p share (dom0 scripts, scenarios, the checkout, the
+# guest's kernel and initramfs) plus the logs. Copies, so editing the tree
+# while a run is going does not change what the run sees.
+RUN=$RIG/runs/$(date +%Y%m%d-%H%M%S)-$(IFS=+; echo "${names[*]}" | cut -c1-60)
+SHARE=$RUN/share
+mkdir -p "$SHARE/out" "$SHARE/guest" "$SHARE/src"
+cp -a "$RIG_HERE/dom0" "$RIG_HERE/scenarios" "$SHARE/"
+cp -a "$RIG_REPO/pyproject.toml" "$SHARE/src/"
+(cd "$RIG_REPO" && tar --exclude=__pycache__ -cf - xenblk_vhost) | tar -xf - -C "$SHARE/src"
+cp "$RIG/boot/domu-vmlinuz" "$SHARE/guest/vmlinuz"
+cp "$RIG/boot/domu-initrd.gz" "$SHARE/guest/initrd.gz"
+printf '%s\n' "${names[@]}" > "$SHARE/scenarios.txt"
+git -C "$RIG_REPO" log -1 --format='%H %s' > "$SHARE/src/COMMIT" 2>/dev/null || true
+ln -sfn "$RUN" "$RIG/runs/latest"
+# Keep the last 20 runs.
+ls -1d "$RIG"/runs/2*/ 2>/dev/null | head -n -20 | xargs -r rm -rf
+
+rig_log "run dir $RUN; scenarios: ${names[*]}; boot timeout ${TIMEOUT}s"
+T1=$EPOCHREALTIME
+if [ $QUIET = 1 ]; then
+  "$RIG_HERE/boot.sh" --timeout "$TIMEOUT" "$SHARE" "$RUN/serial.log" > /dev/null
+else
+  "$RIG_HERE/boot.sh" --timeout "$TIMEOUT" "$SHARE" "$RUN/serial.log"
+fi
+qrc=$?
+T_BOOT=$(rig_since "$T1")
+
+# Verdict: every scenario must have written PASS. A missing status means dom0
+# died, hung or the boot timed out before reaching it.
+failed=0
+echo
+echo "== xen-rig results ($RUN)"
+milestone() { sed -n "s/^\[ *\([0-9.]*\)\] .*$1.*/\1/p" "$RUN/serial.log" | head -1; }
+printf '   image check/build %ss; QEMU ran %ss (rc %s); dom0 init at %ss, toolstack up at %ss\n' \
+  "$T_BUILD" "$T_BOOT" "$qrc" "$(milestone 'RIG: dom0 init start')" "$(milestone 'RIG: xen toolstack up')"
+for n in "${names[@]}"; do
+  st=$(cat "$SHARE/out/$n/status" 2>/dev/null || echo "FAIL - never reported (dom0 crash, hang or boot timeout; see serial.log)")
+  set -- $st
+  printf '   %-22s %-4s %6ss  %s\n' "$n" "$1" "$2" "$(echo "$st" | cut -d' ' -f3-)"
+  [ "$1" = PASS ] || failed=1
+done
+grep -q 'RIG: all scenarios done' "$RUN/serial.log" || { echo "   dom0 did not finish its scenario list"; failed=1; }
+grep -E '\(XEN\) .*(FATAL|Panic)|Kernel panic|BUG: |general protection' "$RUN/serial.log" | head -5 | sed 's/^/   console: /'
+echo "   logs: $RUN/serial.log, $SHARE/out/<scenario>/"
+[ $failed = 0 ] && echo "== xen-rig: ALL PASSED" || echo "== xen-rig: FAILED"
+exit $failed
