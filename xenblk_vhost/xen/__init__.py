@@ -1,0 +1,59 @@
+"""Adapters to the hypervisor as a Linux dom0 (or driver domain) sees it.
+
+- `gntdev`  /dev/xen/gntdev: map granted pages, grant-copy in batches.
+- `evtchn`  /dev/xen/evtchn: bind, notify, wait (one fd per channel, trio).
+- `interfaces` the protocols both these and the simulation (`xenblk_vhost.sim`)
+  implement, so the backend cannot tell which one it was given.
+
+`Platform` bundles what the datapath needs from a hypervisor. The backend
+takes a Platform and never asks where it came from:
+
+    with open_real() as platform:                      # real Xen
+        ...
+    with xenblk_vhost.sim.open_sim(socket_path) as platform:   # simulation
+        ...
+
+Xenstore is not part of it (its own client, `xenblk_vhost.xen.xenstore`, is
+async and opened by the backend separately).
+
+To exercise the real adapters on a Xen dom0: `python -m xenblk_vhost.xen.selftest`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .interfaces import Evtchn, Gntdev
+
+
+@dataclass
+class Platform:
+    gntdev: Gntdev
+    evtchn: Evtchn
+
+    def close(self) -> None:
+        """Close event channels first (no more wake-ups), then grant mappings."""
+        try:
+            self.evtchn.close()
+        finally:
+            self.gntdev.close()
+
+    def __enter__(self) -> "Platform":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_real(gntdev_path: str = "/dev/xen/gntdev", evtchn_path: str = "/dev/xen/evtchn") -> Platform:
+    """The Linux devices. Raises FileNotFoundError when not running on Xen."""
+    from .evtchn import EvtchnDevice
+    from .gntdev import GntdevDevice
+
+    gntdev = GntdevDevice(gntdev_path)
+    try:
+        evtchn = EvtchnDevice(evtchn_path)
+    except BaseException:
+        gntdev.close()
+        raise
+    return Platform(gntdev=gntdev, evtchn=evtchn)

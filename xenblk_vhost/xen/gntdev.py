@@ -1,0 +1,354 @@
+"""Grant tables through Linux's /dev/xen/gntdev (include/uapi/xen/gntdev.h).
+
+Two ways to reach a guest's granted pages, both here:
+
+- map: IOCTL_GNTDEV_MAP_GRANT_REF registers the refs and returns a file
+  offset ("index"); mmap of that offset maps them (the kernel asks Xen to
+  map the grants inside mmap, so a bad ref, a wrong domain or a read-only
+  grant mapped writable surfaces as mmap failing with EINVAL). Read-only
+  maps are mmapped PROT_READ: that is what makes the kernel request a
+  read-only grant map (gntdev_mmap sets GNTMAP_readonly when the vma is not
+  writable), so the data pages of a guest's WRITE request, which blkfront
+  grants read-only, can be mapped at all. Unmapping is munmap followed by
+  IOCTL_GNTDEV_UNMAP_GRANT_REF.
+- copy: IOCTL_GNTDEV_GRANT_COPY takes an array of segments, each one guest
+  page range and one local address, and writes a GNTST_* status into each
+  segment. The kernel splits the array into hypercalls of 16 ops itself, so
+  a whole batch goes down in one ioctl. The segment array is preallocated
+  and grows, so a batch costs one pack per segment and one ioctl.
+
+Everything here is a short blocking ioctl or mmap; nothing waits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+from typing import Sequence
+
+from ._libc import IOC_NONE, FixedRegion, ioc, ioctl
+from .interfaces import PAGE_SIZE, CopySegment, GrantMapError, GrantStatus
+
+GNTDEV_PATH = "/dev/xen/gntdev"
+
+
+# ---- the ABI (include/uapi/xen/gntdev.h); tests compare every size and offset with gcc's ----
+
+
+class GntdevGrantRef(ctypes.Structure):
+    _fields_ = [("domid", ctypes.c_uint32), ("ref", ctypes.c_uint32)]
+
+
+class GntdevMapGrantRef(ctypes.Structure):
+    # refs[1] is really refs[count]: the request is this header followed by count refs.
+    _fields_ = [
+        ("count", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("index", ctypes.c_uint64),
+        ("refs", GntdevGrantRef * 1),
+    ]
+
+
+class GntdevUnmapGrantRef(ctypes.Structure):
+    _fields_ = [("index", ctypes.c_uint64), ("count", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class GntdevSetMaxGrants(ctypes.Structure):
+    _fields_ = [("count", ctypes.c_uint32)]
+
+
+class GntdevUnmapNotify(ctypes.Structure):
+    _fields_ = [
+        ("index", ctypes.c_uint64),
+        ("action", ctypes.c_uint32),
+        ("event_channel_port", ctypes.c_uint32),
+    ]
+
+
+class GntdevCopyForeign(ctypes.Structure):
+    _fields_ = [("ref", ctypes.c_uint32), ("offset", ctypes.c_uint16), ("domid", ctypes.c_uint16)]
+
+
+class GntdevCopyPtr(ctypes.Union):
+    _fields_ = [("virt", ctypes.c_void_p), ("foreign", GntdevCopyForeign)]
+
+
+class GntdevGrantCopySegment(ctypes.Structure):
+    _fields_ = [
+        ("source", GntdevCopyPtr),
+        ("dest", GntdevCopyPtr),
+        ("len", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
+        ("status", ctypes.c_int16),
+    ]
+
+
+class GntdevGrantCopy(ctypes.Structure):
+    _fields_ = [("count", ctypes.c_uint), ("segments", ctypes.c_void_p)]
+
+
+IOCTL_GNTDEV_MAP_GRANT_REF = ioc(IOC_NONE, "G", 0, ctypes.sizeof(GntdevMapGrantRef))
+IOCTL_GNTDEV_UNMAP_GRANT_REF = ioc(IOC_NONE, "G", 1, ctypes.sizeof(GntdevUnmapGrantRef))
+IOCTL_GNTDEV_SET_MAX_GRANTS = ioc(IOC_NONE, "G", 3, ctypes.sizeof(GntdevSetMaxGrants))
+IOCTL_GNTDEV_SET_UNMAP_NOTIFY = ioc(IOC_NONE, "G", 7, ctypes.sizeof(GntdevUnmapNotify))
+IOCTL_GNTDEV_GRANT_COPY = ioc(IOC_NONE, "G", 8, ctypes.sizeof(GntdevGrantCopy))
+
+UNMAP_NOTIFY_CLEAR_BYTE = 0x1
+UNMAP_NOTIFY_SEND_EVENT = 0x2
+
+# xen/include/public/grant_table.h
+GNTCOPY_SOURCE_GREF = 1 << 0
+GNTCOPY_DEST_GREF = 1 << 1
+
+MAP_HEADER_SIZE = GntdevMapGrantRef.refs.offset
+SEGMENT_SIZE = ctypes.sizeof(GntdevGrantCopySegment)
+
+# One segment packed in one call. Field order is the C layout: source (8
+# bytes), dest (8), len, flags, status, then tail padding to 24.
+_SEG_LOCAL_TO_GUEST = struct.Struct("<QIHHHHh2x")  # source.virt, dest.foreign{ref,offset,domid}
+_SEG_GUEST_TO_LOCAL = struct.Struct("<IHHQHHh2x")  # source.foreign{ref,offset,domid}, dest.virt
+_STATUS_OFFSET = GntdevGrantCopySegment.status.offset
+assert _SEG_LOCAL_TO_GUEST.size == _SEG_GUEST_TO_LOCAL.size == SEGMENT_SIZE
+assert _STATUS_OFFSET % 2 == 0 and SEGMENT_SIZE % 2 == 0
+
+_BAD_COPY_ARG = int(GrantStatus.BAD_COPY_ARG)
+
+
+# ---- argument encoding, kept apart from the syscalls so tests can check it against gcc ----
+
+
+def encode_map_request(domid: int, refs: Sequence[int]) -> ctypes.Array:
+    """The IOCTL_GNTDEV_MAP_GRANT_REF argument: the header, then count {domid, ref} pairs."""
+    count = len(refs)
+    buf = ctypes.create_string_buffer(MAP_HEADER_SIZE + ctypes.sizeof(GntdevGrantRef) * count)
+    struct.pack_into("<II", buf, 0, count, 0)
+    pairs = struct.Struct(f"<{2 * count}I")
+    flat = [0] * (2 * count)
+    flat[0::2] = [domid] * count
+    flat[1::2] = refs
+    pairs.pack_into(buf, MAP_HEADER_SIZE, *flat)
+    return buf
+
+
+def decode_map_index(buf: ctypes.Array) -> int:
+    return GntdevMapGrantRef.from_buffer(buf).index
+
+
+class CopyBatch:
+    """A preallocated IOCTL_GNTDEV_GRANT_COPY segment array that grows when needed.
+
+    `load()` packs segments for the kernel, leaving out the ones the kernel
+    would refuse with EINVAL for the *whole* ioctl (a guest range crossing
+    its page: gntdev_grant_copy_seg) and answering them GNTST_bad_copy_arg,
+    the status Xen itself gives that mistake. `statuses()` reads the kernel's
+    answers back in the caller's order.
+    """
+
+    def __init__(self, capacity: int = 64):
+        self._grow(capacity)
+
+    def _grow(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.buffer = ctypes.create_string_buffer(capacity * SEGMENT_SIZE)
+        self.address = ctypes.addressof(self.buffer)
+        # int16 view for reading the status of each segment with a stride.
+        self._halfwords = memoryview(self.buffer).cast("B").cast("h")
+
+    def load(self, segments: Sequence[CopySegment]) -> tuple[int, dict[int, int] | None]:
+        """Pack segments; return (how many go to the kernel, {caller index: status} of refused ones)."""
+        if len(segments) > self.capacity:
+            self._grow(max(len(segments), 2 * self.capacity))
+        buf = self.buffer
+        to_guest_pack = _SEG_LOCAL_TO_GUEST.pack_into
+        from_guest_pack = _SEG_GUEST_TO_LOCAL.pack_into
+        refused: dict[int, int] | None = None
+        pos = 0
+        for i, seg in enumerate(segments):
+            off, length = seg.guest_offset, seg.length
+            try:
+                if off < 0 or length < 0 or off + length > PAGE_SIZE:
+                    raise ValueError
+                if seg.to_guest:
+                    to_guest_pack(buf, pos, seg.local_addr, seg.gref, off, seg.domid, length, GNTCOPY_DEST_GREF, 0)
+                else:
+                    from_guest_pack(buf, pos, seg.gref, off, seg.domid, seg.local_addr, length, GNTCOPY_SOURCE_GREF, 0)
+            except (ValueError, struct.error):
+                if refused is None:
+                    refused = {}
+                refused[i] = _BAD_COPY_ARG
+                continue
+            pos += SEGMENT_SIZE
+        return pos // SEGMENT_SIZE, refused
+
+    def statuses(self, count: int, refused: dict[int, int] | None, total: int) -> list[int]:
+        step = SEGMENT_SIZE // 2
+        first = _STATUS_OFFSET // 2
+        kernel = self._halfwords[first : first + step * count : step].tolist()
+        if refused is None:
+            return kernel
+        out = []
+        it = iter(kernel)
+        for i in range(total):
+            out.append(refused[i] if i in refused else next(it))
+        return out
+
+
+# ---- the device ----
+
+
+class GntdevMapping:
+    """Granted pages mapped contiguously through gntdev. Implements GrantMapping."""
+
+    __slots__ = ("_dev", "_region", "_view", "index", "npages", "readonly", "domid", "refs")
+
+    def __init__(self, dev: "GntdevDevice", region: FixedRegion, index: int, domid: int, refs: tuple[int, ...]):
+        self._dev = dev
+        self._region = region
+        self._view: memoryview | None = region.view()
+        self.index = index
+        self.npages = len(refs)
+        self.readonly = region.readonly
+        self.domid = domid
+        self.refs = refs
+
+    @property
+    def addr(self) -> int:
+        return self._region.addr
+
+    @property
+    def buffer(self) -> memoryview:
+        if self._view is None:
+            raise ValueError("grant mapping is closed")
+        return self._view
+
+    def set_unmap_notify(self, *, clear_byte: int | None = None, event_port: int | None = None) -> None:
+        """Ask the kernel to act when this mapping goes away, even if we crash.
+
+        clear_byte: offset (from addr) of a byte the kernel zeroes on unmap;
+        needs a writable mapping. event_port: a local event channel port
+        (bound with our Evtchn) the kernel notifies on unmap.
+        """
+        if self._view is None:
+            raise ValueError("grant mapping is closed")
+        action, offset = 0, 0
+        if clear_byte is not None:
+            if not 0 <= clear_byte < self.npages * PAGE_SIZE:
+                raise ValueError("clear_byte outside the mapping")
+            action |= UNMAP_NOTIFY_CLEAR_BYTE
+            offset = clear_byte
+        if event_port is not None:
+            action |= UNMAP_NOTIFY_SEND_EVENT
+        arg = GntdevUnmapNotify(self.index + offset, action, event_port or 0)
+        ioctl(self._dev.fileno(), IOCTL_GNTDEV_SET_UNMAP_NOTIFY, ctypes.addressof(arg))
+
+    def close(self) -> None:
+        """munmap, then release the grants. Raises BufferError while views of .buffer are alive."""
+        if self._view is None:
+            return
+        self._view.release()
+        try:
+            self._region.close()
+        except BufferError:
+            self._view = self._region.view()
+            raise
+        self._view = None
+        self._dev._forget(self)
+        arg = GntdevUnmapGrantRef(self.index, self.npages, 0)
+        ioctl(self._dev.fileno(), IOCTL_GNTDEV_UNMAP_GRANT_REF, ctypes.addressof(arg))
+
+
+class GntdevDevice:
+    """An open /dev/xen/gntdev. Implements Gntdev."""
+
+    def __init__(self, path: str = GNTDEV_PATH):
+        self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self._maps: dict[int, GntdevMapping] = {}
+        self._batch = CopyBatch()
+        self._copy_arg = GntdevGrantCopy()
+        self._copy_arg_addr = ctypes.addressof(self._copy_arg)
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("gntdev is closed")
+        return self._fd
+
+    def map_grants(self, domid: int, refs: Sequence[int], *, readonly: bool) -> GntdevMapping:
+        refs = tuple(refs)
+        if not refs:
+            raise ValueError("no grant refs to map")
+        req = encode_map_request(domid, refs)
+        ioctl(self.fileno(), IOCTL_GNTDEV_MAP_GRANT_REF, ctypes.addressof(req))
+        index = decode_map_index(req)
+        length = len(refs) * PAGE_SIZE
+        try:
+            region = FixedRegion(length, readonly=readonly)
+            try:
+                region.place(0, length, self._fd, index)
+            except BaseException:
+                region.close()
+                raise
+        except OSError as e:
+            self._unmap_index(index, len(refs))
+            raise GrantMapError(
+                e.errno or errno.EINVAL,
+                f"mapping grant refs {list(refs)} of domain {domid} ({'ro' if readonly else 'rw'}) failed: {e.strerror}",
+            ) from e
+        except BaseException:
+            self._unmap_index(index, len(refs))
+            raise
+        mapping = GntdevMapping(self, region, index, domid, refs)
+        self._maps[index] = mapping
+        return mapping
+
+    def _unmap_index(self, index: int, count: int) -> None:
+        arg = GntdevUnmapGrantRef(index, count, 0)
+        ioctl(self._fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, ctypes.addressof(arg))
+
+    def _forget(self, mapping: GntdevMapping) -> None:
+        self._maps.pop(mapping.index, None)
+
+    def grant_copy(self, segments: Sequence[CopySegment]) -> list[int]:
+        total = len(segments)
+        if total == 0:
+            return []
+        batch = self._batch
+        count, refused = batch.load(segments)
+        if count:
+            self._copy_arg.count = count
+            self._copy_arg.segments = batch.address
+            ioctl(self.fileno(), IOCTL_GNTDEV_GRANT_COPY, self._copy_arg_addr)
+        return batch.statuses(count, refused, total)
+
+    def set_max_grants(self, count: int) -> None:
+        """Old kernels cap the grants one fd may map; newer ones dropped the ioctl (ENOTTY), as libxengnttab tolerates."""
+        arg = GntdevSetMaxGrants(count)
+        try:
+            ioctl(self.fileno(), IOCTL_GNTDEV_SET_MAX_GRANTS, ctypes.addressof(arg))
+        except OSError as e:
+            if e.errno != errno.ENOTTY:
+                raise
+
+    def close(self) -> None:
+        """Unmap what can be unmapped and close the device. Idempotent.
+
+        A mapping whose buffer is still viewed stays mapped in this process
+        (the kernel keeps its grants until that memory is unmapped).
+        """
+        if self._fd < 0:
+            return
+        for mapping in list(self._maps.values()):
+            try:
+                mapping.close()
+            except (BufferError, OSError):
+                pass
+        self._maps.clear()
+        os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> "GntdevDevice":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
