@@ -38,6 +38,7 @@ class VhostUserExport:
     size: int
     image: Path | None  # raw backing file, None for null-co
     num_queues: int
+    writable: bool = True
 
 
 class StorageDaemon:
@@ -79,7 +80,7 @@ class StorageDaemon:
         sock = self.workdir / f"{name}.sock"
         self._args += ["--export", f"type=vhost-user-blk,id={name},node-name={node},addr.type=unix,"
                        f"addr.path={sock},writable={'on' if writable else 'off'},num-queues={num_queues}"]
-        export = VhostUserExport(name, sock, node, size, image, num_queues)
+        export = VhostUserExport(name, sock, node, size, image, num_queues, writable)
         self.exports[name] = export
         return export
 
@@ -163,6 +164,24 @@ class StorageDaemon:
                 if "error" in reply:
                     raise StorageDaemonError(f"QMP {cmd}: {reply['error']}")
             return reply.get("return")
+
+
+    def reexport(self, name: str, timeout: float = 10.0) -> None:
+        """Delete export `name` (dropping its client) and add it again, same settings.
+
+        The new export reads its virtio config (capacity...) afresh: QEMU
+        7.2's vhost-user-blk export does not update it on block_resize.
+        """
+        e = self.exports[name]
+        self.qmp("block-export-del", id=name, mode="hard")
+        deadline = time.monotonic() + timeout
+        while any(x["id"] == name for x in self.qmp("query-block-exports")):
+            if time.monotonic() > deadline:
+                raise StorageDaemonError(f"export {name} not deleted within {timeout} s")
+            time.sleep(0.01)
+        self.qmp("block-export-add", type="vhost-user-blk", id=name, node_name=e.node_name,
+                 writable=e.writable, num_queues=e.num_queues,
+                 addr={"type": "unix", "path": os.fspath(e.socket)})
 
 
 def _read_reply(stream) -> dict:

@@ -92,11 +92,11 @@ class StorageDevice:
     def capacity(self) -> int:
         """Current size in bytes, read from libblkio each time.
 
-        io_uring re-reads it from the file or block device (fstat /
-        BLKGETSIZE64) on every call, so a grown file or `losetup -c` shows
-        up at once. virtio-blk-vhost-user keeps the value it read at connect
-        (libblkio 1.5 does not handle config-change notifications): a server
-        side resize needs reopen().
+        io_uring re-reads it from the file or block device on every call, so
+        a grown file or `losetup -c` shows up at once (poll it). With
+        virtio-blk-vhost-user it is the value read at connect: a resize on
+        the server side needs reopen() (and, with qemu-storage-daemon 7.2,
+        the export re-created too: its config ignores block_resize).
         """
         return self.blkio.get_uint64("capacity")
 
@@ -117,6 +117,10 @@ class StorageDevice:
         q = self.blkio.add_queue(max_completions=self.queues[0].max_completions if self.queues else DEFAULT_MAX_COMPLETIONS)
         self.queues.append(q)
         return q
+
+    def remove_queue(self, queue: Queue) -> None:
+        self.blkio.remove_queue(queue)
+        self.queues.remove(queue)
 
     # ---- teardown ----
 
