@@ -1,0 +1,1 @@
+"""Helpers for the blkif protocol-core tests (tests/test_blkif_*.py)."""
