@@ -131,3 +131,35 @@ def test_close_is_idempotent_and_retires_everything(image):
     with pytest.raises(ValueError):
         region.view
 
+
+
+def _open_fds() -> set[tuple[int, str]]:
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds.add((int(name), os.readlink(f"/proc/self/fd/{name}")))
+        except OSError:
+            pass  # the listing's own fd, already closed
+    return fds
+
+
+def test_no_threads_and_nothing_left_open_after_close(image, vhost_user_disk):
+    """The kernel's view: libblkio adds no threads, and close() gives back every fd."""
+    fds_before = _open_fds()
+    threads_before = len(os.listdir("/proc/self/task"))
+    devices = [
+        StorageDevice.open("io_uring", {"path": str(image)}, num_queues=2),
+        StorageDevice.open("io_uring", {"path": str(image), "direct": True}),
+        StorageDevice.open("virtio-blk-vhost-user", {"path": str(vhost_user_disk.socket)}, num_queues=2),
+    ]
+    for dev in devices:
+        region = dev.alloc_mem_region(4096)
+        for q in dev.queues:
+            q.read(0, region.addr, 4096, 1)
+            assert q.do_io(1, timeout=10) == [(1, 0)]
+            assert q.completion_fd >= 0
+    assert len(os.listdir("/proc/self/task")) == threads_before
+    assert len(_open_fds()) > len(fds_before)  # the devices did open things...
+    for dev in devices:
+        dev.close()
+    assert _open_fds() == fds_before  # ...and closed all of them

@@ -42,7 +42,9 @@ class MemoryRegion:
     """One struct blkio_mem_region known to a blkio instance.
 
     addr, length, fd, fd_offset: the region as libblkio sees it.
-    view: a writable memoryview over the region (valid until release()).
+    view: a writable memoryview over the region, released with the region.
+          Slices taken from it are not tracked: do not keep them past
+          release_mem_region()/close() (the memory is unmapped then).
     Created by Blkio.alloc_mem_region() or Blkio.map_mem_region(); released
     by Blkio.release_mem_region() or when the Blkio is closed.
     """
