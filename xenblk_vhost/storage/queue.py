@@ -43,6 +43,7 @@ _iter_completions = _COMPLETION.iter_unpack
 
 DEFAULT_MAX_COMPLETIONS = 256
 DEFAULT_YIELD_EVERY = 4
+DEFAULT_BLOCKING_TIMEOUT = 30.0  # seconds, for do_io(min_completions > 0)
 
 
 def _closed(*_args, **_kwargs):
@@ -112,18 +113,20 @@ class Queue:
     # ---- submitting and reaping ----
 
     def do_io(self, min_completions: int = 0, max_completions: int | None = None,
-              timeout: float | None = None) -> list[tuple[int, int]]:
+              timeout: float | None = DEFAULT_BLOCKING_TIMEOUT) -> list[tuple[int, int]]:
         """Submit everything queued and return up to max_completions (tag, ret).
 
         min_completions > 0 blocks the thread until that many completed or
-        `timeout` seconds passed (then BlkioError(ETIME)); min_completions
-        must not exceed the requests in flight (libblkio: EINVAL).
+        `timeout` seconds passed (then BlkioError(ETIME)). The timeout has a
+        default because a vanished vhost-user server never completes
+        anything: without it this would block forever (None: no limit).
+        min_completions must not exceed the requests in flight (EINVAL).
         """
         if max_completions is None:
             max_completions = self.max_completions
         elif max_completions > self.max_completions:
             raise ValueError(f"max_completions {max_completions} > preallocated {self.max_completions}")
-        if timeout is None:
+        if timeout is None or min_completions == 0:
             ts = ffi.NULL
         else:
             ts = self._timeout
