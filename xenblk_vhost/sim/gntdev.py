@@ -1,0 +1,269 @@
+"""The simulated gntdev: plays Xen's grant-table role inside the backend process.
+
+It implements the Gntdev protocol like `xenblk_vhost.xen.gntdev` does, but
+where the kernel would ask Xen, it does Xen's work itself on the guest's
+shared memory: reads the guest's grant entry, checks it the way Xen does
+(`grant_table.py`), and then either maps the granted frames of the guest's
+memory memfd into our address space (`FixedRegion`: one contiguous range,
+PROT_READ for read-only maps, a write through it faults) while holding
+GTF_reading/GTF_writing set in the entry, or copies bytes between our
+address and the guest's frame (ctypes.memmove).
+
+The guest's memory and grant table come from the hypervisor once per
+domain (one round trip, then cached: mapped whole for copies, its memfd
+kept for placing maps). Whether a domain is still alive is read from the
+hypervisor's status page on every call, so a destroyed domain's grants
+fail with GNTST_bad_domain from then on, without a round trip.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from ctypes import memmove as _memmove
+from typing import Sequence
+
+from ..xen._libc import FixedRegion, buffer_address
+from ..xen.interfaces import PAGE_SIZE, CopySegment, GrantMapError, GrantStatus
+from .grant_table import ActiveTable, SharedGrantTable, active_table_bytes, grant_table_bytes
+from .hypercall import Hypercalls
+
+_OKAY = int(GrantStatus.OKAY)
+_BAD_DOMAIN = int(GrantStatus.BAD_DOMAIN)
+_BAD_PAGE = int(GrantStatus.BAD_PAGE)
+_BAD_COPY_ARG = int(GrantStatus.BAD_COPY_ARG)
+
+
+class ForeignDomain:
+    """What Xen knows of one guest: its memory, its grant table, the active (pin) table."""
+
+    def __init__(self, domid: int, pages: int, grant_frames: int, memory_fd: int, grant_fd: int, active_fd: int):
+        self.domid = domid
+        self.pages = pages
+        self.memory_fd = memory_fd  # kept: maps place frames straight from it
+        # Mappings still using our tables; we are torn down only once the
+        # domain is gone from the cache *and* the last of them is closed.
+        self.users = 0
+        self.retired = False
+        try:
+            self._memory = mmap.mmap(memory_fd, pages * PAGE_SIZE, mmap.MAP_SHARED)
+            self.memory_addr = buffer_address(self._memory)
+            self._grants = mmap.mmap(grant_fd, grant_table_bytes(grant_frames), mmap.MAP_SHARED)
+            self.table = SharedGrantTable(self._grants, buffer_address(self._grants), grant_frames)
+            self._active = mmap.mmap(active_fd, active_table_bytes(grant_frames), mmap.MAP_SHARED)
+            self.active = ActiveTable(self._active, buffer_address(self._active), self.table.nr_entries)
+        finally:
+            os.close(grant_fd)
+            os.close(active_fd)
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.users == 0 and self.memory_fd >= 0:
+            for m in (self._memory, self._grants, self._active):
+                m.close()
+            os.close(self.memory_fd)
+            self.memory_fd = -1
+
+
+class SimGrantMapping:
+    """Granted frames mapped contiguously, pinned in the guest's entries. Implements GrantMapping."""
+
+    __slots__ = ("_dev", "_dom", "_region", "_view", "refs", "frames", "npages", "readonly", "_notify")
+
+    def __init__(self, dev: "SimGntdev", dom: ForeignDomain, region: FixedRegion, refs, frames, readonly: bool):
+        self._dev = dev
+        self._dom = dom
+        self._region = region
+        self._view: memoryview | None = region.view()
+        self.refs = refs
+        self.frames = frames
+        self.npages = len(refs)
+        self.readonly = readonly
+        self._notify: tuple[int, int | None] | None = None  # (token, clear_byte)
+
+    @property
+    def domid(self) -> int:
+        return self._dom.domid
+
+    @property
+    def addr(self) -> int:
+        return self._region.addr
+
+    @property
+    def buffer(self) -> memoryview:
+        if self._view is None:
+            raise ValueError("grant mapping is closed")
+        return self._view
+
+    def set_unmap_notify(self, *, clear_byte: int | None = None, event_port: int | None = None) -> None:
+        """As IOCTL_GNTDEV_SET_UNMAP_NOTIFY; registered with the hypervisor so it also happens if we die."""
+        if self._view is None:
+            raise ValueError("grant mapping is closed")
+        clear = None
+        if clear_byte is not None:
+            if not 0 <= clear_byte < self.npages * PAGE_SIZE:
+                raise ValueError("clear_byte outside the mapping")
+            if self.readonly:
+                raise OSError(errno.EINVAL, "UNMAP_NOTIFY_CLEAR_BYTE needs a writable mapping")
+            clear = [self.frames[clear_byte // PAGE_SIZE], clear_byte % PAGE_SIZE]
+        hc = self._dev._hc
+        reply, _ = hc.call(
+            "unmap_notify_set", domid=self._dev.domid, foreign_domid=self._dom.domid, clear=clear, event_port=event_port
+        )
+        if self._notify is not None:  # replacing an earlier request, as the ioctl does
+            hc.call("unmap_notify_fire", token=self._notify[0], clear_done=True)  # retire it without acting
+        self._notify = (reply["token"], clear_byte)
+
+    def close(self) -> None:
+        """Unmap and unpin. Raises BufferError (nothing changed) while views of .buffer are alive."""
+        if self._view is None:
+            return
+        if self._notify is not None and self._notify[1] is not None:
+            self._view[self._notify[1]] = 0  # the kernel clears the byte while the page is still mapped
+        self._view.release()
+        try:
+            self._region.close()
+        except BufferError:
+            self._view = self._region.view()
+            raise
+        self._view = None
+        dom, write = self._dom, not self.readonly
+        for ref in self.refs:
+            dom.table.unpin(ref, write, dom.active)
+        self._dev._maps.discard(self)
+        dom.users -= 1
+        if dom.retired:
+            dom.retire()
+        if self._notify is not None:
+            token, clear_byte = self._notify
+            self._notify = None
+            if not self._dev._hc.closed:
+                self._dev._hc.call("unmap_notify_fire", token=token, clear_done=clear_byte is not None)
+
+
+class SimGntdev:
+    """The backend's gntdev in the simulation. Implements Gntdev."""
+
+    def __init__(self, socket_path: str, *, domid: int = 0):
+        self._hc = Hypercalls(socket_path)
+        self.domid = domid
+        self._domains: dict[int, ForeignDomain] = {}
+        self._maps: set[SimGrantMapping] = set()
+        self.max_grants: int | None = None
+
+    def _foreign(self, domid: int) -> ForeignDomain | None:
+        """The live domain `domid` as Xen sees it, or None if there is none (GNTST_bad_domain)."""
+        if not self._hc.domain_alive(domid):
+            stale = self._domains.pop(domid, None)
+            if stale is not None:
+                stale.retire()
+            return None
+        dom = self._domains.get(domid)
+        if dom is None:
+            try:
+                reply, fds = self._hc.call("foreign_domain", domid=domid)
+            except OSError:
+                return None
+            dom = ForeignDomain(domid, reply["pages"], reply["grant_frames"], *fds)
+            self._domains[domid] = dom
+        return dom
+
+    def map_grants(self, domid: int, refs: Sequence[int], *, readonly: bool) -> SimGrantMapping:
+        refs = tuple(refs)
+        if not refs:
+            raise ValueError("no grant refs to map")
+        dom = self._foreign(domid)
+        if dom is None:
+            raise GrantMapError(errno.EINVAL, f"mapping grant refs of domain {domid}: GNTST_bad_domain")
+        write = not readonly
+        frames: list[int] = []
+        try:
+            for ref in refs:
+                status, frame = dom.table.pin(ref, self.domid, write, dom.active)
+                if status == _OKAY and not 0 <= frame < dom.pages:
+                    dom.table.unpin(ref, write, dom.active)
+                    status = _BAD_PAGE
+                if status != _OKAY:
+                    raise GrantMapError(
+                        errno.EINVAL,
+                        f"mapping grant ref {ref} of domain {domid} ({'ro' if readonly else 'rw'}): "
+                        f"GNTST_{GrantStatus(status).name.lower()}",
+                    )
+                frames.append(frame)
+            region = FixedRegion(len(refs) * PAGE_SIZE, readonly=readonly)
+            try:
+                start = 0
+                while start < len(frames):  # one mmap per run of consecutive frames
+                    end = start + 1
+                    while end < len(frames) and frames[end] == frames[end - 1] + 1:
+                        end += 1
+                    region.place(start * PAGE_SIZE, (end - start) * PAGE_SIZE, dom.memory_fd, frames[start] * PAGE_SIZE)
+                    start = end
+            except BaseException:
+                region.close()
+                raise
+        except BaseException:
+            for ref in refs[: len(frames)]:
+                dom.table.unpin(ref, write, dom.active)
+            raise
+        mapping = SimGrantMapping(self, dom, region, refs, tuple(frames), readonly)
+        dom.users += 1
+        self._maps.add(mapping)
+        return mapping
+
+    def grant_copy(self, segments: Sequence[CopySegment]) -> list[int]:
+        out: list[int] = []
+        append = out.append
+        memmove = _memmove
+        ldomid = self.domid
+        last_domid = -1
+        dom: ForeignDomain | None = None
+        for seg in segments:
+            off, length = seg.guest_offset, seg.length
+            # Linux refuses a page-crossing grant range before Xen sees it;
+            # the real adapter answers it GNTST_bad_copy_arg, so do we.
+            if off < 0 or length < 0 or off + length > PAGE_SIZE:
+                append(_BAD_COPY_ARG)
+                continue
+            if seg.domid != last_domid:
+                last_domid = seg.domid
+                dom = self._foreign(last_domid)
+            if dom is None:
+                append(_BAD_DOMAIN)
+                continue
+            if not length:
+                append(_OKAY)  # gntdev issues no op for it; Xen would not look either
+                continue
+            status, frame = dom.table.check_for_copy(seg.gref, ldomid, seg.to_guest, dom.active)
+            if status:
+                append(status)
+                continue
+            if frame >= dom.pages:
+                append(_BAD_PAGE)
+                continue
+            guest = dom.memory_addr + frame * PAGE_SIZE + off
+            if seg.to_guest:
+                memmove(guest, seg.local_addr, length)
+            else:
+                memmove(seg.local_addr, guest, length)
+            append(_OKAY)
+        return out
+
+    def set_max_grants(self, count: int) -> None:
+        """Recorded, not enforced: current Linux gntdev has no such limit either (the ioctl is gone)."""
+        if count <= 0:
+            raise ValueError("max grants must be positive")
+        self.max_grants = count
+
+    def close(self) -> None:
+        for m in list(self._maps):
+            try:
+                m.close()
+            except BufferError:
+                pass  # still viewed: stays mapped and pinned, like a kernel vma we did not unmap
+        for dom in self._domains.values():
+            dom.retire()
+        self._domains.clear()
+        self._hc.close()
+
