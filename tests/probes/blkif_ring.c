@@ -57,7 +57,8 @@ int main(void)
             return 3;
         if (kind == 'B') {
             struct blkif_back_ring r;
-            int notify, work, prod_over, cons_over, unconsumed;
+            int notify, work, prod_over, cons_over;
+            unsigned unconsumed;
             long long drain;
 
             BACK_RING_ATTACH(&r, s, 0, size);
@@ -82,7 +83,7 @@ int main(void)
 
             set_shared(s, rq, rqe, rp, rpe);
             RING_FINAL_CHECK_FOR_REQUESTS(&r, work);
-            printf("B %d %d %d %lld %d %u %d %u\n", !!prod_over, !!cons_over, unconsumed,
+            printf("B %d %d %u %lld %d %u %d %u\n", !!prod_over, !!cons_over, unconsumed,
                    drain, !!notify, rsp_after, !!work, s->req_event);
         } else if (kind == 'F') {
             struct blkif_front_ring r;

@@ -187,10 +187,11 @@ class BackRing(_Ring):
         """XEN_RING_NR_UNCONSUMED_REQUESTS: requests we may consume now.
 
         Bounded both by what the frontend published and by the free response
-        slots (a request we consume needs a slot for its response).
+        slots (a request we consume needs a slot for its response). Unsigned
+        32-bit arithmetic throughout, exactly as the macro computes it.
         """
         req = (self.req_prod - self.req_cons) & _M
-        rsp = self.size - ((self.req_cons - self.rsp_prod_pvt) & _M)
+        rsp = (self.size - ((self.req_cons - self.rsp_prod_pvt) & _M)) & _M
         return req if req < rsp else rsp
 
     def requests_available(self) -> int:
