@@ -26,6 +26,10 @@ max-discard-len > 0 when the device offers VIRTIO_BLK_F_DISCARD. So
 other driver. Write zeroes works on both (io_uring: fallocate), so
 `supports_write_zeroes` is true unless a driver reports nothing at all.
 
+max-segments: io_uring fails a longer iovec with -EINVAL; libblkio's
+vhost-user driver does not check it (qsd 7.2 even served 127 > 126): the
+caller must respect it, it is the device's virtio seg_max.
+
 Physical block size: libblkio has none; optimal-io-alignment is the closest
 (BLKPBSZGET-like on block devices, st_blksize on files) and is what we
 report as physical_block_size.

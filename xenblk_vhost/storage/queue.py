@@ -4,8 +4,7 @@ Made for batches: queue many requests (each one cffi call, no allocation),
 then one do_io() submits them all and reaps up to `max_completions`
 completions into an array preallocated per queue. Completions come back as a
 list of (tag, ret) tuples decoded in one C-level struct.iter_unpack over
-that array; ret is 0 (or a byte count for some drivers) on success, -errno on
-failure, and error_message(i) fetches libblkio's text for the i-th
+that array; ret is 0 on success and -errno on failure, and error_message(i) fetches libblkio's text for the i-th
 completion of the last do_io() only when someone wants it.
 
 Addresses are ints (local virtual addresses: grant-mapped pages, memory
