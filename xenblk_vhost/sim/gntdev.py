@@ -112,7 +112,7 @@ class SimGrantMapping:
             "unmap_notify_set", domid=self._dev.domid, foreign_domid=self._dom.domid, clear=clear, event_port=event_port
         )
         if self._notify is not None:  # replacing an earlier request, as the ioctl does
-            hc.call("unmap_notify_fire", token=self._notify[0], clear_done=True)  # retire it without acting
+            hc.call("unmap_notify_cancel", token=self._notify[0])
         self._notify = (reply["token"], clear_byte)
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ import json
 import mmap
 import os
 import socket
+import struct
 from typing import Any
 
 DOMID_FIRST_RESERVED = 0x7FF0  # xen/include/public/xen.h: ordinary domids are below this
@@ -47,14 +48,14 @@ class Hypercalls:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self._sock.connect(socket_path)
-            hello, fds = self.call("hello")
-            if hello["pid"] == os.getpid():
-                for fd in fds:
-                    os.close(fd)
+            # The listener's pid, from the kernel, before any blocking call.
+            server_pid = struct.unpack("3i", self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            if server_pid == os.getpid():
                 raise RuntimeError(
                     "the simulated hypervisor runs in this process: its blocking calls would deadlock; "
                     "run it as a separate process (hypervisor_process / python -m xenblk_vhost.sim.hypervisor)"
                 )
+            hello, fds = self.call("hello")
             try:
                 self._status = mmap.mmap(fds[0], STATUS_PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
             finally:

@@ -83,6 +83,11 @@ class Port:
     # a port made by bind_interdomain uses its peer's.
     pending_fd: int = -1
     slot_fd: int = -1
+    # Unmap notifications that will send on this port hold it open, as
+    # gntdev's evtchn_get() does: closing it only marks it, and the last
+    # notification to fire closes it.
+    holds: int = 0
+    closing: bool = False
 
 
 @dataclass
@@ -161,7 +166,7 @@ class Hypervisor:
             raise _error(errno.EPERM, "dom0 cannot be destroyed")
         dom = self.domain(domid)
         for port in list(dom.ports):
-            self.close_port(domid, port)
+            self.close_port(domid, port, force=True)
         self._set_status(domid, DOMAIN_DEAD)
         del self.domains[domid]
         for fd in (dom.memory_fd, dom.grant_fd, dom.active_fd):
@@ -206,12 +211,16 @@ class Hypervisor:
         _kick(rport.slot_fd)  # the new local port starts pending, as in Xen
         return lport, rport.slot_fd, rport.pending_fd
 
-    def close_port(self, domid: int, port: int) -> None:
+    def close_port(self, domid: int, port: int, *, force: bool = False) -> None:
         """EVTCHNOP_close: the peer, if any, becomes unbound (for us)."""
         dom = self.domain(domid)
-        p = dom.ports.pop(port, None)
-        if p is None:
+        p = dom.ports.get(port)
+        if p is None or (p.closing and not force):
             raise _error(errno.EINVAL, f"domain {domid} has no port {port}")
+        if p.holds and not force:
+            p.closing = True
+            return
+        del dom.ports[port]
         if p.state == INTERDOMAIN:
             peer_dom = self.domains.get(p.remote_domid)
             peer = peer_dom.ports.get(p.remote_port) if peer_dom else None
@@ -243,11 +252,30 @@ class Hypervisor:
     # ---- unmap notifications ----
 
     def set_unmap_notify(self, owner: int, domid: int, foreign_domid: int, clear, event_port) -> int:
-        if event_port is not None and event_port not in self.domain(domid).ports:
-            raise _error(errno.EINVAL, f"domain {domid} has no port {event_port}")  # evtchn_get failing
+        if event_port is not None:
+            p = self.domain(domid).ports.get(event_port)
+            if p is None or p.closing:
+                raise _error(errno.EINVAL, f"domain {domid} has no port {event_port}")  # evtchn_get failing
+            p.holds += 1
         token = next(self._tokens)
         self._notifies[token] = UnmapNotify(owner, domid, foreign_domid, tuple(clear) if clear else None, event_port)
         return token
+
+    def _release_hold(self, n: UnmapNotify) -> None:
+        dom = self.domains.get(n.domid)
+        p = dom.ports.get(n.event_port) if dom else None
+        if p is not None:
+            p.holds -= 1
+            if p.closing and not p.holds:
+                self.close_port(n.domid, n.event_port, force=True)
+
+    def cancel_unmap_notify(self, token: int) -> None:
+        """Forget a notification without acting (the ioctl replacing an earlier one)."""
+        n = self._notifies.pop(token, None)
+        if n is None:
+            raise _error(errno.ENOENT, f"no unmap notification {token}")
+        if n.event_port is not None:
+            self._release_hold(n)
 
     def fire_unmap_notify(self, token: int, *, clear_done: bool) -> None:
         n = self._notifies.pop(token, None)
@@ -263,6 +291,7 @@ class Hypervisor:
             fd = self._peer_pending_fd(n.domid, n.event_port)
             if fd >= 0:
                 _kick(fd)
+            self._release_hold(n)
 
     # ---- connections ----
 
@@ -273,14 +302,14 @@ class Hypervisor:
                 self.fire_unmap_notify(token, clear_done=False)
         for dom in list(self.domains.values()):
             for p in list(dom.ports.values()):
-                if p.owner == owner:
+                if p.owner == owner and not p.closing:
                     self.close_port(dom.domid, p.port)
 
     def close(self) -> None:
         for domid in [d for d in self.domains if d != 0]:
             self.destroy_domain(domid)
         for p in list(self.domains[0].ports):
-            self.close_port(0, p)
+            self.close_port(0, p, force=True)
         os.close(self.status_fd)
 
     # ---- the request table ----
@@ -321,6 +350,9 @@ class Hypervisor:
                 owner, int(req["domid"]), int(req["foreign_domid"]), req.get("clear"), req.get("event_port")
             )
             return {"token": token}, []
+        if op == "unmap_notify_cancel":
+            self.cancel_unmap_notify(int(req["token"]))
+            return {}, []
         if op == "unmap_notify_fire":
             self.fire_unmap_notify(int(req["token"]), clear_done=bool(req.get("clear_done")))
             return {}, []
