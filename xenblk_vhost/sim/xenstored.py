@@ -49,7 +49,8 @@ from xenblk_vhost.xen.xs_wire import Reader, WireError
 
 from .xenstore_core import Effects, XenstoredCore
 
-log = logging.getLogger(__name__)
+# A fixed name: under "python -m" __name__ would be "__main__".
+log = logging.getLogger("xenblk_vhost.sim.xenstored")
 
 NOT_MODELLED = """\
 - shared-ring connections (domains talk over the socket, naming their domid once);
@@ -111,13 +112,23 @@ class XenstoredServer:
     def connection_count(self) -> int:
         return len(self._conns)
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Listen until cancelled; then close every connection and remove the socket."""
+    async def listen(self) -> trio.socket.SocketType:
+        """Bind and listen (FileExistsError if a live daemon or a non-socket holds the path)."""
         _remove_stale_socket(self.socket_path)
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         try:
             await sock.bind(self.socket_path)
             sock.listen(64)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def serve(self, sock: trio.socket.SocketType | None = None, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept until cancelled; then close every connection and remove the socket."""
+        if sock is None:
+            sock = await self.listen()
+        try:
             listener = trio.SocketListener(sock)
             async with trio.open_nursery() as nursery:
                 task_status.started(self)
@@ -207,12 +218,21 @@ async def run_xenstored(socket_path: str, *, task_status=trio.TASK_STATUS_IGNORE
 @asynccontextmanager
 async def serve_xenstored(socket_path: str) -> AsyncIterator[XenstoredServer]:
     """A running simulated xenstored for the duration of the block."""
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(run_xenstored, socket_path)
-        try:
-            yield server
-        finally:
-            nursery.cancel_scope.cancel()
+    server = XenstoredServer(socket_path)
+    sock = await server.listen()  # outside the nursery: a bind error comes out as itself
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, sock)
+            try:
+                yield server
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Our tasks handle their own errors, so a lone exception here is the
+        # caller's own (from the block): give it back unwrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 async def _main(socket_path: str) -> None:

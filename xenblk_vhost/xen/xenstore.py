@@ -119,12 +119,19 @@ async def open_xenstore(path: str | None = None) -> AsyncIterator["XenStoreClien
     where = xenstore_path(path)
     stream = await _open_stream(where)
     client = XenStoreClient(stream, where)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client._read_replies)
-        try:
-            yield client
-        finally:
-            await client.close()  # ends the reader task, so the nursery can exit
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client._read_replies)
+            try:
+                yield client
+            finally:
+                await client.close()  # ends the reader task, so the nursery can exit
+    except BaseExceptionGroup as group:
+        # The reader task handles its own errors, so a lone exception is the
+        # caller's own (raised in the block): give it back as itself.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 def _decode(payload: bytes) -> str:
@@ -489,8 +496,9 @@ class XenStoreClient(_Operations):
             return
         self._error = XenStoreConnectionError(f"xenstore connection to {self.path} lost: {reason}")
         for reply in self._pending.values():
-            reply.error = self._error
-            reply.done.set()
+            if not reply.done.is_set():  # an answer that already came still counts
+                reply.error = self._error
+                reply.done.set()
         for events in self._watches.values():
             events._fail(self._error)
         self._ignored.clear()
