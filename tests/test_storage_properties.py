@@ -163,3 +163,19 @@ def test_no_threads_and_nothing_left_open_after_close(image, vhost_user_disk):
     for dev in devices:
         dev.close()
     assert _open_fds() == fds_before  # ...and closed all of them
+
+
+def test_read_only_device_refuses_writes(image):
+    with open(image, "r+b") as f:
+        f.write(b"\x5a" * 4096)
+    with StorageDevice.open("io_uring", {"path": str(image), "read-only": True}) as dev:
+        q = dev.queues[0]
+        region = dev.alloc_mem_region(4096)
+        q.write(0, region.addr, 4096, 1)
+        q.write_zeroes(0, 4096, 2)
+        q.flush(3)
+        q.read(0, region.addr, 4096, 4)
+        assert sorted(q.do_io(4, timeout=10)) == [(1, -errno.EBADF), (2, -errno.EBADF), (3, 0), (4, 0)]
+        assert bytes(region.view) == b"\x5a" * 4096
+    with open(image, "rb") as f:
+        assert f.read(4096) == b"\x5a" * 4096
