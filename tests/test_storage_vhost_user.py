@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 
 import pytest
 import trio
@@ -105,14 +106,14 @@ async def test_daemon_killed_mid_run(qsd, vhost_user_disk):
                 got = 0
                 while got < 32:
                     got += len(await q.wait_io(timeout=DEADLINE))
-            for i in range(32):  # ...requests are in flight...
+            os.kill(qsd.pid, signal.SIGSTOP)  # frozen, so the next requests stay in flight...
+            for i in range(32):
                 q.read(i * BS, region.address(i * BS), BS, 100 + i)
             q.submit()
-            rc = qsd.kill()  # ...and it dies (SIGKILL)
-            assert rc < 0
-            completed = q.do_io(0)  # some may have made it before the kill
+            assert qsd.kill() == -signal.SIGKILL  # ...when it dies
+            assert q.do_io(0) == []
             with pytest.raises(BlkioError) as err:
-                q.do_io(32 - len(completed), timeout=0.5)
+                q.do_io(32, timeout=0.5)
             assert err.value.errno == errno.ETIME
             with pytest.raises(BlkioError) as err:
                 await q.wait_io(timeout=0.5)
