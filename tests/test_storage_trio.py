@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -197,7 +196,7 @@ async def test_close_with_requests_in_flight(qsd, vhost_user_disk):
     dev = StorageDevice.open("virtio-blk-vhost-user", {"path": str(vhost_user_disk.socket)})
     q = dev.queues[0]
     region = dev.alloc_mem_region(32 * BS)
-    os.kill(qsd.pid, signal.SIGSTOP)
+    qsd.freeze()
     try:
         for i in range(32):
             q.read(i * BS, region.address(i * BS), BS, i)
@@ -207,7 +206,7 @@ async def test_close_with_requests_in_flight(qsd, vhost_user_disk):
             dev.close()
         assert q.closed and region.released
     finally:
-        os.kill(qsd.pid, signal.SIGCONT)
+        qsd.thaw()
     # the daemon survives a client that vanished mid-request, and serves a new one
     with StorageDevice.open("virtio-blk-vhost-user", {"path": str(vhost_user_disk.socket)}) as dev2:
         r2 = dev2.alloc_mem_region(BS)

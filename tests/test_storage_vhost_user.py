@@ -106,7 +106,7 @@ async def test_daemon_killed_mid_run(qsd, vhost_user_disk):
                 got = 0
                 while got < 32:
                     got += len(await q.wait_io(timeout=DEADLINE))
-            os.kill(qsd.pid, signal.SIGSTOP)  # frozen, so the next requests stay in flight...
+            qsd.freeze()  # frozen, so the next requests stay in flight...
             for i in range(32):
                 q.read(i * BS, region.address(i * BS), BS, 100 + i)
             q.submit()

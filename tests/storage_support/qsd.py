@@ -115,6 +115,29 @@ class StorageDaemon:
         assert self.process is not None
         return self.process.pid
 
+    def freeze(self, timeout: float = 10.0) -> None:
+        """SIGSTOP and wait until every thread is stopped: from then on nothing is served."""
+        os.kill(self.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while not self._all_threads_stopped():
+            if time.monotonic() > deadline:
+                raise StorageDaemonError(f"qemu-storage-daemon did not stop within {timeout} s")
+            time.sleep(0.001)
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def _all_threads_stopped(self) -> bool:
+        task_dir = Path(f"/proc/{self.pid}/task")
+        for stat in task_dir.glob("*/stat"):
+            try:
+                state = stat.read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue  # thread gone
+            if state not in ("T", "t"):
+                return False
+        return True
+
     def kill(self, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int:
         """Send `sig` and reap the daemon; return its exit status (negative: signal)."""
         assert self.process is not None
