@@ -409,3 +409,14 @@ async def test_refuses_a_live_socket_and_reuses_a_stale_one(tmp_path):
                 pass
         async with open_xenstore(server.socket_path) as xs:
             assert await xs.read("/tool") == b""
+
+
+async def test_unwrapped_errors_keep_their_cause(xenstored):
+    with pytest.raises(KeyError) as excinfo:
+        async with open_xenstore(xenstored.socket_path):
+            try:
+                raise ValueError("root cause")
+            except ValueError as e:
+                raise KeyError("mine") from e
+    assert isinstance(excinfo.value.__cause__, ValueError)
+    assert not isinstance(excinfo.value.__context__, BaseExceptionGroup)

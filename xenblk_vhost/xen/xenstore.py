@@ -129,8 +129,7 @@ async def open_xenstore(path: str | None = None) -> AsyncIterator["XenStoreClien
     except BaseExceptionGroup as group:
         # The reader task handles its own errors, so a lone exception is the
         # caller's own (raised in the block): give it back as itself.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+        _reraise_alone(group)
         raise
 
 
@@ -502,3 +501,16 @@ class XenStoreClient(_Operations):
         for events in self._watches.values():
             events._fail(self._error)
         self._ignored.clear()
+
+
+def _reraise_alone(group: BaseExceptionGroup) -> None:
+    """Re-raise the only exception of `group` as itself, its cause and context untouched
+    (the group wrapper is an artefact of our nursery, not part of the caller's story)."""
+    if len(group.exceptions) != 1:
+        return
+    exc = group.exceptions[0]
+    saved = exc.__cause__, exc.__context__, exc.__suppress_context__
+    try:
+        raise exc
+    finally:
+        exc.__cause__, exc.__context__, exc.__suppress_context__ = saved
