@@ -3,8 +3,10 @@
 # (domu/init), xen-blkfront and ext4 modules of the dom0 kernel, the odio
 # O_DIRECT helper (domu/odio.c, built static here), and mke2fs, e2fsck and
 # blkdiscard copied from the dom0 rootfs with the shared libraries they need.
-# Outputs boot/domu-vmlinuz and boot/domu-initrd.gz; run.sh hands them to dom0
-# on the 9p share, so a workload change never rebuilds dom0.img.
+# Outputs boot/domu-vmlinux (the kernel as a plain ELF: see extract-vmlinux.py)
+# and boot/domu-initrd.cpio (uncompressed: the guest kernel's gunzip costs
+# seconds under TCG); run.sh hands them to dom0 on the 9p share, so a workload
+# change never rebuilds dom0.img.
 set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
 SRC=$RIG_HERE/domu
@@ -16,7 +18,12 @@ command -v gcc >/dev/null || rig_die "need gcc (and libc6-dev for -static)"
 
 rm -rf "$D"; mkdir -p "$D"/{bin,sbin,etc,proc,sys,dev,tmp,mnt,lib/modules}
 cp /bin/busybox "$D/bin/busybox"
-for a in $("$D/bin/busybox" --list); do [ -e "$D/bin/$a" ] || ln -s busybox "$D/bin/$a"; done
+# The real tools below replace busybox's applets of the same name (busybox
+# mke2fs cannot make ext4 and would come first in PATH).
+for a in $("$D/bin/busybox" --list); do
+  case "$a" in mke2fs|e2fsck|blkdiscard|mkfs.ext2|fsck) continue;; esac
+  [ -e "$D/bin/$a" ] || ln -s busybox "$D/bin/$a"
+done
 
 # Modules with their dependencies, in load order (modules.dep lists a module's
 # dependencies after it, deepest last). crc32c: ext4's metadata checksums ask
@@ -67,8 +74,9 @@ cp "$ROOTFS/etc/mke2fs.conf" "$D/etc/mke2fs.conf"
 gcc -static -O2 -Wall -Wextra -Werror -o "$D/bin/odio" "$SRC/odio.c"
 install -m 0755 "$SRC/init" "$D/init"
 
-(cd "$D" && find . | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -6) > "$RIG/boot/domu-initrd.gz.tmp"
-mv "$RIG/boot/domu-initrd.gz.tmp" "$RIG/boot/domu-initrd.gz"
-cp "$ROOTFS/boot/vmlinuz-$KVER" "$RIG/boot/domu-vmlinuz"
+(cd "$D" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) > "$RIG/boot/domu-initrd.cpio.tmp"
+mv "$RIG/boot/domu-initrd.cpio.tmp" "$RIG/boot/domu-initrd.cpio"
+python3 "$RIG_HERE/build/extract-vmlinux.py" "$ROOTFS/boot/vmlinuz-$KVER" "$RIG/boot/domu-vmlinux"
+rm -f "$RIG/boot/domu-initrd.gz" "$RIG/boot/domu-vmlinuz"   # names of older rig versions
 rm -rf "$RIG/domu-initramfs"; mv "$D" "$RIG/domu-initramfs"   # kept for inspection
-echo "initramfs $(du -h "$RIG/boot/domu-initrd.gz" | cut -f1), kernel $KVER"
+echo "initramfs $(du -h "$RIG/boot/domu-initrd.cpio" | cut -f1), kernel $KVER"

@@ -48,8 +48,8 @@ run_guest() {
   cat > "$OUT/$name.cfg" <<EOF
 name="$name"
 type="pv"
-kernel="$RIG_SHARE/guest/vmlinuz"
-ramdisk="$RIG_SHARE/guest/initrd.gz"
+kernel="$RIG_SHARE/guest/vmlinux"
+ramdisk="$RIG_SHARE/guest/initrd.cpio"
 extra="console=hvc0 xenblk.steps=$steps $cmdline"
 memory=$mem
 vcpus=$vcpus
