@@ -11,8 +11,11 @@ import sys
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xenblk_vhost.sim.xenstore_guest import open_guest_xenstore
+from xenblk_vhost.sim.xenstore_tree import DOM0, Store, Transaction
 from xenblk_vhost.sim.xenstored import serve_xenstored
 from xenblk_vhost.xen.interfaces import Permission, XenStoreError
 from xenblk_vhost.xen.xenstore import XenStoreConnectionError, open_xenstore
@@ -420,3 +423,81 @@ async def test_unwrapped_errors_keep_their_cause(xenstored):
                 raise KeyError("mine") from e
     assert isinstance(excinfo.value.__cause__, ValueError)
     assert not isinstance(excinfo.value.__context__, BaseExceptionGroup)
+
+
+async def test_reset_watches_forgets_watches_and_transactions(raw):
+    assert _t(await raw.call(Op.WATCH, join_args("/r", "tok"))) == (Op.WATCH, b"OK\0")
+    assert _t(await raw.call(Op.WATCH, join_args("/r", "tok"))) == error("EEXIST")
+    tx_id = int((await raw.call(Op.TRANSACTION_START, b"\0")).payload.rstrip(b"\0"))
+    assert _t(await raw.call(Op.RESET_WATCHES, b"\0")) == (Op.RESET_WATCHES, b"OK\0")
+    assert _t(await raw.call(Op.WATCH, join_args("/r", "tok"))) == (Op.WATCH, b"OK\0")  # gone, so allowed again
+    assert _t(await raw.call(Op.TRANSACTION_END, b"T\0", tx_id=tx_id)) == error("ENOENT")
+    assert raw.events == [b"/r\0tok\0", b"/r\0tok\0"]  # one registration fire per WATCH
+
+
+async def test_set_target_lets_a_stub_domain_act_for_its_guest(xenstored, xs, raw):
+    await xs.mkdir("/local/domain/5/device")
+    await xs.set_perms("/local/domain/5/device", [Permission(5, False, False)])
+    async with open_guest_xenstore(6, xenstored.socket_path) as stubdom:
+        assert await _errno_of(stubdom.write("/local/domain/5/device/x", "1")) == errno.EACCES
+        # SET_TARGET needs both domains introduced.
+        assert _t(await raw.call(Op.SET_TARGET, join_args("6", "5"))) == error("ENOENT")
+        await xs.introduce_domain(5, 1, 1)
+        await xs.introduce_domain(6, 1, 1)
+        assert _t(await raw.call(Op.SET_TARGET, join_args("6", "5"))) == (Op.SET_TARGET, b"OK\0")
+        await stubdom.write("/local/domain/5/device/x", "1")  # now as good as the owner
+    assert _t(await raw.call(Op.RESUME, join_args("5"))) == (Op.RESUME, b"OK\0")
+    assert _t(await raw.call(Op.RESUME, join_args("9"))) == error("ENOENT")
+    assert _t(await raw.call(Op.IS_DOMAIN_INTRODUCED, join_args(str(0x7FF0)))) == (Op.IS_DOMAIN_INTRODUCED, b"T\0")
+
+
+# ---- the tree against a plain model ---------------------------------------------------------
+
+_paths = st.lists(st.sampled_from("abc"), min_size=1, max_size=4).map(lambda parts: "/" + "/".join(parts))
+_ops = st.lists(st.tuples(st.sampled_from(["write", "mkdir", "rm"]), _paths, st.binary(max_size=3)), max_size=25)
+
+
+def _model_apply(model: dict, op: str, path: str, value: bytes) -> None:
+    """Xenstore semantics in the plainest terms: a dict of path -> value."""
+    parents = []
+    p = path
+    while (p := p.rsplit("/", 1)[0] or "/") != "/":
+        parents.append(p)
+    if op == "rm":
+        if path in model or path.rsplit("/", 1)[0] in model or path.count("/") == 1:
+            for k in [k for k in model if k == path or k.startswith(path + "/")]:
+                del model[k]
+        return
+    for p in parents:
+        model.setdefault(p, b"")
+    if op == "write":
+        model[path] = value
+    else:
+        model.setdefault(path, b"")
+
+
+def _dump(store: Store) -> dict:
+    out, stack = {}, ["/"]
+    while stack:
+        path = stack.pop()
+        for name in store.directory(DOM0, path).children:
+            child = f"/{name}" if path == "/" else f"{path}/{name}"
+            out[child] = store.read(DOM0, child)
+            stack.append(child)
+    return out
+
+
+@settings(max_examples=80, deadline=None)
+@given(_ops, st.booleans())
+def test_tree_matches_model(ops, in_transaction):
+    store, model = Store(), {"/tool": b"", "/tool/xenstored": b""}
+    tx = Transaction(1) if in_transaction else None
+    for op, path, value in ops:
+        try:
+            getattr(store, op)(DOM0, path, *([value] if op == "write" else []), tx)
+        except Exception as e:  # only rm below a missing parent may fail
+            assert op == "rm" and e.errno == errno.ENOENT
+        _model_apply(model, op, path, value)
+    if tx is not None:
+        store.commit(tx)
+    assert _dump(store) == model
