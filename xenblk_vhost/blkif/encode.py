@@ -24,6 +24,7 @@ Public API:
 
 from __future__ import annotations
 
+import struct
 from typing import Iterable, Sequence
 
 from .abi import SEGMENT, Abi, layout
@@ -31,6 +32,7 @@ from .constants import MAX_INDIRECT_PAGES_PER_REQUEST, MAX_SEGMENTS_PER_REQUEST,
 from .request import DiscardRequest, IndirectRequest, Request, Segment
 
 _SEG = SEGMENT.struct_for("gref", "first_sect", "last_sect", to_end=True)
+_U64 = struct.Struct("<Q")
 
 
 def encode_segments(segments: Iterable[Segment]) -> bytes:
@@ -85,7 +87,7 @@ class RequestEncoder:
         """A slot with only operation and id set (what a backend needs to refuse it)."""
         self._clear(buf, offset)
         buf[offset] = op
-        self.layout.id_struct.pack_into(buf, offset, id_)
+        _U64.pack_into(buf, offset + self.layout.request.offset("id"), id_)
 
     def encode(self, buf, offset: int, req) -> None:
         """Encode a request object as decoding would produce it."""
