@@ -79,7 +79,7 @@ class SharedGrantTable:
 
     def __init__(self, buf, addr: int, nr_frames: int):
         self._buf = buf
-        self._addr = addr
+        self._atomic = _atomic.AtomicMemory(addr)
         self.nr_entries = nr_frames * ENTRIES_PER_FRAME
 
     def entry(self, ref: int) -> GrantEntry:
@@ -96,12 +96,12 @@ class SharedGrantTable:
     def try_end_access(self, ref: int) -> bool:
         """Revoke a grant unless Xen has it mapped (GTF_reading/GTF_writing): atomic, like Linux."""
         self._check_ref(ref)
-        addr = self._addr + ref * ENTRY_SIZE
-        combo = struct.unpack_from("<I", self._buf, ref * ENTRY_SIZE)[0]
+        offset = ref * ENTRY_SIZE
+        combo = struct.unpack_from("<I", self._buf, offset)[0]
         while True:
             if combo & (GTF_reading | GTF_writing):
                 return False
-            ok, combo = _atomic.cas32(addr, combo, combo & 0xFFFF0000)
+            ok, combo = self._atomic.cas32(offset, combo, combo & 0xFFFF0000)
             if ok:
                 return True
 
@@ -157,12 +157,12 @@ class SharedGrantTable:
         if not after:
             clear |= GTF_reading
         if clear:
-            _atomic.fetch_and16(self._addr + ref * ENTRY_SIZE, 0xFFFF & ~clear)
+            self._atomic.fetch_and16(ref * ENTRY_SIZE, 0xFFFF & ~clear)
 
     def _set_status(self, ref: int, ldomid: int, write: bool, *, check_type: bool) -> int:
         """Xen's _set_status_v1 for a map: check, then set the in-use flags with compare-and-swap."""
-        addr = self._addr + ref * ENTRY_SIZE
-        combo = struct.unpack_from("<I", self._buf, ref * ENTRY_SIZE)[0]
+        offset = ref * ENTRY_SIZE
+        combo = struct.unpack_from("<I", self._buf, offset)[0]
         for _ in range(5):  # Xen gives up on an entry the guest keeps changing
             flags, domid = combo & 0xFFFF, combo >> 16
             if check_type and ((flags & (GTF_type_mask | GTF_sub_page)) != GTF_permit_access or domid != ldomid):
@@ -172,7 +172,7 @@ class SharedGrantTable:
                 if flags & GTF_readonly:
                     return _GENERAL_ERROR
                 new |= GTF_writing
-            ok, combo = _atomic.cas32(addr, combo, (combo & 0xFFFF0000) | new)
+            ok, combo = self._atomic.cas32(offset, combo, (combo & 0xFFFF0000) | new)
             if ok:
                 return _OKAY
         return _GENERAL_ERROR
@@ -183,7 +183,7 @@ class ActiveTable:
 
     def __init__(self, buf, addr: int, nr_entries: int):
         self._buf = buf
-        self._addr = addr
+        self._atomic = _atomic.AtomicMemory(addr)
         self.nr_entries = nr_entries
 
     def get(self, ref: int) -> tuple[int, int]:
@@ -200,11 +200,11 @@ class ActiveTable:
 
     def add(self, ref: int, inc: int) -> int:
         """Add inc to the pin counts; return the counts before."""
-        return _atomic.fetch_add32(self._addr + ref * ACTIVE_ENTRY_SIZE, inc)
+        return self._atomic.fetch_add32(ref * ACTIVE_ENTRY_SIZE, inc)
 
     def sub(self, ref: int, dec: int) -> int:
         """Subtract dec from the pin counts; return the counts after."""
-        return _atomic.fetch_sub32(self._addr + ref * ACTIVE_ENTRY_SIZE, dec) - dec
+        return self._atomic.fetch_sub32(ref * ACTIVE_ENTRY_SIZE, dec) - dec
 
 
 def grant_table_bytes(nr_frames: int) -> int:
