@@ -1,0 +1,210 @@
+"""A verifying block workload for the reference frontend.
+
+The disk region is cut into `depth` disjoint lanes and one task drives each
+lane with one request at a time, so every lane's expected content is known
+exactly (no two in-flight requests ever touch the same sector) while
+`depth` requests are in flight across the device. Writes carry a pattern
+derived from the seed and the request number; reads compare every sector
+whose content the lane knows; a discard makes its sectors unknown (the
+backend may return zeros or the old data). Each workload request is exactly
+one ring request: sizes are capped to what one request (indirect, if
+negotiated) can carry.
+
+    run_workload(front, Workload(...)) -> WorkloadResult   (.as_dict() for JSON)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import trio
+
+from ..blkif.constants import MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE, SECTORS_PER_PAGE, VDISK_READONLY
+
+OPS = ("write", "read", "flush", "barrier", "discard")
+PLAIN_REQUEST_SECTORS = MAX_SEGMENTS_PER_REQUEST * SECTORS_PER_PAGE
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int = 1000
+    depth: int = 16
+    # Relative weights; ops the backend did not offer get none.
+    mix: tuple[tuple[str, int], ...] = (("write", 45), ("read", 45), ("flush", 4),
+                                        ("barrier", 2), ("discard", 4))
+    max_sectors: int = 64
+    region_sectors: int = 0  # 0: the whole disk
+    seed: int = 1
+    final_verify: bool = True  # read every lane back at the end
+
+    def __post_init__(self) -> None:
+        unknown = {op for op, _ in self.mix} - set(OPS)
+        if unknown:
+            raise ValueError(f"unknown ops in mix: {sorted(unknown)}")
+        if self.requests < 0 or self.depth < 1 or self.max_sectors < 1:
+            raise ValueError("requests >= 0, depth >= 1 and max_sectors >= 1 are needed")
+
+
+@dataclass
+class WorkloadResult:
+    ok: bool = True
+    requests: int = 0
+    by_op: dict = field(default_factory=lambda: {op: 0 for op in OPS})
+    failed: dict = field(default_factory=dict)  # op -> count of non-OK answers
+    bytes_written: int = 0
+    bytes_read: int = 0
+    sectors_verified: int = 0
+    mismatches: list = field(default_factory=list)  # first few, as dicts
+    errors: list = field(default_factory=list)  # exceptions, as strings
+    elapsed_s: float = 0.0
+    final_verify_sectors: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_MAX_REPORTED = 10
+
+
+class _Lane:
+    """One lane's region and the content the backend must return for it."""
+
+    def __init__(self, start: int, length: int) -> None:
+        self.start = start
+        self.length = length
+        self.expected = bytearray(length * SECTOR_SIZE)
+        self.known = bytearray(length)  # 1 where `expected` is authoritative
+
+    def record_write(self, sector: int, data: bytes) -> None:
+        rel = sector - self.start
+        self.expected[rel * SECTOR_SIZE:rel * SECTOR_SIZE + len(data)] = data
+        n = len(data) // SECTOR_SIZE
+        self.known[rel:rel + n] = b"\1" * n
+
+    def forget(self, sector: int, nr_sectors: int) -> None:
+        rel = sector - self.start
+        self.known[rel:rel + nr_sectors] = bytes(nr_sectors)
+
+    def check(self, sector: int, data: bytes, result: WorkloadResult) -> None:
+        rel = sector - self.start
+        for i in range(len(data) // SECTOR_SIZE):
+            if not self.known[rel + i]:
+                continue
+            want = self.expected[(rel + i) * SECTOR_SIZE:(rel + i + 1) * SECTOR_SIZE]
+            got = data[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE]
+            if got != want:
+                result.ok = False
+                if len(result.mismatches) < _MAX_REPORTED:
+                    result.mismatches.append({"sector": sector + i, "expected": bytes(want[:16]).hex(),
+                                              "got": bytes(got[:16]).hex()})
+            else:
+                result.sectors_verified += 1
+
+
+def _weights(workload: Workload, front) -> tuple[list[str], list[int]]:
+    neg = front.negotiated
+    readonly = bool(front.disk.info & VDISK_READONLY)
+    allowed = {
+        "write": not readonly,
+        "read": True,
+        "flush": neg.feature_flush,
+        "barrier": neg.feature_barrier and not readonly,
+        "discard": neg.feature_discard and not readonly,
+    }
+    ops = [op for op, w in workload.mix if w > 0 and allowed[op]]
+    return ops, [w for op, w in workload.mix if w > 0 and allowed[op]]
+
+
+async def run_workload(front, workload: Workload) -> WorkloadResult:
+    """Drive `front` (a connected Blkfront) and verify what it reads back."""
+    result = WorkloadResult()
+    align = max(1, front.disk.sector_size // SECTOR_SIZE)
+    region = workload.region_sectors or front.sectors
+    region = min(region, front.sectors)
+    lane_len = (region // workload.depth) // align * align
+    if lane_len < align:
+        raise ValueError(f"a {region}-sector region cannot hold {workload.depth} lanes")
+    lanes = [_Lane(i * lane_len, lane_len) for i in range(workload.depth)]
+    ops, weights = _weights(workload, front)
+    if not ops:
+        raise ValueError("the backend offers none of the requested operations")
+    # The biggest single request: the negotiated segments, minus a page of
+    # slack for a sub-page start, in whole logical blocks.
+    per_request = front.negotiated.segments_per_request * SECTORS_PER_PAGE
+    max_sectors = max(align, min(workload.max_sectors, per_request - SECTORS_PER_PAGE, lane_len)
+                      // align * align)
+    counter = iter(range(workload.requests))
+
+    async def drive(lane_no: int, lane: _Lane) -> None:
+        rng = random.Random(workload.seed * 1_000_003 + lane_no)
+        for number in counter:
+            op = rng.choices(ops, weights)[0]
+            nr = rng.randrange(align, max_sectors + 1, align)
+            sector = lane.start + rng.randrange(0, lane.length - nr + 1, align)
+            # A sub-page start in the first segment when 512-byte blocks allow it.
+            first_sect = rng.randrange(0, SECTORS_PER_PAGE) if align == 1 else 0
+            # A barrier carries its data in the slot (never indirect).
+            limit = PLAIN_REQUEST_SECTORS if op == "barrier" else per_request
+            if first_sect + nr > limit:
+                first_sect = 0
+                nr = min(nr, limit // align * align)
+            try:
+                await _one(front, lane, op, sector, nr, first_sect, number, workload.seed, result)
+            except Exception as exc:  # a failed request is a result, not a crash
+                result.ok = False
+                if len(result.errors) < _MAX_REPORTED:
+                    result.errors.append(f"{op} sector {sector} x{nr}: {exc!r}")
+            result.requests += 1
+            result.by_op[op] += 1
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for lane_no, lane in enumerate(lanes):
+            nursery.start_soon(drive, lane_no, lane)
+    result.elapsed_s = time.perf_counter() - start
+
+    if workload.final_verify:
+        for lane in lanes:
+            for sector in range(lane.start, lane.start + lane.length, max_sectors):
+                nr = min(max_sectors, lane.start + lane.length - sector)
+                try:
+                    data = await front.read(sector, nr)
+                except Exception as exc:
+                    result.ok = False
+                    result.errors.append(f"final read sector {sector} x{nr}: {exc!r}")
+                    continue
+                before = result.sectors_verified
+                lane.check(sector, data, result)
+                result.final_verify_sectors += result.sectors_verified - before
+    return result
+
+
+def pattern(seed: int, number: int, nbytes: int) -> bytes:
+    """Write data no two requests share: a PRNG stream keyed by (seed, number)."""
+    return random.Random((seed << 32) ^ number).randbytes(nbytes)
+
+
+async def _one(front, lane: _Lane, op: str, sector: int, nr: int, first_sect: int,
+               number: int, seed: int, result: WorkloadResult) -> None:
+    if op == "write":
+        data = pattern(seed, number, nr * SECTOR_SIZE)
+        await front.write(sector, data, first_sect=first_sect)
+        lane.record_write(sector, data)
+        result.bytes_written += len(data)
+    elif op == "read":
+        data = await front.read(sector, nr, first_sect=first_sect)
+        result.bytes_read += len(data)
+        lane.check(sector, data, result)
+    elif op == "flush":
+        await front.flush()
+    elif op == "barrier":
+        data = pattern(seed, number, nr * SECTOR_SIZE)
+        await front.write_barrier(sector, data, first_sect=first_sect)
+        lane.record_write(sector, data)
+        result.bytes_written += len(data)
+    elif op == "discard":
+        # Forget first: whatever the outcome, the content is no longer known.
+        lane.forget(sector, nr)
+        await front.discard(sector, nr)
