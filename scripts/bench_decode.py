@@ -112,6 +112,25 @@ def bench_responses(abi: Abi, batches: int, repeat: int) -> list[float]:
     return results
 
 
+def calibrate(batches: int, repeat: int) -> list[float]:
+    """One precompiled Struct.unpack_from of a 24-byte header: the unit that
+    docs/LIBBLKIO-NOTES section 5 quotes (85 ns on a quiet machine), so runs
+    on busier machines can be compared."""
+    import struct
+
+    hdr = struct.Struct("<BBH4xQQ").unpack_from
+    buf = bytes(112 * BATCH)
+    results = []
+    for _ in range(repeat):
+        t0 = _clock()
+        for _ in range(batches):
+            for off in range(0, 112 * BATCH, 112):
+                hdr(buf, off)
+        t1 = _clock()
+        results.append((t1 - t0) / (batches * BATCH))
+    return results
+
+
 def row(label: str, results: list[float]) -> None:
     print(f"  {label:<34} min {min(results):7.0f}   median {statistics.median(results):7.0f}  ns/request")
 
@@ -126,7 +145,9 @@ def main() -> None:
         ("11 segments", lambda r: 11),
         ("random 1..11 segments", lambda r: r.randint(1, 11)),
     ]
-    print(f"batch = {BATCH} requests; {args.repeat} runs x {args.batches} batches; python {sys.version.split()[0]}")
+    print(f"batch = {BATCH} requests; {args.repeat} runs x {args.batches} batches;"
+          f" python {sys.version.split()[0]}")
+    row("calibration: Struct.unpack_from + loop", calibrate(args.batches, args.repeat))
     for abi, name in ((Abi.NATIVE, "64-bit (native/x86_64-abi)"), (Abi.X86_32, "32-bit (x86_32-abi)")):
         print(f"{name}:")
         for label, fn in shapes:

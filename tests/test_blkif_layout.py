@@ -167,8 +167,9 @@ def test_encoded_fields_sit_at_gcc_offsets(xen_layouts, abi):
     grefs = tuple(0x51000000 + i for i in range(C.MAX_INDIRECT_PAGES_PER_REQUEST))
     ind = enc.slot(IndirectRequest(C.OP_INDIRECT, C.OP_READ, 0xFEEDFACE12345678, 0x4321, 0x77, 4096, grefs))
     s = "blkif_request_indirect"
-    assert [p.get(ind, s, f) for f in ("operation", "indirect_op", "nr_segments", "id", "sector_number",
-                                      "handle")] == [C.OP_INDIRECT, C.OP_READ, 4096, 0xFEEDFACE12345678, 0x77, 0x4321]
+    names = ("operation", "indirect_op", "nr_segments", "id", "sector_number", "handle")
+    assert [p.get(ind, s, f) for f in names] == [
+        C.OP_INDIRECT, C.OP_READ, 4096, 0xFEEDFACE12345678, 0x77, 0x4321]
     g0 = p.offset(s, "indirect_grefs")
     assert struct.unpack_from("<8I", ind, g0) == grefs
 

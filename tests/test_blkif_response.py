@@ -18,7 +18,8 @@ from xenblk_vhost.blkif.response import Response, decode_response, encode_respon
 from xenblk_vhost.blkif.ring import BackRing, FrontRing, ring_bytes
 
 RSP = "blkif_response"
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=150, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 ids = st.one_of(st.sampled_from([0, 1, (1 << 64) - 1]), st.integers(0, (1 << 64) - 1))
 ops = st.integers(0, 255)
@@ -51,7 +52,8 @@ def test_encode_response_zeroes_padding_at_gcc_offsets(xen_layouts, abi, id_, op
 
 
 @SETTINGS
-@given(abi=st.sampled_from(list(Abi)), answers=st.lists(st.tuples(ids, ops, statuses), min_size=1, max_size=40))
+@given(abi=st.sampled_from(list(Abi)),
+       answers=st.lists(st.tuples(ids, ops, statuses), min_size=1, max_size=40))
 def test_back_ring_responses_zero_padding_in_every_slot(xen_layouts, abi, answers):
     p = ProbeOffsets(xen_layouts[PROBE_BITS[abi]])
     mem = bytearray(b"\xff" * ring_bytes(0))
