@@ -20,6 +20,7 @@ import subprocess
 import pytest
 
 from xenblk_vhost.xen import gntdev as g
+from xenblk_vhost.xen import selftest
 from xenblk_vhost.xen._libc import MAP_FIXED, FixedRegion, buffer_address
 from xenblk_vhost.xen.interfaces import PAGE_SIZE, CopySegment, GrantStatus
 
@@ -33,6 +34,7 @@ C_PRELUDE = r"""
 #include <xen/xen.h>
 #include <xen/grant_table.h>
 #include <xen/gntdev.h>
+#include <xen/gntalloc.h>
 #include <sys/mman.h>
 #define P(name, value) printf("%s %lld\n", name, (long long)(value))
 #define FIELD(type, member) \
@@ -82,6 +84,9 @@ LAYOUTS = {
         ],
     ),
     "ioctl_gntdev_grant_copy": (g.GntdevGrantCopy, ["count", "segments"]),
+    # gntalloc is only used by the on-Xen self-test (xenblk_vhost.xen.selftest)
+    "ioctl_gntalloc_alloc_gref": (selftest.GntallocAllocGrefHeader, ["domid", "flags", "count", "index"]),
+    "ioctl_gntalloc_dealloc_gref": (selftest.GntallocDeallocGref, ["index", "count"]),
 }
 
 HEADER_CONSTANTS = {
@@ -95,6 +100,9 @@ HEADER_CONSTANTS = {
     "UNMAP_NOTIFY_SEND_EVENT": g.UNMAP_NOTIFY_SEND_EVENT,
     "GNTCOPY_source_gref": g.GNTCOPY_SOURCE_GREF,
     "GNTCOPY_dest_gref": g.GNTCOPY_DEST_GREF,
+    "IOCTL_GNTALLOC_ALLOC_GREF": selftest.IOCTL_GNTALLOC_ALLOC_GREF,
+    "IOCTL_GNTALLOC_DEALLOC_GREF": selftest.IOCTL_GNTALLOC_DEALLOC_GREF,
+    "GNTALLOC_FLAG_WRITABLE": selftest.GNTALLOC_FLAG_WRITABLE,
 }
 
 GNTST = {f"GNTST_{s.name.lower()}": int(s) for s in GrantStatus}
@@ -111,6 +119,7 @@ def probe(tmp_path_factory) -> dict[str, int]:
         lines.append(f'P("{name}", {name});')
     for name in GNTST:
         lines.append(f'P("{name}", {name});')
+    lines.append("FIELD(ioctl_gntalloc_alloc_gref, gref_ids);")
     for struct_name, (_, members) in LAYOUTS.items():
         lines.append(f'P("{struct_name}.sizeof", sizeof(struct {struct_name}));')
         for m in members:
@@ -133,7 +142,11 @@ def test_grant_status_codes_match_xens_header(probe):
 @pytest.mark.parametrize("struct_name", sorted(LAYOUTS))
 def test_struct_layouts_match_the_kernel_header(probe, struct_name):
     cls, members = LAYOUTS[struct_name]
-    assert ctypes.sizeof(cls) == probe[f"{struct_name}.sizeof"]
+    if struct_name == "ioctl_gntalloc_alloc_gref":
+        # our class stops before the variable gref_ids[] tail, which starts right after it
+        assert ctypes.sizeof(cls) == probe["ioctl_gntalloc_alloc_gref.gref_ids.offset"]
+    else:
+        assert ctypes.sizeof(cls) == probe[f"{struct_name}.sizeof"]
     for m in members:
         off, size = _nested(cls, _ctype_path(m))
         assert (off, size) == (probe[f"{struct_name}.{m}.offset"], probe[f"{struct_name}.{m}.size"]), m
@@ -297,3 +310,17 @@ def test_device_calls_report_kernel_errors_and_tolerate_enotty_for_max_grants(tm
     with pytest.raises(FileNotFoundError):
         g.GntdevDevice(str(tmp_path / "no-such-gntdev"))
 
+
+
+def test_real_adapters_offer_every_member_of_the_shared_protocols():
+    from xenblk_vhost.xen import evtchn
+    from xenblk_vhost.xen.interfaces import EventChannel, Evtchn, Gntdev, GrantMapping
+
+    for proto, cls in [
+        (Gntdev, g.GntdevDevice),
+        (GrantMapping, g.GntdevMapping),
+        (Evtchn, evtchn.EvtchnDevice),
+        (EventChannel, evtchn.EvtchnPort),
+    ]:
+        members = {n for n in vars(proto) if not n.startswith("_")}
+        assert members and members <= set(dir(cls)), (cls, members - set(dir(cls)))

@@ -79,8 +79,14 @@ class GrantMapping(Protocol):
     @property
     def npages(self) -> int: ...
 
+    def set_unmap_notify(self, *, clear_byte: int | None = None, event_port: int | None = None) -> None:
+        """IOCTL_GNTDEV_SET_UNMAP_NOTIFY: when this mapping goes away, even because we
+        died, zero the byte at offset `clear_byte` (writable mappings only) and/or
+        notify our bound local port `event_port`. For ring pages."""
+
     def close(self) -> None:
-        """Unmap. Idempotent."""
+        """Unmap. Idempotent. Raises BufferError, and unmaps nothing, while memoryviews
+        of `buffer` are still alive (they would dangle)."""
 
 
 @runtime_checkable
@@ -107,10 +113,14 @@ class EventChannel(Protocol):
         """Kick the remote end. Notifies coalesce while the remote has one pending."""
 
     async def wait(self) -> None:
-        """Return once at least one event arrived since the last wait (then re-armed)."""
+        """Return once at least one event arrived since the last wait (then re-armed).
+
+        A wake-up means "look again", never a count: several notifies may give
+        one wake-up, and Xen marks a newly bound port pending, so the first
+        wait after binding returns at once."""
 
     def close(self) -> None:
-        """Unbind. Idempotent; a task blocked in wait() is woken by cancellation only."""
+        """Unbind. Idempotent; a task blocked in wait() gets trio.ClosedResourceError."""
 
 
 @runtime_checkable
