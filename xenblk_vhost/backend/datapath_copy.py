@@ -1,0 +1,118 @@
+"""The grant-copy data path: guest pages <-> one libblkio memory region per ring.
+
+The only path vhost-user drivers can use (their buffers must lie in memory
+shared with the server), and the one tapdisk3 and QEMU's qdisk chose. Per
+batch: ONE grant copy brings every write's data in, ONE grant copy takes
+every read's data out after the storage is done.
+
+Each request's data is packed back to back in one bounce buffer (segment
+after segment, whatever their offsets in the guest pages), so the storage
+sees one contiguous buffer: one blkioq_read/write, no iovec, never more than
+one segment for max-segments. Buffers start on 4 KiB boundaries and every
+segment is a multiple of 512 bytes (of the logical block size, once
+validated), so O_DIRECT's alignment holds.
+
+Memory (the `memory` limit per ring) is split once at connect:
+  * one small buffer per request slot, big enough for a non-indirect request
+    (11 pages): such requests never wait for memory;
+  * the rest as large buffers of max_request_bytes for big indirect requests;
+    one that finds none free waits (the ring keeps serving others) until a
+    large buffer is released.
+plan_bounce() decides how many slots the memory allows.
+"""
+
+from __future__ import annotations
+
+from ..blkif.constants import MAX_SEGMENTS_PER_REQUEST, RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE
+from .grant_copy import run_copy, segment
+
+SMALL_BUFFER = MAX_SEGMENTS_PER_REQUEST * XEN_PAGE_SIZE  # 44 KiB
+
+
+def plan_bounce(memory: int, max_slots: int, max_request_bytes: int) -> tuple[int, int]:
+    """(request slots, large buffers) that fit in `memory` bytes.
+
+    Large buffers exist only if requests can exceed a small buffer; then at
+    least one is kept (and at most half the memory goes to small buffers
+    when that is what keeps one).
+    """
+    large = max_request_bytes if max_request_bytes > SMALL_BUFFER else 0
+    if not large:
+        return max(1, min(max_slots, memory // SMALL_BUFFER)), 0
+    slots = min(max_slots, max(1, (memory - large) // SMALL_BUFFER))
+    nlarge = max(1, (memory - slots * SMALL_BUFFER) // large)
+    return slots, nlarge
+
+
+class CopyDataPath:
+    name = "copy"
+
+    def __init__(self, storage, gntdev, domid: int, *, slots: int, large_buffers: int, max_request_bytes: int):
+        self.gntdev = gntdev
+        self.domid = domid
+        self._large_size = max_request_bytes if large_buffers else 0
+        small_total = slots * SMALL_BUFFER
+        self.region = storage.alloc_mem_region(small_total + large_buffers * self._large_size)
+        self._storage = storage
+        self._base = self.region.addr
+        self._free_large = [small_total + i * self._large_size for i in range(large_buffers - 1, -1, -1)]
+
+    def prepare(self, slots) -> list:
+        """Give each data-carrying slot its buffer, then ONE grant copy of all write data in.
+
+        Returns the slots that must wait for a large buffer (in order); a
+        slot whose data could not be copied has status RSP_ERROR.
+        """
+        waiting = []
+        ready = []
+        for slot in slots:
+            if not slot.segments or slot.status != RSP_OKAY:
+                continue
+            if waiting or not self._attach(slot):
+                waiting.append(slot)  # keep ring order among the waiters
+            else:
+                ready.append(slot)
+        self._copy(ready, False)
+        return waiting
+
+    def _attach(self, slot) -> bool:
+        n = slot.nr_bytes
+        if n <= SMALL_BUFFER:
+            off = slot.index * SMALL_BUFFER
+        elif self._free_large:
+            off = self._free_large.pop()
+            slot.large = True
+        else:
+            return False
+        slot.buffer = off
+        slot.extents = ((self._base + off, n),)
+        return True
+
+    def _copy(self, slots, to_guest: bool) -> None:
+        segs, owners = [], []
+        append_seg, append_owner = segs.append, owners.append
+        domid = self.domid
+        base = self._base
+        for slot in slots:
+            if slot.writes == to_guest or slot.status != RSP_OKAY:
+                continue
+            addr = base + slot.buffer
+            for gref, first, last in slot.segments:
+                n = (last - first + 1) * SECTOR_SIZE
+                append_seg(segment(to_guest, domid, gref, first * SECTOR_SIZE, addr, n))
+                append_owner(slot)
+                addr += n
+        run_copy(self.gntdev, segs, owners)
+
+    def finish(self, slots) -> list:
+        """ONE grant copy of every successful read out; release buffers. All may be answered now."""
+        self._copy([s for s in slots if s.buffer >= 0], True)
+        free = self._free_large
+        for slot in slots:
+            if slot.large:
+                free.append(slot.buffer)
+        return slots
+
+    def close(self) -> None:
+        if not self.region.released and not self._storage.closed:
+            self._storage.release_mem_region(self.region)

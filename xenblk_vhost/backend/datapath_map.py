@@ -1,0 +1,171 @@
+"""The grant-map data path: the storage reads and writes the guest's pages in place.
+
+For drivers that accept any memory (io_uring; never vhost-user). No copy,
+but a grant mapping per page, which on real Xen costs a map hypercall and,
+on unmap, a TLB shootdown; hence persistent grants.
+
+Without feature-persistent: every batch maps the data pages of all its
+writes in ONE map call (read-only: blkfront grants a write's pages
+read-only) and those of all its reads in another (writable). A request is
+answered only after its pages are unmapped (the frontend then revokes the
+grants at once and must succeed), so the responses of a batch wait until
+every request sharing its mapping is done: with storage that completes a
+batch together (page cache, fast devices) that is free; with slow,
+reordering storage it delays the early finishers of a batch, the price of
+one map and one unmap per batch instead of per request. If a batch mapping
+fails (one bad grant fails the whole call) each request is mapped on its
+own so only the bad one fails.
+
+With feature-persistent: pages come from the ring's PersistentGrants cache
+(mapped once, kept); a page the full cache cannot take is mapped for the
+request's duration only.
+
+A request's data becomes extents: one (address, length) per segment,
+adjacent ones merged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..blkif.constants import RSP_ERROR, RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE
+from ..xen.interfaces import GrantMapError
+
+log = logging.getLogger(__name__)
+
+
+class _SharedMapping:
+    """One batch mapping and the requests using it; unmapped when the last one is done."""
+
+    __slots__ = ("mapping", "users", "parked")
+
+    def __init__(self, mapping, users: int) -> None:
+        self.mapping = mapping
+        self.users = users
+        self.parked: list = []
+
+
+class _PersistentUse:
+    """What a request holds on the persistent path: cached grefs and temporary mappings."""
+
+    __slots__ = ("grefs", "temporary")
+
+    def __init__(self) -> None:
+        self.grefs: list[int] = []
+        self.temporary: list = []
+
+
+def _extents(slot, page_addrs) -> tuple:
+    out = []
+    end = -1
+    for (gref, first, last), page in zip(slot.segments, page_addrs):
+        addr = page + first * SECTOR_SIZE
+        n = (last - first + 1) * SECTOR_SIZE
+        if addr == end:
+            a, m = out[-1]
+            out[-1] = (a, m + n)
+        else:
+            out.append((addr, n))
+        end = addr + n
+    return tuple(out)
+
+
+class MapDataPath:
+    name = "map"
+
+    def __init__(self, gntdev, domid: int, persistent=None) -> None:
+        self.gntdev = gntdev
+        self.domid = domid
+        self.persistent = persistent  # a PersistentGrants, or None
+
+    def prepare(self, slots) -> list:
+        """Map the data pages of every data-carrying slot; failures get RSP_ERROR. Never waits."""
+        data = [s for s in slots if s.segments and s.status == RSP_OKAY]
+        if not data:
+            return []
+        if self.persistent is not None:
+            for slot in data:
+                self._map_persistent(slot)
+        else:
+            self._map_group([s for s in data if s.writes], readonly=True)
+            self._map_group([s for s in data if not s.writes], readonly=False)
+        return []
+
+    def _map_group(self, slots, readonly: bool) -> None:
+        if not slots:
+            return
+        refs = [seg[0] for s in slots for seg in s.segments]
+        try:
+            mapping = self.gntdev.map_grants(self.domid, refs, readonly=readonly)
+        except GrantMapError:
+            if len(slots) > 1:
+                for slot in slots:  # find the bad one(s): each request on its own
+                    self._map_group([slot], readonly)
+            else:
+                slots[0].status = RSP_ERROR
+            return
+        shared = _SharedMapping(mapping, len(slots))
+        addr = mapping.addr
+        for slot in slots:
+            n = len(slot.segments)
+            slot.mapping = shared
+            slot.extents = _extents(slot, range(addr, addr + n * XEN_PAGE_SIZE, XEN_PAGE_SIZE))
+            addr += n * XEN_PAGE_SIZE
+
+    def _map_persistent(self, slot) -> None:
+        cache = self.persistent
+        use = _PersistentUse()
+        slot.mapping = use
+        pages = []
+        try:
+            for gref, _first, _last in slot.segments:
+                addr = cache.acquire(gref)
+                if addr is None:  # cache full of busy entries: map for this request only
+                    m = self.gntdev.map_grants(self.domid, (gref,), readonly=not slot.writes)
+                    use.temporary.append(m)
+                    addr = m.addr
+                else:
+                    use.grefs.append(gref)
+                pages.append(addr)
+        except GrantMapError as e:
+            log.debug("persistent map failed: %s", e)
+            slot.status = RSP_ERROR
+            return
+        slot.extents = _extents(slot, pages)
+
+    def finish(self, slots) -> list:
+        """Release the slots' mappings; return those whose pages are all unmapped (answer them)."""
+        ready = []
+        cache = self.persistent
+        for slot in slots:
+            m = slot.mapping
+            if m is None:
+                ready.append(slot)
+            elif type(m) is _SharedMapping:
+                slot.mapping = None
+                m.parked.append(slot)
+                m.users -= 1
+                if m.users == 0:
+                    m.mapping.close()
+                    ready.extend(m.parked)
+            else:
+                slot.mapping = None
+                for gref in m.grefs:
+                    cache.release(gref)
+                for temp in m.temporary:
+                    temp.close()
+                ready.append(slot)
+        return ready
+
+    def idle(self) -> None:
+        """The ring has nothing to do: unmap persistent grants unused for long."""
+        if self.persistent is not None:
+            self.persistent.purge_unused()
+
+    @property
+    def persistent_grants(self) -> int:
+        return len(self.persistent) if self.persistent is not None else 0
+
+    def close(self) -> None:
+        if self.persistent is not None:
+            self.persistent.close()

@@ -1,0 +1,64 @@
+"""Building grant-copy batches cheaply, and running them so one bad page fails one request.
+
+A batch is a list of CopySegment and, in step, the owner each segment
+belongs to (a Slot, or any object with a `status` attribute). run() makes
+ONE Gntdev.grant_copy call for the whole batch and sets owner.status to
+RSP_ERROR for every owner one of whose segments did not copy (GNTST_* != 0),
+so a bad grant fails its own request only. If the call itself raises (the
+ioctl refused the whole array) every owner in the batch fails.
+
+CopySegment is a frozen slots dataclass; its generated __init__ costs about
+twice what building the same object through its slot descriptors costs (0.5
+against 1 us here), and the datapath makes one per segment, so `segment()`
+builds it that way: the result is an ordinary, equal CopySegment.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..blkif.constants import RSP_ERROR
+from ..xen.interfaces import CopySegment
+
+log = logging.getLogger(__name__)
+
+_new = object.__new__
+_set_to_guest = CopySegment.to_guest.__set__  # type: ignore[attr-defined]
+_set_domid = CopySegment.domid.__set__  # type: ignore[attr-defined]
+_set_gref = CopySegment.gref.__set__  # type: ignore[attr-defined]
+_set_offset = CopySegment.guest_offset.__set__  # type: ignore[attr-defined]
+_set_addr = CopySegment.local_addr.__set__  # type: ignore[attr-defined]
+_set_length = CopySegment.length.__set__  # type: ignore[attr-defined]
+
+
+def segment(to_guest: bool, domid: int, gref: int, guest_offset: int, local_addr: int, length: int) -> CopySegment:
+    """CopySegment(to_guest, domid, gref, guest_offset, local_addr, length), built fast."""
+    s = _new(CopySegment)
+    _set_to_guest(s, to_guest)
+    _set_domid(s, domid)
+    _set_gref(s, gref)
+    _set_offset(s, guest_offset)
+    _set_addr(s, local_addr)
+    _set_length(s, length)
+    return s
+
+
+def run_copy(gntdev, segments: list, owners: list) -> int:
+    """One grant_copy for all segments; fail the owners of failed ones. Returns how many failed."""
+    if not segments:
+        return 0
+    try:
+        statuses = gntdev.grant_copy(segments)
+    except OSError as e:
+        log.warning("grant copy of %d segments failed as a whole: %s", len(segments), e)
+        for owner in owners:
+            owner.status = RSP_ERROR
+        return len(segments)
+    if not any(statuses):
+        return 0
+    failed = 0
+    for st, owner in zip(statuses, owners):
+        if st:
+            owner.status = RSP_ERROR
+            failed += 1
+    return failed

@@ -1,0 +1,111 @@
+"""The per-ring persistent grant cache (feature-persistent), as Linux blkback keeps it.
+
+A frontend that negotiated feature-persistent reuses a fixed set of granted
+pages for all its I/O and never revokes them while connected, so the
+backend maps each gref once and keeps it: no map/unmap (and no TLB
+shootdown) per request. Each gref is its own mapping, so entries can be
+evicted one by one.
+
+Bounds, after blkback (blkback.c):
+  * at most `max_grants` (max_persistent_grants, 1056) mapped per ring; a
+    request needing a gref beyond that gets a temporary mapping for its
+    own duration (blkback: "mapping as non-persistent");
+  * when full, the least recently used entries that no request is using are
+    evicted, 5% at a time (blkback's PERSISTENT_GNT purge batch);
+  * entries unused for `unused_seconds` (blkback's
+    persistent_grant_unused_seconds, 60) are unmapped by purge_unused(),
+    which the ring calls when it is idle.
+Everything left is unmapped by close() at disconnect.
+
+Mapped read-write: a persistent page serves reads and writes alike (blkback
+maps them without GNTMAP_readonly; blkfront grants them writable).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+from ..xen.interfaces import GrantMapError
+
+DEFAULT_MAX_GRANTS = 1056
+DEFAULT_UNUSED_SECONDS = 60.0
+PURGE_FRACTION = 0.05
+
+
+class _Entry:
+    __slots__ = ("mapping", "addr", "users", "last_used")
+
+    def __init__(self, mapping) -> None:
+        self.mapping = mapping
+        self.addr = mapping.addr
+        self.users = 0
+        self.last_used = 0.0
+
+
+class PersistentGrants:
+    def __init__(self, gntdev, domid: int, *, max_grants: int = DEFAULT_MAX_GRANTS,
+                 unused_seconds: float = DEFAULT_UNUSED_SECONDS, clock=time.monotonic) -> None:
+        self.gntdev = gntdev
+        self.domid = domid
+        self.max_grants = max_grants
+        self.unused_seconds = unused_seconds
+        self._clock = clock
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, gref: int) -> bool:
+        return gref in self._entries
+
+    def acquire(self, gref: int) -> int | None:
+        """Address of gref's page, mapping it if needed; None if the cache has no room.
+
+        Raises GrantMapError if the page cannot be mapped. Pair with release().
+        """
+        entry = self._entries.get(gref)
+        if entry is None:
+            if len(self._entries) >= self.max_grants and not self._evict_lru():
+                return None
+            entry = _Entry(self.gntdev.map_grants(self.domid, (gref,), readonly=False))
+            self._entries[gref] = entry
+        else:
+            self._entries.move_to_end(gref)
+        entry.users += 1
+        return entry.addr
+
+    def release(self, gref: int) -> None:
+        entry = self._entries[gref]
+        entry.users -= 1
+        entry.last_used = self._clock()
+
+    def _evict_lru(self) -> bool:
+        """Unmap up to 5% of the entries, least recently used first, skipping busy ones."""
+        want = max(1, int(self.max_grants * PURGE_FRACTION))
+        victims = []
+        for gref, entry in self._entries.items():
+            if entry.users == 0:
+                victims.append(gref)
+                if len(victims) >= want:
+                    break
+        for gref in victims:
+            self._entries.pop(gref).mapping.close()
+        return bool(victims)
+
+    def purge_unused(self) -> int:
+        """Unmap entries nobody used for unused_seconds; returns how many."""
+        horizon = self._clock() - self.unused_seconds
+        stale = [g for g, e in self._entries.items() if e.users == 0 and e.last_used < horizon]
+        for gref in stale:
+            self._entries.pop(gref).mapping.close()
+        return len(stale)
+
+    def close(self) -> None:
+        """Unmap everything (disconnect). Entries still in use are a caller bug but are unmapped too."""
+        while self._entries:
+            _, entry = self._entries.popitem()
+            entry.mapping.close()
+
+
+__all__ = ["PersistentGrants", "GrantMapError", "DEFAULT_MAX_GRANTS"]

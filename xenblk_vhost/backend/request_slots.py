@@ -1,0 +1,91 @@
+"""The bounded pool of in-flight requests of one ring (blkback's pending_req pool).
+
+A ring owns max_inflight Slot objects, made once; a request taken from the
+shared ring borrows one until its response is written, so the hot path
+allocates no per-request state. The slot index is the libblkio tag of every
+storage request made for it (a request split in parts has several storage
+requests with the same tag, counted in `parts`).
+
+Fields a data path fills:
+  extents   ((address, length), ...): where the data is in our address space
+            (one bounce buffer on the copy path; grant-mapped pages on the map path)
+  buffer    copy path: offset of its bounce buffer in the region; `large`
+            says it came from the shared pool of large buffers
+  mapping   map path: what to release when the request is finished
+"""
+
+from __future__ import annotations
+
+from ..blkif.constants import RSP_OKAY
+
+# What a slot asks of the storage, in order (a flush/barrier can take several steps).
+STEP_READ = 0
+STEP_WRITE = 1
+STEP_FLUSH = 2
+STEP_DISCARD = 3
+STEP_WRITE_ZEROES = 4
+
+
+class Slot:
+    __slots__ = (
+        "index", "req_id", "op", "sector", "nr_bytes", "segments", "writes",
+        "steps", "step", "parts", "status", "extents", "buffer", "large", "mapping",
+        "done", "in_storage",
+    )
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.reset()
+
+    def reset(self) -> None:
+        self.req_id = 0
+        self.op = 0  # the operation echoed in the response
+        self.sector = 0
+        self.nr_bytes = 0
+        self.segments = ()  # ((gref, first_sect, last_sect), ...)
+        self.writes = False  # data flows guest -> storage
+        self.steps = ()  # STEP_* to run, in order
+        self.step = 0  # index into steps
+        self.parts = 0  # storage requests of the current step still outstanding
+        self.status = RSP_OKAY
+        self.extents = ()
+        self.buffer = -1
+        self.large = False
+        self.mapping = None
+        self.done = None  # a trio.Event when someone waits for this slot (a barrier)
+        self.in_storage = False
+
+
+class SlotPool:
+    """Free slots as a stack: the most recently freed (cache-warm) slot is reused first."""
+
+    __slots__ = ("slots", "_free")
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("a ring needs at least one request slot")
+        self.slots = [Slot(i) for i in range(size)]
+        self._free = list(range(size - 1, -1, -1))
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    @property
+    def available(self) -> int:
+        return len(self._free)
+
+    @property
+    def busy(self) -> int:
+        return len(self.slots) - len(self._free)
+
+    def acquire(self) -> Slot:
+        return self.slots[self._free.pop()]
+
+    def release(self, slot: Slot) -> None:
+        slot.reset()
+        self._free.append(slot.index)
+
+    def busy_slots(self) -> list[Slot]:
+        free = set(self._free)
+        return [s for s in self.slots if s.index not in free]

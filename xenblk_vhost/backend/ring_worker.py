@@ -1,0 +1,541 @@
+"""One ring's datapath: shared ring -> storage -> responses, in batches.
+
+Two trio tasks per ring, sharing its state (single-threaded: no locks, and
+no await inside a step that touches the ring):
+
+  intake  wake on the event channel -> take up to <free slots> requests with
+          RequestIntake (a private copy, validated) -> answer rejections ->
+          ONE grant copy of all indirect pages of the batch into private
+          memory, then decode their segments -> give each request a slot ->
+          data path prepare (copy: ONE grant copy of all write data into the
+          ring's memory region; map: one map call per batch) -> queue every
+          storage request -> ONE do_io, which also reaps what completed
+          inline (page-cached io_uring completes reads during submission) ->
+          push responses, notify at most once -> checkpoint -> again, and
+          RING_FINAL_CHECK_FOR_REQUESTS before sleeping.
+  reaper  sleep on the queue's completion fd (Queue.wait_io) while storage
+          requests are outstanding -> complete the batch: next step of
+          multi-step requests (flush, barrier), ONE grant copy of all read
+          data back (copy path), unmap (map path), responses, ONE push.
+
+Bounds: max_inflight request slots (a SlotPool; the ring takes no more
+requests than it has free slots and counts oo_req when the frontend has
+more), the data path's memory (copy path: a fixed region), max_completions
+per reap. Nothing on the hot path allocates per request beyond the decoded
+request itself and its grant-copy segments.
+
+Failure rules:
+  * a Rejection from the intake, a request whose grant copy or map failed,
+    a storage completion with ret < 0: that request alone gets RSP_ERROR;
+  * RingOverflow (bogus req_prod): log once, halt this ring (it answers
+    nothing more, its in-flight requests still finish so their buffers can
+    be freed); other rings and vbds are untouched;
+  * the storage failing as a whole (do_io raising, or no completion at all
+    for storage_timeout seconds while requests are outstanding: a vanished
+    vhost-user server): every outstanding request is answered RSP_ERROR,
+    every later request too, without touching the storage; the ring stays
+    alive and `on_storage_failure` tells the Vbd (which reopens the storage
+    at the next connect).
+
+Stopping: stop() makes the intake take nothing more; run() returns once
+every request taken has been answered. After a cancellation, drain() does
+the same from a shielded cleanup with a time limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from ..blkif.constants import (
+    OP_FLUSH_DISKCACHE,
+    OP_READ,
+    OP_WRITE,
+    OP_WRITE_BARRIER,
+    RSP_ERROR,
+    RSP_OKAY,
+    SECTOR_SIZE,
+    XEN_PAGE_SIZE,
+)
+from ..blkif.request import DiscardRequest, IndirectRequest, Rejection, Request
+from ..blkif.ring import RingOverflow
+from ..storage import BlkioError, IovecArray
+from ..storage.memory import address_of
+from .grant_copy import run_copy, segment
+from .request_slots import (
+    STEP_DISCARD,
+    STEP_FLUSH,
+    STEP_READ,
+    STEP_WRITE,
+    STEP_WRITE_ZEROES,
+    SlotPool,
+)
+from .storage_ops import StorageShape, queue_step
+
+log = logging.getLogger(__name__)
+
+R_INDIRECT_COPY = "indirect page copy failed"
+R_READ_ONLY_FLUSH = "flush with data on a read-only device"
+
+DEFAULT_STORAGE_TIMEOUT = 30.0
+IDLE_PURGE_INTERVAL = 1.0  # seconds between persistent-grant purges while idle
+
+_READ = (STEP_READ,)
+_WRITE = (STEP_WRITE,)
+_FLUSH = (STEP_FLUSH,)
+_WRITE_THEN_FLUSH = (STEP_WRITE, STEP_FLUSH)  # flush carrying data: durable when answered
+_BARRIER = (STEP_FLUSH,)  # after the drain
+_BARRIER_WITH_DATA = (STEP_FLUSH, STEP_WRITE, STEP_FLUSH)
+_DISCARD = (STEP_DISCARD,)
+_WRITE_ZEROES = (STEP_WRITE_ZEROES,)
+
+
+class _IndirectCopy:
+    """One indirect request's pages in the batch's grant copy (status set by run_copy)."""
+
+    __slots__ = ("position", "header", "offset", "status")
+
+    def __init__(self, position: int, header: IndirectRequest, offset: int) -> None:
+        self.position = position
+        self.header = header
+        self.offset = offset
+        self.status = RSP_OKAY
+
+
+class RingWorker:
+    def __init__(self, *, name: str, ring, intake, channel, queue, datapath, gate, stats,
+                 gntdev, domid: int, pool_size: int, shape: StorageShape, read_only: bool,
+                 discard_by_write_zeroes: bool, max_request_segments: int,
+                 storage_timeout: float = DEFAULT_STORAGE_TIMEOUT, on_storage_failure=None) -> None:
+        self.name = name
+        self.ring = ring
+        self.intake = intake
+        self.channel = channel
+        self.queue = queue
+        self.datapath = datapath
+        self.gate = gate
+        self.stats = stats
+        self.gntdev = gntdev
+        self.domid = domid
+        self.pool = SlotPool(pool_size)
+        self.shape = shape
+        self.read_only = read_only
+        self._discard_steps = _WRITE_ZEROES if discard_by_write_zeroes else _DISCARD
+        self.storage_timeout = storage_timeout
+        self._on_storage_failure = on_storage_failure
+        max_bytes = max_request_segments * XEN_PAGE_SIZE
+        self._iov_per_slot = shape.iovecs_per_request(max_request_segments, max_bytes)
+        self._iovecs = IovecArray(pool_size * self._iov_per_slot)
+        # Private memory for indirect pages: only the bytes that hold segments
+        # are copied (8 per segment), for every slot at once at most.
+        max_indirect = intake.limits.max_indirect_segments
+        self._indirect_buf = bytearray(max(1, pool_size * max_indirect * 8))
+        self._indirect_addr = address_of(self._indirect_buf)
+        self._indirect_view = memoryview(self._indirect_buf)
+
+        self._io_outstanding = 0  # storage requests queued or submitted, not completed
+        self._last_completion = time.monotonic()
+        self._stalled: list = []  # slots waiting for data-path memory, in ring order
+        self._unpushed = False
+        self._halted = False
+        self._failed = False
+        self._stopping = False
+        self._idle_scope: trio.CancelScope | None = None
+        self._slot_freed: trio.Event | None = None
+        self._all_answered: trio.Event | None = None
+        self._reaper_wakeup = trio.Event()
+        self._last_purge = time.monotonic()
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until stop(); return once everything taken was answered."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reap_loop)
+            task_status.started()
+            await self._intake_loop()
+            await self._wait_all_answered()
+            nursery.cancel_scope.cancel()
+
+    def stop(self) -> None:
+        """Take no more requests (what is in flight still finishes)."""
+        self._stopping = True
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
+
+    @property
+    def busy(self) -> int:
+        return self.pool.busy
+
+    async def drain(self, timeout: float) -> bool:
+        """After cancellation: finish and answer what is in flight. False if it did not finish in time."""
+        self._stopping = True
+        with trio.move_on_after(timeout):
+            while self.pool.busy and not self._failed:
+                if not self._io_outstanding:
+                    if self._stalled:
+                        self._retry_stalled()
+                        self._kick()
+                        self._push()
+                        continue
+                    break  # busy slots with no storage request: cannot progress
+                try:
+                    batch = await self.queue.wait_io(timeout=timeout)
+                except BlkioError as e:
+                    self._storage_failed(e)
+                    break
+                self._complete(batch)
+                self._kick()
+                self._push()
+        self._push()
+        return self.pool.busy == 0
+
+    # ------------------------------------------------------------ intake
+
+    async def _idle_wait(self, fn) -> None:
+        """Await fn() unless stopping; stop() interrupts it."""
+        with trio.CancelScope() as scope:
+            self._idle_scope = scope
+            if self._stopping:
+                scope.cancel()
+            try:
+                await fn()
+            finally:
+                self._idle_scope = None
+
+    async def _wait_slot(self) -> None:
+        self._slot_freed = trio.Event()
+        await self._slot_freed.wait()
+
+    async def _intake_loop(self) -> None:
+        ring = self.ring
+        pool = self.pool
+        gate = self.gate
+        take = self.intake.take
+        while not self._stopping:
+            if self._halted:
+                await self._idle_wait(trio.sleep_forever)
+                continue
+            if gate.closed:
+                await self._idle_wait(gate.wait_open)
+                continue
+            free = pool.available
+            if not free:
+                if ring.nr_unconsumed_requests():
+                    self.stats.oo_req += 1
+                await self._idle_wait(self._wait_slot)
+                continue
+            try:
+                batch = take(ring, free)
+            except RingOverflow as e:
+                self._halt(e)
+                continue
+            if batch:
+                await self._dispatch(batch)
+                self._push()
+                await trio.lowlevel.checkpoint()  # let the reaper and other rings run
+                continue
+            if ring.final_check_for_requests():
+                continue
+            self._maybe_purge()
+            await self._idle_wait(self.channel.wait)
+
+    def _halt(self, e: RingOverflow) -> None:
+        log.warning("%s: frontend provided bogus ring requests (%s); halting this ring", self.name, e)
+        self._halted = True
+        self.stats.halted = True
+
+    def _maybe_purge(self) -> None:
+        now = time.monotonic()
+        if now - self._last_purge >= IDLE_PURGE_INTERVAL:
+            self._last_purge = now
+            idle = getattr(self.datapath, "idle", None)
+            if idle is not None:
+                idle()
+                self.stats.persistent_grants = self.datapath.persistent_grants
+
+    async def _dispatch(self, batch) -> None:
+        for item in batch:
+            if type(item) is IndirectRequest:
+                batch = self._resolve_indirect(batch)
+                break
+        stats = self.stats
+        run = []
+        for item in batch:
+            kind = type(item)
+            if kind is Request:
+                op = item.op
+                if op == OP_WRITE_BARRIER:
+                    self._start(run)
+                    self._kick()
+                    run = []
+                    await self._barrier(item)
+                    continue
+                slot = self._acquire()
+                slot.req_id = item.id
+                slot.op = op
+                slot.sector = item.sector
+                nr = item.nr_sectors
+                slot.nr_bytes = nr * SECTOR_SIZE
+                slot.segments = item.segments
+                if op == OP_READ:
+                    slot.steps = _READ
+                    stats.rd_req += 1
+                    stats.rd_sect += nr
+                elif op == OP_WRITE:
+                    slot.writes = True
+                    slot.steps = _WRITE
+                    stats.wr_req += 1
+                    stats.wr_sect += nr
+                else:  # OP_FLUSH_DISKCACHE (the decoder lets nothing else through)
+                    assert op == OP_FLUSH_DISKCACHE
+                    stats.f_req += 1
+                    if nr:
+                        stats.wr_sect += nr
+                        slot.writes = True
+                        slot.steps = _WRITE_THEN_FLUSH
+                        if self.read_only:
+                            log.debug("%s: %s (id %d)", self.name, R_READ_ONLY_FLUSH, item.id)
+                            slot.status = RSP_ERROR
+                    else:
+                        slot.steps = _FLUSH
+                run.append(slot)
+            elif kind is Rejection:
+                log.debug("%s: rejected id %d op %d: %s", self.name, item.id, item.op, item.reason)
+                self._answer(item.id, item.op, item.status)
+            elif kind is DiscardRequest:
+                stats.ds_req += 1
+                if not item.nr_sectors:
+                    self._answer(item.id, item.op, RSP_OKAY)  # nothing to discard (blkback: OKAY)
+                    continue
+                slot = self._acquire()
+                slot.req_id = item.id
+                slot.op = item.op
+                slot.sector = item.sector
+                slot.nr_bytes = item.nr_sectors * SECTOR_SIZE
+                slot.steps = self._discard_steps
+                run.append(slot)
+            else:
+                raise TypeError(f"unexpected {kind.__name__} after indirect resolution")
+        self._start(run)
+        self._kick()
+
+    def _resolve_indirect(self, batch) -> list:
+        """ONE grant copy of every indirect page of the batch into private memory, then decode."""
+        out = list(batch)
+        segs, owners, records = [], [], []
+        domid = self.domid
+        base = self._indirect_addr
+        pos = 0
+        for i, item in enumerate(batch):
+            if type(item) is not IndirectRequest:
+                continue
+            rec = _IndirectCopy(i, item, pos)
+            records.append(rec)
+            need = item.segments_bytes
+            for gref in item.indirect_grefs:
+                n = need if need < XEN_PAGE_SIZE else XEN_PAGE_SIZE
+                segs.append(segment(False, domid, gref, 0, base + pos, n))
+                owners.append(rec)
+                pos += n
+                need -= n
+        run_copy(self.gntdev, segs, owners)
+        view = self._indirect_view
+        decode = self.intake.decode_indirect_segments
+        for rec in records:
+            h = rec.header
+            if rec.status != RSP_OKAY:
+                out[rec.position] = Rejection(h.id, h.indirect_op, RSP_ERROR, R_INDIRECT_COPY)
+            else:
+                out[rec.position] = decode(h, view[rec.offset:rec.offset + h.segments_bytes])
+        return out
+
+    async def _barrier(self, item: Request) -> None:
+        """Drain the whole vbd, flush, write (and flush again), answer; then let everyone go on."""
+        self._push()  # what came before the barrier must not wait for it
+        await self.gate.drain()
+        try:
+            slot = self._acquire()
+            slot.req_id = item.id
+            slot.op = item.op
+            slot.sector = item.sector
+            nr = item.nr_sectors
+            slot.nr_bytes = nr * SECTOR_SIZE
+            slot.segments = item.segments
+            slot.writes = bool(nr)
+            slot.steps = _BARRIER_WITH_DATA if nr else _BARRIER
+            self.stats.f_req += 1
+            self.stats.wr_sect += nr
+            done = slot.done = trio.Event()
+            self._start([slot])
+            self._kick()
+            self._push()
+            await done.wait()
+        finally:
+            self.gate.reopen()
+
+    # ------------------------------------------------------------ slots and storage
+
+    def _acquire(self):
+        slot = self.pool.acquire()
+        self.gate.enter()
+        self.stats.in_flight += 1
+        return slot
+
+    def _release(self, slot) -> None:
+        done = slot.done
+        self.pool.release(slot)
+        self.gate.leave()
+        self.stats.in_flight -= 1
+        if done is not None:
+            done.set()
+        if self._slot_freed is not None:
+            self._slot_freed.set()
+            self._slot_freed = None
+        if self._all_answered is not None and not self.pool.busy:
+            self._all_answered.set()
+
+    def _start(self, slots) -> None:
+        """Prepare the slots' data and queue their first step (submission is _kick's)."""
+        if not slots:
+            return
+        if self._failed:
+            for slot in slots:
+                slot.status = RSP_ERROR
+            self._finish(slots)
+            return
+        waiting = self.datapath.prepare(slots)
+        if waiting:
+            self._stalled.extend(waiting)
+            held = set(map(id, waiting))
+            slots = [s for s in slots if id(s) not in held]
+        failed = None
+        for slot in slots:
+            if slot.status == RSP_OKAY:
+                self._queue(slot)
+            else:
+                if failed is None:
+                    failed = []
+                failed.append(slot)
+        if failed:
+            self._finish(failed)
+
+    def _queue(self, slot) -> None:
+        n = queue_step(self.queue, slot, self.shape, self._iovecs, slot.index * self._iov_per_slot)
+        slot.parts = n
+        slot.in_storage = True
+        self._io_outstanding += n
+
+    def _retry_stalled(self) -> None:
+        stalled, self._stalled = self._stalled, []
+        self._start(stalled)
+
+    def _kick(self) -> None:
+        """Submit everything queued; complete whatever finished inline, until nothing does."""
+        if self._failed:
+            return
+        do_io = self.queue.do_io
+        while True:
+            try:
+                done = do_io(0)
+            except BlkioError as e:
+                self._storage_failed(e)
+                return
+            if not done:
+                break
+            self._complete(done)
+        if self._io_outstanding:
+            self._reaper_wakeup.set()
+
+    def _complete(self, done) -> None:
+        slots = self.pool.slots
+        finished = []
+        self._io_outstanding -= len(done)
+        self._last_completion = time.monotonic()
+        for tag, ret in done:
+            slot = slots[tag]
+            if ret < 0:
+                if slot.status == RSP_OKAY:
+                    log.debug("%s: storage error %d for id %d", self.name, ret, slot.req_id)
+                slot.status = RSP_ERROR
+            slot.parts -= 1
+            if slot.parts:
+                continue
+            slot.step += 1
+            if slot.status == RSP_OKAY and slot.step < len(slot.steps):
+                self._queue(slot)  # the next step of a flush or barrier
+                continue
+            slot.in_storage = False
+            finished.append(slot)
+        if finished:
+            self._finish(finished)
+
+    def _finish(self, slots) -> None:
+        """Data path finish (copy reads out / unmap), then answer and free the ready slots."""
+        ready = self.datapath.finish(slots)
+        answer = self._answer
+        release = self._release
+        for slot in ready:
+            answer(slot.req_id, slot.op, slot.status)
+            release(slot)
+        if self._stalled:
+            self._retry_stalled()
+
+    def _answer(self, id_: int, op: int, status: int) -> None:
+        if status != RSP_OKAY:
+            self.stats.errors += 1
+        if self._halted:
+            return  # a halted ring answers nothing more
+        self.ring.put_response(id_, op, status)
+        self._unpushed = True
+
+    def _push(self) -> None:
+        if self._unpushed:
+            self._unpushed = False
+            if self.ring.push_responses():
+                self.channel.notify()
+
+    def _storage_failed(self, e: Exception) -> None:
+        """The storage as a whole is gone: answer everything outstanding with an error."""
+        if not self._failed:
+            log.warning("%s: storage failed (%s); answering errors from now on", self.name, e)
+            self._failed = True
+            if self._on_storage_failure is not None:
+                self._on_storage_failure(e)
+        stuck = [s for s in self.pool.slots if s.in_storage]
+        stalled, self._stalled = self._stalled, []
+        self._io_outstanding = 0
+        for slot in stuck + stalled:
+            slot.status = RSP_ERROR
+            slot.parts = 0
+            slot.in_storage = False
+        if stuck or stalled:
+            self._finish(stuck + stalled)
+
+    # ------------------------------------------------------------ reaper
+
+    async def _reap_loop(self) -> None:
+        wait_io = self.queue.wait_io
+        while True:
+            if self._failed or not self._io_outstanding:
+                self._reaper_wakeup = trio.Event()
+                await self._reaper_wakeup.wait()
+                continue
+            try:
+                batch = await wait_io(timeout=self.storage_timeout)
+            except BlkioError as e:
+                if self._io_outstanding and time.monotonic() - self._last_completion >= self.storage_timeout:
+                    self._storage_failed(e)
+                    self._push()
+                continue  # completions were reaped by the intake meanwhile: not a failure
+            self._complete(batch)
+            self._kick()
+            self._push()
+
+    async def _wait_all_answered(self) -> None:
+        while self.pool.busy:
+            self._all_answered = trio.Event()
+            await self._all_answered.wait()
+        self._all_answered = None

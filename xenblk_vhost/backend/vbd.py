@@ -1,0 +1,311 @@
+"""One virtual block device: its storage, what it offers, and its rings while connected.
+
+The xenbus side (backend/device.py) uses this surface and nothing else:
+
+    vbd = Vbd.open(disk_config)          # opens the storage: open_storage(disk, disk.queues)
+    vbd.features                         # VbdFeatures: what to advertise
+    vbd.features.probe_nodes()           #   keys before InitWait (indirect, queues, ring order)
+    vbd.features.connect_nodes(sectors)  #   keys of the Connected transaction
+    await nursery.start(vbd.serve, spec, platform)
+                                         # maps every ring, binds every channel, starts one
+                                         # RingWorker per ring; returns (started) once serving.
+                                         # Raises VbdConnectError (nothing left behind) if the
+                                         # spec is unusable or a ring/channel cannot be set up.
+    await vbd.disconnect()               # stop taking requests, finish and answer what is in
+                                         # flight, then unmap/unbind/free; serve() returns.
+                                         # Idempotent; returns at once when not serving.
+    vbd.current_sectors()                # storage capacity now, 512-byte units (online resize:
+    vbd.apply_size(sectors)              #   the control side publishes it, then applies it here)
+    vbd.stats()                          # {"rings": [per-ring snapshot], "total": {...}}
+    vbd.close()                          # free the storage (after disconnect)
+
+Cancelling the task running serve() is the other way out: the shielded
+cleanup gives in-flight requests `drain_timeout` seconds to finish (they are
+answered), then destroys the storage instance if some did not (so no
+request can still touch a page we unmap), then unmaps and unbinds
+everything. Either way, after serve() returns: no task, no grant mapping, no
+bound channel, no memory region of this connection remains.
+
+One libblkio queue per ring (ring i uses storage queue i), so a vbd
+serves as many rings as the storage opened queues (features.max_queues).
+A frontend may connect, disconnect and connect again to the same Vbd; if
+the storage failed as a whole meanwhile it is reopened at the next serve().
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ..blkif.abi import ring_entries
+from ..blkif.intake import RequestIntake
+from ..blkif.ring import BackRing, RingOverflow
+from ..blkif.constants import MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE, XEN_PAGE_SIZE
+from ..config import DiskConfig
+from ..storage import StorageDevice
+from .barrier import BarrierGate
+from .connection_spec import ConnectionSpec
+from .datapath_copy import CopyDataPath, plan_bounce
+from .datapath_map import MapDataPath
+from .persistent_grants import PersistentGrants
+from .ring_worker import DEFAULT_STORAGE_TIMEOUT, RingWorker
+from .stats import RingStats, total
+from .storage_ops import StorageShape
+from .vbd_features import MAX_PERSISTENT_GRANTS, VbdFeatures, derive_features
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DRAIN_TIMEOUT = 5.0
+
+
+class VbdConnectError(RuntimeError):
+    """The frontend's connection cannot be served (bad spec, ring map or bind failed)."""
+
+
+def open_storage(disk: DiskConfig, queues: int | None = None) -> StorageDevice:
+    """Open the disk's storage with `queues` queues (default: the config's), as the Vbd needs it."""
+    return StorageDevice.open(disk.driver, disk.blkio_properties(), queues or disk.queues)
+
+
+class _RingResources:
+    """What one ring holds while connected, released in reverse order of acquisition."""
+
+    def __init__(self) -> None:
+        self.mapping = None
+        self.ring: BackRing | None = None
+        self.channel = None
+        self.datapath = None
+        self.worker: RingWorker | None = None
+
+    def close(self) -> None:
+        errors = []
+        for step in (self._close_channel, self._close_datapath, self._close_ring):
+            try:
+                step()
+            except Exception as e:  # keep releasing the rest; report at the end
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def _close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def _close_datapath(self) -> None:
+        if self.datapath is not None:
+            self.datapath.close()
+            self.datapath = None
+
+    def _close_ring(self) -> None:
+        if self.ring is not None:
+            self.ring.view.release()
+            self.ring = None
+        if self.mapping is not None:
+            self.mapping.close()
+            self.mapping = None
+
+
+class Vbd:
+    def __init__(self, disk: DiskConfig, storage: StorageDevice, *,
+                 storage_timeout: float = DEFAULT_STORAGE_TIMEOUT,
+                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+                 max_persistent_grants: int = MAX_PERSISTENT_GRANTS,
+                 shape: StorageShape | None = None) -> None:
+        """Take ownership of an opened storage device.
+
+        shape: override the storage's request limits (max-transfer,
+        max-segments, max discard) the datapath splits requests by; tests
+        use it to exercise splitting on storage without such limits.
+        """
+        self.disk = disk
+        self.storage = storage
+        self.storage_timeout = storage_timeout
+        self.drain_timeout = drain_timeout
+        self.max_persistent_grants = max_persistent_grants
+        self.features: VbdFeatures = derive_features(
+            disk, storage.limits, capacity=storage.capacity, num_queues=len(storage.queues))
+        self._sectors = self.features.sectors
+        self._shape_override = shape
+        self._gate = BarrierGate()
+        self._workers: list[RingWorker] = []
+        self._intakes: list[RequestIntake] = []
+        self._ring_stats: list[RingStats] = []
+        self._serving = False
+        self._stopped: trio.Event | None = None
+        self._storage_failed = False
+
+    @classmethod
+    def open(cls, disk: DiskConfig, *, queues: int | None = None, **kwargs) -> "Vbd":
+        storage = open_storage(disk, queues)
+        try:
+            return cls(disk, storage, **kwargs)
+        except BaseException:
+            storage.close()
+            raise
+
+    # ------------------------------------------------------------ size
+
+    def current_sectors(self) -> int:
+        """The storage's size now, in 512-byte sectors (re-read from libblkio)."""
+        return self.storage.capacity // SECTOR_SIZE
+
+    @property
+    def sectors(self) -> int:
+        """The size requests are validated against (what was last published)."""
+        return self._sectors
+
+    def apply_size(self, sectors: int) -> None:
+        """Validate later requests against a new size (after publishing it to the frontend)."""
+        self._sectors = sectors
+        limits = self.features.device_limits(sectors)
+        for intake in self._intakes:
+            intake.set_limits(limits)
+
+    # ------------------------------------------------------------ stats
+
+    def stats(self) -> dict:
+        rings = [s.snapshot() for s in self._ring_stats]
+        return {"rings": rings, "total": total(rings)}
+
+    # ------------------------------------------------------------ serving
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
+    def _check_spec(self, spec: ConnectionSpec) -> None:
+        f = self.features
+        if not spec.rings:
+            raise VbdConnectError("no rings")
+        if len(spec.rings) > f.max_queues:
+            raise VbdConnectError(f"{len(spec.rings)} rings requested, {f.max_queues} offered")
+        if sorted(r.index for r in spec.rings) != list(range(len(spec.rings))):
+            raise VbdConnectError("ring indices are not 0..n-1")
+        for r in spec.rings:
+            n = len(r.ring_refs)
+            if n == 0 or n & (n - 1) or r.order > f.max_ring_page_order:
+                raise VbdConnectError(f"ring {r.index}: {n} ring pages (max order {f.max_ring_page_order})")
+        if spec.persistent_grants and not f.persistent:
+            raise VbdConnectError("persistent grants were not offered")
+
+    def _reopen_storage_if_failed(self) -> None:
+        if self._storage_failed or self.storage.closed:
+            log.info("reopening storage of %s", self.disk.name)
+            self.storage = self.storage.reopen() if not self.storage.closed else open_storage(
+                self.disk, len(self.storage.queues) or self.disk.queues)
+            self._storage_failed = False
+
+    def _note_storage_failure(self, _e: Exception) -> None:
+        self._storage_failed = True
+
+    def _make_ring(self, res: _RingResources, rspec, spec: ConnectionSpec, platform, limits) -> None:
+        f = self.features
+        domid = spec.frontend_domid
+        try:
+            res.mapping = platform.gntdev.map_grants(domid, rspec.ring_refs, readonly=False)
+        except OSError as e:
+            raise VbdConnectError(f"ring {rspec.index}: cannot map ring pages: {e}") from e
+        try:
+            res.ring = BackRing(res.mapping.buffer, spec.abi, rspec.order)
+        except RingOverflow as e:
+            raise VbdConnectError(f"ring {rspec.index}: {e}") from e
+        try:
+            res.channel = platform.evtchn.bind_interdomain(domid, rspec.event_channel)
+        except OSError as e:
+            raise VbdConnectError(f"ring {rspec.index}: cannot bind event channel: {e}") from e
+        max_slots = min(self.disk.max_inflight, ring_entries(spec.abi, rspec.order))
+        max_segs = max(MAX_SEGMENTS_PER_REQUEST, f.max_indirect_segments)
+        if f.data_path == "copy":
+            slots, nlarge = plan_bounce(self.disk.memory, max_slots, max_segs * XEN_PAGE_SIZE)
+            res.datapath = CopyDataPath(self.storage, platform.gntdev, domid, slots=slots,
+                                        large_buffers=nlarge, max_request_bytes=max_segs * XEN_PAGE_SIZE)
+        else:
+            slots = max_slots
+            cache = None
+            if spec.persistent_grants:
+                cache = PersistentGrants(platform.gntdev, domid, max_grants=self.max_persistent_grants)
+            res.datapath = MapDataPath(platform.gntdev, domid, cache)
+        shape = self._shape_override or StorageShape.of(
+            self.storage.limits, discard_by_write_zeroes=f.discard_by_write_zeroes)
+        intake = RequestIntake(spec.abi, limits)
+        stats = RingStats()
+        res.worker = RingWorker(
+            name=f"{self.disk.name}/ring{rspec.index}", ring=res.ring, intake=intake,
+            channel=res.channel, queue=self.storage.queues[rspec.index], datapath=res.datapath,
+            gate=self._gate, stats=stats, gntdev=platform.gntdev, domid=domid, pool_size=slots,
+            shape=shape, read_only=f.read_only, discard_by_write_zeroes=f.discard_by_write_zeroes,
+            max_request_segments=max_segs, storage_timeout=self.storage_timeout,
+            on_storage_failure=self._note_storage_failure)
+        self._intakes.append(intake)
+        self._ring_stats.append(stats)
+
+    async def serve(self, spec: ConnectionSpec, platform, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the frontend's rings until disconnect() (or cancellation); see the module doc."""
+        if self._serving:
+            raise VbdConnectError("already serving a connection")
+        self._check_spec(spec)
+        self._serving = True
+        self._stopped = trio.Event()
+        self._gate = BarrierGate()
+        self._intakes = []
+        self._ring_stats = []
+        resources: list[_RingResources] = []
+        try:
+            self._reopen_storage_if_failed()
+            limits = self.features.device_limits(self._sectors)
+            for rspec in sorted(spec.rings, key=lambda r: r.index):
+                res = _RingResources()
+                resources.append(res)
+                self._make_ring(res, rspec, spec, platform, limits)
+            self._workers = [r.worker for r in resources]
+            async with trio.open_nursery() as nursery:
+                for w in self._workers:
+                    await nursery.start(w.run)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._teardown(resources)
+
+    async def _teardown(self, resources: list[_RingResources]) -> None:
+        """Finish in-flight I/O (bounded), destroy the storage if it will not finish, free everything."""
+        stuck = False
+        for res in resources:
+            w = res.worker
+            if w is not None and w.busy:
+                if not await w.drain(self.drain_timeout):
+                    stuck = True
+        if stuck:
+            # Storage still owns some of our buffers/pages: destroying the
+            # instance cancels or completes its requests before we unmap.
+            log.warning("%s: in-flight I/O did not finish; closing the storage", self.disk.name)
+            self.storage.close()
+            self._storage_failed = True
+        errors = []
+        for res in reversed(resources):
+            try:
+                res.close()
+            except Exception as e:
+                errors.append(e)
+        self._workers = []
+        self._serving = False
+        if self._stopped is not None:
+            self._stopped.set()
+        if errors:
+            raise errors[0]
+
+    async def disconnect(self) -> None:
+        """Stop taking requests, answer everything in flight, release the connection."""
+        if not self._serving:
+            return
+        for w in self._workers:
+            w.stop()
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+    def close(self) -> None:
+        """Free the storage. Call after serve() has returned."""
+        if self._serving:
+            raise RuntimeError("close() while serving: disconnect() first")
+        self.storage.close()
