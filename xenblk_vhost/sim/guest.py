@@ -170,8 +170,11 @@ class Guest:
             p.close()
         self._ports.clear()
         self.memory.release()
-        self._memory.close()
-        self._grants.close()
+        for m in (self._memory, self._grants):
+            try:
+                m.close()
+            except BufferError:
+                pass  # callers still hold page views: unmapped when the last one goes
         self._hc.close()
 
 
