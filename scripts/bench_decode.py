@@ -7,7 +7,8 @@ Measures, for 32-request batches (one full single-page ring):
   * parse: decode + validate only, from an already private copy;
   * response encoding (BackRing.put_response) per response, plus one
     push_responses per batch;
-for the 64-bit (native) and 32-bit guest ABIs.
+for the 64-bit (native) and 32-bit guest ABIs; and the second half of an
+indirect request (decode_indirect_segments) for 32 and 256 segments.
 
 Prints ns/request (thread CPU time): the minimum and median over --repeat
 runs of --batches batches each. Figures move with the machine's load (shared VMs): trust the
@@ -112,6 +113,28 @@ def bench_responses(abi: Abi, batches: int, repeat: int) -> list[float]:
     return results
 
 
+def bench_indirect(abi: Abi, nseg: int, batches: int, repeat: int) -> list[float]:
+    """decode_indirect_segments for one indirect request of nseg segments."""
+    from xenblk_vhost.blkif.constants import OP_INDIRECT
+    from xenblk_vhost.blkif.encode import encode_segments
+    from xenblk_vhost.blkif.request import IndirectRequest
+
+    intake = RequestIntake(abi, LIMITS)
+    header = IndirectRequest(OP_INDIRECT, OP_READ, 1, 0, 0, nseg, tuple(range((nseg + 511) // 512)))
+    pages = encode_segments([(2000 + i, 0, 7) for i in range(nseg)])
+    assert type(intake.decode_indirect_segments(header, pages)) is not Rejection
+    decode = intake.decode_indirect_segments
+    n = max(1, batches // 8)
+    results = []
+    for _ in range(repeat):
+        t0 = _clock()
+        for _ in range(n):
+            decode(header, pages)
+        t1 = _clock()
+        results.append((t1 - t0) / n)
+    return results
+
+
 def calibrate(batches: int, repeat: int) -> list[float]:
     """One precompiled Struct.unpack_from of a 24-byte header: the unit that
     docs/LIBBLKIO-NOTES section 5 quotes (85 ns on a quiet machine), so runs
@@ -155,6 +178,8 @@ def main() -> None:
         for label, fn in shapes:
             row(f"decode+validate, {label}", bench_parse(abi, fn, args.batches, args.repeat))
         row("response encode (+1 push/batch)", bench_responses(abi, args.batches, args.repeat))
+    for nseg in (32, 256):
+        row(f"indirect: {nseg} segments (per request)", bench_indirect(Abi.NATIVE, nseg, args.batches, args.repeat))
 
 
 if __name__ == "__main__":
