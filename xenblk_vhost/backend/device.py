@@ -1,0 +1,574 @@
+"""One backend device's xenbus life: probe, follow the frontend, connect, close, go.
+
+This is Linux blkback's xenbus.c (xen_blkbk_probe, frontend_changed,
+connect_ring, connect, xen_blkbk_remove) and the xenbus core around it
+(xenbus_switch_state, xenbus_dev_fatal, xenbus_dev_remove), as one trio
+task per backend dir:
+
+    device = Device(xs, platform, DeviceId(0, "vbd", 5, 51712), resolve_disk, warnings=w)
+    await nursery.start(device.run)   # started once the device is in InitWait (or failed)
+    # returns when the device is forgotten: frontend gone, detached (online=0), dir removed
+
+Probe: read the toolstack's nodes (frontend, frontend-id, mode, device-type,
+discard-enable), find the disk's config (resolve_disk), open its storage
+(a Vbd) and publish feature-max-indirect-segments, multi-queue-max-queues,
+max-ring-page-order (and feature-persistent when offered) together with
+state InitWait in one transaction: libxl gives the phy route 10 s to reach
+InitWait, and the frontend must see the features when it does.
+
+Then a single control loop wakes on the frontend's `state`, our own `state`
+and `online` (watches), or once a second (RESIZE_POLL_INTERVAL: the online
+resize check), re-reads the three nodes and, when they changed, acts as
+on_frontend_state() decides. Decisions use the nodes' current values, so
+the toolstack writing our state (detach writes Closing) counts as ours.
+
+Errors are reported as xenbus_dev_fatal does: "<errno> <message>" in
+/local/domain/<backend>/error/backend/<kind>/<domid>/<devid>/error, and the
+device goes Closing. Errors a guest causes are logged through the shared
+rate limiter (GuestWarnings), keyed by the guest's domid.
+
+Ending: a frontend whose state node is gone (domain destroyed) or Closed
+while online=0 (detach) makes the device forget itself, as does the removal
+of our backend dir; cancellation (service shutdown) ends it too. In every
+case the rings are drained (in-flight requests answered), unmapped and
+unbound, and the storage closed, before run() returns; if the toolstack
+left our state at Closing we write Closed on the way out, as
+xenbus_dev_remove does, so libxl need not wait for its timeout. A service
+shutdown writes nothing else: the frontend stays Connected and a backend
+started later takes the device over (see service.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import trio
+
+from ..blkif.constants import VDISK_CDROM
+from ..config import DiskConfig
+from ..vdev import vdev_name
+from ..xen.interfaces import XenStore, XenStoreError
+from .frontend_params import FrontendParamError, Offer, read_connection_spec
+from .logging_util import GuestWarnings
+from .vbd import Vbd, VbdConnectError
+from .xenbus_state import Action, XenbusState, on_frontend_state, parse_state
+
+log = logging.getLogger(__name__)
+
+RESIZE_POLL_INTERVAL = 1.0
+# How long the way out may take: draining the rings (Vbd's own bound is
+# 5 s per ring) and a few xenstore writes.
+RELEASE_TIMEOUT = 30.0
+
+# Keys the Connected transaction may have written: removed first, so a
+# reconnect with other features (config reloaded) leaves none stale.
+_CONNECT_OPTIONAL_KEYS = ("feature-discard", "discard-granularity", "discard-alignment", "discard-secure")
+
+ResolveDisk = Callable[[], Awaitable["DiskConfig | None"]]
+OpenVbd = Callable[[DiskConfig], Vbd]
+
+
+@dataclass(frozen=True)
+class DeviceId:
+    """Where a device lives: /local/domain/<backend>/backend/<kind>/<frontend>/<devid>."""
+
+    backend_domid: int
+    kind: str  # vbd | vbd3 | qdisk
+    frontend_domid: int
+    devid: int
+
+    @property
+    def relative_path(self) -> str:
+        """The xenbus nodename (relative to the backend domain's home)."""
+        return f"backend/{self.kind}/{self.frontend_domid}/{self.devid}"
+
+    @property
+    def backend_path(self) -> str:
+        return f"/local/domain/{self.backend_domid}/{self.relative_path}"
+
+    @property
+    def error_path(self) -> str:
+        """Where xenbus_dev_error writes: error/<nodename>/error under our home."""
+        return f"/local/domain/{self.backend_domid}/error/{self.relative_path}/error"
+
+    def __str__(self) -> str:
+        # blkback names its devices the same way (vbd-<domid>-<devid>).
+        return f"{self.kind}-{self.frontend_domid}-{self.devid}"
+
+
+class DeviceFatal(Exception):
+    """A condition to report through the error node before going Closing."""
+
+    def __init__(self, err: int, message: str, *, guest: bool) -> None:
+        super().__init__(message)
+        self.errno = err
+        self.message = message
+        self.guest = guest  # the guest caused it: rate-limit the log line
+
+
+@dataclass(frozen=True)
+class ToolstackNodes:
+    """What libxl wrote in our backend dir that we act on."""
+
+    frontend: str
+    frontend_id: int
+    mode: str
+    cdrom: bool
+    discard_enable: bool
+
+
+def effective_disk(disk: DiskConfig, nodes: ToolstackNodes) -> DiskConfig:
+    """The config as this attachment may use it.
+
+    Read-only unless libxl's mode has 'w' (blkback: !strchr(mode, 'w')); a
+    config `readonly: true` wins either way. Discard only if the toolstack
+    did not disable it (discard-enable=0, as libxl writes for read-only
+    disks by default) and the config allows it.
+    """
+    readonly = disk.readonly or "w" not in nodes.mode
+    discard = disk.discard and nodes.discard_enable
+    if readonly == disk.readonly and discard == disk.discard:
+        return disk
+    return dataclasses.replace(disk, readonly=readonly, discard=discard)
+
+
+def default_open_vbd(disk: DiskConfig) -> Vbd:
+    return Vbd.open(disk)
+
+
+class _Wakeup:
+    """A level-triggered flag: any number of set() before wait() is one wakeup."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self._event.wait()
+        self._event = trio.Event()
+
+
+class Device:
+    def __init__(self, xs: XenStore, platform, device_id: DeviceId, resolve_disk: ResolveDisk, *,
+                 warnings: GuestWarnings, open_vbd: OpenVbd = default_open_vbd,
+                 resize_interval: float = RESIZE_POLL_INTERVAL) -> None:
+        self.id = device_id
+        self._xs = xs
+        self._platform = platform
+        self._resolve_disk = resolve_disk
+        self._warnings = warnings
+        self._open_vbd = open_vbd
+        self._resize_interval = resize_interval
+        self.name = str(device_id)
+        self.be = device_id.backend_path
+        self.nodes: ToolstackNodes | None = None
+        self.disk: DiskConfig | None = None  # the config in use (before effective_disk)
+        self.vbd: Vbd | None = None
+        self.state = XenbusState.UNKNOWN  # our state as we last wrote or saw it
+        self.published_sectors: int | None = None
+        self._serve_nursery: trio.Nursery | None = None
+        self._serve_failed: BaseException | None = None
+        self._seen: tuple | None = None
+        self._wakeup = _Wakeup()
+
+    # ------------------------------------------------------------------ life
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Probe, follow the frontend until the device is forgotten, release everything."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._serve_nursery = nursery
+                await self._probe()
+                task_status.started()
+                if self.nodes is not None:  # else: reported; nothing to follow
+                    await self._follow()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(RELEASE_TIMEOUT) as scope:
+                    await self._release()
+                if scope.cancelled_caught:
+                    log.error("%s: releasing took longer than %.0f s; gave up waiting", self.name, RELEASE_TIMEOUT)
+
+    async def _probe(self) -> None:
+        """xen_blkbk_probe + backend_changed: storage open and features out, then InitWait."""
+        await self._rm_quietly(self.id.error_path)  # a previous device's report, not ours
+        try:
+            self.nodes = await self._read_toolstack_nodes()
+            await self._open()
+        except DeviceFatal as e:
+            await self._fatal(e)
+            return
+        await self._switch_state(XenbusState.INIT_WAIT, extra=self._probe_nodes())
+
+    async def _open(self) -> None:
+        """Find the disk's config and open its storage (replacing an older one)."""
+        disk = await self._resolve_disk()
+        if disk is None:
+            raise DeviceFatal(errno.ENODEV, f"no disk configured for this domain as "
+                                            f"{vdev_name(self.id.devid)} (device {self.id.devid})", guest=False)
+        assert self.nodes is not None
+        if self.vbd is not None:
+            if disk == self.disk:
+                return
+            log.info("%s: configuration changed; reopening %s", self.name, disk.path)
+            self._close_vbd()
+        try:
+            self.vbd = self._open_vbd(effective_disk(disk, self.nodes))
+        except Exception as e:
+            raise DeviceFatal(getattr(e, "errno", None) or errno.EIO,
+                              f"creating vbd structure: {e}", guest=False) from e
+        self.disk = disk
+        f = self.vbd.features
+        log.info("%s: %s %s: %d sectors of %d bytes%s, %d queues, ring order %d, %d indirect segments, %s path%s",
+                 self.name, disk.driver, disk.path, f.sectors, f.sector_size, " ro" if f.read_only else "",
+                 f.max_queues, f.max_ring_page_order, f.max_indirect_segments, f.data_path,
+                 ", persistent grants" if f.persistent else "")
+
+    def _probe_nodes(self) -> dict[str, str]:
+        assert self.vbd is not None
+        nodes = self.vbd.features.probe_nodes()
+        if self.vbd.features.persistent:
+            nodes["feature-persistent"] = "1"
+        return nodes
+
+    async def _read_toolstack_nodes(self) -> ToolstackNodes:
+        async def need(key: str) -> str:
+            raw = await self._read(f"{self.be}/{key}")
+            if raw is None:
+                raise DeviceFatal(errno.ENOENT, f"reading {self.be}/{key}", guest=False)
+            return raw.decode("utf-8", "replace").rstrip("\0")
+
+        frontend = await need("frontend")
+        try:
+            frontend_id = int(await need("frontend-id"))
+        except ValueError:
+            raise DeviceFatal(errno.EINVAL, f"reading {self.be}/frontend-id: not a number", guest=False) from None
+        if frontend_id != self.id.frontend_domid:
+            raise DeviceFatal(errno.EINVAL, f"frontend-id {frontend_id} does not match the backend path",
+                              guest=False)
+        mode = await need("mode")
+        self.state = parse_state(await self._read(f"{self.be}/state"))
+        device_type = await self._read(f"{self.be}/device-type")
+        discard_enable = await self._read(f"{self.be}/discard-enable")
+        return ToolstackNodes(
+            frontend=frontend,
+            frontend_id=frontend_id,
+            mode=mode,
+            # blkback reads device-type from the frontend; the toolstack writes
+            # the same value on both sides and ours is not the guest's to change.
+            cdrom=device_type is not None and device_type.rstrip(b"\0") == b"cdrom",
+            # blkback: xenbus_read_unsigned(nodename, "discard-enable", 1)
+            discard_enable=discard_enable is None or discard_enable.rstrip(b"\0").strip() != b"0",
+        )
+
+    async def _follow(self) -> None:
+        """The control loop: watches wake it, the resize poll times it out."""
+        assert self.nodes is not None
+        fe_state = f"{self.nodes.frontend}/state"
+        async with trio.open_nursery() as watchers:
+            for path in (fe_state, f"{self.be}/state", f"{self.be}/online"):
+                await watchers.start(self._forward_watch, path)
+            while True:
+                if await self._step(fe_state):
+                    break
+                await self._check_resize()
+                await self._wakeup.wait(self._resize_interval)
+            watchers.cancel_scope.cancel()
+
+    async def _forward_watch(self, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with self._xs.watch(path) as events:
+            task_status.started()
+            async for _ in events:
+                self._wakeup.set()
+
+    async def _step(self, fe_state_path: str) -> bool:
+        """Look at the three nodes, act if they changed. True: the device is done."""
+        if self._serve_failed is not None:
+            failure, self._serve_failed = self._serve_failed, None
+            await self._disconnect()
+            await self._fatal(DeviceFatal(errno.EIO, f"serving the rings: {failure}", guest=False))
+        be_raw = await self._read(f"{self.be}/state")
+        if be_raw is None:
+            log.info("%s: backend dir removed", self.name)
+            return True
+        frontend = parse_state(await self._read(fe_state_path))
+        backend = parse_state(be_raw)
+        online = await self._online()
+        if backend != self.state:
+            log.info("%s: %s -> %s (written by the toolstack)", self.name, _state_name(self.state),
+                     _state_name(backend))
+            self.state = backend
+        seen = (frontend, backend, online)
+        if seen == self._seen:
+            return False
+        self._seen = seen
+        action = on_frontend_state(frontend, backend, online)
+        log.debug("%s: frontend %s, backend %s, online %s: %s", self.name, frontend.name, backend.name,
+                  online, action.name)
+        if action is Action.NOTHING:
+            return False
+        if action is Action.INIT_WAIT:
+            log.info("%s: frontend reconnecting", self.name)
+            await self._reprobe()
+        elif action is Action.CONNECT:
+            await self._connect()
+        elif action is Action.CLOSING:
+            await self._switch_state(XenbusState.CLOSING)
+        elif action is Action.CLOSE:
+            await self._disconnect()
+            await self._switch_state(XenbusState.CLOSED)
+        elif action is Action.CLOSE_AND_REMOVE:
+            await self._disconnect()
+            await self._switch_state(XenbusState.CLOSED)
+            log.info("%s: detached", self.name)
+            return True
+        elif action is Action.REMOVE:
+            log.info("%s: frontend gone", self.name)
+            return True
+        elif action is Action.FATAL:
+            await self._fatal(DeviceFatal(errno.EINVAL, f"saw state {int(frontend)} at frontend", guest=True))
+        return False
+
+    async def _reprobe(self) -> None:
+        """Frontend back in Initialising after we closed: InitWait again, with the
+        current configuration (a reload takes effect here)."""
+        try:
+            await self._open()
+        except DeviceFatal as e:
+            await self._fatal(e)
+            return
+        await self._switch_state(XenbusState.INIT_WAIT, extra=self._probe_nodes())
+
+    # ------------------------------------------------------------------ connect
+
+    async def _connect(self) -> None:
+        """frontend_changed's Initialised/Connected case: connect_ring, then connect()."""
+        if self.vbd is None:
+            return  # the probe failed and said so; nothing to connect to
+        # "Enforce precondition before potential leak point" (blkback).
+        await self._disconnect()
+        f = self.vbd.features
+        offer = Offer(max_queues=f.max_queues, max_ring_page_order=f.max_ring_page_order, persistent=f.persistent)
+        assert self.nodes is not None
+        try:
+            spec = await read_connection_spec(self._xs, self.nodes.frontend, self.id.frontend_domid, offer)
+        except FrontendParamError as e:
+            await self._fatal(DeviceFatal(e.errno, e.message, guest=True))
+            return
+        try:
+            await self._serve_nursery.start(self._serve, spec)
+        except VbdConnectError as e:
+            ports = ",".join(str(r.event_channel) for r in spec.rings)
+            await self._fatal(DeviceFatal(errno.EINVAL, f"mapping ring-ref port {ports}: {e}", guest=True))
+            return
+        self._warnings.log(
+            logging.INFO, ("connect", self.id.frontend_domid), "%s: using %d queues, protocol %s%s", self.name, len(spec.rings),
+            spec.abi.value, ", persistent grants" if spec.persistent_grants else "")
+        if not await self._publish_connected():
+            await self._disconnect()
+
+    async def _serve(self, spec, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Vbd.serve, with a failure after start turned into a fatal by the control loop."""
+        started = False
+
+        def started_now(value=None) -> None:
+            nonlocal started
+            started = True
+            task_status.started(value)
+
+        status = _StartedHook(started_now)
+        try:
+            await self.vbd.serve(spec, self._platform, task_status=status)
+        except Exception as e:
+            if not started:
+                raise
+            log.error("%s: datapath failed: %s", self.name, e)
+            self._serve_failed = e
+            self._wakeup.set()
+
+    async def _publish_connected(self) -> bool:
+        """connect(): the device's properties and state Connected in ONE transaction.
+
+        Nothing is written if our state node is gone or the toolstack has
+        meanwhile asked us to close (Closing/Closed): False then.
+        """
+        assert self.vbd is not None and self.nodes is not None
+        sectors = self.vbd.current_sectors()
+        if sectors != self.vbd.sectors:
+            self.vbd.apply_size(sectors)
+        nodes = self.vbd.features.connect_nodes(sectors)
+        if self.nodes.cdrom:
+            nodes["info"] = str(int(nodes["info"]) | VDISK_CDROM)
+        if not self.nodes.discard_enable:
+            # blkback writes no discard key at all when the toolstack disabled it.
+            nodes.pop("feature-discard", None)
+
+        async def body(t) -> bool:
+            current = await self._read(f"{self.be}/state", t)
+            if current is None or parse_state(current) in (XenbusState.CLOSING, XenbusState.CLOSED):
+                return False
+            for key in _CONNECT_OPTIONAL_KEYS:
+                if key not in nodes:
+                    await t.rm(f"{self.be}/{key}")
+            for key, value in nodes.items():
+                await t.write(f"{self.be}/{key}", value)
+            await t.write(f"{self.be}/state", str(int(XenbusState.CONNECTED)))
+            return True
+
+        if not await self._xs.transact(body):
+            log.info("%s: not publishing Connected: the device is closing or gone", self.name)
+            return False
+        self.published_sectors = sectors
+        self._note_state(XenbusState.CONNECTED)
+        return True
+
+    async def _check_resize(self) -> None:
+        """Online resize: a new size is published with a state rewrite (=4) in one
+        transaction, which fires the frontend's watch (blkfront revalidates)."""
+        vbd = self.vbd
+        if vbd is None or not vbd.serving or self.published_sectors is None:
+            return
+        try:
+            sectors = vbd.current_sectors()
+        except Exception as e:  # a storage that cannot say its size keeps the old one
+            log.debug("%s: reading capacity failed: %s", self.name, e)
+            return
+        if sectors == self.published_sectors:
+            return
+
+        async def body(t) -> bool:
+            current = await self._read(f"{self.be}/state", t)
+            if current is None or parse_state(current) != XenbusState.CONNECTED:
+                return False
+            await t.write(f"{self.be}/sectors", str(sectors))
+            await t.write(f"{self.be}/state", str(int(XenbusState.CONNECTED)))
+            return True
+
+        if await self._xs.transact(body):
+            log.info("%s: resized from %d to %d sectors", self.name, self.published_sectors, sectors)
+            self.published_sectors = sectors
+            vbd.apply_size(sectors)
+
+    # ------------------------------------------------------------------ state, errors
+
+    async def _switch_state(self, state: XenbusState, *, extra: dict[str, str] | None = None) -> bool:
+        """xenbus_switch_state: write `state` (and `extra` keys) in one transaction,
+        only if our state node still exists; no write if it already holds `state`."""
+        extra = extra or {}
+
+        async def body(t) -> bool:
+            current = await self._read(f"{self.be}/state", t)
+            if current is None:
+                return False
+            for key, value in extra.items():
+                await t.write(f"{self.be}/{key}", value)
+            if parse_state(current) != state or extra:
+                await t.write(f"{self.be}/state", str(int(state)))
+            return True
+
+        if not await self._xs.transact(body):
+            log.debug("%s: state node gone; not switching to %s", self.name, state.name)
+            return False
+        self._note_state(state)
+        return True
+
+    def _note_state(self, state: XenbusState) -> None:
+        if state != self.state:
+            log.info("%s: %s -> %s", self.name, _state_name(self.state), _state_name(state))
+        self.state = state
+
+    async def _fatal(self, e: DeviceFatal) -> None:
+        """xenbus_dev_fatal: the error node, a log line, then Closing."""
+        text = f"{e.errno} {e.message}"
+        if e.guest:
+            self._warnings.warn(self.id.frontend_domid, "%s: %s", self.name, text)
+        else:
+            log.error("%s: %s", self.name, text)
+        try:
+            await self._xs.write(self.id.error_path, text)
+        except XenStoreError as err:
+            log.error("%s: failed to write error node (%s)", self.name, err)
+        await self._switch_state(XenbusState.CLOSING)
+
+    # ------------------------------------------------------------------ release
+
+    async def _disconnect(self) -> None:
+        if self.vbd is not None and self.vbd.serving:
+            await self.vbd.disconnect()
+        self.published_sectors = None
+
+    def _close_vbd(self) -> None:
+        vbd, self.vbd = self.vbd, None
+        if vbd is not None:
+            try:
+                vbd.close()
+            except Exception as e:
+                log.error("%s: closing the storage: %s", self.name, e)
+
+    async def _release(self) -> None:
+        """Everything back: rings drained and freed, storage closed; then, as
+        xenbus_dev_remove, Closed if the toolstack left us at Closing."""
+        try:
+            await self._disconnect()
+        except Exception as e:
+            log.error("%s: disconnecting: %s", self.name, e)
+        self._close_vbd()
+        try:
+            raw = await self._read(f"{self.be}/state")
+            if raw is not None and parse_state(raw) == XenbusState.CLOSING:
+                await self._switch_state(XenbusState.CLOSED)
+            elif raw is None:
+                await self._rm_quietly(self.id.error_path)
+        except (XenStoreError, ConnectionError) as e:
+            log.debug("%s: xenstore unavailable on the way out: %s", self.name, e)
+
+    # ------------------------------------------------------------------ xenstore helpers
+
+    async def _read(self, path: str, t=None) -> bytes | None:
+        try:
+            return await (t or self._xs).read(path)
+        except XenStoreError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+
+    async def _online(self) -> bool:
+        # xenbus_dev_is_online: xenbus_read_unsigned(nodename, "online", 0) != 0
+        raw = await self._read(f"{self.be}/online")
+        if raw is None:
+            return False
+        text = raw.rstrip(b"\0").strip()
+        return text.isdigit() and int(text) != 0
+
+    async def _rm_quietly(self, path: str) -> None:
+        try:
+            await self._xs.rm(path)
+        except XenStoreError as e:
+            if e.errno not in (errno.ENOENT, errno.EACCES):
+                log.debug("%s: removing %s: %s", self.name, path, e)
+
+
+class _StartedHook:
+    """A task_status whose started() tells us too (to know when Vbd.serve is serving)."""
+
+    def __init__(self, on_started: Callable) -> None:
+        self._on_started = on_started
+
+    def started(self, value=None) -> None:
+        self._on_started(value)
+
+
+def _state_name(state: XenbusState) -> str:
+    return {0: "Unknown", 1: "Initialising", 2: "InitWait", 3: "Initialised", 4: "Connected",
+            5: "Closing", 6: "Closed", 7: "Reconfiguring", 8: "Reconfigured"}[int(state)]
+
+
+__all__ = ["Device", "DeviceId", "DeviceFatal", "ToolstackNodes", "effective_disk", "RESIZE_POLL_INTERVAL"]

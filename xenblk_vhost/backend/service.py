@@ -1,0 +1,258 @@
+"""The service: find the devices of the configured domains and run one Device task each.
+
+    async with open_xenstore(path) as xs:
+        service = Service(xs, platform, configs)                # backend/vbd and backend/vbd3
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service.run)
+            ...
+            service.reload(new_configs)       # SIGHUP: applied at each device's next connect
+            nursery.cancel_scope.cancel()     # shutdown: every device drained and released
+
+Where devices are: /local/domain/<backend>/backend/<kind>/<domid>/<devid>,
+<backend> being our own domid (the `domid` node of our xenstore home; 0 if
+there is none), <kind> one of `kinds`: `vbd` (backendtype=phy), `vbd3`
+(backendtype=tap, Xen >= 4.19), `qdisk` (the device-model route, served by
+the qemu-dm shim, one domain per process). One watch per kind; an event
+names the (kind, domid) to look at again, except events below a device that
+is already running (its own task follows those).
+
+Which domains: a domain is ours when a DomainConfig matches it, by domid or
+by the name in /local/domain/<domid>/name, read when its devices appear. A
+rebooted guest comes back under a new domid with the same name and is
+served again; domains nobody configured are left alone (another backend
+may own them). A device of a configured domain whose vdev has no disk in
+the config gets a Device anyway, which reports the error to the toolstack.
+
+Which dirs start a Device (xenbus_probe_node's rule, plus takeover):
+  - state Initialising (1): a new device;
+  - state InitWait..Connected (2-4) seen for the first time: a device a
+    previous backend process served (restart, upgrade): taken over, the
+    frontend's rings re-attached where they stood (blkback's unbind/bind);
+  - Closing/Closed or no state: being torn down, left alone;
+  - a dir whose Device already ended starts again only from Initialising
+    (the toolstack re-created it).
+
+A Device failing is logged and forgotten; the service keeps serving the
+others. Cancelling run() (shutdown) cancels every Device, each of which
+drains and releases its rings and storage before run() returns; the
+xenstore state is left as it was, so guests see their disks pause, not
+vanish, until a backend takes them over again.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import trio
+
+from ..config import DiskConfig, DomainConfig
+from ..xen.interfaces import XenStore, XenStoreError
+from .device import RESIZE_POLL_INTERVAL, Device, DeviceId, OpenVbd, default_open_vbd
+from .logging_util import GuestWarnings
+from .xenbus_state import XenbusState, parse_state
+
+log = logging.getLogger(__name__)
+
+RUN_KINDS = ("vbd", "vbd3")
+ALL_KINDS = ("vbd", "vbd3", "qdisk")
+_ADOPTABLE = (XenbusState.INITIALISING, XenbusState.INIT_WAIT, XenbusState.INITIALISED, XenbusState.CONNECTED)
+
+
+async def read_or_none(xs: XenStore, path: str) -> bytes | None:
+    try:
+        return await xs.read(path)
+    except XenStoreError as e:
+        if e.errno == errno.ENOENT:
+            return None
+        raise
+
+
+async def own_domid(xs: XenStore) -> int:
+    """Our domid: `domid` relative to our xenstore home (xen-init-dom0 writes 0 for dom0,
+    libxl writes it for a driver domain); 0 when absent or unreadable."""
+    try:
+        raw = await xs.read("domid")
+    except XenStoreError:
+        return 0
+    text = raw.rstrip(b"\0").strip()
+    return int(text) if text.isdigit() else 0
+
+
+@dataclass
+class _Devices:
+    """Bookkeeping of one (kind, domid): running tasks and ended ones still present."""
+
+    running: dict[int, trio.CancelScope] = field(default_factory=dict)
+    ended: set[int] = field(default_factory=set)
+
+
+class Service:
+    def __init__(self, xs: XenStore, platform, configs: Iterable[DomainConfig], *,
+                 kinds: Sequence[str] = RUN_KINDS, backend_domid: int | None = None,
+                 only_domid: int | None = None, open_vbd: OpenVbd = default_open_vbd,
+                 warnings: GuestWarnings | None = None,
+                 resize_interval: float = RESIZE_POLL_INTERVAL) -> None:
+        unknown = set(kinds) - set(ALL_KINDS)
+        if unknown or not kinds:
+            raise ValueError(f"kinds must be some of {ALL_KINDS}, got {list(kinds)}")
+        self._xs = xs
+        self._platform = platform
+        self._configs = list(configs)
+        self.kinds = tuple(kinds)
+        self.backend_domid = backend_domid
+        self._only_domid = only_domid
+        self._open_vbd = open_vbd
+        self._warnings = warnings or GuestWarnings(logging.getLogger("xenblk_vhost.guest"))
+        self._resize_interval = resize_interval
+        self._books: dict[tuple[str, int], _Devices] = {}
+        self._dirty: set[tuple[str, int | None]] = set()
+        self._wakeup = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.devices: dict[DeviceId, Device] = {}  # running, for introspection and tests
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def configs(self) -> list[DomainConfig]:
+        return list(self._configs)
+
+    def reload(self, configs: Iterable[DomainConfig]) -> None:
+        """New configuration: new domains are looked for now; a device already
+        running picks up its changed disk when its frontend next connects."""
+        self._configs = list(configs)
+        for kind in self.kinds:
+            self._mark(kind, None)
+        log.info("configuration reloaded: %d domain(s)", len(self._configs))
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        if self.backend_domid is None:
+            self.backend_domid = await own_domid(self._xs)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for kind in self.kinds:
+                await nursery.start(self._watch_kind, kind)
+            await self._scan_dirty()
+            task_status.started()
+            log.info("serving %s for %d configured domain(s) as backend domain %d",
+                     "/".join(self.kinds), len(self._configs), self.backend_domid)
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                await self._scan_dirty()
+
+    # ------------------------------------------------------------------ discovery
+
+    def _kind_path(self, kind: str) -> str:
+        return f"/local/domain/{self.backend_domid}/backend/{kind}"
+
+    def _mark(self, kind: str, domid: int | None) -> None:
+        self._dirty.add((kind, domid))
+        self._wakeup.set()
+
+    async def _watch_kind(self, kind: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        base = self._kind_path(kind)
+        async with self._xs.watch(base) as events:
+            self._mark(kind, None)  # whatever is already there
+            task_status.started()
+            async for path in events:
+                self._on_event(kind, base, path)
+
+    def _on_event(self, kind: str, base: str, path: str) -> None:
+        parts = path[len(base):].strip("/").split("/") if path.startswith(base) else [""]
+        if not parts[0]:
+            self._mark(kind, None)
+            return
+        if not parts[0].isdigit():
+            return
+        domid = int(parts[0])
+        if self._only_domid is not None and domid != self._only_domid:
+            return
+        books = self._books.get((kind, domid))
+        if len(parts) >= 3 and parts[1].isdigit() and books and int(parts[1]) in books.running:
+            return  # a running device's own node: its task follows it
+        self._mark(kind, domid)
+
+    async def _scan_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for kind, domid in sorted(dirty, key=lambda d: (d[0], -1 if d[1] is None else d[1])):
+            if domid is None:
+                for found in await self._list_ints(self._kind_path(kind)):
+                    if self._only_domid is None or found == self._only_domid:
+                        await self._scan_domain(kind, found)
+                for k, known in list(self._books):
+                    if k == kind:
+                        await self._scan_domain(kind, known)
+            else:
+                await self._scan_domain(kind, domid)
+
+    async def _list_ints(self, path: str) -> list[int]:
+        try:
+            names = await self._xs.directory(path)
+        except XenStoreError as e:
+            if e.errno == errno.ENOENT:
+                return []
+            raise
+        return [int(n) for n in names if n.isdigit()]
+
+    async def _scan_domain(self, kind: str, domid: int) -> None:
+        base = f"{self._kind_path(kind)}/{domid}"
+        devids = set(await self._list_ints(base))
+        books = self._books.setdefault((kind, domid), _Devices())
+        for devid, scope in list(books.running.items()):
+            if devid not in devids:
+                scope.cancel()  # dir removed under a running device
+        books.ended &= devids
+        if not books.running and not books.ended and not devids:
+            del self._books[(kind, domid)]
+            return
+        if not devids or await self._domain_config(domid) is None:
+            return
+        for devid in sorted(devids - set(books.running)):
+            state = parse_state(await read_or_none(self._xs, f"{base}/{devid}/state"))
+            if devid in books.ended:
+                if state != XenbusState.INITIALISING:
+                    continue
+                books.ended.discard(devid)
+            elif state not in _ADOPTABLE:
+                continue
+            did = DeviceId(self.backend_domid, kind, domid, devid)
+            if state != XenbusState.INITIALISING:
+                log.info("%s: taking over a device found in state %s", did, state.name)
+            books.running[devid] = trio.CancelScope()
+            self._nursery.start_soon(self._run_device, did, books.running[devid])
+
+    async def _domain_config(self, domid: int) -> DomainConfig | None:
+        if self._only_domid is not None and domid != self._only_domid:
+            return None
+        name = None
+        if any(c.domid is None for c in self._configs):
+            raw = await read_or_none(self._xs, f"/local/domain/{domid}/name")
+            name = raw.rstrip(b"\0").decode("utf-8", "replace") if raw is not None else None
+        return next((c for c in self._configs if c.matches(domid, name)), None)
+
+    async def _resolve_disk(self, domid: int, devid: int) -> DiskConfig | None:
+        config = await self._domain_config(domid)
+        return config.disk(devid) if config is not None else None
+
+    # ------------------------------------------------------------------ device tasks
+
+    async def _run_device(self, did: DeviceId, scope: trio.CancelScope) -> None:
+        device = Device(self._xs, self._platform, did, lambda: self._resolve_disk(did.frontend_domid, did.devid),
+                        warnings=self._warnings, open_vbd=self._open_vbd, resize_interval=self._resize_interval)
+        self.devices[did] = device
+        try:
+            with scope:
+                await device.run()
+        except Exception:
+            # One device failing must not take the others down.
+            log.exception("%s: device task failed", did)
+        finally:
+            self.devices.pop(did, None)
+            books = self._books.setdefault((did.kind, did.frontend_domid), _Devices())
+            books.running.pop(did.devid, None)
+            books.ended.add(did.devid)
+            # Look again: the toolstack may have re-created the dir meanwhile.
+            self._mark(did.kind, did.frontend_domid)
