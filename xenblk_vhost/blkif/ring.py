@@ -10,7 +10,8 @@ arithmetic does, so wrap-around at 2**32 needs no special case.
 BackRing is the backend's side (ring.h BACK_RING_* macros), FrontRing the
 frontend's (used by the simulator's reference frontend and hostile tests).
 Both work over a writable memoryview of the ring pages; the shared indices
-are read and written through struct on that view, the private ones
+are read and written through a native-mode struct on that view (one 4-byte
+access each, never torn: see _IDX), the private ones
 (req_cons/rsp_prod_pvt, req_prod_pvt/rsp_cons) are plain attributes.
 tests/test_blkif_ring.py runs the same index states through Xen's ring.h
 macros compiled by gcc and checks that every decision here matches.
@@ -53,6 +54,7 @@ Public API:
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 
 from .abi import SRING, SRING_ENTRIES_OFFSET, Abi, layout, ring_entries
@@ -60,7 +62,15 @@ from .constants import U32_MASK, XEN_PAGE_SIZE
 from .response import Response
 
 _M = U32_MASK
-_IDX = struct.Struct("<I")
+# Native mode ("@I"): CPython's _struct reads and writes a native int with a
+# 4-byte memcpy, one aligned load or store on x86, so a req_prod the frontend
+# is updating cannot be read torn (a spurious "bogus ring"), nor our rsp_prod
+# seen half-written. The "<I" routines assemble bytes one at a time; CPython
+# happens to swap the native ones in for them on little-endian hosts, but that
+# is an implementation detail we do not lean on. Native order is the wire
+# order only on little-endian hosts.
+assert sys.byteorder == "little", "blkif rings are little-endian; port the index access"
+_IDX = struct.Struct("@I")
 _REQ_PROD = SRING.offset("req_prod")
 _REQ_EVENT = SRING.offset("req_event")
 _RSP_PROD = SRING.offset("rsp_prod")
@@ -106,7 +116,9 @@ class _Ring:
 
     def __init__(self, view: memoryview, abi: Abi, order: int) -> None:
         size = ring_entries(abi, order)  # also validates order
-        view = memoryview(view).cast("B") if view.format != "B" else view
+        view = memoryview(view)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
         if view.readonly:
             raise ValueError("ring view must be writable")
         if len(view) < ring_bytes(order):
@@ -124,7 +136,7 @@ class _Ring:
         """Byte offset in the view of the slot that index `idx` names."""
         return SRING_ENTRIES_OFFSET + (idx & self._mask) * self._entry
 
-    # Shared indices: each call is exactly one read or write of the page.
+    # Shared indices: each call is exactly one 4-byte read or write of the page.
     def _shared(self, off: int) -> int:
         return self._get(self.view, off)[0]
 
