@@ -69,7 +69,8 @@ _M = U32_MASK
 # happens to swap the native ones in for them on little-endian hosts, but that
 # is an implementation detail we do not lean on. Native order is the wire
 # order only on little-endian hosts.
-assert sys.byteorder == "little", "blkif rings are little-endian; port the index access"
+if sys.byteorder != "little":
+    raise ImportError("blkif rings are little-endian: port the shared index access first")
 _IDX = struct.Struct("@I")
 _REQ_PROD = SRING.offset("req_prod")
 _REQ_EVENT = SRING.offset("req_event")
