@@ -1,0 +1,185 @@
+"""The reference frontend as a scriptable guest process, for the end-to-end tests.
+
+`python -m xenblk_vhost.sim.blkfront` runs one workload and exits; the
+libxl-sequence tests need to act between steps (close, reconnect, wait for
+a resize or a detach, read the data back). This process attaches to a
+simulated domain, connects to xenstored as that domain, and drives one
+vbd's Blkfront (xenblk_vhost.sim.blkfront) by JSON commands on stdin, one
+JSON answer per line on stdout:
+
+    connect {options?}        -> {negotiated, disk, sectors}
+    write {sector, sectors, seed}          pattern(seed) over the range
+    verify {sector, sectors, seed} -> {equal}
+    read_digest {sector, sectors}  -> {sha256}
+    flush / discard {sector, sectors}
+    close                     -> {errors}   the guest unplugs (Closing, Closed)
+    reconnect                 -> {negotiated, disk, sectors}
+    wait_resize {timeout}     -> {sectors, resizes}
+    wait_closed {timeout}     -> {errors}   the backend closed (detach)
+    report                    -> front.report()
+    exit
+Errors answer {"error": "<exception repr>"}.
+
+    async with frontend_agent(world, domid, devid) as fe:
+        await fe.call("connect")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import trio
+
+from xenblk_vhost.blkif.constants import SECTOR_SIZE
+from xenblk_vhost.sim.blkfront import Blkfront
+from xenblk_vhost.sim.blkfront_config import BlkfrontOptions
+from xenblk_vhost.sim.guest import Guest, pattern
+from xenblk_vhost.sim.xenstore_guest import open_guest_xenstore
+
+
+def sector_pattern(seed: int, sectors: int) -> bytes:
+    return pattern(seed, sectors * SECTOR_SIZE)
+
+
+def _summary(front: Blkfront) -> dict:
+    return {"negotiated": front.negotiated.as_dict() if front.negotiated else None,
+            "disk": vars(front.disk) if front.disk else None, "sectors": front.sectors}
+
+
+async def _serve(front: Blkfront, cmd: str, a: dict) -> dict:
+    if cmd == "connect":
+        await front.connect()
+        return _summary(front)
+    if cmd == "reconnect":
+        await front.reconnect()
+        return _summary(front)
+    if cmd == "write":
+        await front.write(int(a["sector"]), sector_pattern(int(a["seed"]), int(a["sectors"])))
+        return {}
+    if cmd == "verify":
+        data = await front.read(int(a["sector"]), int(a["sectors"]))
+        return {"equal": data == sector_pattern(int(a["seed"]), int(a["sectors"]))}
+    if cmd == "read_digest":
+        return {"sha256": hashlib.sha256(await front.read(int(a["sector"]), int(a["sectors"]))).hexdigest()}
+    if cmd == "flush":
+        await front.flush()
+        return {}
+    if cmd == "discard":
+        await front.discard(int(a["sector"]), int(a["sectors"]))
+        return {}
+    if cmd == "close":
+        await front.close()
+        return {"errors": front.errors}
+    if cmd == "wait_resize":
+        with trio.fail_after(float(a.get("timeout", 10))):
+            sectors = await front.wait_resize()
+        return {"sectors": sectors, "resizes": front.resizes}
+    if cmd == "wait_closed":
+        with trio.fail_after(float(a.get("timeout", 10))):
+            await front.wait_closed()
+        return {"errors": front.errors, "backend_state": front.backend_state, "state": front.state}
+    if cmd == "report":
+        return front.report()
+    raise ValueError(f"unknown command {cmd!r}")
+
+
+async def _main(hypervisor: str, xenstore: str, domid: int, devid: int, options: dict) -> None:
+    guest = Guest.attach(hypervisor, domid)
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+
+    def reply(obj: dict) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    try:
+        async with open_guest_xenstore(domid, xenstore) as xs:
+            async with trio.open_nursery() as nursery:
+                front = Blkfront(xs, guest, devid, BlkfrontOptions(**options), nursery)
+                reply({"ready": True})
+                buf = b""
+                while True:
+                    while b"\n" not in buf:
+                        chunk = await stdin.receive_some(65536)
+                        if not chunk:
+                            nursery.cancel_scope.cancel()
+                            return
+                        buf += chunk
+                    line, buf = buf.split(b"\n", 1)
+                    req = json.loads(line)
+                    cmd = req.pop("cmd")
+                    if cmd == "exit":
+                        reply({})
+                        nursery.cancel_scope.cancel()
+                        return
+                    try:
+                        reply(await _serve(front, cmd, req))
+                    except Exception as e:  # report and keep taking commands
+                        reply({"error": repr(e)})
+    finally:
+        await stdin.aclose()
+        guest.close()
+
+
+class AgentCallError(RuntimeError):
+    pass
+
+
+class FrontendAgent:
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self._buf = b""
+
+    async def _line(self) -> dict:
+        while b"\n" not in self._buf:
+            chunk = await self.proc.stdout.receive_some(65536)
+            if not chunk:
+                raise EOFError("frontend agent exited")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    async def call(self, cmd: str, *, timeout: float = 30.0, **args: Any) -> dict:
+        with trio.fail_after(timeout):
+            await self.proc.stdin.send_all((json.dumps({"cmd": cmd, **args}) + "\n").encode())
+            reply = await self._line()
+        if "error" in reply:
+            raise AgentCallError(f"{cmd}: {reply['error']}")
+        return reply
+
+
+@asynccontextmanager
+async def frontend_agent(world, domid: int, devid: int, **options: Any) -> AsyncIterator[FrontendAgent]:
+    """The guest's frontend for one vbd, in its own process, for the block."""
+    argv = [sys.executable, __file__, world.hypervisor_path, world.xenstore_path,
+            str(domid), str(devid), json.dumps(options)]
+    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    agent = FrontendAgent(proc)
+    try:
+        with trio.fail_after(30):
+            hello = await agent._line()
+        assert hello == {"ready": True}
+        yield agent
+        try:
+            await proc.stdin.send_all(b'{"cmd": "exit"}\n')
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    finally:
+        with trio.CancelScope(shield=True):
+            await proc.stdin.aclose()
+            with trio.move_on_after(10):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await proc.stdout.aclose()
+
+
+if __name__ == "__main__":
+    hv, xs_path, dom, dev, opts = sys.argv[1:6]
+    trio.run(_main, hv, xs_path, int(dom), int(dev), json.loads(opts))
