@@ -103,6 +103,20 @@ class StorageDaemon:
                 self.stop()
                 raise StorageDaemonError(f"qemu-storage-daemon sockets did not appear within {timeout} s: {self.log()}")
             time.sleep(0.01)
+        # A socket file exists from bind(), before listen(): connecting then is
+        # refused. qsd creates every export before its main loop serves QMP, so
+        # a QMP answer listing all exports means every socket is listening.
+        while True:
+            try:
+                listed = {e["id"] for e in self.qmp("query-block-exports")}
+                if listed >= set(self.exports):
+                    return
+            except (OSError, StorageDaemonError):  # refused, or QMP not up yet
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise StorageDaemonError(f"qemu-storage-daemon exports not ready within {timeout} s: {self.log()}")
+            time.sleep(0.01)
 
     def log(self) -> str:
         try:
