@@ -22,7 +22,7 @@ import pytest
 from xenblk_vhost.xen import gntdev as g
 from xenblk_vhost.xen import selftest
 from xenblk_vhost.xen._libc import MAP_FIXED, FixedRegion, buffer_address
-from xenblk_vhost.xen.interfaces import PAGE_SIZE, CopySegment, GrantStatus
+from xenblk_vhost.xen.interfaces import PAGE_SIZE, CopySegment, GrantMapError, GrantStatus
 
 C_PRELUDE = r"""
 #include <stdio.h>
@@ -295,7 +295,7 @@ def test_device_calls_report_kernel_errors_and_tolerate_enotty_for_max_grants(tm
     dev = g.GntdevDevice("/dev/null")
     try:
         dev.set_max_grants(128)  # tolerated, like libxengnttab
-        with pytest.raises(OSError) as e:
+        with pytest.raises(GrantMapError) as e:
             dev.map_grants(1, [8], readonly=True)
         assert e.value.errno == errno.ENOTTY
         with pytest.raises(OSError) as e:

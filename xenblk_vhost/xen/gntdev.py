@@ -282,7 +282,10 @@ class GntdevDevice:
         if not refs:
             raise ValueError("no grant refs to map")
         req = encode_map_request(domid, refs)
-        ioctl(self.fileno(), IOCTL_GNTDEV_MAP_GRANT_REF, ctypes.addressof(req))
+        try:
+            ioctl(self.fileno(), IOCTL_GNTDEV_MAP_GRANT_REF, ctypes.addressof(req))
+        except OSError as e:  # EINVAL: more refs than the module's limit; ENOMEM
+            raise GrantMapError(e.errno, f"registering {len(refs)} grant refs of domain {domid} failed: {e.strerror}") from e
         index = decode_map_index(req)
         length = len(refs) * PAGE_SIZE
         try:
