@@ -226,24 +226,27 @@ class SimGntdev:
             if off < 0 or length < 0 or off + length > PAGE_SIZE:
                 append(_BAD_COPY_ARG)
                 continue
-            if seg.domid != last_domid:
+            if seg.domid != last_domid:  # batches are almost always one domain: look it up once
                 last_domid = seg.domid
                 dom = self._foreign(last_domid)
+                if dom is not None:
+                    check, active, pages, base = dom.table.check_for_copy, dom.active, dom.pages, dom.memory_addr
             if dom is None:
                 append(_BAD_DOMAIN)
                 continue
             if not length:
                 append(_OKAY)  # gntdev issues no op for it; Xen would not look either
                 continue
-            status, frame = dom.table.check_for_copy(seg.gref, ldomid, seg.to_guest, dom.active)
+            to_guest = seg.to_guest
+            status, frame = check(seg.gref, ldomid, to_guest, active)
             if status:
                 append(status)
                 continue
-            if frame >= dom.pages:
+            if frame >= pages:
                 append(_BAD_PAGE)
                 continue
-            guest = dom.memory_addr + frame * PAGE_SIZE + off
-            if seg.to_guest:
+            guest = base + frame * PAGE_SIZE + off
+            if to_guest:
                 memmove(guest, seg.local_addr, length)
             else:
                 memmove(seg.local_addr, guest, length)
