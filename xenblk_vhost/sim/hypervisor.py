@@ -7,7 +7,10 @@ makes hypercalls, since those block):
 
 It prints "ready" on stdout once it listens and runs until SIGTERM/SIGINT.
 From trio code, `async with hypervisor_process(path):` starts and stops
-one; from plain scripts, `with running_hypervisor(path):`.
+one; from plain scripts, `with running_hypervisor(path):`. `serve(path)`
+runs one inside any trio nursery (`await nursery.start(serve, path)`) when
+every client lives in another process; a client in the serving process is
+refused (`Hypercalls` checks the listener's pid) rather than deadlocked.
 
 What it owns (`Hypervisor`, pure state, no I/O besides creating kernel objects):
 - domains: dom0 exists from the start (the backend's domain, no memory);
