@@ -275,29 +275,29 @@ async def test_initialised_without_waiting_for_init_wait(world):
     """blkif.h allows it: the frontend uses the defaults (one page, one queue)."""
     domid, vbd = await new_vbd(world)
     async with guest_view(world, domid) as (guest, xs):
-        async with trio.open_nursery() as nursery:
-            connected = trio.Event()
+        negotiated = []
+        done = trio.Event()
 
-            async def run_frontend():
-                async with open_blkfront(xs, guest, vbd.devid,
-                                         BlkfrontOptions(skip_init_wait=True, max_ring_page_order=2)) as front:
-                    assert (front.negotiated.ring_page_order, front.negotiated.nr_rings) == (0, 1)
-                    await front.write(0, b"z" * 512)
-                    assert await front.read(0, 1) == b"z" * 512
-                    connected.set()
-                    await trio.sleep_forever()
+        async def run_frontend():
+            async with open_blkfront(xs, guest, vbd.devid,
+                                     BlkfrontOptions(skip_init_wait=True, max_ring_page_order=2)) as front:
+                negotiated.append((front.negotiated.ring_page_order, front.negotiated.nr_rings))
+                await front.write(0, b"z" * 512)
+                assert await front.read(0, 1) == b"z" * 512
+            assert front.errors == []
+            done.set()
 
-            nursery.start_soon(run_frontend)
-            with trio.fail_after(10):
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_frontend)
                 async with world.xs.watch(f"{vbd.frontend}/state") as events:
                     async for _ in events:
                         if await world.xs.read(f"{vbd.frontend}/state") == b"3":
                             break
-            assert await world.xs.read(f"{vbd.backend}/state") == b"1"  # no backend yet
-            async with mini_backend(world, vbd):
-                with trio.fail_after(10):
-                    await connected.wait()
-                nursery.cancel_scope.cancel()
+                assert await world.xs.read(f"{vbd.backend}/state") == b"1"  # no backend yet
+                async with mini_backend(world, vbd):
+                    await done.wait()  # the frontend connected, did I/O and closed
+        assert negotiated == [(0, 1)]
 
 
 async def test_a_backend_that_closes_during_the_handshake_fails_it(world):

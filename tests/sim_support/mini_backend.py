@@ -247,6 +247,7 @@ class RingServer:
             m.close()
         self.persistent_maps.clear()
         if not self.faults.keep_ring_mapped:
+            self.ring.view.release()  # BackRing's own view of the mapping
             self.mapping.close()
 
 
@@ -281,6 +282,16 @@ class MiniBackend:
         self.state = state
         await self.xs.write(f"{self.be}/state", str(state))
 
+    async def switch_if_present(self, state: int) -> None:
+        """__xenbus_switch_state: write the state only if the node still exists."""
+
+        async def body(t) -> None:
+            if await t.exists(f"{self.be}/state"):
+                await t.write(f"{self.be}/state", str(state))
+
+        await self.xs.transact(body)
+        self.state = state
+
     async def publish_features(self) -> None:
         """xen_blkbk_probe: what must be there before InitWait."""
         for key, value in (("feature-max-indirect-segments", self.max_indirect),
@@ -311,8 +322,12 @@ class MiniBackend:
                             break
                     elif fe_state == INITIALISING and self.state == CLOSED:
                         await self.switch(INIT_WAIT)  # the frontend reconnects
-                    elif fe_state == 0:  # frontend dir gone: the toolstack is removing us
+                    elif fe_state == 0:
+                        # The frontend is gone (domain destroyed, forced detach):
+                        # blkback unregisters, and xenbus_dev_remove says Closed
+                        # if the toolstack had asked for Closing.
                         self.close_rings()
+                        await self.switch_if_present(CLOSED)
                         break
             nursery.cancel_scope.cancel()
 

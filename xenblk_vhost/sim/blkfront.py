@@ -304,6 +304,7 @@ class Blkfront:
                                     f"request(s) unanswered")
             still += ring.pool.release_all()
             self._errors += [f"ring {ring.index}: {e}" for e in still]
+            ring.release()
         for s in self._setups:
             kept = []
             for frame, ref in zip(s.frames, s.refs):
@@ -312,6 +313,7 @@ class Blkfront:
                 else:
                     self._errors.append(f"ring page gref {ref} still mapped after the backend closed")
             s.channel.close()
+            s.view.release()
             self.guest.free_pages(kept)
         self.rings = []
         self._ring_scopes = []
@@ -380,27 +382,40 @@ class Blkfront:
             first = (first + n) % SECTORS_PER_PAGE
         return out
 
-    async def read(self, sector: int, nr_sectors: int, *, first_sect: int = 0,
-                   queue: int | None = None) -> bytes:
-        parts: dict[int, bytes] = {}
+    async def _all(self, requests: list[IoRequest], queue: int | None) -> list[Completion]:
+        """Issue the requests one I/O was split into, concurrently; raise
+        the first failure itself (not wrapped in a group)."""
+        if len(requests) == 1:
+            return [await self._checked(requests[0], queue)]
+        results: list[Completion | None] = [None] * len(requests)
+        failures: list[BaseException] = []
 
-        async def one(off: int, n: int, first: int) -> None:
-            done = await self._checked(IoRequest(OP_READ, sector + off, n, first_sect=first), queue)
-            parts[off] = done.data
+        async def one(i: int) -> None:
+            try:
+                results[i] = await self._checked(requests[i], queue)
+            except (BlkifStatusError, RingBroken) as exc:
+                failures.append(exc)
 
         async with trio.open_nursery() as nursery:
-            for off, n, first in self._chunks(nr_sectors, first_sect):
-                nursery.start_soon(one, off, n, first)
-        return b"".join(parts[k] for k in sorted(parts))
+            for i in range(len(requests)):
+                nursery.start_soon(one, i)
+        if failures:
+            raise failures[0]
+        return results
+
+    async def read(self, sector: int, nr_sectors: int, *, first_sect: int = 0,
+                   queue: int | None = None) -> bytes:
+        reqs = [IoRequest(OP_READ, sector + off, n, first_sect=first)
+                for off, n, first in self._chunks(nr_sectors, first_sect)]
+        return b"".join(done.data for done in await self._all(reqs, queue))
 
     async def write(self, sector: int, data: bytes, *, first_sect: int = 0,
                     queue: int | None = None) -> None:
         if len(data) % SECTOR_SIZE:
             raise ValueError("data must be whole 512-byte sectors")
-        async with trio.open_nursery() as nursery:
-            for off, n, first in self._chunks(len(data) // SECTOR_SIZE, first_sect):
-                chunk = data[off * SECTOR_SIZE:(off + n) * SECTOR_SIZE]
-                nursery.start_soon(self._checked, IoRequest(OP_WRITE, sector + off, n, chunk, first), queue)
+        reqs = [IoRequest(OP_WRITE, sector + off, n, data[off * SECTOR_SIZE:(off + n) * SECTOR_SIZE], first)
+                for off, n, first in self._chunks(len(data) // SECTOR_SIZE, first_sect)]
+        await self._all(reqs, queue)
 
     async def write_barrier(self, sector: int = 0, data: bytes = b"", *, first_sect: int = 0,
                             queue: int | None = None) -> None:
@@ -473,6 +488,11 @@ async def open_blkfront(xs: XenStore, guest, devid: int,
                         await front.close()
                 except (trio.TooSlowError, xb.HandshakeError, RingBroken) as exc:
                     front._errors.append(f"close: {exc!r}")
+                if front._setups:
+                    # The backend never closed: take back what we can anyway,
+                    # so nothing of ours outlives the block.
+                    front._errors.append("backend did not close; rings torn down without it")
+                    front._teardown()
             nursery.cancel_scope.cancel()
 
 

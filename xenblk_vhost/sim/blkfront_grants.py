@@ -111,6 +111,7 @@ class GrantPool:
         if not self._guest.end_access(page.gref):
             if not self.persistent:
                 # The entry is lost to us: the page stays with the backend.
+                page.view.release()
                 raise GrantStillMapped(page.gref, "request completed, no persistent grants negotiated")
             self._entries.appendleft(page)
             self.persistent_count += 1
@@ -126,6 +127,7 @@ class GrantPool:
         errors = []
         while self._entries:
             page = self._entries.popleft()
+            page.view.release()
             if page.gref is not None:
                 if not self._guest.end_access(page.gref):
                     errors.append(GrantStillMapped(page.gref, "still mapped after the backend closed"))
@@ -136,7 +138,11 @@ class GrantPool:
         return errors
 
     def forget(self, page: GrantedPage) -> GrantStillMapped | None:
-        """Take back an entry of a request that never completed (teardown)."""
+        """Take back an entry of a request that never completed (teardown).
+
+        Like release_all, lets go of our view of the page either way: the
+        guest's memory must be closable once the device is gone."""
+        page.view.release()
         if page.gref is not None and not self._guest.end_access(page.gref):
             return GrantStillMapped(page.gref, "in-flight request's grant still mapped after the backend closed")
         page.gref = None

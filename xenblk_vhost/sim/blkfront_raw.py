@@ -117,6 +117,7 @@ class RawRing:
         """Revoke every page granted here; returns the grefs the backend still maps."""
         still = []
         for page in self._pages:
+            page.view.release()
             if page.gref is not None and not self._guest.end_access(page.gref):
                 still.append(page.gref)
                 continue

@@ -343,6 +343,11 @@ class FrontendRing:
         self._in_flight.clear()
         return count, errors
 
+    def release(self) -> None:
+        """Let go of our view of the ring pages (FrontRing keeps its own
+        memoryview), so the guest's memory can be closed after teardown."""
+        self.ring.view.release()
+
     # ---- raw access for hostile tests ---------------------------------------------------
 
     def resync(self) -> None:

@@ -1,0 +1,103 @@
+"""The reference frontend catches the backend bugs it exists to catch.
+
+Each test makes the mini backend misbehave in one way (sim_support
+mini_backend.Faults) and checks the frontend's verdict: the request
+fails, the ring is disabled, and `errors` says what happened, in Linux
+blkfront's words where it has some.
+"""
+
+import pytest
+import trio
+
+from sim_support.fixtures import Faults, frontend, mini_backend, new_vbd
+from xenblk_vhost.sim.blkfront_config import BlkfrontOptions
+from xenblk_vhost.sim.blkfront_ring import RingBroken
+from xenblk_vhost.sim.blkfront_workload import Workload, run_workload
+from xenblk_vhost.sim.world import open_world
+
+ONE_QUEUE = BlkfrontOptions(max_queues=1, feature_persistent=False)
+
+
+@pytest.fixture
+async def world(tmp_path):
+    async with open_world(tmp_path / "w") as w:
+        yield w
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("keep_mapped", "has not unmapped grant"),
+    ("wrong_op", "wrong operation (2 instead of 1)"),
+    ("unknown_id", "response has incorrect id (57005)"),
+    ("bogus_rsp_prod", "illegal number of responses"),
+])
+async def test_a_bad_answer_disables_the_ring(world, fault, message):
+    domid, vbd = await new_vbd(world)
+    async with mini_backend(world, vbd, faults=Faults(**{fault: True})):
+        async with frontend(world, domid, vbd, ONE_QUEUE) as front:
+            with pytest.raises(RingBroken):
+                await front.write(0, b"w" * 4096)
+            with pytest.raises(RingBroken):  # and stays disabled
+                await front.read(0, 8)
+            assert any(message in e for e in front.errors), front.errors
+
+
+async def test_an_answer_to_an_answered_request_is_caught(world):
+    domid, vbd = await new_vbd(world)
+    async with mini_backend(world, vbd, faults=Faults(duplicate_response=True)):
+        async with frontend(world, domid, vbd, ONE_QUEUE) as front:
+            await front.write(0, b"1" * 512)  # answered correctly
+            with pytest.raises(RingBroken):
+                await front.write(8, b"2" * 512)  # answered with the first one's id
+            assert any("references no pending request" in e for e in front.errors), front.errors
+
+
+async def test_closing_with_requests_unanswered_is_caught(world):
+    domid, vbd = await new_vbd(world)
+    async with mini_backend(world, vbd, faults=Faults(never_answer=True)) as be:
+        async with frontend(world, domid, vbd, ONE_QUEUE) as front:
+            failures = []
+
+            async def write():
+                try:
+                    await front.write(0, b"x" * 4096)
+                except RingBroken as exc:
+                    failures.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                with trio.fail_after(10):
+                    while be.stats.requests == 0:
+                        await trio.sleep(0.01)
+                await front.close()
+            assert len(failures) == 1
+            assert any("closed with 1 request(s) unanswered" in e for e in front.errors), front.errors
+
+
+async def test_a_ring_left_mapped_after_closed_is_caught(world):
+    domid, vbd = await new_vbd(world)
+    async with mini_backend(world, vbd, faults=Faults(keep_ring_mapped=True)):
+        async with frontend(world, domid, vbd, ONE_QUEUE) as front:
+            await front.write(0, b"r" * 512)
+            [ring] = front.ring_nodes()
+            await front.close()
+            assert front.errors == [f"ring page gref {ring.refs[0]} still mapped after the backend closed"]
+
+
+async def test_wrong_data_fails_the_workload(world):
+    domid, vbd = await new_vbd(world)
+    async with mini_backend(world, vbd, faults=Faults(corrupt_reads=True)):
+        async with frontend(world, domid, vbd, ONE_QUEUE) as front:
+            result = await run_workload(front, Workload(requests=60, depth=4, mix=(("write", 1), ("read", 1))))
+    assert not result.ok and result.mismatches
+    assert front.errors == []  # the protocol was fine: only the data was wrong
+
+
+async def test_a_well_behaved_persistent_backend_leaves_nothing_behind(world):
+    domid, vbd = await new_vbd(world)
+    async with mini_backend(world, vbd, persistent=True):
+        async with frontend(world, domid, vbd) as front:
+            result = await run_workload(front, Workload(requests=200, depth=8, max_sectors=128))
+            assert sum(r.pool.persistent_count for r in front.rings) > 0  # the backend holds grants now
+        assert result.ok and result.requests == 200
+    # At Closed every persistent grant and ring page was released and taken back.
+    assert front.errors == [] and front.state == 6
