@@ -251,7 +251,14 @@ class BackendStates:
 
     async def __anext__(self) -> int:
         await self._events.__anext__()
-        return parse_state(await read_str(self._xs, self._path))
+        try:
+            return parse_state(await read_str(self._xs, self._path))
+        except XenStoreError as exc:
+            # xenbus_read_driver_state: any read error is Unknown. A removed
+            # backend dir whose emptied parents went too reads EACCES to a guest.
+            if exc.errno == errno.EACCES:
+                return UNKNOWN
+            raise
 
 
 @asynccontextmanager
