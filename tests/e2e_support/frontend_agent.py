@@ -3,9 +3,13 @@
 `python -m xenblk_vhost.sim.blkfront` runs one workload and exits; the
 libxl-sequence tests need to act between steps (close, reconnect, wait for
 a resize or a detach, read the data back). This process attaches to a
-simulated domain, connects to xenstored as that domain, and drives one
-vbd's Blkfront (xenblk_vhost.sim.blkfront) by JSON commands on stdin, one
-JSON answer per line on stdout:
+simulated domain, connects to xenstored as that domain, and drives the
+Blkfront (xenblk_vhost.sim.blkfront) of each of the domain's vbds by JSON
+commands on stdin, one JSON answer per line on stdout. One process per
+domain, as one guest kernel: the guest's page and grant allocators live in
+the process, so two processes on one domain would hand out the same pages.
+
+Every command takes an optional "dev" (a devid; default: the first):
 
     connect {options?}        -> {negotiated, disk, sectors}
     write {sector, sectors, seed}          pattern(seed) over the range
@@ -17,11 +21,13 @@ JSON answer per line on stdout:
     wait_resize {timeout}     -> {sectors, resizes}
     wait_closed {timeout}     -> {errors}   the backend closed (detach)
     report                    -> front.report()
+    workloads {devs, requests, depth, seed}   run_workload on each dev at once
+                              -> {devid: WorkloadResult.as_dict()}
     exit
 Errors answer {"error": "<exception repr>"}.
 
-    async with frontend_agent(world, domid, devid) as fe:
-        await fe.call("connect")
+    async with frontend_agent(world, domid, [51712, 51728]) as fe:
+        await fe.call("connect", dev=51712)
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import trio
 from xenblk_vhost.blkif.constants import SECTOR_SIZE
 from xenblk_vhost.sim.blkfront import Blkfront
 from xenblk_vhost.sim.blkfront_config import BlkfrontOptions
+from xenblk_vhost.sim.blkfront_workload import Workload, run_workload
 from xenblk_vhost.sim.guest import Guest, pattern
 from xenblk_vhost.sim.xenstore_guest import open_guest_xenstore
 
@@ -52,7 +59,24 @@ def _summary(front: Blkfront) -> dict:
             "disk": vars(front.disk) if front.disk else None, "sectors": front.sectors}
 
 
-async def _serve(front: Blkfront, cmd: str, a: dict) -> dict:
+async def _workloads(fronts: dict[int, Blkfront], a: dict) -> dict:
+    results = {}
+
+    async def one(devid: int) -> None:
+        w = Workload(requests=int(a.get("requests", 200)), depth=int(a.get("depth", 8)),
+                     seed=int(a.get("seed", 1)) + devid)
+        results[str(devid)] = (await run_workload(fronts[devid], w)).as_dict()
+
+    async with trio.open_nursery() as nursery:
+        for devid in a["devs"]:
+            nursery.start_soon(one, int(devid))
+    return results
+
+
+async def _serve(fronts: dict[int, Blkfront], first: int, cmd: str, a: dict) -> dict:
+    if cmd == "workloads":
+        return await _workloads(fronts, a)
+    front = fronts[int(a.get("dev", first))]
     if cmd == "connect":
         await front.connect()
         return _summary(front)
@@ -89,7 +113,7 @@ async def _serve(front: Blkfront, cmd: str, a: dict) -> dict:
     raise ValueError(f"unknown command {cmd!r}")
 
 
-async def _main(hypervisor: str, xenstore: str, domid: int, devid: int, options: dict) -> None:
+async def _main(hypervisor: str, xenstore: str, domid: int, devids: list[int], options: dict) -> None:
     guest = Guest.attach(hypervisor, domid)
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
 
@@ -100,7 +124,7 @@ async def _main(hypervisor: str, xenstore: str, domid: int, devid: int, options:
     try:
         async with open_guest_xenstore(domid, xenstore) as xs:
             async with trio.open_nursery() as nursery:
-                front = Blkfront(xs, guest, devid, BlkfrontOptions(**options), nursery)
+                fronts = {d: Blkfront(xs, guest, d, BlkfrontOptions(**options), nursery) for d in devids}
                 reply({"ready": True})
                 buf = b""
                 while True:
@@ -118,7 +142,7 @@ async def _main(hypervisor: str, xenstore: str, domid: int, devid: int, options:
                         nursery.cancel_scope.cancel()
                         return
                     try:
-                        reply(await _serve(front, cmd, req))
+                        reply(await _serve(fronts, devids[0], cmd, req))
                     except Exception as e:  # report and keep taking commands
                         reply({"error": repr(e)})
     finally:
@@ -154,10 +178,11 @@ class FrontendAgent:
 
 
 @asynccontextmanager
-async def frontend_agent(world, domid: int, devid: int, **options: Any) -> AsyncIterator[FrontendAgent]:
-    """The guest's frontend for one vbd, in its own process, for the block."""
+async def frontend_agent(world, domid: int, devids: int | list[int], **options: Any) -> AsyncIterator[FrontendAgent]:
+    """The guest's frontends for its vbds, in their own process, for the block."""
+    devids = [devids] if isinstance(devids, int) else list(devids)
     argv = [sys.executable, __file__, world.hypervisor_path, world.xenstore_path,
-            str(domid), str(devid), json.dumps(options)]
+            str(domid), ",".join(map(str, devids)), json.dumps(options)]
     proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     agent = FrontendAgent(proc)
     try:
@@ -182,4 +207,4 @@ async def frontend_agent(world, domid: int, devid: int, **options: Any) -> Async
 
 if __name__ == "__main__":
     hv, xs_path, dom, dev, opts = sys.argv[1:6]
-    trio.run(_main, hv, xs_path, int(dom), int(dev), json.loads(opts))
+    trio.run(_main, hv, xs_path, int(dom), [int(d) for d in dev.split(",")], json.loads(opts))
