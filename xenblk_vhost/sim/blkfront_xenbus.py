@@ -31,10 +31,13 @@ class HandshakeError(RuntimeError):
 
 
 async def read_str(xs: XenStore, path: str) -> str | None:
+    """A node's value, None if it is not there for us: missing, or (for a
+    guest) gone along with parents it may not read, which xenstored answers
+    EACCES; xenbus treats any read error alike."""
     try:
         return (await xs.read(path)).decode()
     except XenStoreError as exc:
-        if exc.errno == errno.ENOENT:
+        if exc.errno in (errno.ENOENT, errno.EACCES):
             return None
         raise
 
@@ -251,14 +254,8 @@ class BackendStates:
 
     async def __anext__(self) -> int:
         await self._events.__anext__()
-        try:
-            return parse_state(await read_str(self._xs, self._path))
-        except XenStoreError as exc:
-            # xenbus_read_driver_state: any read error is Unknown. A removed
-            # backend dir whose emptied parents went too reads EACCES to a guest.
-            if exc.errno == errno.EACCES:
-                return UNKNOWN
-            raise
+        # xenbus_read_driver_state: unreadable (removed) is Unknown.
+        return parse_state(await read_str(self._xs, self._path))
 
 
 @asynccontextmanager
