@@ -309,8 +309,10 @@ class Device:
         seen = (frontend, backend, online)
         if seen == self._seen:
             return False
-        self._seen = seen
+        previous, self._seen = self._seen, seen
         action = on_frontend_state(frontend, backend, online)
+        if action is Action.FATAL and previous is not None and previous[0] == frontend:
+            return False  # reported when the frontend got there; our own Closing is no news
         log.debug("%s: frontend %s, backend %s, online %s: %s", self.name, frontend.name, backend.name,
                   online, action.name)
         if action is Action.NOTHING:

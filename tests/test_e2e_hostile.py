@@ -1,0 +1,110 @@
+"""End to end: a hostile frontend's transport nodes, while another guest is served.
+
+The hostile guest writes its frontend nodes itself (through its own,
+unprivileged xenstore connection) and switches to Initialised; each bad
+value must end with blkback's error report ("<errno> <message>" in
+/local/domain/0/error/backend/vbd/<domid>/<devid>/error) and the device in
+Closing, the guest able to close and try again, nothing leaked, the log
+not flooded, and the other guest's disk served throughout.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import trio
+
+from xenblk_vhost.backend.logging_util import GuestWarnings
+from xenblk_vhost.sim.toolstack import VbdConfig
+from xenblk_vhost.sim.world import open_world
+from xenblk_vhost.sim.xenstore_guest import open_guest_xenstore
+
+from e2e_support.fixtures import backend_service, disk_image, domain_config, read_text, state_is, wait_node
+from e2e_support.frontend_agent import frontend_agent
+
+TRANSPORT_KEYS = ("protocol", "feature-persistent", "multi-queue-num-queues", "ring-page-order", "ring-ref",
+                  "ring-ref0", "event-channel", "queue-0", "queue-1")
+
+# (nodes the guest writes, the error node's expected text). The backend offers
+# 4 queues and ring order 4 (the config's defaults) and no persistent grants.
+HOSTILE = [
+    ({"ring-ref": "banana", "event-channel": "7"},
+     f"{errno.EINVAL} reading {{fe}}/ring-ref: 'banana' is not an unsigned integer"),
+    ({"ring-ref": "-1", "event-channel": "7"},
+     f"{errno.EINVAL} reading {{fe}}/ring-ref: '-1' is not an unsigned integer"),
+    ({"ring-ref": "4294967296", "event-channel": "7"},
+     f"{errno.EINVAL} reading {{fe}}/ring-ref: 4294967296 is out of range (max 4294967295)"),
+    ({"ring-ref": "9", "event-channel": "0"},
+     f"{errno.EINVAL} reading {{fe}}/event-channel: port 0 is never valid"),
+    ({"ring-ref": "9"}, f"{errno.EINVAL} reading {{fe}}/event-channel: missing"),
+    ({"multi-queue-num-queues": "5", "queue-0/ring-ref": "9", "queue-0/event-channel": "7"},
+     f"{errno.ENOSYS} guest requested 5 queues, exceeding the maximum of 4."),
+    ({"multi-queue-num-queues": "0", "ring-ref": "9", "event-channel": "7"},
+     f"{errno.ENOSYS} guest requested 0 queues, exceeding the maximum of 4."),
+    ({"ring-page-order": "5", "ring-ref0": "9", "event-channel": "7"},
+     f"{errno.EINVAL} requested ring page order 5 exceed max:4"),
+    ({"protocol": "arm-abi", "ring-ref": "9", "event-channel": "7"},
+     f"{errno.ENOSYS} unknown fe protocol 'arm-abi'"),
+    ({"protocol": "x86_64-abi\nINJECTED LOG LINE", "ring-ref": "9", "event-channel": "7"},
+     f"{errno.ENOSYS} unknown fe protocol 'x86_64-abi\\nINJECTED LOG LINE'"),
+    ({"multi-queue-num-queues": "2", "queue-0/ring-ref": "9", "queue-0/event-channel": "7",
+      "queue-1/event-channel": "8"},
+     f"{errno.EINVAL} reading {{fe}}/queue-1/ring-ref: missing"),
+    # Well-formed, but ref 9 was never granted to us: the map fails in the hypervisor.
+    ({"ring-ref": "9", "event-channel": "7"}, f"{errno.EINVAL} mapping ring-ref port 7: "),
+]
+
+
+async def cycle_to_initwait(gxs, fe: str, be: str, dom0) -> None:
+    """The guest closes after the failure and starts over, as blkfront would."""
+    await gxs.write(f"{fe}/state", "6")
+    await wait_node(dom0, f"{be}/state", state_is(6))
+    for key in TRANSPORT_KEYS:
+        await gxs.rm(f"{fe}/{key}")
+    await gxs.write(f"{fe}/state", "1")
+    await wait_node(dom0, f"{be}/state", state_is(2))
+
+
+async def test_hostile_transport_nodes_are_refused_with_blkbacks_errors_while_others_are_served(tmp_path, caplog):
+    bad_img, good_img = disk_image(tmp_path, "bad.img"), disk_image(tmp_path, "good.img")
+    configs = [domain_config(tmp_path, "mallory", [f"vdev: xvda, driver: io_uring, path: {bad_img}"]),
+               domain_config(tmp_path, "alice", [f"vdev: xvda, driver: io_uring, path: {good_img}"])]
+    frozen = 0.0  # the rate limiter's clock does not move: only the burst gets through
+    warnings = GuestWarnings(logging.getLogger("test.guest"), burst=3, clock=lambda: frozen)
+    caplog.set_level(logging.WARNING, logger="test.guest")
+    async with open_world(tmp_path / "w") as world:
+        mallory = await world.create_guest("mallory")
+        alice = await world.create_guest("alice")
+        async with backend_service(world, configs, warnings=warnings) as service:
+            bad = await world.attach_vbd(mallory.domid, VbdConfig(vdev="xvda", target=str(bad_img)))
+            good = await world.attach_vbd(alice.domid, VbdConfig(vdev="xvda", target=str(good_img)))
+            error_node = f"/local/domain/0/error/backend/vbd/{mallory.domid}/{bad.devid}/error"
+            async with frontend_agent(world, alice.domid, good.devid) as alice_fe:
+                await alice_fe.call("connect")
+                async with open_guest_xenstore(mallory.domid, world.xenstore_path) as gxs:
+                    for nodes, expected in HOSTILE:
+                        for key, value in nodes.items():
+                            await gxs.write(f"{bad.frontend}/{key}", value)
+                        await gxs.write(f"{bad.frontend}/state", "3")
+                        await wait_node(world.xs, f"{bad.backend}/state", state_is(5))
+                        text = await read_text(world.xs, error_node)
+                        assert text.startswith(expected.format(fe=bad.frontend)), (nodes, text)
+                        # The other guest keeps its disk through all of it.
+                        await alice_fe.call("write", sector=64, sectors=8, seed=len(text))
+                        assert (await alice_fe.call("verify", sector=64, sectors=8, seed=len(text)))["equal"]
+                        await cycle_to_initwait(gxs, bad.frontend, bad.backend, world.xs)
+
+                    # A state no frontend may be in: fatal, as blkback's default case.
+                    await gxs.write(f"{bad.frontend}/state", "7")
+                    await wait_node(world.xs, f"{bad.backend}/state", state_is(5))
+                    assert await read_text(world.xs, error_node) == f"{errno.EINVAL} saw state 7 at frontend"
+
+                [device] = [d for d in service.devices.values() if d.id.frontend_domid == mallory.domid]
+                assert device.vbd is not None and not device.vbd.serving  # no ring left half set up
+                assert (await alice_fe.call("close"))["errors"] == []
+
+    guest_lines = [r.getMessage() for r in caplog.records if r.name == "test.guest"]
+    assert len(guest_lines) == 3  # 13 failures, a burst of 3 lines, the rest counted
+    assert warnings.suppressed(mallory.domid) == len(HOSTILE) + 1 - 3
+    assert all("\n" not in line for line in guest_lines)  # the guest's bytes cannot forge log lines
