@@ -73,6 +73,11 @@ async def test_ten_thousand_verified_requests_across_processes(world):
     assert by_op[OP_FLUSH_DISKCACHE] == w["by_op"]["flush"] and by_op[OP_DISCARD] == w["by_op"]["discard"]
     assert back["stats"]["indirect"] == sum(r["indirect"] for r in rings)
     assert back["frontend_seen"] == [{"order": 0, "queues": 2, "protocol": "x86_64-abi", "persistent": "1"}]
+    # What the frontend process had written, as Linux blkfront writes it for two queues of one page.
+    assert set(front["frontend_nodes"]) == {
+        "backend", "backend-id", "state", "virtual-device", "device-type", "trusted", "protocol",
+        "feature-persistent", "multi-queue-num-queues", "queue-0", "queue-0/ring-ref", "queue-0/event-channel",
+        "queue-1", "queue-1/ring-ref", "queue-1/event-channel"}
 
 
 @pytest.mark.parametrize("protocol, order, queues, persistent, ring_size", [

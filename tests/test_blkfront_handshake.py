@@ -21,6 +21,7 @@ from sim_support.fixtures import frontend, guest_view, mini_backend, new_vbd
 from xenblk_vhost.blkif.constants import OP_FLUSH_DISKCACHE, OP_WRITE_BARRIER
 from xenblk_vhost.sim.blkfront import open_blkfront
 from xenblk_vhost.sim.blkfront_config import BlkfrontOptions
+from xenblk_vhost.sim.blkfront_workload import check_pattern, write_pattern
 from xenblk_vhost.sim.grant_table import GTF_permit_access, GTF_readonly, GTF_type_mask
 from xenblk_vhost.sim.toolstack import DetachOutcome
 from xenblk_vhost.sim.world import open_world
@@ -47,7 +48,10 @@ async def nodes_below(xs, path):
 
 
 class StateRecorder:
-    """Every value a state node takes, as a watcher sees it."""
+    """One entry per watch event on a state node (the registration's first,
+    then one per write or removal), holding the value read when the event
+    was handled: a slow reader may see a later value, never an earlier one,
+    so the count of entries is exact and the values are in order."""
 
     def __init__(self, xs, path):
         self.xs, self.path, self.values = xs, path, []
@@ -56,9 +60,15 @@ class StateRecorder:
         async with self.xs.watch(self.path) as events:
             task_status.started()
             async for _ in events:
-                value = (await self.xs.read(self.path)).decode() if await self.xs.exists(self.path) else None
-                if not self.values or self.values[-1] != value:
-                    self.values.append(value)
+                self.values.append((await self.xs.read(self.path)).decode()
+                                   if await self.xs.exists(self.path) else None)
+
+    def check(self, writes: list[str | None]):
+        """The node was written exactly `writes` (after its value at registration)."""
+        assert len(self.values) == 1 + len(writes), self.values
+        assert self.values[-1] == writes[-1], self.values
+        seen = [int(v) for v in self.values if v is not None]
+        assert seen == sorted(seen) and set(seen) <= {int(v) for v in writes if v is not None} | {1}, self.values
 
 
 async def test_one_queue_one_page_writes_what_linux_writes(world):
@@ -97,6 +107,8 @@ async def test_two_queues_four_pages(world):
             for q in range(2):
                 await front.write(8 * q, data, queue=q)
                 assert await front.read(8 * q, 8, queue=q) == data
+                await write_pattern(front, 64, 200, seed=q, queue=q)  # 25 pages: indirect
+                assert await check_pattern(front, 64, 200, seed=q, queue=1 - q) == []
     assert be.frontend_seen == [{"order": 2, "queues": 2, "protocol": "x86_64-abi", "persistent": "1"}]
     assert be.stats.connections == 1
 
@@ -151,8 +163,8 @@ async def test_state_sequence_connect_and_close(world):
             assert front.errors == []
             await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
-    assert fe_states.values == ["1", "3", "4", "5", "6"]
-    assert be_states.values == ["1", "2", "4", "5", "6"]
+    fe_states.check(["3", "4", "5", "6"])
+    be_states.check(["2", "4", "5", "6"])
 
 
 async def test_features_read_at_connect(world):
@@ -252,7 +264,8 @@ async def test_toolstack_detach_closes_the_frontend(world):
             assert front.errors == []
         nursery.cancel_scope.cancel()
     # blkfront_closing goes from Connected straight to Closed; then the node is removed.
-    assert fe_states.values == ["1", "3", "4", "6", None]
+    fe_states.check(["3", "4", "6", None])
+    assert "5" not in fe_states.values
     assert not await world.xs.exists(vbd.backend)
 
 

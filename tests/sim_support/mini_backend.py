@@ -36,16 +36,11 @@ import trio
 
 from xenblk_vhost.blkif.abi import abi_for_protocol
 from xenblk_vhost.blkif.constants import (
-    OP_DISCARD,
-    OP_FLUSH_DISKCACHE,
-    OP_INDIRECT,
-    OP_READ,
     OP_WRITE,
     OP_WRITE_BARRIER,
     RSP_ERROR,
     RSP_OKAY,
     SECTOR_SIZE,
-    XEN_PAGE_SIZE,
 )
 from xenblk_vhost.blkif.decode import RequestDecoder, decode_segments
 from xenblk_vhost.blkif.request import DiscardRequest, IndirectRequest, Rejection

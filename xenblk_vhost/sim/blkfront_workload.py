@@ -11,6 +11,7 @@ one ring request: sizes are capped to what one request (indirect, if
 negotiated) can carry.
 
     run_workload(front, Workload(...)) -> WorkloadResult   (.as_dict() for JSON)
+    write_pattern(front, sector, n, seed) / check_pattern(...) -> bad sectors
 """
 
 from __future__ import annotations
@@ -184,6 +185,22 @@ async def run_workload(front, workload: Workload) -> WorkloadResult:
 def pattern(seed: int, number: int, nbytes: int) -> bytes:
     """Write data no two requests share: a PRNG stream keyed by (seed, number)."""
     return random.Random((seed << 32) ^ number).randbytes(nbytes)
+
+
+async def write_pattern(front, sector: int, nr_sectors: int, seed: int, **io) -> bytes:
+    """Write pattern(seed, sector) over the sectors; return what was written."""
+    data = pattern(seed, sector, nr_sectors * SECTOR_SIZE)
+    await front.write(sector, data, **io)
+    return data
+
+
+async def check_pattern(front, sector: int, nr_sectors: int, seed: int, **io) -> list[int]:
+    """Read the sectors back; the sector numbers that differ from what
+    write_pattern(seed) wrote (empty when all is well)."""
+    want = pattern(seed, sector, nr_sectors * SECTOR_SIZE)
+    got = await front.read(sector, nr_sectors, **io)
+    return [sector + i for i in range(nr_sectors)
+            if got[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE] != want[i * SECTOR_SIZE:(i + 1) * SECTOR_SIZE]]
 
 
 async def _one(front, lane: _Lane, op: str, sector: int, nr: int, first_sect: int,
