@@ -56,8 +56,10 @@ mkdir -p "$SHARE/out" "$SHARE/guest" "$SHARE/src"
 cp -a "$RIG_HERE/dom0" "$RIG_HERE/scenarios" "$SHARE/"
 cp -a "$RIG_REPO/pyproject.toml" "$SHARE/src/"
 (cd "$RIG_REPO" && tar --exclude=__pycache__ -cf - xenblk_vhost) | tar -xf - -C "$SHARE/src"
-cp "$RIG/boot/domu-vmlinuz" "$SHARE/guest/vmlinuz"
-cp "$RIG/boot/domu-initrd.gz" "$SHARE/guest/initrd.gz"
+# Hard links where possible: the ELF guest kernel is 64 MiB.
+for f in vmlinux:domu-vmlinux initrd.cpio:domu-initrd.cpio; do
+  ln "$RIG/boot/${f#*:}" "$SHARE/guest/${f%%:*}" 2>/dev/null || cp "$RIG/boot/${f#*:}" "$SHARE/guest/${f%%:*}"
+done
 printf '%s\n' "${names[@]}" > "$SHARE/scenarios.txt"
 git -C "$RIG_REPO" log -1 --format='%H %s' > "$SHARE/src/COMMIT" 2>/dev/null || true
 ln -sfn "$RUN" "$RIG/runs/latest"

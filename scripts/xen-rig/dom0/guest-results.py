@@ -83,6 +83,9 @@ def negotiated(res: dict[str, str], fe: dict[str, str], be: dict[str, str]) -> d
     return {
         "persistent_grants": res.get("persistent_grants"),
         "indirect_descriptors": res.get("indirect_descriptors"),
+        # blkfront bounces data through its own pages when the backend is untrusted
+        # or (6.1) whenever persistent grants are in use
+        "bounce_buffer": res.get("bounce_buffer"),
         "backend_max_indirect_segments": num(be.get("feature-max-indirect-segments"), 0),
         # blkfront sets max_hw_sectors to segments * 4 KiB
         "segments_per_request": hw_kb // 4 if hw_kb else None,

@@ -1,6 +1,7 @@
 # Helpers for shell scenarios, sourced by main.sh before each scenarios/NAME.sh.
 # Environment: OUT (this scenario's output dir on the share), RIG_SHARE,
-# RIG_DOM0, RIG_VENV. A scenario fails by exiting non-zero; fail() also leaves
+# RIG_DOM0, RIG_VENV, RIG_GUEST (guest kernel + initramfs, in tmpfs).
+# A scenario fails by exiting non-zero; fail() also leaves
 # the reason in $OUT/failure, which the host prints in its summary.
 set -euo pipefail
 
@@ -48,9 +49,9 @@ run_guest() {
   cat > "$OUT/$name.cfg" <<EOF
 name="$name"
 type="pv"
-kernel="$RIG_SHARE/guest/vmlinux"
-ramdisk="$RIG_SHARE/guest/initrd.cpio"
-extra="console=hvc0 xenblk.steps=$steps $cmdline"
+kernel="$RIG_GUEST/vmlinux"
+ramdisk="$RIG_GUEST/initrd.cpio"
+extra="console=hvc0 quiet xenblk.steps=$steps $cmdline"
 memory=$mem
 vcpus=$vcpus
 disk=[ '$disk' ]
