@@ -20,6 +20,7 @@ import trio.testing
 from sim_support.fixtures import frontend, guest_view, mini_backend, new_vbd
 from xenblk_vhost.blkif.constants import OP_FLUSH_DISKCACHE, OP_WRITE_BARRIER
 from xenblk_vhost.sim.blkfront import open_blkfront
+from xenblk_vhost.sim.blkfront_xenbus import HandshakeError
 from xenblk_vhost.sim.blkfront_config import BlkfrontOptions
 from xenblk_vhost.sim.blkfront_workload import check_pattern, write_pattern
 from xenblk_vhost.sim.grant_table import GTF_permit_access, GTF_readonly, GTF_type_mask
@@ -318,10 +319,35 @@ async def test_a_backend_that_closes_during_the_handshake_fails_it(world):
     await world.xs.write(f"{vbd.backend}/error", "no such file")
     await world.xs.write(f"{vbd.backend}/state", "5")
     async with guest_view(world, domid) as (guest, xs):
-        with pytest.raises(Exception) as e:
+        with pytest.raises(HandshakeError, match="backend state 5 while waiting for InitWait.*no such file"):
             async with open_blkfront(xs, guest, vbd.devid, BlkfrontOptions(state_timeout=5)):
                 pass
-    assert "no such file" in str(e.value) or "no such file" in repr(e.value.exceptions)
+
+
+async def test_a_backend_that_gives_up_after_initialised_fails_the_handshake_at_once(world):
+    domid, vbd = await new_vbd(world)
+    await world.xs.write(f"{vbd.backend}/state", "2")
+
+    async def refuse_the_rings():
+        async with world.xs.watch(f"{vbd.frontend}/state") as events:
+            async for _ in events:
+                if await world.xs.read(f"{vbd.frontend}/state") == b"3":
+                    await world.xs.write(f"{vbd.backend}/error", "mapping ring-ref failed")
+                    await world.xs.write(f"{vbd.backend}/state", "5")
+                    await world.xs.write(f"{vbd.backend}/state", "6")
+                    return
+
+    async with guest_view(world, domid) as (guest, xs):
+        # The frontend's own state timeout is far away: the failure must not wait for it.
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(refuse_the_rings)
+                with pytest.raises(HandshakeError, match="waiting for Connected.*mapping ring-ref failed"):
+                    async with open_blkfront(xs, guest, vbd.devid, BlkfrontOptions(state_timeout=60)):
+                        pass
+        # (Leaving guest_view closes the guest's memory, which fails if the
+        # frontend kept any view of it: everything was taken back.)
+    assert await world.xs.read(f"{vbd.frontend}/state") == b"6"
 
 
 async def test_reads_of_every_segment_shape(world):

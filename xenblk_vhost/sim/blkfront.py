@@ -173,8 +173,7 @@ class Blkfront:
         we asked to reconnect)."""
         with trio.fail_after(self.options.state_timeout):
             while self.backend_state not in wanted:
-                if self.backend_state in (CLOSING, CLOSED, UNKNOWN) and self.backend_state not in tolerate \
-                        and self.state not in (CLOSING, CLOSED):
+                if self.backend_state in (CLOSING, CLOSED, UNKNOWN) and self.backend_state not in tolerate:
                     error = await xb.read_str(self.xs, f"{self.details.backend}/error")
                     raise xb.HandshakeError(
                         f"backend state {self.backend_state} while waiting for {what}"
@@ -324,6 +323,10 @@ class Blkfront:
         """Unplug from the guest's side (xenbus_dev_shutdown): Closing, wait
         for the backend to follow, Closed, wait until it is Closed and the
         rings are torn down."""
+        if self.state == INITIALISING and self._setups:
+            # Rings made but never announced: the backend cannot hold them.
+            self._teardown()
+            return
         if self.state in (INITIALISED, CONNECTED):
             self.state = CLOSING
             await xb.switch_state(self.xs, self.fe_path, CLOSING)
@@ -332,6 +335,15 @@ class Blkfront:
             self.state = CLOSED
             await xb.switch_state(self.xs, self.fe_path, CLOSED)
         await self.wait_closed()
+
+    def force_teardown(self) -> None:
+        """Take every grant back now, without waiting for the backend (what
+        open_blkfront does when the backend never closes): for a Blkfront
+        run on a caller's nursery that is being cancelled. What the backend
+        still maps is recorded in `errors` and not reused."""
+        if self._setups:
+            self._errors.append("rings torn down without the backend closing")
+            self._teardown()
 
     async def wait_closed(self) -> None:
         """Until the backend is Closed (or gone) and the rings are torn down."""
@@ -474,7 +486,34 @@ class Blkfront:
 async def open_blkfront(xs: XenStore, guest, devid: int,
                         options: BlkfrontOptions = BlkfrontOptions()) -> AsyncIterator[Blkfront]:
     """A connected frontend for the block; closed (orderly, bounded by
-    options.state_timeout even when cancelled) and its tasks gone after."""
+    options.state_timeout even when cancelled) and its tasks gone after.
+
+    A failure (of the handshake, or raised by the block) comes out as
+    itself, not wrapped in the exception group of our internal nursery."""
+    try:
+        async with _frontend_nursery(xs, guest, devid, options) as front:
+            yield front
+    except BaseExceptionGroup as group:
+        _reraise_alone(group)
+        raise
+
+
+def _reraise_alone(group: BaseExceptionGroup) -> None:
+    """Re-raise the one exception a group holds (at any depth) as itself."""
+    while len(group.exceptions) == 1 and isinstance(group.exceptions[0], BaseExceptionGroup):
+        group = group.exceptions[0]
+    if len(group.exceptions) != 1:
+        return
+    exc = group.exceptions[0]
+    saved = exc.__cause__, exc.__context__, exc.__suppress_context__
+    try:
+        raise exc
+    finally:
+        exc.__cause__, exc.__context__, exc.__suppress_context__ = saved
+
+
+@asynccontextmanager
+async def _frontend_nursery(xs: XenStore, guest, devid: int, options: BlkfrontOptions) -> AsyncIterator[Blkfront]:
     async with trio.open_nursery() as nursery:
         front = Blkfront(xs, guest, devid, options, nursery)
         try:
@@ -488,11 +527,9 @@ async def open_blkfront(xs: XenStore, guest, devid: int,
                         await front.close()
                 except (trio.TooSlowError, xb.HandshakeError, RingBroken) as exc:
                     front._errors.append(f"close: {exc!r}")
-                if front._setups:
-                    # The backend never closed: take back what we can anyway,
-                    # so nothing of ours outlives the block.
-                    front._errors.append("backend did not close; rings torn down without it")
-                    front._teardown()
+                # If the backend never closed, take back what we can anyway,
+                # so nothing of ours outlives the block.
+                front.force_teardown()
             nursery.cancel_scope.cancel()
 
 
