@@ -52,7 +52,16 @@ Where it differs from Linux xen-blkfront (on purpose):
   larger than 4 KiB); bigger I/O is split into separate requests by
   read()/write(), as the block layer's limits would;
 - on reconnect it does not requeue requests in flight (blkif_recover):
-  they fail.
+  they fail;
+- an EOPNOTSUPP answer to a flush, barrier or discard is reported to the
+  caller (BlkifStatusError) instead of silently turning the feature off;
+- data always travels through pages granted for the purpose (Linux grants
+  the bio's own pages unless `trusted=0` or persistent grants make it
+  bounce), so `trusted` is read and reported but changes nothing;
+- ring pages are consecutive guest frames (Linux: any frames, mapped
+  virtually contiguous), and write_barrier() may be called at will (Linux
+  sends WRITE_BARRIER only for flush/FUA when the backend lacks
+  feature-flush-cache).
 """
 
 from __future__ import annotations
