@@ -60,7 +60,7 @@ def check_common(front, back, options, requests):
 
 async def test_ten_thousand_verified_requests_across_processes(world):
     options = BlkfrontOptions(max_queues=2, max_ring_page_order=0, initial_index=NEAR_WRAP)
-    front, back = await run_pair(world, options, requests=10_000, depth=32, max_sectors=128)
+    front, back = await run_pair(world, options, requests=10_000, depth=32, max_sectors=96)
     rings, w = check_common(front, back, options, 10_000)
     assert [r["size"] for r in rings] == [32, 32]
     for r in rings:
