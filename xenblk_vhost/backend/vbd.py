@@ -191,11 +191,16 @@ class Vbd:
             raise VbdConnectError("persistent grants were not offered")
 
     def _reopen_storage_if_failed(self) -> None:
-        if self._storage_failed or self.storage.closed:
-            log.info("reopening storage of %s", self.disk.name)
-            self.storage = self.storage.reopen() if not self.storage.closed else open_storage(
-                self.disk, len(self.storage.queues) or self.disk.queues)
-            self._storage_failed = False
+        """Storage that failed as a whole (or that we destroyed) is opened afresh."""
+        if not (self._storage_failed or self.storage.closed):
+            return
+        log.info("reopening storage of %s", self.disk.name)
+        self.storage.close()
+        try:
+            self.storage = open_storage(self.disk, self.features.max_queues)
+        except OSError as e:
+            raise VbdConnectError(f"storage of {self.disk.name} cannot be reopened: {e}") from e
+        self._storage_failed = False
 
     def _note_storage_failure(self, _e: Exception) -> None:
         self._storage_failed = True
