@@ -1,30 +1,123 @@
-"""Command line entry point: `xenblk-vhost`."""
+"""Command line entry point: `xenblk-vhost`.
+
+    xenblk-vhost check CONFIG...      validate, exit 0 or 2
+    xenblk-vhost run CONFIG... [--xenstore PATH] [--sim SOCKET]
+    xenblk-vhost -xen-domid N ...     exec'd by libxl as a PV device model (backend/qemu_dm.py)
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
+import socket
 import sys
 
 from . import __version__
 from .config import ConfigError, load_configs
+
+log = logging.getLogger("xenblk_vhost")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2  # also: a configuration that does not validate
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
+def _load_or_report(paths) -> list | None:
+    """The configs, or None after printing every problem (`FILE:LINE: key: reason`)."""
     try:
-        configs = load_configs(args.config)
+        return load_configs(paths)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
+        return None
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    configs = _load_or_report(args.config)
+    if configs is None:
         return EXIT_USAGE
     for cfg in configs:
         who = f"domain {cfg.name!r}" if cfg.name is not None else f"domid {cfg.domid}"
         disks = ", ".join(f"{d.name} ({d.driver} {d.path}{', ro' if d.readonly else ''})" for d in cfg.disks)
         print(f"{cfg.source}: ok: {who}: {disks}")
     return EXIT_OK
+
+
+def _sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) READY=1 / RELOADING=1 / STOPPING=1; no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError as e:
+        log.debug("sd_notify(%s) failed: %s", message, e)
+
+
+async def _serve(args: argparse.Namespace, configs: list) -> int:
+    import trio
+
+    from .backend.service import Service
+    from .xen.xenstore import open_xenstore
+
+    if args.sim:
+        from .sim import open_sim
+
+        platform = open_sim(args.sim)
+    else:
+        from .xen import open_real
+
+        platform = open_real()
+    with platform:
+        # Signals are caught from before "ready", so none is lost.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with open_xenstore(args.xenstore) as xs:
+                service = Service(xs, platform, configs)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(service.run)
+                    print("ready", flush=True)
+                    _sd_notify("READY=1")
+                    async for sig in signals:
+                        if sig == signal.SIGHUP:
+                            _sd_notify("RELOADING=1")
+                            try:
+                                service.reload(load_configs(args.config))
+                            except ConfigError as e:
+                                for problem in e.problems:
+                                    log.error("reload refused, keeping the running configuration: %s", problem)
+                            _sd_notify("READY=1")
+                            continue
+                        # Stop: every device drains (in-flight requests answered),
+                        # unmaps and unbinds; xenstore is left as it is, so guests
+                        # see a pause and a backend started later takes them over.
+                        log.info("%s: stopping", signal.Signals(sig).name)
+                        _sd_notify("STOPPING=1")
+                        break
+                    nursery.cancel_scope.cancel()
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    configs = _load_or_report(args.config)
+    if configs is None:
+        return EXIT_USAGE
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    import trio
+
+    from .xen.interfaces import XenStoreError
+    from .xen.xenstore import XenStoreConnectionError
+
+    try:
+        return trio.run(_serve, args, configs)
+    except (OSError, XenStoreError, XenStoreConnectionError) as e:
+        log.error("stopped: %s", e)
+        return EXIT_FAILURE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +138,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("config", nargs="+", metavar="CONFIG", help="a domain's YAML file")
     check.set_defaults(func=_cmd_check)
+    run = sub.add_parser(
+        "run",
+        help="serve the configured domains' disks",
+        description="Validate the YAML files (exit 2 on a problem, as `check`), then serve every "
+        "configured domain's vbd (backendtype=phy) and vbd3 (backendtype=tap) disks until SIGTERM or "
+        "SIGINT (exit 0). SIGHUP reloads the files: a changed disk applies when its frontend next "
+        "connects. Prints `ready` on stdout once serving (and tells systemd, under Type=notify).",
+    )
+    run.add_argument("config", nargs="+", metavar="CONFIG", help="a domain's YAML file")
+    run.add_argument("--xenstore", metavar="PATH",
+                     help="xenstored socket or xenbus device (default: $XENSTORED_PATH, the usual sockets, "
+                     "/dev/xen/xenbus)")
+    run.add_argument("--sim", metavar="SOCKET", help="use the simulated hypervisor listening on SOCKET")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.set_defaults(func=_cmd_run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from .backend.qemu_dm import is_qemu_invocation
+
+    if is_qemu_invocation(argv):
+        from .backend import qemu_dm
+
+        return qemu_dm.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -206,7 +206,7 @@ class Device:
         except DeviceFatal as e:
             await self._fatal(e)
             return
-        await self._switch_state(XenbusState.INIT_WAIT, extra=self._probe_nodes())
+        await self._switch_state(XenbusState.INIT_WAIT, extra=self._probe_nodes(), unless_closing=True)
 
     async def _open(self) -> None:
         """Find the disk's config and open its storage (replacing an older one)."""
@@ -461,14 +461,19 @@ class Device:
 
     # ------------------------------------------------------------------ state, errors
 
-    async def _switch_state(self, state: XenbusState, *, extra: dict[str, str] | None = None) -> bool:
+    async def _switch_state(self, state: XenbusState, *, extra: dict[str, str] | None = None,
+                            unless_closing: bool = False) -> bool:
         """xenbus_switch_state: write `state` (and `extra` keys) in one transaction,
-        only if our state node still exists; no write if it already holds `state`."""
+        only if our state node still exists; no write if it already holds `state`.
+        unless_closing: nor if the toolstack has set Closing/Closed meanwhile (a
+        device detached while we probed it must not be brought back to life)."""
         extra = extra or {}
 
         async def body(t) -> bool:
             current = await self._read(f"{self.be}/state", t)
             if current is None:
+                return False
+            if unless_closing and parse_state(current) in (XenbusState.CLOSING, XenbusState.CLOSED):
                 return False
             for key, value in extra.items():
                 await t.write(f"{self.be}/{key}", value)
