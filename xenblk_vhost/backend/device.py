@@ -182,6 +182,7 @@ class Device:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Probe, follow the frontend until the device is forgotten, release everything."""
+        forgotten = False
         try:
             async with trio.open_nursery() as nursery:
                 self._serve_nursery = nursery
@@ -189,17 +190,18 @@ class Device:
                 task_status.started()
                 if self.nodes is not None:  # else: reported; nothing to follow
                     await self._follow()
+                    forgotten = True
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(RELEASE_TIMEOUT) as scope:
-                    await self._release()
+                    await self._release(forgotten)
                 if scope.cancelled_caught:
                     log.error("%s: releasing took longer than %.0f s; gave up waiting", self.name, RELEASE_TIMEOUT)
 
     async def _probe(self) -> None:
         """xen_blkbk_probe + backend_changed: storage open and features out, then InitWait."""
-        await self._rm_quietly(self.id.error_path)  # a previous device's report, not ours
+        await self._rm_error_report()  # a previous device's report, not ours
         try:
             self.nodes = await self._read_toolstack_nodes()
             await self._open()
@@ -520,9 +522,11 @@ class Device:
             except Exception as e:
                 log.error("%s: closing the storage: %s", self.name, e)
 
-    async def _release(self) -> None:
+    async def _release(self, forgotten: bool) -> None:
         """Everything back: rings drained and freed, storage closed; then, as
-        xenbus_dev_remove, Closed if the toolstack left us at Closing."""
+        xenbus_dev_remove, Closed if the toolstack left us at Closing. A device
+        forgotten (not merely stopped with the service) takes its error report
+        along: nobody is left to read it, and error/ would only grow."""
         try:
             await self._disconnect()
         except Exception as e:
@@ -532,8 +536,8 @@ class Device:
             raw = await self._read(f"{self.be}/state")
             if raw is not None and parse_state(raw) == XenbusState.CLOSING:
                 await self._switch_state(XenbusState.CLOSED)
-            elif raw is None:
-                await self._rm_quietly(self.id.error_path)
+            if forgotten or raw is None:
+                await self._rm_error_report()
         except (XenStoreError, ConnectionError) as e:
             log.debug("%s: xenstore unavailable on the way out: %s", self.name, e)
 
@@ -554,6 +558,23 @@ class Device:
             return False
         text = raw.rstrip(b"\0").strip()
         return text.isdigit() and int(text) != 0
+
+    async def _rm_error_report(self) -> None:
+        """Our dir under error/, and the parents it leaves empty (as libxl's path cleanup)."""
+        home = f"/local/domain/{self.id.backend_domid}/error"
+        path = f"{home}/{self.id.relative_path}"
+        if await self._read(path) is None:
+            return
+        await self._rm_quietly(path)
+        try:
+            while True:
+                path = path.rsplit("/", 1)[0]
+                if path == home or await self._xs.directory(path):
+                    return
+                await self._rm_quietly(path)
+        except XenStoreError as e:
+            if e.errno != errno.ENOENT:  # another device's cleanup got there first
+                raise
 
     async def _rm_quietly(self, path: str) -> None:
         try:
