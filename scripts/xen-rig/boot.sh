@@ -7,6 +7,9 @@
 # Env: XENBLK_RIG_DIR, XENBLK_RIG_MEM (4G), XENBLK_RIG_SMP (2), XENBLK_RIG_CPU,
 #      XENBLK_RIG_XEN_APPEND, XENBLK_RIG_DOM0_APPEND (extra command lines).
 set -uo pipefail
+# The whole script is one brace group: bash parses it completely before running,
+# so editing this file while a run is going cannot derail that run.
+{
 . "$(dirname "$0")/lib.sh"
 TIMEOUT=900; INTERACTIVE=0
 while [ $# -gt 0 ]; do
@@ -61,3 +64,5 @@ timeout --foreground -k 10 "$TIMEOUT" "${QEMU[@]}" -serial stdio </dev/null 2>&1
 rc=${PIPESTATUS[0]}
 echo "== qemu exit rc=$rc after $(rig_since "$START")s" | tee -a "$SERIAL"
 exit "$rc"
+exit $?
+}

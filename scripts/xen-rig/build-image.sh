@@ -14,6 +14,9 @@
 # 9p share at every run, so code changes never cost a rebuild.
 #   build-image.sh [--force STAGE]...
 set -euo pipefail
+# The whole script is one brace group: bash parses it completely before running,
+# so editing this file while a run is going cannot derail that run.
+{
 . "$(dirname "$0")/lib.sh"
 [ "$(id -u)" = 0 ] || rig_die "run as root (debootstrap, chroot)"
 
@@ -67,3 +70,5 @@ stage domu "boot/domu-initrd.cpio boot/domu-vmlinux" \
 stage image "dom0.img boot/xen boot/vmlinuz boot/initrd.img" \
   "str:runtime=$(stamp_of runtime)" "$RIG_HERE"/dom0-image/*
 rig_log "image ready in $(rig_since "$t0")s: $RIG/dom0.img"
+exit $?
+}

@@ -15,6 +15,9 @@
 # Results: $XENBLK_RIG_DIR/runs/<stamp>-<names>/ (symlink runs/latest):
 #   serial.log, share/out/<scenario>/{log,status,results.json,...}
 set -euo pipefail
+# The whole script is one brace group: bash parses it completely before running,
+# so editing this file while a run is going cannot derail that run.
+{
 . "$(dirname "$0")/lib.sh"
 [ "$(id -u)" = 0 ] || rig_die "run as root"
 
@@ -62,6 +65,11 @@ for f in vmlinux:domu-vmlinux initrd.cpio:domu-initrd.cpio; do
 done
 printf '%s\n' "${names[@]}" > "$SHARE/scenarios.txt"
 git -C "$RIG_REPO" log -1 --format='%H %s' > "$SHARE/src/COMMIT" 2>/dev/null || true
+# Byte-compile here: dom0 is CPython 3.11 too, and compiling the package under
+# TCG costs tens of seconds at the first import (pyc files are valid across 3.11.x).
+if [ "$(python3 -c 'import sys; print(sys.version_info[:2] == (3, 11))' 2>/dev/null)" = True ]; then
+  python3 -m compileall -q "$SHARE/src/xenblk_vhost" "$SHARE/dom0" > /dev/null || rig_log "compileall failed; dom0 will compile"
+fi
 ln -sfn "$RUN" "$RIG/runs/latest"
 # Keep the last 20 runs.
 ls -1d "$RIG"/runs/2*/ 2>/dev/null | head -n -20 | xargs -r rm -rf
@@ -95,3 +103,5 @@ grep -E '\(XEN\) .*(FATAL|Panic)|Kernel panic|BUG: |general protection' "$RUN/se
 echo "   logs: $RUN/serial.log, $SHARE/out/<scenario>/"
 [ $failed = 0 ] && echo "== xen-rig: ALL PASSED" || echo "== xen-rig: FAILED"
 exit $failed
+exit $?
+}
