@@ -159,11 +159,11 @@ async def test_an_unreadable_frontend_state_is_unknown_and_the_device_goes(tmp_p
 
 def test_effective_disk_mode_and_discard_enable():
     base = DiskConfig(vdev=51712, driver="io_uring", path="/x")
-    rw = ToolstackNodes("/fe", 5, "w", cdrom=False, discard_enable=True)
+    rw = ToolstackNodes("/fe", 5, "", "w", cdrom=False, discard_enable=True)
     assert effective_disk(base, rw) is base
-    ro = effective_disk(base, ToolstackNodes("/fe", 5, "r", cdrom=False, discard_enable=True))
+    ro = effective_disk(base, ToolstackNodes("/fe", 5, "", "r", cdrom=False, discard_enable=True))
     assert ro.readonly and ro.discard
     assert effective_disk(base.__class__(**{**base.__dict__, "readonly": True}), rw).readonly  # config wins
-    no_discard = effective_disk(base, ToolstackNodes("/fe", 5, "w", cdrom=False, discard_enable=False))
+    no_discard = effective_disk(base, ToolstackNodes("/fe", 5, "", "w", cdrom=False, discard_enable=False))
     assert not no_discard.discard and not no_discard.readonly
     assert not effective_disk(base.__class__(**{**base.__dict__, "discard": False}), rw).discard

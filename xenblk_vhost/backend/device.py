@@ -116,6 +116,7 @@ class ToolstackNodes:
 
     frontend: str
     frontend_id: int
+    params: str  # the xl disk line's target: informational, the YAML file decides
     mode: str
     cdrom: bool
     discard_enable: bool
@@ -229,8 +230,9 @@ class Device:
                               f"creating vbd structure: {e}", guest=False) from e
         self.disk = disk
         f = self.vbd.features
-        log.info("%s: %s %s: %d sectors of %d bytes%s, %d queues, ring order %d, %d indirect segments, %s path%s",
-                 self.name, disk.driver, disk.path, f.sectors, f.sector_size, " ro" if f.read_only else "",
+        log.info("%s: %s %s (params %r, mode %s): %d sectors of %d bytes%s, %d queues, ring order %d, "
+                 "%d indirect segments, %s path%s", self.name, disk.driver, disk.path, self.nodes.params,
+                 self.nodes.mode, f.sectors, f.sector_size, " ro" if f.read_only else "",
                  f.max_queues, f.max_ring_page_order, f.max_indirect_segments, f.data_path,
                  ", persistent grants" if f.persistent else "")
 
@@ -257,12 +259,14 @@ class Device:
             raise DeviceFatal(errno.EINVAL, f"frontend-id {frontend_id} does not match the backend path",
                               guest=False)
         mode = await need("mode")
+        params = await self._read(f"{self.be}/params")
         self.state = parse_state(await self._read(f"{self.be}/state"))
         device_type = await self._read(f"{self.be}/device-type")
         discard_enable = await self._read(f"{self.be}/discard-enable")
         return ToolstackNodes(
             frontend=frontend,
             frontend_id=frontend_id,
+            params=params.decode("utf-8", "replace").rstrip("\0") if params is not None else "",
             mode=mode,
             # blkback reads device-type from the frontend; the toolstack writes
             # the same value on both sides and ours is not the guest's to change.

@@ -62,10 +62,12 @@ _ADOPTABLE = (XenbusState.INITIALISING, XenbusState.INIT_WAIT, XenbusState.INITI
 
 
 async def read_or_none(xs: XenStore, path: str) -> bytes | None:
+    """The node's value; None if absent, or unreadable to us (EACCES: a driver
+    domain may not read other domains' nodes, e.g. their names)."""
     try:
         return await xs.read(path)
     except XenStoreError as e:
-        if e.errno == errno.ENOENT:
+        if e.errno in (errno.ENOENT, errno.EACCES):
             return None
         raise
 
