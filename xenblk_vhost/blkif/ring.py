@@ -142,7 +142,14 @@ class _Ring:
         return self._get(self.view, off)[0]
 
     def _set_shared(self, off: int, value: int) -> None:
-        self._put(self.view, off, value & _M)
+        # Not Struct.pack_into: CPython's s_pack_internal memsets the
+        # destination to zero before writing the field, so the other end can
+        # read a transient 0 (a frontend's req_prod of 0 looks bogus and
+        # halts the ring; blkfront takes an rsp_prod of 0 as an illegal
+        # response count). Item assignment through a uint32 cast is one
+        # 4-byte store of the final value (memoryview's pack_single: a
+        # fixed-size memcpy).
+        self.view[off:off + 4].cast("I")[0] = value & _M
 
     @property
     def req_prod(self) -> int:
