@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import trio
@@ -326,3 +327,53 @@ async def test_cancellation_mid_io_on_io_uring_drains_and_answers(tmp_path, plat
     finally:
         front.close()
         vbd.close()
+
+
+def test_shared_index_writes_are_never_seen_half_done():
+    """Another process reading rsp_prod while the backend publishes it sees old or new, never 0.
+
+    (Struct.pack_into zeroes its destination before writing: a frontend could read rsp_prod = 0,
+    which blkfront takes as an illegal response count, and a backend reading a frontend's req_prod
+    = 0 halted the ring under load.)
+    """
+    import mmap
+
+    from xenblk_vhost.blkif.abi import Abi
+    from xenblk_vhost.blkif.ring import BackRing, FrontRing
+
+    shm = mmap.mmap(-1, PAGE_SIZE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    view = memoryview(shm)
+    FrontRing(view, Abi.NATIVE, 0)
+    back = BackRing(view, Abi.NATIVE, 0)
+    back.rsp_prod_pvt = back.req_cons = 1000
+    back.push_responses()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the reader: a frontend polling rsp_prod for 0.5 s
+        os.close(r)
+        front = FrontRing(view, Abi.NATIVE, 0, init=False)
+        os.write(w, b"go")
+        low = reads = 0
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            for _ in range(1000):
+                if front.rsp_prod < 1000:
+                    low += 1
+            reads += 1000
+        os.write(w, f"{low} {reads}".encode())
+        os._exit(0)
+    os.close(w)
+    assert os.read(r, 2) == b"go"
+    value = 1000
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        for _ in range(1000):
+            value += 1
+            back.rsp_prod_pvt = back.req_cons = value
+            back.push_responses()
+    low, reads = map(int, os.read(r, 64).split())
+    os.close(r)
+    back.view.release()
+    view.release()
+    shm.close()
+    assert reads > 10_000 and value > 10_000
+    assert low == 0, f"the reader saw rsp_prod below every value written {low} times in {reads} reads"
