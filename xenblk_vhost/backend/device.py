@@ -305,7 +305,7 @@ class Device:
         if be_raw is None:
             log.info("%s: backend dir removed", self.name)
             return True
-        frontend = parse_state(await self._read(fe_state_path))
+        frontend = parse_state(await self._read(fe_state_path, unreadable_is_absent=True))
         backend = parse_state(be_raw)
         online = await self._online()
         if backend != self.state:
@@ -377,9 +377,12 @@ class Device:
             ports = ",".join(str(r.event_channel) for r in spec.rings)
             await self._fatal(DeviceFatal(errno.EINVAL, f"mapping ring-ref port {ports}: {e}", guest=True))
             return
-        self._warnings.log(
-            logging.INFO, ("connect", self.id.frontend_domid), "%s: using %d queues, protocol %s%s", self.name, len(spec.rings),
-            spec.abi.value, ", persistent grants" if spec.persistent_grants else "")
+        except Exception as e:  # ours, not the guest's: e.g. the storage could not be reopened
+            await self._fatal(DeviceFatal(getattr(e, "errno", None) or errno.EIO, f"connecting: {e}", guest=False))
+            return
+        self._warnings.log(logging.INFO, ("connect", self.id.frontend_domid), "%s: using %d queues, protocol %s%s",
+                           self.name, len(spec.rings), spec.abi.value,
+                           ", persistent grants" if spec.persistent_grants else "")
         if not await self._publish_connected():
             await self._disconnect()
 
@@ -451,6 +454,9 @@ class Device:
             return
         if sectors == self.published_sectors:
             return
+        # Validate against the storage's real size at once (a shrunk disk must not
+        # take requests past its new end while the frontend is being told).
+        vbd.apply_size(sectors)
 
         async def body(t) -> bool:
             current = await self._read(f"{self.be}/state", t)
@@ -463,7 +469,6 @@ class Device:
         if await self._xs.transact(body):
             log.info("%s: resized from %d to %d sectors", self.name, self.published_sectors, sectors)
             self.published_sectors = sectors
-            vbd.apply_size(sectors)
 
     # ------------------------------------------------------------------ state, errors
 
@@ -547,11 +552,13 @@ class Device:
 
     # ------------------------------------------------------------------ xenstore helpers
 
-    async def _read(self, path: str, t=None) -> bytes | None:
+    async def _read(self, path: str, t=None, *, unreadable_is_absent: bool = False) -> bytes | None:
+        """A node's value or None if absent. unreadable_is_absent: EACCES too, for
+        the guest's nodes (it may deny us its state: xenbus reads that as Unknown)."""
         try:
             return await (t or self._xs).read(path)
         except XenStoreError as e:
-            if e.errno == errno.ENOENT:
+            if e.errno == errno.ENOENT or (unreadable_is_absent and e.errno == errno.EACCES):
                 return None
             raise
 

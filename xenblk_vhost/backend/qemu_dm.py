@@ -287,15 +287,17 @@ async def serve_qmp(listener: trio.SocketListener, state: DeviceModelState, *,
             nursery.start_soon(serve_qmp_connection, stream, state)
 
 
-def open_qmp_listener(args: QemuArgs) -> tuple[trio.SocketListener, str | None]:
+def open_qmp_listener(args: QemuArgs) -> tuple[trio.SocketListener | None, str | None]:
     """The libxl-cmd monitor socket: libxl's pre-opened fd, or our own at its path
-    (a stale file from a previous run is replaced, as QEMU does)."""
+    (a stale file from a previous run is replaced, as QEMU does). None when
+    there is no such monitor: `xl devd` starts a driver domain's qdisk backend
+    with `-monitor /dev/null` and only waits for "running"."""
     if args.qmp_fd is not None:
         sock = stdlib_socket.socket(fileno=args.qmp_fd)
         sock.setblocking(False)
         return trio.SocketListener(trio.socket.from_stdlib_socket(sock)), None
     if args.qmp_path is None:
-        raise QemuArgsError("no QMP monitor: expected -chardev socket,id=libxl-cmd,path=...|fd=...")
+        return None, None
     try:
         os.unlink(args.qmp_path)
     except FileNotFoundError:
@@ -342,7 +344,8 @@ async def run_device_model(args: QemuArgs, configs: list[DomainConfig], platform
     listener, created = open_qmp_listener(args)
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_qmp, listener, state)
+            if listener is not None:
+                await nursery.start(serve_qmp, listener, state)
             if not args.probe_only:
                 service = Service(xs, platform, configs, kinds=("qdisk",), only_domid=args.domid)
                 await nursery.start(service.run)
@@ -357,7 +360,8 @@ async def run_device_model(args: QemuArgs, configs: list[DomainConfig], platform
             await state.quit.wait()
             nursery.cancel_scope.cancel()
     finally:
-        await listener.aclose()
+        if listener is not None:
+            await listener.aclose()
         if created:
             try:
                 os.unlink(created)
