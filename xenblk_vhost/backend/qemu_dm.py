@@ -238,11 +238,54 @@ async def _send(stream: trio.SocketStream, obj: dict) -> None:
     await stream.send_all(json.dumps(obj).encode() + b"\r\n")
 
 
-async def serve_qmp_connection(stream: trio.SocketStream, state: DeviceModelState) -> None:
+def split_json_stream(buf: str) -> tuple[list[str | None], str]:
+    """Complete top-level JSON texts in buf, and the incomplete rest.
+
+    As QEMU's json-streamer: track brace/bracket nesting (outside strings) and
+    cut where it returns to zero; a character outside any object or array is
+    a bad token, reported as None (one per run of them) so the caller answers
+    a parse error and goes on.
+    """
+    texts: list[str | None] = []
+    depth = 0
+    in_string = escaped = False
+    start = 0
+    i = 0
+    while i < len(buf):
+        ch = buf[i]
+        if depth == 0:
+            if ch in "{[":
+                depth, start = 1, i
+            elif not ch.isspace():
+                while i + 1 < len(buf) and not buf[i + 1].isspace() and buf[i + 1] not in "{[":
+                    i += 1
+                texts.append(None)
+            i += 1
+            continue
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                texts.append(buf[start:i + 1])
+        i += 1
+    return texts, (buf[start:] if depth else "")
+
+
+async def serve_qmp_connection(stream: trio.abc.Stream, state: DeviceModelState) -> None:
     """One QMP client: greeting, then one reply per command, until it hangs up."""
-    decoder = json.JSONDecoder()
     buf = ""
     negotiated = False
+    parse_error = {"error": {"class": "GenericError", "desc": "JSON parse error"}}
     async with stream:
         try:
             await _send(stream, qmp_greeting())
@@ -250,23 +293,15 @@ async def serve_qmp_connection(stream: trio.SocketStream, state: DeviceModelStat
                 data = await stream.receive_some(65536)
                 if not data:
                     return
-                buf += data.decode("utf-8", "replace")
-                if len(buf) > MAX_QMP_BUFFER:
-                    log.warning("QMP client sent more than %d bytes without a complete command; closing",
-                                MAX_QMP_BUFFER)
-                    return
-                while True:
-                    buf = buf.lstrip()
-                    if not buf:
-                        break
+                texts, buf = split_json_stream(buf + data.decode("utf-8", "replace"))
+                for text in texts:
                     try:
-                        command, end = decoder.raw_decode(buf)
+                        command = json.loads(text) if text is not None else None
                     except json.JSONDecodeError:
-                        if buf[0] != "{":
-                            await _send(stream, {"error": {"class": "GenericError", "desc": "JSON parse error"}})
-                            buf = ""
-                        break  # an incomplete object: wait for the rest
-                    buf = buf[end:]
+                        command = None
+                    if command is None:
+                        await _send(stream, parse_error)
+                        continue
                     if not isinstance(command, dict):
                         await _send(stream, {"error": {"class": "GenericError",
                                                        "desc": "QMP input must be a JSON object"}})
@@ -274,6 +309,10 @@ async def serve_qmp_connection(stream: trio.SocketStream, state: DeviceModelStat
                     reply, negotiated = qmp_answer(command, negotiated, state)
                     log.debug("QMP %s -> %s", command.get("execute"), reply)
                     await _send(stream, reply)
+                if len(buf) > MAX_QMP_BUFFER:
+                    log.warning("QMP client sent more than %d bytes without a complete command; closing",
+                                MAX_QMP_BUFFER)
+                    return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 

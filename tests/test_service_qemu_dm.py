@@ -1,0 +1,142 @@
+"""The device-model route's pieces: QEMU's arguments as libxl builds them, and QMP as libxl speaks it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+import trio.testing
+
+from xenblk_vhost.backend.qemu_dm import (
+    DeviceModelState,
+    MAX_QMP_BUFFER,
+    QemuArgsError,
+    is_qemu_invocation,
+    parse_qemu_args,
+    qmp_answer,
+    serve_qmp_connection,
+)
+
+# libxl__build_device_model_args_new for a PV guest, Xen 4.17 (what the rig saw),
+# with device_model_args_pv = ["--config=/etc/xenblk-vhost/web1.yaml"].
+LIBXL_417_PV = [
+    "-xen-domid", "12", "-no-shutdown",
+    "-chardev", "socket,id=libxl-cmd,path=/var/run/xen/qmp-libxl-12,server=on,wait=off",
+    "-mon", "chardev=libxl-cmd,mode=control",
+    "-chardev", "socket,id=libxenstat-cmd,path=/var/run/xen/qmp-libxenstat-12,server=on,wait=off",
+    "-mon", "chardev=libxenstat-cmd,mode=control",
+    "-nodefaults", "-no-user-config", "-xen-attach", "-name", "web1", "-vnc", "none", "-display", "none",
+    "-nographic", "-machine", "xenpv", "--config=/etc/xenblk-vhost/web1.yaml", "-m", "1024",
+]
+
+
+def test_libxl_417_pv_arguments():
+    assert is_qemu_invocation(LIBXL_417_PV) and not is_qemu_invocation(["run", "x.yaml"])
+    a = parse_qemu_args(LIBXL_417_PV)
+    assert (a.domid, a.name, a.qmp_path, a.qmp_fd, a.paused, a.machine) == \
+        (12, "web1", "/var/run/xen/qmp-libxl-12", None, False, "xenpv")
+    assert a.configs == ("/etc/xenblk-vhost/web1.yaml",) and not a.probe_only
+    assert "-m" in a.ignored and "1024" in a.ignored and "-nographic" in a.ignored
+
+
+def test_dm_restrict_preopened_fd_paused_and_separate_option_values():
+    a = parse_qemu_args(["-xen-domid", "3", "-chardev", "socket,id=libxl-cmd,fd=9,server=on,wait=off", "-S",
+                         "-name", "guest=db,debug-threads=on", "-machine", "xenpv", "--config", "/a.yaml",
+                         "--config=/b.yaml", "--xenstore", "/xs", "--sim=/hv"])
+    assert (a.qmp_fd, a.qmp_path, a.paused, a.name) == (9, None, True, "db")
+    assert a.configs == ("/a.yaml", "/b.yaml") and (a.xenstore, a.sim) == ("/xs", "/hv")
+
+
+def test_xl_devd_backend_and_the_command_line_probe():
+    # libxl__spawn_qemu_xenpv_backend: no QMP at all.
+    devd = parse_qemu_args(["-xen-domid", "4", "-xen-attach", "-name", "domain-4", "-nographic", "-M", "xenpv",
+                            "-monitor", "/dev/null", "-serial", "/dev/null", "-parallel", "/dev/null"])
+    assert devd.qmp_path is None and devd.qmp_fd is None and devd.machine == "xenpv"
+    probe = parse_qemu_args(["-xen-domid", "4", "-S", "-machine", "none,accel=xen",
+                             "-chardev", "socket,id=libxl-cmd,fd=5,server=on,wait=off"])
+    assert probe.probe_only
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-name", "x"], "no -xen-domid"),
+    (["-xen-domid", "abc"], "-xen-domid 'abc' is not a domain id"),
+    (["-xen-domid", "1", "-name"], "-name needs a value"),
+    (["-xen-domid", "1", "--config"], "--config needs a value"),
+])
+def test_bad_arguments(argv, message):
+    with pytest.raises(QemuArgsError, match=message):
+        parse_qemu_args(argv)
+
+
+def test_qmp_commands_before_and_after_negotiation():
+    state = DeviceModelState(paused=True)
+    reply, ok = qmp_answer({"execute": "query-status", "id": 1}, False, state)
+    assert not ok and reply["error"]["class"] == "CommandNotFound" and reply["id"] == 1
+    reply, ok = qmp_answer({"execute": "qmp_capabilities", "id": 2}, False, state)
+    assert ok and reply == {"return": {}, "id": 2}
+    again, ok = qmp_answer({"execute": "qmp_capabilities", "id": 3}, True, state)
+    assert ok and "error" in again
+    assert qmp_answer({"execute": "query-status", "id": 4}, True, state)[0]["return"]["status"] == "prelaunch"
+    assert not state.running.is_set()
+    assert qmp_answer({"execute": "cont", "id": 5}, True, state)[0] == {"return": {}, "id": 5}
+    assert state.running.is_set()
+    assert qmp_answer({"execute": "query-status"}, True, state)[0] == \
+        {"return": {"status": "running", "singlestep": False, "running": True}}
+    assert qmp_answer({"execute": "query-chardev", "id": "x"}, True, state)[0] == {"return": [], "id": "x"}
+    assert qmp_answer({"execute": "query-vnc"}, True, state)[0] == {"return": {"enabled": False}}
+    assert qmp_answer({"execute": "device_add"}, True, state)[0]["error"]["class"] == "CommandNotFound"
+    assert qmp_answer({"arguments": {}}, True, state)[0]["error"]["class"] == "GenericError"
+    assert not state.quit.is_set()
+    qmp_answer({"execute": "quit"}, True, state)
+    assert state.quit.is_set()
+
+
+async def exchange(chunks: list[bytes]) -> list[dict]:
+    """Feed a QMP server the client's bytes in these chunks; every message it sent back."""
+    client, server = trio.testing.memory_stream_pair()
+    replies = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_qmp_connection, server, DeviceModelState(paused=False))
+        for chunk in chunks:
+            await client.send_all(chunk)
+            await trio.testing.wait_all_tasks_blocked()
+        await client.send_eof()
+        data = b""
+        while True:
+            more = await client.receive_some()
+            if not more:
+                break
+            data += more
+    assert data.endswith(b"\r\n")  # libxl finds messages by their "\r\n"
+    return [json.loads(line) for line in data.split(b"\r\n") if line]
+
+
+async def test_qmp_framing_split_and_joined_commands():
+    cap = json.dumps({"execute": "qmp_capabilities", "id": 1}).encode()
+    chardev = json.dumps({"execute": "query-chardev", "id": 2}).encode()
+    status = json.dumps({"execute": "query-status", "id": 3}).encode()
+    replies = await exchange([cap[:10], cap[10:] + b"\r\n" + chardev + b"\r\n" + status[:5], status[5:] + b"\n"])
+    assert replies[0]["QMP"]["version"]["qemu"]["major"] >= 2
+    assert replies[1:] == [{"return": {}, "id": 1}, {"return": [], "id": 2},
+                           {"return": {"status": "running", "singlestep": False, "running": True}, "id": 3}]
+
+
+async def test_qmp_garbage_is_answered_not_fatal():
+    replies = await exchange([b"garbage\r\n", b"[1, 2]\r\n", b'{"execute": bad}\r\n{"execute": "qmp_capa',
+                              b'bilities"}\r\n'])
+    assert [r.get("error", {}).get("class") for r in replies[1:]] == ["GenericError"] * 3 + [None]
+
+
+async def test_qmp_client_that_never_ends_a_command_is_cut_off():
+    replies = await exchange([b"{" + b" " * (MAX_QMP_BUFFER + 10)])
+    assert list(replies[0]) == ["QMP"] and len(replies) == 1
+
+
+def test_json_stream_split_respects_strings_and_nesting():
+    from xenblk_vhost.backend.qemu_dm import split_json_stream
+
+    texts, rest = split_json_stream('{"a": "}{\\"]"} [1, {"b": [2]}] x {"c": {')
+    assert texts == ['{"a": "}{\\"]"}', '[1, {"b": [2]}]', None]
+    assert rest == '{"c": {'
+    assert [json.loads(t) for t in texts[:2]] == [{"a": '}{"]'}, [1, {"b": [2]}]]
