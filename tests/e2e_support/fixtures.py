@@ -10,16 +10,12 @@ process would have them, or as `xenblk-vhost run --sim` (see run_backend).
 from __future__ import annotations
 
 import errno
-import os
-import signal
-import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Iterable
 
 import trio
 
-from xenblk_vhost.backend.logging_util import GuestWarnings
 from xenblk_vhost.backend.service import Service
 from xenblk_vhost.config import DomainConfig, load_config
 from xenblk_vhost.sim import open_sim
@@ -105,29 +101,3 @@ async def wait_node(xs, path: str, wanted, timeout: float = 10.0) -> str | None:
 
 def state_is(n: int):
     return lambda v: v is not None and v.strip() == str(n)
-
-
-class QuietWarnings(GuestWarnings):
-    """GuestWarnings that also counts what it logged and suppressed, per key (tests look)."""
-
-    def __init__(self, logger, **kw) -> None:
-        super().__init__(logger, **kw)
-        self.logged: list[str] = []
-
-    def log(self, level, key, msg, *args) -> bool:
-        spoke = super().log(level, key, msg, *args)
-        if spoke:
-            self.logged.append(msg % args)
-        return spoke
-
-
-def pids_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-PYTHON = sys.executable
-SIGTERM = signal.SIGTERM
