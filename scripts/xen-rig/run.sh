@@ -76,12 +76,13 @@ ls -1d "$RIG"/runs/2*/ 2>/dev/null | head -n -20 | xargs -r rm -rf
 
 rig_log "run dir $RUN; scenarios: ${names[*]}; boot timeout ${TIMEOUT}s"
 T1=$EPOCHREALTIME
+# (a failed or timed-out boot still gets its verdict below: no set -e exit here)
+qrc=0
 if [ $QUIET = 1 ]; then
-  "$RIG_HERE/boot.sh" --timeout "$TIMEOUT" "$SHARE" "$RUN/serial.log" > /dev/null
+  "$RIG_HERE/boot.sh" --timeout "$TIMEOUT" "$SHARE" "$RUN/serial.log" > /dev/null || qrc=$?
 else
-  "$RIG_HERE/boot.sh" --timeout "$TIMEOUT" "$SHARE" "$RUN/serial.log"
+  "$RIG_HERE/boot.sh" --timeout "$TIMEOUT" "$SHARE" "$RUN/serial.log" || qrc=$?
 fi
-qrc=$?
 T_BOOT=$(rig_since "$T1")
 
 # Verdict: every scenario must have written PASS. A missing status means dom0
@@ -92,16 +93,24 @@ echo "== xen-rig results ($RUN)"
 milestone() { sed -n "s/^\[ *\([0-9.]*\)\] .*$1.*/\1/p" "$RUN/serial.log" | head -1; }
 printf '   image check/build %ss; QEMU ran %ss (rc %s); dom0 init at %ss, toolstack up at %ss\n' \
   "$T_BUILD" "$T_BOOT" "$qrc" "$(milestone 'RIG: dom0 init start')" "$(milestone 'RIG: xen toolstack up')"
+npass=0; nfail=0
 for n in "${names[@]}"; do
   st=$(cat "$SHARE/out/$n/status" 2>/dev/null || echo "FAIL - never reported (dom0 crash, hang or boot timeout; see serial.log)")
   set -- $st
   printf '   %-22s %-4s %6ss  %s\n' "$n" "$1" "$2" "$(echo "$st" | cut -d' ' -f3-)"
-  [ "$1" = PASS ] || failed=1
+  if [ "$1" = PASS ]; then npass=$((npass + 1)); else nfail=$((nfail + 1)); failed=1; fi
+done
+# With --quiet nothing else shows what went wrong: the end of each failed log.
+for n in "${names[@]}"; do
+  grep -q '^PASS' "$SHARE/out/$n/status" 2>/dev/null && continue
+  echo "--- last lines of $n's log:"
+  tail -n 25 "$SHARE/out/$n/log" 2>/dev/null | sed 's/^/   | /' || echo "   (no log)"
 done
 grep -q 'RIG: all scenarios done' "$RUN/serial.log" || { echo "   dom0 did not finish its scenario list"; failed=1; }
-grep -E '\(XEN\) .*(FATAL|Panic)|Kernel panic|BUG: |general protection' "$RUN/serial.log" | head -5 | sed 's/^/   console: /'
+grep -E '\(XEN\) .*(FATAL|Panic)|Kernel panic|BUG: |general protection' "$RUN/serial.log" | head -5 | sed 's/^/   console: /' || true
 echo "   logs: $RUN/serial.log, $SHARE/out/<scenario>/"
 [ $failed = 0 ] && echo "== xen-rig: ALL PASSED" || echo "== xen-rig: FAILED"
+echo "xen-rig: $npass passed, $nfail failed"
 exit $failed
 exit $?
 }

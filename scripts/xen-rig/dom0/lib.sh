@@ -101,3 +101,11 @@ EOF
   xenstore-ls "$be" >/dev/null 2>&1 && fail "guest $name: $be still in xenstore 10 s after the guest died"
   return 0
 }
+
+# A loop device over a fresh sparse file; prints the device (/dev/loopN).
+# Kernel blkback needs a block device; the userspace backend's `phy` route
+# takes one too. main.sh detaches every loop device between scenarios.
+mkloop() {  # path size-MiB
+  mkdisk "$1" "$2"
+  losetup -f --show "$1"
+}

@@ -10,8 +10,7 @@ DISK=/var/lib/xenblk-rig/blkback-ref.img
 
 guest() {  # name vcpus cmdline expects...
   local name=$1 vcpus=$2 cmdline=$3; shift 3
-  mkdisk "$DISK" 64
-  LOOP=$(losetup -f --show "$DISK") || fail "losetup failed"
+  LOOP=$(mkloop "$DISK" 64) || fail "losetup failed"
   run_guest "$name" --disk "phy:$LOOP,xvda,w" --vcpus "$vcpus" --cmdline "$cmdline" "$@"
   # dom0's own view: the filesystem the guest made really is on the disk file.
   e2fsck -f -n "$LOOP" > "$OUT/$name.dom0-fsck.log" 2>&1 || fail "$name: dom0 e2fsck -fn of the guest's disk failed"
