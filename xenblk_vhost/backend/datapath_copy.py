@@ -79,6 +79,7 @@ class CopyDataPath:
         n = slot.nr_bytes
         if n <= SMALL_BUFFER:
             off = slot.index * SMALL_BUFFER
+            slot.large = False
         elif self._free_large:
             off = self._free_large.pop()
             slot.large = True
@@ -106,11 +107,12 @@ class CopyDataPath:
 
     def finish(self, slots) -> list:
         """ONE grant copy of every successful read out; release buffers. All may be answered now."""
-        self._copy([s for s in slots if s.buffer >= 0], True)
+        self._copy(slots, True)  # (a slot that never got a buffer has failed: skipped)
         free = self._free_large
         for slot in slots:
             if slot.large:
                 free.append(slot.buffer)
+                slot.large = False
         return slots
 
     def close(self) -> None:

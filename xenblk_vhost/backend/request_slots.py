@@ -6,6 +6,13 @@ allocates no per-request state. The slot index is the libblkio tag of every
 storage request made for it (a request split in parts has several storage
 requests with the same tag, counted in `parts`).
 
+The ring worker takes and returns slots inline (`pool.slots[pool.free.pop()]`,
+`pool.free.append(index)`: no call per request) and sets the request's own
+fields (req_id, op, sector, nr_bytes, segments, writes, steps) itself. A
+returned slot has step 0, parts 0, status OKAY, done None, in_storage False;
+the data paths keep their own fields right (extents and buffer are set
+before every use; large and mapping are cleared when released).
+
 Fields a data path fills:
   extents   ((address, length), ...): where the data is in our address space
             (one bounce buffer on the copy path; grant-mapped pages on the map path)
@@ -35,9 +42,6 @@ class Slot:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.reset()
-
-    def reset(self) -> None:
         self.req_id = 0
         self.op = 0  # the operation echoed in the response
         self.sector = 0
@@ -59,13 +63,13 @@ class Slot:
 class SlotPool:
     """Free slots as a stack: the most recently freed (cache-warm) slot is reused first."""
 
-    __slots__ = ("slots", "_free")
+    __slots__ = ("slots", "free")
 
     def __init__(self, size: int) -> None:
         if size < 1:
             raise ValueError("a ring needs at least one request slot")
         self.slots = [Slot(i) for i in range(size)]
-        self._free = list(range(size - 1, -1, -1))
+        self.free = list(range(size - 1, -1, -1))  # indices of free slots
 
     @property
     def size(self) -> int:
@@ -73,19 +77,12 @@ class SlotPool:
 
     @property
     def available(self) -> int:
-        return len(self._free)
+        return len(self.free)
 
     @property
     def busy(self) -> int:
-        return len(self.slots) - len(self._free)
-
-    def acquire(self) -> Slot:
-        return self.slots[self._free.pop()]
-
-    def release(self, slot: Slot) -> None:
-        slot.reset()
-        self._free.append(slot.index)
+        return len(self.slots) - len(self.free)
 
     def busy_slots(self) -> list[Slot]:
-        free = set(self._free)
+        free = set(self.free)
         return [s for s in self.slots if s.index not in free]

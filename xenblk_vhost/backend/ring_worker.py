@@ -261,19 +261,27 @@ class RingWorker:
             if type(item) is IndirectRequest:
                 batch = self._resolve_indirect(batch)
                 break
-        stats = self.stats
+        slots = self.pool.slots
+        free = self.pool.free
         run = []
+        append = run.append
+        rd_req = rd_sect = wr_req = wr_sect = 0
         for item in batch:
             kind = type(item)
             if kind is Request:
                 op = item.op
                 if op == OP_WRITE_BARRIER:
+                    self._count_dispatched(len(run), rd_req, rd_sect, wr_req, wr_sect)
+                    rd_req = rd_sect = wr_req = wr_sect = 0
                     self._start(run)
                     self._kick()
                     run = []
+                    append = run.append
                     await self._barrier(item)
                     continue
-                slot = self._acquire()
+                # The pool's slots are taken inline (no call per request); the
+                # intake took no more requests than there are free slots.
+                slot = slots[free.pop()]
                 slot.req_id = item.id
                 slot.op = op
                 slot.sector = item.sector
@@ -281,46 +289,57 @@ class RingWorker:
                 slot.nr_bytes = nr * SECTOR_SIZE
                 slot.segments = item.segments
                 if op == OP_READ:
+                    slot.writes = False
                     slot.steps = _READ
-                    stats.rd_req += 1
-                    stats.rd_sect += nr
+                    rd_req += 1
+                    rd_sect += nr
                 elif op == OP_WRITE:
                     slot.writes = True
                     slot.steps = _WRITE
-                    stats.wr_req += 1
-                    stats.wr_sect += nr
+                    wr_req += 1
+                    wr_sect += nr
                 else:  # OP_FLUSH_DISKCACHE (the decoder lets nothing else through)
                     assert op == OP_FLUSH_DISKCACHE
-                    stats.f_req += 1
-                    if nr:
-                        stats.wr_sect += nr
-                        slot.writes = True
-                        slot.steps = _WRITE_THEN_FLUSH
-                        if self.read_only:
-                            log.debug("%s: %s (id %d)", self.name, R_READ_ONLY_FLUSH, item.id)
-                            slot.status = RSP_ERROR
-                    else:
-                        slot.steps = _FLUSH
-                run.append(slot)
+                    self.stats.f_req += 1
+                    wr_sect += nr
+                    slot.writes = bool(nr)
+                    slot.steps = _WRITE_THEN_FLUSH if nr else _FLUSH
+                    if nr and self.read_only:
+                        log.debug("%s: %s (id %d)", self.name, R_READ_ONLY_FLUSH, item.id)
+                        slot.status = RSP_ERROR
+                append(slot)
             elif kind is Rejection:
                 log.debug("%s: rejected id %d op %d: %s", self.name, item.id, item.op, item.reason)
                 self._answer(item.id, item.op, item.status)
             elif kind is DiscardRequest:
-                stats.ds_req += 1
+                self.stats.ds_req += 1
                 if not item.nr_sectors:
                     self._answer(item.id, item.op, RSP_OKAY)  # nothing to discard (blkback: OKAY)
                     continue
-                slot = self._acquire()
+                slot = slots[free.pop()]
                 slot.req_id = item.id
                 slot.op = item.op
                 slot.sector = item.sector
                 slot.nr_bytes = item.nr_sectors * SECTOR_SIZE
+                slot.segments = ()
+                slot.writes = False
                 slot.steps = self._discard_steps
-                run.append(slot)
+                append(slot)
             else:
                 raise TypeError(f"unexpected {kind.__name__} after indirect resolution")
+        self._count_dispatched(len(run), rd_req, rd_sect, wr_req, wr_sect)
         self._start(run)
         self._kick()
+
+    def _count_dispatched(self, slots: int, rd_req: int, rd_sect: int, wr_req: int, wr_sect: int) -> None:
+        """Account for `slots` newly busy slots (their requests counted as blkback counts them)."""
+        stats = self.stats
+        stats.rd_req += rd_req
+        stats.rd_sect += rd_sect
+        stats.wr_req += wr_req
+        stats.wr_sect += wr_sect
+        stats.in_flight += slots
+        self.gate.enter(slots)
 
     def _resolve_indirect(self, batch) -> list:
         """ONE grant copy of every indirect page of the batch into private memory, then decode."""
@@ -357,7 +376,8 @@ class RingWorker:
         self._push()  # what came before the barrier must not wait for it
         await self.gate.drain()
         try:
-            slot = self._acquire()
+            slot = self.pool.slots[self.pool.free.pop()]
+            self._count_dispatched(1, 0, 0, 0, 0)
             slot.req_id = item.id
             slot.op = item.op
             slot.sector = item.sector
@@ -378,19 +398,22 @@ class RingWorker:
 
     # ------------------------------------------------------------ slots and storage
 
-    def _acquire(self):
-        slot = self.pool.acquire()
-        self.gate.enter()
-        self.stats.in_flight += 1
-        return slot
-
-    def _release(self, slot) -> None:
-        done = slot.done
-        self.pool.release(slot)
-        self.gate.leave()
-        self.stats.in_flight -= 1
-        if done is not None:
-            done.set()
+    def _release_all(self, slots) -> None:
+        """Give answered slots back to the pool, and wake whoever waits for that."""
+        free = self.pool.free
+        for slot in slots:
+            # Only what the next user of the slot does not set itself.
+            slot.step = 0
+            if slot.status:
+                slot.status = RSP_OKAY
+            done = slot.done
+            if done is not None:
+                slot.done = None
+                done.set()
+            free.append(slot.index)
+        n = len(slots)
+        self.gate.leave(n)
+        self.stats.in_flight -= n
         if self._slot_freed is not None:
             self._slot_freed.set()
             self._slot_freed = None
@@ -412,13 +435,30 @@ class RingWorker:
             held = set(map(id, waiting))
             slots = [s for s in slots if id(s) not in held]
         failed = None
+        qread = self.queue.read
+        qwrite = self.queue.write
+        max_transfer = self.shape.max_transfer
+        queued = 0
         for slot in slots:
-            if slot.status == RSP_OKAY:
-                self._queue(slot)
-            else:
+            if slot.status:
                 if failed is None:
                     failed = []
                 failed.append(slot)
+                continue
+            steps = slot.steps
+            if steps is _READ or steps is _WRITE:
+                extents = slot.extents
+                if len(extents) == 1:
+                    addr, n = extents[0]
+                    if not max_transfer or n <= max_transfer:
+                        # the common case, one storage request from one buffer
+                        (qwrite if steps is _WRITE else qread)(slot.sector * SECTOR_SIZE, addr, n, slot.index)
+                        slot.parts = 1
+                        slot.in_storage = True
+                        queued += 1
+                        continue
+            self._queue(slot)
+        self._io_outstanding += queued
         if failed:
             self._finish(failed)
 
@@ -475,11 +515,20 @@ class RingWorker:
     def _finish(self, slots) -> None:
         """Data path finish (copy reads out / unmap), then answer and free the ready slots."""
         ready = self.datapath.finish(slots)
-        answer = self._answer
-        release = self._release
-        for slot in ready:
-            answer(slot.req_id, slot.op, slot.status)
-            release(slot)
+        if ready:
+            if self._halted:  # a halted ring answers nothing more
+                self.stats.errors += sum(1 for s in ready if s.status)
+            else:
+                put = self.ring.put_response
+                errors = 0
+                for slot in ready:
+                    status = slot.status
+                    if status:
+                        errors += 1
+                    put(slot.req_id, slot.op, status)
+                self.stats.errors += errors
+                self._unpushed = True
+            self._release_all(ready)
         if self._stalled:
             self._retry_stalled()
 
