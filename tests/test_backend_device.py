@@ -87,8 +87,9 @@ async def test_no_configured_disk_is_reported_as_xenbus_dev_fatal_does(tmp_path)
             await nursery.start(device.run)
             assert await read_text(xs, f"{vbd.backend}/state") == "5"
             error_path = f"/local/domain/0/error/backend/vbd/{DOMID}/{vbd.devid}/error"
-            assert await read_text(xs, error_path) == \
-                f"{errno.ENODEV} no disk configured for this domain as xvdq (device {vbd.devid})"
+            report = f"{errno.ENODEV} no disk configured for this domain as xvdq (device {vbd.devid})"
+            assert await read_text(xs, error_path) == report
+            assert await read_text(xs, f"{vbd.backend}/error") == report  # where the frontend can read it
             # The frontend follows to Closed; the device stays (online=1) and says Closed.
             await xs.write(f"{vbd.frontend}/state", "6")
             await wait_node(xs, f"{vbd.backend}/state", state_is(6))

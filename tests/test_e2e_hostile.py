@@ -3,8 +3,8 @@
 The hostile guest writes its frontend nodes itself (through its own,
 unprivileged xenstore connection) and switches to Initialised; each bad
 value must end with blkback's error report ("<errno> <message>" in
-/local/domain/0/error/backend/vbd/<domid>/<devid>/error) and the device in
-Closing, the guest able to close and try again, nothing leaked, the log
+/local/domain/0/error/backend/vbd/<domid>/<devid>/error, and in the backend
+dir's `error`) and the device in Closing, the guest able to close and try again, nothing leaked, the log
 not flooded, and the other guest's disk served throughout.
 """
 
@@ -90,10 +90,14 @@ async def test_hostile_transport_nodes_are_refused_with_blkbacks_errors_while_ot
                         await wait_node(world.xs, f"{bad.backend}/state", state_is(5))
                         text = await read_text(world.xs, error_node)
                         assert text.startswith(expected.format(fe=bad.frontend)), (nodes, text)
+                        assert await read_text(world.xs, f"{bad.backend}/error") == text
                         # The other guest keeps its disk through all of it.
                         await alice_fe.call("write", sector=64, sectors=8, seed=len(text))
                         assert (await alice_fe.call("verify", sector=64, sectors=8, seed=len(text)))["equal"]
                         await cycle_to_initwait(gxs, bad.frontend, bad.backend, world.xs)
+                        # A new attempt starts with a clean slate.
+                        assert await read_text(world.xs, f"{bad.backend}/error") is None
+                        assert await read_text(world.xs, error_node) is None
 
                     # A state no frontend may be in: fatal, as blkback's default case.
                     await gxs.write(f"{bad.frontend}/state", "7")

@@ -23,8 +23,9 @@ on_frontend_state() decides. Decisions use the nodes' current values, so
 the toolstack writing our state (detach writes Closing) counts as ours.
 
 Errors are reported as xenbus_dev_fatal does: "<errno> <message>" in
-/local/domain/<backend>/error/backend/<kind>/<domid>/<devid>/error, and the
-device goes Closing. Errors a guest causes are logged through the shared
+/local/domain/<backend>/error/backend/<kind>/<domid>/<devid>/error (and, for
+the frontend's and the operator's eyes, in the backend dir's own `error`),
+and the device goes Closing. Errors a guest causes are logged through the shared
 rate limiter (GuestWarnings), keyed by the guest's domid.
 
 Ending: a frontend whose state node is gone (domain destroyed) or Closed
@@ -353,6 +354,7 @@ class Device:
         except DeviceFatal as e:
             await self._fatal(e)
             return
+        await self._rm_error_report()  # the last connection's failure is history now
         await self._switch_state(XenbusState.INIT_WAIT, extra=self._probe_nodes())
 
     # ------------------------------------------------------------------ connect
@@ -504,7 +506,12 @@ class Device:
         self.state = state
 
     async def _fatal(self, e: DeviceFatal) -> None:
-        """xenbus_dev_fatal: the error node, a log line, then Closing."""
+        """xenbus_dev_fatal: the error report, a log line, then Closing.
+
+        The report goes where xenbus_dev_error puts it (error/<nodename>/error
+        under our home) and, as well, to `error` in the backend dir itself,
+        where the frontend (and an operator listing the device) can read it.
+        """
         text = f"{e.errno} {e.message}"
         if e.guest:
             self._warnings.warn(self.id.frontend_domid, "%s: %s", self.name, text)
@@ -512,8 +519,14 @@ class Device:
             log.error("%s: %s", self.name, text)
         try:
             await self._xs.write(self.id.error_path, text)
+
+            async def beside_the_device(t) -> None:
+                if await self._read(f"{self.be}/state", t) is not None:  # not re-creating a removed dir
+                    await t.write(f"{self.be}/error", text)
+
+            await self._xs.transact(beside_the_device)
         except XenStoreError as err:
-            log.error("%s: failed to write error node (%s)", self.name, err)
+            log.error("%s: failed to write the error report (%s)", self.name, err)
         await self._switch_state(XenbusState.CLOSING)
 
     # ------------------------------------------------------------------ release
@@ -571,7 +584,9 @@ class Device:
         return text.isdigit() and int(text) != 0
 
     async def _rm_error_report(self) -> None:
-        """Our dir under error/, and the parents it leaves empty (as libxl's path cleanup)."""
+        """Both reports: `error` in the backend dir, and our dir under error/ with
+        the parents it leaves empty (as libxl's path cleanup)."""
+        await self._rm_quietly(f"{self.be}/error")
         home = f"/local/domain/{self.id.backend_domid}/error"
         path = f"{home}/{self.id.relative_path}"
         if await self._read(path) is None:
