@@ -205,6 +205,9 @@ def test_features_follow_config_and_storage(tmp_path):
     f = derive_features(mapped, _limits(), capacity=1 << 30, num_queues=1)
     assert f.persistent and f.max_indirect_segments == 256  # no bounce memory on the map path
     assert f.device_limits(100).sectors == 100 and f.device_limits().max_indirect_segments == 256
+    # storage that needs registered memory cannot take grant-mapped pages: copy, whatever the config
+    f = derive_features(mapped, vu, capacity=1 << 30, num_queues=1)
+    assert f.data_path == "copy" and not f.persistent and f.max_indirect_segments == 126
 
 
 async def test_online_resize_is_seen_and_applied(tmp_path, platform, guest):

@@ -126,8 +126,15 @@ class RingWorker:
         self.storage_timeout = storage_timeout
         self._on_storage_failure = on_storage_failure
         max_bytes = max_request_segments * XEN_PAGE_SIZE
-        self._iov_per_slot = shape.iovecs_per_request(max_request_segments, max_bytes)
-        self._iovecs = IovecArray(pool_size * self._iov_per_slot)
+        # iovec arrays only where a request can have several extents: grant-
+        # mapped pages (the copy path packs each request in one buffer and
+        # splits it by byte ranges, never needing one).
+        if datapath.name == "map":
+            self._iov_per_slot = shape.iovecs_per_request(max_request_segments, max_bytes)
+            self._iovecs = IovecArray(pool_size * self._iov_per_slot)
+        else:
+            self._iov_per_slot = 0
+            self._iovecs = None
         # Private memory for indirect pages: only the bytes that hold segments
         # are copied (8 per segment), for every slot at once at most.
         max_indirect = intake.limits.max_indirect_segments

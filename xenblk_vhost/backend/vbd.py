@@ -15,7 +15,8 @@ The xenbus side (backend/device.py) uses this surface and nothing else:
                                          # flight, then unmap/unbind/free; serve() returns.
                                          # Idempotent; returns at once when not serving.
     vbd.current_sectors()                # storage capacity now, 512-byte units (online resize:
-    vbd.apply_size(sectors)              #   the control side publishes it, then applies it here)
+    vbd.sectors                          #   compare with the size in force, and
+    vbd.apply_size(sectors)              #   apply a new one to later requests; publishing is yours)
     vbd.stats()                          # {"rings": [per-ring snapshot], "total": {...}}
     vbd.close()                          # free the storage (after disconnect)
 
@@ -157,7 +158,7 @@ class Vbd:
         return self._sectors
 
     def apply_size(self, sectors: int) -> None:
-        """Validate later requests against a new size (after publishing it to the frontend)."""
+        """Validate requests from now on against a new size (in-flight ones are not recalled)."""
         self._sectors = sectors
         limits = self.features.device_limits(sectors)
         for intake in self._intakes:

@@ -30,6 +30,10 @@ Decisions, each as Linux blkback makes it unless noted:
                        would not use them
   feature-persistent   config persistent_grants, and only with data_path map
                        (on the copy path a persistent mapping saves nothing)
+  data path            config data_path, except that storage whose buffers
+                       must lie in registered memory regions (vhost-user,
+                       vDPA: needs-mem-regions) always gets copy: grant-mapped
+                       pages are not in any region
   multi-queue-max-queues  the queues the storage actually opened
   max-ring-page-order  config ring_page_order
 """
@@ -123,6 +127,7 @@ def derive_features(disk: DiskConfig, storage: StorageLimits, *, capacity: int, 
     if lbs > XEN_PAGE_SIZE:
         raise ValueError(f"logical block size {lbs} exceeds a page: no blkif segment could be aligned")
     read_only = disk.readonly or storage.read_only
+    data_path = "copy" if storage.needs_mem_regions else disk.data_path
     discard = disk.discard and not read_only and (storage.supports_discard or storage.supports_write_zeroes)
     granularity = max(lbs, storage.discard_alignment or 0)
     return VbdFeatures(
@@ -137,21 +142,21 @@ def derive_features(disk: DiskConfig, storage: StorageLimits, *, capacity: int, 
         discard_alignment=(storage.discard_alignment_offset or 0) if discard else 0,
         discard_secure=False,
         discard_by_write_zeroes=discard and not storage.supports_discard,
-        max_indirect_segments=max_indirect_segments(disk, storage),
-        persistent=disk.persistent_grants and disk.data_path == "map",
+        max_indirect_segments=max_indirect_segments(disk, storage, data_path),
+        persistent=disk.persistent_grants and data_path == "map",
         max_queues=num_queues,
         max_ring_page_order=disk.ring_page_order,
-        data_path=disk.data_path,
+        data_path=data_path,
     )
 
 
-def max_indirect_segments(disk: DiskConfig, storage: StorageLimits) -> int:
+def max_indirect_segments(disk: DiskConfig, storage: StorageLimits, data_path: str) -> int:
     """The indirect limit we can honour without splitting an indirect request badly."""
     n = min(disk.max_indirect_segments, MAX_INDIRECT_SEGMENTS_ABI)
     if storage.max_segments:
         n = min(n, storage.max_segments)
     if storage.max_transfer:
         n = min(n, storage.max_transfer // XEN_PAGE_SIZE)
-    if disk.data_path == "copy":
+    if data_path == "copy":
         n = min(n, disk.memory // 2 // XEN_PAGE_SIZE)
     return n if n > MAX_SEGMENTS_PER_REQUEST else 0
