@@ -85,6 +85,7 @@ from ..blkif.constants import (
     SECTORS_PER_PAGE,
     XEN_PAGE_SIZE,
 )
+from .._groups import reraise_alone
 from ..blkif.request import indirect_pages_for
 from ..xen.interfaces import XenStore
 from . import blkfront_xenbus as xb
@@ -503,22 +504,8 @@ async def open_blkfront(xs: XenStore, guest, devid: int,
         async with _frontend_nursery(xs, guest, devid, options) as front:
             yield front
     except BaseExceptionGroup as group:
-        _reraise_alone(group)
+        reraise_alone(group)
         raise
-
-
-def _reraise_alone(group: BaseExceptionGroup) -> None:
-    """Re-raise the one exception a group holds (at any depth) as itself."""
-    while len(group.exceptions) == 1 and isinstance(group.exceptions[0], BaseExceptionGroup):
-        group = group.exceptions[0]
-    if len(group.exceptions) != 1:
-        return
-    exc = group.exceptions[0]
-    saved = exc.__cause__, exc.__context__, exc.__suppress_context__
-    try:
-        raise exc
-    finally:
-        exc.__cause__, exc.__context__, exc.__suppress_context__ = saved
 
 
 @asynccontextmanager

@@ -46,6 +46,7 @@ from typing import AsyncIterator
 import trio
 
 from xenblk_vhost.xen.xs_wire import Reader, WireError
+from .._groups import reraise_alone
 
 from .xenstore_core import Effects, XenstoredCore
 
@@ -230,7 +231,7 @@ async def serve_xenstored(socket_path: str) -> AsyncIterator[XenstoredServer]:
     except BaseExceptionGroup as group:
         # Our tasks handle their own errors, so a lone exception here is the
         # caller's own (from the block): give it back unwrapped.
-        _reraise_alone(group)
+        reraise_alone(group)
         raise
 
 
@@ -268,19 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     for e in failures:
         log.error("%s", e)
     return 1 if failures else 0
-
-
-def _reraise_alone(group: BaseExceptionGroup) -> None:
-    """Re-raise the only exception of `group` as itself, its cause and context untouched
-    (the group wrapper is an artefact of our nursery, not part of the caller's story)."""
-    if len(group.exceptions) != 1:
-        return
-    exc = group.exceptions[0]
-    saved = exc.__cause__, exc.__context__, exc.__suppress_context__
-    try:
-        raise exc
-    finally:
-        exc.__cause__, exc.__context__, exc.__suppress_context__ = saved
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 import trio
 
 from .interfaces import Permission, XenStoreError
+from .._groups import reraise_alone
 from .xs_wire import ERROR_NAMES, PAYLOAD_MAX, Message, Op, Reader, WireError, encode_str, join_args, split_strings
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ async def open_xenstore(path: str | None = None) -> AsyncIterator["XenStoreClien
     except BaseExceptionGroup as group:
         # The reader task handles its own errors, so a lone exception is the
         # caller's own (raised in the block): give it back as itself.
-        _reraise_alone(group)
+        reraise_alone(group)
         raise
 
 
@@ -501,16 +502,3 @@ class XenStoreClient(_Operations):
         for events in self._watches.values():
             events._fail(self._error)
         self._ignored.clear()
-
-
-def _reraise_alone(group: BaseExceptionGroup) -> None:
-    """Re-raise the only exception of `group` as itself, its cause and context untouched
-    (the group wrapper is an artefact of our nursery, not part of the caller's story)."""
-    if len(group.exceptions) != 1:
-        return
-    exc = group.exceptions[0]
-    saved = exc.__cause__, exc.__context__, exc.__suppress_context__
-    try:
-        raise exc
-    finally:
-        exc.__cause__, exc.__context__, exc.__suppress_context__ = saved
