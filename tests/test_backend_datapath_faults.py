@@ -377,3 +377,37 @@ def test_shared_index_writes_are_never_seen_half_done():
     shm.close()
     assert reads > 10_000 and value > 10_000
     assert low == 0, f"the reader saw rsp_prod below every value written {low} times in {reads} reads"
+
+
+async def test_guest_destroyed_with_requests_in_flight(tmp_path, platform, hv_socket):
+    """The domain dies while its read is in the storage: the read's data cannot be copied to it any
+    more (GNTST_bad_domain), the request is answered ERROR on the still-mapped ring, the backend
+    keeps running and disconnects cleanly."""
+    from backend_support.gated_queue import gate_queues
+    from xenblk_vhost.sim.guest import Guest
+
+    g = Guest.create(hv_socket, pages=256)
+    path = make_disk_file(tmp_path / "disk.img")
+    vbd = make_vbd(path, queues=1)
+    [q] = gate_queues(vbd, [])
+    front = TestFrontend(g)
+    tasks = count_tasks()
+    try:
+        async with trio.open_nursery() as n:
+            await n.start(vbd.serve, front.spec(), platform)
+            rd = front.data_page(readonly=False)
+            q.hold("read", 0)
+            front.rw(0, OP_READ, 1, 0, [(rd.gref, 0, 7)])
+            front.push()
+            assert await front.no_response(0)
+            front.close()
+            g.destroy()
+            q.release()
+            with trio.fail_after(5):
+                while vbd.stats()["total"]["in_flight"]:
+                    await trio.sleep(0.01)
+            assert vbd.stats()["total"]["errors"] == 1 and vbd.serving
+            await vbd.disconnect()
+        assert not vbd.serving and count_tasks() == tasks
+    finally:
+        vbd.close()

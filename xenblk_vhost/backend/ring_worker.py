@@ -146,6 +146,7 @@ class RingWorker:
         self._last_completion = time.monotonic()
         self._stalled: list = []  # slots waiting for data-path memory, in ring order
         self._unpushed = False
+        self._notify_failed = False
         self._halted = False
         self._failed = False
         self._stopping = False
@@ -551,7 +552,14 @@ class RingWorker:
         if self._unpushed:
             self._unpushed = False
             if self.ring.push_responses():
-                self.channel.notify()
+                try:
+                    self.channel.notify()
+                except (OSError, trio.ClosedResourceError) as e:
+                    # The frontend's end is gone (domain dying): nobody to
+                    # wake; the control side will tear the connection down.
+                    if not self._notify_failed:
+                        self._notify_failed = True
+                        log.warning("%s: cannot notify the frontend: %s", self.name, e)
 
     def _storage_failed(self, e: Exception) -> None:
         """The storage as a whole is gone: answer everything outstanding with an error."""
