@@ -175,3 +175,27 @@ def test_sizes(value, expected):
 def test_bad_sizes(value):
     with pytest.raises(ValueError):
         parse_size(value)
+
+
+def test_check_storage_false_skips_only_the_storage_check(tmp_path, disk_img):
+    path = write(tmp_path, f"""
+        domain: {{name: later}}
+        disks:
+          - {{vdev: xvda, driver: io_uring, path: /nonexistent/later.img}}
+          - {{vdev: xvdb, driver: virtio-blk-vhost-user, path: /nonexistent/later.sock}}
+          - {{vdev: xvdc, driver: io_uring, path: {disk_img}, queues: 0}}
+        """)
+    # Strict (what `run` does): both missing paths are refused.
+    assert problems(path) == [
+        f"{path}:3: disks[0].path: /nonexistent/later.img: no such file (file or block device expected)",
+        f"{path}:4: disks[1].path: /nonexistent/later.sock: no such file (vhost-user-blk unix socket expected)",
+        f"{path}:5: disks[2].queues: must be between 1 and 64, got 0",
+    ]
+    # Without the storage check, every other check still holds.
+    with pytest.raises(ConfigError) as info:
+        load_configs([path], check_storage=False)
+    assert [str(p) for p in info.value.problems] == [f"{path}:5: disks[2].queues: must be between 1 and 64, got 0"]
+    path.write_text(path.read_text().replace("queues: 0", "queues: 1"))
+    (cfg,) = load_configs([path], check_storage=False)
+    assert [(d.name, d.path) for d in cfg.disks] == [
+        ("xvda", "/nonexistent/later.img"), ("xvdb", "/nonexistent/later.sock"), ("xvdc", str(disk_img))]

@@ -24,10 +24,10 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2  # also: a configuration that does not validate
 
 
-def _load_or_report(paths) -> list | None:
+def _load_or_report(paths, check_storage: bool = True) -> list | None:
     """The configs, or None after printing every problem (`FILE:LINE: key: reason`)."""
     try:
-        return load_configs(paths)
+        return load_configs(paths, check_storage=check_storage)
     except ConfigError as e:
         for problem in e.problems:
             print(problem, file=sys.stderr)
@@ -35,13 +35,14 @@ def _load_or_report(paths) -> list | None:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    configs = _load_or_report(args.config)
+    configs = _load_or_report(args.config, check_storage=not args.no_storage)
     if configs is None:
         return EXIT_USAGE
+    unchecked = " (storage not checked)" if args.no_storage else ""
     for cfg in configs:
         who = f"domain {cfg.name!r}" if cfg.name is not None else f"domid {cfg.domid}"
         disks = ", ".join(f"{d.name} ({d.driver} {d.path}{', ro' if d.readonly else ''})" for d in cfg.disks)
-        print(f"{cfg.source}: ok: {who}: {disks}")
+        print(f"{cfg.source}: ok: {who}: {disks}{unchecked}")
     return EXIT_OK
 
 
@@ -137,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
         "valid, 2 with one `FILE:LINE: key: reason` line per problem otherwise.",
     )
     check.add_argument("config", nargs="+", metavar="CONFIG", help="a domain's YAML file")
+    check.add_argument("--no-storage", action="store_true",
+                       help="check everything but the storage: do not require each disk's path (image, "
+                       "block device, vhost-user socket) to exist yet, e.g. on another machine or before "
+                       "the storage daemon has started (`run` always checks it)")
     check.set_defaults(func=_cmd_check)
     run = sub.add_parser(
         "run",

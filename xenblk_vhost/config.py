@@ -20,7 +20,12 @@ A file names its domain and its disks::
         properties: {num-entries: 256}               # passed to libblkio as is
 
 Everything is checked before anything starts; every problem is reported at
-once as `FILE:LINE: key: reason`.
+once as `FILE:LINE: key: reason`. That includes the storage: each disk's path
+must exist and be the kind of thing its driver opens. `check_storage=False`
+(`xenblk-vhost check --no-storage`) leaves that one check out, for files
+written on another machine than the one they will serve on (examples, a
+configuration repository, a storage node whose sockets appear only when its
+storage daemon starts); `run` always checks.
 """
 
 from __future__ import annotations
@@ -285,7 +290,8 @@ def _check_target(check: _Checker, driver: str, path: str, line: int, key: str) 
         check.problem(line, key, f"{path}: not a {DRIVERS[driver]}")
 
 
-def _disk(check: _Checker, item: Any, line: int, index: int, base: Path) -> DiskConfig | None:
+def _disk(check: _Checker, item: Any, line: int, index: int, base: Path,
+          check_storage: bool = True) -> DiskConfig | None:
     where = f"disks[{index}]."
     disk = check.mapping(item, line, f"disks[{index}]")
     if disk is None:
@@ -306,7 +312,8 @@ def _disk(check: _Checker, item: Any, line: int, index: int, base: Path) -> Disk
     if path is not None and driver is not None:
         if not os.path.isabs(path):
             path = str(base / path)
-        _check_target(check, driver, path, disk.key_lines["path"], f"{where}path")
+        if check_storage:
+            _check_target(check, driver, path, disk.key_lines["path"], f"{where}path")
     direct = check.typed(disk, "direct", bool, False, where)
     readonly = check.typed(disk, "readonly", bool, False, where)
     queues = check.typed(disk, "queues", int, DEFAULT_QUEUES, where, 1, MAX_QUEUES)
@@ -354,8 +361,10 @@ def _disk(check: _Checker, item: Any, line: int, index: int, base: Path) -> Disk
                       max_inflight=max_inflight, memory=memory, properties=properties, line=disk.line)
 
 
-def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> DomainConfig:
-    """Validate one domain's YAML; raise ConfigError listing every problem."""
+def parse_config(text: str, source: str = "<config>", base: Path | None = None, *,
+                 check_storage: bool = True) -> DomainConfig:
+    """Validate one domain's YAML; raise ConfigError listing every problem.
+    check_storage=False: do not look at the disks' paths (see the module doc)."""
     check = _Checker(source)
     base = base or Path(source).resolve().parent
     try:
@@ -395,7 +404,7 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
     else:
         seq = root["disks"]
         for i, (item, line) in enumerate(zip(seq, seq.item_lines)):
-            disk = _disk(check, item, line, i, base)
+            disk = _disk(check, item, line, i, base, check_storage)
             if disk is None:
                 continue
             clash = next((d for d in disks if d.vdev == disk.vdev), None)
@@ -409,21 +418,21 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
     return DomainConfig(source=source, name=name, domid=domid, disks=tuple(disks))
 
 
-def load_config(path: str | os.PathLike) -> DomainConfig:
+def load_config(path: str | os.PathLike, *, check_storage: bool = True) -> DomainConfig:
     p = Path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise ConfigError([Problem(str(p), 0, "file", e.strerror or str(e))]) from None
-    return parse_config(text, source=str(p), base=p.resolve().parent)
+    return parse_config(text, source=str(p), base=p.resolve().parent, check_storage=check_storage)
 
 
-def load_configs(paths: Iterable[str | os.PathLike]) -> list[DomainConfig]:
+def load_configs(paths: Iterable[str | os.PathLike], *, check_storage: bool = True) -> list[DomainConfig]:
     """Load several files; all problems from all files in one ConfigError."""
     configs, problems = [], []
     for path in paths:
         try:
-            configs.append(load_config(path))
+            configs.append(load_config(path, check_storage=check_storage))
         except ConfigError as e:
             problems.extend(e.problems)
     seen: dict[tuple[str, Any], DomainConfig] = {}
