@@ -123,6 +123,7 @@ class RingWorker:
         self.shape = shape
         self.read_only = read_only
         self._discard_steps = _WRITE_ZEROES if discard_by_write_zeroes else _DISCARD
+        self._counts_grants = getattr(datapath, "persistent", None) is not None
         self.storage_timeout = storage_timeout
         self._on_storage_failure = on_storage_failure
         max_bytes = max_request_segments * XEN_PAGE_SIZE
@@ -438,6 +439,8 @@ class RingWorker:
             self._finish(slots)
             return
         waiting = self.datapath.prepare(slots)
+        if self._counts_grants:
+            self.stats.persistent_grants = self.datapath.persistent_grants
         if waiting:
             self._stalled.extend(waiting)
             held = set(map(id, waiting))
