@@ -1,0 +1,125 @@
+# Helpers for the xenblk-vhost-* scenarios (sourced after lib.sh): our backend
+# as a standalone daemon, guests not run to completion (lifecycle), online
+# resize from dom0, and the comparison with kernel blkback's results.
+XB_DIR=/var/lib/xenblk-rig
+XB_HOTPLUG=$RIG_DOM0/xenblk_hotplug.sh
+mkdir -p "$XB_DIR"
+
+# A one-domain YAML for our backend. Disk lines are YAML flow mappings, e.g.
+#   xb_yaml FILE NAME '{vdev: xvda, driver: io_uring, path: /x.img, data_path: map}' ...
+xb_yaml() {  # file domain-name disk...
+  local f=$1 name=$2; shift 2
+  { echo "domain: {name: $name}"; echo "disks:"; for d in "$@"; do echo "  - $d"; done; } > "$f"
+  cp "$f" "$OUT/$(basename "$f")"
+  xenblk-vhost check "$f" || fail "xenblk-vhost check refused $f"
+}
+
+# The xl disk line of the standalone-daemon route: backendtype=phy, our
+# hotplug script, and the YAML as the target (libxl writes it to `params`).
+xb_phy_disk() { echo "vdev=$1,access=rw,backendtype=phy,script=$XB_HOTPLUG,target=$2"; }
+
+# Start `xenblk-vhost run CONFIG...` in the background; wait for "ready".
+# Sets XB_PID and XB_LOG.
+xb_start_daemon() {  # tag config...
+  local tag=$1; shift
+  XB_LOG=$OUT/daemon-$tag.log
+  local t0; t0=$(uptime_s)
+  xenblk-vhost run --log-level info "$@" > "$XB_LOG" 2>&1 &
+  XB_PID=$!
+  local i=0
+  until grep -q '^ready$' "$XB_LOG"; do
+    kill -0 "$XB_PID" 2>/dev/null || { cat "$XB_LOG"; fail "xenblk-vhost run exited before ready (log above)"; }
+    sleep 0.2; i=$((i + 1))
+    [ $i -lt 300 ] || { cat "$XB_LOG"; fail "xenblk-vhost run not ready after 60 s"; }
+  done
+  note "daemon $tag: pid $XB_PID ready after $(awk "BEGIN{print $(uptime_s)-$t0}")s"
+}
+
+xb_assert_alive() {  # what
+  kill -0 "$XB_PID" 2>/dev/null || { tail -30 "$XB_LOG"; fail "$1: the xenblk-vhost daemon (pid $XB_PID) died"; }
+}
+
+# Grant mappings the daemon holds (gntdev VMAs): 0 once no guest is connected.
+xb_gnt_maps() { grep -c '/dev/xen/gntdev' "/proc/$XB_PID/maps" || true; }
+
+# Problems in a daemon log that no scenario may leave behind.
+xb_log_clean() {  # log what
+  if grep -nE 'Traceback|device task failed|datapath failed|CRITICAL' "$1" > "$OUT/bad-lines.txt"; then
+    head -20 "$OUT/bad-lines.txt"; fail "$2: $(basename "$1") has crash lines (above)"
+  fi
+}
+
+# SIGTERM: the daemon must drain and exit 0 within 30 s, with a clean log.
+xb_stop_daemon() {  # what
+  xb_assert_alive "$1"
+  kill -TERM "$XB_PID"
+  local i=0
+  while kill -0 "$XB_PID" 2>/dev/null && [ $i -lt 150 ]; do sleep 0.2; i=$((i + 1)); done
+  kill -0 "$XB_PID" 2>/dev/null && { kill -KILL "$XB_PID"; fail "$1: daemon still running 30 s after SIGTERM"; }
+  local rc=0; wait "$XB_PID" || rc=$?
+  [ $rc = 0 ] || { tail -20 "$XB_LOG"; fail "$1: daemon exited with status $rc after SIGTERM"; }
+  xb_log_clean "$XB_LOG" "$1"
+  note "ok: $1: daemon exited 0 on SIGTERM, log clean"
+}
+
+# Wait for a line matching an ERE in a guest's live console log.
+xb_wait_console() {  # name ere timeout-s what
+  local log=/var/log/xen/console/guest-$1.log i=0
+  until grep -qE "$2" "$log" 2>/dev/null; do
+    sleep 0.5; i=$((i + 1))
+    if [ $i -ge $(($3 * 2)) ]; then
+      cp "$log" "$OUT/guest-$1.timeout.log" 2>/dev/null || true
+      fail "guest $1: no '$2' on its console after $3 s ($4)"
+    fi
+    xl domid "$1" > /dev/null 2>&1 || { cp "$log" "$OUT/guest-$1.died.log" 2>/dev/null || true
+                                         fail "guest $1 died before '$2' ($4)"; }
+  done
+}
+
+# The last completed round of the guest's busy step on a disk (0: none yet).
+xb_busy_round() {  # console-log disk
+  local r; r=$(sed -n "s/.*XENBLK-GUEST-BUSY $2 \([0-9][0-9]*\).*/\1/p" "$1" | tail -1)
+  echo "${r:-0}"
+}
+
+# The last value of a RESULT key in a console log.
+xb_console_result() { sed -n "s/^RESULT $2=//p" "$1" | tr -d '\r' | tail -1; }
+
+# A guest outside run_guest (the lifecycle cases): started, left running.
+xb_create() {  # name cfg-tag steps cmdline vcpus disk...
+  local name=$1 tag=$2 steps=$3 cmdline=$4 vcpus=$5; shift 5
+  local disks="" d
+  for d in "$@"; do disks+="'$d', "; done
+  cat > "$OUT/$name.$tag.cfg" <<CFG
+name="$name"
+type="pv"
+kernel="$RIG_GUEST/vmlinux"
+ramdisk="$RIG_GUEST/initrd.cpio"
+extra="console=hvc0 quiet xenblk.steps=$steps $cmdline"
+memory=256
+vcpus=$vcpus
+disk=[ ${disks%, } ]
+on_poweroff="destroy"
+on_reboot="destroy"
+on_crash="destroy"
+CFG
+  rm -f "/var/log/xen/console/guest-$name.log"
+  xl -v create "$OUT/$name.$tag.cfg" > "$OUT/$name.$tag.xl-create.log" 2>&1 \
+    || { tail -20 "$OUT/$name.$tag.xl-create.log"; fail "guest $name ($tag): xl create failed"; }
+  XB_DOMID=$(xl domid "$name") || fail "guest $name ($tag): no domid after xl create"
+  note "guest $name ($tag): domid $XB_DOMID"
+}
+
+# Compare what a guest negotiated with kernel blkback's reference guest, if the
+# blkback-reference scenario ran in this boot (run.sh all runs it first).
+xb_compare_blkback() {  # our-guest ref-guest keys...
+  local ours=$1 ref=$2; shift 2
+  local refjson=$RIG_SHARE/out/blkback-reference/results.json
+  if [ ! -s "$refjson" ]; then
+    note "blkback-reference did not run in this boot: no side-by-side comparison (the --expect values stand)"
+    return 0
+  fi
+  python3 "$RIG_DOM0/xenblk_compare.py" "$OUT/results.json" "$ours" "$refjson" "$ref" "$@" \
+    | tee "$OUT/compare-$ours-vs-$ref.txt"
+  [ "${PIPESTATUS[0]}" = 0 ] || fail "$ours: negotiated differently from kernel blkback's $ref (table above)"
+}
