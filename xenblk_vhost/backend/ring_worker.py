@@ -62,8 +62,7 @@ from ..blkif.constants import (
 from ..blkif.request import DiscardRequest, IndirectRequest, Rejection, Request
 from ..blkif.ring import RingOverflow
 from ..storage import BlkioError, IovecArray
-from ..storage.memory import address_of
-from .grant_copy import run_copy, segment
+from .indirect_pages import IndirectPages
 from .request_slots import (
     STEP_DISCARD,
     STEP_FLUSH,
@@ -76,7 +75,6 @@ from .storage_ops import StorageShape, queue_step
 
 log = logging.getLogger(__name__)
 
-R_INDIRECT_COPY = "indirect page copy failed"
 R_READ_ONLY_FLUSH = "flush with data on a read-only device"
 
 DEFAULT_STORAGE_TIMEOUT = 30.0
@@ -90,18 +88,6 @@ _BARRIER = (STEP_FLUSH,)  # after the drain
 _BARRIER_WITH_DATA = (STEP_FLUSH, STEP_WRITE, STEP_FLUSH)
 _DISCARD = (STEP_DISCARD,)
 _WRITE_ZEROES = (STEP_WRITE_ZEROES,)
-
-
-class _IndirectCopy:
-    """One indirect request's pages in the batch's grant copy (status set by run_copy)."""
-
-    __slots__ = ("position", "header", "offset", "status")
-
-    def __init__(self, position: int, header: IndirectRequest, offset: int) -> None:
-        self.position = position
-        self.header = header
-        self.offset = offset
-        self.status = RSP_OKAY
 
 
 class RingWorker:
@@ -136,12 +122,7 @@ class RingWorker:
         else:
             self._iov_per_slot = 0
             self._iovecs = None
-        # Private memory for indirect pages: only the bytes that hold segments
-        # are copied (8 per segment), for every slot at once at most.
-        max_indirect = intake.limits.max_indirect_segments
-        self._indirect_buf = bytearray(max(1, pool_size * max_indirect * 8))
-        self._indirect_addr = address_of(self._indirect_buf)
-        self._indirect_view = memoryview(self._indirect_buf)
+        self._indirect = IndirectPages(gntdev, domid, intake, pool_size)
 
         self._io_outstanding = 0  # storage requests queued or submitted, not completed
         self._last_completion = time.monotonic()
@@ -268,7 +249,7 @@ class RingWorker:
     async def _dispatch(self, batch) -> None:
         for item in batch:
             if type(item) is IndirectRequest:
-                batch = self._resolve_indirect(batch)
+                batch = self._indirect.resolve(batch)
                 break
         slots = self.pool.slots
         free = self.pool.free
@@ -349,36 +330,6 @@ class RingWorker:
         stats.wr_sect += wr_sect
         stats.in_flight += slots
         self.gate.enter(slots)
-
-    def _resolve_indirect(self, batch) -> list:
-        """ONE grant copy of every indirect page of the batch into private memory, then decode."""
-        out = list(batch)
-        segs, owners, records = [], [], []
-        domid = self.domid
-        base = self._indirect_addr
-        pos = 0
-        for i, item in enumerate(batch):
-            if type(item) is not IndirectRequest:
-                continue
-            rec = _IndirectCopy(i, item, pos)
-            records.append(rec)
-            need = item.segments_bytes
-            for gref in item.indirect_grefs:
-                n = need if need < XEN_PAGE_SIZE else XEN_PAGE_SIZE
-                segs.append(segment(False, domid, gref, 0, base + pos, n))
-                owners.append(rec)
-                pos += n
-                need -= n
-        run_copy(self.gntdev, segs, owners)
-        view = self._indirect_view
-        decode = self.intake.decode_indirect_segments
-        for rec in records:
-            h = rec.header
-            if rec.status != RSP_OKAY:
-                out[rec.position] = Rejection(h.id, h.indirect_op, RSP_ERROR, R_INDIRECT_COPY)
-            else:
-                out[rec.position] = decode(h, view[rec.offset:rec.offset + h.segments_bytes])
-        return out
 
     async def _barrier(self, item: Request) -> None:
         """Drain the whole vbd, flush, write (and flush again), answer; then let everyone go on."""

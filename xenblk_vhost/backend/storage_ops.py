@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..blkif.constants import SECTOR_SIZE
-from .request_slots import STEP_DISCARD, STEP_FLUSH, STEP_READ, STEP_WRITE, STEP_WRITE_ZEROES
+from .request_slots import STEP_DISCARD, STEP_FLUSH, STEP_WRITE, STEP_WRITE_ZEROES
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def queue_step(q, slot, shape: StorageShape, iovecs, iov_base: int) -> int:
     """Queue the slot's current step; returns how many storage requests it became."""
     step = slot.steps[slot.step]
     tag = slot.index
-    if step <= STEP_WRITE:
+    if step <= STEP_WRITE:  # STEP_READ or STEP_WRITE
         start = slot.sector * SECTOR_SIZE
         extents = slot.extents
         writes = step == STEP_WRITE
