@@ -1,6 +1,8 @@
 """Command line entry point: `xenblk-vhost`.
 
-    xenblk-vhost check CONFIG...      validate, exit 0 or 2
+    xenblk-vhost check CONFIG...      validate, exit 0 or 2 (--no-storage: not the storage paths)
+    xenblk-vhost hotplug add|remove   libxl's hotplug script (xenblk_vhost/hotplug/)
+    xenblk-vhost install-hotplug      write /etc/xen/scripts/block-xenblk-vhost
     xenblk-vhost run CONFIG... [--xenstore PATH] [--sim SOCKET]
     xenblk-vhost -xen-domid N ...     exec'd by libxl as a PV device model (backend/qemu_dm.py)
 """
@@ -158,7 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sim", metavar="SOCKET", help="use the simulated hypervisor listening on SOCKET")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=_cmd_run)
+    _add_hotplug_commands(sub)
     return parser
+
+
+def _add_hotplug_commands(sub) -> None:
+    """`hotplug add|remove` (what libxl runs, through the shim) and `install-hotplug` (the shim)."""
+    from .hotplug import install, script
+
+    hotplug = sub.add_parser(
+        "hotplug", help="libxl's hotplug script for our disks (run by libxl with XENBUS_PATH set)",
+        description=script.build_parser().description)
+    script.add_arguments(hotplug)
+    hotplug.set_defaults(func=lambda args: script.run_from_args(args))
+    inst = sub.add_parser(
+        "install-hotplug", help="install the hotplug script as /etc/xen/scripts/block-xenblk-vhost",
+        description="Write the shim libxl runs for disks whose xl line says script=block-xenblk-vhost, "
+        "and print those xl disk lines.")
+    install.add_arguments(inst)
+    inst.set_defaults(func=install.run_from_args)
 
 
 def main(argv: list[str] | None = None) -> int:
