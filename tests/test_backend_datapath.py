@@ -16,6 +16,8 @@ import zlib
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from backend_support.fixtures import guest, hv_socket, platform  # noqa: F401
 from backend_support.frontend import TestFrontend
@@ -30,6 +32,8 @@ from backend_support.harness import (
     read_back,
 )
 from backend_support.workload import Workload
+from xenblk_vhost.backend.datapath_copy import SMALL_BUFFER, plan_bounce
+from xenblk_vhost.backend.storage_ops import split_extents
 from xenblk_vhost.backend.vbd import Vbd, VbdConnectError, open_storage
 from xenblk_vhost.backend.vbd_features import derive_features
 from xenblk_vhost.blkif.abi import Abi
@@ -247,3 +251,34 @@ def test_open_storage_uses_the_config(tmp_path):
         assert vbd.current_sectors() == DISK_SIZE // 512
     finally:
         dev.close()
+
+
+@given(
+    extents=st.lists(st.tuples(st.integers(0, 1 << 40), st.integers(1, 64)), min_size=1, max_size=40),
+    max_transfer_blocks=st.integers(0, 40),
+    max_segments=st.integers(0, 12),
+)
+def test_split_extents_keeps_every_byte_in_order_within_the_limits(extents, max_transfer_blocks, max_segments):
+    extents = [(addr, n * 512) for addr, n in extents]
+    max_transfer = max_transfer_blocks * 512
+    parts = split_extents(extents, max_transfer, max_segments)
+
+    def bytes_of(exts):
+        return [(a + i) for a, n in exts for i in range(0, n, 512)]
+
+    assert bytes_of([e for p in parts for e in p]) == bytes_of(extents)
+    for p in parts:
+        assert p
+        assert not max_segments or len(p) <= max_segments
+        assert not max_transfer or sum(n for _a, n in p) <= max_transfer
+        assert all(n % 512 == 0 and n > 0 for _a, n in p)
+
+
+def test_bounce_memory_plan():
+    # small requests only: one 44 KiB buffer per slot, as many slots as fit
+    assert plan_bounce(64 << 20, 256, SMALL_BUFFER) == (256, 0)
+    assert plan_bounce(1 << 20, 256, SMALL_BUFFER) == ((1 << 20) // SMALL_BUFFER, 0)
+    # big indirect requests: at least one large buffer, the rest of the memory after the slots
+    slots, large = plan_bounce(64 << 20, 256, 1 << 20)
+    assert slots == 256 and large == (64 << 20) // (1 << 20) - 11 and slots * SMALL_BUFFER + large * (1 << 20) <= 64 << 20
+    assert plan_bounce(1 << 20, 32, 512 << 10) == (11, 1)
