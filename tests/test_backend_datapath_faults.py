@@ -411,3 +411,52 @@ async def test_guest_destroyed_with_requests_in_flight(tmp_path, platform, hv_so
         assert not vbd.serving and count_tasks() == tasks
     finally:
         vbd.close()
+
+
+async def test_do_io_failing_answers_errors_then_the_storage_is_reopened(tmp_path, platform, guest):
+    """blkioq_do_io returning an error (the device is gone): what was queued and what is in flight
+    is answered ERROR, later requests fail at once without touching the storage, the ring stays up;
+    the next connection gets freshly opened storage and works."""
+    import errno as errno_names
+
+    from backend_support.gated_queue import gate_queues
+
+    path = make_disk_file(tmp_path / "disk.img")
+    vbd = make_vbd(path, queues=1)
+    [q] = gate_queues(vbd, [])
+    old_storage = vbd.storage
+    front = TestFrontend(guest)
+    try:
+        async with connected(vbd, front, platform):
+            w = front.data_page(readonly=True, fill=b"x" * PAGE_SIZE)
+            q.hold("write", 0)
+            front.rw(0, OP_WRITE, 1, 0, [(w.gref, 0, 7)])  # in flight (held)
+            front.push()
+            assert await front.no_response(0)
+            q.fail_next_do_io(errno_names.EIO)
+            front.rw(0, OP_WRITE, 2, 8, [(w.gref, 0, 7)])  # its submission fails
+            front.push()
+            got = sorted(tuple(r) for r in await front.responses(0, 2))
+            assert got == [(1, OP_WRITE, RSP_ERROR), (2, OP_WRITE, RSP_ERROR)]
+            front.rw(0, OP_WRITE, 3, 16, [(w.gref, 0, 7)])
+            front.push()
+            assert tuple((await front.responses(0, 1))[0]) == (3, OP_WRITE, RSP_ERROR)
+            assert vbd.stats()["total"]["wr_req"] == 3
+            q.release()  # the held completion surfaces later: nobody takes it for a request any more
+        # the failed storage was destroyed before its region was freed (it might still have used it)
+        assert old_storage.closed
+        # request 3 never reached the storage: its sectors are untouched
+        assert read_back(path, 16 * 512, PAGE_SIZE) == make_disk_file(tmp_path / "ref.img").read_bytes()[16 * 512:16 * 512 + PAGE_SIZE]
+        assert all(guest.end_access(ref) for ref in front.rings[0].refs)
+        front2 = TestFrontend(guest)
+        w2 = front2.data_page(readonly=True, fill=b"y" * PAGE_SIZE)
+        async with connected(vbd, front2, platform):
+            assert vbd.storage is not old_storage and old_storage.closed
+            front2.rw(0, OP_WRITE, 4, 24, [(w2.gref, 0, 7)])
+            front2.push()
+            assert tuple((await front2.responses(0, 1))[0]) == (4, OP_WRITE, RSP_OKAY)
+        assert read_back(path, 24 * 512, PAGE_SIZE) == b"y" * PAGE_SIZE
+        front2.close()
+    finally:
+        front.close()
+        vbd.close()

@@ -6,7 +6,9 @@ It wraps a real libblkio Queue (the I/O really happens) and
     completion handed to the datapath ("complete", queue index, tag, ret);
   * holds the completion of a chosen request (hold(kind, start)) until
     release() -- the way to keep a request in flight for as long as a test
-    needs, deterministically.
+    needs, deterministically;
+  * can make the next do_io() fail as libblkio's blkioq_do_io does when the
+    device is gone (fail_next_do_io(errno)): what the datapath must survive.
 wait_io() polls (every 2 ms) instead of sleeping on the completion fd, since
 a held completion has already been taken from libblkio.
 """
@@ -28,6 +30,7 @@ class GatedQueue:
         self._held_tags: set[int] = set()
         self._held: list[tuple[int, int]] = []
         self._released: list[tuple[int, int]] = []
+        self._fail_errno = 0
 
     def __getattr__(self, name):  # completion_fd, index, max_completions, submit...
         return getattr(self._q, name)
@@ -85,7 +88,14 @@ class GatedQueue:
 
     # ---- completions ----
 
+    def fail_next_do_io(self, err: int) -> None:
+        self._fail_errno = err
+
     def do_io(self, min_completions=0, max_completions=None, timeout=30.0):
+        if self._fail_errno:
+            err, self._fail_errno = self._fail_errno, 0
+            self.log.append(("do_io failed", self._q.index, err))
+            raise BlkioError(err, "injected", f"blkioq_do_io(queue {self._q.index})")
         done = self._q.do_io(min_completions, max_completions, timeout)
         out, self._released = self._released, []
         for tag, ret in done:

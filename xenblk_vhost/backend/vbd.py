@@ -282,10 +282,13 @@ class Vbd:
             if w is not None and w.busy:
                 if not await w.drain(self.drain_timeout):
                     stuck = True
-        if stuck:
-            # Storage still owns some of our buffers/pages: destroying the
-            # instance cancels or completes its requests before we unmap.
-            log.warning("%s: in-flight I/O did not finish; closing the storage", self.disk.name)
+        if stuck or self._storage_failed:
+            # Storage may still own some of our buffers/pages (requests that
+            # did not finish, or were answered ERROR when the storage failed
+            # without completing): destroying the instance cancels or
+            # completes them before we free the region or unmap the pages.
+            if stuck:
+                log.warning("%s: in-flight I/O did not finish; closing the storage", self.disk.name)
             self.storage.close()
             self._storage_failed = True
         errors = []
