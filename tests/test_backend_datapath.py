@@ -282,3 +282,13 @@ def test_bounce_memory_plan():
     slots, large = plan_bounce(64 << 20, 256, 1 << 20)
     assert slots == 256 and large == (64 << 20) // (1 << 20) - 11 and slots * SMALL_BUFFER + large * (1 << 20) <= 64 << 20
     assert plan_bounce(1 << 20, 32, 512 << 10) == (11, 1)
+
+
+def test_fast_copy_segment_is_an_ordinary_copy_segment():
+    from xenblk_vhost.backend.grant_copy import segment
+    from xenblk_vhost.xen.interfaces import CopySegment
+
+    s = segment(True, 3, 77, 512, 0x1000, 1024)
+    assert type(s) is CopySegment
+    assert s == CopySegment(True, 3, 77, 512, 0x1000, 1024)
+    assert (s.to_guest, s.domid, s.gref, s.guest_offset, s.local_addr, s.length) == (True, 3, 77, 512, 0x1000, 1024)

@@ -8,9 +8,11 @@ so a bad grant fails its own request only. If the call itself raises (the
 ioctl refused the whole array) every owner in the batch fails.
 
 CopySegment is a frozen slots dataclass; its generated __init__ costs about
-twice what building the same object through its slot descriptors costs (0.5
-against 1 us here), and the datapath makes one per segment, so `segment()`
-builds it that way: the result is an ordinary, equal CopySegment.
+twice what building the same object through its slot descriptors costs
+(measured 1.9 against 0.9 us here), and the datapath makes one per segment,
+so `segment()` builds it that way: the result is an ordinary, equal
+CopySegment. Were CopySegment made a NamedTuple (proposed: 0.2 us), segment()
+builds it with tuple.__new__ instead; nothing else here changes.
 """
 
 from __future__ import annotations
@@ -22,25 +24,33 @@ from ..xen.interfaces import CopySegment
 
 log = logging.getLogger(__name__)
 
-_new = object.__new__
-_set_to_guest = CopySegment.to_guest.__set__  # type: ignore[attr-defined]
-_set_domid = CopySegment.domid.__set__  # type: ignore[attr-defined]
-_set_gref = CopySegment.gref.__set__  # type: ignore[attr-defined]
-_set_offset = CopySegment.guest_offset.__set__  # type: ignore[attr-defined]
-_set_addr = CopySegment.local_addr.__set__  # type: ignore[attr-defined]
-_set_length = CopySegment.length.__set__  # type: ignore[attr-defined]
+if issubclass(CopySegment, tuple):  # a NamedTuple: one C call
+    _tuple_new = tuple.__new__
 
+    def segment(to_guest: bool, domid: int, gref: int, guest_offset: int, local_addr: int,
+                length: int) -> CopySegment:
+        """CopySegment(to_guest, domid, gref, guest_offset, local_addr, length), built fast."""
+        return _tuple_new(CopySegment, (to_guest, domid, gref, guest_offset, local_addr, length))
+else:
+    _new = object.__new__
+    _set_to_guest = CopySegment.to_guest.__set__  # type: ignore[attr-defined]
+    _set_domid = CopySegment.domid.__set__  # type: ignore[attr-defined]
+    _set_gref = CopySegment.gref.__set__  # type: ignore[attr-defined]
+    _set_offset = CopySegment.guest_offset.__set__  # type: ignore[attr-defined]
+    _set_addr = CopySegment.local_addr.__set__  # type: ignore[attr-defined]
+    _set_length = CopySegment.length.__set__  # type: ignore[attr-defined]
 
-def segment(to_guest: bool, domid: int, gref: int, guest_offset: int, local_addr: int, length: int) -> CopySegment:
-    """CopySegment(to_guest, domid, gref, guest_offset, local_addr, length), built fast."""
-    s = _new(CopySegment)
-    _set_to_guest(s, to_guest)
-    _set_domid(s, domid)
-    _set_gref(s, gref)
-    _set_offset(s, guest_offset)
-    _set_addr(s, local_addr)
-    _set_length(s, length)
-    return s
+    def segment(to_guest: bool, domid: int, gref: int, guest_offset: int, local_addr: int,
+                length: int) -> CopySegment:
+        """CopySegment(to_guest, domid, gref, guest_offset, local_addr, length), built fast."""
+        s = _new(CopySegment)
+        _set_to_guest(s, to_guest)
+        _set_domid(s, domid)
+        _set_gref(s, gref)
+        _set_offset(s, guest_offset)
+        _set_addr(s, local_addr)
+        _set_length(s, length)
+        return s
 
 
 def run_copy(gntdev, segments: list, owners: list) -> int:
