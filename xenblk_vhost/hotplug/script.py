@@ -265,8 +265,14 @@ async def run(action: str, xenbus_path: str | None, *, xenstore: str | None = No
     except trio.TooSlowError:
         print(f"{PROG}: {action} {device.path}: error: xenstore did not answer within {DEADLINE:.0f} s", file=out)
         return EXIT_FAILED
-    except (OSError, XenStoreConnectionError) as e:
-        print(f"{PROG}: {action} {device.path}: error: xenstore: {e}", file=out)
+    except XenStoreError as e:
+        print(f"{PROG}: {action} {device.path}: error: xenstore refused: {e}", file=out)
+        return EXIT_FAILED
+    except XenStoreConnectionError as e:
+        print(f"{PROG}: {action} {device.path}: error: xenstore connection lost: {e}", file=out)
+        return EXIT_FAILED
+    except OSError as e:  # connecting
+        print(f"{PROG}: {action} {device.path}: error: cannot reach xenstored: {e}", file=out)
         return EXIT_FAILED
     print(f"{PROG}: {action}: {summary}", file=out)
     return EXIT_OK
