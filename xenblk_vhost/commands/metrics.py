@@ -1,0 +1,235 @@
+"""`run --metrics HOST:PORT`: the service's counters in Prometheus' text format, served from trio.
+
+    registry = metrics_registry(lambda: service_snapshot(service))
+    listeners = await open_metrics_listeners("127.0.0.1", 9477)   # bind errors come out here
+    nursery.start_soon(serve_metrics, listeners, registry)
+    # GET /metrics -> text/plain; version=0.0.4 (or OpenMetrics if the scraper asks for it)
+
+No counter lives here: ServiceCollector reads the same snapshot as the
+control socket (service_snapshot.py) at scrape time and turns it into
+metric families. The HTTP side is a tiny trio handler (GET or HEAD of
+/metrics, one request per connection): no thread, unlike
+prometheus_client's start_http_server.
+
+Metrics (labels domid, devid, vdev; per ring also `ring`):
+  xenblk_vbd_requests_total{op=read|write|flush|discard}   blkback's rd_req, wr_req, f_req, ds_req
+  xenblk_vbd_bytes_total{op=read|write}                    rd_sect, wr_sect x 512
+  xenblk_vbd_out_of_requests_total                         oo_req
+  xenblk_vbd_errors_total                                  error responses
+  xenblk_vbd_requests_in_flight, xenblk_vbd_persistent_grants, xenblk_vbd_ring_halted
+  xenblk_vbd_connected, xenblk_vbd_rings                   per vbd
+  xenblk_vbd_request_latency_seconds                       per vbd histogram, when the datapath
+                                                           measures latency (a ring snapshot's
+                                                           "latency": {"bounds", "counts", "sum"})
+  xenblk_vhost_info{version}                               always 1
+Counters restart from zero when a frontend reconnects (as blkback's do);
+Prometheus' rate() treats that as a counter reset.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Callable, Iterable
+
+import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .. import __version__
+
+log = logging.getLogger(__name__)
+
+SECTOR_BYTES = 512
+MAX_REQUEST_HEAD = 8192
+REQUEST_TIMEOUT = 10.0
+_VBD_LABELS = ("domid", "devid", "vdev")
+_RING_LABELS = _VBD_LABELS + ("ring",)
+
+
+class MetricsAddressError(ValueError):
+    pass
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """"127.0.0.1:9477", "[::1]:9477", "localhost:9477" -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MetricsAddressError(f"{text!r}: expected HOST:PORT, e.g. 127.0.0.1:9477 or [::1]:9477")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise MetricsAddressError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise MetricsAddressError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9477")
+    return host, int(port)
+
+
+def merged_latency(rings: Iterable[dict]) -> dict | None:
+    """The rings' latency histograms added up; None if the datapath measures none."""
+    merged = None
+    for ring in rings:
+        lat = ring.get("latency")
+        if not lat:
+            continue
+        if merged is None:
+            merged = {"bounds": list(lat["bounds"]), "counts": list(lat["counts"]), "sum": lat["sum"]}
+        elif list(lat["bounds"]) == merged["bounds"]:
+            merged["counts"] = [a + b for a, b in zip(merged["counts"], lat["counts"])]
+            merged["sum"] += lat["sum"]
+    return merged
+
+
+def cumulative_buckets(latency: dict) -> list[tuple[str, float]]:
+    """Per-bucket counts (the last one: slower than every bound) -> Prometheus' cumulative `le` buckets."""
+    out, running = [], 0
+    for bound, count in zip(latency["bounds"], latency["counts"]):
+        running += count
+        out.append((repr(float(bound)), running))
+    out.append(("+Inf", running + sum(latency["counts"][len(latency["bounds"]):])))
+    return out
+
+
+class ServiceCollector(Collector):
+    """Metric families built from a service snapshot at each scrape."""
+
+    def __init__(self, snapshot: Callable[[], dict]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self):
+        return []  # families depend on the devices present: nothing to check at registration
+
+    def collect(self):
+        snap = self._snapshot()
+        info = GaugeMetricFamily("xenblk_vhost_info", "xenblk-vhost build information", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        requests = CounterMetricFamily("xenblk_vbd_requests", "Requests dispatched to the storage, by operation "
+                                       "(blkback rd_req, wr_req, f_req: flushes and barriers, ds_req)",
+                                       labels=_RING_LABELS + ("op",))
+        moved = CounterMetricFamily("xenblk_vbd_bytes", "Bytes of requests dispatched (blkback rd_sect, wr_sect "
+                                    "x 512)", labels=_RING_LABELS + ("op",))
+        oo = CounterMetricFamily("xenblk_vbd_out_of_requests", "Times the ring had requests waiting while every "
+                                 "request slot was busy (blkback oo_req)", labels=_RING_LABELS)
+        errors = CounterMetricFamily("xenblk_vbd_errors", "Responses with an error status", labels=_RING_LABELS)
+        in_flight = GaugeMetricFamily("xenblk_vbd_requests_in_flight", "Requests taken from the ring and not yet "
+                                      "answered", labels=_RING_LABELS)
+        pgrants = GaugeMetricFamily("xenblk_vbd_persistent_grants", "Grants kept mapped for the frontend",
+                                    labels=_RING_LABELS)
+        halted = GaugeMetricFamily("xenblk_vbd_ring_halted", "1 if the ring was stopped for a bogus frontend",
+                                   labels=_RING_LABELS)
+        connected = GaugeMetricFamily("xenblk_vbd_connected", "1 while the frontend's rings are served",
+                                      labels=_VBD_LABELS)
+        rings = GaugeMetricFamily("xenblk_vbd_rings", "Rings (queues) the frontend connected",
+                                  labels=_VBD_LABELS)
+        latency = HistogramMetricFamily("xenblk_vbd_request_latency_seconds", "Time from taking a request off "
+                                        "the ring to pushing its response", labels=_VBD_LABELS)
+        for vbd in snap.get("vbds", []):
+            who = [str(vbd["domid"]), str(vbd["devid"]), vbd["vdev"]]
+            connected.add_metric(who, 1 if vbd.get("serving") else 0)
+            rings.add_metric(who, len(vbd["rings"]))
+            for index, ring in enumerate(vbd["rings"]):
+                labels = who + [str(index)]
+                for op, key in (("read", "rd_req"), ("write", "wr_req"), ("flush", "f_req"), ("discard", "ds_req")):
+                    requests.add_metric(labels + [op], ring[key])
+                moved.add_metric(labels + ["read"], ring["rd_sect"] * SECTOR_BYTES)
+                moved.add_metric(labels + ["write"], ring["wr_sect"] * SECTOR_BYTES)
+                oo.add_metric(labels, ring["oo_req"])
+                errors.add_metric(labels, ring["errors"])
+                in_flight.add_metric(labels, ring["in_flight"])
+                pgrants.add_metric(labels, ring["persistent_grants"])
+                halted.add_metric(labels, 1 if ring["halted"] else 0)
+            merged = merged_latency(vbd["rings"])
+            if merged is not None:
+                latency.add_metric(who, cumulative_buckets(merged), merged["sum"])
+        yield from (requests, moved, oo, errors, in_flight, pgrants, halted, connected, rings, latency)
+
+
+def metrics_registry(snapshot: Callable[[], dict]) -> CollectorRegistry:
+    """A registry of its own (not the process-global one: no Python/process collectors to surprise anyone)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(snapshot))
+    return registry
+
+
+def _response(status: str, body: bytes, content_type: str, *, head: bool = False) -> bytes:
+    headers = (f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+               f"Connection: close\r\n\r\n").encode()
+    return headers if head else headers + body
+
+
+def http_reply(head: bytes, registry: CollectorRegistry) -> bytes:
+    """The whole HTTP response to one request head (request line + headers)."""
+    text = head.decode("latin-1")
+    request_line, _, rest = text.partition("\r\n")
+    parts = request_line.split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return _response("400 Bad Request", b"bad request\n", "text/plain; charset=utf-8")
+    method, target, _ = parts
+    if method not in ("GET", "HEAD"):
+        return _response("405 Method Not Allowed", b"GET /metrics\n", "text/plain; charset=utf-8")
+    path = target.split("?", 1)[0]
+    if path == "/":
+        return _response("200 OK", b"xenblk-vhost: metrics at /metrics\n", "text/plain; charset=utf-8",
+                         head=method == "HEAD")
+    if path != "/metrics":
+        return _response("404 Not Found", b"not found: try /metrics\n", "text/plain; charset=utf-8")
+    accept = ""
+    for line in rest.split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "accept":
+            accept = value.strip()
+    encoder, content_type = choose_encoder(accept)
+    return _response("200 OK", encoder(registry), content_type, head=method == "HEAD")
+
+
+async def _serve_http_client(stream: trio.abc.Stream, registry: CollectorRegistry) -> None:
+    async with stream:
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            buf = bytearray()
+            while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
+                if len(buf) > MAX_REQUEST_HEAD:
+                    reply = _response("431 Request Header Fields Too Large", b"", "text/plain")
+                    break
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                buf += chunk
+            else:
+                reply = http_reply(bytes(buf).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), registry)
+            try:
+                await stream.send_all(reply)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+
+async def open_metrics_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Listening sockets for host:port (every address the name resolves to); a clear OSError if not."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        raise OSError(e.errno, f"--metrics {host}:{port}: {e.strerror or e}") from e
+
+
+async def serve_metrics(listeners: list[trio.SocketListener], registry: CollectorRegistry) -> None:
+    """Answer GET /metrics on the listeners until cancelled (the caller closes them afterwards)."""
+    bound = [listener.socket.getsockname() for listener in listeners]
+    log.info("metrics: %s", ", ".join(f"http://{a[0]}:{a[1]}/metrics" for a in bound))
+
+    async def serve_one(listener) -> None:
+        async with trio.open_nursery() as clients:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as e:  # EMFILE and friends: do not spin, do not die
+                    log.warning("metrics: accept failed: %s", e)
+                    await trio.sleep(0.1)
+                    continue
+                clients.start_soon(_serve_http_client, stream, registry)
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(serve_one, listener)
