@@ -3,7 +3,9 @@
     xenblk-vhost check CONFIG...      validate, exit 0 or 2 (--no-storage: not the storage paths)
     xenblk-vhost hotplug add|remove   libxl's hotplug script (xenblk_vhost/hotplug/)
     xenblk-vhost install-hotplug      write /etc/xen/scripts/block-xenblk-vhost
-    xenblk-vhost run CONFIG... [--xenstore PATH] [--sim SOCKET]
+    xenblk-vhost run CONFIG... [--xenstore PATH] [--sim SOCKET] [--control PATH] [--metrics HOST:PORT]
+    xenblk-vhost stats [--control PATH] [--json]   a running daemon's counters (commands/stats.py)
+    xenblk-vhost demo [--seconds N] [--driver D] [--queues N] [--data-path P] [--json]   (commands/demo.py)
     xenblk-vhost -xen-domid N ...     exec'd by libxl as a PV device model (backend/qemu_dm.py)
 """
 
@@ -66,6 +68,7 @@ async def _serve(args: argparse.Namespace, configs: list) -> int:
     import trio
 
     from .backend.service import Service
+    from .commands.observability import open_observability
     from .xen.xenstore import open_xenstore
 
     if args.sim:
@@ -79,10 +82,11 @@ async def _serve(args: argparse.Namespace, configs: list) -> int:
     with platform:
         # Signals are caught from before "ready", so none is lost.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async with open_xenstore(args.xenstore) as xs:
+            async with open_xenstore(args.xenstore) as xs, open_observability(args) as observability:
                 service = Service(xs, platform, configs)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(service.run)
+                    observability.serve(nursery, service)  # control socket, metrics (bound already)
                     print("ready", flush=True)
                     _sd_notify("READY=1")
                     async for sig in signals:
@@ -159,9 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
                      "/dev/xen/xenbus)")
     run.add_argument("--sim", metavar="SOCKET", help="use the simulated hypervisor listening on SOCKET")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_run_observability_arguments(run)
     run.set_defaults(func=_cmd_run)
     _add_hotplug_commands(sub)
+    _add_demo_and_stats_commands(sub)
     return parser
+
+
+def _add_run_observability_arguments(run) -> None:
+    """run --control PATH, --metrics HOST:PORT (xenblk_vhost/commands/observability.py)."""
+    from .commands.observability import add_run_arguments
+
+    add_run_arguments(run)
+
+
+def _add_demo_and_stats_commands(sub) -> None:
+    """`demo` and `stats` (xenblk_vhost/commands/)."""
+    from .commands import demo, stats
+
+    demo.add_parser(sub)
+    stats.add_parser(sub)
 
 
 def _add_hotplug_commands(sub) -> None:
