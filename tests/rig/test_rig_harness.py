@@ -216,3 +216,12 @@ def test_extract_vmlinux_finds_the_elf_payload(tmp_path):
     r = subprocess.run([sys.executable, str(RIG / "build" / "extract-vmlinux.py"), str(tmp_path / "bad"),
                         str(tmp_path / "v2")], capture_output=True, text=True)
     assert r.returncode != 0 and "no xz or gzip payload" in r.stderr
+
+
+def test_guest_results_rejects_an_unknown_step(tmp_path):
+    (tmp_path / "c.log").write_text(GOOD_CONSOLE)
+    (tmp_path / "xs.txt").write_text(XENSTORE)
+    r = subprocess.run([sys.executable, str(RIG / "dom0" / "guest-results.py"), "--name", "g", "--console",
+                        str(tmp_path / "c.log"), "--xenstore", str(tmp_path / "xs.txt"), "--steps", "info,fsck",
+                        "--json", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert r.returncode == 1 and "step fsck: the guest workload has no such step" in r.stdout, r.stdout

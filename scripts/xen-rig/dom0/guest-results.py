@@ -26,6 +26,8 @@ STEP_CHECKS = {
             "raw_disk_end_verify", "raw_past_end"],
     "discard": [],  # discard_range or discard_refused, see below
     "fs": ["mkfs", "mount", "umount", "fsck_clean", "fs_contents"],
+    "resize": ["resize_seen", "resize_new_end", "resize_new_end_verify", "resize_past_end"],
+    "busy": [],  # ends only when a disk fails: judged by the scenario itself
 }
 
 
@@ -159,6 +161,8 @@ def main() -> int:
             problems.append(f"guest check {name} failed: {detail}")
     seen = {n for n, _, _ in checks}
     for step in a.steps.split(","):
+        if step not in STEP_CHECKS:
+            problems.append(f"step {step}: the guest workload has no such step (have {', '.join(STEP_CHECKS)})")
         for c in STEP_CHECKS.get(step, []):
             if c not in seen:
                 problems.append(f"step {step}: check {c} never ran")
