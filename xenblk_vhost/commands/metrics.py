@@ -53,9 +53,9 @@ class MetricsAddressError(ValueError):
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
-    """"127.0.0.1:9477", "[::1]:9477", "localhost:9477" -> (host, port)."""
+    """"127.0.0.1:9477", "[::1]:9477", "localhost:9477" -> (host, port); port 0: any free one (logged)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise MetricsAddressError(f"{text!r}: expected HOST:PORT, e.g. 127.0.0.1:9477 or [::1]:9477")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -211,7 +211,9 @@ async def open_metrics_listeners(host: str, port: int) -> list[trio.SocketListen
     try:
         return await trio.open_tcp_listeners(port, host=host)
     except OSError as e:
-        raise OSError(e.errno, f"--metrics {host}:{port}: {e.strerror or e}") from e
+        refused = OSError(f"--metrics {host}:{port}: {e.strerror or e}")  # read as is in run's "stopped: ..."
+        refused.errno = e.errno
+        raise refused from e
 
 
 async def serve_metrics(listeners: list[trio.SocketListener], registry: CollectorRegistry) -> None:

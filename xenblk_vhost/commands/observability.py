@@ -51,7 +51,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "otherwise; `none` for no socket)")
     parser.add_argument("--metrics", metavar="HOST:PORT", type=_listen_address, default=None,
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9477; "
-                        "off by default)")
+                        "port 0 picks a free one, logged; off by default)")
 
 
 def _open_control(requested: str | None) -> ControlSocket | None:
