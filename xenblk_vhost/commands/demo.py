@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -68,6 +69,7 @@ GUEST_RING_PAGE_ORDER = 2
 GUEST_MAX_INDIRECT_SEGMENTS = 32
 STALL_TIMEOUT = 30.0  # the guest reports twice a second; this long silent means stuck
 CLOSE_TIMEOUT = 30.0
+MAX_UNIX_SOCKET_PATH = 108  # sun_path, with its terminating NUL
 
 # The backend's configuration: a YAML file like an operator's.
 DEMO_CONFIG = """\
@@ -233,18 +235,37 @@ def _log_tail(path: Path, lines: int = 5) -> str:
         return ""
 
 
+def _leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for e in group.exceptions for leaf in _leaves(e)]
+    return [group]
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, ConfigError):
+        return "; ".join(map(str, e.problems))
+    if isinstance(e, trio.TooSlowError):
+        return "a step of the demo timed out"
+    if isinstance(e, (StorageDaemonError, HelperProcessError)):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
+
+
 async def run_demo(opts: DemoOptions, *, progress: Progress | None = None, run: DemoRun | None = None) -> dict:
     """The whole demo; its summary (see demo_summary.py). Raises DemoUsageError for bad options."""
     opts.check()
     run = run or DemoRun()
     progress = progress or Progress(opts.seconds, enabled=False)
-    tmp = Path(tempfile.mkdtemp(prefix="xenblk-vhost-demo-", dir=opts.tmp_parent))
+    tmp = Path(tempfile.mkdtemp(prefix="xbv-demo-", dir=opts.tmp_parent))
     state = {"negotiated": None, "report": None, "backend": None, "frontend_errors": None, "failure": None}
     try:
         with run._all_scope:
             await _run_in(tmp, opts, progress, run, state)
-    except (StorageDaemonError, HelperProcessError, ConfigError, OSError) as e:
-        state["failure"] = str(e) if not isinstance(e, ConfigError) else "; ".join(map(str, e.problems))
+    except* (StorageDaemonError, HelperProcessError, ConfigError, OSError, trio.TooSlowError) as group:
+        state["failure"] = "; ".join(_describe(e) for e in _leaves(group))
+    except* Exception as group:  # a bug: say so with its traceback, still clean up and summarize
+        log.error("demo failed unexpectedly", exc_info=group)
+        state["failure"] = "; ".join(_describe(e) for e in _leaves(group))
     finally:
         progress.finish()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -257,6 +278,9 @@ async def run_demo(opts: DemoOptions, *, progress: Progress | None = None, run: 
 
 async def _run_in(tmp: Path, opts: DemoOptions, progress: Progress, run: DemoRun, state: dict) -> None:
     run.workdir = tmp
+    if len(os.fsencode(tmp)) + len("/qmp.sock") >= MAX_UNIX_SOCKET_PATH:
+        raise OSError(f"the temporary directory {tmp} is too long a path for the demo's unix sockets "
+                      f"({MAX_UNIX_SOCKET_PATH} bytes at most): set TMPDIR to a shorter directory")
     image = run.image = tmp / "disk.img"
     with open(image, "wb") as f:
         f.truncate(opts.disk_mib << 20)

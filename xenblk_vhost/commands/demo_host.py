@@ -75,7 +75,8 @@ class SimHost:
 @asynccontextmanager
 async def open_sim_host(workdir: str | Path) -> AsyncIterator[SimHost]:
     workdir = Path(workdir)
-    hv_path, xs_path = str(workdir / "hypervisor.sock"), str(workdir / "xenstored.sock")
+    # Short names: a unix socket's path must fit in 108 bytes.
+    hv_path, xs_path = str(workdir / "hv.sock"), str(workdir / "xs.sock")
     argv = [sys.executable, "-m", "xenblk_vhost.sim.hypervisor", "--socket", hv_path]
     async with helper_process(argv, name="simulated hypervisor", ready="ready"):
         async with serve_xenstored(xs_path):

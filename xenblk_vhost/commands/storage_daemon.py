@@ -104,7 +104,8 @@ async def vhost_user_export(image: Path, workdir: Path, *, num_queues: int, disc
         raise StorageDaemonError(f"{binary} not found: install it (Debian: qemu-storage-daemon, "
                                  f"or qemu-system-common before Debian 13)")
     workdir = Path(workdir)
-    sock, qmp, log = workdir / "vhost-user-blk.sock", workdir / "qsd-qmp.sock", workdir / "qsd.log"
+    # Short names: a unix socket's path must fit in 108 bytes.
+    sock, qmp, log = workdir / "vu.sock", workdir / "qmp.sock", workdir / "qsd.log"
     argv = qsd_argv(Path(image), sock, qmp, num_queues=num_queues, discard=discard, writable=writable,
                     binary=binary)
     with open(log, "wb") as log_file:
