@@ -181,8 +181,9 @@ def _progress_detail(report: dict) -> str:
 class _GuestSession:
     """The guest's stdout events, read as they come."""
 
-    def __init__(self, child, run: DemoRun, progress: Progress, seconds: float) -> None:
+    def __init__(self, child, run: DemoRun, progress: Progress, seconds: float, state: dict) -> None:
         self.child = child
+        self.state = state  # kept current: a hard stop still summarizes what ran
         self.run = run
         self.progress = progress
         self.seconds = seconds
@@ -197,8 +198,9 @@ class _GuestSession:
         kind = event.get("event")
         if kind == "connected":
             self.connected = event
+            self.state["negotiated"] = event["negotiated"]
         elif kind in ("progress", "finished"):
-            self.report = event["report"]
+            self.report = self.state["report"] = event["report"]
             self.run.at_rest = tuple(self.report["at_rest"])
             verifying = self.report["elapsed_s"] >= self.seconds or kind == "finished"
             self.progress.update(min(self.report["elapsed_s"], self.seconds),
@@ -303,12 +305,10 @@ async def _run_in(tmp: Path, opts: DemoOptions, progress: Progress, run: DemoRun
                            stderr_file=guest_log))
         progress.message(f"guest domain {domid} running the reference frontend on xvda "
                          f"({opts.driver}, {opts.resolved_data_path()} data path)")
-        session = _GuestSession(child, run, progress, opts.seconds)
+        session = _GuestSession(child, run, progress, opts.seconds, state)
         run._guest = child
         try:
             await session.until(lambda: session.finished or session.failed is not None)
-            state["negotiated"] = session.connected["negotiated"] if session.connected else None
-            state["report"] = session.report if session.finished else None
             if session.finished:
                 # The rings are still up: the backend's counters include every request.
                 for entry in service_snapshot(service)["vbds"]:
@@ -320,13 +320,12 @@ async def _run_in(tmp: Path, opts: DemoOptions, progress: Progress, run: DemoRun
             if session.closed is not None:
                 state["frontend_errors"] = session.closed["frontend_errors"]
             elif session.failed is not None:
-                state["failure"] = f"guest: {session.failed}"
+                tail = _log_tail(tmp / "guest.log")
+                state["failure"] = f"guest: {session.failed}" + (f"; its log: {tail}" if tail else "")
             else:
                 status = await child.stop()
                 state["failure"] = (f"the guest ended without closing its device (status {status}); "
                                     f"its log: {_log_tail(tmp / 'guest.log')}")
-            if state["report"] is None and state["failure"] is None:
-                state["report"] = session.report  # interrupted: what ran so far
             await child.stop(CLOSE_TIMEOUT)
         finally:
             run._guest = None

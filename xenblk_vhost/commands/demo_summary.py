@@ -129,9 +129,9 @@ def render_text(s: dict) -> str:
             lines.append(f"  shapes:     {shapes.get('single_segment', 0)} single-segment, "
                          f"{shapes.get('multi_segment', 0)} multi-segment, {shapes.get('indirect', 0)} indirect")
     b = s["bytes"]
+    final = "skipped" if s["interrupted"] else f"{s['final_verify_s']:.1f} s"
     lines.append(f"  data:       {_mib(b['read'])} read, {_mib(b['written'])} written, {_mib(b['verified'])} "
-                 f"verified byte for byte (final read-back {s['final_verify_s']:.1f} s, "
-                 f"{s['scrub_passes']} at-rest scrub passes)")
+                 f"verified byte for byte (final read-back {final}, {s['scrub_passes']} at-rest scrub passes)")
     lines.append(f"  rate:       {s['iops']:.0f} IOPS, {s['mb_per_s']:.1f} MB/s")
     e = s["errors"]
     lines.append(f"  errors:     {e['mismatches']} mismatches, {e['io']} I/O errors, {e['frontend']} protocol errors")

@@ -1,0 +1,98 @@
+"""The Prometheus side in process: address parsing, the collector (latency histograms included), HTTP replies."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from xenblk_vhost.backend.stats import RingStats
+from xenblk_vhost.commands.metrics import (
+    MetricsAddressError,
+    cumulative_buckets,
+    http_reply,
+    merged_latency,
+    metrics_registry,
+    parse_listen_address,
+)
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("127.0.0.1:9477", ("127.0.0.1", 9477)),
+    ("localhost:0", ("localhost", 0)),
+    ("[::1]:9477", ("::1", 9477)),
+])
+def test_addresses(text, parsed):
+    assert parse_listen_address(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["9477", ":9477", "host:", "host:99999", "::1:9477", "[nope]:1", "h:x"])
+def test_bad_addresses_are_refused(text):
+    with pytest.raises(MetricsAddressError):
+        parse_listen_address(text)
+
+
+def _latency(counts, total_s):
+    return {"bounds": [0.001, 0.01], "counts": counts, "sum": total_s}
+
+
+def test_ring_latencies_add_up_into_cumulative_buckets():
+    merged = merged_latency([{"latency": _latency([1, 2, 3], 0.5)}, {}, {"latency": _latency([4, 0, 1], 0.25)}])
+    assert merged == {"bounds": [0.001, 0.01], "counts": [5, 2, 4], "sum": 0.75}
+    assert cumulative_buckets(merged) == [("0.001", 5), ("0.01", 7), ("+Inf", 11)]
+    assert merged_latency([{}, {}]) is None
+
+
+def _snapshot(with_latency: bool) -> dict:
+    ring = RingStats()
+    ring.rd_req, ring.rd_sect, ring.wr_req, ring.wr_sect, ring.f_req, ring.oo_req = 3, 24, 2, 16, 1, 4
+    snap = ring.snapshot()
+    if with_latency:
+        snap["latency"] = _latency([2, 3, 1], 0.042)
+    return {"vbds": [{"domid": 5, "devid": 51712, "vdev": "xvda", "serving": True, "rings": [snap]}]}
+
+
+def _scrape(snapshot: dict) -> dict:
+    reply = http_reply(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", metrics_registry(lambda: snapshot))
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"text/plain; version=0.0.4" in head
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def test_collector_reads_the_snapshot_at_scrape_time():
+    got = _scrape(_snapshot(with_latency=True))
+    ring = (("devid", "51712"), ("domid", "5"), ("ring", "0"), ("vdev", "xvda"))
+    vbd = (("devid", "51712"), ("domid", "5"), ("vdev", "xvda"))
+    assert got[("xenblk_vbd_requests_total", tuple(sorted(ring + (("op", "read"),))))] == 3
+    assert got[("xenblk_vbd_requests_total", tuple(sorted(ring + (("op", "flush"),))))] == 1
+    assert got[("xenblk_vbd_bytes_total", tuple(sorted(ring + (("op", "write"),))))] == 16 * 512
+    assert got[("xenblk_vbd_out_of_requests_total", ring)] == 4
+    assert got[("xenblk_vbd_connected", vbd)] == 1
+    assert got[("xenblk_vbd_request_latency_seconds_bucket", tuple(sorted(vbd + (("le", "0.01"),))))] == 5
+    assert got[("xenblk_vbd_request_latency_seconds_bucket", tuple(sorted(vbd + (("le", "+Inf"),))))] == 6
+    assert got[("xenblk_vbd_request_latency_seconds_count", vbd)] == 6
+    assert got[("xenblk_vbd_request_latency_seconds_sum", vbd)] == pytest.approx(0.042)
+
+
+def test_no_latency_histogram_without_measurements():
+    got = _scrape(_snapshot(with_latency=False))
+    assert not any(name.startswith("xenblk_vbd_request_latency") for name, _ in got)
+    assert got[("xenblk_vbd_rings", (("devid", "51712"), ("domid", "5"), ("vdev", "xvda")))] == 1
+
+
+def test_openmetrics_when_the_scraper_asks_for_it():
+    reply = http_reply(b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text; version=1.0.0\r\n\r\n",
+                       metrics_registry(lambda: _snapshot(False)))
+    assert b"application/openmetrics-text" in reply.split(b"\r\n\r\n")[0] and reply.endswith(b"# EOF\n")
+
+
+@pytest.mark.parametrize("request_head, status", [
+    (b"GET /metrics?x=1 HTTP/1.0\r\n\r\n", b"200 OK"),
+    (b"HEAD / HTTP/1.1\r\n\r\n", b"200 OK"),
+    (b"GET /other HTTP/1.1\r\n\r\n", b"404 Not Found"),
+    (b"DELETE /metrics HTTP/1.1\r\n\r\n", b"405 Method Not Allowed"),
+    (b"nonsense\r\n\r\n", b"400 Bad Request"),
+])
+def test_http_replies(request_head, status):
+    reply = http_reply(request_head, metrics_registry(lambda: {"vbds": []}))
+    assert reply.startswith(b"HTTP/1.1 " + status)

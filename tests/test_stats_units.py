@@ -1,0 +1,141 @@
+"""The control socket and the stats table, in process: protocol, permissions, stale sockets, client errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+
+import pytest
+import trio
+
+from xenblk_vhost.backend.stats import RingStats, total
+from xenblk_vhost.commands.control import (
+    ControlError,
+    ControlSocket,
+    ControlSocketBusy,
+    answer,
+    default_control_path,
+    request_control,
+)
+from xenblk_vhost.commands.stats import render_table
+
+
+def test_default_path_is_system_wide_for_root_and_per_user_otherwise():
+    assert default_control_path(0, {}) == "/run/xenblk-vhost/control.sock"
+    assert default_control_path(1000, {"XDG_RUNTIME_DIR": "/run/user/1000"}) == \
+        "/run/user/1000/xenblk-vhost/control.sock"
+    assert default_control_path(1000, {}) is None
+
+
+def test_answers():
+    handlers = {"stats": lambda: {"vbds": []}}
+    assert answer(b'{"command": "stats"}', handlers) == {"ok": True, "stats": {"vbds": []}}
+    assert answer(b'{"command": "reboot"}', handlers) == {
+        "ok": False, "error": "unknown command 'reboot' (known: stats)"}
+    assert answer(b"stats", handlers)["ok"] is False
+    assert answer(b"[1, 2]", handlers)["ok"] is False
+
+
+async def test_serves_0600_replaces_a_stale_socket_refuses_a_live_one_and_removes_its_own(tmp_path):
+    path = str(tmp_path / "sub" / "control.sock")
+    os.makedirs(tmp_path / "sub")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # a dead daemon's socket: nothing listens
+    calls = []
+
+    def snapshot() -> dict:
+        calls.append(1)
+        return {"vbds": [], "n": len(calls)}
+
+    control = ControlSocket(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(control.serve, {"stats": snapshot})
+        # Asked at each request, not cached.
+        assert (await trio.to_thread.run_sync(request_control, path, "stats"))["n"] == 1
+        assert (await trio.to_thread.run_sync(request_control, path, "stats"))["n"] == 2
+        with pytest.raises(ControlSocketBusy, match="another xenblk-vhost answers on"):
+            ControlSocket(path)
+        with pytest.raises(ControlError, match="unknown command 'nope'"):
+            await trio.to_thread.run_sync(request_control, path, "nope")
+        # A client that sends garbage gets an error, one that says nothing is dropped, and
+        # neither stops the server.
+        raw = trio.socket.socket(trio.socket.AF_UNIX)
+        with raw:
+            await raw.connect(path)
+            await raw.send(b"x" * 5000)
+            reply = json.loads(await raw.recv(4096))
+        assert reply == {"ok": False, "error": "request longer than 4096 bytes"}
+        assert (await trio.to_thread.run_sync(request_control, path, "stats"))["n"] == 3
+        nursery.cancel_scope.cancel()
+    control.close()
+    assert not os.path.exists(path)
+
+
+def test_a_file_that_is_not_a_socket_is_never_replaced(tmp_path):
+    path = tmp_path / "control.sock"
+    path.write_text("precious")
+    with pytest.raises(ControlError, match="exists and is not a socket"):
+        ControlSocket(str(path))
+    assert path.read_text() == "precious"
+
+
+async def test_a_socket_replaced_by_someone_else_is_not_removed(tmp_path):
+    path = str(tmp_path / "control.sock")
+    control = ControlSocket(path)
+    os.unlink(path)
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(path)
+    control.close()
+    assert os.path.exists(path)  # not ours any more
+    other.close()
+
+
+def test_client_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(ControlError, match="no control socket at .*is `xenblk-vhost run` running"):
+        request_control(str(tmp_path / "absent.sock"), "stats")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / "stale.sock"))
+    stale.close()
+    with pytest.raises(ControlError, match="nothing is listening on"):
+        request_control(str(tmp_path / "stale.sock"), "stats")
+
+
+async def test_an_answer_that_is_not_json_is_reported(tmp_path):
+    path = str(tmp_path / "odd.sock")
+    listener = trio.socket.socket(trio.socket.AF_UNIX)
+    await listener.bind(path)
+    listener.listen(1)
+
+    async def odd_server() -> None:
+        conn, _ = await listener.accept()
+        with conn:
+            await conn.recv(100)
+            await conn.send(b"hello\n")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(odd_server)
+        with pytest.raises(ControlError, match="not JSON"):
+            await trio.to_thread.run_sync(request_control, path, "stats")
+    listener.close()
+
+
+def test_table_rows_are_the_rings_and_their_total():
+    a, b = RingStats(), RingStats()
+    a.rd_req, a.rd_sect, a.wr_req, a.wr_sect, a.persistent_grants = 10, 80, 4, 32, 7
+    b.rd_req, b.f_req, b.ds_req, b.errors, b.oo_req = 5, 2, 1, 3, 9
+    b.halted = True
+    rings = [a.snapshot(), b.snapshot()]
+    snap = {"vbds": [{"device": "vbd-5-51712", "vdev": "xvda", "state": "CONNECTED", "driver": "io_uring",
+                      "path": "/x.img", "data_path": "map", "rings": rings, "total": total(rings)}]}
+    lines = render_table(snap).splitlines()
+    assert lines[0] == "vbd-5-51712 xvda  CONNECTED  io_uring /x.img  (map data path)"
+    assert lines[1].split() == ["ring", "rd_req", "wr_req", "f_req", "ds_req", "oo_req", "rd_sect", "wr_sect",
+                                "in_flight", "pgrants", "errors"]
+    assert lines[2].split() == ["0", "10", "4", "0", "0", "0", "80", "32", "0", "7", "0"]
+    assert lines[3].split() == ["1", "5", "0", "2", "1", "9", "0", "0", "0", "0", "3", "HALTED"]
+    assert lines[4].split() == ["total", "15", "4", "2", "1", "9", "80", "32", "0", "7", "3", "HALTED"]
+    assert render_table({"vbds": []}) == "no devices (the daemon serves none right now)"
