@@ -45,20 +45,13 @@ class _SharedMapping:
         self.parked: list = []
 
 
-class _PersistentUse:
-    """What a request holds on the persistent path: cached grefs and temporary mappings."""
-
-    __slots__ = ("grefs", "temporary")
-
-    def __init__(self) -> None:
-        self.grefs: list[int] = []
-        self.temporary: list = []
-
-
-def _extents(slot, page_addrs) -> tuple:
+def _extents(segments, page_addrs) -> tuple:
+    if len(segments) == 1:  # the common 4 KiB case
+        _gref, first, last = segments[0]
+        return ((page_addrs[0] + first * SECTOR_SIZE, (last - first + 1) * SECTOR_SIZE),)
     out = []
     end = -1
-    for (gref, first, last), page in zip(slot.segments, page_addrs):
+    for (_gref, first, last), page in zip(segments, page_addrs):
         addr = page + first * SECTOR_SIZE
         n = (last - first + 1) * SECTOR_SIZE
         if addr == end:
@@ -109,34 +102,40 @@ class MapDataPath:
         for slot in slots:
             n = len(slot.segments)
             slot.mapping = shared
-            slot.extents = _extents(slot, range(addr, addr + n * XEN_PAGE_SIZE, XEN_PAGE_SIZE))
+            slot.extents = _extents(slot.segments, range(addr, addr + n * XEN_PAGE_SIZE, XEN_PAGE_SIZE))
             addr += n * XEN_PAGE_SIZE
 
     def _map_persistent(self, slot) -> None:
-        cache = self.persistent
-        use = _PersistentUse()
-        slot.mapping = use
+        """Pages from the cache; what a full cache cannot take is mapped for this request only.
+
+        slot.mapping becomes a list of what to give back: grefs (ints) held
+        in the cache, and temporary mappings.
+        """
+        acquire = self.persistent.acquire
+        held: list = []
+        slot.mapping = held
         pages = []
         try:
             for gref, _first, _last in slot.segments:
-                addr = cache.acquire(gref)
-                if addr is None:  # cache full of busy entries: map for this request only
+                addr = acquire(gref)
+                if addr is None:  # cache full of busy entries
                     m = self.gntdev.map_grants(self.domid, (gref,), readonly=not slot.writes)
-                    use.temporary.append(m)
+                    held.append(m)
                     addr = m.addr
                 else:
-                    use.grefs.append(gref)
+                    held.append(gref)
                 pages.append(addr)
         except GrantMapError as e:
             log.debug("persistent map failed: %s", e)
             slot.status = RSP_ERROR
             return
-        slot.extents = _extents(slot, pages)
+        slot.extents = _extents(slot.segments, pages)
 
     def finish(self, slots) -> list:
         """Release the slots' mappings; return those whose pages are all unmapped (answer them)."""
         ready = []
         cache = self.persistent
+        now = cache.now() if cache is not None else 0.0
         for slot in slots:
             m = slot.mapping
             if m is None:
@@ -148,12 +147,13 @@ class MapDataPath:
                 if m.users == 0:
                     m.mapping.close()
                     ready.extend(m.parked)
-            else:
+            else:  # persistent: grefs held in the cache, temporary mappings
                 slot.mapping = None
-                for gref in m.grefs:
-                    cache.release(gref)
-                for temp in m.temporary:
-                    temp.close()
+                for held in m:
+                    if type(held) is int:
+                        cache.release(held, now)
+                    else:
+                        held.close()
                 ready.append(slot)
         return ready
 

@@ -75,10 +75,14 @@ class PersistentGrants:
         entry.users += 1
         return entry.addr
 
-    def release(self, gref: int) -> None:
+    def now(self) -> float:
+        """The cache's clock (read once per batch by callers that release many)."""
+        return self._clock()
+
+    def release(self, gref: int, now: float | None = None) -> None:
         entry = self._entries[gref]
         entry.users -= 1
-        entry.last_used = self._clock()
+        entry.last_used = self._clock() if now is None else now
 
     def _evict_lru(self) -> bool:
         """Unmap up to 5% of the entries, least recently used first, skipping busy ones."""

@@ -44,6 +44,7 @@ the same from a shielded cleanup with a time limit.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 
@@ -544,10 +545,16 @@ class RingWorker:
             try:
                 batch = await wait_io(timeout=self.storage_timeout)
             except BlkioError as e:
-                if self._io_outstanding and time.monotonic() - self._last_completion >= self.storage_timeout:
+                # ETIME: nothing completed for storage_timeout in this wait;
+                # a failure only if nothing completed meanwhile (the intake
+                # may have reaped completions inline). Any other error is
+                # blkioq_do_io itself failing: the storage is gone.
+                if e.errno != errno.ETIME or (
+                        self._io_outstanding
+                        and time.monotonic() - self._last_completion >= self.storage_timeout):
                     self._storage_failed(e)
                     self._push()
-                continue  # completions were reaped by the intake meanwhile: not a failure
+                continue
             self._complete(batch)
             self._kick()
             self._push()
