@@ -197,3 +197,10 @@ def test_qsd_options_escape_commas_in_paths(tmp_path):
     blockdev = argv[argv.index("--blockdev") + 1]
     assert f"filename={tmp_path}/a,,b.img," in blockdev
     assert argv[argv.index("--export") + 1].endswith("writable=on,num-queues=3")
+
+
+def test_a_run_that_failed_before_any_io_says_only_why():
+    s = _summary(report=None, negotiated=None, backend=None, failure="qemu-storage-daemon not found: install it")
+    assert render_text(s).splitlines() == [
+        "xenblk-vhost demo: FAILED  (io_uring, map data path, 64.0 MiB disk, 0.0 s of I/O)",
+        "  failure: qemu-storage-daemon not found: install it"]

@@ -128,6 +128,8 @@ def render_text(s: dict) -> str:
         if shapes:
             lines.append(f"  shapes:     {shapes.get('single_segment', 0)} single-segment, "
                          f"{shapes.get('multi_segment', 0)} multi-segment, {shapes.get('indirect', 0)} indirect")
+    if s["failure"] and not ops["total"]:
+        return "\n".join(lines)  # nothing ran: the failure says it all
     b = s["bytes"]
     final = "skipped" if s["interrupted"] else f"{s['final_verify_s']:.1f} s"
     lines.append(f"  data:       {_mib(b['read'])} read, {_mib(b['written'])} written, {_mib(b['verified'])} "

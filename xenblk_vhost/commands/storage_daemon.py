@@ -101,8 +101,7 @@ async def vhost_user_export(image: Path, workdir: Path, *, num_queues: int, disc
                             writable: bool = True, ready_timeout: float = READY_TIMEOUT,
                             binary: str = QSD_BINARY) -> AsyncIterator[VhostUserExport]:
     if shutil.which(binary) is None:
-        raise StorageDaemonError(f"{binary} not found: install it (Debian: qemu-storage-daemon, "
-                                 f"or qemu-system-common before Debian 13)")
+        raise StorageDaemonError(f"{binary} not found: install it (Debian: apt-get install qemu-system-common)")
     workdir = Path(workdir)
     # Short names: a unix socket's path must fit in 108 bytes.
     sock, qmp, log = workdir / "vu.sock", workdir / "qmp.sock", workdir / "qsd.log"
