@@ -12,12 +12,17 @@ Detach follows libxl's order: online=0 and Closing, wait for Closed, then
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import trio
 
+from xenblk_vhost.commands.control import ControlSocket
+from xenblk_vhost.commands.service_snapshot import service_snapshot
 from xenblk_vhost.hotplug.install import install, shim_text
 from xenblk_vhost.hotplug.script import add
 from xenblk_vhost.hotplug.target import parse_xenbus_path
@@ -32,14 +37,18 @@ from e2e_support.frontend_agent import frontend_agent
 LIBXL_HOTPLUG_TIMEOUT = 40  # libxl_internal.h
 
 
-def install_shim(directory: Path, *, as_operator: bool = False) -> Path:
+def install_shim(directory: Path, *, as_operator: bool = False, control: Path | None = None) -> Path:
     """The shim, written by `xenblk-vhost install-hotplug --dir DIR` (as_operator)
-    or by the same function in this process (faster)."""
+    or by the same function in this process (faster). The daemons' control
+    sockets are looked for in `control` (default DIR/control, empty), never
+    in this machine's /run/xenblk-vhost."""
     directory.mkdir(exist_ok=True)
+    control = control or directory / "control"
+    control.mkdir(exist_ok=True)
     if not as_operator:
-        return install(shim_text(), str(directory))
-    out = subprocess.run([sys.executable, "-m", "xenblk_vhost", "install-hotplug", "--dir", str(directory)],
-                         capture_output=True, text=True, check=True)
+        return install(shim_text(control_dir=str(control)), str(directory))
+    out = subprocess.run([sys.executable, "-m", "xenblk_vhost", "install-hotplug", "--dir", str(directory),
+                          "--control-dir", str(control)], capture_output=True, text=True, check=True)
     shim = directory / "block-xenblk-vhost"
     assert f"installed {shim}" in out.stdout
     assert f"'vdev=xvda, backendtype=phy, script={shim}, target=/etc/xenblk-vhost/<domain>.yaml'" in out.stdout
@@ -96,7 +105,8 @@ async def test_phy_route_add_connects_the_guest_and_remove_cleans_up(tmp_path):
             assert await read_text(world.xs, f"{vbd.backend}/params") == str(yaml_path)
             done = await run_script(world, vbd, "add")
             assert done.returncode == 0, done.stderr
-            assert f"web1 xvda served from {yaml_path} (io_uring {img}, read-write)" in done.stderr
+            assert (f"web1 xvda served from {yaml_path} (io_uring {img}, read-write; checked with the xenstore only: "
+                    f"no control socket lists it)") in done.stderr
             nodes = await tree(world.xs, vbd.backend)
             assert nodes["hotplug-status"] == "connected"
             assert nodes["physical-device-path"] == str(img)
@@ -180,6 +190,45 @@ async def test_a_file_edited_but_not_reloaded_is_caught(tmp_path):
             assert done.returncode == 1
             assert await read_text(world.xs, f"{xvdb.backend}/hotplug-error") == (
                 f"{yaml_path} has no disk xvdb (device 51728) for domain 'web1'; it configures xvda")
+
+
+async def test_the_daemons_control_socket_confirms_the_storage_or_catches_a_changed_path(tmp_path):
+    old_img, new_img = disk_image(tmp_path, "old.img"), disk_image(tmp_path, "new.img")
+    running = domain_config(tmp_path, "web1", [f"vdev: xvda, driver: io_uring, path: {old_img}"])
+    control = Path(tempfile.mkdtemp(prefix="xv-", dir="/tmp"))  # unix socket paths are short
+    shim = install_shim(tmp_path / "scripts", control=control)
+    # A socket nobody answers on (a daemon that died) is skipped, with a note.
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(control / "control-dead.sock"))
+    async with open_world(tmp_path / "w") as world:
+        guest = await world.create_guest("web1")
+        async with backend_service(world, [running]) as service, trio.open_nursery() as nursery:
+            yaml_path = write_config(tmp_path, "web1", [f"vdev: xvda, driver: io_uring, path: {old_img}"])
+            vbd = await world.attach_vbd(guest.domid, VbdConfig(vdev="xvda", target=str(yaml_path), script=str(shim)))
+            done = await run_script(world, vbd, "add")
+            assert done.returncode == 0, done.stderr
+            assert "checked with the xenstore only: no control socket lists it" in done.stderr
+            assert f"note: nothing is listening on {control / 'control-dead.sock'}" in done.stderr
+            # What `run --control DIR/control-web1.sock` serves (as the systemd unit starts it).
+            sock = ControlSocket(str(control / "control-web1.sock"))
+            nursery.start_soon(sock.serve, {"stats": lambda: service_snapshot(service)})
+            done = await run_script(world, vbd, "add")
+            assert done.returncode == 0, done.stderr
+            assert f"checked with the daemon at {control / 'control-web1.sock'})" in done.stderr
+            assert "note:" not in done.stderr  # the dead socket is no news once the daemon is found
+            # The file now names other storage, the daemon was not reloaded: the
+            # features are the same, only the daemon can tell.
+            yaml_path.write_text(yaml_path.read_text().replace(str(old_img), str(new_img)))
+            done = await run_script(world, vbd, "add")
+            assert done.returncode == 1
+            assert await read_text(world.xs, f"{vbd.backend}/hotplug-error") == (
+                f"the daemon answering on {control / 'control-web1.sock'} serves this device from io_uring "
+                f"{old_img}, but {yaml_path} says io_uring {new_img}: after editing the file reload the daemon "
+                f"(systemctl reload xenblk-vhost@<domain>) and attach again")
+            nursery.cancel_scope.cancel()
+        sock.close()
+    dead.close()
+    shutil.rmtree(control)
 
 
 async def test_storage_written_by_one_domain_is_refused_to_another(tmp_path):

@@ -216,3 +216,37 @@ def test_container_shim_passes_libxls_environment_to_the_engine(tmp_path):
     assert got["argv"] == ["exec", "-e", "XENBUS_PATH", "-e", "XENBUS_TYPE", "-e", "XENBUS_BASE_PATH", "-e", "script",
                            "xv", "xenblk-vhost", "hotplug", "remove"]
     assert got["env"] == {k: env[k] for k in ("XENBUS_PATH", "XENBUS_TYPE", "XENBUS_BASE_PATH", "script")}
+
+
+def test_served_by_must_be_the_files_storage(tmp_path):
+    from xenblk_vhost.hotplug.checks import check_served_by
+
+    (disk,) = config(tmp_path, "domain: {name: a}\ndisks: [{vdev: xvda, driver: io_uring, path: /srv/a.img}]\n").disks
+    check_served_by("/run/xenblk-vhost/control-a.sock", "io_uring", "/srv/a.img", disk, "/etc/a.yaml")
+    e = error_of(check_served_by, "/run/c.sock", "virtio-blk-vhost-user", "/run/vu/a.sock", disk, "/etc/a.yaml")
+    assert e.message.startswith("the daemon answering on /run/c.sock serves this device from virtio-blk-vhost-user "
+                                "/run/vu/a.sock, but /etc/a.yaml says io_uring /srv/a.img")
+
+
+def test_only_control_sockets_are_asked(tmp_path):
+    import socket as socketlib
+
+    from xenblk_vhost.hotplug.daemon import control_sockets
+
+    made = []
+    for name in ("control.sock", "control-web1.sock", "qsd-db1.qmp", "db1-xvda.sock"):
+        s = socketlib.socket(socketlib.AF_UNIX)
+        s.bind(str(tmp_path / name))
+        made.append(s)
+    (tmp_path / "control-file.sock").write_text("not a socket")
+    try:
+        assert control_sockets(tmp_path) == [str(tmp_path / "control-web1.sock"), str(tmp_path / "control.sock")]
+        assert control_sockets(tmp_path / "missing") == []
+    finally:
+        for s in made:
+            s.close()
+
+
+def test_shim_passes_the_control_dir():
+    assert shim_text(python="/p/python3", control_dir="/srv/x y").splitlines()[-1] == \
+        "exec /p/python3 -m xenblk_vhost.hotplug --control-dir '/srv/x y' \"$@\""

@@ -16,6 +16,9 @@ gets wrong, is whether that backend is ours and serves it as the file says:
     config; the storage can only lower the last two). A mismatch means the
     daemon runs another configuration: the file was edited and not reloaded,
     or another daemon (or backend) serves the device;
+  * when a daemon's control socket lists the device (daemon.py), it serves
+    it from the file's storage (driver and path): exact where the feature
+    check is a heuristic, and it catches a changed path too;
   * as Xen's own block scripts must (docs/misc/block-scripts.txt), the
     same storage is not given read-write to two domains, nor to one domain
     read-write while another has it at all.
@@ -122,6 +125,14 @@ def check_features(disk: DiskConfig, features: dict[str, str], source: str) -> N
     if problems:
         raise HotplugError(f"the backend serving this device does not follow {source} ({'; '.join(problems)}): "
                            f"another configuration is running; after editing the file reload the daemon "
+                           f"(systemctl reload xenblk-vhost@<domain>) and attach again")
+
+
+def check_served_by(control: str, driver: str | None, path: str | None, disk: DiskConfig, source: str) -> None:
+    """The daemon that lists the device (on its control socket `control`) uses the file's storage."""
+    if (driver, path) != (disk.driver, disk.path):
+        raise HotplugError(f"the daemon answering on {control} serves this device from {driver} {path}, but "
+                           f"{source} says {disk.driver} {disk.path}: after editing the file reload the daemon "
                            f"(systemctl reload xenblk-vhost@<domain>) and attach again")
 
 

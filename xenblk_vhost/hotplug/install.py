@@ -36,17 +36,21 @@ class InstallError(Exception):
     pass
 
 
-def shim_text(*, python: str | None = None, container: str | None = None, engine: str = "docker") -> str:
-    """The shell script libxl runs: hands `add|remove` to xenblk-vhost."""
+def shim_text(*, python: str | None = None, container: str | None = None, engine: str = "docker",
+              control_dir: str | None = None) -> str:
+    """The shell script libxl runs: hands `add|remove` to xenblk-vhost (with
+    --control-dir DIR if the daemons' control sockets are not in the default place)."""
+    options = f"--control-dir {shlex.quote(control_dir)} " if control_dir is not None else ""
     if container is not None:
         env = " ".join(f"-e {v}" for v in _HOTPLUG_ENV)
-        command = f"exec {shlex.quote(engine)} exec {env} {shlex.quote(container)} xenblk-vhost hotplug \"$@\""
+        command = (f"exec {shlex.quote(engine)} exec {env} {shlex.quote(container)} xenblk-vhost hotplug "
+                   f"{options}\"$@\"")
         where = f"in the container {container} ({engine})"
     else:
         python = python or sys.executable
         if not os.path.isabs(python):
             raise InstallError(f"the Python interpreter path {python!r} is not absolute")
-        command = f"exec {shlex.quote(python)} -m xenblk_vhost.hotplug \"$@\""
+        command = f"exec {shlex.quote(python)} -m xenblk_vhost.hotplug {options}\"$@\""
         where = f"with {python}"
     return (f"#!/bin/sh\n"
             f"{MARKER} (written by `xenblk-vhost install-hotplug`).\n"
@@ -107,6 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "instead of with this Python")
     parser.add_argument("--engine", default="docker", choices=("docker", "podman"),
                         help="container engine for --container (default docker)")
+    parser.add_argument("--control-dir", metavar="DIR",
+                        help="where the daemons' control sockets are, if not /run/xenblk-vhost")
     parser.add_argument("--print", action="store_true", dest="print_only",
                         help="print the script on stdout instead of installing it (e.g. from inside a "
                         "container: ... install-hotplug --container NAME --print > /etc/xen/scripts/...)")
@@ -115,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     try:
-        text = shim_text(container=args.container, engine=args.engine)
+        text = shim_text(container=args.container, engine=args.engine, control_dir=args.control_dir)
         if args.print_only:
             sys.stdout.write(text)
             return 0

@@ -18,6 +18,9 @@ in use by another domain), says why on stderr, and exits 1: libxl logs
 hotplug-error and fails the attach. Nothing is written if the backend dir
 is gone (a node written there would re-create it).
 
+With a daemon's control socket in /run/xenblk-vhost (daemon.py), `add` also
+checks that the daemon listing the device serves it from the file's storage.
+
 `remove` runs after the backend reached Closed (or libxl gave up waiting,
 forced), right before libxl deletes the dir: the daemon has released the
 device by then, so it only removes the nodes `add` wrote, and exits 0 (libxl
@@ -47,6 +50,7 @@ from .checks import (
     check_backend,
     check_blkback,
     check_features,
+    check_served_by,
     check_sharing,
     mode_warnings,
     physical_device_path,
@@ -54,6 +58,7 @@ from .checks import (
     storage_key,
     writable,
 )
+from .daemon import CONTROL_DIR, find_daemon
 from .target import KINDS, BackendDevice, config_path, parse_xenbus_path
 
 PROG = "xenblk-vhost-hotplug"
@@ -95,19 +100,20 @@ def _load(path: str) -> DomainConfig:
 # ---------------------------------------------------------------------- add
 
 async def add(xs: XenStore, device: BackendDevice, *, sys_module: Path = SYS_MODULE,
-              warn: TextIO = sys.stderr) -> str:
+              control_dir: Path = CONTROL_DIR, warn: TextIO = sys.stderr) -> str:
     """Check, then write physical-device-path and hotplug-status=connected.
     Returns a one-line summary; raises HotplugError (after writing the error
     nodes) if the attach must fail."""
     try:
-        summary = await _verify_and_connect(xs, device, sys_module, warn)
+        summary = await _verify_and_connect(xs, device, sys_module, control_dir, warn)
     except HotplugError as e:
         await _report(xs, device, e)
         raise
     return summary
 
 
-async def _verify_and_connect(xs: XenStore, device: BackendDevice, sys_module: Path, warn: TextIO) -> str:
+async def _verify_and_connect(xs: XenStore, device: BackendDevice, sys_module: Path, control_dir: Path,
+                              warn: TextIO) -> str:
     be = device.path
     params = await _read(xs, f"{be}/params")
     if params is None:
@@ -126,6 +132,14 @@ async def _verify_and_connect(xs: XenStore, device: BackendDevice, sys_module: P
     )
     check_backend(view, source)
     check_features(disk, view.features, source)
+    served, silent = await find_daemon(device, control_dir)
+    if served is not None:
+        check_served_by(served.control, served.driver, served.path, disk, source)
+        how = f"daemon at {served.control}"
+    else:
+        how = "xenstore only: no control socket lists it"
+        for reason in silent:
+            print(f"{PROG}: {device}: note: {reason}", file=warn)
     mine = Attachment(device.frontend_domid, _shown(name, device.frontend_domid), device.devid,
                       storage_key(disk.path), writable(disk, view.mode))
     check_sharing(mine, await attachments_elsewhere(xs, device))
@@ -146,7 +160,7 @@ async def _verify_and_connect(xs: XenStore, device: BackendDevice, sys_module: P
         raise HotplugError("the backend dir vanished while checking: the device is being removed")
     return (f"{device.kind}/{device.frontend_domid}/{device.devid}: {_shown(name, device.frontend_domid)} "
             f"{disk.name} served from {source} ({disk.driver} {disk.path}, "
-            f"{'read-write' if mine.writable else 'read-only'})")
+            f"{'read-write' if mine.writable else 'read-only'}; checked with the {how})")
 
 
 def _shown(name: str | None, domid: int) -> str:
@@ -243,7 +257,7 @@ async def remove(xs: XenStore, device: BackendDevice) -> str:
 # ---------------------------------------------------------------------- command
 
 async def run(action: str, xenbus_path: str | None, *, xenstore: str | None = None,
-              sys_module: Path = SYS_MODULE, out: TextIO = sys.stderr) -> int:
+              sys_module: Path = SYS_MODULE, control_dir: Path = CONTROL_DIR, out: TextIO = sys.stderr) -> int:
     """One hotplug action, start to end; messages on `out` (libxl's log)."""
     from ..xen.xenstore import XenStoreConnectionError, open_xenstore
 
@@ -256,7 +270,7 @@ async def run(action: str, xenbus_path: str | None, *, xenstore: str | None = No
         with trio.fail_after(DEADLINE):
             async with open_xenstore(xenstore) as xs:
                 if action == "add":
-                    summary = await add(xs, device, sys_module=sys_module, warn=out)
+                    summary = await add(xs, device, sys_module=sys_module, control_dir=control_dir, warn=out)
                 else:
                     summary = await remove(xs, device)
     except HotplugError as e:
@@ -295,11 +309,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xenstore", metavar="PATH",
                         help="xenstored socket or xenbus device (default: $XENSTORED_PATH, the usual "
                         "sockets, /dev/xen/xenbus)")
+    parser.add_argument("--control-dir", metavar="DIR", type=Path, default=CONTROL_DIR,
+                        help=f"where the daemons' control sockets (control*.sock) are (default {CONTROL_DIR})")
 
 
 def run_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
-    return trio.run(lambda: run(args.action, env.get("XENBUS_PATH"), xenstore=args.xenstore))
+    return trio.run(lambda: run(args.action, env.get("XENBUS_PATH"), xenstore=args.xenstore,
+                                control_dir=args.control_dir))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,71 @@
+"""Ask the running daemons, through their control sockets, which one serves a device.
+
+xenstore shows that *a* backend took the device, and what it advertised;
+a daemon's control socket (`run --control`, commands/control.py) says
+exactly which storage it serves it from. The script asks every control
+socket in /run/xenblk-vhost named control*.sock: the default one
+(control.sock) and those of systemd instances
+(deploy/systemd/xenblk-vhost@.service: control-<instance>.sock). Other
+sockets there (vhost-user exports live in vhost-user/, qemu-storage-daemon's
+monitors end in .qmp) are never spoken to. A daemon that does not answer is
+skipped: a daemon run with `--control none` is still checked through
+xenstore.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .target import BackendDevice
+
+CONTROL_DIR = Path("/run/xenblk-vhost")
+ASK_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class ServedBy:
+    control: str  # the socket that answered
+    driver: str | None
+    path: str | None
+    state: str
+
+
+def control_sockets(directory: Path) -> list[str]:
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if not (name.startswith("control") and name.endswith(".sock")):
+            continue
+        path = directory / name
+        try:
+            if stat.S_ISSOCK(path.stat().st_mode):
+                found.append(str(path))
+        except OSError:
+            continue
+    return found
+
+
+async def find_daemon(device: BackendDevice, directory: Path = CONTROL_DIR) -> tuple[ServedBy | None, list[str]]:
+    """The daemon serving the device, if one answers for it; and the sockets that did not answer, with why."""
+    from ..commands.control import ControlError, request_control
+
+    silent = []
+    for path in control_sockets(directory):
+        try:
+            snapshot = await trio.to_thread.run_sync(lambda: request_control(path, "stats", timeout=ASK_TIMEOUT))
+        except ControlError as e:
+            silent.append(str(e))
+            continue
+        for vbd in snapshot.get("vbds", []):
+            if (vbd.get("kind"), vbd.get("domid"), vbd.get("devid")) == (device.kind, device.frontend_domid,
+                                                                         device.devid):
+                return ServedBy(path, vbd.get("driver"), vbd.get("path"), str(vbd.get("state"))), silent
+    return None, silent
