@@ -18,7 +18,6 @@ import sys
 import trio
 
 from xenblk_vhost.commands.control import request_control
-from xenblk_vhost.sim.blkfront_config import BlkfrontOptions
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.world import open_world
 
