@@ -144,6 +144,13 @@ async def test_backend_units_execstart_speaks_sd_notify_as_type_notify_needs(scr
         proc = await trio.lowlevel.open_process(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             assert await _notification(notify) == "READY=1"
+            # The control socket the unit names answers `stats`.
+            control = re.search(r"--control (\S+)", " ".join(argv)).group(1)
+            assert control == f"{scratch}/run/control-web1.sock"
+            stats = await trio.to_thread.run_sync(lambda: subprocess.run(
+                [str(XENBLK_VHOST), "stats", "--control", control, "--json"], capture_output=True, text=True))
+            assert stats.returncode == 0, stats.stderr
+            assert json.loads(stats.stdout)["vbds"] == []  # serving, no guest attached
             (reload,) = values(service, "ExecReload")
             subprocess.run(shlex.split(reload.replace("$MAINPID", str(proc.pid))), check=True)
             assert [await _notification(notify), await _notification(notify)] == ["RELOADING=1", "READY=1"]

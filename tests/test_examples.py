@@ -177,7 +177,7 @@ async def test_a_guest_uses_the_file_and_qsd_examples_attached_by_their_xl_lines
     args = scratch / "etc" / "db1.args"
     args.write_text(localize((ROOT / "deploy" / "storage-node" / "db1.args").read_text(), scratch))
     qsd = start_qsd(args, scratch / "qsd-db1.pid")
-    shim = install(shim_text(), str(scratch))
+    install(shim_text(control_dir=str(scratch / "vu")), str(scratch))  # no control socket of this machine's
     try:
         configs = load_configs(yamls.values())  # strict: the image and the socket exist now
         async with open_world(scratch / "w") as world:
