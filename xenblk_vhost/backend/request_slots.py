@@ -37,7 +37,7 @@ class Slot:
     __slots__ = (
         "index", "req_id", "op", "sector", "nr_bytes", "segments", "writes",
         "steps", "step", "parts", "status", "extents", "buffer", "large", "mapping",
-        "done", "in_storage",
+        "done", "in_storage", "taken_at",
     )
 
     def __init__(self, index: int) -> None:
@@ -58,6 +58,7 @@ class Slot:
         self.mapping = None
         self.done = None  # a trio.Event when someone waits for this slot (a barrier)
         self.in_storage = False
+        self.taken_at = 0.0  # time.monotonic() of the batch that took it off the ring
 
 
 class SlotPool:

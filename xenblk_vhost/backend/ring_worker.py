@@ -254,6 +254,7 @@ class RingWorker:
                 break
         slots = self.pool.slots
         free = self.pool.free
+        now = time.monotonic()  # one clock read for the batch: its requests' latency starts here
         run = []
         append = run.append
         rd_req = rd_sect = wr_req = wr_sect = 0
@@ -273,6 +274,7 @@ class RingWorker:
                 # The pool's slots are taken inline (no call per request); the
                 # intake took no more requests than there are free slots.
                 slot = slots[free.pop()]
+                slot.taken_at = now
                 slot.req_id = item.id
                 slot.op = op
                 slot.sector = item.sector
@@ -308,6 +310,7 @@ class RingWorker:
                     self._answer(item.id, item.op, RSP_OKAY)  # nothing to discard (blkback: OKAY)
                     continue
                 slot = slots[free.pop()]
+                slot.taken_at = now
                 slot.req_id = item.id
                 slot.op = item.op
                 slot.sector = item.sector
@@ -338,6 +341,7 @@ class RingWorker:
         await self.gate.drain()
         try:
             slot = self.pool.slots[self.pool.free.pop()]
+            slot.taken_at = time.monotonic()
             self._count_dispatched(1, 0, 0, 0, 0)
             slot.req_id = item.id
             slot.op = item.op
@@ -479,6 +483,7 @@ class RingWorker:
         """Data path finish (copy reads out / unmap), then answer and free the ready slots."""
         ready = self.datapath.finish(slots)
         if ready:
+            self.stats.latency.observe(time.monotonic(), ready)  # one clock read for the batch
             if self._halted:  # a halted ring answers nothing more
                 self.stats.errors += sum(1 for s in ready if s.status)
             else:

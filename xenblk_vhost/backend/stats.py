@@ -17,11 +17,39 @@ Plain attributes in __slots__: the datapath increments them directly.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 COUNTERS = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "errors")
+
+# Request latency, from taking a request off the ring to putting its response
+# on it, counted in buckets with these upper bounds (seconds); the last bucket
+# counts everything slower.
+LATENCY_BOUNDS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 1.0)
+
+
+class LatencyHistogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BOUNDS) + 1)
+        self.sum = 0.0
+
+    def observe(self, now: float, slots) -> None:
+        """A batch of answered requests: one clock read (`now`) for all of them."""
+        counts = self.counts
+        total = 0.0
+        for slot in slots:
+            elapsed = now - slot.taken_at
+            total += elapsed
+            counts[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+        self.sum += total
+
+    def snapshot(self) -> dict:
+        return {"bounds": list(LATENCY_BOUNDS), "counts": list(self.counts), "sum": self.sum}
 
 
 class RingStats:
-    __slots__ = COUNTERS + ("in_flight", "persistent_grants", "halted")
+    __slots__ = COUNTERS + ("in_flight", "persistent_grants", "halted", "latency")
 
     def __init__(self) -> None:
         for name in COUNTERS:
@@ -29,20 +57,28 @@ class RingStats:
         self.in_flight = 0
         self.persistent_grants = 0
         self.halted = False  # the ring was stopped for a bogus frontend
+        self.latency = LatencyHistogram()
 
-    def snapshot(self) -> dict[str, int | bool]:
+    def snapshot(self) -> dict:
         """A plain dict for the control side to publish (copy: later counting does not change it)."""
-        return {name: getattr(self, name) for name in self.__slots__}
+        out = {name: getattr(self, name) for name in self.__slots__ if name != "latency"}
+        out["latency"] = self.latency.snapshot()
+        return out
 
 
 def total(snapshots: list[dict[str, int | bool]]) -> dict[str, int | bool]:
     """The vbd's figures: the rings' counters summed (halted: any ring halted)."""
     out: dict[str, int | bool] = {name: 0 for name in COUNTERS + ("in_flight", "persistent_grants")}
     out["halted"] = False
+    latency = LatencyHistogram().snapshot()
     for snap in snapshots:
         for name, value in snap.items():
             if name == "halted":
                 out["halted"] = out["halted"] or bool(value)
+            elif name == "latency":
+                latency["counts"] = [a + b for a, b in zip(latency["counts"], value["counts"])]
+                latency["sum"] += value["sum"]
             else:
                 out[name] += value
+    out["latency"] = latency
     return out
