@@ -92,6 +92,13 @@ async def test_metrics_scraped_over_http_match_the_control_sockets_stats(tmp_pat
                 assert value("xenblk_vbd_ring_halted") == 0
                 checked += ring["rd_req"] + ring["wr_req"]
             assert checked == entry["total"]["rd_req"] + entry["total"]["wr_req"] > 200
+            # Every request the rings answered has its latency in the vbd's histogram.
+            vbd_labels = tuple(sorted(who.items()))
+            total = entry["total"]
+            answered = total["rd_req"] + total["wr_req"] + total["f_req"] + total["ds_req"]
+            assert got[("xenblk_vbd_request_latency_seconds_count", vbd_labels)] == answered
+            assert got[("xenblk_vbd_request_latency_seconds_bucket", tuple(sorted(dict(who, le="+Inf").items())))] == answered
+            assert got[("xenblk_vbd_request_latency_seconds_sum", vbd_labels)] > 0
 
             # HEAD has the headers and no body; other paths and methods are refused.
             status, headers, body = await http_get(port, "/metrics", "HEAD")
