@@ -11,7 +11,8 @@ xb_yaml() {  # file domain-name disk...
   local f=$1 name=$2; shift 2
   { echo "domain: {name: $name}"; echo "disks:"; for d in "$@"; do echo "  - $d"; done; } > "$f"
   cp "$f" "$OUT/$(basename "$f")"
-  xenblk-vhost check "$f" || fail "xenblk-vhost check refused $f"
+  # (not `xenblk-vhost check`: 10-20 s of Python start-up under TCG, and
+  # `run` and the device model refuse a bad file themselves, exit 2)
 }
 
 # The xl disk line of the standalone-daemon route: backendtype=phy, our
@@ -39,6 +40,11 @@ xb_assert_alive() {  # what
   kill -0 "$XB_PID" 2>/dev/null || { tail -30 "$XB_LOG"; fail "$1: the xenblk-vhost daemon (pid $XB_PID) died"; }
 }
 
+# CPU seconds (user+system) a process has used so far.
+xb_cpu_s() {  # pid
+  awk -v t="$(getconf CLK_TCK)" '{print ($14 + $15) / t}' "/proc/$1/stat" 2>/dev/null || echo "?"
+}
+
 # Grant mappings the daemon holds (gntdev VMAs): 0 once no guest is connected.
 xb_gnt_maps() { grep -c '/dev/xen/gntdev' "/proc/$XB_PID/maps" || true; }
 
@@ -58,6 +64,7 @@ xb_stop_daemon() {  # what
   kill -0 "$XB_PID" 2>/dev/null && { kill -KILL "$XB_PID"; fail "$1: daemon still running 30 s after SIGTERM"; }
   local rc=0; wait "$XB_PID" || rc=$?
   [ $rc = 0 ] || { tail -20 "$XB_LOG"; fail "$1: daemon exited with status $rc after SIGTERM"; }
+  XB_PID=""   # reaped: its pid may be reused
   xb_log_clean "$XB_LOG" "$1"
   note "ok: $1: daemon exited 0 on SIGTERM, log clean"
 }

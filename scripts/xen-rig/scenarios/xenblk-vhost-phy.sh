@@ -30,7 +30,8 @@ xb_yaml "$CFG" $NAME \
 
 XB_PID=""
 rm -f /run/xenblk-rig/hotplug.log
-cleanup() { [ -n "$XB_PID" ] && kill "$XB_PID" 2>/dev/null; cp /run/xenblk-rig/hotplug.log "$OUT/" 2>/dev/null; true; }
+# (set -e holds in traps too: nothing here may fail)
+cleanup() { kill "${XB_PID:-none}" 2>/dev/null || true; cp /run/xenblk-rig/hotplug.log "$OUT/" 2>/dev/null || true; }
 trap cleanup EXIT
 trap 'exit 143' TERM
 xb_start_daemon phy "$CFG"
@@ -112,6 +113,7 @@ rm -f "$CON"   # the same name: run_guest reads this guest's console only
   truncate -s 80M "$IMG_A" && echo "$(uptime_s)" > "$OUT/resized-at"
 ) &
 RESIZER=$!
+CPU0=$(xb_cpu_s $XB_PID)
 SAME=(persistent_grants indirect_descriptors bounce_buffer backend_max_indirect_segments segments_per_request
       flush discard ring_order backend_max_ring_order queues backend_max_queues guest_hw_queues sectors
       sector_size protocol backend_persistent frontend_persistent)
@@ -124,11 +126,15 @@ run_guest $NAME --disk "$(xb_phy_disk xvda "$CFG")" --vcpus 2 --cmdline "xen_blk
   --expect neg.discard=supported --expect neg.sectors=131072 --expect ro=0 --expect neg.protocol=x86_64-abi \
   --expect neg.ring_order=4 --expect neg.backend_max_ring_order=4 --expect param.max_ring_page_order=4 \
   --expect neg.queues=2 --expect neg.backend_max_queues=2 --expect neg.guest_hw_queues=2 \
-  --expect resize.sectors=163840
+  --expect resize.sectors=163840 --expect "resize.blkfront=Setting capacity to 163840"
+note "cpu: the daemon used $(awk "BEGIN{print $(xb_cpu_s $XB_PID)-$CPU0}")s during this guest's life"
 wait $RESIZER || fail "resize: the helper failed (the guest never asked for the resize, or truncate failed)"
 xb_compare_blkback $NAME ref-mq "${SAME[@]}"
-note "resize: file grown at $(cat "$OUT/resized-at")s uptime; guest: $(python3 -c "import json,sys; g=json.load(open(sys.argv[1]))[sys.argv[2]]; print(g['checks']['resize_seen']['detail'], '|', g['guest'].get('resize.dmesg'))" "$OUT/results.json" $NAME)"
-grep -q "resized from 131072 to 163840 sectors" "$XB_LOG" || fail "resize: the daemon did not log the online resize"
+note "resize: file grown at $(cat "$OUT/resized-at")s uptime; guest: $(python3 -c "import json,sys; g=json.load(open(sys.argv[1]))[sys.argv[2]]; print(g['checks']['resize_seen']['detail'], '|', g['guest'].get('resize.blkfront'))" "$OUT/results.json" $NAME)"
+DOMID=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]['xenstore_backend']['frontend-id'])" "$OUT/results.json" $NAME)
+grep -q "vbd-$DOMID-51712: resized from 131072 to 163840 sectors" "$XB_LOG" || fail "resize: the daemon did not log the online resize"
+# Live: the vbd connected once, and never went through the handshake again.
+assert_eq "resize: times vbd-$DOMID-51712 connected" "$(grep -c "vbd-$DOMID-51712: InitWait -> Connected" "$XB_LOG")" 1
 
 # ---------------------------------------------------------------- 3. dom0's view, clean stop
 e2fsck -f -n "$IMG_A" > "$OUT/dom0-fsck.log" 2>&1 || fail "dom0 e2fsck -fn of the guest's filesystem failed"

@@ -8,6 +8,7 @@
 # daemon is stopped and dom0 finds the guest's ext4 clean in its file.
 . "$RIG_DOM0/xenblk_lib.sh"
 
+lsmod | grep -q '^xen_blkback' && fail "xen-blkback is loaded: this scenario needs our daemon alone on backend/vbd"
 NAME=xbv-vu
 IMG=$XB_DIR/xbv-vu.img CFG=$XB_DIR/xbv-vu.yaml SOCK=/run/xenblk-rig/xbv-vu.sock
 mkdisk "$IMG" 64
@@ -18,7 +19,8 @@ qemu-storage-daemon \
   > "$OUT/qsd.log" 2>&1 &
 QSD=$!
 XB_PID=""
-cleanup() { [ -n "$XB_PID" ] && kill "$XB_PID" 2>/dev/null; kill "$QSD" 2>/dev/null; true; }
+# (set -e holds in traps too: nothing here may fail)
+cleanup() { kill "${XB_PID:-none}" "${QSD:-none}" 2>/dev/null || true; }
 trap cleanup EXIT
 trap 'exit 143' TERM
 i=0
@@ -46,10 +48,10 @@ run_guest $NAME --disk "$(xb_phy_disk xvda "$CFG")" --vcpus 2 --cmdline "xen_blk
   --expect neg.ring_order=4 --expect neg.backend_max_ring_order=4 --expect param.max_ring_page_order=4 \
   --expect neg.queues=2 --expect neg.backend_max_queues=2 --expect neg.guest_hw_queues=2
 xb_compare_blkback $NAME ref-mq "${SAME[@]}"
+note "cpu since start: xenblk-vhost $(xb_cpu_s $XB_PID)s, qemu-storage-daemon $(xb_cpu_s $QSD)s"
 grep -q "virtio-blk-vhost-user $SOCK" "$XB_LOG" || fail "the daemon log does not show the vhost-user disk being opened"
 xb_stop_daemon "vhost-user daemon"
-XB_PID=""
-kill -TERM $QSD; wait $QSD || true
+kill -TERM $QSD; wait $QSD || true; QSD=""
 e2fsck -f -n "$IMG" > "$OUT/dom0-fsck.log" 2>&1 || fail "dom0 e2fsck -fn of the guest's filesystem (written through qemu-storage-daemon) failed"
 debugfs -R 'ls /' "$IMG" 2>/dev/null | grep -q file6 || fail "file6 missing in the guest's filesystem, seen from dom0"
 note "ok: dom0 sees a clean ext4 with the guest's files in qemu-storage-daemon's image"
