@@ -17,25 +17,15 @@ import pytest
 import trio
 import trio.testing
 
-from xenblk_vhost.sim import open_sim
+from sim_support.daemons import hv_socket, platform  # noqa: F401
 from xenblk_vhost.sim.guest import guest_agent
 from xenblk_vhost.sim.hypercall import Hypercalls
-from xenblk_vhost.sim.hypervisor import running_hypervisor
 from xenblk_vhost.xen.interfaces import EventChannel, Evtchn
 
 
-@pytest.fixture(scope="module")
-def hv_socket(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("hv") / "xen.sock")
-    with running_hypervisor(path):
-        yield path
-
-
 @pytest.fixture
-def evtchn(hv_socket):
-    p = open_sim(hv_socket)
-    yield p.evtchn
-    p.close()
+def evtchn(platform):
+    return platform.evtchn
 
 
 def pending(chan) -> bool:

@@ -19,25 +19,11 @@ import textwrap
 import pytest
 import trio
 
+from sim_support.daemons import hv_socket, platform  # noqa: F401
 from xenblk_vhost.sim import open_sim
 from xenblk_vhost.sim.grant_table import GTF_permit_access, GTF_reading, GTF_readonly, GTF_writing
 from xenblk_vhost.sim.guest import guest_agent, pattern
-from xenblk_vhost.sim.hypervisor import running_hypervisor
 from xenblk_vhost.xen.interfaces import PAGE_SIZE, CopySegment, Gntdev, GrantMapError, GrantMapping, GrantStatus
-
-
-@pytest.fixture(scope="module")
-def hv_socket(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("hv") / "xen.sock")
-    with running_hypervisor(path):
-        yield path
-
-
-@pytest.fixture
-def platform(hv_socket):
-    p = open_sim(hv_socket)
-    yield p
-    p.close()
 
 
 async def test_maps_show_the_guests_pages_and_pin_them(hv_socket, platform):

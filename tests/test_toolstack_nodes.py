@@ -13,10 +13,10 @@ import pytest
 import trio
 import trio.testing
 
+from sim_support.daemons import xenstored  # noqa: F401
 from xenblk_vhost.sim import toolstack
 from xenblk_vhost.sim.toolstack import BackendKind, DetachOutcome, VbdConfig
 from xenblk_vhost.sim.xenstore_guest import open_guest_xenstore
-from xenblk_vhost.sim.xenstored import serve_xenstored
 from xenblk_vhost.xen.interfaces import Permission, XenStoreError
 from xenblk_vhost.xen.xenstore import open_xenstore
 
@@ -26,12 +26,6 @@ XVDA = 51712
 
 def perm(text):
     return Permission.decode(text)
-
-
-@pytest.fixture
-async def xenstored(tmp_path):
-    async with serve_xenstored(str(tmp_path / "xs.sock")) as server:
-        yield server
 
 
 @pytest.fixture

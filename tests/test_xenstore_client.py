@@ -12,8 +12,9 @@ import pytest
 import trio
 import trio.testing
 
+from sim_support.daemons import xenstored, xs  # noqa: F401
 from xenblk_vhost.sim.xenstore_guest import open_guest_xenstore
-from xenblk_vhost.sim.xenstored import run_xenstored, serve_xenstored
+from xenblk_vhost.sim.xenstored import run_xenstored
 from xenblk_vhost.xen import xenstore as xenstore_module
 from xenblk_vhost.xen.interfaces import Permission, XenStoreError
 from xenblk_vhost.xen.xenstore import (
@@ -25,18 +26,6 @@ from xenblk_vhost.xen.xenstore import (
 from xenblk_vhost.xen.xs_wire import Message, Op, Reader
 
 N0 = Permission(0, False, False)
-
-
-@pytest.fixture
-async def xenstored(tmp_path):
-    async with serve_xenstored(str(tmp_path / "xs.sock")) as server:
-        yield server
-
-
-@pytest.fixture
-async def xs(xenstored):
-    async with open_xenstore(xenstored.socket_path) as client:
-        yield client
 
 
 def _err(excinfo) -> tuple:

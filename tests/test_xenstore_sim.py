@@ -14,6 +14,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sim_support.daemons import xenstored, xs  # noqa: F401
 from xenblk_vhost.sim.xenstore_guest import open_guest_xenstore
 from xenblk_vhost.sim.xenstore_tree import DOM0, Store, Transaction
 from xenblk_vhost.sim.xenstored import serve_xenstored
@@ -22,18 +23,6 @@ from xenblk_vhost.xen.xenstore import XenStoreConnectionError, open_xenstore
 from xenblk_vhost.xen.xs_wire import HEADER, Message, Op, Reader, join_args
 
 N0 = Permission(0, False, False)
-
-
-@pytest.fixture
-async def xenstored(tmp_path):
-    async with serve_xenstored(str(tmp_path / "xs.sock")) as server:
-        yield server
-
-
-@pytest.fixture
-async def xs(xenstored):
-    async with open_xenstore(xenstored.socket_path) as client:
-        yield client
 
 
 async def _errno_of(call):

@@ -7,26 +7,12 @@ byte for byte with what xenstore_client.c prints for real xenstored.
 import os
 import subprocess
 
-import pytest
 import trio
 
-from xenblk_vhost.sim.xenstored import serve_xenstored
+from sim_support.daemons import xenstored, xs  # noqa: F401
 from xenblk_vhost.xen.interfaces import Permission
-from xenblk_vhost.xen.xenstore import open_xenstore
 
 N0 = Permission(0, False, False)
-
-
-@pytest.fixture
-async def xenstored(tmp_path):
-    async with serve_xenstored(str(tmp_path / "xs.sock")) as server:
-        yield server
-
-
-@pytest.fixture
-async def xs(xenstored):
-    async with open_xenstore(xenstored.socket_path) as client:
-        yield client
 
 
 async def tool(server, *argv):

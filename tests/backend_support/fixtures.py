@@ -12,23 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from xenblk_vhost.sim import open_sim
+from sim_support.daemons import hv_socket, platform  # noqa: F401 (re-exported)
 from xenblk_vhost.sim.guest import Guest
-from xenblk_vhost.sim.hypervisor import running_hypervisor
-
-
-@pytest.fixture(scope="module")
-def hv_socket(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("hv") / "xen.sock")
-    with running_hypervisor(path):
-        yield path
-
-
-@pytest.fixture
-def platform(hv_socket):
-    p = open_sim(hv_socket)
-    yield p
-    p.close()
 
 
 @pytest.fixture
