@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -47,6 +46,7 @@ from xenblk_vhost.sim.blkfront import Blkfront
 from xenblk_vhost.sim.blkfront_config import BlkfrontOptions
 from xenblk_vhost.sim.blkfront_workload import Workload, run_workload
 from xenblk_vhost.sim.guest import Guest, pattern
+from xenblk_vhost.sim.json_lines import LineReader, agent_process, reply, serve_commands
 from xenblk_vhost.sim.xenstore_guest import open_guest_xenstore
 
 
@@ -116,35 +116,20 @@ async def _serve(fronts: dict[int, Blkfront], first: int, cmd: str, a: dict) -> 
 async def _main(hypervisor: str, xenstore: str, domid: int, devids: list[int], options: dict) -> None:
     guest = Guest.attach(hypervisor, domid)
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-
-    def reply(obj: dict) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
     try:
         async with open_guest_xenstore(domid, xenstore) as xs:
             async with trio.open_nursery() as nursery:
                 fronts = {d: Blkfront(xs, guest, d, BlkfrontOptions(**options), nursery) for d in devids}
                 reply({"ready": True})
-                buf = b""
-                while True:
-                    while b"\n" not in buf:
-                        chunk = await stdin.receive_some(65536)
-                        if not chunk:
-                            nursery.cancel_scope.cancel()
-                            return
-                        buf += chunk
-                    line, buf = buf.split(b"\n", 1)
-                    req = json.loads(line)
-                    cmd = req.pop("cmd")
-                    if cmd == "exit":
-                        reply({})
-                        nursery.cancel_scope.cancel()
-                        return
+
+                async def handle(cmd: str, req: dict) -> dict:
                     try:
-                        reply(await _serve(fronts, devids[0], cmd, req))
+                        return await _serve(fronts, devids[0], cmd, req)
                     except Exception as e:  # report and keep taking commands
-                        reply({"error": repr(e)})
+                        return {"error": repr(e)}
+
+                await serve_commands(stdin, handle)
+                nursery.cancel_scope.cancel()
     finally:
         await stdin.aclose()
         guest.close()
@@ -157,16 +142,10 @@ class AgentCallError(RuntimeError):
 class FrontendAgent:
     def __init__(self, proc: trio.Process) -> None:
         self.proc = proc
-        self._buf = b""
+        self._reader = LineReader(proc.stdout, "frontend agent")
 
     async def _line(self) -> dict:
-        while b"\n" not in self._buf:
-            chunk = await self.proc.stdout.receive_some(65536)
-            if not chunk:
-                raise EOFError("frontend agent exited")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)
+        return json.loads(await self._reader.line())
 
     async def call(self, cmd: str, *, timeout: float = 30.0, **args: Any) -> dict:
         with trio.fail_after(timeout):
@@ -183,26 +162,12 @@ async def frontend_agent(world, domid: int, devids: int | list[int], **options: 
     devids = [devids] if isinstance(devids, int) else list(devids)
     argv = [sys.executable, __file__, world.hypervisor_path, world.xenstore_path,
             str(domid), ",".join(map(str, devids)), json.dumps(options)]
-    proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    agent = FrontendAgent(proc)
-    try:
+    async with agent_process(argv, grace=10) as proc:
+        agent = FrontendAgent(proc)
         with trio.fail_after(30):
             hello = await agent._line()
         assert hello == {"ready": True}
         yield agent
-        try:
-            await proc.stdin.send_all(b'{"cmd": "exit"}\n')
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-    finally:
-        with trio.CancelScope(shield=True):
-            await proc.stdin.aclose()
-            with trio.move_on_after(10):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            await proc.stdout.aclose()
 
 
 if __name__ == "__main__":

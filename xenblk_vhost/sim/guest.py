@@ -31,7 +31,6 @@ import mmap
 import os
 import select
 import struct
-import subprocess
 import sys
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -43,6 +42,7 @@ from ..xen.interfaces import PAGE_SIZE
 from .evtchn import SimPort
 from .grant_table import GNTTAB_NR_RESERVED_ENTRIES, GrantEntry, SharedGrantTable, grant_table_bytes
 from .hypercall import Hypercalls
+from .json_lines import LineReader, agent_process, reply, serve_commands
 
 
 def pattern(seed: int, length: int = PAGE_SIZE) -> bytes:
@@ -284,37 +284,21 @@ async def _agent_main(args: argparse.Namespace) -> None:
     else:
         guest = Guest.attach(args.socket, args.domid)
     stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-    out = sys.stdout
-
-    def reply(obj: dict) -> None:
-        out.write(json.dumps(obj) + "\n")
-        out.flush()
-
     try:
         reply({"domid": guest.domid})
         async with trio.open_nursery() as nursery:
             agent = Agent(guest, nursery)
-            buf = b""
-            while True:
-                while b"\n" not in buf:
-                    chunk = await stdin.receive_some(65536)
-                    if not chunk:
-                        nursery.cancel_scope.cancel()
-                        return
-                    buf += chunk
-                line, buf = buf.split(b"\n", 1)
-                req = json.loads(line)
-                cmd = req.pop("cmd")
-                if cmd == "exit":
-                    reply({})
-                    nursery.cancel_scope.cancel()
-                    return
+
+            async def handle(cmd: str, req: dict) -> dict:
                 try:
-                    reply(await agent.run(cmd, req))
+                    return await agent.run(cmd, req)
                 except OSError as e:
-                    reply({"error": errno.errorcode.get(e.errno or 0, "EIO"), "message": str(e)})
+                    return {"error": errno.errorcode.get(e.errno or 0, "EIO"), "message": str(e)}
                 except (KeyError, ValueError, IndexError, MemoryError) as e:
-                    reply({"error": "EINVAL", "message": repr(e)})
+                    return {"error": "EINVAL", "message": repr(e)}
+
+            await serve_commands(stdin, handle)
+            nursery.cancel_scope.cancel()
     finally:
         await stdin.aclose()
         guest.close()
@@ -336,7 +320,7 @@ class AgentError(OSError):
 class GuestAgent:
     """Drives a `python -m xenblk_vhost.sim.guest` process from trio."""
 
-    def __init__(self, proc: trio.Process, domid: int, reader: "_LineReader"):
+    def __init__(self, proc: trio.Process, domid: int, reader: LineReader):
         self.proc = proc
         self.domid = domid
         self._reader = reader
@@ -349,45 +333,16 @@ class GuestAgent:
         return reply
 
 
-class _LineReader:
-    def __init__(self, stream: trio.abc.ReceiveStream):
-        self._stream = stream
-        self._buf = b""
-
-    async def line(self) -> bytes:
-        while b"\n" not in self._buf:
-            chunk = await self._stream.receive_some(65536)
-            if not chunk:
-                raise EOFError("guest agent exited")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line
-
-
 @asynccontextmanager
 async def guest_agent(socket_path: str, *, pages: int = 256, grant_frames: int = 4, domid: int | None = None) -> AsyncIterator[GuestAgent]:
     """A guest in its own process for the duration of the block."""
     cmd = [sys.executable, "-m", "xenblk_vhost.sim.guest", "--socket", socket_path, "--pages", str(pages), "--grant-frames", str(grant_frames)]
     if domid is not None:
         cmd += ["--domid", str(domid)]
-    proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        reader = _LineReader(proc.stdout)
+    async with agent_process(cmd, grace=5) as proc:
+        reader = LineReader(proc.stdout, "guest agent")
         hello = json.loads(await reader.line())
         yield GuestAgent(proc, hello["domid"], reader)
-        try:
-            await proc.stdin.send_all(b'{"cmd": "exit"}\n')
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-    finally:
-        with trio.CancelScope(shield=True):
-            await proc.stdin.aclose()
-            with trio.move_on_after(5):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            await proc.stdout.aclose()
 
 
 if __name__ == "__main__":
