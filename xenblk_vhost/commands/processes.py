@@ -30,17 +30,16 @@ class HelperProcessError(RuntimeError):
     """A helper process did not start, or exited before it said it was ready."""
 
 
-class HelperProcess:
+class CollectedProcess:
+    """A child process whose stdout `_collect` (a task) gathers line by line
+    into `lines`; `eof` once its output ended; `changed()` waits for either."""
+
     def __init__(self, name: str, proc: trio.Process) -> None:
         self.name = name
         self.proc = proc
         self.lines: list[str] = []
         self._changed = trio.Event()
         self.eof = False
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
 
     async def _collect(self) -> None:
         buf = b""
@@ -64,31 +63,10 @@ class HelperProcess:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def wait_line(self, predicate, timeout: float, *, start: int = 0) -> int:
-        """Index of the first stdout line from `start` on satisfying predicate."""
-        with trio.fail_after(timeout):
-            seen = start
-            while True:
-                for i in range(seen, len(self.lines)):
-                    if predicate(self.lines[i]):
-                        return i
-                seen = len(self.lines)
-                if self.eof:
-                    raise HelperProcessError(
-                        f"{self.name} exited (status {await self.proc.wait()}) without the expected output; "
-                        f"last lines: {self.lines[-5:]}")
-                await self._changed.wait()
-
     async def changed(self) -> None:
         """Until a new stdout line or the end of output."""
         if not self.eof:
             await self._changed.wait()
-
-    async def send_line(self, text: str) -> None:
-        try:
-            await self.proc.stdin.send_all(text.encode() + b"\n")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # it exited: nothing to tell it any more
 
     def signal(self, sig: int) -> None:
         if self.proc.returncode is None:
@@ -107,6 +85,33 @@ class HelperProcess:
                 if self.proc.returncode is None:
                     self.proc.kill()
             return await self.proc.wait()
+
+
+class HelperProcess(CollectedProcess):
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def wait_line(self, predicate, timeout: float, *, start: int = 0) -> int:
+        """Index of the first stdout line from `start` on satisfying predicate."""
+        with trio.fail_after(timeout):
+            seen = start
+            while True:
+                for i in range(seen, len(self.lines)):
+                    if predicate(self.lines[i]):
+                        return i
+                seen = len(self.lines)
+                if self.eof:
+                    raise HelperProcessError(
+                        f"{self.name} exited (status {await self.proc.wait()}) without the expected output; "
+                        f"last lines: {self.lines[-5:]}")
+                await self._changed.wait()
+
+    async def send_line(self, text: str) -> None:
+        try:
+            await self.proc.stdin.send_all(text.encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # it exited: nothing to tell it any more
 
 
 @asynccontextmanager

@@ -31,6 +31,7 @@ from typing import AsyncIterator, Sequence
 
 import trio
 
+from ..commands.processes import CollectedProcess
 from ..xen.xenstore import XenStoreClient, open_xenstore
 from . import toolstack
 from .blkfront_config import BlkfrontOptions
@@ -48,34 +49,8 @@ class GuestDomain:
     grant_frames: int
 
 
-class ManagedProcess:
+class ManagedProcess(CollectedProcess):
     """A child process of the world: its stdout collected line by line."""
-
-    def __init__(self, name: str, proc: trio.Process) -> None:
-        self.name = name
-        self.proc = proc
-        self.lines: list[str] = []
-        self._line = trio.Event()
-        self._eof = trio.Event()
-
-    async def _collect(self) -> None:
-        buf = b""
-        try:
-            while True:
-                chunk = await self.proc.stdout.receive_some(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                *complete, buf = buf.split(b"\n")
-                for line in complete:
-                    self.lines.append(line.decode(errors="replace"))
-                    self._line.set()
-                    self._line = trio.Event()
-        finally:
-            if buf:
-                self.lines.append(buf.decode(errors="replace"))
-            self._eof.set()
-            self._line.set()
 
     async def wait_line(self, predicate, timeout: float) -> str:
         """The first stdout line (seen so far or to come) satisfying predicate."""
@@ -86,15 +61,16 @@ class ManagedProcess:
                     if predicate(line):
                         return line
                 seen = len(self.lines)
-                if self._eof.is_set():
+                if self.eof:
                     raise RuntimeError(f"{self.name} exited (rc={self.proc.returncode}) "
                                        f"without the line expected; output: {self.lines[-5:]}")
-                await self._line.wait()
+                await self._changed.wait()
 
     async def wait(self, timeout: float) -> int:
         """Wait for exit (and the end of its output); the exit status."""
         with trio.fail_after(timeout):
-            await self._eof.wait()
+            while not self.eof:
+                await self.changed()
             return await self.proc.wait()
 
     def last_json(self) -> dict:
@@ -102,16 +78,6 @@ class ManagedProcess:
             if line.startswith("{"):
                 return json.loads(line)
         raise ValueError(f"{self.name} printed no JSON; output: {self.lines[-5:]}")
-
-    async def stop(self, grace: float = 5.0) -> None:
-        with trio.CancelScope(shield=True):
-            if self.proc.returncode is None:
-                self.proc.terminate()
-                with trio.move_on_after(grace):
-                    await self.proc.wait()
-                if self.proc.returncode is None:
-                    self.proc.kill()
-                    await self.proc.wait()
 
 
 class World:
