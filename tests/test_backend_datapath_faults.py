@@ -462,3 +462,33 @@ async def test_do_io_failing_answers_errors_then_the_storage_is_reopened(tmp_pat
     finally:
         front.close()
         vbd.close()
+
+
+async def test_rings_drain_side_by_side_under_one_deadline(tmp_path, platform, guest, autojump_clock):
+    """Two rings stuck on a frozen vhost-user server: the cleanup gives them drain_timeout together,
+    not one after the other (libxl waits only 10 s for Closed, whatever the number of queues).
+    The autojump clock makes the elapsed time exact: it jumps straight to each deadline."""
+    drain_timeout = 4.0
+    with daemon_with_file(tmp_path / "qsd", DISK_SIZE, num_queues=2) as (daemon, export):
+        vbd = make_vbd(export.socket, driver="virtio-blk-vhost-user", queues=2, drain_timeout=drain_timeout)
+        front = TestFrontend(guest, nrings=2)
+        try:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as n:
+                    await n.start(vbd.serve, front.spec(), platform)
+                    w = front.data_page(readonly=True, fill=b"d" * PAGE_SIZE)
+                    os.kill(daemon.pid, signal.SIGSTOP)
+                    for ring in (0, 1):
+                        front.rw(ring, OP_WRITE, ring, 8 * ring, [(w.gref, 0, 7)])
+                        front.push(ring)
+                    assert await front.no_response(0, 0.3) and await front.no_response(1, 0.3)
+                    assert [r["in_flight"] for r in vbd.stats()["rings"]] == [1, 1]
+                    cancelled_at = trio.current_time()
+                    scope.cancel()
+            assert trio.current_time() - cancelled_at == pytest.approx(drain_timeout, abs=0.5)
+            assert vbd.storage.closed and not vbd.serving
+            assert front.end_access(w)
+        finally:
+            os.kill(daemon.pid, signal.SIGCONT)
+            front.close()
+            vbd.close()
