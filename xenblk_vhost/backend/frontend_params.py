@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from ..blkif.abi import UnknownProtocol, abi_for_protocol
-from ..xen.interfaces import XenStore, XenStoreError
+from ..xen.interfaces import XenStore
+from ..xen.xenstore import read_or_none
 from .connection_spec import ConnectionSpec, RingSpec
 
 # Longest value we even look at: a u32 is 10 digits; "%63s" bounds the protocol.
@@ -167,12 +168,7 @@ def xenstore_reader(xs: XenStore) -> ReadNode:
     """
 
     async def read(path: str) -> bytes | None:
-        try:
-            return await xs.read(path)
-        except XenStoreError as e:
-            if e.errno in (errno.ENOENT, errno.EACCES):
-                return None
-            raise
+        return await read_or_none(xs, path)
 
     return read
 

@@ -50,6 +50,7 @@ import trio
 
 from ..config import DiskConfig, DomainConfig
 from ..xen.interfaces import XenStore, XenStoreError
+from ..xen.xenstore import read_or_none
 from .device import RESIZE_POLL_INTERVAL, Device, DeviceId, OpenVbd, default_open_vbd
 from .logging_util import GuestWarnings
 from .xenbus_state import XenbusState, parse_state
@@ -59,17 +60,6 @@ log = logging.getLogger(__name__)
 RUN_KINDS = ("vbd", "vbd3")
 ALL_KINDS = ("vbd", "vbd3", "qdisk")
 _ADOPTABLE = (XenbusState.INITIALISING, XenbusState.INIT_WAIT, XenbusState.INITIALISED, XenbusState.CONNECTED)
-
-
-async def read_or_none(xs: XenStore, path: str) -> bytes | None:
-    """The node's value; None if absent, or unreadable to us (EACCES: a driver
-    domain may not read other domains' nodes, e.g. their names)."""
-    try:
-        return await xs.read(path)
-    except XenStoreError as e:
-        if e.errno in (errno.ENOENT, errno.EACCES):
-            return None
-        raise
 
 
 async def own_domid(xs: XenStore) -> int:

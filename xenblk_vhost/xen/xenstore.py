@@ -502,3 +502,17 @@ class XenStoreClient(_Operations):
         for events in self._watches.values():
             events._fail(self._error)
         self._ignored.clear()
+
+
+async def read_or_none(xs, path: str) -> bytes | None:
+    """The node's value, or None if it is absent (ENOENT) or unreadable to us (EACCES).
+
+    Both mean "not there" to a backend: a guest hiding a key in its own
+    directory has not written it, and a driver domain may not read other
+    domains' nodes (their names, say)."""
+    try:
+        return await xs.read(path)
+    except XenStoreError as e:
+        if e.errno in (errno.ENOENT, errno.EACCES):
+            return None
+        raise
