@@ -34,6 +34,13 @@ xb_start_daemon() {  # tag config...
     [ $i -lt 300 ] || { cat "$XB_LOG"; fail "xenblk-vhost run not ready after 60 s"; }
   done
   note "daemon $tag: pid $XB_PID ready after $(awk "BEGIN{print $(uptime_s)-$t0}")s"
+  xb_cpu_timeline "$XB_PID" "$OUT/cpu-daemon-$tag.txt"
+}
+
+# Every 2 s until the process is gone: "uptime cpu-seconds" lines (where a
+# process spends CPU while guests boot, idle or work).
+xb_cpu_timeline() {  # pid file
+  ( while kill -0 "$1" 2>/dev/null; do echo "$(uptime_s) $(xb_cpu_s "$1")"; sleep 2; done ) > "$2" 2>/dev/null &
 }
 
 xb_assert_alive() {  # what

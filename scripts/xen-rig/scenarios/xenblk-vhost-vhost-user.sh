@@ -28,6 +28,7 @@ until [ -S "$SOCK" ]; do
   kill -0 $QSD 2>/dev/null || { cat "$OUT/qsd.log"; fail "qemu-storage-daemon exited"; }
   sleep 0.2; i=$((i + 1)); [ $i -lt 100 ] || fail "no vhost-user socket $SOCK after 20 s"
 done
+xb_cpu_timeline $QSD "$OUT/cpu-qsd.txt"
 note "qemu-storage-daemon pid $QSD exports $IMG on $SOCK (2 queues)"
 
 xb_yaml "$CFG" $NAME \
