@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import zlib
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import trio
@@ -31,6 +33,7 @@ from backend_support.harness import (
     open_fds,
     read_back,
 )
+from backend_support.qsd_exports import daemon_with_file
 from backend_support.workload import Workload
 from xenblk_vhost.backend.datapath_copy import SMALL_BUFFER, plan_bounce
 from xenblk_vhost.backend.storage_ops import split_extents
@@ -45,38 +48,65 @@ SEED_SALT = os.environ.get("XENBLK_TEST_SEED", "")
 
 PATHS = [("copy", False), ("map", False), ("map", True)]
 
+# The storages and the data paths each can use: io_uring on a file takes all three; a
+# qemu-storage-daemon over vhost-user-blk only the copy path (its buffers must be shared memory).
+TARGETS = [("file", "copy", False), ("file", "map", False), ("file", "map", True), ("qsd", "copy", False)]
 
-@pytest.mark.parametrize("data_path,persistent", PATHS, ids=["copy", "map", "map-persistent"])
+
+@contextmanager
+def storage_target(kind: str, workdir: Path, queues: int):
+    """(path for the disk config, its driver, the file holding the disk's bytes)."""
+    if kind == "file":
+        path = make_disk_file(workdir / "disk.img")
+        yield path, "io_uring", path
+        return
+    with daemon_with_file(workdir / "qsd", DISK_SIZE, num_queues=queues) as (_daemon, export):
+        make_disk_file(export.image)
+        yield export.socket, "virtio-blk-vhost-user", export.image
+
+
+@pytest.mark.parametrize("target,data_path,persistent", TARGETS,
+                         ids=["file-copy", "file-map", "file-map-persistent", "qsd-copy"])
 @pytest.mark.parametrize("abi", [Abi.NATIVE, Abi.X86_32], ids=["x86_64", "x86_32"])
-@pytest.mark.parametrize("order,nrings", [(0, 1), (4, 2)], ids=["order0-1ring", "order4-2rings"])
-async def test_random_workload_matches_model_and_file(tmp_path, platform, guest, data_path, persistent, abi, order, nrings):
-    path = make_disk_file(tmp_path / "disk.img")
-    model = bytearray(path.read_bytes())
-    vbd = make_vbd(path, data_path=data_path, persistent_grants=persistent)
-    front = TestFrontend(guest, abi, order=order, nrings=nrings, persistent=persistent)
-    seed = zlib.crc32(f"{data_path}{persistent}{abi.value}{order}{SEED_SALT}".encode())
-    work = Workload(front, model, seed=seed,
-                    persistent=persistent, indirect_max=40)
-    try:
-        async with connected(vbd, front, platform):
-            for rnd in range(6):
-                async with trio.open_nursery() as n:  # the rings run concurrently
-                    for ring in range(nrings):
-                        n.start_soon(work.round, ring, 8 if order else 6, (ring, nrings))
-            stats = vbd.stats()
-        assert read_back(path, 0, DISK_SIZE) == model
-        work.pool.revoke_all()  # persistent grants are unmapped at disconnect
-        for r in front.rings:
-            assert all(guest.end_access(ref) for ref in r.refs), "ring pages still mapped"
-        total = stats["total"]
-        assert total["errors"] == 0 and total["in_flight"] == 0
-        assert total["rd_req"] + total["wr_req"] + total["f_req"] + total["ds_req"] == 6 * nrings * (8 if order else 6)
-        assert len(stats["rings"]) == nrings
-        for kind in ("read", "write", "indirect", "flush", "barrier", "discard"):
-            assert any(k.startswith(kind) for k in work.counts), f"workload never sent a {kind}"
-    finally:
-        front.close()
-        vbd.close()
+@pytest.mark.parametrize("order,nrings,indirect", [(0, 1, False), (4, 4, True)],
+                         ids=["order0-1ring-direct", "order4-4rings-indirect"])
+async def test_random_workload_matches_model_and_file(tmp_path, platform, guest, target, data_path, persistent,
+                                                      abi, order, nrings, indirect):
+    """Every op (read, write, flush, barrier, discard, and indirect where offered) byte for byte
+    against a model and the storage's own file, for each storage, data path, ABI and ring shape."""
+    with storage_target(target, tmp_path, nrings) as (path, driver, image):
+        model = bytearray(image.read_bytes())
+        vbd = make_vbd(path, driver=driver, queues=nrings, data_path=data_path, persistent_grants=persistent,
+                       max_indirect_segments=256 if indirect else 0)
+        assert (vbd.features.max_indirect_segments > 0) is indirect
+        front = TestFrontend(guest, abi, order=order, nrings=nrings, persistent=persistent)
+        seed = zlib.crc32(f"{target}{data_path}{persistent}{abi.value}{order}{SEED_SALT}".encode())
+        work = Workload(front, model, seed=seed, persistent=persistent, indirect_max=40 if indirect else 0)
+        per_round = 8 if order else 6
+        try:
+            async with connected(vbd, front, platform):
+                for rnd in range(6):
+                    async with trio.open_nursery() as n:  # the rings run concurrently
+                        for ring in range(nrings):
+                            n.start_soon(work.round, ring, per_round, (ring, nrings))
+                stats = vbd.stats()
+            assert read_back(image, 0, DISK_SIZE) == model
+            work.pool.revoke_all()  # persistent grants are unmapped at disconnect
+            for r in front.rings:
+                assert all(guest.end_access(ref) for ref in r.refs), "ring pages still mapped"
+            total = stats["total"]
+            assert total["errors"] == 0 and total["in_flight"] == 0
+            assert total["rd_req"] + total["wr_req"] + total["f_req"] + total["ds_req"] == 6 * nrings * per_round
+            assert len(stats["rings"]) == nrings
+            assert all(r["rd_req"] + r["wr_req"] > 0 for r in stats["rings"]), "a ring carried no data"
+            kinds = ("read", "write", "flush", "barrier", "discard") + (("indirect",) if indirect else ())
+            for kind in kinds:
+                assert any(k.startswith(kind) for k in work.counts), f"workload never sent a {kind}"
+            if not indirect:
+                assert not any(k.startswith("indirect") for k in work.counts)
+        finally:
+            front.close()
+            vbd.close()
 
 
 async def test_nothing_left_behind_after_disconnect(tmp_path, platform, guest):
