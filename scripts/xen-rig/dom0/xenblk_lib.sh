@@ -4,6 +4,10 @@
 XB_DIR=/var/lib/xenblk-rig
 XB_HOTPLUG=$RIG_DOM0/xenblk_hotplug.sh
 mkdir -p "$XB_DIR"
+# The packaged hotplug script, as an operator installs it (xenblk_hotplug.sh
+# logs each call and execs it).
+[ -x /etc/xen/scripts/block-xenblk-vhost ] || xenblk-vhost install-hotplug >/dev/null \
+  || fail "xenblk-vhost install-hotplug failed"
 
 # A one-domain YAML for our backend. Disk lines are YAML flow mappings, e.g.
 #   xb_yaml FILE NAME '{vdev: xvda, driver: io_uring, path: /x.img, data_path: map}' ...
