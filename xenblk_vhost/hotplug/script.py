@@ -43,6 +43,7 @@ import trio
 
 from ..config import ConfigError, DomainConfig, load_config
 from ..xen.interfaces import XenStore, XenStoreError
+from ..xen.xenstore import read_or_none
 from .checks import (
     Attachment,
     BackendView,
@@ -75,13 +76,8 @@ _OUR_NODES = ("hotplug-status", "hotplug-error", "physical-device-path")
 
 async def _read(xs: XenStore, path: str) -> str | None:
     """A node's value; None if absent or unreadable to us."""
-    try:
-        raw = await xs.read(path)
-    except XenStoreError as e:
-        if e.errno in (errno.ENOENT, errno.EACCES):
-            return None
-        raise
-    return raw.rstrip(b"\0").decode("utf-8", "replace")
+    raw = await read_or_none(xs, path)
+    return None if raw is None else raw.rstrip(b"\0").decode("utf-8", "replace")
 
 
 async def _domain_name(xs: XenStore, domid: int) -> str | None:

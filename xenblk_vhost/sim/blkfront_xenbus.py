@@ -9,7 +9,6 @@ ports.
 
 from __future__ import annotations
 
-import errno
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
@@ -19,7 +18,8 @@ from ..blkif.constants import (
     OP_FLUSH_DISKCACHE,
     OP_WRITE_BARRIER,
 )
-from ..xen.interfaces import XenStore, XenStoreError
+from ..xen.interfaces import XenStore
+from ..xen.xenstore import read_or_none
 from .blkfront_config import BlkfrontOptions, DiskInfo, Negotiated
 from .toolstack import in_transaction
 
@@ -34,12 +34,8 @@ async def read_str(xs: XenStore, path: str) -> str | None:
     """A node's value, None if it is not there for us: missing, or (for a
     guest) gone along with parents it may not read, which xenstored answers
     EACCES; xenbus treats any read error alike."""
-    try:
-        return (await xs.read(path)).decode()
-    except XenStoreError as exc:
-        if exc.errno in (errno.ENOENT, errno.EACCES):
-            return None
-        raise
+    raw = await read_or_none(xs, path)
+    return None if raw is None else raw.decode()
 
 
 async def read_unsigned(xs: XenStore, directory: str, node: str, default: int) -> int:
