@@ -75,12 +75,15 @@ def main() -> None:
         t_map1 = timed(lambda: gntdev.map_grants(guest.domid, refs[:1], readonly=False).close(), args.seconds)
         t_mapn = timed(lambda: gntdev.map_grants(guest.domid, refs, readonly=False).close(), args.seconds)
 
-        print(f"simulated gntdev, {batch} x 4 KiB per batch, median of 5 runs ({os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f})")
+        print(f"simulated gntdev, {batch} x 4 KiB per batch, median of 5 runs "
+              f"({os.cpu_count()} cpus, load {os.getloadavg()[0]:.2f})")
         print("                            wall us   cpu us   pages/s (cpu)   GB/s (cpu)")
         for name, (w, c) in (("grant copy guest->local", t_in), ("grant copy local->guest", t_out)):
-            print(f"  {name}: {w * 1e6:8.1f} {c * 1e6:8.1f}   {batch / c:12.0f}   {batch * PAGE_SIZE / c / 1e9:8.2f}   per batch")
+            print(f"  {name}: {w * 1e6:8.1f} {c * 1e6:8.1f}   {batch / c:12.0f}   "
+                  f"{batch * PAGE_SIZE / c / 1e9:8.2f}   per batch")
         print(f"  map+unmap 1 page:        {t_map1[0] * 1e6:8.1f} {t_map1[1] * 1e6:8.1f}")
-        print(f"  map+unmap {batch} pages:      {t_mapn[0] * 1e6:8.1f} {t_mapn[1] * 1e6:8.1f}   ({t_mapn[1] / batch * 1e6:.1f} cpu us/page)")
+        print(f"  map+unmap {batch} pages:      {t_mapn[0] * 1e6:8.1f} {t_mapn[1] * 1e6:8.1f}   "
+              f"({t_mapn[1] / batch * 1e6:.1f} cpu us/page)")
         gntdev.close()
         guest.destroy()
 

@@ -21,7 +21,6 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backend_support.fixtures import guest, hv_socket, platform  # noqa: F401
 from backend_support.frontend import TestFrontend
 from backend_support.harness import (
     DISK_SIZE,
@@ -85,7 +84,7 @@ async def test_random_workload_matches_model_and_file(tmp_path, platform, guest,
         per_round = 8 if order else 6
         try:
             async with connected(vbd, front, platform):
-                for rnd in range(6):
+                for _round in range(6):
                     async with trio.open_nursery() as n:  # the rings run concurrently
                         for ring in range(nrings):
                             n.start_soon(work.round, ring, per_round, (ring, nrings))
@@ -310,7 +309,9 @@ def test_bounce_memory_plan():
     assert plan_bounce(1 << 20, 256, SMALL_BUFFER) == ((1 << 20) // SMALL_BUFFER, 0)
     # big indirect requests: at least one large buffer, the rest of the memory after the slots
     slots, large = plan_bounce(64 << 20, 256, 1 << 20)
-    assert slots == 256 and large == (64 << 20) // (1 << 20) - 11 and slots * SMALL_BUFFER + large * (1 << 20) <= 64 << 20
+    assert (
+        slots == 256 and large == (64 << 20) // (1 << 20) - 11 and slots * SMALL_BUFFER + large * (1 << 20) <= 64 << 20
+    )
     assert plan_bounce(1 << 20, 32, 512 << 10) == (11, 1)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 
-from backend_support.fixtures import guest, hv_socket, platform  # noqa: F401
 from backend_support.frontend import TestFrontend
 from backend_support.gated_queue import gate_queues
 from backend_support.harness import connected, make_disk_file, make_vbd, read_back
@@ -27,7 +26,9 @@ def _index(log, pred, start=0) -> int:
 
 
 def _queued(kind, start=None, queue=None):
-    return lambda e: e[0] == "queue" and e[2] == kind and (start is None or e[3] == start) and (queue is None or e[1] == queue)
+    return lambda e: (
+        e[0] == "queue" and e[2] == kind and (start is None or e[3] == start) and (queue is None or e[1] == queue)
+    )
 
 
 def _completed(queue, tag):
@@ -168,7 +169,11 @@ async def test_requests_are_split_to_the_storage_limits(tmp_path, platform, gues
             front.push()
             assert tuple((await front.responses(0, 1))[0]) == (2, OP_READ, RSP_OKAY)
             want = read_back(path, 4 * 512, (4 + 18 * 8 + 3) * 512)
-            got = bytes(rpages[0].view[4 * 512:]) + b"".join(p.bytes() for p in rpages[1:-1]) + bytes(rpages[-1].view[:3 * 512])
+            got = (
+                bytes(rpages[0].view[4 * 512 :])
+                + b"".join(p.bytes() for p in rpages[1:-1])
+                + bytes(rpages[-1].view[: 3 * 512])
+            )
             assert got == want
             # a discard of 40 KiB is 3 requests of at most 16 KiB
             mark = len(log)

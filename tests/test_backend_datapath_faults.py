@@ -15,7 +15,6 @@ import time
 import pytest
 import trio
 
-from backend_support.fixtures import guest, hv_socket, platform  # noqa: F401
 from backend_support.frontend import TestFrontend
 from backend_support.harness import (
     DISK_SIZE,
@@ -448,7 +447,10 @@ async def test_do_io_failing_answers_errors_then_the_storage_is_reopened(tmp_pat
         # the failed storage was destroyed before its region was freed (it might still have used it)
         assert old_storage.closed
         # request 3 never reached the storage: its sectors are untouched
-        assert read_back(path, 16 * 512, PAGE_SIZE) == make_disk_file(tmp_path / "ref.img").read_bytes()[16 * 512:16 * 512 + PAGE_SIZE]
+        assert (
+            read_back(path, 16 * 512, PAGE_SIZE)
+            == make_disk_file(tmp_path / "ref.img").read_bytes()[16 * 512 : 16 * 512 + PAGE_SIZE]
+        )
         assert all(guest.end_access(ref) for ref in front.rings[0].refs)
         front2 = TestFrontend(guest)
         w2 = front2.data_page(readonly=True, fill=b"y" * PAGE_SIZE)

@@ -11,7 +11,8 @@ import errno
 
 import pytest
 import trio
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xenblk_vhost.backend.connection_spec import RingSpec
 from xenblk_vhost.backend.frontend_params import (

@@ -4,7 +4,6 @@ set exactly while the backend maps a page)."""
 
 from __future__ import annotations
 
-from backend_support.fixtures import guest, hv_socket, platform  # noqa: F401
 from backend_support.frontend import TestFrontend
 from backend_support.harness import connected, make_disk_file, make_vbd, read_back
 from xenblk_vhost.backend.persistent_grants import PersistentGrants

@@ -22,7 +22,6 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from backend_support.fixtures import guest, hv_socket, platform  # noqa: F401
 from backend_support.frontend import TestFrontend
 from backend_support.harness import DISK_SIZE, connected, file_digest, make_disk_file, make_vbd, read_back
 from backend_support.qsd_exports import four_k_sector_export
@@ -30,7 +29,6 @@ from xenblk_vhost.blkif.abi import Abi
 from xenblk_vhost.blkif.constants import (
     OP_DISCARD,
     OP_FLUSH_DISKCACHE,
-    OP_INDIRECT,
     OP_READ,
     OP_RESERVED_1,
     OP_WRITE,
@@ -193,7 +191,8 @@ def indirect_bad_segment(front):
 
 
 def indirect_page_not_granted(front):
-    pages = [_page_ro(front) for _ in range(12)]
+    for _ in range(12):
+        _page_ro(front)
     r = front.rings[0]
     r.enc.indirect(r.ring.view, r.ring.claim_request_slot(), OP_WRITE, 30, 0, 12, [NEVER_GRANTED])
     return (30, OP_WRITE, RSP_ERROR)
@@ -272,7 +271,10 @@ async def test_bad_and_good_requests_in_one_batch(tmp_path, platform, guest):
         got = {x.id: tuple(x) for x in await front.responses(0, 5)}
         assert got == {1: (1, OP_WRITE, RSP_OKAY), 2: (2, OP_WRITE, RSP_ERROR), 3: (3, OP_WRITE, RSP_OKAY),
                        4: (4, OP_READ, RSP_OKAY), 5: (5, 9, RSP_EOPNOTSUPP)}
-        assert read_back(path, 0, 3 * PAGE_SIZE) == b"A" * PAGE_SIZE + read_back(path, PAGE_SIZE, PAGE_SIZE) + b"C" * PAGE_SIZE
+        assert (
+            read_back(path, 0, 3 * PAGE_SIZE)
+            == b"A" * PAGE_SIZE + read_back(path, PAGE_SIZE, PAGE_SIZE) + b"C" * PAGE_SIZE
+        )
         assert r.bytes() == read_back(path, 24 * 512, PAGE_SIZE)
 
 

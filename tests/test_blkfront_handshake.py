@@ -20,9 +20,9 @@ import trio.testing
 from sim_support.fixtures import frontend, guest_view, mini_backend, new_vbd
 from xenblk_vhost.blkif.constants import OP_FLUSH_DISKCACHE, OP_WRITE_BARRIER
 from xenblk_vhost.sim.blkfront import open_blkfront
-from xenblk_vhost.sim.blkfront_xenbus import HandshakeError
 from xenblk_vhost.sim.blkfront_config import BlkfrontOptions
 from xenblk_vhost.sim.blkfront_workload import check_pattern, write_pattern
+from xenblk_vhost.sim.blkfront_xenbus import HandshakeError
 from xenblk_vhost.sim.grant_table import GTF_permit_access, GTF_readonly, GTF_type_mask
 from xenblk_vhost.sim.toolstack import DetachOutcome
 from xenblk_vhost.sim.world import open_world

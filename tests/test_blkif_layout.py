@@ -12,8 +12,8 @@ from __future__ import annotations
 import struct
 
 import pytest
-from blkif_support.fixtures import PROBE_BITS, ProbeOffsets, xen_layouts  # noqa: F401
 
+from blkif_support.fixtures import PROBE_BITS, ProbeOffsets
 from xenblk_vhost.blkif import constants as C
 from xenblk_vhost.blkif.abi import (
     SEGMENT,

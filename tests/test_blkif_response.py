@@ -8,10 +8,10 @@ holding 0; bytes past sizeof(struct blkif_response) are not touched.
 
 from __future__ import annotations
 
-from blkif_support.fixtures import PROBE_BITS, ProbeOffsets, xen_layouts  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blkif_support.fixtures import PROBE_BITS, ProbeOffsets
 from xenblk_vhost.blkif.abi import Abi, layout
 from xenblk_vhost.blkif.encode import RequestEncoder
 from xenblk_vhost.blkif.response import Response, decode_response, encode_response

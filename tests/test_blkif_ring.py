@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 
 import pytest
-from blkif_support.fixtures import xen_ring_probe  # noqa: F401
 
 from xenblk_vhost.blkif.abi import SRING, Abi, layout, ring_entries
 from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_ERROR, RSP_OKAY, U32_MASK
@@ -131,11 +130,11 @@ def test_front_ring_decides_like_ring_h(xen_ring_probe, abi):
         order, rq, rqe, rp, rpe, req_prod_pvt, rsp_cons = state
         c = [int(x) for x in line.split()[1:]]
 
-        def front() -> FrontRing:
+        def front(order=order, req_prod_pvt=req_prod_pvt, rsp_cons=rsp_cons, shared=(rq, rqe, rp, rpe)) -> FrontRing:
             ring = FrontRing(view, abi, order)
             ring.req_prod_pvt = req_prod_pvt
             ring.rsp_cons = rsp_cons
-            _set_shared(view, rq, rqe, rp, rpe)
+            _set_shared(view, *shared)
             return ring
 
         ring = front()

@@ -12,10 +12,10 @@ round-trip every valid request.
 from __future__ import annotations
 
 import pytest
-from blkif_support.fixtures import PROBE_BITS, ProbeOffsets, xen_layouts  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blkif_support.fixtures import PROBE_BITS, ProbeOffsets
 from xenblk_vhost.blkif import constants as C
 from xenblk_vhost.blkif.abi import Abi, layout
 from xenblk_vhost.blkif.encode import RequestEncoder, encode_segments
@@ -67,7 +67,7 @@ def oracle_io_rules(op, id_, sector, segs, limits):
 
 
 def oracle(slot: bytes, p: ProbeOffsets, limits: DeviceLimits):
-    R, D, I = "blkif_request", "blkif_request_discard", "blkif_request_indirect"
+    R, D, IND = "blkif_request", "blkif_request_discard", "blkif_request_indirect"
     op = p.get(slot, R, "operation")
     id_ = p.get(slot, R, "id")
     if op in (C.OP_READ, C.OP_WRITE, C.OP_WRITE_BARRIER, C.OP_FLUSH_DISKCACHE):
@@ -103,8 +103,8 @@ def oracle(slot: bytes, p: ProbeOffsets, limits: DeviceLimits):
             return reject(id_, op, C.RSP_ERROR)
         return ("discard", op, id_, p.get(slot, D, "handle"), sector, nr, p.get(slot, D, "flag"))
     if op == C.OP_INDIRECT:
-        iop = p.get(slot, I, "indirect_op")
-        nseg = p.get(slot, I, "nr_segments")
+        iop = p.get(slot, IND, "indirect_op")
+        nseg = p.get(slot, IND, "nr_segments")
         if iop not in (C.OP_READ, C.OP_WRITE):
             return reject(id_, iop, C.RSP_ERROR)
         if nseg == 0 or nseg > limits.max_indirect_segments:
@@ -112,9 +112,9 @@ def oracle(slot: bytes, p: ProbeOffsets, limits: DeviceLimits):
         if limits.read_only and iop == C.OP_WRITE:
             return reject(id_, iop, C.RSP_ERROR)
         pages = (nseg + 511) // 512
-        g0 = p.offset(I, "indirect_grefs")
+        g0 = p.offset(IND, "indirect_grefs")
         grefs = tuple(int.from_bytes(slot[g0 + 4 * i:g0 + 4 * i + 4], "little") for i in range(pages))
-        return ("indirect", iop, id_, p.get(slot, I, "handle"), p.get(slot, I, "sector_number"), nseg, grefs)
+        return ("indirect", iop, id_, p.get(slot, IND, "handle"), p.get(slot, IND, "sector_number"), nseg, grefs)
     return reject(id_, op, C.RSP_EOPNOTSUPP)
 
 
@@ -204,13 +204,13 @@ def hostile_slot(draw, abi: Abi, p: ProbeOffsets, limits: DeviceLimits) -> bytes
         p.put(buf, D, "nr_sectors", nr)
     elif kind == "indirect":
         sector = draw(sector_for(limits))
-        I = "blkif_request_indirect"
-        p.put(buf, I, "operation", C.OP_INDIRECT)
-        p.put(buf, I, "indirect_op", draw(st.one_of(st.integers(0, 3), st.integers(0, 255))))
-        p.put(buf, I, "nr_segments", draw(st.one_of(
+        IND = "blkif_request_indirect"
+        p.put(buf, IND, "operation", C.OP_INDIRECT)
+        p.put(buf, IND, "indirect_op", draw(st.one_of(st.integers(0, 3), st.integers(0, 255))))
+        p.put(buf, IND, "nr_segments", draw(st.one_of(
             st.integers(0, 4100), st.sampled_from([0, 1, 511, 512, 513, 4096, 4097, 65535]))))
-        p.put(buf, I, "id", id_)
-        p.put(buf, I, "sector_number", sector)
+        p.put(buf, IND, "id", id_)
+        p.put(buf, IND, "sector_number", sector)
     else:
         R = "blkif_request"
         p.put(buf, R, "operation", draw(st.integers(0, 255)))
@@ -313,9 +313,9 @@ def valid_request(draw, limits: DeviceLimits | None = None):
     lo = 0 if op >= C.OP_WRITE_BARRIER else 1
     whole_pages = draw(st.booleans())
     pair = st.just((0, 7)) if whole_pages else st.sampled_from(VALID_PAIRS)
-    segs = tuple((g, f, l) for g, (f, l) in draw(st.lists(
+    segs = tuple((g, first, last) for g, (first, last) in draw(st.lists(
         st.tuples(st.integers(0, 2**32 - 1), pair), min_size=lo, max_size=11)))
-    nr = sum(l - f + 1 for _, f, l in segs)
+    nr = sum(last - first + 1 for _, first, last in segs)
     return Request(op, id_, handle, sector(nr), segs, nr, False)
 
 

@@ -23,7 +23,6 @@ from xenblk_vhost.commands.demo_workload import (
 from xenblk_vhost.commands.progress import Progress, render_bar
 from xenblk_vhost.commands.storage_daemon import qsd_argv
 
-
 # ---------------------------------------------------------------- progress
 
 def test_bar_fills_with_the_fraction_and_clamps():

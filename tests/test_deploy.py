@@ -181,7 +181,9 @@ def test_qsd_units_start_sequence_returns_with_the_sockets_listening(scratch):
     assert values(service, "RuntimeDirectoryPreserve") == ["yes"]  # shared with xenblk-vhost: kept at stop
     args = scratch / "etc" / "qsd" / "db1.args"
     args.write_text(localize((DEPLOY / "storage-node" / "db1.args").read_text(), scratch))
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(scratch / "images" / "db1.qcow2"), "16M"], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(scratch / "images" / "db1.qcow2"), "16M"], check=True
+    )
     (scratch / "run" / "qsd-db1.pid").write_text("99999\n")  # stale, from a crash: ExecStartPre removes it
     for pre in values(service, "ExecStartPre"):
         subprocess.run(systemd_command(pre, scratch, "db1"), check=True)
@@ -379,7 +381,7 @@ def _wait_listening(path: str, proc: subprocess.Popen, timeout: float = 15.0) ->
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise AssertionError(f"{path} never listened: {proc.communicate()[0].decode()}")
+                raise AssertionError(f"{path} never listened: {proc.communicate()[0].decode()}") from None
             time.sleep(0.01)
 
 

@@ -11,15 +11,13 @@ from __future__ import annotations
 import os
 
 import pytest
-import trio
 
+from e2e_support.fixtures import MiB, backend_service, disk_image, domain_config, state_is, tree, wait_node
+from e2e_support.frontend_agent import frontend_agent
 from xenblk_vhost.blkif.constants import SECTOR_SIZE, VDISK_READONLY
 from xenblk_vhost.sim.guest import pattern
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.world import open_world
-
-from e2e_support.fixtures import MiB, backend_service, disk_image, domain_config, state_is, tree, wait_node
-from e2e_support.frontend_agent import frontend_agent
 
 # What the toolstack writes (libxl device_disk_add), what Linux blkback adds
 # before InitWait (xen_blkbk_probe) and at Connected (connect(), discard on).

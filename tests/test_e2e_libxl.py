@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import trio
 
-from xenblk_vhost.sim.toolstack import DetachOutcome, VbdConfig
-from xenblk_vhost.sim.world import open_world
-
 from e2e_support.fixtures import MiB, backend_service, disk_image, domain_config, read_text, tree
 from e2e_support.frontend_agent import frontend_agent
+from xenblk_vhost.sim.toolstack import DetachOutcome, VbdConfig
+from xenblk_vhost.sim.world import open_world
 
 
 async def wait_no_devices(service, timeout: float = 10.0) -> None:

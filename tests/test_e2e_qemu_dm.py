@@ -17,11 +17,10 @@ import sys
 
 import trio
 
-from xenblk_vhost.sim.toolstack import BackendKind, DetachOutcome, VbdConfig
-from xenblk_vhost.sim.world import open_world
-
 from e2e_support.fixtures import disk_image, read_text, state_is, wait_node, write_config
 from e2e_support.frontend_agent import frontend_agent
+from xenblk_vhost.sim.toolstack import BackendKind, DetachOutcome, VbdConfig
+from xenblk_vhost.sim.world import open_world
 
 LIBXL_DEVICE_MODEL_START_TIMEOUT = 60
 

@@ -14,11 +14,10 @@ import sys
 
 import trio
 
-from xenblk_vhost.sim.toolstack import VbdConfig
-from xenblk_vhost.sim.world import open_world
-
 from e2e_support.fixtures import disk_image, read_text, state_is, tree, wait_node, write_config
 from e2e_support.frontend_agent import frontend_agent
+from xenblk_vhost.sim.toolstack import VbdConfig
+from xenblk_vhost.sim.world import open_world
 
 
 def run_argv(world, *configs) -> list[str]:

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from e2e_support.fixtures import backend_service, read_text, tree
+from e2e_support.frontend_agent import frontend_agent, sector_pattern
 from xenblk_vhost.config import ConfigError, load_config, load_configs
 from xenblk_vhost.hotplug.install import DEFAULT_NAME, install, shim_text
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.world import open_world
-
-from e2e_support.fixtures import backend_service, read_text, tree
-from e2e_support.frontend_agent import frontend_agent, sector_pattern
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "config").glob("*.yaml"))
@@ -142,10 +141,14 @@ def test_every_vhost_user_disk_has_a_storage_node_export():
     for example in EXAMPLES:
         for disk in load_config(example, check_storage=False).disks:
             if disk.driver == "virtio-blk-vhost-user":
-                assert disk.path in exported, f"{example.name} {disk.name}: no deploy/storage-node/*.args exports {disk.path}"
+                assert disk.path in exported, (
+                    f"{example.name} {disk.name}: no deploy/storage-node/*.args exports {disk.path}"
+                )
                 # queues must not exceed the export's num-queues (the rings map onto qsd's queues)
                 args = next(a for a in ARGS if disk.path in qsd_exports(a).values())
-                num = re.search(rf"num-queues=(\d+),addr\.type=unix,addr\.path={re.escape(disk.path)}", args.read_text())
+                num = re.search(
+                    rf"num-queues=(\d+),addr\.type=unix,addr\.path={re.escape(disk.path)}", args.read_text()
+                )
                 assert num and disk.queues <= int(num.group(1)), (example.name, disk.name)
 
 
@@ -173,7 +176,9 @@ async def test_a_guest_uses_the_file_and_qsd_examples_attached_by_their_xl_lines
     image = scratch / "images" / "web1.img"
     with open(image, "wb") as f:
         f.truncate(32 << 20)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(scratch / "images" / "db1.qcow2"), "32M"], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(scratch / "images" / "db1.qcow2"), "32M"], check=True
+    )
     args = scratch / "etc" / "db1.args"
     args.write_text(localize((ROOT / "deploy" / "storage-node" / "db1.args").read_text(), scratch))
     qsd = start_qsd(args, scratch / "qsd-db1.pid")

@@ -15,13 +15,18 @@ import ctypes
 import errno
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from xenblk_vhost.xen import gntdev as g
-from xenblk_vhost.xen import selftest
 from xenblk_vhost.xen._libc import MAP_FIXED, FixedRegion, buffer_address
 from xenblk_vhost.xen.interfaces import PAGE_SIZE, CopySegment, GrantMapError, GrantStatus
+
+# The rig's raw gntalloc (scripts/xen-rig/dom0/gntalloc.py): the 'guest' side of its gntdev checks on real Xen.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "xen-rig" / "dom0"))
+import gntalloc  # noqa: E402  (from the path above)
 
 C_PRELUDE = r"""
 #include <stdio.h>
@@ -70,22 +75,35 @@ def _nested(cls, path: str) -> tuple[int, int]:
 
 LAYOUTS = {
     "ioctl_gntdev_grant_ref": (g.GntdevGrantRef, ["domid", "ref"]),
-    "ioctl_gntdev_map_grant_ref": (g.GntdevMapGrantRef, ["count", "pad", "index", "refs", "refs[0].domid", "refs[0].ref"]),
+    "ioctl_gntdev_map_grant_ref": (
+        g.GntdevMapGrantRef,
+        ["count", "pad", "index", "refs", "refs[0].domid", "refs[0].ref"],
+    ),
     "ioctl_gntdev_unmap_grant_ref": (g.GntdevUnmapGrantRef, ["index", "count", "pad"]),
     "ioctl_gntdev_set_max_grants": (g.GntdevSetMaxGrants, ["count"]),
     "ioctl_gntdev_unmap_notify": (g.GntdevUnmapNotify, ["index", "action", "event_channel_port"]),
     "gntdev_grant_copy_segment": (
         g.GntdevGrantCopySegment,
         [
-            "source", "source.virt", "source.foreign.ref", "source.foreign.offset", "source.foreign.domid",
-            "dest", "dest.virt", "dest.foreign.ref", "dest.foreign.offset", "dest.foreign.domid",
-            "len", "flags", "status",
+            "source",
+            "source.virt",
+            "source.foreign.ref",
+            "source.foreign.offset",
+            "source.foreign.domid",
+            "dest",
+            "dest.virt",
+            "dest.foreign.ref",
+            "dest.foreign.offset",
+            "dest.foreign.domid",
+            "len",
+            "flags",
+            "status",
         ],
     ),
     "ioctl_gntdev_grant_copy": (g.GntdevGrantCopy, ["count", "segments"]),
-    # gntalloc is only used by the on-Xen self-test (xenblk_vhost.xen.selftest)
-    "ioctl_gntalloc_alloc_gref": (selftest.GntallocAllocGrefHeader, ["domid", "flags", "count", "index"]),
-    "ioctl_gntalloc_dealloc_gref": (selftest.GntallocDeallocGref, ["index", "count"]),
+    # gntalloc is only used by the rig's adapters scenario (scripts/xen-rig/dom0/gntalloc.py)
+    "ioctl_gntalloc_alloc_gref": (gntalloc.GntallocAllocGrefHeader, ["domid", "flags", "count", "index"]),
+    "ioctl_gntalloc_dealloc_gref": (gntalloc.GntallocDeallocGref, ["index", "count"]),
 }
 
 HEADER_CONSTANTS = {
@@ -99,9 +117,9 @@ HEADER_CONSTANTS = {
     "UNMAP_NOTIFY_SEND_EVENT": g.UNMAP_NOTIFY_SEND_EVENT,
     "GNTCOPY_source_gref": g.GNTCOPY_SOURCE_GREF,
     "GNTCOPY_dest_gref": g.GNTCOPY_DEST_GREF,
-    "IOCTL_GNTALLOC_ALLOC_GREF": selftest.IOCTL_GNTALLOC_ALLOC_GREF,
-    "IOCTL_GNTALLOC_DEALLOC_GREF": selftest.IOCTL_GNTALLOC_DEALLOC_GREF,
-    "GNTALLOC_FLAG_WRITABLE": selftest.GNTALLOC_FLAG_WRITABLE,
+    "IOCTL_GNTALLOC_ALLOC_GREF": gntalloc.IOCTL_GNTALLOC_ALLOC_GREF,
+    "IOCTL_GNTALLOC_DEALLOC_GREF": gntalloc.IOCTL_GNTALLOC_DEALLOC_GREF,
+    "GNTALLOC_FLAG_WRITABLE": gntalloc.GNTALLOC_FLAG_WRITABLE,
 }
 
 GNTST = {f"GNTST_{s.name.lower()}": int(s) for s in GrantStatus}
@@ -213,7 +231,9 @@ def test_copy_batch_is_what_the_kernel_reads_and_statuses_come_back_in_order(tmp
         CopySegment(to_guest=False, domid=3, gref=101, guest_offset=512, local_addr=0x7F0000002200, length=1024),
         # crosses its page: the kernel would fail the whole ioctl, so it is answered locally
         CopySegment(to_guest=False, domid=3, gref=102, guest_offset=4000, local_addr=0x7F0000003000, length=512),
-        CopySegment(to_guest=True, domid=0x7FEF, gref=0xFFFFFFFF, guest_offset=4095, local_addr=0xFFFFFFFFFFFF, length=1),
+        CopySegment(
+            to_guest=True, domid=0x7FEF, gref=0xFFFFFFFF, guest_offset=4095, local_addr=0xFFFFFFFFFFFF, length=1
+        ),
     ]
     batch = g.CopyBatch(capacity=2)  # forces a grow
     count, refused = batch.load(segments)

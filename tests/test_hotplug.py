@@ -21,18 +21,17 @@ from pathlib import Path
 
 import trio
 
+from e2e_support.fixtures import backend_service, disk_image, domain_config, read_text, tree, write_config
+from e2e_support.frontend_agent import frontend_agent
 from xenblk_vhost.commands.control import ControlSocket
 from xenblk_vhost.commands.service_snapshot import service_snapshot
+from xenblk_vhost.hotplug.checks import HotplugError
 from xenblk_vhost.hotplug.install import install, shim_text
 from xenblk_vhost.hotplug.script import add
 from xenblk_vhost.hotplug.target import parse_xenbus_path
-from xenblk_vhost.hotplug.checks import HotplugError
 from xenblk_vhost.sim import toolstack
 from xenblk_vhost.sim.toolstack import BackendKind, VbdConfig, VbdPaths
 from xenblk_vhost.sim.world import open_world
-
-from e2e_support.fixtures import backend_service, disk_image, domain_config, read_text, tree, write_config
-from e2e_support.frontend_agent import frontend_agent
 
 LIBXL_HOTPLUG_TIMEOUT = 40  # libxl_internal.h
 
@@ -99,7 +98,9 @@ async def test_phy_route_add_connects_the_guest_and_remove_cleans_up(tmp_path):
     shim = install_shim(tmp_path / "scripts", as_operator=True)
     async with open_world(tmp_path / "w") as world:
         guest = await world.create_guest("web1")
-        async with backend_service(world, [domain_config(tmp_path, "web1", [f"vdev: xvda, driver: io_uring, path: {img}"])]):
+        async with backend_service(
+            world, [domain_config(tmp_path, "web1", [f"vdev: xvda, driver: io_uring, path: {img}"])]
+        ):
             # disk = ['vdev=xvda, backendtype=phy, script=<shim>, target=<yaml>']
             vbd = await world.attach_vbd(guest.domid, VbdConfig(vdev="xvda", target=str(yaml_path), script=str(shim)))
             assert await read_text(world.xs, f"{vbd.backend}/params") == str(yaml_path)

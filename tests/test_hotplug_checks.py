@@ -99,12 +99,20 @@ def test_backend_states_that_are_serving(state):
 
 
 def test_backend_states_that_fail_the_attach():
-    e = error_of(check_backend, BackendView(5, "19 no disk configured for this domain as xvdb (device 51728)", "w", {}), "/x")
-    assert e.message == "the backend reported: 19 no disk configured for this domain as xvdb (device 51728) (state Closing)"
+    e = error_of(
+        check_backend, BackendView(5, "19 no disk configured for this domain as xvdb (device 51728)", "w", {}), "/x"
+    )
+    assert (
+        e.message
+        == "the backend reported: 19 no disk configured for this domain as xvdb (device 51728) (state Closing)"
+    )
     assert error_of(check_backend, BackendView(6, None, "w", {}), "/x").message == \
         "the backend is closing the device (state Closed)"
     e = error_of(check_backend, BackendView(1, None, "w", {}), "/etc/x.yaml")
-    assert "no backend has taken the device (state Initialising)" in e.message and "xenblk-vhost run /etc/x.yaml" in e.message
+    assert (
+        "no backend has taken the device (state Initialising)" in e.message
+        and "xenblk-vhost run /etc/x.yaml" in e.message
+    )
     assert "(state absent)" in error_of(check_backend, BackendView(None, None, "w", {}), "/x").message
 
 
@@ -140,7 +148,9 @@ def test_sharing_within_a_domain_and_other_storage_is_allowed():
     assert sharing_conflict(mine, [_att(1, vdev=51728), _att(2, storage="/srv/b.img")]) is None
     e = error_of(check_sharing, mine, [_att(2, storage="/srv/b.img"), _att(3, writable=False)])
     assert e.status == "busy"
-    assert e.message.startswith("/srv/a.img is already attached to domain d3 as xvda (read-only); xvda would have it read-write")
+    assert e.message.startswith(
+        "/srv/a.img is already attached to domain d3 as xvda (read-only); xvda would have it read-write"
+    )
 
 
 def test_physical_device_path_only_where_qemu_could_open_it(tmp_path):

@@ -10,12 +10,11 @@ import sys
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from e2e_support.fixtures import disk_image, write_config
+from e2e_support.frontend_agent import frontend_agent
 from xenblk_vhost.commands.control import request_control
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.world import open_world
-
-from e2e_support.fixtures import disk_image, write_config
-from e2e_support.frontend_agent import frontend_agent
 
 
 def run_argv(world, config, *extra) -> list[str]:
@@ -55,7 +54,7 @@ async def test_metrics_scraped_over_http_match_the_control_sockets_stats(tmp_pat
         guest = await world.create_guest("scraped")
         backend = await world.start_process(
             run_argv(world, cfg, "--control", str(control), "--metrics", "127.0.0.1:0"), name="backend")
-        line = await backend.wait_line(lambda l: "metrics: http://127.0.0.1:" in l, 10)
+        line = await backend.wait_line(lambda line: "metrics: http://127.0.0.1:" in line, 10)
         port = int(re.search(r"http://127\.0\.0\.1:(\d+)/metrics", line).group(1))
         vbd = await world.attach_vbd(guest.domid, VbdConfig(vdev="xvda", target=str(img)))
         async with frontend_agent(world, guest.domid, vbd.devid, max_queues=2) as fe:
@@ -78,7 +77,7 @@ async def test_metrics_scraped_over_http_match_the_control_sockets_stats(tmp_pat
             for index, ring in enumerate(entry["rings"]):
                 labels = dict(who, ring=str(index))
 
-                def value(name: str, **extra) -> float:
+                def value(name: str, labels=labels, **extra) -> float:
                     return got[(name, tuple(sorted(dict(labels, **extra).items())))]
 
                 for op, key in (("read", "rd_req"), ("write", "wr_req"), ("flush", "f_req"), ("discard", "ds_req")):
@@ -97,7 +96,10 @@ async def test_metrics_scraped_over_http_match_the_control_sockets_stats(tmp_pat
             total = entry["total"]
             answered = total["rd_req"] + total["wr_req"] + total["f_req"] + total["ds_req"]
             assert got[("xenblk_vbd_request_latency_seconds_count", vbd_labels)] == answered
-            assert got[("xenblk_vbd_request_latency_seconds_bucket", tuple(sorted(dict(who, le="+Inf").items())))] == answered
+            assert (
+                got[("xenblk_vbd_request_latency_seconds_bucket", tuple(sorted(dict(who, le="+Inf").items())))]
+                == answered
+            )
             assert got[("xenblk_vbd_request_latency_seconds_sum", vbd_labels)] > 0
 
             # HEAD has the headers and no body; other paths and methods are refused.

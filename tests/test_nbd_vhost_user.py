@@ -22,14 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from e2e_support.fixtures import backend_service, domain_config
+from e2e_support.frontend_agent import frontend_agent, sector_pattern
 from storage_support.patterns import pattern_range, read_file
 from storage_support.qsd import StorageDaemon, VhostUserExport
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.world import open_world
 from xenblk_vhost.storage import StorageDevice
-
-from e2e_support.fixtures import backend_service, domain_config
-from e2e_support.frontend_agent import frontend_agent, sector_pattern
 
 BS = 4096
 SIZE = 16 << 20
@@ -66,7 +65,8 @@ class NbdServer:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"qemu-nbd did not listen: {self.image.with_suffix('.qemu-nbd.log').read_text()}")
+                    raise RuntimeError(
+                        f"qemu-nbd did not listen: {self.image.with_suffix('.qemu-nbd.log').read_text()}") from None
                 time.sleep(0.02)
 
     def blockdev(self, node: str) -> str:
@@ -155,7 +155,9 @@ async def test_a_guest_writes_through_the_backend_into_the_nbd_servers_file(tmp_
             async with open_world(tmp_path / "w") as world:
                 guest = await world.create_guest("web1")
                 async with backend_service(world, [cfg]):
-                    vbd = await world.attach_vbd(guest.domid, VbdConfig(vdev="xvda", target=str(tmp_path / "web1.yaml")))
+                    vbd = await world.attach_vbd(
+                        guest.domid, VbdConfig(vdev="xvda", target=str(tmp_path / "web1.yaml"))
+                    )
                     async with frontend_agent(world, guest.domid, vbd.devid) as fe:
                         connected = await fe.call("connect")
                         assert connected["sectors"] == SIZE // 512

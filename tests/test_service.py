@@ -13,14 +13,13 @@ from pathlib import Path
 
 import trio
 
+from e2e_support.fixtures import disk_image, domain_config, read_text, state_is, wait_node
 from xenblk_vhost.backend.device import DeviceId
 from xenblk_vhost.backend.service import Service
 from xenblk_vhost.sim import toolstack
 from xenblk_vhost.sim.toolstack import BackendKind, VbdConfig
 from xenblk_vhost.sim.xenstored import serve_xenstored
 from xenblk_vhost.xen.xenstore import open_xenstore
-
-from e2e_support.fixtures import disk_image, domain_config, read_text, state_is, wait_node
 
 
 @asynccontextmanager

@@ -9,8 +9,8 @@ import trio
 import trio.testing
 
 from xenblk_vhost.backend.qemu_dm import (
-    DeviceModelState,
     MAX_QMP_BUFFER,
+    DeviceModelState,
     QemuArgsError,
     is_qemu_invocation,
     parse_qemu_args,
@@ -95,7 +95,6 @@ def test_qmp_commands_before_and_after_negotiation():
 async def exchange(chunks: list[bytes]) -> list[dict]:
     """Feed a QMP server the client's bytes in these chunks; every message it sent back."""
     client, server = trio.testing.memory_stream_pair()
-    replies = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_qmp_connection, server, DeviceModelState(paused=False))
         for chunk in chunks:

@@ -17,7 +17,6 @@ import pytest
 import trio
 import trio.testing
 
-from sim_support.daemons import hv_socket, platform  # noqa: F401
 from xenblk_vhost.sim.guest import guest_agent
 from xenblk_vhost.sim.hypercall import Hypercalls
 from xenblk_vhost.xen.interfaces import EventChannel, Evtchn
@@ -87,7 +86,11 @@ async def test_bind_follows_xens_rules(hv_socket, evtchn):
         with pytest.raises(OSError) as e:
             evtchn.bind_interdomain(4000, 1)  # no such domain
         assert e.value.errno == errno.ESRCH
-        assert (await g.call("port_status", port=port)) == {"state": "interdomain", "remote_domid": 0, "remote_port": ch.local_port}
+        assert (await g.call("port_status", port=port)) == {
+            "state": "interdomain",
+            "remote_domid": 0,
+            "remote_port": ch.local_port,
+        }
         ch.close()
 
 

@@ -19,7 +19,6 @@ import textwrap
 import pytest
 import trio
 
-from sim_support.daemons import hv_socket, platform  # noqa: F401
 from xenblk_vhost.sim import open_sim
 from xenblk_vhost.sim.grant_table import GTF_permit_access, GTF_reading, GTF_readonly, GTF_writing
 from xenblk_vhost.sim.guest import guest_agent, pattern
@@ -126,7 +125,10 @@ async def test_writing_through_a_readonly_map_faults_and_leaves_the_guest_page_a
         await g.call("fill", frame=frame, seed=5)
         ro = (await g.call("grant", frame=frame, domid=0, readonly=True))["gref"]
         proc = await trio.run_process(
-            [sys.executable, "-c", WRITER, hv_socket, str(g.domid), str(ro)], capture_stdout=True, capture_stderr=True, check=False
+            [sys.executable, "-c", WRITER, hv_socket, str(g.domid), str(ro)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
         )
         assert proc.returncode == -signal.SIGSEGV, proc.stderr.decode()
         assert proc.stdout.decode().split() == [pattern(5)[:4].hex()]

@@ -52,7 +52,9 @@ int main(void) {
 
 def test_entry_layout_and_flags_match_xens_header(tmp_path):
     (tmp_path / "p.c").write_text(C_PROBE)
-    cc = subprocess.run(["gcc", "-Wall", "-Werror", "-o", str(tmp_path / "p"), str(tmp_path / "p.c")], capture_output=True, text=True)
+    cc = subprocess.run(
+        ["gcc", "-Wall", "-Werror", "-o", str(tmp_path / "p"), str(tmp_path / "p.c")], capture_output=True, text=True
+    )
     assert cc.returncode == 0, cc.stderr
     out = subprocess.run([str(tmp_path / "p")], capture_output=True, text=True, check=True).stdout
     c = {k: int(v) for k, v in (line.split() for line in out.splitlines())}
@@ -61,7 +63,14 @@ def test_entry_layout_and_flags_match_xens_header(tmp_path):
         assert getattr(gt, name) == c[name], name
     assert gt.ENTRY_SIZE == c["sizeof"]
     # the Struct "<HHI" puts flags at 0 (2 bytes), domid at 2 (2), frame at 4 (4)
-    assert (c["flags.offset"], c["flags.size"], c["domid.offset"], c["domid.size"], c["frame.offset"], c["frame.size"]) == (0, 2, 2, 2, 4, 4)
+    assert (
+        c["flags.offset"],
+        c["flags.size"],
+        c["domid.offset"],
+        c["domid.size"],
+        c["frame.offset"],
+        c["frame.size"],
+    ) == (0, 2, 2, 2, 4, 4)
     raw = bytearray(8)
     gt.ENTRY.pack_into(raw, 0, 0x0102, 0x0304, 0x05060708)
     assert raw == bytes([0x02, 0x01, 0x04, 0x03, 0x08, 0x07, 0x06, 0x05])
@@ -170,7 +179,12 @@ def test_guest_cannot_revoke_under_a_pin_across_processes():
     table = gt.SharedGrantTable(g, buffer_address(g), 1)
     rounds = 2000
     table.grant(8, 0, 1, readonly=True)
-    proc = subprocess.Popen([sys.executable, "-c", RACER, str(gfd), str(afd), str(rounds)], pass_fds=(gfd, afd), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RACER, str(gfd), str(afd), str(rounds)],
+        pass_fds=(gfd, afd),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     revokes = refused = 0
     try:
         while proc.poll() is None:

@@ -19,7 +19,9 @@ from xenblk_vhost.sim.hypervisor import hypervisor_process, serve
 
 def test_runs_in_the_foreground_until_sigterm_and_removes_its_socket(tmp_path):
     path = str(tmp_path / "xen.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "xenblk_vhost.sim.hypervisor", "--socket", path], stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xenblk_vhost.sim.hypervisor", "--socket", path], stdout=subprocess.PIPE
+    )
     try:
         assert proc.stdout.readline() == b"ready\n"
         hc = Hypercalls(path)

@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from storage_support.fixtures import qsd, vhost_user_disk  # noqa: F401
 from storage_support.patterns import block_pattern, pattern_range, read_file
 from storage_support.targets import TARGET_NAMES, Target, open_target
 from xenblk_vhost.storage import BlkioError, IovecArray
@@ -74,7 +73,9 @@ def test_write_batch_flush_then_read_and_readv(target: Target):
         else:
             base = dest + (i // 2) * BS
             v = region.view
-            got = bytes(v[base + 3072 : base + 4096]) + bytes(v[base + 1024 : base + 3072]) + bytes(v[base : base + 1024])
+            got = (
+                bytes(v[base + 3072 : base + 4096]) + bytes(v[base + 1024 : base + 3072]) + bytes(v[base : base + 1024])
+            )
         assert got == expect, f"block {i}"
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from storage_support.fixtures import loop_backed_file  # noqa: F401
 from storage_support.loopdev import refresh_loop_size
 from storage_support.patterns import pattern_range, read_file
 from xenblk_vhost.storage import BlkioError, StorageDevice, address_of

@@ -7,7 +7,6 @@ import os
 
 import pytest
 
-from storage_support.fixtures import qsd, vhost_user_disk  # noqa: F401
 from storage_support.patterns import pattern_range, read_file
 from xenblk_vhost.storage import BlkioError, IovecArray, StorageDevice, address_of
 
@@ -35,7 +34,7 @@ def test_allocated_region_is_a_mapped_memfd(vu_device):
     vu_device.release_mem_region(region)
     assert region.released
     with pytest.raises(ValueError):
-        region.view
+        _ = region.view
     with pytest.raises(ValueError):
         vu_device.release_mem_region(region)  # not ours any more
 

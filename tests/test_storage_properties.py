@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from storage_support.fixtures import qsd, vhost_user_disk  # noqa: F401
 from xenblk_vhost.storage import Blkio, BlkioError, StorageDevice
 from xenblk_vhost.storage.device import CONNECTED_STATE_PROPERTIES
 
@@ -129,7 +128,7 @@ def test_close_is_idempotent_and_retires_everything(image):
     with pytest.raises(BlkioError):
         dev.blkio.get_uint64("capacity")
     with pytest.raises(ValueError):
-        region.view
+        _ = region.view
 
 
 

@@ -10,7 +10,6 @@ import pytest
 import trio
 import trio.testing
 
-from storage_support.fixtures import qsd, vhost_user_disk  # noqa: F401
 from storage_support.patterns import block_pattern, pattern_range, read_file
 from storage_support.targets import TARGET_NAMES, Target, open_target
 from xenblk_vhost.storage import BlkioError, StorageDevice

@@ -9,7 +9,6 @@ import signal
 import pytest
 import trio
 
-from storage_support.fixtures import qsd, vhost_user_disk  # noqa: F401
 from storage_support.patterns import pattern_range, read_file
 from xenblk_vhost.storage import BlkioError, StorageDevice
 
@@ -100,7 +99,7 @@ async def test_daemon_killed_mid_run(qsd, vhost_user_disk):
         q = dev.queues[0]
         region = dev.alloc_mem_region(32 * BS)
         with trio.fail_after(DEADLINE):
-            for round_ in range(3):  # the daemon is serving...
+            for _round in range(3):  # the daemon is serving...
                 for i in range(32):
                     q.read(i * BS, region.address(i * BS), BS, i)
                 got = 0

@@ -13,7 +13,6 @@ import pytest
 import trio
 import trio.testing
 
-from sim_support.daemons import xenstored  # noqa: F401
 from xenblk_vhost.sim import toolstack
 from xenblk_vhost.sim.toolstack import BackendKind, DetachOutcome, VbdConfig
 from xenblk_vhost.sim.xenstore_guest import open_guest_xenstore

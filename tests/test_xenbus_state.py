@@ -2,7 +2,8 @@
 
 import pytest
 
-from xenblk_vhost.backend.xenbus_state import Action, XenbusState as S, on_frontend_state, parse_state
+from xenblk_vhost.backend.xenbus_state import Action, on_frontend_state, parse_state
+from xenblk_vhost.backend.xenbus_state import XenbusState as S
 
 
 @pytest.mark.parametrize(

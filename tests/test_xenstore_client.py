@@ -12,7 +12,6 @@ import pytest
 import trio
 import trio.testing
 
-from sim_support.daemons import xenstored, xs  # noqa: F401
 from xenblk_vhost.sim.xenstore_guest import open_guest_xenstore
 from xenblk_vhost.sim.xenstored import run_xenstored
 from xenblk_vhost.xen import xenstore as xenstore_module

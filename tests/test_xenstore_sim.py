@@ -14,7 +14,6 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim_support.daemons import xenstored, xs  # noqa: F401
 from xenblk_vhost.sim.xenstore_guest import open_guest_xenstore
 from xenblk_vhost.sim.xenstore_tree import DOM0, Store, Transaction
 from xenblk_vhost.sim.xenstored import serve_xenstored
@@ -364,7 +363,10 @@ async def test_runs_as_a_process_until_signalled(tmp_path, stop):
                 chunk = await proc.stderr.receive_some(4096)
                 assert chunk, f"daemon exited early: {banner!r}"
                 banner += chunk
-            assert banner.decode() == f"xenblk_vhost.sim.xenstored: simulated xenstored listening on {path} (pid {proc.pid})\n"
+            assert (
+                banner.decode()
+                == f"xenblk_vhost.sim.xenstored: simulated xenstored listening on {path} (pid {proc.pid})\n"
+            )
             env = dict(os.environ, XENSTORED_PATH=path)
             done = await trio.run_process(["xenstore-write", "/from/tool", "1"], env=env, check=False)
             assert done.returncode == 0

@@ -9,7 +9,6 @@ import subprocess
 
 import trio
 
-from sim_support.daemons import xenstored, xs  # noqa: F401
 from xenblk_vhost.xen.interfaces import Permission
 
 N0 = Permission(0, False, False)
@@ -68,7 +67,11 @@ async def test_list(xenstored, xs):
         await xs.write(f"/l/{name}", "")
     assert await tool(xenstored, "xenstore-list", "/l") == (0, "b\na\nc\n", "")  # creation order
     assert await tool(xenstored, "xenstore-list", "-p", "/l") == (0, "/l/b\n/l/a\n/l/c\n", "")
-    assert await tool(xenstored, "xenstore-list", "/nothing") == (1, "", "xenstore-list: could not list path /nothing\n")
+    assert await tool(xenstored, "xenstore-list", "/nothing") == (
+        1,
+        "",
+        "xenstore-list: could not list path /nothing\n",
+    )
 
 
 async def test_exists(xenstored, xs):
@@ -86,7 +89,11 @@ async def test_rm_subtree_and_tidy(xenstored, xs):
     await xs.write("/t/x/y/z", "1")
     assert await tool(xenstored, "xenstore-rm", "-t", "/t/x/y/z") == (0, "", "")
     assert not await xs.exists("/t")
-    assert await tool(xenstored, "xenstore-rm", "/nope/deeper") == (1, "", "xenstore-rm: could not remove path /nope/deeper\n")
+    assert await tool(xenstored, "xenstore-rm", "/nope/deeper") == (
+        1,
+        "",
+        "xenstore-rm: could not remove path /nope/deeper\n",
+    )
 
 
 async def test_chmod(xenstored, xs):

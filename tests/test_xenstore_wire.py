@@ -3,10 +3,9 @@
 import errno
 import subprocess
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import pytest
 
 from xenblk_vhost.xen import xs_wire
 from xenblk_vhost.xen.xs_wire import HEADER, Message, Op, Reader, WireError, join_args, split_strings

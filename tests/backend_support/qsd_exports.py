@@ -9,8 +9,8 @@ errors.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from storage_support.qsd import StorageDaemon, VhostUserExport
 
@@ -36,7 +36,9 @@ def four_k_sector_export(workdir: Path, size: int) -> Iterator[VhostUserExport]:
 
 
 @contextlib.contextmanager
-def daemon_with_file(workdir: Path, size: int, *, num_queues: int = 2) -> Iterator[tuple[StorageDaemon, VhostUserExport]]:
+def daemon_with_file(
+    workdir: Path, size: int, *, num_queues: int = 2
+) -> Iterator[tuple[StorageDaemon, VhostUserExport]]:
     """A started daemon exporting one raw file; the caller may kill it."""
     daemon = StorageDaemon(workdir)
     export = daemon.add_file_export("disk", size=size, num_queues=num_queues)

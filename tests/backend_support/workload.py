@@ -143,7 +143,7 @@ class Workload:
                     pages.append((page, first, last))
                     pos += n
                 op = OP_WRITE if writes else OP_READ
-                wire = [(p.gref, f, l) for p, f, l in pages]
+                wire = [(p.gref, first, last) for p, first, last in pages]
                 aux = []
                 if kind == "indirect":
                     aux = front.indirect(ring, op, id_, sector, wire)
@@ -159,7 +159,7 @@ class Workload:
                     sector = base
                     fill = rng.randbytes(PAGE_SIZE)
                     pages = [(self.pool.take(True, fill), 0, 7)]
-                front.rw(ring, op, id_, sector, [(p.gref, f, l) for p, f, l in pages])
+                front.rw(ring, op, id_, sector, [(p.gref, first, last) for p, first, last in pages])
                 sent.append(Sent(id_, op, sector, pages, []))
                 self._count(kind + ("-data" if pages else ""))
             else:

@@ -1,6 +1,4 @@
-"""Session fixtures for the blkif tests; import them into a test module.
-
-    from blkif_support.fixtures import xen_layouts, xen_ring_probe  # noqa: F401
+"""Session fixtures for the blkif tests (a plugin: tests/conftest.py loads it).
 
 Both compile their probe once per session (see probe.py).
 """

@@ -10,9 +10,9 @@ process would have them, or as `xenblk-vhost run --sim` (see run_backend).
 from __future__ import annotations
 
 import errno
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Iterable
 
 import trio
 

@@ -36,8 +36,10 @@ def test_shell_scripts_parse():
 @pytest.fixture(scope="module")
 def odio(tmp_path_factory) -> Path:
     exe = tmp_path_factory.mktemp("odio") / "odio"
-    subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(exe), str(RIG / "domu" / "odio.c")],
-                   check=True)
+    subprocess.run(
+        ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(exe), str(RIG / "domu" / "odio.c")],
+        check=True,
+    )
     return exe
 
 
@@ -165,7 +167,12 @@ def test_guest_results_negotiated_and_expectations(tmp_path):
                    "neg.discard_granularity>=512", "neg.persistent_grants=enabled", "xs.be.sector-size=512")
     assert r.returncode == 0, r.stdout
     neg = res["negotiated"]
-    assert (neg["ring_order"], neg["queues"], neg["guest_hw_queues"], neg["backend_max_indirect_segments"]) == (4, 2, 2, 256)
+    assert (neg["ring_order"], neg["queues"], neg["guest_hw_queues"], neg["backend_max_indirect_segments"]) == (
+        4,
+        2,
+        2,
+        256,
+    )
     assert neg["flush"] == "flush diskcache: enabled" and neg["discard"] == "supported"
     assert res["ok"] is True and res["checks"]["blkfront_line"]["status"] == "ok"
 
@@ -183,7 +190,10 @@ def test_guest_results_fails_on_unmet_expectation(tmp_path):
     "edit, problem",
     [
         (lambda c: c.replace("XENBLK-GUEST-DONE status=ok\n", ""), "no XENBLK-GUEST-DONE line"),
-        (lambda c: c.replace("CHECK fsck_clean ok clean", "CHECK fsck_clean fail rc=4"), "check fsck_clean failed: rc=4"),
+        (
+            lambda c: c.replace("CHECK fsck_clean ok clean", "CHECK fsck_clean fail rc=4"),
+            "check fsck_clean failed: rc=4",
+        ),
         (lambda c: c.replace("CHECK raw_past_end ok x\n", ""), "check raw_past_end never ran"),
         (lambda c: c.replace("CHECK discard_range ok x\n", ""), "neither discard_range nor discard_refused ran"),
         (lambda c: c.replace("status=ok", "status=fail"), "guest reported status=fail"),

@@ -1,7 +1,4 @@
-"""pytest fixtures that start the simulated Xen services; import them into a test module:
-
-    from sim_support.daemons import xenstored, xs  # noqa: F401
-    from sim_support.daemons import hv_socket, platform  # noqa: F401
+"""pytest fixtures that start the simulated Xen services (a plugin: tests/conftest.py loads it).
 
 xenstored: the simulated xenstored, in this process, on a socket in tmp_path.
 xs:        a dom0 xenstore client connected to it (a module may override this

@@ -249,7 +249,7 @@ class RingServer:
 class MiniBackend:
     def __init__(self, xs, platform, be_path: str, disk: Disk, *, max_ring_page_order: int | None = 4,
                  max_queues: int | None = 4, max_indirect_segments: int | None = 256, persistent: bool = False,
-                 features: dict | None = None, faults: Faults = Faults()) -> None:
+                 features: dict | None = None, faults: Faults | None = None) -> None:
         self.xs = xs
         self.platform = platform
         self.be = be_path
@@ -261,7 +261,7 @@ class MiniBackend:
         self.features = features if features is not None else {
             "feature-flush-cache": "1", "feature-barrier": "1", "feature-discard": "1",
             "discard-granularity": "4096", "discard-alignment": "0", "discard-secure": "0"}
-        self.faults = faults
+        self.faults = faults if faults is not None else Faults()
         self.stats = Stats()
         self.rings: list[RingServer] = []
         self.state = INITIALISING

@@ -3,5 +3,5 @@
 Other test modules (the backend's) reuse them:
 
     from storage_support.qsd import StorageDaemon
-    from storage_support.fixtures import qsd, vhost_user_disk  # pytest fixtures
+    # and the fixtures qsd, vhost_user_disk, loop_backed_file (storage_support.fixtures, a plugin)
 """

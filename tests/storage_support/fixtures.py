@@ -1,6 +1,4 @@
-"""pytest fixtures for storage tests; import them into a test module to use them:
-
-    from storage_support.fixtures import qsd, vhost_user_disk  # noqa: F401
+"""pytest fixtures for storage tests (a plugin: tests/conftest.py loads it).
 
 qsd:             a started qemu-storage-daemon (under tmp_path) exporting "disk":
                  a 16 MiB raw file, num-queues=2, discard=unmap. Stopped with
@@ -13,8 +11,8 @@ loop_backed_file: (loop block device, its 16 MiB backing file), attached with
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

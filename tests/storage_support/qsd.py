@@ -171,12 +171,13 @@ class StorageDaemon:
                 except subprocess.TimeoutExpired:
                     self.process.kill()
                     self.process.wait()
-                    raise StorageDaemonError(f"qemu-storage-daemon ignored SIGTERM for {timeout} s: {self.log()}")
+                    raise StorageDaemonError(
+                        f"qemu-storage-daemon ignored SIGTERM for {timeout} s: {self.log()}") from None
             return self.process.returncode
         finally:
             self._log.close()
 
-    def __enter__(self) -> "StorageDaemon":
+    def __enter__(self) -> StorageDaemon:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -14,9 +14,9 @@ data is compared with):
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from xenblk_vhost.storage import StorageDevice
 

@@ -44,8 +44,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import trio
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import errno
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from ..blkif.abi import UnknownProtocol, abi_for_protocol
 from ..xen.interfaces import XenStore

@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Callable, Hashable
 
 DEFAULT_BURST = 5
 DEFAULT_INTERVAL = 10.0  # seconds per line once the burst is spent

@@ -43,8 +43,8 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import trio
 

@@ -29,7 +29,7 @@ class StorageShape:
     max_discard: int = 0  # bytes per discard/write-zeroes request, 0 = no limit
 
     @classmethod
-    def of(cls, limits, *, discard_by_write_zeroes: bool) -> "StorageShape":
+    def of(cls, limits, *, discard_by_write_zeroes: bool) -> StorageShape:
         """From a storage.DeviceLimits."""
         lbs = limits.logical_block_size
         md = limits.max_write_zeroes_len if discard_by_write_zeroes else limits.max_discard_len

@@ -40,9 +40,9 @@ import logging
 import trio
 
 from ..blkif.abi import ring_entries
+from ..blkif.constants import MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE, XEN_PAGE_SIZE
 from ..blkif.intake import RequestIntake
 from ..blkif.ring import BackRing, RingOverflow
-from ..blkif.constants import MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE, XEN_PAGE_SIZE
 from ..config import DiskConfig
 from ..storage import StorageDevice
 from .barrier import BarrierGate
@@ -138,7 +138,7 @@ class Vbd:
         self._storage_failed = False
 
     @classmethod
-    def open(cls, disk: DiskConfig, *, queues: int | None = None, **kwargs) -> "Vbd":
+    def open(cls, disk: DiskConfig, *, queues: int | None = None, **kwargs) -> Vbd:
         storage = open_storage(disk, queues)
         try:
             return cls(disk, storage, **kwargs)

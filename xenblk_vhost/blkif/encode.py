@@ -25,7 +25,7 @@ Public API:
 from __future__ import annotations
 
 import struct
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .abi import SEGMENT, Abi, layout
 from .constants import MAX_INDIRECT_PAGES_PER_REQUEST, MAX_SEGMENTS_PER_REQUEST, OP_DISCARD, OP_INDIRECT

@@ -17,11 +17,11 @@ sectors first_sect..last_sect (inclusive) of the 4 KiB page granted by gref.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple, Union
+from typing import NamedTuple
 
 from .constants import DISCARD_SECURE, SECTOR_SIZE, SEGMENTS_PER_INDIRECT_PAGE
 
-Segment = Tuple[int, int, int]  # (gref, first_sect, last_sect)
+Segment = tuple[int, int, int]  # (gref, first_sect, last_sect)
 
 
 class Request(NamedTuple):
@@ -37,7 +37,7 @@ class Request(NamedTuple):
     id: int
     handle: int
     sector: int
-    segments: Tuple[Segment, ...]
+    segments: tuple[Segment, ...]
     nr_sectors: int
     indirect: bool = False
 
@@ -89,7 +89,7 @@ class IndirectRequest(NamedTuple):
     handle: int
     sector: int
     nr_segments: int
-    indirect_grefs: Tuple[int, ...]
+    indirect_grefs: tuple[int, ...]
 
     @property
     def response_op(self) -> int:
@@ -123,8 +123,8 @@ class Rejection(NamedTuple):
         return self.op
 
 
-AnyRequest = Union[Request, DiscardRequest, IndirectRequest]
-Decoded = Union[Request, DiscardRequest, IndirectRequest, Rejection]
+AnyRequest = Request | DiscardRequest | IndirectRequest
+Decoded = Request | DiscardRequest | IndirectRequest | Rejection
 
 
 def indirect_pages_for(nr_segments: int) -> int:

@@ -29,7 +29,7 @@ import logging
 import os
 import socket
 import stat
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -220,7 +220,7 @@ def request_control(path: str, command: str, *, timeout: float = CLIENT_TIMEOUT)
                 if not chunk:
                     break
                 buf += chunk
-        except socket.timeout:
+        except TimeoutError:
             raise ControlError(f"no answer from {path} within {timeout:g} s") from None
         except OSError as e:
             raise ControlError(f"{path}: {e.strerror or e}") from None

@@ -34,10 +34,10 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import trio
 
@@ -128,7 +128,7 @@ class DemoRun:
     workdir: Path | None = None
     image: Path | None = None
     at_rest: tuple | None = None  # (first sector, sectors) the guest writes once and re-reads
-    on_progress: Callable[["DemoRun", dict], None] | None = None  # test hook, each guest report
+    on_progress: Callable[[DemoRun, dict], None] | None = None  # test hook, each guest report
     interrupted: bool = False
     _guest: object | None = None
     _all_scope: trio.CancelScope = field(default_factory=trio.CancelScope)

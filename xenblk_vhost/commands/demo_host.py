@@ -16,9 +16,9 @@ a Ctrl-C on the demo's terminal must not stop it under the guest's feet
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
 
 import trio
 

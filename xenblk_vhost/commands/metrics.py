@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily

@@ -21,8 +21,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from .control import ControlError, ControlSocket, default_control_path
 from .metrics import MetricsAddressError, metrics_registry, open_metrics_listeners, parse_listen_address, serve_metrics

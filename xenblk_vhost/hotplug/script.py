@@ -36,8 +36,9 @@ import argparse
 import errno
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, TextIO
+from typing import TextIO
 
 import trio
 

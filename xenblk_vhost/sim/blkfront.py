@@ -68,11 +68,12 @@ from __future__ import annotations
 
 import itertools
 import sys
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import trio
 
+from .._groups import reraise_alone
 from ..blkif.abi import abi_for_protocol, ring_entries
 from ..blkif.constants import (
     MAX_SEGMENTS_PER_REQUEST,
@@ -85,7 +86,6 @@ from ..blkif.constants import (
     SECTORS_PER_PAGE,
     XEN_PAGE_SIZE,
 )
-from .._groups import reraise_alone
 from ..blkif.request import indirect_pages_for
 from ..xen.interfaces import XenStore
 from . import blkfront_xenbus as xb

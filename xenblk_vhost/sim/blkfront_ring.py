@@ -305,8 +305,8 @@ class FrontendRing:
         del self._in_flight[rsp.id]
         data = None
         if entry.read and rsp.status == 0:
-            data = b"".join(bytes(p.view[f * SECTOR_SIZE:(l + 1) * SECTOR_SIZE])
-                            for p, (f, l) in zip(entry.pages, entry.segments))
+            data = b"".join(bytes(p.view[first * SECTOR_SIZE:(last + 1) * SECTOR_SIZE])
+                            for p, (first, last) in zip(entry.pages, entry.segments))
         try:
             for page in entry.pages + entry.indirect_pages:
                 self.pool.put(page)

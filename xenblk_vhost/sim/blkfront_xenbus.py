@@ -9,9 +9,9 @@ ports.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
 
 from ..blkif.constants import (
     MAX_SEGMENTS_PER_REQUEST,
@@ -245,7 +245,7 @@ class BackendStates:
         self._path = state_path
         self._events = events
 
-    def __aiter__(self) -> "BackendStates":
+    def __aiter__(self) -> BackendStates:
         return self
 
     async def __anext__(self) -> int:

@@ -21,8 +21,8 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections.abc import Sequence
 from ctypes import memmove as _memmove
-from typing import Sequence
 
 from ..xen._libc import FixedRegion, buffer_address
 from ..xen.interfaces import PAGE_SIZE, CopySegment, GrantMapError, GrantStatus
@@ -71,7 +71,7 @@ class SimGrantMapping:
 
     __slots__ = ("_dev", "_dom", "_region", "_view", "refs", "frames", "npages", "readonly", "_notify")
 
-    def __init__(self, dev: "SimGntdev", dom: ForeignDomain, region: FixedRegion, refs, frames, readonly: bool):
+    def __init__(self, dev: SimGntdev, dom: ForeignDomain, region: FixedRegion, refs, frames, readonly: bool):
         self._dev = dev
         self._dom = dom
         self._region = region

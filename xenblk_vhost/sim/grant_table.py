@@ -111,7 +111,7 @@ class SharedGrantTable:
 
     # -- Xen's side --
 
-    def check_for_copy(self, ref: int, ldomid: int, write: bool, active: "ActiveTable") -> tuple[int, int]:
+    def check_for_copy(self, ref: int, ldomid: int, write: bool, active: ActiveTable) -> tuple[int, int]:
         """(GNTST status, frame) for one grant-copy access, checked as acquire_grant_for_copy does.
 
         Copies do not pin: the entry is checked, not marked GTF_reading (see
@@ -133,7 +133,7 @@ class SharedGrantTable:
             return _GENERAL_ERROR, 0
         return _OKAY, pinned_frame
 
-    def pin(self, ref: int, ldomid: int, write: bool, active: "ActiveTable") -> tuple[int, int]:
+    def pin(self, ref: int, ldomid: int, write: bool, active: ActiveTable) -> tuple[int, int]:
         """Pin for a map (map_grant_ref): (status, frame). Sets GTF_reading, and GTF_writing if write."""
         if not 0 <= ref < self.nr_entries:
             return _BAD_GNTREF, 0
@@ -148,7 +148,7 @@ class SharedGrantTable:
                 active.set_frame(ref, self.entry(ref).frame)
         return _OKAY, active.frame(ref)
 
-    def unpin(self, ref: int, write: bool, active: "ActiveTable") -> None:
+    def unpin(self, ref: int, write: bool, active: ActiveTable) -> None:
         """Drop a map's pin; clear GTF_writing with the last writer, GTF_reading with the last pin."""
         after = active.sub(ref, _WRITE_PIN if write else _READ_PIN)
         clear = 0

@@ -32,8 +32,9 @@ import os
 import select
 import struct
 import sys
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any
 
 import trio
 
@@ -79,7 +80,7 @@ class Guest:
         self._ports: dict[int, SimPort] = {}
 
     @classmethod
-    def create(cls, socket_path: str, *, pages: int = 256, grant_frames: int = 4) -> "Guest":
+    def create(cls, socket_path: str, *, pages: int = 256, grant_frames: int = 4) -> Guest:
         hc = Hypercalls(socket_path)
         try:
             reply, _ = hc.call("create_domain", pages=pages, grant_frames=grant_frames)
@@ -89,7 +90,7 @@ class Guest:
             raise
 
     @classmethod
-    def attach(cls, socket_path: str, domid: int) -> "Guest":
+    def attach(cls, socket_path: str, domid: int) -> Guest:
         hc = Hypercalls(socket_path)
         try:
             return cls(hc, domid, owns_domain=False)
@@ -242,7 +243,9 @@ class Agent:
         if cmd == "grant":
             return {"gref": g.grant_access(int(a["frame"]), int(a["domid"]), readonly=bool(a["readonly"]))}
         if cmd == "raw_entry":
-            struct.pack_into("<HHI", g.table._buf, int(a["gref"]) * 8, int(a["flags"]), int(a["domid"]), int(a["frame"]))
+            struct.pack_into(
+                "<HHI", g.table._buf, int(a["gref"]) * 8, int(a["flags"]), int(a["domid"]), int(a["frame"])
+            )
             return {}
         if cmd == "entry":
             return g.grant_entry(int(a["gref"]))._asdict()
@@ -305,7 +308,9 @@ async def _agent_main(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m xenblk_vhost.sim.guest", description="a scriptable simulated guest")
+    parser = argparse.ArgumentParser(
+        prog="python -m xenblk_vhost.sim.guest", description="a scriptable simulated guest"
+    )
     parser.add_argument("--socket", required=True, help="the simulated hypervisor's socket")
     parser.add_argument("--pages", type=int, default=256)
     parser.add_argument("--grant-frames", type=int, default=4)
@@ -334,9 +339,12 @@ class GuestAgent:
 
 
 @asynccontextmanager
-async def guest_agent(socket_path: str, *, pages: int = 256, grant_frames: int = 4, domid: int | None = None) -> AsyncIterator[GuestAgent]:
+async def guest_agent(
+    socket_path: str, *, pages: int = 256, grant_frames: int = 4, domid: int | None = None
+) -> AsyncIterator[GuestAgent]:
     """A guest in its own process for the duration of the block."""
-    cmd = [sys.executable, "-m", "xenblk_vhost.sim.guest", "--socket", socket_path, "--pages", str(pages), "--grant-frames", str(grant_frames)]
+    cmd = [sys.executable, "-m", "xenblk_vhost.sim.guest", "--socket", socket_path,
+           "--pages", str(pages), "--grant-frames", str(grant_frames)]
     if domid is not None:
         cmd += ["--domid", str(domid)]
     async with agent_process(cmd, grace=5) as proc:

@@ -52,9 +52,10 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import trio
 
@@ -207,8 +208,12 @@ class Hypervisor:
         if rport.slot_fd < 0:
             # An end left unbound by its peer closing (see module doc): Xen
             # would allow binding it; the simulation has no eventfd for it.
-            raise _error(errno.EINVAL, f"port {remote_port} of domain {remote_domid} cannot be re-bound in the simulation")
-        lport = self._new_port(local, owner=owner, state=INTERDOMAIN, remote_domid=remote_domid, remote_port=remote_port)
+            raise _error(
+                errno.EINVAL, f"port {remote_port} of domain {remote_domid} cannot be re-bound in the simulation"
+            )
+        lport = self._new_port(
+            local, owner=owner, state=INTERDOMAIN, remote_domid=remote_domid, remote_port=remote_port
+        )
         rport.state = INTERDOMAIN
         rport.remote_port = lport.port
         _kick(rport.slot_fd)  # the new local port starts pending, as in Xen

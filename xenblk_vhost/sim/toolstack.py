@@ -25,8 +25,9 @@ from __future__ import annotations
 import enum
 import errno
 import uuid as uuid_module
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Sequence, TypeVar
+from typing import TypeVar
 
 import trio
 
@@ -45,7 +46,7 @@ XENBUS_CLOSING = 5
 XENBUS_CLOSED = 6
 
 
-class BackendKind(str, enum.Enum):
+class BackendKind(str, enum.Enum):  # noqa: UP042 (str() stays 'BackendKind.VBD', as callers print it)
     """The <kind> in backend/<kind>/...: which daemon owns the device.
 
     libxl_disk.c:240-275 (libxl__device_from_disk): backendtype=phy -> vbd,

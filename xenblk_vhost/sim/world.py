@@ -24,10 +24,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Sequence
 
 import trio
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import errno
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from xenblk_vhost.xen.interfaces import Permission
 from xenblk_vhost.xen.xs_wire import ERRNO_NAMES, PAYLOAD_MAX, REL_PATH_MAX, Message, Op

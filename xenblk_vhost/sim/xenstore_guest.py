@@ -12,8 +12,8 @@ guest reaches xenstore through its own kernel, never a dom0 socket.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from xenblk_vhost.xen.xenstore import XenStoreClient, open_xenstore
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import errno
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 from xenblk_vhost.xen.interfaces import Permission
 from xenblk_vhost.xen.xs_wire import REL_PATH_MAX

@@ -40,14 +40,14 @@ import socket as stdlib_socket
 import stat
 import sys
 from collections import deque
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import trio
 
 from xenblk_vhost.xen.xs_wire import Reader, WireError
-from .._groups import reraise_alone
 
+from .._groups import reraise_alone
 from .xenstore_core import Effects, XenstoredCore
 
 # A fixed name: under "python -m" __name__ would be "__main__".

@@ -15,7 +15,7 @@ exist only once "started".
 from __future__ import annotations
 
 import errno
-from typing import Iterable
+from collections.abc import Iterable
 
 from . import properties
 from .cdef import ffi, lib
@@ -192,7 +192,7 @@ class Blkio:
         self.state = CLOSED
         lib.blkio_destroy(out)
 
-    def __enter__(self) -> "Blkio":
+    def __enter__(self) -> Blkio:
         return self
 
     def __exit__(self, *exc) -> None:

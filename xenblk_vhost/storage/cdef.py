@@ -109,7 +109,8 @@ void blkioq_write_zeroes(struct blkioq *q, uint64_t start, uint64_t len, uintptr
 void blkioq_discard(struct blkioq *q, uint64_t start, uint64_t len, uintptr_t user_data, uint32_t flags);
 void blkioq_flush(struct blkioq *q, uintptr_t user_data, uint32_t flags);
 
-int blkioq_do_io(struct blkioq *q, struct blkio_completion *completions, int min_completions, int max_completions, struct timespec *timeout);
+int blkioq_do_io(struct blkioq *q, struct blkio_completion *completions, int min_completions,
+                 int max_completions, struct timespec *timeout);
 int blkioq_get_completion_fd(struct blkioq *q);
 void blkioq_set_completion_fd_enabled(struct blkioq *q, bool enable);
 

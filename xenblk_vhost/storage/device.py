@@ -14,7 +14,7 @@ max-queues) unless strict_queues is set.
 from __future__ import annotations
 
 import errno
-from typing import Mapping
+from collections.abc import Mapping
 
 from .blkio import Blkio
 from .errors import BlkioError
@@ -36,7 +36,7 @@ class StorageDevice:
 
     @classmethod
     def open(cls, driver: str, properties: Mapping[str, str | int | bool], num_queues: int = 1, *,
-             strict_queues: bool = False, max_completions: int = DEFAULT_MAX_COMPLETIONS) -> "StorageDevice":
+             strict_queues: bool = False, max_completions: int = DEFAULT_MAX_COMPLETIONS) -> StorageDevice:
         """Create, configure, connect and start; on any failure nothing is left open.
 
         max_completions: completions reaped per do_io()/wait_io() call, i.e.
@@ -72,7 +72,7 @@ class StorageDevice:
             raise
         return cls(b, limits, queues, (driver, dict(properties), num_queues, strict_queues, max_completions))
 
-    def reopen(self) -> "StorageDevice":
+    def reopen(self) -> StorageDevice:
         """Close this device and open it again with the same arguments.
 
         The way to see a new size on drivers that read it only at connect
@@ -114,7 +114,9 @@ class StorageDevice:
         self.blkio.release_mem_region(region)
 
     def add_queue(self) -> Queue:
-        q = self.blkio.add_queue(max_completions=self.queues[0].max_completions if self.queues else DEFAULT_MAX_COMPLETIONS)
+        q = self.blkio.add_queue(
+            max_completions=self.queues[0].max_completions if self.queues else DEFAULT_MAX_COMPLETIONS
+        )
         self.queues.append(q)
         return q
 
@@ -132,7 +134,7 @@ class StorageDevice:
         """Free everything (queues, regions, the instance). Idempotent."""
         self.blkio.close()
 
-    def __enter__(self) -> "StorageDevice":
+    def __enter__(self) -> StorageDevice:
         return self
 
     def __exit__(self, *exc) -> None:

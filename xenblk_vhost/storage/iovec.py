@@ -13,7 +13,7 @@ iov_len; } on 64-bit Linux (16 bytes per entry).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from .cdef import ffi
 

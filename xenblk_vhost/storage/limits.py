@@ -86,7 +86,7 @@ class DeviceLimits:
     max_write_zeroes_len: int  # 0 = unspecified
 
     @classmethod
-    def read(cls, b: Blkio) -> "DeviceLimits":
+    def read(cls, b: Blkio) -> DeviceLimits:
         """Read from a connected (or started) instance."""
         gb, gi, gu = b.get_bool, b.get_int, b.get_uint64
         request_alignment = gi("request-alignment")

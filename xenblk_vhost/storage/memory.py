@@ -58,7 +58,9 @@ class MemoryRegion:
         self.fd = int(struct.fd)
         self.fd_offset = int(struct.fd_offset)
         self.owned = owned  # allocated by libblkio (we free it) vs. caller's memory
-        self._view = memoryview(ffi.buffer(ffi.cast("char *", struct.addr), self.length)) if self.length else memoryview(b"")
+        self._view = (
+            memoryview(ffi.buffer(ffi.cast("char *", struct.addr), self.length)) if self.length else memoryview(b"")
+        )
 
     @property
     def view(self) -> memoryview:

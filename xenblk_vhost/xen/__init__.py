@@ -16,7 +16,8 @@ takes a Platform and never asks where it came from:
 Xenstore is not part of it (its own client, `xenblk_vhost.xen.xenstore`, is
 async and opened by the backend separately).
 
-To exercise the real adapters on a Xen dom0: `python -m xenblk_vhost.xen.selftest`.
+The real adapters are exercised on Xen by the rig's `adapters` scenario
+(scripts/xen-rig/scenarios/adapters.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Platform:
         finally:
             self.gntdev.close()
 
-    def __enter__(self) -> "Platform":
+    def __enter__(self) -> Platform:
         return self
 
     def __exit__(self, *exc) -> None:

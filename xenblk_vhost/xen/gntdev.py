@@ -26,7 +26,7 @@ import ctypes
 import errno
 import os
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 from ._libc import IOC_NONE, FixedRegion, ioc, ioctl
 from .interfaces import PAGE_SIZE, CopySegment, GrantMapError, GrantStatus
@@ -206,7 +206,7 @@ class GntdevMapping:
 
     __slots__ = ("_dev", "_region", "_view", "index", "npages", "readonly", "domid", "refs")
 
-    def __init__(self, dev: "GntdevDevice", region: FixedRegion, index: int, domid: int, refs: tuple[int, ...]):
+    def __init__(self, dev: GntdevDevice, region: FixedRegion, index: int, domid: int, refs: tuple[int, ...]):
         self._dev = dev
         self._region = region
         self._view: memoryview | None = region.view()
@@ -285,7 +285,9 @@ class GntdevDevice:
         try:
             ioctl(self.fileno(), IOCTL_GNTDEV_MAP_GRANT_REF, ctypes.addressof(req))
         except OSError as e:  # EINVAL: more refs than the module's limit; ENOMEM
-            raise GrantMapError(e.errno, f"registering {len(refs)} grant refs of domain {domid} failed: {e.strerror}") from e
+            raise GrantMapError(
+                e.errno, f"registering {len(refs)} grant refs of domain {domid} failed: {e.strerror}"
+            ) from e
         index = decode_map_index(req)
         length = len(refs) * PAGE_SIZE
         try:
@@ -299,7 +301,8 @@ class GntdevDevice:
             self._unmap_index(index, len(refs))
             raise GrantMapError(
                 e.errno or errno.EINVAL,
-                f"mapping grant refs {list(refs)} of domain {domid} ({'ro' if readonly else 'rw'}) failed: {e.strerror}",
+                f"mapping grant refs {list(refs)} of domain {domid} ({'ro' if readonly else 'rw'}) "
+                f"failed: {e.strerror}",
             ) from e
         except BaseException:
             self._unmap_index(index, len(refs))
@@ -328,7 +331,8 @@ class GntdevDevice:
         return batch.statuses(count, refused, total)
 
     def set_max_grants(self, count: int) -> None:
-        """Old kernels cap the grants one fd may map; newer ones dropped the ioctl (ENOTTY), as libxengnttab tolerates."""
+        """Old kernels cap the grants one fd may map; newer ones dropped the ioctl (ENOTTY),
+        as libxengnttab tolerates."""
         arg = GntdevSetMaxGrants(count)
         try:
             ioctl(self.fileno(), IOCTL_GNTDEV_SET_MAX_GRANTS, ctypes.addressof(arg))
@@ -353,7 +357,7 @@ class GntdevDevice:
         os.close(self._fd)
         self._fd = -1
 
-    def __enter__(self) -> "GntdevDevice":
+    def __enter__(self) -> GntdevDevice:
         return self
 
     def __exit__(self, *exc) -> None:

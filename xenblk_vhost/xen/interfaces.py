@@ -17,8 +17,10 @@ Conventions:
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import AsyncContextManager, AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 PAGE_SIZE = 4096
 
@@ -147,7 +149,7 @@ class Permission:
         return f"{flag[(self.read, self.write)]}{self.domid}"
 
     @classmethod
-    def decode(cls, text: str) -> "Permission":
+    def decode(cls, text: str) -> Permission:
         flag, dom = text[0], int(text[1:])
         read, write = {"n": (False, False), "r": (True, False), "w": (False, True), "b": (True, True)}[flag]
         return cls(dom, read, write)
@@ -180,13 +182,13 @@ class XenStore(Protocol):
 
     async def exists(self, path: str) -> bool: ...
 
-    def transaction(self) -> "AsyncContextManager[XenStoreTransaction]":
+    def transaction(self) -> AbstractAsyncContextManager[XenStoreTransaction]:
         """`async with xs.transaction() as t:` commits on exit, aborts if the block raises."""
 
-    async def transact(self, fn: "Callable[[XenStoreTransaction], Awaitable[T]]") -> T:
+    async def transact(self, fn: Callable[[XenStoreTransaction], Awaitable[T]]) -> T:
         """Run fn(t) in a transaction, retried from the start while it conflicts (EAGAIN)."""
 
-    def watch(self, path: str, token: str | None = None) -> "AsyncContextManager[AsyncIterator[str]]":
+    def watch(self, path: str, token: str | None = None) -> AbstractAsyncContextManager[AsyncIterator[str]]:
         """An async context manager yielding an async iterator of fired paths.
 
         The first event is the registration's own fire (the path itself), as

@@ -57,13 +57,14 @@ import logging
 import os
 import stat
 from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
+from typing import TypeVar
 
 import trio
 
-from .interfaces import Permission, XenStoreError
 from .._groups import reraise_alone
+from .interfaces import Permission, XenStoreError
 from .xs_wire import ERROR_NAMES, PAYLOAD_MAX, Message, Op, Reader, WireError, encode_str, join_args, split_strings
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ async def _open_stream(path: str) -> trio.abc.Stream:
 
 
 @asynccontextmanager
-async def open_xenstore(path: str | None = None) -> AsyncIterator["XenStoreClient"]:
+async def open_xenstore(path: str | None = None) -> AsyncIterator[XenStoreClient]:
     """Connect, run the reader task for the block, close everything on the way out."""
     where = xenstore_path(path)
     stream = await _open_stream(where)
@@ -212,7 +213,7 @@ class _Operations:
 class Transaction(_Operations):
     """A transaction handle: the data base calls, all inside one xenstore transaction."""
 
-    def __init__(self, client: "XenStoreClient", tx_id: int) -> None:
+    def __init__(self, client: XenStoreClient, tx_id: int) -> None:
         self._client = client
         self.tx_id = tx_id
         self._open = True
@@ -236,7 +237,7 @@ class WatchEvents:
         self._closed = False
         self.coalesced = 0  # how many times overflow collapsed the queue
 
-    def __aiter__(self) -> "WatchEvents":
+    def __aiter__(self) -> WatchEvents:
         return self
 
     async def __anext__(self) -> str:

@@ -114,12 +114,10 @@ OPS = [(">=", operator.ge), ("<=", operator.le), ("!=", operator.ne), ("=", oper
 
 
 def check_expect(spec: str, flat: dict[str, object]) -> str | None:
-    for sym, fn in OPS:
-        if sym in spec:
-            key, want = spec.split(sym, 1)
-            break
-    else:
+    sym, fn = next(((s, f) for s, f in OPS if s in spec), (None, None))
+    if sym is None:
         return f"bad --expect '{spec}'"
+    key, want = spec.split(sym, 1)
     if key not in flat:
         return f"expected {spec}, but '{key}' was not reported"
     got = flat[key]

@@ -1,0 +1,17 @@
+"""The support packages' pytest fixtures, for every test module (no module imports them by hand).
+
+    sim_support.daemons       xenstored, xs (the simulated xenstored and a dom0 client),
+                              hv_socket, platform (a simulated hypervisor process, the backend's Platform)
+    backend_support.fixtures  guest (a fresh guest domain on hv_socket)
+    blkif_support.fixtures    xen_layouts, xen_ring_probe (Xen's headers compiled by gcc, once a session)
+    storage_support.fixtures  qsd, vhost_user_disk (a qemu-storage-daemon export), loop_backed_file
+
+Plain helpers (classes, functions, constants) are still imported from their modules.
+"""
+
+pytest_plugins = [
+    "sim_support.daemons",
+    "backend_support.fixtures",
+    "blkif_support.fixtures",
+    "storage_support.fixtures",
+]
