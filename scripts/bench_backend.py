@@ -191,8 +191,8 @@ def run_case(hv_socket: str, target: dict, data_path: str, persistent: bool, op:
              seconds: float, profile: bool, sample: bool = False) -> dict:
     import trio
 
-    from xenblk_vhost.backend.connection_spec import ConnectionSpec, RingSpec
-    from xenblk_vhost.backend.vbd import Vbd
+    from xenblk_vhost.backend.contract import ConnectionSpec, RingSpec
+    from xenblk_vhost.backend.datapath.vbd import Vbd
     from xenblk_vhost.blkif.abi import Abi
     from xenblk_vhost.config import DiskConfig
     from xenblk_vhost.sim import open_sim

@@ -34,10 +34,10 @@ from backend_support.harness import (
 )
 from backend_support.qsd_exports import daemon_with_file
 from backend_support.workload import Workload
-from xenblk_vhost.backend.datapath_copy import SMALL_BUFFER, plan_bounce
-from xenblk_vhost.backend.storage_ops import split_extents
-from xenblk_vhost.backend.vbd import Vbd, VbdConnectError, open_storage
-from xenblk_vhost.backend.vbd_features import derive_features
+from xenblk_vhost.backend.datapath.copy_path import SMALL_BUFFER, plan_bounce
+from xenblk_vhost.backend.datapath.storage_ops import split_extents
+from xenblk_vhost.backend.datapath.vbd import Vbd, VbdConnectError, open_storage
+from xenblk_vhost.backend.features import derive_features
 from xenblk_vhost.blkif.abi import Abi
 from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_OKAY
 from xenblk_vhost.storage import DeviceLimits as StorageLimits
@@ -316,7 +316,7 @@ def test_bounce_memory_plan():
 
 
 def test_fast_copy_segment_is_an_ordinary_copy_segment():
-    from xenblk_vhost.backend.grant_copy import segment
+    from xenblk_vhost.backend.datapath.grant_copy import segment
     from xenblk_vhost.xen.interfaces import CopySegment
 
     s = segment(True, 3, 77, 512, 0x1000, 1024)

@@ -13,7 +13,7 @@ import pytest
 from backend_support.frontend import TestFrontend
 from backend_support.gated_queue import gate_queues
 from backend_support.harness import connected, make_disk_file, make_vbd, read_back
-from xenblk_vhost.backend.storage_ops import StorageShape
+from xenblk_vhost.backend.datapath.storage_ops import StorageShape
 from xenblk_vhost.blkif.constants import OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_OKAY
 from xenblk_vhost.xen.interfaces import PAGE_SIZE
 

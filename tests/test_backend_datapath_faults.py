@@ -28,7 +28,7 @@ from backend_support.harness import (
 )
 from backend_support.qsd_exports import daemon_with_file, failing_sector_export
 from backend_support.workload import Workload
-from xenblk_vhost.backend.vbd import VbdConnectError
+from xenblk_vhost.backend.datapath.vbd import VbdConnectError
 from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_ERROR, RSP_OKAY
 from xenblk_vhost.xen.interfaces import PAGE_SIZE
 

@@ -15,13 +15,13 @@ import pytest
 import trio
 
 from e2e_support.fixtures import disk_image, read_text, state_is, tree, wait_node
-from xenblk_vhost.backend.device import Device, DeviceId, ToolstackNodes, effective_disk
-from xenblk_vhost.backend.logging_util import GuestWarnings
-from xenblk_vhost.backend.xenbus_state import XenbusState
+from xenblk_vhost.backend.xenbus.device import Device, DeviceId, ToolstackNodes, effective_disk
+from xenblk_vhost.backend.xenbus.guest_warnings import GuestWarnings
 from xenblk_vhost.config import DiskConfig
 from xenblk_vhost.sim import toolstack
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.xenstored import serve_xenstored
+from xenblk_vhost.xen.xenbus import XenbusState
 from xenblk_vhost.xen.xenstore import open_xenstore
 
 DOMID = 5

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from xenblk_vhost.backend.logging_util import GuestWarnings
+from xenblk_vhost.backend.xenbus.guest_warnings import GuestWarnings
 
 
 class Clock:

@@ -14,8 +14,8 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xenblk_vhost.backend.connection_spec import RingSpec
-from xenblk_vhost.backend.frontend_params import (
+from xenblk_vhost.backend.contract import RingSpec
+from xenblk_vhost.backend.xenbus.frontend_params import (
     MAX_EVENT_CHANNEL_PORT,
     FrontendParamError,
     Offer,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from backend_support.frontend import TestFrontend
 from backend_support.harness import connected, make_disk_file, make_vbd, read_back
-from xenblk_vhost.backend.persistent_grants import PersistentGrants
+from xenblk_vhost.backend.datapath.persistent_grants import PersistentGrants
 from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_OKAY
 from xenblk_vhost.sim.grant_table import GTF_reading, GTF_writing
 from xenblk_vhost.xen.interfaces import PAGE_SIZE

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from xenblk_vhost.commands.demo import DemoOptions, DemoRun, run_demo
+from xenblk_vhost.demo.command import DemoOptions, DemoRun, run_demo
 
 SECONDS = "1.5"
 

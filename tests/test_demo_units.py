@@ -10,9 +10,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from xenblk_vhost.blkif.constants import MAX_SEGMENTS_PER_REQUEST
-from xenblk_vhost.commands.demo import DemoOptions, DemoUsageError
-from xenblk_vhost.commands.demo_summary import backend_agrees, build_summary, render_text
-from xenblk_vhost.commands.demo_workload import (
+from xenblk_vhost.demo.command import DemoOptions, DemoUsageError
+from xenblk_vhost.demo.progress import Progress, render_bar
+from xenblk_vhost.demo.storage_daemon import qsd_argv
+from xenblk_vhost.demo.summary import backend_agrees, build_summary, render_text
+from xenblk_vhost.demo.workload import (
     ExpectedContent,
     Plan,
     WorkloadReport,
@@ -20,8 +22,6 @@ from xenblk_vhost.commands.demo_workload import (
     segments_of,
     shape_of,
 )
-from xenblk_vhost.commands.progress import Progress, render_bar
-from xenblk_vhost.commands.storage_daemon import qsd_argv
 
 # ---------------------------------------------------------------- progress
 

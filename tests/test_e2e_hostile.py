@@ -15,7 +15,7 @@ import logging
 
 from e2e_support.fixtures import backend_service, disk_image, domain_config, read_text, state_is, wait_node
 from e2e_support.frontend_agent import frontend_agent
-from xenblk_vhost.backend.logging_util import GuestWarnings
+from xenblk_vhost.backend.xenbus.guest_warnings import GuestWarnings
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.world import open_world
 from xenblk_vhost.sim.xenstore_guest import open_guest_xenstore

@@ -23,12 +23,12 @@ import trio
 
 from e2e_support.fixtures import backend_service, disk_image, domain_config, read_text, tree, write_config
 from e2e_support.frontend_agent import frontend_agent
-from xenblk_vhost.commands.control import ControlSocket
-from xenblk_vhost.commands.service_snapshot import service_snapshot
 from xenblk_vhost.hotplug.checks import HotplugError
 from xenblk_vhost.hotplug.install import install, shim_text
 from xenblk_vhost.hotplug.script import add
 from xenblk_vhost.hotplug.target import parse_xenbus_path
+from xenblk_vhost.observability.control_socket import ControlSocket
+from xenblk_vhost.observability.snapshot import service_snapshot
 from xenblk_vhost.sim import toolstack
 from xenblk_vhost.sim.toolstack import BackendKind, VbdConfig, VbdPaths
 from xenblk_vhost.sim.world import open_world

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from e2e_support.fixtures import disk_image, write_config
 from e2e_support.frontend_agent import frontend_agent
-from xenblk_vhost.commands.control import request_control
+from xenblk_vhost.control_protocol import request_control
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.world import open_world
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from xenblk_vhost.backend.stats import RingStats
-from xenblk_vhost.commands.metrics import (
+from xenblk_vhost.backend.datapath.stats import RingStats
+from xenblk_vhost.observability.metrics import (
     MetricsAddressError,
     cumulative_buckets,
     http_reply,

@@ -14,8 +14,8 @@ from pathlib import Path
 import trio
 
 from e2e_support.fixtures import disk_image, domain_config, read_text, state_is, wait_node
-from xenblk_vhost.backend.device import DeviceId
-from xenblk_vhost.backend.service import Service
+from xenblk_vhost.backend.xenbus.device import DeviceId
+from xenblk_vhost.backend.xenbus.service import Service
 from xenblk_vhost.sim import toolstack
 from xenblk_vhost.sim.toolstack import BackendKind, VbdConfig
 from xenblk_vhost.sim.xenstored import serve_xenstored
@@ -118,7 +118,7 @@ async def test_a_failing_device_does_not_take_the_service_down(tmp_path, caplog)
 
 
 async def test_reload_picks_up_a_newly_configured_domain(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="xenblk_vhost.backend.service")
+    caplog.set_level(logging.INFO, logger="xenblk_vhost.backend.xenbus.service")
     img = disk_image(tmp_path)
     first = domain_config(tmp_path, "old", [f"vdev: xvda, driver: io_uring, path: {img}"])
     async with running_service(tmp_path, [first]) as (xs, service, nursery):

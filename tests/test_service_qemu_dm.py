@@ -8,15 +8,8 @@ import pytest
 import trio
 import trio.testing
 
-from xenblk_vhost.backend.qemu_dm import (
-    MAX_QMP_BUFFER,
-    DeviceModelState,
-    QemuArgsError,
-    is_qemu_invocation,
-    parse_qemu_args,
-    qmp_answer,
-    serve_qmp_connection,
-)
+from xenblk_vhost.device_model.qemu_args import QemuArgsError, is_qemu_invocation, parse_qemu_args
+from xenblk_vhost.device_model.qmp import MAX_QMP_BUFFER, DeviceModelState, qmp_answer, serve_qmp_connection
 
 # libxl__build_device_model_args_new for a PV guest, Xen 4.17 (what the rig saw),
 # with device_model_args_pv = ["--config=/etc/xenblk-vhost/web1.yaml"].
@@ -133,7 +126,7 @@ async def test_qmp_client_that_never_ends_a_command_is_cut_off():
 
 
 def test_json_stream_split_respects_strings_and_nesting():
-    from xenblk_vhost.backend.qemu_dm import split_json_stream
+    from xenblk_vhost.device_model.qmp import split_json_stream
 
     texts, rest = split_json_stream('{"a": "}{\\"]"} [1, {"b": [2]}] x {"c": {')
     assert texts == ['{"a": "}{\\"]"}', '[1, {"b": [2]}]', None]

@@ -19,7 +19,7 @@ import trio
 
 from e2e_support.fixtures import disk_image, write_config
 from e2e_support.frontend_agent import frontend_agent
-from xenblk_vhost.commands.control import request_control
+from xenblk_vhost.control_protocol import request_control
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.world import open_world
 

@@ -10,16 +10,10 @@ import stat
 import pytest
 import trio
 
-from xenblk_vhost.backend.stats import RingStats, total
-from xenblk_vhost.commands.control import (
-    ControlError,
-    ControlSocket,
-    ControlSocketBusy,
-    answer,
-    default_control_path,
-    request_control,
-)
-from xenblk_vhost.commands.stats import render_table
+from xenblk_vhost.backend.datapath.stats import RingStats, total
+from xenblk_vhost.control_protocol import ControlError, default_control_path, request_control
+from xenblk_vhost.observability.control_socket import ControlSocket, ControlSocketBusy, answer
+from xenblk_vhost.observability.stats_command import render_table
 
 
 def test_default_path_is_system_wide_for_root_and_per_user_otherwise():

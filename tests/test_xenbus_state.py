@@ -2,8 +2,9 @@
 
 import pytest
 
-from xenblk_vhost.backend.xenbus_state import Action, on_frontend_state, parse_state
-from xenblk_vhost.backend.xenbus_state import XenbusState as S
+from xenblk_vhost.backend.xenbus.state_machine import Action, on_frontend_state
+from xenblk_vhost.xen.xenbus import XenbusState as S
+from xenblk_vhost.xen.xenbus import parse_state
 
 
 @pytest.mark.parametrize(

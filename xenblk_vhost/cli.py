@@ -4,9 +4,9 @@
     xenblk-vhost hotplug add|remove   libxl's hotplug script (xenblk_vhost/hotplug/)
     xenblk-vhost install-hotplug      write /etc/xen/scripts/block-xenblk-vhost
     xenblk-vhost run CONFIG... [--xenstore PATH] [--sim SOCKET] [--control PATH] [--metrics HOST:PORT]
-    xenblk-vhost stats [--control PATH] [--json]   a running daemon's counters (commands/stats.py)
-    xenblk-vhost demo [--seconds N] [--driver D] [--queues N] [--data-path P] [--json]   (commands/demo.py)
-    xenblk-vhost -xen-domid N ...     exec'd by libxl as a PV device model (backend/qemu_dm.py)
+    xenblk-vhost stats [--control PATH] [--json]   a running daemon's counters (observability/stats_command.py)
+    xenblk-vhost demo [--seconds N] [--driver D] [--queues N] [--data-path P] [--json]   (demo/command.py)
+    xenblk-vhost -xen-domid N ...     exec'd by libxl as a PV device model (device_model/)
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import sys
 
 from . import __version__
 from .config import ConfigError, load_configs
+from .exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("xenblk_vhost")
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2  # also: a configuration that does not validate
 
 
 def _load_or_report(paths, check_storage: bool = True) -> list | None:
@@ -67,19 +65,12 @@ def _sd_notify(message: str) -> None:
 async def _serve(args: argparse.Namespace, configs: list) -> int:
     import trio
 
-    from .backend.service import Service
-    from .commands.observability import open_observability
+    from .backend.xenbus.service import Service
+    from .observability.endpoints import open_observability
+    from .platforms import open_platform
     from .xen.xenstore import open_xenstore
 
-    if args.sim:
-        from .sim import open_sim
-
-        platform = open_sim(args.sim)
-    else:
-        from .xen import open_real
-
-        platform = open_real()
-    with platform:
+    with open_platform(sim=args.sim) as platform:
         # Signals are caught from before "ready", so none is lost.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with open_xenstore(args.xenstore) as xs, open_observability(args) as observability:
@@ -171,18 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_observability_arguments(run) -> None:
-    """run --control PATH, --metrics HOST:PORT (xenblk_vhost/commands/observability.py)."""
-    from .commands.observability import add_run_arguments
+    """run --control PATH, --metrics HOST:PORT (xenblk_vhost/observability/endpoints.py)."""
+    from .observability.endpoints import add_run_arguments
 
     add_run_arguments(run)
 
 
 def _add_demo_and_stats_commands(sub) -> None:
-    """`demo` and `stats` (xenblk_vhost/commands/)."""
-    from .commands import demo, stats
+    """`demo` (xenblk_vhost/demo/) and `stats` (xenblk_vhost/observability/)."""
+    from .demo import command as demo_command
+    from .observability import stats_command
 
-    demo.add_parser(sub)
-    stats.add_parser(sub)
+    demo_command.add_parser(sub)
+    stats_command.add_parser(sub)
 
 
 def _add_hotplug_commands(sub) -> None:
@@ -204,12 +196,12 @@ def _add_hotplug_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from .backend.qemu_dm import is_qemu_invocation
+    from .device_model.qemu_args import is_qemu_invocation
 
     if is_qemu_invocation(argv):
-        from .backend import qemu_dm
+        from .device_model import run
 
-        return qemu_dm.main(argv)
+        return run.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

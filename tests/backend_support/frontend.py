@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from xenblk_vhost.backend.connection_spec import ConnectionSpec, RingSpec
+from xenblk_vhost.backend.contract import ConnectionSpec, RingSpec
 from xenblk_vhost.blkif.abi import Abi
 from xenblk_vhost.blkif.encode import RequestEncoder, encode_segments
 from xenblk_vhost.blkif.response import Response

@@ -20,7 +20,7 @@ from pathlib import Path
 import trio
 
 from storage_support.patterns import pattern_range
-from xenblk_vhost.backend.vbd import Vbd
+from xenblk_vhost.backend.datapath.vbd import Vbd
 from xenblk_vhost.config import DiskConfig
 
 DISK_SIZE = 4 << 20

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from xenblk_vhost.backend.service import Service
+from xenblk_vhost.backend.xenbus.service import Service
 from xenblk_vhost.config import DomainConfig, load_config
 from xenblk_vhost.sim import open_sim
 from xenblk_vhost.sim.world import World

@@ -31,10 +31,7 @@ from dataclasses import dataclass
 
 from ..config import DiskConfig, DomainConfig
 from ..vdev import vdev_name
-
-INIT_WAIT, INITIALISED, CONNECTED, CLOSING, CLOSED = 2, 3, 4, 5, 6
-_STATE_NAMES = {0: "Unknown", 1: "Initialising", 2: "InitWait", 3: "Initialised", 4: "Connected",
-                5: "Closing", 6: "Closed", 7: "Reconfiguring", 8: "Reconfigured"}
+from ..xen.xenbus import XenbusState, state_label
 
 
 class HotplugError(Exception):
@@ -98,12 +95,12 @@ def check_blkback(kind: str, blkback_loaded: bool) -> None:
 
 def check_backend(view: BackendView, source: str) -> None:
     """The backend took the device and has not given up on it."""
-    if view.state in (INIT_WAIT, INITIALISED, CONNECTED):
+    if view.state in (XenbusState.INIT_WAIT, XenbusState.INITIALISED, XenbusState.CONNECTED):
         return
-    name = _STATE_NAMES.get(view.state, str(view.state)) if view.state is not None else "absent"
+    name = state_label(view.state) if view.state is not None else "absent"
     if view.error:
         raise HotplugError(f"the backend reported: {view.error} (state {name})")
-    if view.state in (CLOSING, CLOSED):
+    if view.state in (XenbusState.CLOSING, XenbusState.CLOSED):
         raise HotplugError(f"the backend is closing the device (state {name})")
     raise HotplugError(f"no backend has taken the device (state {name}): is `xenblk-vhost run {source}` "
                        f"running? (systemd: systemctl status xenblk-vhost@<domain>)")

@@ -1,7 +1,7 @@
 """Ask the running daemons, through their control sockets, which one serves a device.
 
 xenstore shows that *a* backend took the device, and what it advertised;
-a daemon's control socket (`run --control`, commands/control.py) says
+a daemon's control socket (`run --control`, control_protocol.py) says
 exactly which storage it serves it from. The script asks every control
 socket in /run/xenblk-vhost named control*.sock: the default one
 (control.sock) and those of systemd instances
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import trio
 
+from ..control_protocol import ControlError, request_control
 from .target import BackendDevice
 
 CONTROL_DIR = Path("/run/xenblk-vhost")
@@ -55,7 +56,6 @@ def control_sockets(directory: Path) -> list[str]:
 
 async def find_daemon(device: BackendDevice, directory: Path = CONTROL_DIR) -> tuple[ServedBy | None, list[str]]:
     """The daemon serving the device, if one answers for it; and the sockets that did not answer, with why."""
-    from ..commands.control import ControlError, request_control
 
     silent = []
     for path in control_sockets(directory):

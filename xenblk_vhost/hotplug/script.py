@@ -43,6 +43,7 @@ from typing import TextIO
 import trio
 
 from ..config import ConfigError, DomainConfig, load_config
+from ..exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from ..xen.interfaces import XenStore, XenStoreError
 from ..xen.xenstore import read_or_none
 from .checks import (
@@ -68,7 +69,6 @@ PROG = "xenblk-vhost-hotplug"
 # that lets us say why instead of being killed.
 DEADLINE = 30.0
 SYS_MODULE = Path("/sys/module")
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 _PROBE_KEYS = ("max-ring-page-order", "multi-queue-max-queues", "feature-max-indirect-segments")
 # What `add` writes and `remove` takes away.
@@ -272,19 +272,19 @@ async def run(action: str, xenbus_path: str | None, *, xenstore: str | None = No
                     summary = await remove(xs, device)
     except HotplugError as e:
         print(f"{PROG}: {action} {device.path}: error: {e.message}", file=out)
-        return EXIT_FAILED
+        return EXIT_FAILURE
     except trio.TooSlowError:
         print(f"{PROG}: {action} {device.path}: error: xenstore did not answer within {DEADLINE:.0f} s", file=out)
-        return EXIT_FAILED
+        return EXIT_FAILURE
     except XenStoreError as e:
         print(f"{PROG}: {action} {device.path}: error: xenstore refused: {e}", file=out)
-        return EXIT_FAILED
+        return EXIT_FAILURE
     except XenStoreConnectionError as e:
         print(f"{PROG}: {action} {device.path}: error: xenstore connection lost: {e}", file=out)
-        return EXIT_FAILED
+        return EXIT_FAILURE
     except OSError as e:  # connecting
         print(f"{PROG}: {action} {device.path}: error: cannot reach xenstored: {e}", file=out)
-        return EXIT_FAILED
+        return EXIT_FAILURE
     print(f"{PROG}: {action}: {summary}", file=out)
     return EXIT_OK
 

@@ -13,7 +13,7 @@ Shape: three kinds of process, sharing kernel objects and nothing else.
       maps its memory memfd and its grant-table memfd; writes grant entries
       as Linux gnttab does; allocates unbound ports; notifies and waits on
       eventfds.
-    backend process               open_sim(S) -> Platform(SimGntdev, SimEvtchn)
+    backend process               open_sim(S) -> a Platform: HypervisorDevices(SimGntdev, SimEvtchn)
       SimGntdev plays Xen's grant-table role *inside* the backend: it maps
       the guest's memory and grant table (as Xen can), checks each grant
       entry as Xen does, pins entries with GTF_reading/GTF_writing while
@@ -61,10 +61,10 @@ What this does not model of real Xen (known, deliberate):
 
 from __future__ import annotations
 
-from ..xen import Platform
+from ..xen import HypervisorDevices
 
 
-def open_sim(socket_path: str, *, domid: int = 0) -> Platform:
+def open_sim(socket_path: str, *, domid: int = 0) -> HypervisorDevices:
     """The backend's Platform on the simulated hypervisor listening at socket_path."""
     from .evtchn import SimEvtchn
     from .gntdev import SimGntdev
@@ -75,4 +75,4 @@ def open_sim(socket_path: str, *, domid: int = 0) -> Platform:
     except BaseException:
         gntdev.close()
         raise
-    return Platform(gntdev=gntdev, evtchn=evtchn)
+    return HypervisorDevices(gntdev=gntdev, evtchn=evtchn)

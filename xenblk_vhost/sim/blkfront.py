@@ -88,12 +88,12 @@ from ..blkif.constants import (
 )
 from ..blkif.request import indirect_pages_for
 from ..xen.interfaces import XenStore
+from ..xen.xenbus import XenbusState
 from . import blkfront_xenbus as xb
 from .blkfront_config import BlkfrontOptions, DiskInfo, Negotiated
 from .blkfront_grants import GrantPool
 from .blkfront_raw import RawRing
 from .blkfront_ring import Completion, FrontendRing, IoRequest, RingBroken, init_shared_ring
-from .blkfront_xenbus import CLOSED, CLOSING, CONNECTED, INIT_WAIT, INITIALISED, INITIALISING, UNKNOWN
 
 
 class BlkifStatusError(IOError):
@@ -125,8 +125,8 @@ class Blkfront:
         self.fe_path = f"/local/domain/{guest.domid}/device/vbd/{devid}"
         self._nursery = nursery
         self.details: xb.FrontendDetails | None = None
-        self.state = INITIALISING
-        self.backend_state = UNKNOWN
+        self.state = XenbusState.INITIALISING
+        self.backend_state = XenbusState.UNKNOWN
         self._backend_changed = trio.Event()
         self.negotiated: Negotiated | None = None
         self.disk: DiskInfo | None = None
@@ -164,15 +164,17 @@ class Blkfront:
                 if not started:  # the registration's fire: the state as it is now
                     task_status.started()
                     started = True
-                if state == CONNECTED and self.state == CONNECTED:
+                if state == XenbusState.CONNECTED and self.state == XenbusState.CONNECTED:
                     await self._check_resize()
-                elif state in (CLOSING, CLOSED) and self.state in (INITIALISED, CONNECTED):
+                elif (state in (XenbusState.CLOSING, XenbusState.CLOSED)
+                      and self.state in (XenbusState.INITIALISED, XenbusState.CONNECTED)):
                     # blkfront_closing -> xenbus_frontend_closed: straight to Closed.
-                    self.state = CLOSED
-                    await xb.switch_state(self.xs, self.fe_path, CLOSED)
-                if state in (CLOSED, UNKNOWN) and self.state in (CLOSED, CLOSING) and self._setups:
+                    self.state = XenbusState.CLOSED
+                    await xb.switch_state(self.xs, self.fe_path, XenbusState.CLOSED)
+                if (state in (XenbusState.CLOSED, XenbusState.UNKNOWN)
+                        and self.state in (XenbusState.CLOSED, XenbusState.CLOSING) and self._setups):
                     self._teardown()
-                elif state == UNKNOWN and self._setups:
+                elif state == XenbusState.UNKNOWN and self._setups:
                     self._errors.append("backend state vanished while connected")
                     self._teardown()
 
@@ -183,7 +185,8 @@ class Blkfront:
         we asked to reconnect)."""
         with trio.fail_after(self.options.state_timeout):
             while self.backend_state not in wanted:
-                if self.backend_state in (CLOSING, CLOSED, UNKNOWN) and self.backend_state not in tolerate:
+                if (self.backend_state in (XenbusState.CLOSING, XenbusState.CLOSED, XenbusState.UNKNOWN)
+                        and self.backend_state not in tolerate):
                     error = await xb.read_str(self.xs, f"{self.details.backend}/error")
                     raise xb.HandshakeError(
                         f"backend state {self.backend_state} while waiting for {what}"
@@ -217,10 +220,10 @@ class Blkfront:
         if not self.options.skip_init_wait:
             # blkback_changed: talk_to_blkback on InitWait (or on Connected
             # when we never got to Initialised).
-            await self._wait_backend({INIT_WAIT, CONNECTED}, "InitWait",
-                                     tolerate=frozenset({CLOSED}) if self.connections else frozenset())
+            await self._wait_backend({XenbusState.INIT_WAIT, XenbusState.CONNECTED}, "InitWait",
+                                     tolerate=frozenset({XenbusState.CLOSED}) if self.connections else frozenset())
         await self._talk_to_blkback()
-        await self._wait_backend({CONNECTED}, "Connected")
+        await self._wait_backend({XenbusState.CONNECTED}, "Connected")
         await self._blkfront_connect()
 
     async def _talk_to_blkback(self) -> None:
@@ -244,8 +247,8 @@ class Blkfront:
             self.xs, self.fe_path, choice.ring_page_order,
             [xb.RingNodes(s.refs, s.channel.local_port) for s in self._setups],
             self.options.protocol, self.options.feature_persistent)
-        self.state = INITIALISED
-        await xb.switch_state(self.xs, self.fe_path, INITIALISED)
+        self.state = XenbusState.INITIALISED
+        await xb.switch_state(self.xs, self.fe_path, XenbusState.INITIALISED)
 
     def _contiguous_frames(self, n: int) -> list[int]:
         """Frames for one ring, consecutive so the ring is one view (Linux
@@ -274,9 +277,9 @@ class Blkfront:
         self._ring_scopes = [None] * len(self.rings)
         for ring in self.rings:
             self._start_reaper(ring)
-        self.state = CONNECTED
+        self.state = XenbusState.CONNECTED
         self.connections += 1
-        await xb.switch_state(self.xs, self.fe_path, CONNECTED)
+        await xb.switch_state(self.xs, self.fe_path, XenbusState.CONNECTED)
 
     def _start_reaper(self, ring: FrontendRing) -> None:
         scope = trio.CancelScope()
@@ -333,17 +336,17 @@ class Blkfront:
         """Unplug from the guest's side (xenbus_dev_shutdown): Closing, wait
         for the backend to follow, Closed, wait until it is Closed and the
         rings are torn down."""
-        if self.state == INITIALISING and self._setups:
+        if self.state == XenbusState.INITIALISING and self._setups:
             # Rings made but never announced: the backend cannot hold them.
             self._teardown()
             return
-        if self.state in (INITIALISED, CONNECTED):
-            self.state = CLOSING
-            await xb.switch_state(self.xs, self.fe_path, CLOSING)
-            await self._wait_backend({CLOSING, CLOSED, UNKNOWN}, "Closing")
-        if self.state == CLOSING:
-            self.state = CLOSED
-            await xb.switch_state(self.xs, self.fe_path, CLOSED)
+        if self.state in (XenbusState.INITIALISED, XenbusState.CONNECTED):
+            self.state = XenbusState.CLOSING
+            await xb.switch_state(self.xs, self.fe_path, XenbusState.CLOSING)
+            await self._wait_backend({XenbusState.CLOSING, XenbusState.CLOSED, XenbusState.UNKNOWN}, "Closing")
+        if self.state == XenbusState.CLOSING:
+            self.state = XenbusState.CLOSED
+            await xb.switch_state(self.xs, self.fe_path, XenbusState.CLOSED)
         await self.wait_closed()
 
     def force_teardown(self) -> None:
@@ -363,10 +366,10 @@ class Blkfront:
     async def reconnect(self) -> None:
         """After a close: back to Initialising and through the handshake again
         (blkback answers a frontend Initialising while it is Closed with InitWait)."""
-        if self.state != CLOSED or self._setups:
+        if self.state != XenbusState.CLOSED or self._setups:
             raise RuntimeError("reconnect needs a closed, torn-down device")
-        self.state = INITIALISING
-        await xb.switch_state(self.xs, self.fe_path, INITIALISING)
+        self.state = XenbusState.INITIALISING
+        await xb.switch_state(self.xs, self.fe_path, XenbusState.INITIALISING)
         await self.connect()
 
     def ring_nodes(self) -> list[xb.RingNodes]:
@@ -376,7 +379,7 @@ class Blkfront:
     # ---- I/O -----------------------------------------------------------------------------
 
     def ring_for(self, queue: int | None) -> FrontendRing:
-        if self.state != CONNECTED or not self.rings:
+        if self.state != XenbusState.CONNECTED or not self.rings:
             raise RingBroken(f"device is not connected (state {self.state})")
         if queue is None:
             queue = next(self._queue) % len(self.rings)
@@ -472,7 +475,7 @@ class Blkfront:
             yield raw
         finally:
             raw.release()
-            if self.state == CONNECTED and ring in self.rings:
+            if self.state == XenbusState.CONNECTED and ring in self.rings:
                 ring.resync()
                 self._start_reaper(ring)
 

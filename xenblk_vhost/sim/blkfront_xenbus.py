@@ -19,11 +19,10 @@ from ..blkif.constants import (
     OP_WRITE_BARRIER,
 )
 from ..xen.interfaces import XenStore
+from ..xen.xenbus import XenbusState
 from ..xen.xenstore import read_or_none
 from .blkfront_config import BlkfrontOptions, DiskInfo, Negotiated
 from .toolstack import in_transaction
-
-UNKNOWN, INITIALISING, INIT_WAIT, INITIALISED, CONNECTED, CLOSING, CLOSED = range(7)
 
 
 class HandshakeError(RuntimeError):
@@ -52,11 +51,11 @@ async def read_unsigned(xs: XenStore, directory: str, node: str, default: int) -
 
 def parse_state(text: str | None) -> int:
     if text is None:
-        return UNKNOWN
+        return XenbusState.UNKNOWN
     try:
         return int(text.strip())
     except ValueError:
-        return UNKNOWN
+        return XenbusState.UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -238,7 +237,7 @@ class BackendStates:
     """Every state the backend's `state` node holds when its watch fires,
     the registration's own fire first (xenbus's otherend watch). Each
     rewrite fires, even of the same value: that is how a resize is told.
-    A removed node reads as UNKNOWN."""
+    A removed node reads as XenbusState.UNKNOWN."""
 
     def __init__(self, xs: XenStore, state_path: str, events: AsyncIterator[str]) -> None:
         self._xs = xs

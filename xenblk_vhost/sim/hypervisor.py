@@ -445,8 +445,12 @@ def _command(socket_path: str) -> list[str]:
 
 @asynccontextmanager
 async def hypervisor_process(socket_path: str) -> AsyncIterator[trio.Process]:
-    """Run a hypervisor process for the duration of the block (trio)."""
-    proc = await trio.lowlevel.open_process(_command(socket_path), stdout=subprocess.PIPE)
+    """Run a hypervisor process for the duration of the block (trio).
+
+    In its own session: a Ctrl-C on the terminal goes to the foreground process
+    group, and must not stop the hypervisor under its guests' feet (the demo
+    stops its guest first); whoever runs it stops it, here, on the way out."""
+    proc = await trio.lowlevel.open_process(_command(socket_path), stdout=subprocess.PIPE, start_new_session=True)
     try:
         line = b""
         while not line.endswith(b"\n"):

@@ -33,6 +33,7 @@ import trio
 
 from ..vdev import parse_vdev
 from ..xen.interfaces import Permission, XenStore, XenStoreError
+from ..xen.xenbus import XenbusState
 
 # libxl_internal.h:94-95
 LIBXL_INIT_TIMEOUT = 10.0
@@ -40,10 +41,6 @@ LIBXL_DESTROY_TIMEOUT = 10.0
 
 TOOLSTACK_DOMID = 0  # LIBXL_TOOLSTACK_DOMID
 
-XENBUS_INITIALISING = 1
-XENBUS_INIT_WAIT = 2
-XENBUS_CLOSING = 5
-XENBUS_CLOSED = 6
 
 
 class BackendKind(str, enum.Enum):  # noqa: UP042 (str() stays 'BackendKind.VBD', as callers print it)
@@ -151,7 +148,7 @@ def backend_entries(domid: int, cfg: VbdConfig) -> list[tuple[str, str]]:
         ("online", "1"),
         ("removable", "1" if cfg.removable else "0"),
         ("bootable", "1"),
-        ("state", str(XENBUS_INITIALISING)),
+        ("state", str(XenbusState.INITIALISING)),
         ("dev", cfg.vdev),
         ("type", kind.type_value),
         ("mode", "w" if cfg.readwrite else "r"),
@@ -169,7 +166,7 @@ def frontend_entries(cfg: VbdConfig) -> list[tuple[str, str]]:
     written first and separately by libxl__device_generic_add."""
     entries = [
         ("backend-id", str(cfg.backend_domid)),
-        ("state", str(XENBUS_INITIALISING)),
+        ("state", str(XenbusState.INITIALISING)),
         ("virtual-device", str(cfg.devid)),
         ("device-type", "cdrom" if cfg.is_cdrom else "disk"),
         ("trusted", "1" if cfg.trusted else "0"),
@@ -449,7 +446,7 @@ async def attach_vbd(xs: XenStore, domid: int, cfg: VbdConfig,
     where QEMU goes straight to Connected and libxl does not wait."""
     paths = await add_vbd(xs, domid, cfg)
     if paths.kind is not BackendKind.QDISK:
-        await wait_for_state(xs, f"{paths.backend}/state", XENBUS_INIT_WAIT, timeout)
+        await wait_for_state(xs, f"{paths.backend}/state", XenbusState.INIT_WAIT, timeout)
     return paths
 
 
@@ -472,8 +469,8 @@ async def _remove_round(xs: XenStore, paths: VbdPaths, force: bool) -> bool:
         if state is None:
             return False
         await t.write(f"{paths.backend}/online", "0")
-        if _atoi(state) != XENBUS_CLOSED:
-            await t.write(state_path, str(XENBUS_CLOSING))
+        if _atoi(state) != XenbusState.CLOSED:
+            await t.write(state_path, str(XenbusState.CLOSING))
         return True
 
     return await in_transaction(xs, body)
@@ -512,7 +509,7 @@ async def detach_vbd(xs: XenStore, paths: VbdPaths, *, timeout: float = LIBXL_DE
             await destroy_device(xs, paths)
             return DetachOutcome.BACKEND_GONE
         try:
-            await wait_for_state(xs, state_path, XENBUS_CLOSED, timeout)
+            await wait_for_state(xs, state_path, XenbusState.CLOSED, timeout)
         except DeviceTimeout:
             if not forced:
                 forced = True

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import trio
 
-from ..commands.processes import CollectedProcess
 from ..xen.xenstore import XenStoreClient, open_xenstore
 from . import toolstack
 from .blkfront_config import BlkfrontOptions
 from .hypercall import Hypercalls
 from .hypervisor import hypervisor_process
+from .processes import CollectedProcess
 from .toolstack import VbdConfig, VbdPaths
 from .xenstored import serve_xenstored
 

@@ -2,13 +2,14 @@
 
 - `gntdev`  /dev/xen/gntdev: map granted pages, grant-copy in batches.
 - `evtchn`  /dev/xen/evtchn: bind, notify, wait (one fd per channel, trio).
+- `xenstore` an async xenstore client (socket or /dev/xen/xenbus), `xs_wire` its protocol.
+- `xenbus` XenbusState, the one enum of xenbus states.
 - `interfaces` the protocols both these and the simulation (`xenblk_vhost.sim`)
-  implement, so the backend cannot tell which one it was given.
+  implement, so the backend cannot tell which one it was given; among them
+  `Platform`, what the datapath needs from a hypervisor. The backend takes a
+  Platform and never asks where it came from:
 
-`Platform` bundles what the datapath needs from a hypervisor. The backend
-takes a Platform and never asks where it came from:
-
-    with open_real() as platform:                      # real Xen
+    with open_real() as platform:                      # real Xen: HypervisorDevices
         ...
     with xenblk_vhost.sim.open_sim(socket_path) as platform:   # simulation
         ...
@@ -28,7 +29,9 @@ from .interfaces import Evtchn, Gntdev
 
 
 @dataclass
-class Platform:
+class HypervisorDevices:
+    """A Platform (interfaces.py) made of one Gntdev and one Evtchn, closed together."""
+
     gntdev: Gntdev
     evtchn: Evtchn
 
@@ -39,14 +42,14 @@ class Platform:
         finally:
             self.gntdev.close()
 
-    def __enter__(self) -> Platform:
+    def __enter__(self) -> HypervisorDevices:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def open_real(gntdev_path: str = "/dev/xen/gntdev", evtchn_path: str = "/dev/xen/evtchn") -> Platform:
+def open_real(gntdev_path: str = "/dev/xen/gntdev", evtchn_path: str = "/dev/xen/evtchn") -> HypervisorDevices:
     """The Linux devices. Raises FileNotFoundError when not running on Xen."""
     from .evtchn import EvtchnDevice
     from .gntdev import GntdevDevice
@@ -57,4 +60,4 @@ def open_real(gntdev_path: str = "/dev/xen/gntdev", evtchn_path: str = "/dev/xen
     except BaseException:
         gntdev.close()
         raise
-    return Platform(gntdev=gntdev, evtchn=evtchn)
+    return HypervisorDevices(gntdev=gntdev, evtchn=evtchn)

@@ -132,6 +132,30 @@ class Evtchn(Protocol):
     def close(self) -> None: ...
 
 
+class Platform(Protocol):
+    """What the datapath needs from a hypervisor: grant tables and event channels.
+
+    The real devices (`xenblk_vhost.xen.open_real()`) and the simulation
+    (`xenblk_vhost.sim.open_sim()`) both give one; the entry points pick it
+    (`xenblk_vhost.platforms.open_platform`). Xenstore is not part of it: its
+    client is async and opened separately. close() closes event channels
+    first (no more wake-ups), then grant mappings; a Platform is also a
+    context manager that closes it.
+    """
+
+    @property
+    def gntdev(self) -> Gntdev: ...
+
+    @property
+    def evtchn(self) -> Evtchn: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Platform: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
 class XenStoreError(OSError):
     """An error reply from xenstored: .errno and .strerror carry its name (ENOENT, EACCES...)."""
 

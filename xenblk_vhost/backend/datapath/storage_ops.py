@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..blkif.constants import SECTOR_SIZE
-from .request_slots import STEP_DISCARD, STEP_FLUSH, STEP_WRITE, STEP_WRITE_ZEROES
+from ...blkif.constants import SECTOR_SIZE
+from .slots import STEP_DISCARD, STEP_FLUSH, STEP_WRITE, STEP_WRITE_ZEROES
 
 
 @dataclass(frozen=True)

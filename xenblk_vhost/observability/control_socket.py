@@ -1,14 +1,6 @@
-"""The control socket: a running `xenblk-vhost run` answers questions over a unix socket.
+"""The control socket's server: a running `xenblk-vhost run` answers questions over a unix socket.
 
-Wire format: the client sends one JSON object on one line, the server
-answers one JSON object on one line and closes:
-
-    -> {"command": "stats"}
-    <- {"ok": true, "stats": {...service_snapshot.py...}}
-    <- {"ok": false, "error": "unknown command 'x' (known: stats)"}
-
-Where: `--control PATH`; by default /run/xenblk-vhost/control.sock for
-root, $XDG_RUNTIME_DIR/xenblk-vhost/control.sock otherwise. The socket is
+Wire format, default paths and the client: control_protocol.py. The socket is
 created mode 0600 (bound under a temporary name, chmod-ed, then renamed
 into place, so it is never reachable with looser permissions). A socket
 left by a daemon that died is replaced; one that a live daemon answers
@@ -18,7 +10,6 @@ still ours.
     control = ControlSocket(path)                # bound now: errors come out here
     nursery.start_soon(control.serve, {"stats": snapshot})
     ...; control.close()                         # after the serving task ended
-    reply = request_control(path, "stats")       # blocking client, for the CLI
 """
 
 from __future__ import annotations
@@ -33,32 +24,17 @@ from collections.abc import Callable, Mapping
 
 import trio
 
+from ..control_protocol import ControlError
+
 log = logging.getLogger(__name__)
 
-SYSTEM_CONTROL_PATH = "/run/xenblk-vhost/control.sock"
-_RELATIVE = os.path.join("xenblk-vhost", "control.sock")
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0  # a client that says nothing for this long is dropped
-CLIENT_TIMEOUT = 10.0
 _MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the terminating NUL
-
-
-class ControlError(Exception):
-    """Why the control socket cannot be used, in words for the operator."""
 
 
 class ControlSocketBusy(ControlError):
     """A live daemon already answers on the path."""
-
-
-def default_control_path(euid: int | None = None, environ: Mapping[str, str] | None = None) -> str | None:
-    """/run/xenblk-vhost/control.sock for root, else under $XDG_RUNTIME_DIR; None if neither applies."""
-    euid = os.geteuid() if euid is None else euid
-    environ = os.environ if environ is None else environ
-    if euid == 0:
-        return SYSTEM_CONTROL_PATH
-    runtime = environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(runtime, _RELATIVE) if runtime else None
 
 
 def _probe(path: str) -> bool:
@@ -194,40 +170,3 @@ class ControlSocket:
             self._closed = True
             self._listener.socket.close()
             _remove_if_ours(self.path, self._inode)
-
-
-def request_control(path: str, command: str, *, timeout: float = CLIENT_TIMEOUT) -> dict:
-    """Ask the daemon at path; the reply's payload. ControlError with a clear reason otherwise."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except FileNotFoundError:
-            raise ControlError(f"no control socket at {path}: is `xenblk-vhost run` running? "
-                               f"(it listens there unless started with another --control)") from None
-        except ConnectionRefusedError:
-            raise ControlError(f"nothing is listening on {path} (the daemon that made it has exited)") from None
-        except PermissionError:
-            raise ControlError(f"permission denied on {path}: the control socket is mode 0600, "
-                               f"ask as the daemon's user") from None
-        except OSError as e:
-            raise ControlError(f"cannot connect to {path}: {e.strerror or e}") from None
-        try:
-            sock.sendall(json.dumps({"command": command}).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = sock.recv(1 << 16)
-                if not chunk:
-                    break
-                buf += chunk
-        except TimeoutError:
-            raise ControlError(f"no answer from {path} within {timeout:g} s") from None
-        except OSError as e:
-            raise ControlError(f"{path}: {e.strerror or e}") from None
-    try:
-        reply = json.loads(buf)
-    except ValueError:
-        raise ControlError(f"{path} answered something that is not JSON: {buf[:80]!r}") from None
-    if not reply.get("ok"):
-        raise ControlError(f"{path}: {reply.get('error', 'request refused')}")
-    return reply[command]

@@ -50,7 +50,7 @@ import time
 
 import trio
 
-from ..blkif.constants import (
+from ...blkif.constants import (
     OP_FLUSH_DISKCACHE,
     OP_READ,
     OP_WRITE,
@@ -60,11 +60,11 @@ from ..blkif.constants import (
     SECTOR_SIZE,
     XEN_PAGE_SIZE,
 )
-from ..blkif.request import DiscardRequest, IndirectRequest, Rejection, Request
-from ..blkif.ring import RingOverflow
-from ..storage import BlkioError, IovecArray
+from ...blkif.request import DiscardRequest, IndirectRequest, Rejection, Request
+from ...blkif.ring import RingOverflow
+from ...storage import BlkioError, IovecArray
 from .indirect_pages import IndirectPages
-from .request_slots import (
+from .slots import (
     STEP_DISCARD,
     STEP_FLUSH,
     STEP_READ,

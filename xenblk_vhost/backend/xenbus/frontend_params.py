@@ -30,10 +30,10 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ..blkif.abi import UnknownProtocol, abi_for_protocol
-from ..xen.interfaces import XenStore
-from ..xen.xenstore import read_or_none
-from .connection_spec import ConnectionSpec, RingSpec
+from ...blkif.abi import UnknownProtocol, abi_for_protocol
+from ...xen.interfaces import XenStore
+from ...xen.xenstore import read_or_none
+from ..contract import ConnectionSpec, RingSpec
 
 # Longest value we even look at: a u32 is 10 digits; "%63s" bounds the protocol.
 _MAX_NUMBER_TEXT = 16

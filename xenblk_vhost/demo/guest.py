@@ -1,4 +1,4 @@
-"""The demo's guest: `python -m xenblk_vhost.commands.demo_guest`.
+"""The demo's guest: `python -m xenblk_vhost.demo.guest`.
 
 A guest kernel's part, in its own process: attach to a simulated domain,
 connect the reference frontend (it behaves like Linux xen-blkfront) to one
@@ -35,7 +35,7 @@ from ..sim.blkfront import open_blkfront
 from ..sim.blkfront_config import BlkfrontOptions
 from ..sim.guest import Guest
 from ..sim.xenstore_guest import open_guest_xenstore
-from .demo_workload import DemoWorkload, run_demo_workload
+from .workload import DemoWorkload, run_demo_workload
 
 CLOSE_WAIT = 60.0  # seconds to wait for `close` before closing anyway
 
@@ -45,7 +45,7 @@ def emit(event: str, **fields) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m xenblk_vhost.commands.demo_guest",
+    p = argparse.ArgumentParser(prog="python -m xenblk_vhost.demo.guest",
                                 description="the demo's guest: reference frontend + verifying workload")
     p.add_argument("--hypervisor", required=True)
     p.add_argument("--xenstore", required=True)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from ..xen.interfaces import GrantMapError
+from ...xen.interfaces import GrantMapError
 
 DEFAULT_MAX_GRANTS = 1056
 DEFAULT_UNUSED_SECONDS = 60.0

@@ -1,6 +1,6 @@
 """The backend's half of the xenbus handshake, as pure decisions (no I/O).
 
-States are XenbusState from xen/include/public/io/xenbus.h. The rules follow
+States are XenbusState (xen/xenbus.py, from xen/include/public/io/xenbus.h). The rules follow
 Linux xen-blkback's frontend_changed(): what the backend does when it sees the
 frontend in a given state, given its own state and the toolstack's `online`
 flag. The device task (backend/device.py) performs the actions.
@@ -10,17 +10,7 @@ from __future__ import annotations
 
 import enum
 
-
-class XenbusState(enum.IntEnum):
-    UNKNOWN = 0
-    INITIALISING = 1
-    INIT_WAIT = 2
-    INITIALISED = 3
-    CONNECTED = 4
-    CLOSING = 5
-    CLOSED = 6
-    RECONFIGURING = 7
-    RECONFIGURED = 8
+from ...xen.xenbus import XenbusState
 
 
 class Action(enum.Enum):
@@ -32,16 +22,6 @@ class Action(enum.Enum):
     CLOSE_AND_REMOVE = "drain and disconnect the rings, go Closed, forget the device"
     REMOVE = "frontend gone: disconnect and forget the device"
     FATAL = "frontend in an impossible state: report the error, go Closing"
-
-
-def parse_state(raw: bytes | None) -> XenbusState:
-    """A state node's value; missing or garbage counts as Unknown (the domain is going away)."""
-    if raw is None:
-        return XenbusState.UNKNOWN
-    try:
-        return XenbusState(int(raw.strip(b"\0").decode("ascii", "replace") or "0"))
-    except ValueError:
-        return XenbusState.UNKNOWN
 
 
 def on_frontend_state(frontend: XenbusState, backend: XenbusState, online: bool) -> Action:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import time
 
-from ..backend.stats import total
+from ..backend.datapath.stats import total
 from ..vdev import vdev_name
 
 SNAPSHOT_VERSION = 1

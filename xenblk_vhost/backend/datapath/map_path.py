@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import logging
 
-from ..blkif.constants import RSP_ERROR, RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE
-from ..xen.interfaces import GrantMapError
+from ...blkif.constants import RSP_ERROR, RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE
+from ...xen.interfaces import GrantMapError
 
 log = logging.getLogger(__name__)
 

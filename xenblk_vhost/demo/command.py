@@ -2,7 +2,7 @@
 
 What runs, all of it under one temporary directory removed at the end:
 
-    simulated hypervisor        its own process and session (demo_host.py)
+    simulated hypervisor        its own process and session (sim/world.py, as tests use it)
     simulated xenstored         a task of this process
     qemu-storage-daemon         with --driver virtio-blk-vhost-user: exports the disk file
                                 over vhost-user-blk (storage_daemon.py)
@@ -41,23 +41,23 @@ from pathlib import Path
 
 import trio
 
-from ..backend.service import Service
+from ..backend.xenbus.service import Service
 from ..config import ConfigError, parse_config
+from ..exit_codes import EXIT_USAGE
+from ..observability.snapshot import service_snapshot
 from ..sim import open_sim
+from ..sim.processes import HelperProcessError, helper_process
 from ..sim.toolstack import VbdConfig
+from ..sim.world import open_world
 from ..xen.xenstore import open_xenstore
-from .demo_host import open_sim_host
-from .demo_summary import EXIT_FAILED, EXIT_INTERRUPTED, build_summary, render_text
-from .processes import HelperProcessError, helper_process
 from .progress import Progress
-from .service_snapshot import service_snapshot
 from .storage_daemon import StorageDaemonError, vhost_user_export
+from .summary import build_summary, render_text
 
 log = logging.getLogger(__name__)
 
 DRIVERS = ("io_uring", "virtio-blk-vhost-user")
 DATA_PATHS = ("copy", "map")
-EXIT_USAGE = 2
 
 DEFAULT_SECONDS = 10.0
 DEFAULT_QUEUES = 2
@@ -160,7 +160,7 @@ async def demo_backend(hypervisor_path: str, xenstore_path: str, configs) -> Asy
 
 
 def guest_argv(opts: DemoOptions, host, domid: int, devid: int) -> list[str]:
-    return [sys.executable, "-m", "xenblk_vhost.commands.demo_guest",
+    return [sys.executable, "-m", "xenblk_vhost.demo.guest",
             "--hypervisor", host.hypervisor_path, "--xenstore", host.xenstore_path,
             "--domid", str(domid), "--devid", str(devid), "--seconds", str(opts.seconds),
             "--depth", str(opts.depth), "--seed", str(opts.seed), "--max-queues", str(opts.queues),
@@ -280,7 +280,7 @@ async def run_demo(opts: DemoOptions, *, progress: Progress | None = None, run: 
 
 async def _run_in(tmp: Path, opts: DemoOptions, progress: Progress, run: DemoRun, state: dict) -> None:
     run.workdir = tmp
-    if len(os.fsencode(tmp)) + len("/qmp.sock") >= MAX_UNIX_SOCKET_PATH:
+    if len(os.fsencode(tmp)) + len("/hypervisor.sock") >= MAX_UNIX_SOCKET_PATH:
         raise OSError(f"the temporary directory {tmp} is too long a path for the demo's unix sockets "
                       f"({MAX_UNIX_SOCKET_PATH} bytes at most): set TMPDIR to a shorter directory")
     image = run.image = tmp / "disk.img"
@@ -295,9 +295,9 @@ async def _run_in(tmp: Path, opts: DemoOptions, progress: Progress, run: DemoRun
         config = parse_config(DEMO_CONFIG.format(name=GUEST_NAME, driver=opts.driver, path=json.dumps(str(target)),
                                                  queues=opts.queues, data_path=opts.resolved_data_path()),
                               source="<demo config>", base=tmp)
-        host = await stack.enter_async_context(open_sim_host(tmp))
+        host = await stack.enter_async_context(open_world(tmp))
         service = await stack.enter_async_context(demo_backend(host.hypervisor_path, host.xenstore_path, [config]))
-        domid = await host.create_guest(GUEST_NAME)
+        domid = (await host.create_guest(GUEST_NAME)).domid
         vbd = await host.attach_vbd(domid, VbdConfig(vdev="xvda", target=str(target)))
         guest_log = stack.enter_context(open(tmp / "guest.log", "wb"))
         child = await stack.enter_async_context(
@@ -397,5 +397,5 @@ async def _main(opts: DemoOptions, progress: Progress) -> dict:
     return summary
 
 
-__all__ = ["DemoOptions", "DemoRun", "DemoUsageError", "EXIT_FAILED", "EXIT_INTERRUPTED", "add_parser",
+__all__ = ["DemoOptions", "DemoRun", "DemoUsageError", "add_parser",
            "main", "run_demo"]

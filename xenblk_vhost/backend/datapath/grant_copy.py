@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 
-from ..blkif.constants import RSP_ERROR
-from ..xen.interfaces import CopySegment
+from ...blkif.constants import RSP_ERROR
+from ...xen.interfaces import CopySegment
 
 log = logging.getLogger(__name__)
 

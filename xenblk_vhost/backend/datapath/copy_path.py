@@ -23,7 +23,7 @@ plan_bounce() decides how many slots the memory allows.
 
 from __future__ import annotations
 
-from ..blkif.constants import MAX_SEGMENTS_PER_REQUEST, RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE
+from ...blkif.constants import MAX_SEGMENTS_PER_REQUEST, RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE
 from .grant_copy import run_copy, segment
 
 SMALL_BUFFER = MAX_SEGMENTS_PER_REQUEST * XEN_PAGE_SIZE  # 44 KiB

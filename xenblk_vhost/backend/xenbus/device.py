@@ -49,14 +49,15 @@ from dataclasses import dataclass
 
 import trio
 
-from ..blkif.constants import VDISK_CDROM
-from ..config import DiskConfig
-from ..vdev import vdev_name
-from ..xen.interfaces import XenStore, XenStoreError
+from ...blkif.constants import VDISK_CDROM
+from ...config import DiskConfig
+from ...vdev import vdev_name
+from ...xen.interfaces import XenStore, XenStoreError
+from ...xen.xenbus import XenbusState, parse_state
+from ..datapath.vbd import Vbd, VbdConnectError
 from .frontend_params import FrontendParamError, Offer, read_connection_spec
-from .logging_util import GuestWarnings
-from .vbd import Vbd, VbdConnectError
-from .xenbus_state import Action, XenbusState, on_frontend_state, parse_state
+from .guest_warnings import GuestWarnings
+from .state_machine import Action, on_frontend_state
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +311,8 @@ class Device:
         backend = parse_state(be_raw)
         online = await self._online()
         if backend != self.state:
-            log.info("%s: %s -> %s (written by the toolstack)", self.name, _state_name(self.state),
-                     _state_name(backend))
+            log.info("%s: %s -> %s (written by the toolstack)", self.name, self.state.label,
+                     backend.label)
             self.state = backend
         seen = (frontend, backend, online)
         if seen == self._seen:
@@ -502,7 +503,7 @@ class Device:
 
     def _note_state(self, state: XenbusState) -> None:
         if state != self.state:
-            log.info("%s: %s -> %s", self.name, _state_name(self.state), _state_name(state))
+            log.info("%s: %s -> %s", self.name, self.state.label, state.label)
         self.state = state
 
     async def _fatal(self, e: DeviceFatal) -> None:
@@ -618,11 +619,6 @@ class _StartedHook:
 
     def started(self, value=None) -> None:
         self._on_started(value)
-
-
-def _state_name(state: XenbusState) -> str:
-    return {0: "Unknown", 1: "Initialising", 2: "InitWait", 3: "Initialised", 4: "Connected",
-            5: "Closing", 6: "Closed", 7: "Reconfiguring", 8: "Reconfigured"}[int(state)]
 
 
 __all__ = ["Device", "DeviceId", "DeviceFatal", "ToolstackNodes", "effective_disk", "RESIZE_POLL_INTERVAL"]

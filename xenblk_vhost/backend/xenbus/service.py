@@ -48,12 +48,12 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..config import DiskConfig, DomainConfig
-from ..xen.interfaces import XenStore, XenStoreError
-from ..xen.xenstore import read_or_none
+from ...config import DiskConfig, DomainConfig
+from ...xen.interfaces import XenStore, XenStoreError
+from ...xen.xenbus import XenbusState, parse_state
+from ...xen.xenstore import read_or_none
 from .device import RESIZE_POLL_INTERVAL, Device, DeviceId, OpenVbd, default_open_vbd
-from .logging_util import GuestWarnings
-from .xenbus_state import XenbusState, parse_state
+from .guest_warnings import GuestWarnings
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,10 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from .control import ControlError, ControlSocket, default_control_path
+from ..control_protocol import ControlError, default_control_path
+from .control_socket import ControlSocket
 from .metrics import MetricsAddressError, metrics_registry, open_metrics_listeners, parse_listen_address, serve_metrics
-from .service_snapshot import service_snapshot
+from .snapshot import service_snapshot
 
 log = logging.getLogger(__name__)
 

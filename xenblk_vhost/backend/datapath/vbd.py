@@ -39,21 +39,21 @@ import logging
 
 import trio
 
-from ..blkif.abi import ring_entries
-from ..blkif.constants import MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE, XEN_PAGE_SIZE
-from ..blkif.intake import RequestIntake
-from ..blkif.ring import BackRing, RingOverflow
-from ..config import DiskConfig
-from ..storage import StorageDevice
+from ...blkif.abi import ring_entries
+from ...blkif.constants import MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE, XEN_PAGE_SIZE
+from ...blkif.intake import RequestIntake
+from ...blkif.ring import BackRing, RingOverflow
+from ...config import DiskConfig
+from ...storage import StorageDevice
+from ..contract import ConnectionSpec
+from ..features import MAX_PERSISTENT_GRANTS, VbdFeatures, derive_features
 from .barrier import BarrierGate
-from .connection_spec import ConnectionSpec
-from .datapath_copy import CopyDataPath, plan_bounce
-from .datapath_map import MapDataPath
+from .copy_path import CopyDataPath, plan_bounce
+from .map_path import MapDataPath
 from .persistent_grants import PersistentGrants
 from .ring_worker import DEFAULT_STORAGE_TIMEOUT, RingWorker
 from .stats import RingStats, total
 from .storage_ops import StorageShape
-from .vbd_features import MAX_PERSISTENT_GRANTS, VbdFeatures, derive_features
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ slot) for every request slot.
 
 from __future__ import annotations
 
-from ..blkif.constants import RSP_ERROR, RSP_OKAY, XEN_PAGE_SIZE
-from ..blkif.request import IndirectRequest, Rejection
-from ..storage.memory import address_of
+from ...blkif.constants import RSP_ERROR, RSP_OKAY, XEN_PAGE_SIZE
+from ...blkif.request import IndirectRequest, Rejection
+from ...storage.memory import address_of
 from .grant_copy import run_copy, segment
 
 R_INDIRECT_COPY = "indirect page copy failed"

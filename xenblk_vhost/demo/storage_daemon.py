@@ -23,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from .processes import HelperProcessError, helper_process
+from ..sim.processes import HelperProcessError, helper_process
 
 QSD_BINARY = "qemu-storage-daemon"
 READY_TIMEOUT = 15.0

@@ -21,10 +21,7 @@ Keys of the dict (stable: scripts read them):
 from __future__ import annotations
 
 from ..blkif.constants import OP_FLUSH_DISKCACHE, OP_WRITE_BARRIER
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+from ..exit_codes import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
 
 _FLUSH_NAMES = {OP_FLUSH_DISKCACHE: "flush-cache", OP_WRITE_BARRIER: "barrier", None: "none"}
 
@@ -65,7 +62,7 @@ def build_summary(*, driver: str, data_path: str, queues: int, disk_bytes: int, 
     backend_total = (backend or {}).get("total")
     summary = {
         "ok": False,
-        "exit_status": EXIT_FAILED,
+        "exit_status": EXIT_FAILURE,
         "interrupted": interrupted,
         "failure": failure,
         "driver": driver,

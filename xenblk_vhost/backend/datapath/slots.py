@@ -23,7 +23,7 @@ Fields a data path fills:
 
 from __future__ import annotations
 
-from ..blkif.constants import RSP_OKAY
+from ...blkif.constants import RSP_OKAY
 
 # What a slot asks of the storage, in order (a flush/barrier can take several steps).
 STEP_READ = 0

@@ -18,10 +18,8 @@ import argparse
 import json
 import sys
 
-from .control import ControlError, default_control_path, request_control
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
+from ..control_protocol import ControlError, default_control_path, request_control
+from ..exit_codes import EXIT_FAILURE, EXIT_OK
 
 COLUMNS = (("rd_req", "rd_req"), ("wr_req", "wr_req"), ("f_req", "f_req"), ("ds_req", "ds_req"),
            ("oo_req", "oo_req"), ("rd_sect", "rd_sect"), ("wr_sect", "wr_sect"),
