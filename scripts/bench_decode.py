@@ -34,13 +34,13 @@ from xenblk_vhost.blkif.encode import RequestEncoder  # noqa: E402
 from xenblk_vhost.blkif.intake import RequestIntake  # noqa: E402
 from xenblk_vhost.blkif.request import Rejection  # noqa: E402
 from xenblk_vhost.blkif.ring import BackRing, FrontRing, ring_bytes  # noqa: E402
-from xenblk_vhost.blkif.validate import DeviceLimits  # noqa: E402
+from xenblk_vhost.blkif.validate import RequestLimits  # noqa: E402
 
 BATCH = 32
 # CPU time of this thread, not wall time: the machine is shared, and time
 # spent descheduled is not our cost.
 _clock = time.thread_time_ns
-LIMITS = DeviceLimits(sectors=1 << 30, discard_enabled=True, barrier_enabled=True)
+LIMITS = RequestLimits(sectors=1 << 30, discard_enabled=True, barrier_enabled=True)
 
 
 def make_ring(abi: Abi, nsegs_for) -> tuple[bytearray, FrontRing]:

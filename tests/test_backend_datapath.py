@@ -40,7 +40,7 @@ from xenblk_vhost.backend.datapath.vbd import Vbd, VbdConnectError, open_storage
 from xenblk_vhost.backend.features import derive_features
 from xenblk_vhost.blkif.abi import Abi
 from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_OKAY
-from xenblk_vhost.storage import DeviceLimits as StorageLimits
+from xenblk_vhost.storage import StorageLimits
 
 # XENBLK_TEST_SEED varies the random workloads (e.g. to hunt for rare failures).
 SEED_SALT = os.environ.get("XENBLK_TEST_SEED", "")
@@ -237,7 +237,7 @@ def test_features_follow_config_and_storage(tmp_path):
     mapped = disk_config(tmp_path / "x.img", data_path="map", persistent_grants=True, memory=1 << 20)
     f = derive_features(mapped, _limits(), capacity=1 << 30, num_queues=1)
     assert f.persistent and f.max_indirect_segments == 256  # no bounce memory on the map path
-    assert f.device_limits(100).sectors == 100 and f.device_limits().max_indirect_segments == 256
+    assert f.request_limits(100).sectors == 100 and f.request_limits().max_indirect_segments == 256
     # storage that needs registered memory cannot take grant-mapped pages: copy, whatever the config
     f = derive_features(mapped, vu, capacity=1 << 30, num_queues=1)
     assert f.data_path == "copy" and not f.persistent and f.max_indirect_segments == 126

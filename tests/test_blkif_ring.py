@@ -22,7 +22,7 @@ from xenblk_vhost.blkif.intake import RequestIntake
 from xenblk_vhost.blkif.request import Request
 from xenblk_vhost.blkif.response import Response, decode_response
 from xenblk_vhost.blkif.ring import BackRing, FrontRing, RingOverflow, RingStateError, ring_bytes
-from xenblk_vhost.blkif.validate import DeviceLimits
+from xenblk_vhost.blkif.validate import RequestLimits
 
 M = U32_MASK
 STATES_PER_SIDE = 2500
@@ -183,7 +183,7 @@ def test_requests_cross_the_ring_end_and_the_index_wrap(abi, order, start):
     with pytest.raises(RingStateError):
         front.claim_request_slot()
     assert front.push_requests() is True  # req_event was start + 1
-    intake = RequestIntake(abi, DeviceLimits(sectors=1 << 20))
+    intake = RequestIntake(abi, RequestLimits(sectors=1 << 20))
     first = intake.take(back, 5)
     rest = intake.take(back, 10 * size)
     assert first + rest == sent
@@ -213,7 +213,7 @@ def test_take_copies_out_so_later_guest_writes_change_nothing():
     raw, n = back.take_slots(32)
     assert n == 1
     mem[off:off + layout(abi).entry_size] = b"\xff" * layout(abi).entry_size  # guest rewrites
-    assert RequestIntake(abi, DeviceLimits(sectors=8)).parse(raw, n) == [
+    assert RequestIntake(abi, RequestLimits(sectors=8)).parse(raw, n) == [
         Request(OP_READ, 7, 0, 0, ((5, 0, 7),), 8, False)]
 
 
@@ -224,7 +224,7 @@ def test_bogus_req_prod_halts_without_consuming():
     back = BackRing(view, abi, 0)
     _set_shared(view, 33, 1, 0, 1)  # 33 requests in a 32-slot ring
     with pytest.raises(RingOverflow):
-        RequestIntake(abi, DeviceLimits(sectors=8)).take(back, 32)
+        RequestIntake(abi, RequestLimits(sectors=8)).take(back, 32)
     assert back.req_cons == 0
     # Attaching to such a ring is refused the same way (blkback's xen_blkif_map).
     with pytest.raises(RingOverflow):
@@ -262,5 +262,5 @@ def test_ring_view_must_fit_and_be_writable():
     with pytest.raises(ValueError):
         BackRing(memoryview(bytes(ring_bytes(0))), Abi.NATIVE, 0)
     with pytest.raises(ValueError):
-        RequestIntake(Abi.X86_32, DeviceLimits(sectors=8)).take(
+        RequestIntake(Abi.X86_32, RequestLimits(sectors=8)).take(
             BackRing(memoryview(bytearray(ring_bytes(0))), Abi.NATIVE, 0), 1)

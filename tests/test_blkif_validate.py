@@ -21,7 +21,7 @@ from xenblk_vhost.blkif.abi import Abi, layout
 from xenblk_vhost.blkif.encode import RequestEncoder, encode_segments
 from xenblk_vhost.blkif.intake import RequestIntake
 from xenblk_vhost.blkif.request import DiscardRequest, IndirectRequest, Rejection, Request
-from xenblk_vhost.blkif.validate import DeviceLimits, Validator
+from xenblk_vhost.blkif.validate import RequestLimits, Validator
 
 ABIS = list(Abi)
 U64 = (1 << 64) - 1
@@ -66,7 +66,7 @@ def oracle_io_rules(op, id_, sector, segs, limits):
     return nr
 
 
-def oracle(slot: bytes, p: ProbeOffsets, limits: DeviceLimits):
+def oracle(slot: bytes, p: ProbeOffsets, limits: RequestLimits):
     R, D, IND = "blkif_request", "blkif_request_discard", "blkif_request_indirect"
     op = p.get(slot, R, "operation")
     id_ = p.get(slot, R, "id")
@@ -137,7 +137,7 @@ def canonical(item):
 # --- Strategies --------------------------------------------------------------------
 
 limits_st = st.builds(
-    DeviceLimits,
+    RequestLimits,
     sectors=st.one_of(st.integers(0, 1 << 12), st.integers(0, U64), st.just(U64)),
     logical_block_size=st.sampled_from([512, 1024, 2048, 4096]),
     read_only=st.booleans(),
@@ -152,7 +152,7 @@ sect_st = st.one_of(st.sampled_from([0, 1, 3, 6, 7, 8, 9, 255]), st.integers(0, 
 
 
 @st.composite
-def sector_for(draw, limits: DeviceLimits, nr: int = 8):
+def sector_for(draw, limits: RequestLimits, nr: int = 8):
     """Sector numbers that probe the device end, the u64 end and alignment.
 
     `nr` is the request's length if known: sector + nr then lands on the
@@ -169,7 +169,7 @@ def sector_for(draw, limits: DeviceLimits, nr: int = 8):
 
 
 @st.composite
-def hostile_slot(draw, abi: Abi, p: ProbeOffsets, limits: DeviceLimits) -> bytes:
+def hostile_slot(draw, abi: Abi, p: ProbeOffsets, limits: RequestLimits) -> bytes:
     """A ring slot written field by field at gcc's offsets, over random bytes."""
     entry = layout(abi).entry_size
     buf = bytearray(draw(st.binary(min_size=entry, max_size=entry)))
@@ -283,7 +283,7 @@ def test_indirect_segments_agree_with_the_oracle(case, id_, handle):
 def test_indirect_pages_shorter_than_the_segments_are_our_bug():
     header = IndirectRequest(C.OP_INDIRECT, C.OP_READ, 1, 0, 0, 3, (9,))
     with pytest.raises(ValueError):
-        Validator(DeviceLimits(sectors=100)).decode_indirect_segments(header, bytes(23))
+        Validator(RequestLimits(sectors=100)).decode_indirect_segments(header, bytes(23))
 
 
 VALID_PAIRS = [(first, last) for last in range(8) for first in range(last + 1)]
@@ -292,7 +292,7 @@ VALID_PAIRS = [(first, last) for last in range(8) for first in range(last + 1)]
 # Valid requests of every kind, for round trips. With `limits`, the sector
 # is drawn to probe that device's end and alignment.
 @st.composite
-def valid_request(draw, limits: DeviceLimits | None = None):
+def valid_request(draw, limits: RequestLimits | None = None):
     op = draw(st.sampled_from([C.OP_READ, C.OP_WRITE, C.OP_WRITE_BARRIER, C.OP_FLUSH_DISKCACHE,
                                C.OP_DISCARD, C.OP_INDIRECT]))
     id_ = draw(st.integers(0, U64))
@@ -319,7 +319,7 @@ def valid_request(draw, limits: DeviceLimits | None = None):
     return Request(op, id_, handle, sector(nr), segs, nr, False)
 
 
-PERMISSIVE = DeviceLimits(sectors=U64, max_indirect_segments=4096, flush_enabled=True,
+PERMISSIVE = RequestLimits(sectors=U64, max_indirect_segments=4096, flush_enabled=True,
                           barrier_enabled=True, discard_enabled=True)
 
 
@@ -358,7 +358,7 @@ def _one(abi, limits, req_bytes):
 
 def test_named_cases():
     enc = RequestEncoder(Abi.NATIVE)
-    lim = DeviceLimits(sectors=64, logical_block_size=4096, read_only=True)
+    lim = RequestLimits(sectors=64, logical_block_size=4096, read_only=True)
     slot = bytearray(layout(Abi.NATIVE).entry_size)
 
     def run(**kw):
@@ -379,13 +379,13 @@ def test_named_cases():
     enc.rw(slot, 0, C.OP_READ, 9, 64, [(1, 0, 7)])  # one block past it
     assert run()[:3] == (9, C.OP_READ, C.RSP_ERROR)
     enc.rw(slot, 0, C.OP_READ, 9, 63, [(1, 0, 0)])  # 512-byte device: the last sector...
-    assert type(run(limits=DeviceLimits(sectors=64))) is Request
+    assert type(run(limits=RequestLimits(sectors=64))) is Request
     enc.rw(slot, 0, C.OP_READ, 9, 63, [(1, 0, 1)])  # ...and one sector past it
-    assert run(limits=DeviceLimits(sectors=64))[:3] == (9, C.OP_READ, C.RSP_ERROR)
+    assert run(limits=RequestLimits(sectors=64))[:3] == (9, C.OP_READ, C.RSP_ERROR)
     enc.rw(slot, 0, C.OP_READ, 9, 0, [(1, 0, 8)])  # last_sect 8 is off the page
-    assert run(limits=DeviceLimits(sectors=64))[:3] == (9, C.OP_READ, C.RSP_ERROR)
+    assert run(limits=RequestLimits(sectors=64))[:3] == (9, C.OP_READ, C.RSP_ERROR)
     enc.rw(slot, 0, C.OP_READ, 10, U64 - 7, [(1, 0, 7)], nr_segments=1)  # wraps u64
-    assert run(limits=DeviceLimits(sectors=U64))[:3] == (10, C.OP_READ, C.RSP_ERROR)
+    assert run(limits=RequestLimits(sectors=U64))[:3] == (10, C.OP_READ, C.RSP_ERROR)
     enc.other(slot, 0, 4, 11)  # RESERVED_1 is not an operation
     assert run()[:3] == (11, 4, C.RSP_EOPNOTSUPP)
     enc.indirect(slot, 0, C.OP_FLUSH_DISKCACHE, 12, 0, 1, [3])  # indirect flush: ERROR, echo iop
@@ -398,10 +398,10 @@ def test_named_cases():
     assert run()[:3] == (15, C.OP_WRITE_BARRIER, C.RSP_EOPNOTSUPP)
 
 
-def test_device_limits_refuse_impossible_devices():
+def test_request_limits_refuse_impossible_devices():
     for bad in (dict(sectors=-1), dict(sectors=1 << 64), dict(sectors=8, logical_block_size=768),
                 dict(sectors=8, logical_block_size=8192), dict(sectors=8, logical_block_size=256),
                 dict(sectors=8, max_indirect_segments=4097), dict(sectors=8, max_indirect_segments=-1)):
         with pytest.raises(ValueError):
-            DeviceLimits(**bad)
-    assert DeviceLimits(sectors=8, logical_block_size=4096).block_sectors == 8
+            RequestLimits(**bad)
+    assert RequestLimits(sectors=8, logical_block_size=4096).block_sectors == 8

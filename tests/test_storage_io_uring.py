@@ -50,7 +50,7 @@ def test_discard_is_not_supported(kind, image, request):
     """libblkio 1.5's io_uring driver fails every discard with EOPNOTSUPP.
 
     If this starts passing a discard, libblkio grew support: update
-    DeviceLimits.supports_discard.
+    StorageLimits.supports_discard.
     """
     path = image if kind == "file" else request.getfixturevalue("loop_backed_file")[0]
     with StorageDevice.open("io_uring", {"path": str(path)}) as dev:

@@ -4,7 +4,7 @@ Pure: a DiskConfig and the storage's libblkio limits in, a frozen
 VbdFeatures out. The xenbus side writes these facts to xenstore (the keys
 are given by `probe_nodes()` before InitWait and `connect_nodes()` at
 Connected, in blkback's spelling); the datapath validates requests against
-`device_limits()`, so what we advertise and what we enforce can never
+`request_limits()`, so what we advertise and what we enforce can never
 disagree.
 
 Decisions, each as Linux blkback makes it unless noted:
@@ -49,9 +49,9 @@ from ..blkif.constants import (
     VDISK_READONLY,
     XEN_PAGE_SIZE,
 )
-from ..blkif.validate import DeviceLimits
+from ..blkif.validate import RequestLimits
 from ..config import DiskConfig
-from ..storage import DeviceLimits as StorageLimits
+from ..storage import StorageLimits
 
 # blkback's default cap on persistently mapped grants per ring (blkback.c
 # max_persistent_grants); the LRU in persistent_grants.py enforces it.
@@ -82,9 +82,9 @@ class VbdFeatures:
         """The `info` key: VDISK_* bits."""
         return VDISK_READONLY if self.read_only else 0
 
-    def device_limits(self, sectors: int | None = None) -> DeviceLimits:
+    def request_limits(self, sectors: int | None = None) -> RequestLimits:
         """The blkif validator's facts (optionally with a new size after a resize)."""
-        return DeviceLimits(
+        return RequestLimits(
             sectors=self.sectors if sectors is None else sectors,
             logical_block_size=self.sector_size,
             read_only=self.read_only,

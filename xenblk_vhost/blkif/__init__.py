@@ -11,7 +11,7 @@ Modules, bottom up:
     response   Response; encode_response / decode_response
     ring       BackRing / FrontRing: indices, slot copies, notifications
     decode     RequestDecoder: slot bytes -> request, protocol rules
-    validate   DeviceLimits, Validator: device rules; indirect segments
+    validate   RequestLimits, Validator: device rules; indirect segments
     intake     RequestIntake: one ring drain = copy once, decode, validate
     encode     RequestEncoder: the frontend's side, hostile values allowed
 

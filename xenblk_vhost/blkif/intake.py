@@ -20,7 +20,7 @@ Public API:
                                        | IndirectRequest | Rejection]
         .parse(raw, count) -> same list, from an already private copy
         .decode_indirect_segments(header, pages_bytes) -> Request | Rejection
-        .limits                 the DeviceLimits in force
+        .limits                 the RequestLimits in force
 """
 
 from __future__ import annotations
@@ -29,23 +29,23 @@ from .abi import Abi
 from .decode import RequestDecoder
 from .request import Decoded, IndirectRequest, Rejection, Request
 from .ring import BackRing
-from .validate import DeviceLimits, Validator
+from .validate import RequestLimits, Validator
 
 
 class RequestIntake:
     __slots__ = ("abi", "_decoder", "_validator", "_entry")
 
-    def __init__(self, abi: Abi, limits: DeviceLimits) -> None:
+    def __init__(self, abi: Abi, limits: RequestLimits) -> None:
         self.abi = abi
         self._decoder = RequestDecoder(abi)
         self._validator = Validator(limits)
         self._entry = self._decoder.layout.entry_size
 
     @property
-    def limits(self) -> DeviceLimits:
+    def limits(self) -> RequestLimits:
         return self._validator.limits
 
-    def set_limits(self, limits: DeviceLimits) -> None:
+    def set_limits(self, limits: RequestLimits) -> None:
         """Apply new device facts (e.g. after an online resize) to later batches."""
         self._validator = Validator(limits)
 

@@ -2,7 +2,7 @@
 
 Input is a decoded request (decode.py already enforced the protocol's own
 rules); output is the same object when it may run, or a Rejection to answer
-at once. A frozen DeviceLimits carries the device's facts; after an online
+at once. A frozen RequestLimits carries the device's facts; after an online
 resize the backend makes a new one (and a new Validator).
 
 Rules, in the order they are applied (first failure wins):
@@ -36,7 +36,7 @@ them (nothing is written; the project's rule is that only writes, barriers
 with data and discards fail on a read-only device).
 
 Public API:
-    DeviceLimits(sectors, logical_block_size=512, read_only=False,
+    RequestLimits(sectors, logical_block_size=512, read_only=False,
                  max_indirect_segments=256, flush_enabled=True,
                  barrier_enabled=False, discard_enabled=False)
     Validator(limits).check(decoded) -> decoded | Rejection
@@ -76,7 +76,7 @@ _new = tuple.__new__
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceLimits:
+class RequestLimits:
     """Facts about one device that decide whether a request may run.
 
     sectors: size in 512-byte units (the `sectors` key).
@@ -116,12 +116,12 @@ class DeviceLimits:
 
 
 class Validator:
-    """Applies one DeviceLimits to decoded requests."""
+    """Applies one RequestLimits to decoded requests."""
 
     __slots__ = ("limits", "_sectors", "_mask", "_ro", "_flush", "_barrier", "_discard",
                  "_max_indirect", "check_by_type")
 
-    def __init__(self, limits: DeviceLimits) -> None:
+    def __init__(self, limits: RequestLimits) -> None:
         self.limits = limits
         # Copied into slots: the datapath reads them once per request.
         self._sectors = limits.sectors

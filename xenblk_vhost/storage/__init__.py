@@ -8,7 +8,7 @@ Layers, each its own module:
 - iovec:      IovecArray, preallocated struct iovec arrays for readv/writev
 - queue:      Queue, the datapath: queue requests, do_io(), await wait_io()
 - blkio:      Blkio, one libblkio instance and its lifecycle
-- limits:     DeviceLimits, what a connected device can do
+- limits:     StorageLimits, what a connected device can do
 - device:     StorageDevice.open(driver, properties, num_queues), the usual entry point
 
 Drivers: io_uring (files, block devices) and virtio-blk-vhost-user
@@ -23,14 +23,14 @@ from .cdef import REQ_FUA, REQ_NO_FALLBACK, REQ_NO_UNMAP
 from .device import StorageDevice
 from .errors import BlkioError
 from .iovec import IovecArray
-from .limits import DeviceLimits
+from .limits import StorageLimits
 from .memory import MemoryRegion, address_of
 from .queue import Queue
 
 __all__ = [
     "Blkio",
     "BlkioError",
-    "DeviceLimits",
+    "StorageLimits",
     "IovecArray",
     "MemoryRegion",
     "Queue",

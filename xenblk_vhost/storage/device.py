@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from .blkio import Blkio
 from .errors import BlkioError
-from .limits import DeviceLimits
+from .limits import StorageLimits
 from .memory import MemoryRegion
 from .queue import DEFAULT_MAX_COMPLETIONS, Queue
 
@@ -27,7 +27,7 @@ CONNECTED_STATE_PROPERTIES = frozenset({"num-entries", "queue-size", "num-poll-q
 
 
 class StorageDevice:
-    def __init__(self, blkio: Blkio, limits: DeviceLimits, queues: list[Queue],
+    def __init__(self, blkio: Blkio, limits: StorageLimits, queues: list[Queue],
                  open_args: tuple | None = None) -> None:
         self.blkio = blkio
         self.limits = limits
@@ -65,7 +65,7 @@ class StorageDevice:
             for name, value in late.items():
                 b.set(name, value)
             b.start()
-            limits = DeviceLimits.read(b)
+            limits = StorageLimits.read(b)
             queues = [b.queue(i, max_completions=max_completions) for i in range(num_queues)]
         except BaseException:
             b.close()

@@ -58,7 +58,7 @@ def _optional(getter, name: str, default):
 
 
 @dataclass(frozen=True, slots=True)
-class DeviceLimits:
+class StorageLimits:
     driver: str
     read_only: bool
     request_alignment: int  # every request's start and length are multiples of this
@@ -86,7 +86,7 @@ class DeviceLimits:
     max_write_zeroes_len: int  # 0 = unspecified
 
     @classmethod
-    def read(cls, b: Blkio) -> DeviceLimits:
+    def read(cls, b: Blkio) -> StorageLimits:
         """Read from a connected (or started) instance."""
         gb, gi, gu = b.get_bool, b.get_int, b.get_uint64
         request_alignment = gi("request-alignment")

@@ -24,7 +24,10 @@ plan_bounce() decides how many slots the memory allows.
 from __future__ import annotations
 
 from ...blkif.constants import MAX_SEGMENTS_PER_REQUEST, RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE
+from ...storage import StorageDevice
+from ...xen.interfaces import CopySegment, Gntdev
 from .grant_copy import run_copy, segment
+from .slots import Slot
 
 SMALL_BUFFER = MAX_SEGMENTS_PER_REQUEST * XEN_PAGE_SIZE  # 44 KiB
 
@@ -45,9 +48,14 @@ def plan_bounce(memory: int, max_slots: int, max_request_bytes: int) -> tuple[in
 
 
 class CopyDataPath:
-    name = "copy"
+    """A DataPath (data_path.py): each request's data in one bounce buffer of the ring's region."""
 
-    def __init__(self, storage, gntdev, domid: int, *, slots: int, large_buffers: int, max_request_bytes: int):
+    uses_iovecs = False  # one contiguous buffer per request
+    keeps_grants = False
+    persistent_grants = 0
+
+    def __init__(self, storage: StorageDevice, gntdev: Gntdev, domid: int, *, slots: int, large_buffers: int,
+                 max_request_bytes: int) -> None:
         self.gntdev = gntdev
         self.domid = domid
         self._large_size = max_request_bytes if large_buffers else 0
@@ -57,14 +65,14 @@ class CopyDataPath:
         self._base = self.region.addr
         self._free_large = [small_total + i * self._large_size for i in range(large_buffers - 1, -1, -1)]
 
-    def prepare(self, slots) -> list:
+    def prepare(self, slots: list[Slot]) -> list[Slot]:
         """Give each data-carrying slot its buffer, then ONE grant copy of all write data in.
 
         Returns the slots that must wait for a large buffer (in order); a
         slot whose data could not be copied has status RSP_ERROR.
         """
-        waiting = []
-        ready = []
+        waiting: list[Slot] = []
+        ready: list[Slot] = []
         for slot in slots:
             if not slot.segments or slot.status != RSP_OKAY:
                 continue
@@ -75,7 +83,7 @@ class CopyDataPath:
         self._copy(ready, False)
         return waiting
 
-    def _attach(self, slot) -> bool:
+    def _attach(self, slot: Slot) -> bool:
         n = slot.nr_bytes
         if n <= SMALL_BUFFER:
             off = slot.index * SMALL_BUFFER
@@ -89,8 +97,9 @@ class CopyDataPath:
         slot.extents = ((self._base + off, n),)
         return True
 
-    def _copy(self, slots, to_guest: bool) -> None:
-        segs, owners = [], []
+    def _copy(self, slots: list[Slot], to_guest: bool) -> None:
+        segs: list[CopySegment] = []
+        owners: list[Slot] = []
         append_seg, append_owner = segs.append, owners.append
         domid = self.domid
         base = self._base
@@ -105,7 +114,7 @@ class CopyDataPath:
                 addr += n
         run_copy(self.gntdev, segs, owners)
 
-    def finish(self, slots) -> list:
+    def finish(self, slots: list[Slot]) -> list[Slot]:
         """ONE grant copy of every successful read out; release buffers. All may be answered now."""
         self._copy(slots, True)  # (a slot that never got a buffer has failed: skipped)
         free = self._free_large
@@ -114,6 +123,9 @@ class CopyDataPath:
                 free.append(slot.buffer)
                 slot.large = False
         return slots
+
+    def idle(self) -> None:
+        """Nothing kept for speed: the region is fixed for the connection."""
 
     def close(self) -> None:
         if not self.region.released and not self._storage.closed:

@@ -27,9 +27,12 @@ adjacent ones merged.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from ...blkif.constants import RSP_ERROR, RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE
-from ...xen.interfaces import GrantMapError
+from ...xen.interfaces import Gntdev, GrantMapError, GrantMapping
+from .persistent_grants import PersistentGrants
+from .slots import Slot
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +42,17 @@ class _SharedMapping:
 
     __slots__ = ("mapping", "users", "parked")
 
-    def __init__(self, mapping, users: int) -> None:
+    def __init__(self, mapping: GrantMapping, users: int) -> None:
         self.mapping = mapping
         self.users = users
         self.parked: list = []
 
 
-def _extents(segments, page_addrs) -> tuple:
+def _extents(segments: tuple, page_addrs: Sequence[int]) -> tuple[tuple[int, int], ...]:
     if len(segments) == 1:  # the common 4 KiB case
         _gref, first, last = segments[0]
         return ((page_addrs[0] + first * SECTOR_SIZE, (last - first + 1) * SECTOR_SIZE),)
-    out = []
+    out: list[tuple[int, int]] = []
     end = -1
     for (_gref, first, last), page in zip(segments, page_addrs):
         addr = page + first * SECTOR_SIZE
@@ -64,14 +67,17 @@ def _extents(segments, page_addrs) -> tuple:
 
 
 class MapDataPath:
-    name = "map"
+    """A DataPath (data_path.py): the storage reads and writes the guest's pages where they are mapped."""
 
-    def __init__(self, gntdev, domid: int, persistent=None) -> None:
+    uses_iovecs = True  # a request's pages are mapped where they fall: several extents
+
+    def __init__(self, gntdev: Gntdev, domid: int, persistent: PersistentGrants | None = None) -> None:
         self.gntdev = gntdev
         self.domid = domid
-        self.persistent = persistent  # a PersistentGrants, or None
+        self.persistent = persistent
+        self.keeps_grants = persistent is not None
 
-    def prepare(self, slots) -> list:
+    def prepare(self, slots: list[Slot]) -> list[Slot]:
         """Map the data pages of every data-carrying slot; failures get RSP_ERROR. Never waits."""
         data = [s for s in slots if s.segments and s.status == RSP_OKAY]
         if not data:
@@ -84,7 +90,7 @@ class MapDataPath:
             self._map_group([s for s in data if not s.writes], readonly=False)
         return []
 
-    def _map_group(self, slots, readonly: bool) -> None:
+    def _map_group(self, slots: list[Slot], readonly: bool) -> None:
         if not slots:
             return
         refs = [seg[0] for s in slots for seg in s.segments]
@@ -105,12 +111,13 @@ class MapDataPath:
             slot.extents = _extents(slot.segments, range(addr, addr + n * XEN_PAGE_SIZE, XEN_PAGE_SIZE))
             addr += n * XEN_PAGE_SIZE
 
-    def _map_persistent(self, slot) -> None:
+    def _map_persistent(self, slot: Slot) -> None:
         """Pages from the cache; what a full cache cannot take is mapped for this request only.
 
         slot.mapping becomes a list of what to give back: grefs (ints) held
         in the cache, and temporary mappings.
         """
+        assert self.persistent is not None
         acquire = self.persistent.acquire
         held: list = []
         slot.mapping = held
@@ -131,9 +138,9 @@ class MapDataPath:
             return
         slot.extents = _extents(slot.segments, pages)
 
-    def finish(self, slots) -> list:
+    def finish(self, slots: list[Slot]) -> list[Slot]:
         """Release the slots' mappings; return those whose pages are all unmapped (answer them)."""
-        ready = []
+        ready: list[Slot] = []
         cache = self.persistent
         now = cache.now() if cache is not None else 0.0
         for slot in slots:
@@ -148,6 +155,7 @@ class MapDataPath:
                     m.mapping.close()
                     ready.extend(m.parked)
             else:  # persistent: grefs held in the cache, temporary mappings
+                assert cache is not None
                 slot.mapping = None
                 for held in m:
                     if type(held) is int:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -60,25 +61,31 @@ from ...blkif.constants import (
     SECTOR_SIZE,
     XEN_PAGE_SIZE,
 )
+from ...blkif.intake import RequestIntake
 from ...blkif.request import DiscardRequest, IndirectRequest, Rejection, Request
-from ...blkif.ring import RingOverflow
-from ...storage import BlkioError, IovecArray
+from ...blkif.ring import BackRing, RingOverflow
+from ...storage import BlkioError, IovecArray, Queue
+from ...xen.interfaces import EventChannel, Gntdev
+from .barrier import BarrierGate
+from .data_path import DataPath
 from .indirect_pages import IndirectPages
+from .ring_policy import RingPolicy
 from .slots import (
     STEP_DISCARD,
     STEP_FLUSH,
     STEP_READ,
     STEP_WRITE,
     STEP_WRITE_ZEROES,
+    Slot,
     SlotPool,
 )
-from .storage_ops import StorageShape, queue_step
+from .stats import RingStats
+from .storage_ops import queue_step
 
 log = logging.getLogger(__name__)
 
 R_READ_ONLY_FLUSH = "flush with data on a read-only device"
 
-DEFAULT_STORAGE_TIMEOUT = 30.0
 IDLE_PURGE_INTERVAL = 1.0  # seconds between persistent-grant purges while idle
 
 _READ = (STEP_READ,)
@@ -92,42 +99,49 @@ _WRITE_ZEROES = (STEP_WRITE_ZEROES,)
 
 
 class RingWorker:
-    def __init__(self, *, name: str, ring, intake, channel, queue, datapath, gate, stats,
-                 gntdev, domid: int, pool_size: int, shape: StorageShape, read_only: bool,
-                 discard_by_write_zeroes: bool, max_request_segments: int,
-                 storage_timeout: float = DEFAULT_STORAGE_TIMEOUT, on_storage_failure=None) -> None:
-        self.name = name
+    """One ring served by its policy (ring_policy.py) with its live objects:
+
+    ring     the mapped shared ring (BackRing)      channel   its bound event channel
+    queue    its libblkio queue                     datapath  its DataPath (copy or map)
+    gntdev   for the indirect pages' grant copy     gate      the vbd's barrier gate (shared by its rings)
+    on_storage_failure  told once when the storage fails as a whole (the Vbd reopens it at the next connect)
+
+    It owns its request intake (`intake`: validated against policy.limits until set_limits) and
+    its counters (`stats`).
+    """
+
+    def __init__(self, policy: RingPolicy, *, ring: BackRing, channel: EventChannel, queue: Queue,
+                 datapath: DataPath, gntdev: Gntdev, gate: BarrierGate,
+                 on_storage_failure: Callable[[Exception], None] | None = None) -> None:
+        self.policy = policy
+        self.name = policy.name
         self.ring = ring
-        self.intake = intake
+        self.intake = RequestIntake(policy.abi, policy.limits)
         self.channel = channel
         self.queue = queue
         self.datapath = datapath
         self.gate = gate
-        self.stats = stats
-        self.gntdev = gntdev
-        self.domid = domid
-        self.pool = SlotPool(pool_size)
-        self.shape = shape
-        self.read_only = read_only
-        self._discard_steps = _WRITE_ZEROES if discard_by_write_zeroes else _DISCARD
-        self._counts_grants = getattr(datapath, "persistent", None) is not None
-        self.storage_timeout = storage_timeout
+        self.stats = RingStats()
+        self.pool = SlotPool(policy.slots)
+        self.shape = policy.shape
+        self._discard_steps = _WRITE_ZEROES if policy.discard_by_write_zeroes else _DISCARD
+        self._counts_grants = datapath.keeps_grants
+        self.storage_timeout = policy.storage_timeout
         self._on_storage_failure = on_storage_failure
-        max_bytes = max_request_segments * XEN_PAGE_SIZE
         # iovec arrays only where a request can have several extents: grant-
         # mapped pages (the copy path packs each request in one buffer and
         # splits it by byte ranges, never needing one).
-        if datapath.name == "map":
-            self._iov_per_slot = shape.iovecs_per_request(max_request_segments, max_bytes)
-            self._iovecs = IovecArray(pool_size * self._iov_per_slot)
-        else:
-            self._iov_per_slot = 0
-            self._iovecs = None
-        self._indirect = IndirectPages(gntdev, domid, intake, pool_size)
+        self._iovecs: IovecArray | None = None
+        self._iov_per_slot = 0
+        if datapath.uses_iovecs:
+            max_segments = policy.max_request_segments
+            self._iov_per_slot = self.shape.iovecs_per_request(max_segments, max_segments * XEN_PAGE_SIZE)
+            self._iovecs = IovecArray(policy.slots * self._iov_per_slot)
+        self._indirect = IndirectPages(gntdev, policy.frontend_domid, self.intake, policy.slots)
 
         self._io_outstanding = 0  # storage requests queued or submitted, not completed
         self._last_completion = time.monotonic()
-        self._stalled: list = []  # slots waiting for data-path memory, in ring order
+        self._stalled: list[Slot] = []  # slots waiting for data-path memory, in ring order
         self._unpushed = False
         self._notify_failed = False
         self._halted = False
@@ -242,10 +256,8 @@ class RingWorker:
         now = time.monotonic()
         if now - self._last_purge >= IDLE_PURGE_INTERVAL:
             self._last_purge = now
-            idle = getattr(self.datapath, "idle", None)
-            if idle is not None:
-                idle()
-                self.stats.persistent_grants = self.datapath.persistent_grants
+            self.datapath.idle()
+            self.stats.persistent_grants = self.datapath.persistent_grants
 
     async def _dispatch(self, batch) -> None:
         for item in batch:
@@ -254,6 +266,7 @@ class RingWorker:
                 break
         slots = self.pool.slots
         free = self.pool.free
+        read_only = self.policy.limits.read_only
         now = time.monotonic()  # one clock read for the batch: its requests' latency starts here
         run = []
         append = run.append
@@ -271,35 +284,27 @@ class RingWorker:
                     append = run.append
                     await self._barrier(item)
                     continue
-                # The pool's slots are taken inline (no call per request); the
-                # intake took no more requests than there are free slots.
-                slot = slots[free.pop()]
-                slot.taken_at = now
-                slot.req_id = item.id
-                slot.op = op
-                slot.sector = item.sector
                 nr = item.nr_sectors
-                slot.nr_bytes = nr * SECTOR_SIZE
-                slot.segments = item.segments
                 if op == OP_READ:
-                    slot.writes = False
-                    slot.steps = _READ
+                    writes, steps = False, _READ
                     rd_req += 1
                     rd_sect += nr
                 elif op == OP_WRITE:
-                    slot.writes = True
-                    slot.steps = _WRITE
+                    writes, steps = True, _WRITE
                     wr_req += 1
                     wr_sect += nr
                 else:  # OP_FLUSH_DISKCACHE (the decoder lets nothing else through)
                     assert op == OP_FLUSH_DISKCACHE
                     self.stats.f_req += 1
                     wr_sect += nr
-                    slot.writes = bool(nr)
-                    slot.steps = _WRITE_THEN_FLUSH if nr else _FLUSH
-                    if nr and self.read_only:
-                        log.debug("%s: %s (id %d)", self.name, R_READ_ONLY_FLUSH, item.id)
-                        slot.status = RSP_ERROR
+                    writes, steps = bool(nr), _WRITE_THEN_FLUSH if nr else _FLUSH
+                # The pool's slots are taken inline; the intake took no more
+                # requests than there are free slots.
+                slot = slots[free.pop()]
+                slot.load(item.id, op, item.sector, nr * SECTOR_SIZE, item.segments, writes, steps, now)
+                if writes and op == OP_FLUSH_DISKCACHE and read_only:
+                    log.debug("%s: %s (id %d)", self.name, R_READ_ONLY_FLUSH, item.id)
+                    slot.status = RSP_ERROR
                 append(slot)
             elif kind is Rejection:
                 log.debug("%s: rejected id %d op %d: %s", self.name, item.id, item.op, item.reason)
@@ -310,14 +315,8 @@ class RingWorker:
                     self._answer(item.id, item.op, RSP_OKAY)  # nothing to discard (blkback: OKAY)
                     continue
                 slot = slots[free.pop()]
-                slot.taken_at = now
-                slot.req_id = item.id
-                slot.op = item.op
-                slot.sector = item.sector
-                slot.nr_bytes = item.nr_sectors * SECTOR_SIZE
-                slot.segments = ()
-                slot.writes = False
-                slot.steps = self._discard_steps
+                slot.load(item.id, item.op, item.sector, item.nr_sectors * SECTOR_SIZE, (), False,
+                          self._discard_steps, now)
                 append(slot)
             else:
                 raise TypeError(f"unexpected {kind.__name__} after indirect resolution")
@@ -341,16 +340,10 @@ class RingWorker:
         await self.gate.drain()
         try:
             slot = self.pool.slots[self.pool.free.pop()]
-            slot.taken_at = time.monotonic()
-            self._count_dispatched(1, 0, 0, 0, 0)
-            slot.req_id = item.id
-            slot.op = item.op
-            slot.sector = item.sector
             nr = item.nr_sectors
-            slot.nr_bytes = nr * SECTOR_SIZE
-            slot.segments = item.segments
-            slot.writes = bool(nr)
-            slot.steps = _BARRIER_WITH_DATA if nr else _BARRIER
+            slot.load(item.id, item.op, item.sector, nr * SECTOR_SIZE, item.segments, bool(nr),
+                      _BARRIER_WITH_DATA if nr else _BARRIER, time.monotonic())
+            self._count_dispatched(1, 0, 0, 0, 0)
             self.stats.f_req += 1
             self.stats.wr_sect += nr
             done = slot.done = trio.Event()

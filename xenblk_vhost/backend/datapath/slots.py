@@ -7,11 +7,12 @@ storage request made for it (a request split in parts has several storage
 requests with the same tag, counted in `parts`).
 
 The ring worker takes and returns slots inline (`pool.slots[pool.free.pop()]`,
-`pool.free.append(index)`: no call per request) and sets the request's own
-fields (req_id, op, sector, nr_bytes, segments, writes, steps) itself. A
-returned slot has step 0, parts 0, status OKAY, done None, in_storage False;
-the data paths keep their own fields right (extents and buffer are set
-before every use; large and mapping are cleared when released).
+`pool.free.append(index)`: no call per request); Slot.load() is the one
+place a request's own fields (req_id, op, sector, nr_bytes, segments,
+writes, steps, taken_at) are set. A returned slot has step 0, parts 0,
+status OKAY, done None, in_storage False; the data paths keep their own
+fields right (extents and buffer are set before every use; large and
+mapping are cleared when released).
 
 Fields a data path fills:
   extents   ((address, length), ...): where the data is in our address space
@@ -22,6 +23,10 @@ Fields a data path fills:
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+import trio
 
 from ...blkif.constants import RSP_OKAY
 
@@ -46,19 +51,31 @@ class Slot:
         self.op = 0  # the operation echoed in the response
         self.sector = 0
         self.nr_bytes = 0
-        self.segments = ()  # ((gref, first_sect, last_sect), ...)
+        self.segments: tuple = ()  # ((gref, first_sect, last_sect), ...)
         self.writes = False  # data flows guest -> storage
-        self.steps = ()  # STEP_* to run, in order
+        self.steps: tuple[int, ...] = ()  # STEP_* to run, in order
         self.step = 0  # index into steps
         self.parts = 0  # storage requests of the current step still outstanding
         self.status = RSP_OKAY
-        self.extents = ()
+        self.extents: tuple[tuple[int, int], ...] = ()
         self.buffer = -1
         self.large = False
-        self.mapping = None
-        self.done = None  # a trio.Event when someone waits for this slot (a barrier)
+        self.mapping: Any = None  # the map path's: a shared batch mapping, or what a persistent slot holds
+        self.done: trio.Event | None = None  # set when someone waits for this slot (a barrier)
         self.in_storage = False
         self.taken_at = 0.0  # time.monotonic() of the batch that took it off the ring
+
+    def load(self, req_id: int, op: int, sector: int, nr_bytes: int, segments: tuple, writes: bool,
+             steps: tuple[int, ...], taken_at: float) -> None:
+        """Give this (free) slot a request: the only place a request's fields are set."""
+        self.req_id = req_id
+        self.op = op
+        self.sector = sector
+        self.nr_bytes = nr_bytes
+        self.segments = segments
+        self.writes = writes
+        self.steps = steps
+        self.taken_at = taken_at
 
 
 class SlotPool:

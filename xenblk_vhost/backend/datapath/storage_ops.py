@@ -30,7 +30,7 @@ class StorageShape:
 
     @classmethod
     def of(cls, limits, *, discard_by_write_zeroes: bool) -> StorageShape:
-        """From a storage.DeviceLimits."""
+        """From a storage.StorageLimits."""
         lbs = limits.logical_block_size
         md = limits.max_write_zeroes_len if discard_by_write_zeroes else limits.max_discard_len
         return cls(

@@ -1,24 +1,25 @@
 """One virtual block device: its storage, what it offers, and its rings while connected.
 
-The xenbus side (backend/device.py) uses this surface and nothing else:
+The VbdDataplane of backend/contract.py, served in this process; the xenbus
+side (backend/xenbus/device.py) uses that surface and nothing else:
 
-    vbd = Vbd.open(disk_config)          # opens the storage: open_storage(disk, disk.queues)
+    vbd = Vbd.open(disk_config)          # create: opens the storage: open_storage(disk, disk.queues)
     vbd.features                         # VbdFeatures: what to advertise
     vbd.features.probe_nodes()           #   keys before InitWait (indirect, queues, ring order)
     vbd.features.connect_nodes(sectors)  #   keys of the Connected transaction
     await nursery.start(vbd.serve, spec, platform)
-                                         # maps every ring, binds every channel, starts one
+                                         # start: maps every ring, binds every channel, starts one
                                          # RingWorker per ring; returns (started) once serving.
                                          # Raises VbdConnectError (nothing left behind) if the
                                          # spec is unusable or a ring/channel cannot be set up.
-    await vbd.disconnect()               # stop taking requests, finish and answer what is in
+    await vbd.disconnect()               # stop: stop taking requests, finish and answer what is in
                                          # flight, then unmap/unbind/free; serve() returns.
                                          # Idempotent; returns at once when not serving.
     vbd.current_sectors()                # storage capacity now, 512-byte units (online resize:
     vbd.sectors                          #   compare with the size in force, and
     vbd.apply_size(sectors)              #   apply a new one to later requests; publishing is yours)
     vbd.stats()                          # {"rings": [per-ring snapshot], "total": {...}}
-    vbd.close()                          # free the storage (after disconnect)
+    vbd.close()                          # destroy: free the storage (after disconnect)
 
 Cancelling the task running serve() is the other way out: the shielded
 cleanup gives in-flight requests `drain_timeout` seconds to finish (they are
@@ -43,25 +44,25 @@ from ...blkif.abi import ring_entries
 from ...blkif.constants import MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE, XEN_PAGE_SIZE
 from ...blkif.intake import RequestIntake
 from ...blkif.ring import BackRing, RingOverflow
+from ...blkif.validate import RequestLimits
 from ...config import DiskConfig
 from ...storage import StorageDevice
-from ..contract import ConnectionSpec
+from ...xen.interfaces import EventChannel, GrantMapping, Platform
+from ..contract import ConnectionSpec, RingSpec, VbdConnectError
 from ..features import MAX_PERSISTENT_GRANTS, VbdFeatures, derive_features
 from .barrier import BarrierGate
 from .copy_path import CopyDataPath, plan_bounce
+from .data_path import DataPath
 from .map_path import MapDataPath
 from .persistent_grants import PersistentGrants
-from .ring_worker import DEFAULT_STORAGE_TIMEOUT, RingWorker
+from .ring_policy import DEFAULT_STORAGE_TIMEOUT, RingPolicy
+from .ring_worker import RingWorker
 from .stats import RingStats, total
 from .storage_ops import StorageShape
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DRAIN_TIMEOUT = 5.0
-
-
-class VbdConnectError(RuntimeError):
-    """The frontend's connection cannot be served (bad spec, ring map or bind failed)."""
 
 
 def open_storage(disk: DiskConfig, queues: int | None = None) -> StorageDevice:
@@ -73,10 +74,10 @@ class _RingResources:
     """What one ring holds while connected, released in reverse order of acquisition."""
 
     def __init__(self) -> None:
-        self.mapping = None
+        self.mapping: GrantMapping | None = None
         self.ring: BackRing | None = None
-        self.channel = None
-        self.datapath = None
+        self.channel: EventChannel | None = None
+        self.datapath: DataPath | None = None
         self.worker: RingWorker | None = None
 
     def close(self) -> None:
@@ -160,7 +161,7 @@ class Vbd:
     def apply_size(self, sectors: int) -> None:
         """Validate requests from now on against a new size (in-flight ones are not recalled)."""
         self._sectors = sectors
-        limits = self.features.device_limits(sectors)
+        limits = self.features.request_limits(sectors)
         for intake in self._intakes:
             intake.set_limits(limits)
 
@@ -206,7 +207,8 @@ class Vbd:
     def _note_storage_failure(self, _e: Exception) -> None:
         self._storage_failed = True
 
-    def _make_ring(self, res: _RingResources, rspec, spec: ConnectionSpec, platform, limits) -> None:
+    def _make_ring(self, res: _RingResources, rspec: RingSpec, spec: ConnectionSpec, platform: Platform,
+                   limits: RequestLimits) -> RingWorker:
         f = self.features
         domid = spec.frontend_domid
         try:
@@ -222,32 +224,32 @@ class Vbd:
         except OSError as e:
             raise VbdConnectError(f"ring {rspec.index}: cannot bind event channel: {e}") from e
         max_slots = min(self.disk.max_inflight, ring_entries(spec.abi, rspec.order))
-        max_segs = max(MAX_SEGMENTS_PER_REQUEST, f.max_indirect_segments)
+        max_request_bytes = max(MAX_SEGMENTS_PER_REQUEST, f.max_indirect_segments) * XEN_PAGE_SIZE
+        # The one place that picks how a request's data reaches the guest's pages.
         if f.data_path == "copy":
-            slots, nlarge = plan_bounce(self.disk.memory, max_slots, max_segs * XEN_PAGE_SIZE)
+            slots, nlarge = plan_bounce(self.disk.memory, max_slots, max_request_bytes)
             res.datapath = CopyDataPath(self.storage, platform.gntdev, domid, slots=slots,
-                                        large_buffers=nlarge, max_request_bytes=max_segs * XEN_PAGE_SIZE)
+                                        large_buffers=nlarge, max_request_bytes=max_request_bytes)
         else:
             slots = max_slots
             cache = None
             if spec.persistent_grants:
                 cache = PersistentGrants(platform.gntdev, domid, max_grants=self.max_persistent_grants)
             res.datapath = MapDataPath(platform.gntdev, domid, cache)
-        shape = self._shape_override or StorageShape.of(
-            self.storage.limits, discard_by_write_zeroes=f.discard_by_write_zeroes)
-        intake = RequestIntake(spec.abi, limits)
-        stats = RingStats()
-        res.worker = RingWorker(
-            name=f"{self.disk.name}/ring{rspec.index}", ring=res.ring, intake=intake,
-            channel=res.channel, queue=self.storage.queues[rspec.index], datapath=res.datapath,
-            gate=self._gate, stats=stats, gntdev=platform.gntdev, domid=domid, pool_size=slots,
-            shape=shape, read_only=f.read_only, discard_by_write_zeroes=f.discard_by_write_zeroes,
-            max_request_segments=max_segs, storage_timeout=self.storage_timeout,
-            on_storage_failure=self._note_storage_failure)
-        self._intakes.append(intake)
-        self._ring_stats.append(stats)
+        policy = RingPolicy(
+            name=f"{self.disk.name}/ring{rspec.index}", frontend_domid=domid, abi=spec.abi, limits=limits,
+            slots=slots, shape=self._shape_override or StorageShape.of(
+                self.storage.limits, discard_by_write_zeroes=f.discard_by_write_zeroes),
+            discard_by_write_zeroes=f.discard_by_write_zeroes, storage_timeout=self.storage_timeout)
+        res.worker = RingWorker(policy, ring=res.ring, channel=res.channel, queue=self.storage.queues[rspec.index],
+                                datapath=res.datapath, gntdev=platform.gntdev, gate=self._gate,
+                                on_storage_failure=self._note_storage_failure)
+        self._intakes.append(res.worker.intake)
+        self._ring_stats.append(res.worker.stats)
+        return res.worker
 
-    async def serve(self, spec: ConnectionSpec, platform, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, spec: ConnectionSpec, platform: Platform, *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the frontend's rings until disconnect() (or cancellation); see the module doc."""
         if self._serving:
             raise VbdConnectError("already serving a connection")
@@ -260,12 +262,13 @@ class Vbd:
         resources: list[_RingResources] = []
         try:
             self._reopen_storage_if_failed()
-            limits = self.features.device_limits(self._sectors)
+            limits = self.features.request_limits(self._sectors)
+            workers = []
             for rspec in sorted(spec.rings, key=lambda r: r.index):
                 res = _RingResources()
                 resources.append(res)
-                self._make_ring(res, rspec, spec, platform, limits)
-            self._workers = [r.worker for r in resources]
+                workers.append(self._make_ring(res, rspec, spec, platform, limits))
+            self._workers = workers
             async with trio.open_nursery() as nursery:
                 for w in self._workers:
                     await nursery.start(w.run)
@@ -281,7 +284,7 @@ class Vbd:
         busy = [res.worker for res in resources if res.worker is not None and res.worker.busy]
         finished: list[bool] = []
 
-        async def drain(worker) -> None:
+        async def drain(worker: RingWorker) -> None:
             finished.append(await worker.drain(self.drain_timeout))
 
         async with trio.open_nursery() as nursery:

@@ -52,9 +52,9 @@ import trio
 from ...blkif.constants import VDISK_CDROM
 from ...config import DiskConfig
 from ...vdev import vdev_name
-from ...xen.interfaces import XenStore, XenStoreError
+from ...xen.interfaces import Platform, XenStore, XenStoreError
 from ...xen.xenbus import XenbusState, parse_state
-from ..datapath.vbd import Vbd, VbdConnectError
+from ..contract import ConnectionSpec, OpenVbd, VbdConnectError, VbdDataplane
 from .frontend_params import FrontendParamError, Offer, read_connection_spec
 from .guest_warnings import GuestWarnings
 from .state_machine import Action, on_frontend_state
@@ -71,7 +71,6 @@ RELEASE_TIMEOUT = 30.0
 _CONNECT_OPTIONAL_KEYS = ("feature-discard", "discard-granularity", "discard-alignment", "discard-secure")
 
 ResolveDisk = Callable[[], Awaitable["DiskConfig | None"]]
-OpenVbd = Callable[[DiskConfig], Vbd]
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,10 @@ def effective_disk(disk: DiskConfig, nodes: ToolstackNodes) -> DiskConfig:
     return dataclasses.replace(disk, readonly=readonly, discard=discard)
 
 
-def default_open_vbd(disk: DiskConfig) -> Vbd:
+def default_open_vbd(disk: DiskConfig) -> VbdDataplane:
+    """create, in this process: the datapath's Vbd (the only datapath module the control plane names)."""
+    from ..datapath.vbd import Vbd
+
     return Vbd.open(disk)
 
 
@@ -159,7 +161,7 @@ class _Wakeup:
 
 
 class Device:
-    def __init__(self, xs: XenStore, platform, device_id: DeviceId, resolve_disk: ResolveDisk, *,
+    def __init__(self, xs: XenStore, platform: Platform, device_id: DeviceId, resolve_disk: ResolveDisk, *,
                  warnings: GuestWarnings, open_vbd: OpenVbd = default_open_vbd,
                  resize_interval: float = RESIZE_POLL_INTERVAL) -> None:
         self.id = device_id
@@ -173,17 +175,17 @@ class Device:
         self.be = device_id.backend_path
         self.nodes: ToolstackNodes | None = None
         self.disk: DiskConfig | None = None  # the config in use (before effective_disk)
-        self.vbd: Vbd | None = None
+        self.vbd: VbdDataplane | None = None
         self.state = XenbusState.UNKNOWN  # our state as we last wrote or saw it
         self.published_sectors: int | None = None
-        self._serve_nursery: trio.Nursery | None = None
+        self._serve_nursery: trio.Nursery | None = None  # where the datapath's serve() runs
         self._serve_failed: BaseException | None = None
         self._seen: tuple | None = None
         self._wakeup = _Wakeup()
 
     # ------------------------------------------------------------------ life
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Probe, follow the frontend until the device is forgotten, release everything."""
         forgotten = False
         try:
@@ -291,7 +293,7 @@ class Device:
                 await self._wakeup.wait(self._resize_interval)
             watchers.cancel_scope.cancel()
 
-    async def _forward_watch(self, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _forward_watch(self, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self._xs.watch(path) as events:
             task_status.started()
             async for _ in events:
@@ -374,6 +376,7 @@ class Device:
         except FrontendParamError as e:
             await self._fatal(DeviceFatal(e.errno, e.message, guest=True))
             return
+        assert self._serve_nursery is not None  # set by run() before anything else
         try:
             await self._serve_nursery.start(self._serve, spec)
         except VbdConnectError as e:
@@ -389,8 +392,11 @@ class Device:
         if not await self._publish_connected():
             await self._disconnect()
 
-    async def _serve(self, spec, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Vbd.serve, with a failure after start turned into a fatal by the control loop."""
+    async def _serve(self, spec: ConnectionSpec, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                     ) -> None:
+        """The datapath's serve (start), with a failure after start turned into a fatal by the control loop."""
+        vbd = self.vbd
+        assert vbd is not None  # _connect checked
         started = False
 
         def started_now(value=None) -> None:
@@ -400,7 +406,7 @@ class Device:
 
         status = _StartedHook(started_now)
         try:
-            await self.vbd.serve(spec, self._platform, task_status=status)
+            await vbd.serve(spec, self._platform, task_status=status)
         except Exception as e:
             if not started:
                 raise
@@ -612,12 +618,12 @@ class Device:
 
 
 class _StartedHook:
-    """A task_status whose started() tells us too (to know when Vbd.serve is serving)."""
+    """A task_status whose started() tells us too (to know when the datapath is serving)."""
 
-    def __init__(self, on_started: Callable) -> None:
+    def __init__(self, on_started: Callable[[object], None]) -> None:
         self._on_started = on_started
 
-    def started(self, value=None) -> None:
+    def started(self, value: object = None) -> None:
         self._on_started(value)
 
 

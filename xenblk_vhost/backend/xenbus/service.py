@@ -49,10 +49,11 @@ from dataclasses import dataclass, field
 import trio
 
 from ...config import DiskConfig, DomainConfig
-from ...xen.interfaces import XenStore, XenStoreError
+from ...xen.interfaces import Platform, XenStore, XenStoreError
 from ...xen.xenbus import XenbusState, parse_state
 from ...xen.xenstore import read_or_none
-from .device import RESIZE_POLL_INTERVAL, Device, DeviceId, OpenVbd, default_open_vbd
+from ..contract import OpenVbd
+from .device import RESIZE_POLL_INTERVAL, Device, DeviceId, default_open_vbd
 from .guest_warnings import GuestWarnings
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class _Devices:
 
 
 class Service:
-    def __init__(self, xs: XenStore, platform, configs: Iterable[DomainConfig], *,
+    def __init__(self, xs: XenStore, platform: Platform, configs: Iterable[DomainConfig], *,
                  kinds: Sequence[str] = RUN_KINDS, backend_domid: int | None = None,
                  only_domid: int | None = None, open_vbd: OpenVbd = default_open_vbd,
                  warnings: GuestWarnings | None = None,

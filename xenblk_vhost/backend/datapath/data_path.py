@@ -1,0 +1,50 @@
+"""DataPath: how a request's data gets between the guest's pages and the storage.
+
+Two implementations, chosen per vbd (features.data_path) when a ring is set up:
+
+    CopyDataPath (copy_path.py)  grant copy into one libblkio memory region per ring;
+                                 the only one vhost-user storage can use
+    MapDataPath  (map_path.py)   grant map per batch, or persistent grants (feature-persistent)
+
+The ring worker calls them on batches of slots (slots.py), never on one
+request at a time, and never asks which one it has: what differs between
+them, it reads here.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .slots import Slot
+
+
+class DataPath(Protocol):
+    # A request's data may lie in several extents (grant-mapped pages): its storage
+    # requests then need iovec arrays. The copy path packs each request in one buffer.
+    uses_iovecs: bool
+    # It holds persistent grants, whose count the ring reports after each batch.
+    keeps_grants: bool
+
+    def prepare(self, slots: list[Slot]) -> list[Slot]:
+        """Give the data-carrying slots their extents (write data brought in); a slot whose
+        data cannot be reached gets RSP_ERROR. Returns the slots that must wait for memory,
+        in ring order (they are offered again, after some slot finishes)."""
+        ...
+
+    def finish(self, slots: list[Slot]) -> list[Slot]:
+        """The storage is done with these slots: read data out, buffers and mappings back.
+        Returns those that may be answered now (a shared mapping answers its slots together)."""
+        ...
+
+    def idle(self) -> None:
+        """The ring has nothing to do: drop what is kept only for speed (stale persistent grants)."""
+        ...
+
+    @property
+    def persistent_grants(self) -> int:
+        """Persistent grants mapped now (0 for a path that keeps none)."""
+        ...
+
+    def close(self) -> None:
+        """Release everything (at disconnect, after every slot was finished)."""
+        ...
