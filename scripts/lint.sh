@@ -11,3 +11,5 @@ cd "$(dirname "$0")/.."
 VENV=${XENBLK_VENV:-.venv}
 echo "== lint: ruff check"
 "$VENV/bin/ruff" check .
+echo "== lint: mypy"
+"$VENV/bin/mypy"

@@ -30,6 +30,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from .constants import (
     MAX_RING_PAGE_ORDER,
@@ -176,7 +177,7 @@ class Layout:
 
 
 # x86_64: uint64_t is 8-aligned, so 4 pad bytes follow handle.
-_X86_64 = dict(
+_X86_64: dict[str, Any] = dict(
     request=_layout(
         "blkif_request", 112,
         operation=(0, "B"), nr_segments=(1, "B"), handle=(2, "H"),
@@ -202,7 +203,7 @@ _X86_64 = dict(
 
 # x86_32: uint64_t is 4-aligned; the indirect request carries an explicit
 # uint64_t pad (#ifdef __i386__) so it is 64 bytes like x86_64's.
-_X86_32 = dict(
+_X86_32: dict[str, Any] = dict(
     request=_layout(
         "blkif_request", 108,
         operation=(0, "B"), nr_segments=(1, "B"), handle=(2, "H"),

@@ -64,7 +64,7 @@ class RequestIntake:
         """Decode+validate `count` back-to-back slots of a private copy."""
         decode = self._decoder.decode
         checks = self._validator.check_by_type
-        out = []
+        out: list[Decoded] = []
         append = out.append
         for off in range(0, count * self._entry, self._entry):
             item = decode(raw, off)

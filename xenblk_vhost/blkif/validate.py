@@ -46,7 +46,9 @@ Public API:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .constants import (
     DEFAULT_MAX_INDIRECT_SEGMENTS,
@@ -61,7 +63,7 @@ from .constants import (
     XEN_PAGE_SIZE,
 )
 from .decode import R_BAD_SEGMENT, decode_segments
-from .request import DiscardRequest, IndirectRequest, Rejection, Request
+from .request import Decoded, DiscardRequest, IndirectRequest, Rejection, Request
 
 R_FLUSH_DISABLED = "flush not supported"
 R_BARRIER_DISABLED = "barrier not supported"
@@ -132,7 +134,7 @@ class Validator:
         self._discard = limits.discard_enabled
         self._max_indirect = limits.max_indirect_segments
         # type(decoded) -> its check; the batch loop indexes this directly.
-        self.check_by_type = {
+        self.check_by_type: dict[type, Callable[[Any], Decoded]] = {
             Request: self.check_rw,
             DiscardRequest: self.check_discard,
             IndirectRequest: self.check_indirect,

@@ -10,7 +10,7 @@ What runs, all of it under one temporary directory removed at the end:
                                 with its own xenstore connection and Platform, configured
                                 by an embedded YAML file (validated like any other)
     a guest domain              its own process: the reference frontend (behaves like
-                                Linux xen-blkfront) running demo_workload (demo_guest.py)
+                                Linux xen-blkfront) running workload.py (guest.py)
 
 The disk is a sparse file. The run: toolstack creates the domain and adds
 the vbd (libxl's nodes), the backend goes InitWait, the guest connects and
@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -46,7 +47,7 @@ from ..config import ConfigError, parse_config
 from ..exit_codes import EXIT_USAGE
 from ..observability.snapshot import service_snapshot
 from ..sim import open_sim
-from ..sim.processes import HelperProcessError, helper_process
+from ..sim.processes import HelperProcess, HelperProcessError, helper_process
 from ..sim.toolstack import VbdConfig
 from ..sim.world import open_world
 from ..xen.xenstore import open_xenstore
@@ -130,7 +131,7 @@ class DemoRun:
     at_rest: tuple | None = None  # (first sector, sectors) the guest writes once and re-reads
     on_progress: Callable[[DemoRun, dict], None] | None = None  # test hook, each guest report
     interrupted: bool = False
-    _guest: object | None = None
+    _guest: HelperProcess | None = None
     _all_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     def interrupt(self) -> None:
@@ -254,12 +255,13 @@ def _describe(e: BaseException) -> str:
 
 
 async def run_demo(opts: DemoOptions, *, progress: Progress | None = None, run: DemoRun | None = None) -> dict:
-    """The whole demo; its summary (see demo_summary.py). Raises DemoUsageError for bad options."""
+    """The whole demo; its summary (see summary.py). Raises DemoUsageError for bad options."""
     opts.check()
     run = run or DemoRun()
     progress = progress or Progress(opts.seconds, enabled=False)
     tmp = Path(tempfile.mkdtemp(prefix="xbv-demo-", dir=opts.tmp_parent))
-    state = {"negotiated": None, "report": None, "backend": None, "frontend_errors": None, "failure": None}
+    state: dict[str, Any] = {"negotiated": None, "report": None, "backend": None, "frontend_errors": None,
+                             "failure": None}
     try:
         with run._all_scope:
             await _run_in(tmp, opts, progress, run, state)

@@ -101,6 +101,7 @@ async def run(args: argparse.Namespace) -> int:
                 async with open_guest_xenstore(args.domid, args.xenstore) as xs:
                     async with open_blkfront(xs, guest, args.devid, options) as front:
                         connected.set()
+                        assert front.negotiated is not None  # open_blkfront returns it connected
                         emit("connected", negotiated=front.negotiated.as_dict(), disk=vars(front.disk),
                              sectors=front.sectors)
                         report = await run_demo_workload(

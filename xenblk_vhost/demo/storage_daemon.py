@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -61,7 +62,7 @@ def qsd_argv(image: Path, sock: Path, qmp: Path, *, num_queues: int, export_id: 
                         f"num-queues={num_queues}"]
 
 
-async def qmp_command(qmp_socket: Path, command: str, **arguments) -> object:
+async def qmp_command(qmp_socket: Path, command: str, **arguments) -> Any:
     """One QMP command on a fresh connection; its "return" value."""
     stream = await trio.open_unix_socket(os.fspath(qmp_socket))
     async with stream:

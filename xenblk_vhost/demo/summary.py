@@ -40,7 +40,7 @@ def negotiated_view(negotiated: dict | None) -> dict | None:
     }
 
 
-def backend_agrees(ring_requests: dict, backend_total: dict | None) -> bool | None:
+def backend_agrees(ring_requests: dict | None, backend_total: dict | None) -> bool | None:
     """Whether the backend counted what the guest sent (blkback counts barriers with flushes)."""
     if not backend_total or not ring_requests:
         return None

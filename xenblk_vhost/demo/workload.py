@@ -296,7 +296,7 @@ async def run_demo_workload(front, workload: DemoWorkload, *, stop: trio.Event,
         report.timed_requests = sum(report.ring_requests.values()) - base_requests
         report.timed_bytes = report.bytes_read + report.bytes_written - base_bytes
 
-    async def ticker(cancel: trio.CancelScope) -> None:
+    async def ticker(cancel: trio.CancelScope, on_progress: Callable[[WorkloadReport], None]) -> None:
         with cancel:
             while True:
                 await trio.sleep(workload.progress_interval)
@@ -308,7 +308,7 @@ async def run_demo_workload(front, workload: DemoWorkload, *, stop: trio.Event,
     tick = trio.CancelScope()
     async with trio.open_nursery() as outer:
         if on_progress is not None:
-            outer.start_soon(ticker, tick)
+            outer.start_soon(ticker, tick, on_progress)
         async with trio.open_nursery() as nursery:
             for lane_no, region in enumerate(plan.lanes):
                 nursery.start_soon(lane, lane_no, region)

@@ -87,7 +87,7 @@ def qmp_answer(command: dict, negotiated: bool, state: DeviceModelState) -> tupl
     return reply, negotiated
 
 
-async def _send(stream: trio.SocketStream, obj: dict) -> None:
+async def _send(stream: trio.abc.SendStream, obj: dict) -> None:
     await stream.send_all(json.dumps(obj).encode() + b"\r\n")
 
 

@@ -134,7 +134,7 @@ def check_served_by(control: str, driver: str | None, path: str | None, disk: Di
 
 
 def writable(disk: DiskConfig, mode: str) -> bool:
-    # As the daemon decides (backend/device.py effective_disk): 'w' in mode, unless the file says readonly.
+    # As the daemon decides (backend/xenbus/device.py effective_disk): 'w' in mode, unless the file says readonly.
     return "w" in mode and not disk.readonly
 
 

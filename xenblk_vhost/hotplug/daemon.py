@@ -14,6 +14,7 @@ xenstore.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -60,8 +61,8 @@ async def find_daemon(device: BackendDevice, directory: Path = CONTROL_DIR) -> t
     silent = []
     for path in control_sockets(directory):
         try:
-            snapshot = await trio.to_thread.run_sync(
-                lambda path=path: request_control(path, "stats", timeout=ASK_TIMEOUT))
+            snapshot = await trio.to_thread.run_sync(functools.partial(request_control, path, "stats",
+                                                                       timeout=ASK_TIMEOUT))
         except ControlError as e:
             silent.append(str(e))
             continue

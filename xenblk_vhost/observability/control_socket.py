@@ -110,7 +110,7 @@ def answer(request: bytes, handlers: Mapping[str, Callable[[], dict]]) -> dict:
     except ValueError:
         return {"ok": False, "error": "not JSON: send one line such as {\"command\": \"stats\"}"}
     command = message.get("command") if isinstance(message, dict) else None
-    if command not in handlers:
+    if not isinstance(command, str) or command not in handlers:
         return {"ok": False, "error": f"unknown command {command!r} (known: {', '.join(sorted(handlers))})"}
     return {"ok": True, command: handlers[command]()}
 

@@ -6,7 +6,7 @@
     # GET /metrics -> text/plain; version=0.0.4 (or OpenMetrics if the scraper asks for it)
 
 No counter lives here: ServiceCollector reads the same snapshot as the
-control socket (service_snapshot.py) at scrape time and turns it into
+control socket (snapshot.py) at scrape time and turns it into
 metric families. The HTTP side is a tiny trio handler (GET or HEAD of
 /metrics, one request per connection): no thread, unlike
 prometheus_client's start_http_server.

@@ -13,7 +13,7 @@ two steps of the datapath, so a snapshot is consistent.
                           "halted": false}, ...],
                "total": {...the rings summed...}}]}
 
-Counters are the datapath's (backend/stats.py: blkback's names); they
+Counters are the datapath's (backend/datapath/stats.py: blkback's names); they
 start from zero at each connection of the frontend, as blkback's do.
 """
 
@@ -29,7 +29,7 @@ SNAPSHOT_VERSION = 1
 
 
 def device_snapshot(device_id, device) -> dict:
-    """One device (backend/device.py Device) and its vbd's counters, if it has a vbd."""
+    """One device (backend/xenbus/device.py Device) and its vbd's counters, if it has a vbd."""
     entry = {
         "device": str(device_id),
         "kind": device_id.kind,

@@ -126,7 +126,7 @@ class Blkfront:
         self._nursery = nursery
         self.details: xb.FrontendDetails | None = None
         self.state = XenbusState.INITIALISING
-        self.backend_state = XenbusState.UNKNOWN
+        self.backend_state: int = XenbusState.UNKNOWN
         self._backend_changed = trio.Event()
         self.negotiated: Negotiated | None = None
         self.disk: DiskInfo | None = None
@@ -135,7 +135,7 @@ class Blkfront:
         self.resizes = 0
         self._setups: list[_RingSetup] = []
         self.rings: list[FrontendRing] = []
-        self._ring_scopes: list[trio.CancelScope] = []
+        self._ring_scopes: list[trio.CancelScope | None] = []
         self._torn_down = trio.Event()
         self._torn_down.set()
         self._errors: list[str] = []
@@ -153,9 +153,21 @@ class Blkfront:
 
     # ---- the backend's state ------------------------------------------------------------
 
+    @property
+    def _details(self) -> xb.FrontendDetails:
+        """The toolstack's nodes, read before the first connect (all that follows relies on them)."""
+        assert self.details is not None
+        return self.details
+
+    @property
+    def _negotiated(self) -> Negotiated:
+        """What the last connect negotiated (I/O happens only while connected)."""
+        assert self.negotiated is not None
+        return self.negotiated
+
     async def _watch_backend(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """blkback_changed: the otherend watch, for the device's whole life."""
-        async with xb.watch_backend_state(self.xs, self.details.backend) as states:
+        async with xb.watch_backend_state(self.xs, self._details.backend) as states:
             started = False
             async for state in states:
                 self.backend_state = state
@@ -187,7 +199,7 @@ class Blkfront:
             while self.backend_state not in wanted:
                 if (self.backend_state in (XenbusState.CLOSING, XenbusState.CLOSED, XenbusState.UNKNOWN)
                         and self.backend_state not in tolerate):
-                    error = await xb.read_str(self.xs, f"{self.details.backend}/error")
+                    error = await xb.read_str(self.xs, f"{self._details.backend}/error")
                     raise xb.HandshakeError(
                         f"backend state {self.backend_state} while waiting for {what}"
                         + (f" (backend error: {error})" if error else ""))
@@ -196,7 +208,7 @@ class Blkfront:
 
     async def _check_resize(self) -> None:
         """blkfront_connect while connected: the backend may be telling a new size."""
-        sectors = await xb.read_sectors(self.xs, self.details.backend)
+        sectors = await xb.read_sectors(self.xs, self._details.backend)
         if sectors is not None and sectors != self.sectors:
             self.sectors = sectors
             self.resizes += 1
@@ -227,7 +239,7 @@ class Blkfront:
         await self._blkfront_connect()
 
     async def _talk_to_blkback(self) -> None:
-        d = self.details
+        d = self._details
         choice = await xb.choose_rings(self.xs, d.backend, self.options)
         abi = abi_for_protocol(self.options.protocol)
         nr_pages = 1 << choice.ring_page_order
@@ -260,7 +272,7 @@ class Blkfront:
         return frames
 
     async def _blkfront_connect(self) -> None:
-        d = self.details
+        d = self._details
         self.disk = await xb.read_disk_info(self.xs, d.backend)
         neg = await xb.gather_features(self.xs, d.backend, self.options, self._choice, d.trusted)
         self.negotiated = neg
@@ -398,7 +410,7 @@ class Blkfront:
     def _chunks(self, nr_sectors: int, first_sect: int) -> list[tuple[int, int, int]]:
         """(offset in sectors, count, first_sect) per request, at most the
         negotiated segments each: what the block layer's limits make."""
-        per = self.negotiated.segments_per_request * SECTORS_PER_PAGE
+        per = self._negotiated.segments_per_request * SECTORS_PER_PAGE
         out, done, first = [], 0, first_sect
         while done < nr_sectors:
             n = min(nr_sectors - done, per - first)
@@ -426,13 +438,13 @@ class Blkfront:
                 nursery.start_soon(one, i)
         if failures:
             raise failures[0]
-        return results
+        return [r for r in results if r is not None]  # all of them: no failure
 
     async def read(self, sector: int, nr_sectors: int, *, first_sect: int = 0,
                    queue: int | None = None) -> bytes:
         reqs = [IoRequest(OP_READ, sector + off, n, first_sect=first)
                 for off, n, first in self._chunks(nr_sectors, first_sect)]
-        return b"".join(done.data for done in await self._all(reqs, queue))
+        return b"".join(_read_data(done) for done in await self._all(reqs, queue))
 
     async def write(self, sector: int, data: bytes, *, first_sect: int = 0,
                     queue: int | None = None) -> None:
@@ -452,9 +464,9 @@ class Blkfront:
     async def flush(self, *, queue: int | None = None) -> None:
         """An empty flush with the negotiated flush op (FLUSH_DISKCACHE, or
         WRITE_BARRIER if that is all the backend offers)."""
-        if self.negotiated.flush_op is None:
+        if self._negotiated.flush_op is None:
             raise RuntimeError("the backend offered neither feature-flush-cache nor feature-barrier")
-        await self._checked(IoRequest(self.negotiated.flush_op), queue)
+        await self._checked(IoRequest(self._negotiated.flush_op), queue)
 
     async def discard(self, sector: int, nr_sectors: int, *, secure: bool = False,
                       queue: int | None = None) -> None:
@@ -469,8 +481,10 @@ class Blkfront:
         ring = self.ring_for(queue)
         if ring.in_flight:
             raise RuntimeError(f"ring {queue} has {ring.in_flight} requests in flight")
-        self._ring_scopes[queue].cancel()
-        raw = RawRing(ring, self.guest, self.details.backend_id)
+        scope = self._ring_scopes[queue]
+        if scope is not None:
+            scope.cancel()
+        raw = RawRing(ring, self.guest, self._details.backend_id)
         try:
             yield raw
         finally:
@@ -536,3 +550,9 @@ if __name__ == "__main__":
     from .blkfront_main import main
 
     sys.exit(main())
+
+
+def _read_data(done: Completion) -> bytes:
+    """A successful read's data (_all raised for a failed one)."""
+    assert done.data is not None
+    return done.data

@@ -223,27 +223,32 @@ class FrontendRing:
         pages: list[GrantedPage] = []
         indirect_pages: list[GrantedPage] = []
         try:
-            granted = []
+            granted: list[tuple[int, int, int]] = []
             pos = 0
             for first, last in segs:
                 page = self.pool.get(readonly=writes_data)
                 pages.append(page)
+                assert page.gref is not None  # the pool hands out granted pages
                 if writes_data:
+                    assert req.data is not None  # a write carries its data
                     n = (last - first + 1) * SECTOR_SIZE
                     page.view[first * SECTOR_SIZE:first * SECTOR_SIZE + n] = req.data[pos:pos + n]
                     pos += n
                 granted.append((page.gref, first, last))
             view = self.ring.view
             if indirect:
+                indirect_grefs: list[int] = []
                 for i in range(indirect_pages_for(len(granted))):
                     chunk = granted[i * SEGMENTS_PER_INDIRECT_PAGE:(i + 1) * SEGMENTS_PER_INDIRECT_PAGE]
                     page = self.pool.get(readonly=True)  # the backend only reads them
                     raw = encode_segments(chunk)
                     page.view[:len(raw)] = raw
                     indirect_pages.append(page)
+                    assert page.gref is not None
+                    indirect_grefs.append(page.gref)
                 off = self.ring.claim_request_slot()
                 self.encoder.indirect(view, off, req.op, id_, req.sector, len(granted),
-                                      [p.gref for p in indirect_pages], handle=self.handle)
+                                      indirect_grefs, handle=self.handle)
                 self.stats.indirect += 1
             elif req.op == OP_DISCARD:
                 off = self.ring.claim_request_slot()

@@ -18,7 +18,7 @@ from ..blkif.constants import (
     OP_FLUSH_DISKCACHE,
     OP_WRITE_BARRIER,
 )
-from ..xen.interfaces import XenStore
+from ..xen.interfaces import XenStore, XenStoreOps, XenStoreTransaction
 from ..xen.xenbus import XenbusState
 from ..xen.xenstore import read_or_none
 from .blkfront_config import BlkfrontOptions, DiskInfo, Negotiated
@@ -29,7 +29,7 @@ class HandshakeError(RuntimeError):
     """The backend published something blkfront would call fatal."""
 
 
-async def read_str(xs: XenStore, path: str) -> str | None:
+async def read_str(xs: XenStoreOps, path: str) -> str | None:
     """A node's value, None if it is not there for us: missing, or (for a
     guest) gone along with parents it may not read, which xenstored answers
     EACCES; xenbus treats any read error alike."""
@@ -90,7 +90,7 @@ async def switch_state(xs: XenStore, fe_path: str, state: int) -> bool:
     """__xenbus_switch_state: in a transaction, only if `state` still exists
     (the toolstack may have removed the device). False if it did not."""
 
-    async def body(t: XenStore) -> bool:
+    async def body(t: XenStoreTransaction) -> bool:
         if await read_str(t, f"{fe_path}/state") is None:
             return False
         await t.write(f"{fe_path}/state", str(state))
@@ -129,7 +129,7 @@ async def write_transport(xs: XenStore, fe_path: str, order: int, rings: Sequenc
     feature-persistent. `protocol` None writes no protocol key at all
     (Linux always writes XEN_IO_PROTO_ABI_NATIVE)."""
 
-    async def per_ring(t: XenStore, directory: str, ring: RingNodes) -> None:
+    async def per_ring(t: XenStoreOps, directory: str, ring: RingNodes) -> None:
         if len(ring.refs) == 1:
             await t.write(f"{directory}/ring-ref", str(ring.refs[0]))
         else:
@@ -137,7 +137,7 @@ async def write_transport(xs: XenStore, fe_path: str, order: int, rings: Sequenc
                 await t.write(f"{directory}/ring-ref{i}", str(ref))
         await t.write(f"{directory}/event-channel", str(ring.event_channel))
 
-    async def body(t: XenStore) -> None:
+    async def body(t: XenStoreTransaction) -> None:
         if 1 << order > 1:
             await t.write(f"{fe_path}/ring-page-order", str(order))
         if len(rings) == 1:

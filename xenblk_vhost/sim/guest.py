@@ -331,6 +331,7 @@ class GuestAgent:
         self._reader = reader
 
     async def call(self, cmd: str, **args: Any) -> dict:
+        assert self.proc.stdin is not None  # agent_process opens the pipes
         await self.proc.stdin.send_all((json.dumps({"cmd": cmd, **args}) + "\n").encode())
         reply = json.loads(await self._reader.line())
         if "error" in reply:
@@ -348,6 +349,7 @@ async def guest_agent(
     if domid is not None:
         cmd += ["--domid", str(domid)]
     async with agent_process(cmd, grace=5) as proc:
+        assert proc.stdout is not None  # agent_process opens the pipes
         reader = LineReader(proc.stdout, "guest agent")
         hello = json.loads(await reader.line())
         yield GuestAgent(proc, hello["domid"], reader)

@@ -270,6 +270,8 @@ class Hypervisor:
         return token
 
     def _release_hold(self, n: UnmapNotify) -> None:
+        if n.event_port is None:
+            return
         dom = self.domains.get(n.domid)
         p = dom.ports.get(n.event_port) if dom else None
         if p is not None:
@@ -451,6 +453,7 @@ async def hypervisor_process(socket_path: str) -> AsyncIterator[trio.Process]:
     group, and must not stop the hypervisor under its guests' feet (the demo
     stops its guest first); whoever runs it stops it, here, on the way out."""
     proc = await trio.lowlevel.open_process(_command(socket_path), stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None  # a pipe was asked for
     try:
         line = b""
         while not line.endswith(b"\n"):
@@ -473,6 +476,7 @@ async def hypervisor_process(socket_path: str) -> AsyncIterator[trio.Process]:
 def running_hypervisor(socket_path: str) -> Iterator[subprocess.Popen]:
     """Run a hypervisor process for the duration of the block (plain scripts)."""
     proc = subprocess.Popen(_command(socket_path), stdout=subprocess.PIPE)
+    assert proc.stdout is not None  # a pipe was asked for
     try:
         line = proc.stdout.readline()
         if line.strip() != b"ready":

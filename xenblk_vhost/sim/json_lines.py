@@ -67,6 +67,7 @@ async def agent_process(argv: list[str], *, grace: float) -> AsyncIterator[trio.
     end it is told to exit (unless the block raised), given `grace` seconds
     after its stdin is closed, then killed."""
     proc = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None  # pipes were asked for
     try:
         yield proc
         try:

@@ -42,6 +42,7 @@ class CollectedProcess:
         self.eof = False
 
     async def _collect(self) -> None:
+        assert self.proc.stdout is not None  # collected: a pipe was asked for
         buf = b""
         try:
             while True:
@@ -84,7 +85,8 @@ class CollectedProcess:
                     await self.proc.wait()
                 if self.proc.returncode is None:
                     self.proc.kill()
-            return await self.proc.wait()
+            status = await self.proc.wait()
+        return status
 
 
 class HelperProcess(CollectedProcess):
@@ -108,6 +110,8 @@ class HelperProcess(CollectedProcess):
                 await self._changed.wait()
 
     async def send_line(self, text: str) -> None:
+        if self.proc.stdin is None:
+            raise HelperProcessError(f"{self.name} was started without a stdin pipe")
         try:
             await self.proc.stdin.send_all(text.encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -32,7 +32,7 @@ from typing import TypeVar
 import trio
 
 from ..vdev import parse_vdev
-from ..xen.interfaces import Permission, XenStore, XenStoreError
+from ..xen.interfaces import Permission, XenStore, XenStoreError, XenStoreOps, XenStoreTransaction
 from ..xen.xenbus import XenbusState
 
 # libxl_internal.h:94-95
@@ -188,13 +188,13 @@ def _abs_script(script: str, script_dir: str) -> str:
 T = TypeVar("T")
 
 
-async def in_transaction(xs: XenStore, body: Callable[[XenStore], Awaitable[T]]) -> T:
+async def in_transaction(xs: XenStore, body: Callable[[XenStoreTransaction], Awaitable[T]]) -> T:
     """Run body(t) in a transaction, again from the top on EAGAIN, as libxl's
     `for (;;) { transaction_start ... commit; if (!rc) break; }` loops do."""
     return await xs.transact(body)
 
 
-async def read_or_none(xs: XenStore, path: str) -> str | None:
+async def read_or_none(xs: XenStoreOps, path: str) -> str | None:
     try:
         return (await xs.read(path)).decode()
     except XenStoreError as exc:
@@ -203,7 +203,7 @@ async def read_or_none(xs: XenStore, path: str) -> str | None:
         raise
 
 
-async def _rm_if_present(xs: XenStore, path: str) -> None:
+async def _rm_if_present(xs: XenStoreOps, path: str) -> None:
     try:
         await xs.rm(path)
     except XenStoreError as exc:
@@ -211,7 +211,7 @@ async def _rm_if_present(xs: XenStore, path: str) -> None:
             raise
 
 
-async def path_cleanup(xs: XenStore, path: str) -> None:
+async def path_cleanup(xs: XenStoreOps, path: str) -> None:
     """libxl__xs_path_cleanup (libxl_xshelp.c:287-326): remove `path`, then
     each parent while it holds an empty value and has no children left."""
     try:
@@ -281,7 +281,7 @@ def _rwperm(domid: int) -> list[Permission]:
     return [Permission(domid, False, False)]
 
 
-async def _mknod(t: XenStore, path: str, perms: Sequence[Permission]) -> None:
+async def _mknod(t: XenStoreOps, path: str, perms: Sequence[Permission]) -> None:
     # libxl__xs_mknod (libxl_xshelp.c:171-191): write "" then set perms.
     await t.write(path, "")
     await t.set_perms(path, perms)
@@ -333,7 +333,7 @@ async def create_domain_nodes(
     ro, rw, no = _roperm(domid), _rwperm(domid), _noperm()
     hvm = domain_type == "hvm"
 
-    async def make(t: XenStore) -> None:
+    async def make(t: XenStoreTransaction) -> None:
         await _rm_if_present(t, dom_path)
         await _mknod(t, dom_path, ro)
         await _rm_if_present(t, vm_path)
@@ -370,7 +370,7 @@ async def create_domain_nodes(
 
     target = max_memkb if target_memkb is None else target_memkb
 
-    async def build_post(t: XenStore) -> None:
+    async def build_post(t: XenStoreTransaction) -> None:
         await t.write(f"{dom_path}/memory/static-max", str(max_memkb))
         await t.write(f"{dom_path}/memory/target", str(target))
         await t.write(f"{dom_path}/memory/videoram", "0")
@@ -410,7 +410,7 @@ async def add_vbd(xs: XenStore, domid: int, cfg: VbdConfig) -> VbdPaths:
     frontend_perms = [Permission(domid, False, False), Permission(cfg.backend_domid, True, False)]
     backend_perms = [Permission(cfg.backend_domid, False, False), Permission(domid, True, False)]
 
-    async def add(t: XenStore) -> None:
+    async def add(t: XenStoreTransaction) -> None:
         # libxl__device_exists: the libxl copy is the marker.
         if await read_or_none(t, paths.libxl) is not None:
             raise DeviceExists(f"{paths.libxl} already exists")
@@ -462,7 +462,7 @@ async def _remove_round(xs: XenStore, paths: VbdPaths, force: bool) -> bool:
     (libxl_device.c:1062-1102). Returns False if the backend is already gone."""
     state_path = f"{paths.backend}/state"
 
-    async def body(t: XenStore) -> bool:
+    async def body(t: XenStoreTransaction) -> bool:
         if force:
             await path_cleanup(t, paths.frontend)
         state = await read_or_none(t, state_path)
@@ -481,7 +481,7 @@ async def destroy_device(xs: XenStore, paths: VbdPaths) -> None:
     domain for a backend it also hosts: clean up the frontend, the libxl copy
     and the backend dir, removing emptied parents, in one transaction."""
 
-    async def body(t: XenStore) -> None:
+    async def body(t: XenStoreTransaction) -> None:
         await path_cleanup(t, paths.frontend)
         await path_cleanup(t, paths.libxl)
         await path_cleanup(t, paths.backend)

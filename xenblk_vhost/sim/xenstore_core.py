@@ -358,7 +358,9 @@ class XenstoredCore:
         else:
             if not path.startswith("/"):
                 prefix = f"/local/domain/{conn.domid}"
-            path = self._canonical(conn, path)
+            canonical = self._canonical(conn, path)
+            assert canonical is not None  # a path in, a path out
+            path = canonical
             if not is_valid_path(path):
                 raise StoreError(errno.EINVAL, f"invalid path {path!r}")
         token_bytes = token.encode("latin-1")

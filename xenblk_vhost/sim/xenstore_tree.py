@@ -322,6 +322,7 @@ class Store:
             assert path is not None
             node = self._create(caller, path, value, tx)
         else:
+            assert path is not None  # _get_node found it
             node = replace(old, value=value)
             self._check_size(caller, node)
             self._put(path, node, tx)

@@ -23,8 +23,9 @@ class BlkioError(OSError):
         self.operation = operation
 
     def __str__(self) -> str:
-        name = errno_names.errorcode.get(self.errno, str(self.errno))
-        return f"{self.operation}: {self.message or os.strerror(self.errno)} [{name}]"
+        code = self.errno or 0  # always set: __init__ takes it
+        name = errno_names.errorcode.get(code, str(code))
+        return f"{self.operation}: {self.message or os.strerror(code)} [{name}]"
 
     def __reduce__(self):  # keep pickling (e.g. across trio/pytest reporting) faithful
         return (type(self), (self.errno, self.message, self.operation))

@@ -179,14 +179,9 @@ class Permission:
         return cls(dom, read, write)
 
 
-class XenStore(Protocol):
-    """An async xenstore client. Paths are str; values are bytes on read, str|bytes on write.
-
-    A transaction is an async context manager yielding a handle with the same
-    read/write/mkdir/rm/directory methods; on leaving without error it commits,
-    and raises XenStoreError(EAGAIN) on conflict (callers retry via
-    `transact()`).
-    """
+class XenStoreOps(Protocol):
+    """The data base calls, which a client and a transaction handle both offer: helpers that only
+    read and write take this, and so work inside a transaction or outside it."""
 
     async def read(self, path: str) -> bytes: ...
 
@@ -196,6 +191,8 @@ class XenStore(Protocol):
 
     async def rm(self, path: str) -> None: ...
 
+    async def exists(self, path: str) -> bool: ...
+
     async def directory(self, path: str) -> list[str]: ...
 
     async def get_perms(self, path: str) -> list[Permission]: ...
@@ -204,7 +201,15 @@ class XenStore(Protocol):
 
     async def get_domain_path(self, domid: int) -> str: ...
 
-    async def exists(self, path: str) -> bool: ...
+
+class XenStore(XenStoreOps, Protocol):
+    """An async xenstore client. Paths are str; values are bytes on read, str|bytes on write.
+
+    A transaction is an async context manager yielding a handle with the same
+    read/write/mkdir/rm/directory methods; on leaving without error it commits,
+    and raises XenStoreError(EAGAIN) on conflict (callers retry via
+    `transact()`).
+    """
 
     def transaction(self) -> AbstractAsyncContextManager[XenStoreTransaction]:
         """`async with xs.transaction() as t:` commits on exit, aborts if the block raises."""
@@ -222,23 +227,5 @@ class XenStore(Protocol):
     async def close(self) -> None: ...
 
 
-class XenStoreTransaction(Protocol):
+class XenStoreTransaction(XenStoreOps, Protocol):
     """The handle `XenStore.transaction()` yields: the data base calls, in one transaction."""
-
-    async def read(self, path: str) -> bytes: ...
-
-    async def write(self, path: str, value: str | bytes) -> None: ...
-
-    async def mkdir(self, path: str) -> None: ...
-
-    async def rm(self, path: str) -> None: ...
-
-    async def exists(self, path: str) -> bool: ...
-
-    async def directory(self, path: str) -> list[str]: ...
-
-    async def get_perms(self, path: str) -> list[Permission]: ...
-
-    async def set_perms(self, path: str, perms: Sequence[Permission]) -> None: ...
-
-    async def get_domain_path(self, domid: int) -> str: ...

@@ -64,7 +64,7 @@ from typing import TypeVar
 import trio
 
 from .._groups import reraise_alone
-from .interfaces import Permission, XenStoreError
+from .interfaces import Permission, XenStoreError, XenStoreOps
 from .xs_wire import ERROR_NAMES, PAYLOAD_MAX, Message, Op, Reader, WireError, encode_str, join_args, split_strings
 
 log = logging.getLogger(__name__)
@@ -431,8 +431,7 @@ class XenStoreClient(_Operations):
                 try:
                     await self._stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-                    self._lose(f"send failed: {e}")
-                    raise self._error from e
+                    raise self._lose(f"send failed: {e}") from e
 
     async def _send_and_forget(self, op: Op, payload: bytes, *, tx_id: int = 0) -> None:
         """Cleanup requests (abort, unwatch): send even when cancelled, ignore the answer."""
@@ -491,21 +490,22 @@ class XenStoreClient(_Operations):
         else:
             log.debug("reply to req_id %d nobody waits for (caller cancelled)", msg.req_id)
 
-    def _lose(self, reason: str) -> None:
-        """Fail everything once: pending calls, watches, and every later call."""
+    def _lose(self, reason: str) -> XenStoreConnectionError:
+        """Fail everything once: pending calls, watches, and every later call. The error they get."""
         if self._error is not None:
-            return
-        self._error = XenStoreConnectionError(f"xenstore connection to {self.path} lost: {reason}")
+            return self._error
+        error = self._error = XenStoreConnectionError(f"xenstore connection to {self.path} lost: {reason}")
         for reply in self._pending.values():
             if not reply.done.is_set():  # an answer that already came still counts
-                reply.error = self._error
+                reply.error = error
                 reply.done.set()
         for events in self._watches.values():
-            events._fail(self._error)
+            events._fail(error)
         self._ignored.clear()
+        return error
 
 
-async def read_or_none(xs, path: str) -> bytes | None:
+async def read_or_none(xs: XenStoreOps, path: str) -> bytes | None:
     """The node's value, or None if it is absent (ENOENT) or unreadable to us (EACCES).
 
     Both mean "not there" to a backend: a guest hiding a key in its own

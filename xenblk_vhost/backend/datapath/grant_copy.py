@@ -18,14 +18,19 @@ builds it with tuple.__new__ instead; nothing else here changes.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from ...blkif.constants import RSP_ERROR
-from ...xen.interfaces import CopySegment
+from ...xen.interfaces import CopySegment, Gntdev
 
 log = logging.getLogger(__name__)
 
+# The class as the builders below see it: its attributes are slot descriptors, which
+# a type checker (seeing instance fields) cannot know.
+_CopySegmentClass: Any = CopySegment
+
 if issubclass(CopySegment, tuple):  # a NamedTuple: one C call
-    _tuple_new = tuple.__new__
+    _tuple_new: Any = tuple.__new__
 
     def segment(to_guest: bool, domid: int, gref: int, guest_offset: int, local_addr: int,
                 length: int) -> CopySegment:
@@ -33,12 +38,12 @@ if issubclass(CopySegment, tuple):  # a NamedTuple: one C call
         return _tuple_new(CopySegment, (to_guest, domid, gref, guest_offset, local_addr, length))
 else:
     _new = object.__new__
-    _set_to_guest = CopySegment.to_guest.__set__  # type: ignore[attr-defined]
-    _set_domid = CopySegment.domid.__set__  # type: ignore[attr-defined]
-    _set_gref = CopySegment.gref.__set__  # type: ignore[attr-defined]
-    _set_offset = CopySegment.guest_offset.__set__  # type: ignore[attr-defined]
-    _set_addr = CopySegment.local_addr.__set__  # type: ignore[attr-defined]
-    _set_length = CopySegment.length.__set__  # type: ignore[attr-defined]
+    _set_to_guest = _CopySegmentClass.to_guest.__set__
+    _set_domid = _CopySegmentClass.domid.__set__
+    _set_gref = _CopySegmentClass.gref.__set__
+    _set_offset = _CopySegmentClass.guest_offset.__set__
+    _set_addr = _CopySegmentClass.local_addr.__set__
+    _set_length = _CopySegmentClass.length.__set__
 
     def segment(to_guest: bool, domid: int, gref: int, guest_offset: int, local_addr: int,
                 length: int) -> CopySegment:
@@ -53,7 +58,7 @@ else:
         return s
 
 
-def run_copy(gntdev, segments: list, owners: list) -> int:
+def run_copy(gntdev: Gntdev, segments: list[CopySegment], owners: list) -> int:
     """One grant_copy for all segments; fail the owners of failed ones. Returns how many failed."""
     if not segments:
         return 0

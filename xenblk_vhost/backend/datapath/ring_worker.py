@@ -88,14 +88,14 @@ R_READ_ONLY_FLUSH = "flush with data on a read-only device"
 
 IDLE_PURGE_INTERVAL = 1.0  # seconds between persistent-grant purges while idle
 
-_READ = (STEP_READ,)
-_WRITE = (STEP_WRITE,)
-_FLUSH = (STEP_FLUSH,)
-_WRITE_THEN_FLUSH = (STEP_WRITE, STEP_FLUSH)  # flush carrying data: durable when answered
-_BARRIER = (STEP_FLUSH,)  # after the drain
-_BARRIER_WITH_DATA = (STEP_FLUSH, STEP_WRITE, STEP_FLUSH)
-_DISCARD = (STEP_DISCARD,)
-_WRITE_ZEROES = (STEP_WRITE_ZEROES,)
+_READ: tuple[int, ...] = (STEP_READ,)
+_WRITE: tuple[int, ...] = (STEP_WRITE,)
+_FLUSH: tuple[int, ...] = (STEP_FLUSH,)
+_WRITE_THEN_FLUSH: tuple[int, ...] = (STEP_WRITE, STEP_FLUSH)  # flush carrying data: durable when answered
+_BARRIER: tuple[int, ...] = (STEP_FLUSH,)  # after the drain
+_BARRIER_WITH_DATA: tuple[int, ...] = (STEP_FLUSH, STEP_WRITE, STEP_FLUSH)
+_DISCARD: tuple[int, ...] = (STEP_DISCARD,)
+_WRITE_ZEROES: tuple[int, ...] = (STEP_WRITE_ZEROES,)
 
 
 class RingWorker:
@@ -268,7 +268,7 @@ class RingWorker:
         free = self.pool.free
         read_only = self.policy.limits.read_only
         now = time.monotonic()  # one clock read for the batch: its requests' latency starts here
-        run = []
+        run: list[Slot] = []
         append = run.append
         rd_req = rd_sect = wr_req = wr_sect = 0
         for item in batch:

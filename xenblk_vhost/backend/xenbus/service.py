@@ -211,6 +211,7 @@ class Service:
                 books.ended.discard(devid)
             elif state not in _ADOPTABLE:
                 continue
+            assert self.backend_domid is not None and self._nursery is not None  # set by run()
             did = DeviceId(self.backend_domid, kind, domid, devid)
             if state != XenbusState.INITIALISING:
                 log.info("%s: taking over a device found in state %s", did, state.name)

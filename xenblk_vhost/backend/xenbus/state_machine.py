@@ -3,7 +3,7 @@
 States are XenbusState (xen/xenbus.py, from xen/include/public/io/xenbus.h). The rules follow
 Linux xen-blkback's frontend_changed(): what the backend does when it sees the
 frontend in a given state, given its own state and the toolstack's `online`
-flag. The device task (backend/device.py) performs the actions.
+flag. The device task (backend/xenbus/device.py) performs the actions.
 """
 
 from __future__ import annotations
