@@ -36,3 +36,14 @@ def test_check_accepts_a_valid_file_and_refuses_a_broken_one(tmp_path):
         f"{bad}:3: disks[0].path: /none: no such file (file or block device expected)",
         f"{bad}:3: disks[0].queues: must be between 1 and 64, got 0",
     ]
+
+
+def test_the_command_line_loads_nothing_only_the_simulator_needs():
+    """`xenblk-vhost` builds every subcommand's parser; on a dom0 without libatomic (the rig's)
+    that must not load the simulated hypervisor, which needs it (sim/_atomic.py)."""
+    code = ("import sys\nfrom xenblk_vhost.cli import build_parser\nbuild_parser()\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('xenblk_vhost.sim'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    heavy = {"xenblk_vhost.sim._atomic", "xenblk_vhost.sim.hypervisor", "xenblk_vhost.sim.grant_table",
+             "xenblk_vhost.sim.world"}
+    assert not heavy & set(out), out

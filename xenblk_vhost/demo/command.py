@@ -49,7 +49,6 @@ from ..observability.snapshot import service_snapshot
 from ..sim import open_sim
 from ..sim.processes import HelperProcess, HelperProcessError, helper_process
 from ..sim.toolstack import VbdConfig
-from ..sim.world import open_world
 from ..xen.xenstore import open_xenstore
 from .progress import Progress
 from .storage_daemon import StorageDaemonError, vhost_user_export
@@ -297,6 +296,10 @@ async def _run_in(tmp: Path, opts: DemoOptions, progress: Progress, run: DemoRun
         config = parse_config(DEMO_CONFIG.format(name=GUEST_NAME, driver=opts.driver, path=json.dumps(str(target)),
                                                  queues=opts.queues, data_path=opts.resolved_data_path()),
                               source="<demo config>", base=tmp)
+        # Imported here, not with the module: `xenblk-vhost` builds every subcommand's parser,
+        # and the simulated hypervisor needs libatomic, which a dom0 may not have.
+        from ..sim.world import open_world
+
         host = await stack.enter_async_context(open_world(tmp))
         service = await stack.enter_async_context(demo_backend(host.hypervisor_path, host.xenstore_path, [config]))
         domid = (await host.create_guest(GUEST_NAME)).domid
