@@ -12,6 +12,13 @@ create, start, stop, destroy. Ours, for one vbd:
                                                      releases the connection (serve() returns)
     destroy  dp.close()                              frees the storage
 
+and the operator's quiesce, the snapshot hook (tap-ctl pause/unpause):
+
+    pause    await dp.pause()                        takes no new request from any ring, returns once
+                                                     every request taken is answered; stays paused
+                                                     across reconnects (a new connection starts paused)
+    resume   dp.resume()                             takes requests again
+
 plus the size (online resize: current_sectors, sectors, apply_size) and the
 counters (stats). What crosses is plain data: the DiskConfig, what the vbd
 offers (VbdFeatures, backend/features.py), and what the frontend asked for
@@ -87,6 +94,20 @@ class VbdDataplane(Protocol):
 
     def close(self) -> None:
         """destroy: free the storage (after stop)."""
+        ...
+
+    @property
+    def paused(self) -> bool:
+        """Between pause() and resume()."""
+        ...
+
+    async def pause(self) -> None:
+        """Quiesce: no new request taken from any ring, return once none is in flight. Cancelling it
+        (a deadline) resumes: it never leaves the vbd half paused."""
+        ...
+
+    def resume(self) -> None:
+        """Take requests again (the requests the frontend queued meanwhile first)."""
         ...
 
     def current_sectors(self) -> int:

@@ -14,6 +14,11 @@ frontend's barrier orders against its other queues too:
   4. `reopen()`.
 A second barrier (on any ring) waits in drain() for the first to finish.
 
+The operator's pause (Vbd.pause, the snapshot hook) is the same drain
+without the barrier: the gate stays closed until resume() reopens it; a
+barrier met meanwhile waits in drain() like any second barrier. `close()`
+shuts a gate at once, for a paused vbd's new connection (nothing in flight).
+
 Every ring reports its requests with `enter()` when it gives one a request
 slot and `leave()` when it has answered it; both are O(1) and never wait.
 """
@@ -63,6 +68,12 @@ class BarrierGate:
             raise
         finally:
             self._drained = None
+
+    def close(self) -> None:
+        """Closed from the start (nothing can be in flight yet): a paused vbd's new connection."""
+        assert not self.in_flight and not self._closed
+        self._closed = True
+        self._opened = trio.Event()
 
     def reopen(self) -> None:
         self._closed = False

@@ -19,6 +19,9 @@ side (backend/xenbus/device.py) uses that surface and nothing else:
     vbd.sectors                          #   compare with the size in force, and
     vbd.apply_size(sectors)              #   apply a new one to later requests; publishing is yours)
     vbd.stats()                          # {"rings": [per-ring snapshot], "total": {...}}
+    await vbd.pause(); vbd.resume()      # the operator's quiesce (snapshot hook): the rings take
+                                         #   nothing new, pause() returns once nothing is in flight
+                                         #   (the barrier gate, barrier.py); kept across reconnects
     vbd.close()                          # destroy: free the storage (after disconnect)
 
 Cancelling the task running serve() is the other way out: the shielded
@@ -137,6 +140,7 @@ class Vbd:
         self._serving = False
         self._stopped: trio.Event | None = None
         self._storage_failed = False
+        self._paused = False
 
     @classmethod
     def open(cls, disk: DiskConfig, *, queues: int | None = None, **kwargs) -> Vbd:
@@ -170,6 +174,38 @@ class Vbd:
     def stats(self) -> dict:
         rings = [s.snapshot() for s in self._ring_stats]
         return {"rings": rings, "total": total(rings)}
+
+    # ------------------------------------------------------------ pause (operator)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    async def pause(self) -> None:
+        """Take no new request from any ring; return once every request taken is answered.
+
+        The barrier gate does it: closed, every ring's intake waits at it, and
+        drain() returns when the vbd's in-flight count reaches zero. Not
+        serving: the next connection starts closed. Cancelled (a deadline):
+        resumed, as drain() reopens on the way out.
+        """
+        if self._paused:
+            return
+        self._paused = True
+        if not self._serving:
+            return
+        try:
+            await self._gate.drain()
+        except BaseException:
+            self._paused = False
+            raise
+
+    def resume(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._serving:
+            self._gate.reopen()
 
     # ------------------------------------------------------------ serving
 
@@ -257,6 +293,8 @@ class Vbd:
         self._serving = True
         self._stopped = trio.Event()
         self._gate = BarrierGate()
+        if self._paused:
+            self._gate.close()
         self._intakes = []
         self._ring_stats = []
         resources: list[_RingResources] = []
