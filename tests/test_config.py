@@ -162,8 +162,60 @@ def test_same_vdev_twice_and_same_domain_twice(tmp_path, disk_img):
     assert str(info.value) == f"{c}:1: domain: the same domain is configured in {b}"
 
 
-def test_unreadable_file(tmp_path):
-    assert problems(tmp_path / "missing.yaml") == [f"{tmp_path / 'missing.yaml'}:0: file: No such file or directory"]
+def test_a_file_that_cannot_be_read_is_named_without_a_line_number(tmp_path):
+    """Issue 11: it said `missing.yaml:0: file: No such file or directory`."""
+    missing = tmp_path / "missing.yaml"
+    assert problems(missing) == [f"{missing}: file: no such file (a domain's YAML file, e.g. "
+                                 "/etc/xenblk-vhost/<domain>.yaml)"]
+    assert problems(tmp_path) == [f"{tmp_path}: file: not a regular file (give a domain's YAML file)"]
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("domain: {name: caf\xe9}\n".encode("latin-1"))
+    assert problems(latin) == [f"{latin}: file: not UTF-8 text (byte 18)"]
+
+
+def test_a_mistyped_driver_gets_a_did_you_mean(tmp_path, disk_img):
+    path = write(tmp_path, f"domain: {{name: a}}\ndisks: [{{vdev: xvda, driver: io-uring, path: {disk_img}}}]\n")
+    assert problems(path) == [
+        f"{path}:2: disks[0].driver: must be one of io_uring, nvme-io_uring, virtio-blk-vhost-user, "
+        "virtio-blk-vhost-vdpa, virtio-blk-vfio-pci, got 'io-uring' (did you mean 'io_uring'?)"]
+    path.write_text(path.read_text().replace("io-uring", "nvme"))  # nothing close enough: no guess
+    assert problems(path)[0].endswith("got 'nvme'")
+
+
+def test_reload_changes_are_described_per_domain_and_disk(tmp_path, disk_img):
+    other = tmp_path / "other.img"
+    other.write_bytes(b"\0" * 4096)
+    a = write(tmp_path, f"""
+        domain: {{name: web1}}
+        disks:
+          - {{vdev: xvda, driver: io_uring, path: {disk_img}}}
+          - {{vdev: xvdb, driver: io_uring, path: {disk_img}}}
+          - {{vdev: xvdc, driver: io_uring, path: {disk_img}}}
+        """, "web1.yaml")
+    old = load_configs([a])
+    write(tmp_path, f"""
+        domain: {{name: web1}}
+        disks:
+
+          - {{vdev: xvda, driver: io_uring, path: {disk_img}}}
+          - {{vdev: xvdb, driver: io_uring, path: {other}, queues: 2, limits: {{memory: 8MiB}}}}
+          - {{vdev: xvdd, driver: io_uring, path: {disk_img}}}
+        """, "web1.yaml")
+    b = write(tmp_path, f"domain: {{domid: 7}}\ndisks: [{{vdev: xvda, driver: io_uring, path: {disk_img}}}]\n",
+              "seven.yaml")
+    new = load_configs([a, b])
+    from xenblk_vhost.config import describe_changes
+
+    # xvda only moved a line down: no change (line numbers are not part of a disk).
+    assert describe_changes(old, new, attached={("web1", 51728)}) == [
+        "web1/xvdb: path, queues, limits.memory changed; attached now: applies when the guest next connects it",
+        "web1/xvdd: added",
+        "web1/xvdc: removed",
+        f"7: added (xvda) from {b}",
+    ]
+    assert describe_changes(new, old) == ["web1/xvdb: path, queues, limits.memory changed", "web1/xvdc: added",
+                                          "web1/xvdd: removed", "7: removed"]
+    assert describe_changes(old, old) == []
 
 
 @pytest.mark.parametrize("value, expected", [(4096, 4096), ("64MiB", 64 << 20), ("512k", 512 << 10), ("1G", 1 << 30)])
@@ -188,7 +240,8 @@ def test_check_storage_false_skips_only_the_storage_check(tmp_path, disk_img):
     # Strict (what `run` does): both missing paths are refused.
     assert problems(path) == [
         f"{path}:3: disks[0].path: /nonexistent/later.img: no such file (file or block device expected)",
-        f"{path}:4: disks[1].path: /nonexistent/later.sock: no such file (vhost-user-blk unix socket expected)",
+        f"{path}:4: disks[1].path: /nonexistent/later.sock: no such file (vhost-user-blk unix socket expected; "
+        "is the storage daemon that exports it running? (systemctl status 'qemu-storage-daemon@*'))",
         f"{path}:5: disks[2].queues: must be between 1 and 64, got 0",
     ]
     # Without the storage check, every other check still holds.

@@ -241,7 +241,7 @@ def test_served_by_must_be_the_files_storage(tmp_path):
 def test_only_control_sockets_are_asked(tmp_path):
     import socket as socketlib
 
-    from xenblk_vhost.hotplug.daemon import control_sockets
+    from xenblk_vhost.control_protocol import control_sockets
 
     made = []
     for name in ("control.sock", "control-web1.sock", "qsd-db1.qmp", "db1-xvda.sock"):

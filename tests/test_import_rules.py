@@ -2,14 +2,15 @@
 
 The layers (docs/ARCHITECTURE.md), top to bottom:
 
-    entry points      cli, __main__, device_model/, platforms (open_platform)
+    entry points      cli, __main__, daemon/ (run, its start-up checks, logging, systemd), device_model/,
+                      platforms (open_platform)
     operator surface  observability/ (control socket, metrics, stats), demo/, hotplug/
     service           backend/ = backend/xenbus/ (control plane) + backend/datapath/, and their
                       contract (backend/contract.py, backend/features.py)
     simulation        sim/, beside the service: each implements or drives the other's interfaces,
                       neither imports the other
     below             blkif/ (sans-I/O protocol), xen/, storage/ (adapters), config, vdev,
-                      control_protocol, exit_codes, _groups
+                      control_protocol, exit_codes, _groups, log_context
 
 Every import counts, lazy ones inside functions too. A violation is reported
 as `module:line imports target: rule`.
@@ -24,12 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PKG = "xenblk_vhost"
 
-ENTRY = ("xenblk_vhost.cli", "xenblk_vhost.__main__", "xenblk_vhost.device_model", "xenblk_vhost.platforms")
+ENTRY = ("xenblk_vhost.cli", "xenblk_vhost.__main__", "xenblk_vhost.daemon", "xenblk_vhost.device_model",
+         "xenblk_vhost.platforms")
 OPERATOR = ("xenblk_vhost.observability", "xenblk_vhost.demo", "xenblk_vhost.hotplug")
 SERVICE = ("xenblk_vhost.backend",)
 SIM = ("xenblk_vhost.sim",)
 BELOW = ("xenblk_vhost.blkif", "xenblk_vhost.xen", "xenblk_vhost.storage", "xenblk_vhost.config",
-         "xenblk_vhost.vdev", "xenblk_vhost.control_protocol", "xenblk_vhost.exit_codes", "xenblk_vhost._groups")
+         "xenblk_vhost.vdev", "xenblk_vhost.control_protocol", "xenblk_vhost.exit_codes", "xenblk_vhost._groups",
+         "xenblk_vhost.log_context")
 # The sans-I/O core touches no file, socket, process or event loop.
 IO_MODULES = ("trio", "socket", "os", "select", "selectors", "subprocess", "asyncio", "fcntl", "mmap", "signal",
               "ctypes", "cffi")

@@ -1,4 +1,5 @@
-"""The control socket and the stats table, in process: protocol, permissions, stale sockets, client errors."""
+"""The control socket and the stats table, in process: protocol, permissions, stale sockets, client errors,
+hostile requests, failing handlers."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import trio
 
 from xenblk_vhost.backend.datapath.stats import RingStats, total
-from xenblk_vhost.control_protocol import ControlError, default_control_path, request_control
-from xenblk_vhost.observability.control_socket import ControlSocket, ControlSocketBusy, answer
+from xenblk_vhost.control_protocol import ControlError, ControlRefused, default_control_path, request_control
+from xenblk_vhost.observability.control_socket import CommandRefused, ControlSocket, ControlSocketBusy, answer
 from xenblk_vhost.observability.stats_command import render_table
 
 
@@ -23,13 +24,84 @@ def test_default_path_is_system_wide_for_root_and_per_user_otherwise():
     assert default_control_path(1000, {}) is None
 
 
-def test_answers():
-    handlers = {"stats": lambda: {"vbds": []}}
-    assert answer(b'{"command": "stats"}', handlers) == {"ok": True, "stats": {"vbds": []}}
-    assert answer(b'{"command": "reboot"}', handlers) == {
+def handler(fn):
+    """A sync function as a control handler (they are async: pause and detach wait)."""
+    async def handle(request: dict) -> dict:
+        return fn(request)
+    return handle
+
+
+async def test_answers():
+    seen = []
+    handlers = {"stats": handler(lambda r: (seen.append(r), {"vbds": []})[1])}
+    assert await answer(b'{"command": "stats", "target": "web1"}', handlers) == {"ok": True, "stats": {"vbds": []}}
+    assert seen == [{"command": "stats", "target": "web1"}]  # the handler gets the whole request
+    assert await answer(b'{"command": "reboot"}', handlers) == {
         "ok": False, "error": "unknown command 'reboot' (known: stats)"}
-    assert answer(b"stats", handlers)["ok"] is False
-    assert answer(b"[1, 2]", handlers)["ok"] is False
+    assert (await answer(b"stats", handlers))["ok"] is False
+    assert (await answer(b"[1, 2]", handlers))["ok"] is False
+
+
+async def test_a_refusal_carries_its_exit_status_and_problems():
+    async def refuse(request: dict) -> dict:
+        raise CommandRefused("reload refused", exit_status=2, problems=["a.yaml:3: disks: bad"])
+
+    assert await answer(b'{"command": "reload"}', {"reload": refuse}) == {
+        "ok": False, "error": "reload refused", "exit": 2, "problems": ["a.yaml:3: disks: bad"]}
+
+
+# Issue 10 (D3): a control request must never end the daemon. Each of these
+# escaped answer() and killed the serving task before it was made total.
+@pytest.mark.parametrize("request_line, error", [
+    (b'{"command": []}', "'command' must be a string"),            # was TypeError: unhashable
+    (b'{"command": {"a": 1}}', "'command' must be a string"),
+    (b"[" * 3000, "nested too deeply"),                             # was RecursionError
+    (b'{"command": "stats", "x": ' + b"[" * 3000 + b"]}", "nested too deeply"),
+    (b'{"command": ' + b"9" * 5000 + b"}", "not JSON"),            # int() digit limit: a ValueError
+    (b'\xff\xfe{"command": "stats"}', "not JSON"),
+    (b'{"command": "' + b"\x7f" * 100 + b'"}', r"unknown command '\x7f\x7f"),  # echoed bounded
+])
+async def test_hostile_requests_get_an_error_reply(request_line, error):
+    reply = await answer(request_line, {"stats": handler(lambda r: {"vbds": []})})
+    assert reply["ok"] is False and error in reply["error"], reply
+    assert len(reply["error"]) < 150  # the reply does not echo a huge request back
+
+
+async def test_one_bad_client_or_failing_handler_never_stops_the_control_socket(tmp_path, caplog):
+    path = str(tmp_path / "control.sock")
+    fail = {"now": True}
+
+    def snapshot(request) -> dict:
+        if fail["now"]:
+            raise RuntimeError("snapshot exploded")
+        return {"vbds": []}
+
+    control = ControlSocket(path)
+
+    async def ask(line: bytes) -> dict:
+        raw = trio.socket.socket(trio.socket.AF_UNIX)
+        with raw:
+            await raw.connect(path)
+            await raw.send(line + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                more = await raw.recv(65536)
+                if not more:
+                    break
+                data += more
+        return json.loads(data) if data else {}
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(control.serve, {"stats": handler(snapshot)})
+        assert (await ask(b'{"command": []}'))["ok"] is False
+        assert (await ask(b"[" * 3000))["ok"] is False
+        reply = await ask(b'{"command": "stats"}')
+        assert reply == {"ok": False, "error": "internal error answering 'stats' (see the daemon's log)"}
+        assert "snapshot exploded" in caplog.text
+        fail["now"] = False
+        assert await ask(b'{"command": "stats"}') == {"ok": True, "stats": {"vbds": []}}
+        nursery.cancel_scope.cancel()
+    control.close()
 
 
 async def test_serves_0600_replaces_a_stale_socket_refuses_a_live_one_and_removes_its_own(tmp_path):
@@ -40,20 +112,20 @@ async def test_serves_0600_replaces_a_stale_socket_refuses_a_live_one_and_remove
     stale.close()  # a dead daemon's socket: nothing listens
     calls = []
 
-    def snapshot() -> dict:
+    def snapshot(request) -> dict:
         calls.append(1)
         return {"vbds": [], "n": len(calls)}
 
     control = ControlSocket(path)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(control.serve, {"stats": snapshot})
+        nursery.start_soon(control.serve, {"stats": handler(snapshot)})
         # Asked at each request, not cached.
         assert (await trio.to_thread.run_sync(request_control, path, "stats"))["n"] == 1
         assert (await trio.to_thread.run_sync(request_control, path, "stats"))["n"] == 2
         with pytest.raises(ControlSocketBusy, match="another xenblk-vhost answers on"):
             ControlSocket(path)
-        with pytest.raises(ControlError, match="unknown command 'nope'"):
+        with pytest.raises(ControlRefused, match="unknown command 'nope'"):
             await trio.to_thread.run_sync(request_control, path, "nope")
         # A client that sends garbage gets an error, one that says nothing is dropped, and
         # neither stops the server.
@@ -117,19 +189,25 @@ async def test_an_answer_that_is_not_json_is_reported(tmp_path):
     listener.close()
 
 
-def test_table_rows_are_the_rings_and_their_total():
+def test_table_rows_are_the_rings_and_their_total_each_line_named_by_domain_and_vdev():
     a, b = RingStats(), RingStats()
     a.rd_req, a.rd_sect, a.wr_req, a.wr_sect, a.persistent_grants = 10, 80, 4, 32, 7
     b.rd_req, b.f_req, b.ds_req, b.errors, b.oo_req = 5, 2, 1, 3, 9
     b.halted = True
     rings = [a.snapshot(), b.snapshot()]
-    snap = {"vbds": [{"device": "vbd-5-51712", "vdev": "xvda", "state": "CONNECTED", "driver": "io_uring",
-                      "path": "/x.img", "data_path": "map", "rings": rings, "total": total(rings)}]}
+    snap = {"vbds": [{"device": "vbd-5-51712", "domain": "web1", "domid": 5, "vdev": "xvda", "state": "CONNECTED",
+                      "driver": "io_uring", "path": "/x.img", "data_path": "map", "paused": True, "rings": rings,
+                      "total": total(rings)},
+                     {"device": "vbd-5-51728", "domain": "web1", "domid": 5, "vdev": "xvdb", "state": "CLOSED",
+                      "driver": "io_uring", "path": "/y.img", "data_path": None, "rings": [], "total": total([])}]}
     lines = render_table(snap).splitlines()
-    assert lines[0] == "vbd-5-51712 xvda  CONNECTED  io_uring /x.img  (map data path)"
-    assert lines[1].split() == ["ring", "rd_req", "wr_req", "f_req", "ds_req", "oo_req", "rd_sect", "wr_sect",
-                                "in_flight", "pgrants", "errors"]
-    assert lines[2].split() == ["0", "10", "4", "0", "0", "0", "80", "32", "0", "7", "0"]
-    assert lines[3].split() == ["1", "5", "0", "2", "1", "9", "0", "0", "0", "0", "3", "HALTED"]
-    assert lines[4].split() == ["total", "15", "4", "2", "1", "9", "80", "32", "0", "7", "3", "HALTED"]
+    assert lines[0] == "web1 xvda  vbd-5-51712  Connected  io_uring /x.img  (map data path)  PAUSED"
+    assert lines[1].split() == ["web1", "xvda", "ring", "rd_req", "wr_req", "f_req", "ds_req", "oo_req", "rd_sect",
+                                "wr_sect", "in_flight", "pgrants", "errors"]
+    assert lines[2].split() == ["web1", "xvda", "0", "10", "4", "0", "0", "0", "80", "32", "0", "7", "0"]
+    assert lines[3].split() == ["web1", "xvda", "1", "5", "0", "2", "1", "9", "0", "0", "0", "0", "3", "HALTED"]
+    assert lines[4].split() == ["web1", "xvda", "total", "15", "4", "2", "1", "9", "80", "32", "0", "7", "3", "HALTED"]
+    assert lines[5] == "web1 xvdb  vbd-5-51728  Closed  io_uring /y.img"
+    assert lines[7] == "web1 xvdb  (not connected: no rings)"
+    assert all(line.startswith(("web1 xvda", "web1 xvdb")) for line in lines)  # every line names its disk
     assert render_table({"vbds": []}) == "no devices (the daemon serves none right now)"

@@ -15,3 +15,10 @@ def reraise_alone(group: BaseExceptionGroup) -> None:
         raise exc
     finally:
         exc.__cause__, exc.__context__, exc.__suppress_context__ = saved
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions at the bottom of (nested) exception groups; [exc] for a plain one."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]

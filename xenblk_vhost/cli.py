@@ -1,44 +1,39 @@
 """Command line entry point: `xenblk-vhost`.
 
     xenblk-vhost check CONFIG...      validate, exit 0 or 2 (--no-storage: not the storage paths)
+    xenblk-vhost run CONFIG... [--xenstore PATH] [--sim SOCKET] [--control PATH] [--metrics HOST:PORT]
+                                      serve (daemon/run.py)
+    xenblk-vhost ctl list|status|pause|resume|detach|reload|stats   a running daemon (observability/ctl_command.py)
+    xenblk-vhost stats                the counters table (= ctl stats)
     xenblk-vhost hotplug add|remove   libxl's hotplug script (xenblk_vhost/hotplug/)
     xenblk-vhost install-hotplug      write /etc/xen/scripts/block-xenblk-vhost
-    xenblk-vhost run CONFIG... [--xenstore PATH] [--sim SOCKET] [--control PATH] [--metrics HOST:PORT]
-    xenblk-vhost stats [--control PATH] [--json]   a running daemon's counters (observability/stats_command.py)
     xenblk-vhost demo [--seconds N] [--driver D] [--queues N] [--data-path P] [--json]   (demo/command.py)
     xenblk-vhost -xen-domid N ...     exec'd by libxl as a PV device model (device_model/)
+
+Every command takes --log-level (debug, info, warning, error; any case) and
+--log-json, before or after its name (daemon/logs.py decides where the
+lines go: journald with fields and priorities, or stderr).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import signal
-import socket
 import sys
 
 from . import __version__
-from .config import ConfigError, load_configs
-from .exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-
-log = logging.getLogger("xenblk_vhost")
-
-
-
-def _load_or_report(paths, check_storage: bool = True) -> list | None:
-    """The configs, or None after printing every problem (`FILE:LINE: key: reason`)."""
-    try:
-        return load_configs(paths, check_storage=check_storage)
-    except ConfigError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
-        return None
+from .config import ConfigError
+from .daemon import logs
+from .exit_codes import EXIT_OK, EXIT_USAGE
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    configs = _load_or_report(args.config, check_storage=not args.no_storage)
-    if configs is None:
+    from .daemon.preflight import load_checked
+
+    try:
+        configs = load_checked(args.config, check_storage=not args.no_storage)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(problem, file=sys.stderr)
         return EXIT_USAGE
     unchecked = " (storage not checked)" if args.no_storage else ""
     for cfg in configs:
@@ -48,79 +43,30 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) READY=1 / RELOADING=1 / STOPPING=1; no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message.encode(), address)
-    except OSError as e:
-        log.debug("sd_notify(%s) failed: %s", message, e)
-
-
-async def _serve(args: argparse.Namespace, configs: list) -> int:
-    import trio
-
-    from .backend.xenbus.service import Service
-    from .observability.endpoints import open_observability
-    from .platforms import open_platform
-    from .xen.xenstore import open_xenstore
-
-    with open_platform(sim=args.sim) as platform:
-        # Signals are caught from before "ready", so none is lost.
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async with open_xenstore(args.xenstore) as xs, open_observability(args) as observability:
-                service = Service(xs, platform, configs)
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(service.run)
-                    observability.serve(nursery, service)  # control socket, metrics (bound already)
-                    print("ready", flush=True)
-                    _sd_notify("READY=1")
-                    async for sig in signals:
-                        if sig == signal.SIGHUP:
-                            _sd_notify("RELOADING=1")
-                            try:
-                                service.reload(load_configs(args.config))
-                            except ConfigError as e:
-                                for problem in e.problems:
-                                    log.error("reload refused, keeping the running configuration: %s", problem)
-                            _sd_notify("READY=1")
-                            continue
-                        # Stop: every device drains (in-flight requests answered),
-                        # unmaps and unbinds; xenstore is left as it is, so guests
-                        # see a pause and a backend started later takes them over.
-                        log.info("%s: stopping", signal.Signals(sig).name)
-                        _sd_notify("STOPPING=1")
-                        break
-                    nursery.cancel_scope.cancel()
-    return EXIT_OK
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
-    configs = _load_or_report(args.config)
-    if configs is None:
-        return EXIT_USAGE
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
-    import trio
+    from .daemon.run import run_command
 
-    from .xen.interfaces import XenStoreError
-    from .xen.xenstore import XenStoreConnectionError
+    return run_command(args)
 
-    try:
-        return trio.run(_serve, args, configs)
-    except (OSError, XenStoreError, XenStoreConnectionError) as e:
-        log.error("stopped: %s", e)
-        return EXIT_FAILURE
+
+def _logging_options(default: str | None) -> argparse.ArgumentParser:
+    """--log-level/--log-json, on the main parser (default set) and on every command (SUPPRESS: a
+    value given after the command's name wins, one given before it stays)."""
+    p = argparse.ArgumentParser(add_help=False)
+    keep = argparse.SUPPRESS if default is None else None
+    p.add_argument("--log-level", type=logs.parse_level, metavar="LEVEL",
+                   default=keep if keep else default,
+                   help="debug, info, warning or error, in any case (default info)")
+    p.add_argument("--log-json", action="store_true", default=keep if keep else False,
+                   help="log one JSON object per line on stderr (ts, level, priority, logger, message, "
+                   "DOMAIN, VDEV...)")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
+    common = _logging_options(None)
     parser = argparse.ArgumentParser(
-        prog="xenblk-vhost",
+        prog="xenblk-vhost", parents=[_logging_options("info")],
         description=(
             "Userspace Xen block backend: serves guests' xen-blkfront rings "
             "from any libblkio driver (io_uring, nvme-io_uring, virtio-blk-vhost-user)."
@@ -128,11 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    check = sub.add_parser(
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)
+
+    check = command(
         "check",
         help="validate configuration files and exit",
-        description="Validate YAML domain files without starting anything. Exit 0 if all are "
-        "valid, 2 with one `FILE:LINE: key: reason` line per problem otherwise.",
+        description="Validate YAML domain files without starting anything, the storage included (each path "
+        "exists and is what its driver opens; libblkio accepts the driver and every pass-through property, "
+        "checked without connecting). Exit 0 if all are valid, 2 with one `FILE:LINE: key: reason` line per "
+        "problem otherwise.",
     )
     check.add_argument("config", nargs="+", metavar="CONFIG", help="a domain's YAML file")
     check.add_argument("--no-storage", action="store_true",
@@ -140,24 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
                        "block device, vhost-user socket) to exist yet, e.g. on another machine or before "
                        "the storage daemon has started (`run` always checks it)")
     check.set_defaults(func=_cmd_check)
-    run = sub.add_parser(
+    run = command(
         "run",
         help="serve the configured domains' disks",
-        description="Validate the YAML files (exit 2 on a problem, as `check`), then serve every "
-        "configured domain's vbd (backendtype=phy) and vbd3 (backendtype=tap) disks until SIGTERM or "
-        "SIGINT (exit 0). SIGHUP reloads the files: a changed disk applies when its frontend next "
-        "connects. Prints `ready` on stdout once serving (and tells systemd, under Type=notify).",
+        description="Validate the YAML files (exit 2 on a problem, as `check`), check /dev/xen and xenstored "
+        "(exit 2 with one line and a hint if this is not a dom0 or driver domain, a module is not loaded or "
+        "xenstored cannot be reached), then serve every configured domain's vbd (backendtype=phy) and vbd3 "
+        "(backendtype=tap) disks until SIGTERM or SIGINT (exit 0; in-flight requests are answered first). "
+        "SIGHUP or `xenblk-vhost ctl reload` reloads the files: a changed disk applies when its frontend next "
+        "connects. Losing xenstored drains every disk and exits 1 (systemd starts a new daemon, which takes "
+        "the disks over). Prints `ready` on stdout once serving; under systemd (Type=notify) sends READY=1, "
+        "STATUS= lines and, with WatchdogSec=, WATCHDOG=1 from the event loop.",
     )
     run.add_argument("config", nargs="+", metavar="CONFIG", help="a domain's YAML file")
     run.add_argument("--xenstore", metavar="PATH",
                      help="xenstored socket or xenbus device (default: $XENSTORED_PATH, the usual sockets, "
                      "/dev/xen/xenbus)")
     run.add_argument("--sim", metavar="SOCKET", help="use the simulated hypervisor listening on SOCKET")
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     _add_run_observability_arguments(run)
     run.set_defaults(func=_cmd_run)
-    _add_hotplug_commands(sub)
-    _add_demo_and_stats_commands(sub)
+    _add_operator_commands(sub, common)
     return parser
 
 
@@ -168,25 +122,34 @@ def _add_run_observability_arguments(run) -> None:
     add_run_arguments(run)
 
 
-def _add_demo_and_stats_commands(sub) -> None:
-    """`demo` (xenblk_vhost/demo/) and `stats` (xenblk_vhost/observability/)."""
+class _WithCommon:
+    """A subparsers action whose add_parser gives every parser the common options."""
+
+    def __init__(self, sub, common: argparse.ArgumentParser) -> None:
+        self._sub = sub
+        self._common = common
+
+    def add_parser(self, name: str, **kw) -> argparse.ArgumentParser:
+        kw["parents"] = [*kw.get("parents", []), self._common]
+        return self._sub.add_parser(name, **kw)
+
+
+def _add_operator_commands(sub, common: argparse.ArgumentParser) -> None:
+    """`ctl` and `stats` (observability/), `demo` (demo/), `hotplug` and `install-hotplug` (hotplug/)."""
     from .demo import command as demo_command
-    from .observability import stats_command
-
-    demo_command.add_parser(sub)
-    stats_command.add_parser(sub)
-
-
-def _add_hotplug_commands(sub) -> None:
-    """`hotplug add|remove` (what libxl runs, through the shim) and `install-hotplug` (the shim)."""
     from .hotplug import install, script
+    from .observability import ctl_command
 
-    hotplug = sub.add_parser(
+    sub_common = _WithCommon(sub, common)
+    ctl_command.add_parser(sub_common, common)
+    ctl_command.add_stats_alias(sub_common)
+    demo_command.add_parser(sub_common)
+    hotplug = sub_common.add_parser(
         "hotplug", help="libxl's hotplug script for our disks (run by libxl with XENBUS_PATH set)",
         description=script.build_parser().description)
     script.add_arguments(hotplug)
     hotplug.set_defaults(func=lambda args: script.run_from_args(args))
-    inst = sub.add_parser(
+    inst = sub_common.add_parser(
         "install-hotplug", help="install the hotplug script as /etc/xen/scripts/block-xenblk-vhost",
         description="Write the shim libxl runs for disks whose xl line says script=block-xenblk-vhost, "
         "and print those xl disk lines.")
@@ -207,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    logs.configure(args.log_level, json_lines=args.log_json)
     return args.func(args)
 
 

@@ -34,7 +34,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,10 @@ class DiskConfig:
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     memory: int = DEFAULT_MEMORY
     properties: tuple[tuple[str, Any], ...] = ()
-    line: int = 0
+    # Where in the file (for problems found later, e.g. libblkio refusing a property);
+    # not part of what the disk is: a reload that only moves lines changes nothing.
+    line: int = field(default=0, compare=False)
+    property_lines: tuple[tuple[str, int], ...] = field(default=(), compare=False)
 
     @property
     def name(self) -> str:
@@ -112,6 +115,11 @@ class DomainConfig:
             return self.domid == domid
         return name is not None and name == self.name
 
+    @property
+    def label(self) -> str:
+        """How the operator names the domain: its name, or its domid when the file gives one."""
+        return self.name if self.name is not None else str(self.domid)
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -121,7 +129,8 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.source}:{self.line}: {self.key}: {self.reason}"
+        where = f"{self.source}:{self.line}" if self.line > 0 else self.source  # the file as a whole
+        return f"{where}: {self.key}: {self.reason}"
 
 
 class ConfigError(Exception):
@@ -244,7 +253,9 @@ class _Checker:
             self.problem(line, name, f"must be between {lo} and {hi}, got {value}")
             return default
         if choices is not None and value not in choices:
-            self.problem(line, name, f"must be one of {', '.join(choices)}, got {value!r}")
+            hint = _closest(value, set(choices))
+            self.problem(line, name, f"must be one of {', '.join(choices)}, got {value!r}"
+                         + (f" (did you mean {hint!r}?)" if hint else ""))
             return default
         return value
 
@@ -274,7 +285,9 @@ def _check_target(check: _Checker, driver: str, path: str, line: int, key: str) 
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        check.problem(line, key, f"{path}: no such file ({DRIVERS[driver]} expected)")
+        hint = ("; is the storage daemon that exports it running? (systemctl status 'qemu-storage-daemon@*')"
+                if driver == "virtio-blk-vhost-user" else "")
+        check.problem(line, key, f"{path}: no such file ({DRIVERS[driver]} expected{hint})")
         return
     except OSError as e:
         check.problem(line, key, f"{path}: {e.strerror}")
@@ -343,6 +356,7 @@ def _disk(check: _Checker, item: Any, line: int, index: int, base: Path,
                 except ValueError as e:
                     check.problem(limits.key_lines["memory"], f"{lwhere}memory", str(e))
     properties: tuple[tuple[str, Any], ...] = ()
+    property_lines: tuple[tuple[str, int], ...] = ()
     if "properties" in disk:
         props = check.mapping(disk["properties"], disk.key_lines["properties"], f"{where}properties")
         if props is not None:
@@ -354,12 +368,14 @@ def _disk(check: _Checker, item: Any, line: int, index: int, base: Path,
                     check.problem(props.key_lines[key], f"{where}properties.{key}",
                                   f"must be a string, integer or boolean, got {_type_name(value)}")
             properties = tuple(props.items())
+            property_lines = tuple((key, props.key_lines[key]) for key in props)
     if len(check.problems) > before:
         return None
     return DiskConfig(vdev=vdev, driver=driver, path=path, direct=direct, readonly=readonly,
                       queues=queues, ring_page_order=order, max_indirect_segments=indirect,
                       data_path=data_path, persistent_grants=persistent, discard=discard,
-                      max_inflight=max_inflight, memory=memory, properties=properties, line=disk.line)
+                      max_inflight=max_inflight, memory=memory, properties=properties, line=disk.line,
+                      property_lines=property_lines)
 
 
 def parse_config(text: str, source: str = "<config>", base: Path | None = None, *,
@@ -422,9 +438,16 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None, 
 def load_config(path: str | os.PathLike, *, check_storage: bool = True) -> DomainConfig:
     p = Path(path)
     try:
+        if not p.is_file() and p.exists():
+            raise ConfigError([Problem(str(p), 0, "file", "not a regular file (give a domain's YAML file)")])
         text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError([Problem(str(p), 0, "file", "no such file (a domain's YAML file, e.g. "
+                                                      "/etc/xenblk-vhost/<domain>.yaml)")]) from None
     except OSError as e:
-        raise ConfigError([Problem(str(p), 0, "file", e.strerror or str(e))]) from None
+        raise ConfigError([Problem(str(p), 0, "file", f"cannot read it: {e.strerror or e}")]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError([Problem(str(p), 0, "file", f"not UTF-8 text (byte {e.start})")]) from None
     return parse_config(text, source=str(p), base=p.resolve().parent, check_storage=check_storage)
 
 
@@ -446,3 +469,51 @@ def load_configs(paths: Iterable[str | os.PathLike], *, check_storage: bool = Tr
     if problems:
         raise ConfigError(problems)
     return configs
+
+
+# ---------------------------------------------------------------- what a reload changes
+
+# DiskConfig fields as the YAML spells them (the others have the same name).
+_YAML_KEYS = {"max_inflight": "limits.max_inflight", "memory": "limits.memory"}
+
+
+def _changed_keys(old: DiskConfig, new: DiskConfig) -> list[str]:
+    return [_YAML_KEYS.get(f.name, f.name) for f in fields(DiskConfig)
+            if f.compare and getattr(old, f.name) != getattr(new, f.name)]
+
+
+def describe_changes(old: Iterable[DomainConfig], new: Iterable[DomainConfig], *,
+                     attached: frozenset[tuple[str, int]] | set[tuple[str, int]] = frozenset()) -> list[str]:
+    """What going from `old` to `new` changes, one line per domain or disk, for the operator.
+
+    `attached`: the (domain label, devid) of disks a guest has attached now. A
+    running disk keeps what it connected with until its frontend next
+    connects (Service.reload), and the lines say so.
+    """
+    before = {c.label: c for c in old}
+    after = {c.label: c for c in new}
+    lines = []
+    for label, cfg in after.items():
+        prev = before.get(label)
+        if prev is None:
+            lines.append(f"{label}: added ({', '.join(d.name for d in cfg.disks)}) from {cfg.source}")
+            continue
+        for disk in cfg.disks:
+            was = prev.disk(disk.vdev)
+            live = (label, disk.vdev) in attached
+            if was is None:
+                lines.append(f"{label}/{disk.name}: added")
+            elif keys := _changed_keys(was, disk):
+                lines.append(f"{label}/{disk.name}: {', '.join(keys)} changed"
+                             + ("; attached now: applies when the guest next connects it" if live else ""))
+        for disk in prev.disks:
+            if cfg.disk(disk.vdev) is None:
+                lines.append(f"{label}/{disk.name}: removed"
+                             + ("; attached now: served until the guest next connects it"
+                                if (label, disk.vdev) in attached else ""))
+    for label in before:
+        if label not in after:
+            live = any(lab == label for lab, _ in attached)
+            lines.append(f"{label}: removed" + ("; its attached disks are served until they next connect"
+                                                if live else ""))
+    return lines

@@ -5,12 +5,22 @@ answers one JSON object on one line and closes:
 
     -> {"command": "stats"}
     <- {"ok": true, "stats": {...observability/snapshot.py...}}
-    <- {"ok": false, "error": "unknown command 'x' (known: stats)"}
+    -> {"command": "pause", "target": "web1/xvda", "timeout": 30}
+    <- {"ok": true, "pause": {"disks": [...]}}
+    <- {"ok": false, "error": "web9 is not configured here (configured: web1)", "exit": 1}
+    <- {"ok": false, "error": "reload refused ...", "exit": 2, "problems": ["web1.yaml:4: ..."]}
+
+Commands (observability/control_commands.py answers them): stats, list,
+status, pause, resume, detach, reload. A refusal may carry `exit` (the
+status the command line should exit with) and `problems` (lines to print).
 
 Where: `run --control PATH`; by default /run/xenblk-vhost/control.sock for
-root, $XDG_RUNTIME_DIR/xenblk-vhost/control.sock otherwise.
+root, $XDG_RUNTIME_DIR/xenblk-vhost/control.sock otherwise. The systemd
+unit gives each instance its own, control-<instance>.sock; clients that are
+given no path look at every control*.sock in that directory
+(control_sockets()), as the hotplug script does.
 
-    reply = request_control(path, "stats")       # blocking client: `xenblk-vhost stats`, the hotplug script
+    reply = request_control(path, "stats")       # blocking client: `xenblk-vhost ctl`, the hotplug script
 
 The server is observability/control_socket.py. This module imports nothing
 of ours, so the hotplug script can ask a daemon without loading the service.
@@ -21,29 +31,82 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 from collections.abc import Mapping
+from pathlib import Path
 
-SYSTEM_CONTROL_PATH = "/run/xenblk-vhost/control.sock"
-_RELATIVE = os.path.join("xenblk-vhost", "control.sock")
+SYSTEM_CONTROL_DIR = "/run/xenblk-vhost"
+SYSTEM_CONTROL_PATH = f"{SYSTEM_CONTROL_DIR}/control.sock"
+_RELATIVE_DIR = "xenblk-vhost"
 CLIENT_TIMEOUT = 10.0
+MAX_REPLY = 16 << 20  # a daemon serving hundreds of disks answers `status` in well under this
 
 
 class ControlError(Exception):
     """Why the control socket cannot be used, in words for the operator."""
 
 
-def default_control_path(euid: int | None = None, environ: Mapping[str, str] | None = None) -> str | None:
-    """/run/xenblk-vhost/control.sock for root, else under $XDG_RUNTIME_DIR; None if neither applies."""
+class ControlRefused(ControlError):
+    """The daemon answered and refused: its reply (error, and maybe exit and problems) in `reply`."""
+
+    def __init__(self, path: str, reply: Mapping) -> None:
+        self.reply = dict(reply)
+        super().__init__(f"{path}: {reply.get('error', 'request refused')}")
+
+    @property
+    def exit_status(self) -> int | None:
+        status = self.reply.get("exit")
+        return status if isinstance(status, int) and not isinstance(status, bool) else None
+
+    @property
+    def problems(self) -> list[str]:
+        problems = self.reply.get("problems")
+        return [str(p) for p in problems] if isinstance(problems, list) else []
+
+
+def default_control_dir(euid: int | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """/run/xenblk-vhost for root, else $XDG_RUNTIME_DIR/xenblk-vhost; None if neither applies."""
     euid = os.geteuid() if euid is None else euid
     environ = os.environ if environ is None else environ
     if euid == 0:
-        return SYSTEM_CONTROL_PATH
+        return SYSTEM_CONTROL_DIR
     runtime = environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(runtime, _RELATIVE) if runtime else None
+    return os.path.join(runtime, _RELATIVE_DIR) if runtime else None
 
 
-def request_control(path: str, command: str, *, timeout: float = CLIENT_TIMEOUT) -> dict:
-    """Ask the daemon at path; the reply's payload. ControlError with a clear reason otherwise."""
+def default_control_path(euid: int | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """control.sock in default_control_dir(); None if there is no such directory for this user."""
+    directory = default_control_dir(euid, environ)
+    return os.path.join(directory, "control.sock") if directory else None
+
+
+def control_sockets(directory: str | os.PathLike) -> list[str]:
+    """Every control*.sock socket in the directory, sorted: the default one (control.sock) and
+    the systemd instances' (control-<instance>.sock). Other sockets there (vhost-user exports
+    in vhost-user/, qemu-storage-daemon's monitors, *.qmp) are never spoken to."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if not (name.startswith("control") and name.endswith(".sock")):
+            continue
+        path = Path(directory) / name
+        try:
+            if stat.S_ISSOCK(path.stat().st_mode):
+                found.append(str(path))
+        except OSError:
+            continue
+    return found
+
+
+def request_control(path: str, command: str, *, timeout: float = CLIENT_TIMEOUT,
+                    fields: Mapping[str, object] | None = None) -> dict:
+    """Ask the daemon at path; the reply's payload. ControlRefused if it said no, ControlError
+    with a clear reason if it could not be asked. `timeout`: how long this client waits;
+    `fields` go into the request (target, and the daemon's own timeout for pause and detach)."""
+    request = {**(fields or {}), "command": command}
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -59,9 +122,9 @@ def request_control(path: str, command: str, *, timeout: float = CLIENT_TIMEOUT)
         except OSError as e:
             raise ControlError(f"cannot connect to {path}: {e.strerror or e}") from None
         try:
-            sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+            sock.sendall(json.dumps(request).encode() + b"\n")
             buf = b""
-            while not buf.endswith(b"\n"):
+            while not buf.endswith(b"\n") and len(buf) <= MAX_REPLY:
                 chunk = sock.recv(1 << 16)
                 if not chunk:
                     break
@@ -74,6 +137,10 @@ def request_control(path: str, command: str, *, timeout: float = CLIENT_TIMEOUT)
         reply = json.loads(buf)
     except ValueError:
         raise ControlError(f"{path} answered something that is not JSON: {buf[:80]!r}") from None
+    if not isinstance(reply, dict):
+        raise ControlError(f"{path} answered something that is not a reply: {buf[:80]!r}")
     if not reply.get("ok"):
-        raise ControlError(f"{path}: {reply.get('error', 'request refused')}")
+        raise ControlRefused(path, reply)
+    if command not in reply:
+        raise ControlError(f"{path} answered without the {command!r} it was asked for (an older daemon?)")
     return reply[command]

@@ -14,14 +14,22 @@ import logging
 import os
 import signal
 import sys
+from contextlib import AsyncExitStack
 
 import trio
 
 from .. import __version__
 from ..backend.xenbus.service import Service, own_domid
-from ..config import ConfigError, DomainConfig, load_configs
+from ..config import ConfigError, DomainConfig
+from ..daemon import logs
+from ..daemon.preflight import (
+    StartupError,
+    check_xenstore_argument,
+    explain_xenstore_failure,
+    load_checked,
+    open_platform_explained,
+)
 from ..exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from ..platforms import open_platform
 from ..xen.interfaces import Platform, XenStore, XenStoreError
 from ..xen.xenstore import open_xenstore
 from .qemu_args import QemuArgs, QemuArgsError, parse_qemu_args
@@ -37,7 +45,7 @@ def configs_for(args: QemuArgs) -> list[DomainConfig]:
     paths = list(args.configs) or ([f"{DEFAULT_CONFIG_DIR}/{args.name}.yaml"] if args.name else [])
     if not paths:
         raise QemuArgsError("no --config given and no -name to find one by")
-    mine = [c for c in load_configs(paths) if c.matches(args.domid, args.name)]
+    mine = [c for c in load_checked(paths) if c.matches(args.domid, args.name)]
     if not mine:
         raise QemuArgsError(f"none of {', '.join(paths)} configures domain {args.name!r} (domid {args.domid})")
     return mine
@@ -95,8 +103,13 @@ async def _announce_running(xs: XenStore, domid: int, state: DeviceModelState) -
 
 
 async def _main(args: QemuArgs, configs: list[DomainConfig]) -> int:
-    with open_platform(sim=args.sim) as platform:
-        async with open_xenstore(args.xenstore) as xs:
+    check_xenstore_argument(args.xenstore)
+    with open_platform_explained(args.sim) as platform:
+        async with AsyncExitStack() as stack:
+            try:
+                xs = await stack.enter_async_context(open_xenstore(args.xenstore))
+            except OSError as e:
+                raise StartupError(explain_xenstore_failure(args.xenstore, e)) from e
             with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
 
@@ -114,8 +127,8 @@ async def _main(args: QemuArgs, configs: list[DomainConfig]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # libxl sends our stderr to /var/log/xen/qemu-dm-<domain>.log: plain lines with a time.
+    logs.configure("info")
     try:
         args = parse_qemu_args(argv)
         if args.machine.split(",")[0] not in ("xenpv", "none"):
@@ -134,6 +147,9 @@ def main(argv: list[str]) -> int:
         log.debug("ignoring QEMU arguments: %s", " ".join(args.ignored))
     try:
         return trio.run(_main, args, configs)
+    except StartupError as e:
+        log.error("device model for domain %d cannot start: %s", args.domid, e)
+        return EXIT_USAGE
     except (OSError, XenStoreError) as e:
         log.error("device model for domain %d failed: %s", args.domid, e)
         return EXIT_FAILURE

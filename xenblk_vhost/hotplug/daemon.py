@@ -3,29 +3,26 @@
 xenstore shows that *a* backend took the device, and what it advertised;
 a daemon's control socket (`run --control`, control_protocol.py) says
 exactly which storage it serves it from. The script asks every control
-socket in /run/xenblk-vhost named control*.sock: the default one
+socket in /run/xenblk-vhost named control*.sock (control_protocol's
+control_sockets(), which `xenblk-vhost ctl` uses too): the default one
 (control.sock) and those of systemd instances
-(deploy/systemd/xenblk-vhost@.service: control-<instance>.sock). Other
-sockets there (vhost-user exports live in vhost-user/, qemu-storage-daemon's
-monitors end in .qmp) are never spoken to. A daemon that does not answer is
-skipped: a daemon run with `--control none` is still checked through
-xenstore.
+(deploy/systemd/xenblk-vhost@.service: control-<instance>.sock). A daemon
+that does not answer is skipped: a daemon run with `--control none` is
+still checked through xenstore.
 """
 
 from __future__ import annotations
 
 import functools
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from ..control_protocol import ControlError, request_control
+from ..control_protocol import SYSTEM_CONTROL_DIR, ControlError, control_sockets, request_control
 from .target import BackendDevice
 
-CONTROL_DIR = Path("/run/xenblk-vhost")
+CONTROL_DIR = Path(SYSTEM_CONTROL_DIR)
 ASK_TIMEOUT = 5.0
 
 
@@ -35,24 +32,6 @@ class ServedBy:
     driver: str | None
     path: str | None
     state: str
-
-
-def control_sockets(directory: Path) -> list[str]:
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return []
-    found = []
-    for name in names:
-        if not (name.startswith("control") and name.endswith(".sock")):
-            continue
-        path = directory / name
-        try:
-            if stat.S_ISSOCK(path.stat().st_mode):
-                found.append(str(path))
-        except OSError:
-            continue
-    return found
 
 
 async def find_daemon(device: BackendDevice, directory: Path = CONTROL_DIR) -> tuple[ServedBy | None, list[str]]:

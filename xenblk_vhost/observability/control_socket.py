@@ -8,8 +8,17 @@ on is not (ControlSocketBusy). On exit the socket is removed if it is
 still ours.
 
     control = ControlSocket(path)                # bound now: errors come out here
-    nursery.start_soon(control.serve, {"stats": snapshot})
+    nursery.start_soon(control.serve, handlers)  # {"stats": async (request) -> dict, ...}
     ...; control.close()                         # after the serving task ended
+
+A handler gets the request object (its `command` and whatever else the
+client sent: target, timeout...) and returns the reply's payload, or raises
+CommandRefused (the reply's error, exit status and problems). Nothing a
+client sends, and no handler's failure, ends the serving task: a request
+that does not parse is answered with why (parse_request is total), a
+handler's unexpected exception is logged and answered "internal error",
+a client that leaves is its own loss. Clients are served concurrently: a
+`pause` waiting for in-flight requests does not hold up `list`.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 
 import trio
 
@@ -30,6 +39,9 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0  # a client that says nothing for this long is dropped
+_SHOWN_NAME = 60  # an unknown command's name is echoed this long at most
+
+Handler = Callable[[dict], Awaitable[dict]]
 _MAX_UNIX_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 
 
@@ -103,16 +115,66 @@ def _remove_if_ours(path: str, inode: int) -> None:
         log.warning("could not remove the control socket %s: %s", path, e.strerror)
 
 
-def answer(request: bytes, handlers: Mapping[str, Callable[[], dict]]) -> dict:
-    """The reply to one request line."""
+class BadRequest(ValueError):
+    """A request line we cannot act on; str() is the reply's `error`."""
+
+
+class CommandRefused(Exception):
+    """A handler's refusal: `message` for the operator, the exit status the client should give,
+    `problems` (lines, e.g. FILE:LINE: key: reason) to print."""
+
+    def __init__(self, message: str, *, exit_status: int = 1, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_status = exit_status
+        self.problems = problems or []
+
+    def reply(self) -> dict:
+        reply: dict = {"ok": False, "error": self.message, "exit": self.exit_status}
+        if self.problems:
+            reply["problems"] = self.problems
+        return reply
+
+
+def parse_request(request: bytes, known: Collection[str]) -> dict:
+    """The request object one line holds (its `command` one of `known`), or BadRequest saying why not.
+
+    Total: the line comes from any local client, so nothing in it may raise
+    anything else (deep nesting, odd types, bytes that are not UTF-8).
+    """
+    usage = 'send one line such as {"command": "stats"}'
     try:
         message = json.loads(request)
-    except ValueError:
-        return {"ok": False, "error": "not JSON: send one line such as {\"command\": \"stats\"}"}
-    command = message.get("command") if isinstance(message, dict) else None
-    if not isinstance(command, str) or command not in handlers:
-        return {"ok": False, "error": f"unknown command {command!r} (known: {', '.join(sorted(handlers))})"}
-    return {"ok": True, command: handlers[command]()}
+    except RecursionError:  # the decoder's own depth guard: nothing is left half-done
+        raise BadRequest(f"nested too deeply: {usage}") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, int()'s digit limit
+        raise BadRequest(f"not JSON: {usage}") from None
+    if not isinstance(message, dict) or "command" not in message:
+        raise BadRequest(f"not a request: {usage}")
+    command = message["command"]
+    if not isinstance(command, str):
+        raise BadRequest(f"'command' must be a string: {usage}")
+    if command not in known:
+        shown = repr(command)
+        shown = shown if len(shown) <= _SHOWN_NAME else shown[:_SHOWN_NAME] + "..."
+        raise BadRequest(f"unknown command {shown} (known: {', '.join(sorted(known))})")
+    return message
+
+
+async def answer(request: bytes, handlers: Mapping[str, Handler]) -> dict:
+    """The reply to one request line. A handler's failure is logged and answered, never raised."""
+    try:
+        message = parse_request(request, handlers)
+    except BadRequest as e:
+        return {"ok": False, "error": str(e)}
+    command = message["command"]
+    try:
+        return {"ok": True, command: await handlers[command](message)}
+    except CommandRefused as e:
+        return e.reply()
+    except Exception:
+        log.exception("control socket: answering %r failed", command)
+        return {"ok": False, "error": f"internal error answering {command!r} (see the daemon's log)"}
 
 
 async def _read_line(stream: trio.abc.Stream) -> bytes | None:
@@ -127,20 +189,26 @@ async def _read_line(stream: trio.abc.Stream) -> bytes | None:
     return bytes(buf).split(b"\n", 1)[0]
 
 
-async def _serve_client(stream: trio.abc.Stream, handlers) -> None:
-    async with stream:
-        with trio.move_on_after(REQUEST_TIMEOUT):
-            line = await _read_line(stream)
+async def _serve_client(stream: trio.abc.Stream, handlers: Mapping[str, Handler]) -> None:
+    """One client. Whatever goes wrong stays with this client: logged, connection closed."""
+    try:
+        async with stream:
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                line = await _read_line(stream)
             if line is None:
                 reply = {"ok": False, "error": f"request longer than {MAX_REQUEST} bytes"}
             elif not line.strip():
                 return
             else:
-                reply = answer(line, handlers)
-            try:
+                # Not under the read deadline: pause and detach take their own time (each
+                # bounded by its own timeout; the client's bounds how long it waits).
+                reply = await answer(line, handlers)
+            with trio.move_on_after(REQUEST_TIMEOUT):
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client left: its loss
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client left: its loss
+    except Exception:
+        log.exception("control socket: a client's request failed; the daemon goes on")
 
 
 class ControlSocket:
@@ -152,7 +220,7 @@ class ControlSocket:
         self._listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
         self._closed = False
 
-    async def serve(self, handlers: Mapping[str, Callable[[], dict]]) -> None:
+    async def serve(self, handlers: Mapping[str, Handler]) -> None:
         """Answer clients until cancelled."""
         log.info("control socket: %s", self.path)
         async with trio.open_nursery() as nursery:

@@ -4,7 +4,7 @@
     async with open_observability(args) as observability:  # binds both: errors come out here, plain
         async with trio.open_nursery() as nursery:
             await nursery.start(service.run)
-            observability.serve(nursery, service)        # tasks answering on what was bound
+            observability.serve(nursery, service, reload=reload)   # tasks answering on what was bound
     # sockets closed, the control socket's file removed
 
 Binding comes first so that a refusal is an ordinary error of `run`
@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from ..control_protocol import ControlError, default_control_path
+from .control_commands import ControlCommands, Reload
 from .control_socket import ControlSocket
 from .metrics import MetricsAddressError, metrics_registry, open_metrics_listeners, parse_listen_address, serve_metrics
 from .snapshot import service_snapshot
@@ -47,7 +48,7 @@ def _listen_address(text: str) -> tuple[str, int]:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control", metavar="PATH", default=None,
-                        help="unix socket answering `xenblk-vhost stats` (mode 0600; default "
+                        help="unix socket answering `xenblk-vhost ctl` and `stats` (mode 0600; default "
                         "/run/xenblk-vhost/control.sock as root, $XDG_RUNTIME_DIR/xenblk-vhost/control.sock "
                         "otherwise; `none` for no socket)")
     parser.add_argument("--metrics", metavar="HOST:PORT", type=_listen_address, default=None,
@@ -80,12 +81,13 @@ class Observability:
         self.metrics_listeners = listeners
         self._started = time.monotonic()
 
-    def serve(self, nursery, service) -> None:
+    def serve(self, nursery, service, *, reload: Reload | None = None) -> None:
         def snapshot() -> dict:
             return service_snapshot(service, started=self._started)
 
         if self.control is not None:
-            nursery.start_soon(self.control.serve, {"stats": snapshot})
+            commands = ControlCommands(service, started=self._started, reload=reload)
+            nursery.start_soon(self.control.serve, commands.handlers())
         if self.metrics_listeners is not None:
             nursery.start_soon(serve_metrics, self.metrics_listeners, metrics_registry(snapshot))
 

@@ -6,12 +6,15 @@ nothing is counted twice. It runs in the service's trio thread between
 two steps of the datapath, so a snapshot is consistent.
 
     {"version": 1, "pid": 1234, "uptime_s": 12.5,
-     "vbds": [{"device": "vbd-5-51712", "kind": "vbd", "domid": 5, "devid": 51712, "vdev": "xvda",
-               "state": "CONNECTED", "driver": "io_uring", "path": "/x.img", "data_path": "copy",
-               "serving": true,
+     "vbds": [{"device": "vbd-5-51712", "kind": "vbd", "domain": "web1", "domid": 5, "devid": 51712,
+               "vdev": "xvda", "state": "CONNECTED", "driver": "io_uring", "path": "/x.img",
+               "data_path": "copy", "serving": true, "paused": false,
                "rings": [{"oo_req": 0, "rd_req": 10, ..., "in_flight": 0, "persistent_grants": 0,
                           "halted": false}, ...],
                "total": {...the rings summed...}}]}
+
+`domain` is the domain's name (the YAML's key: it survives the new domid of
+every guest boot), or its domid for a file that names none.
 
 Counters are the datapath's (backend/datapath/stats.py: blkback's names); they
 start from zero at each connection of the frontend, as blkback's do.
@@ -33,6 +36,7 @@ def device_snapshot(device_id, device) -> dict:
     entry = {
         "device": str(device_id),
         "kind": device_id.kind,
+        "domain": device.domain,
         "domid": device_id.frontend_domid,
         "devid": device_id.devid,
         "vdev": vdev_name(device_id.devid),
@@ -41,6 +45,7 @@ def device_snapshot(device_id, device) -> dict:
         "path": device.disk.path if device.disk is not None else None,
         "data_path": None,
         "serving": False,
+        "paused": device.paused,
         "rings": [],
     }
     vbd = device.vbd

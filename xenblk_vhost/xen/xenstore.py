@@ -108,8 +108,12 @@ def xenstore_path(path: str | None = None) -> str:
 
 
 async def _open_stream(path: str) -> trio.abc.Stream:
-    if stat.S_ISSOCK(os.stat(path).st_mode):
+    mode = os.stat(path).st_mode
+    if stat.S_ISSOCK(mode):
         return await trio.open_unix_socket(path)
+    if not stat.S_ISCHR(mode):
+        # A regular file would "work" (reads at EOF, writes appended): say what it is instead.
+        raise OSError(errno.ENOTSOCK, "neither xenstored's socket nor the xenbus device", path)
     # The xenbus device: same protocol through read()/write(); FdStream makes the fd
     # non-blocking and waits on it with trio, so no thread is involved.
     return trio.lowlevel.FdStream(os.open(path, os.O_RDWR | os.O_CLOEXEC))

@@ -37,6 +37,14 @@ left our state at Closing we write Closed on the way out, as
 xenbus_dev_remove does, so libxl need not wait for its timeout. A service
 shutdown writes nothing else: the frontend stays Connected and a backend
 started later takes the device over (see service.py).
+
+The operator (observability/control_commands.py, over the control socket)
+may pause and resume the device (the vbd's quiesce: the snapshot hook; a
+pause outlives reconnects and a reopened storage) and detach it: what the
+toolstack's remove makes the backend do, started from our side (Closing,
+the frontend closes, rings drained, storage released, Closed). The device
+keeps its last error report (`last_error`) and its connection's spec
+(`connection`) for `xenblk-vhost ctl list/status`.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -112,6 +121,14 @@ class DeviceFatal(Exception):
 
 
 @dataclass(frozen=True)
+class ErrorReport:
+    """The last error a device reported (as written to xenstore), and when (wall clock)."""
+
+    message: str
+    at: float
+
+
+@dataclass(frozen=True)
 class ToolstackNodes:
     """What libxl wrote in our backend dir that we act on."""
 
@@ -163,8 +180,9 @@ class _Wakeup:
 class Device:
     def __init__(self, xs: XenStore, platform: Platform, device_id: DeviceId, resolve_disk: ResolveDisk, *,
                  warnings: GuestWarnings, open_vbd: OpenVbd = default_open_vbd,
-                 resize_interval: float = RESIZE_POLL_INTERVAL) -> None:
+                 resize_interval: float = RESIZE_POLL_INTERVAL, domain: str | None = None) -> None:
         self.id = device_id
+        self.domain = domain  # the domain's name (None: unknown), for the operator
         self._xs = xs
         self._platform = platform
         self._resolve_disk = resolve_disk
@@ -182,6 +200,13 @@ class Device:
         self._serve_failed: BaseException | None = None
         self._seen: tuple | None = None
         self._wakeup = _Wakeup()
+        self.last_error: ErrorReport | None = None
+        self.connection: ConnectionSpec | None = None  # what the frontend connected with, while it is
+        self._operator = trio.Lock()  # one pause, resume or detach at a time
+        self._paused = False  # by the operator: applied to every vbd this device opens
+        self._detaching = False  # by the operator: release the storage once Closed
+        self._state_changed = trio.Event()
+        self.ended = trio.Event()
 
     # ------------------------------------------------------------------ life
 
@@ -203,6 +228,7 @@ class Device:
                     await self._release(forgotten)
                 if scope.cancelled_caught:
                     log.error("%s: releasing took longer than %.0f s; gave up waiting", self.name, RELEASE_TIMEOUT)
+            self.ended.set()
 
     async def _probe(self) -> None:
         """xen_blkbk_probe + backend_changed: storage open and features out, then InitWait."""
@@ -233,6 +259,8 @@ class Device:
             raise DeviceFatal(getattr(e, "errno", None) or errno.EIO,
                               f"creating vbd structure: {e}", guest=False) from e
         self.disk = disk
+        if self._paused:
+            await self.vbd.pause()  # not serving yet: at once; its first connection starts paused
         f = self.vbd.features
         log.info("%s: %s %s (params %r, mode %s): %d sectors of %d bytes%s, %d queues, ring order %d, "
                  "%d indirect segments, %s path%s", self.name, disk.driver, disk.path, self.nodes.params,
@@ -336,6 +364,10 @@ class Device:
             await self._switch_state(XenbusState.CLOSING)
         elif action is Action.CLOSE:
             await self._disconnect()
+            if self._detaching:  # the operator's detach: the storage goes too
+                self._close_vbd()
+                self._detaching = False
+                log.info("%s: detached by the operator; storage released", self.name)
             await self._switch_state(XenbusState.CLOSED)
         elif action is Action.CLOSE_AND_REMOVE:
             await self._disconnect()
@@ -386,6 +418,7 @@ class Device:
         except Exception as e:  # ours, not the guest's: e.g. the storage could not be reopened
             await self._fatal(DeviceFatal(getattr(e, "errno", None) or errno.EIO, f"connecting: {e}", guest=False))
             return
+        self.connection = spec
         self._warnings.log(logging.INFO, ("connect", self.id.frontend_domid), "%s: using %d queues, protocol %s%s",
                            self.name, len(spec.rings), spec.abi.value,
                            ", persistent grants" if spec.persistent_grants else "")
@@ -510,6 +543,8 @@ class Device:
     def _note_state(self, state: XenbusState) -> None:
         if state != self.state:
             log.info("%s: %s -> %s", self.name, self.state.label, state.label)
+            self._state_changed.set()
+            self._state_changed = trio.Event()
         self.state = state
 
     async def _fatal(self, e: DeviceFatal) -> None:
@@ -520,6 +555,7 @@ class Device:
         where the frontend (and an operator listing the device) can read it.
         """
         text = f"{e.errno} {e.message}"
+        self.last_error = ErrorReport(text, time.time())
         if e.guest:
             self._warnings.warn(self.id.frontend_domid, "%s: %s", self.name, text)
         else:
@@ -536,12 +572,59 @@ class Device:
             log.error("%s: failed to write the error report (%s)", self.name, err)
         await self._switch_state(XenbusState.CLOSING)
 
+    # ------------------------------------------------------------------ the operator's requests
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    async def pause(self) -> None:
+        """The snapshot hook: take no new request, return once none is in flight (the vbd's
+        pause, backend/contract.py). Kept across reconnects until resume(). Cancelled (the
+        caller's deadline): not paused."""
+        async with self._operator:
+            self._paused = True
+            try:
+                if self.vbd is not None:  # else: the vbd opened next starts paused (_open)
+                    await self.vbd.pause()
+            except BaseException:
+                self._paused = False
+                raise
+            log.info("%s: paused by the operator", self.name)
+
+    async def resume(self) -> None:
+        async with self._operator:
+            self._paused = False
+            if self.vbd is not None:
+                self.vbd.resume()
+            log.info("%s: resumed by the operator", self.name)
+
+    async def detach(self) -> None:
+        """What the toolstack's remove makes the backend do, from our side: Closing; once the
+        frontend has closed, the rings drained and unmapped, the storage released, Closed.
+        Returns once Closed (or the device ended). The toolstack's nodes stay: `xl block-detach`
+        (or the domain's end) removes them, and a frontend that starts over is served again."""
+        async with self._operator:
+            if self.state == XenbusState.CLOSED:
+                self._close_vbd()
+                return
+            self._detaching = True
+            log.info("%s: detach asked by the operator", self.name)
+            if not await self._switch_state(XenbusState.CLOSING):
+                return  # our state node is gone: the device is being removed anyway
+            self._wakeup.set()
+            while self.state != XenbusState.CLOSED and not self.ended.is_set():
+                changed = self._state_changed
+                with trio.move_on_after(1.0):  # the device may end without a state change
+                    await changed.wait()
+
     # ------------------------------------------------------------------ release
 
     async def _disconnect(self) -> None:
         if self.vbd is not None and self.vbd.serving:
             await self.vbd.disconnect()
         self.published_sectors = None
+        self.connection = None
 
     def _close_vbd(self) -> None:
         vbd, self.vbd = self.vbd, None
@@ -627,4 +710,5 @@ class _StartedHook:
         self._on_started(value)
 
 
-__all__ = ["Device", "DeviceId", "DeviceFatal", "ToolstackNodes", "effective_disk", "RESIZE_POLL_INTERVAL"]
+__all__ = ["Device", "DeviceId", "DeviceFatal", "ErrorReport", "ToolstackNodes", "effective_disk",
+           "RESIZE_POLL_INTERVAL"]

@@ -32,8 +32,16 @@ Which dirs start a Device (xenbus_probe_node's rule, plus takeover):
   - a dir whose Device already ended starts again only from Initialising
     (the toolstack re-created it).
 
-A Device failing is logged and forgotten; the service keeps serving the
-others. Cancelling run() (shutdown) cancels every Device, each of which
+A Device failing is logged and forgotten (its last error report is kept
+for the operator, by domain and vdev: `last_errors`); the service keeps
+serving the others. Losing the connection to xenstored is not a device's
+failure: it ends run() with XenStoreConnectionError (nothing can be served
+without xenstore; the entry point exits so that the service manager starts
+a new daemon, which takes the devices over).
+
+Each device's task carries its domain, vdev and device name as log fields
+(log_context), so every line it or its rings log can be told apart in the
+journal by DOMAIN= and VDEV=. Cancelling run() (shutdown) cancels every Device, each of which
 drains and releases its rings and storage before run() returns; the
 xenstore state is left as it was, so guests see their disks pause, not
 vanish, until a backend takes them over again.
@@ -48,12 +56,14 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ...config import DiskConfig, DomainConfig
+from ... import log_context
+from ...config import DiskConfig, DomainConfig, describe_changes
+from ...vdev import vdev_name
 from ...xen.interfaces import Platform, XenStore, XenStoreError
 from ...xen.xenbus import XenbusState, parse_state
-from ...xen.xenstore import read_or_none
+from ...xen.xenstore import XenStoreConnectionError, read_or_none
 from ..contract import OpenVbd
-from .device import RESIZE_POLL_INTERVAL, Device, DeviceId, default_open_vbd
+from .device import RESIZE_POLL_INTERVAL, Device, DeviceId, ErrorReport, default_open_vbd
 from .guest_warnings import GuestWarnings
 
 log = logging.getLogger(__name__)
@@ -105,6 +115,10 @@ class Service:
         self._wakeup = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.devices: dict[DeviceId, Device] = {}  # running, for introspection and tests
+        # The last error of each configured disk, kept after its device ended:
+        # {(domain label, devid): report}; the label is what the config names.
+        self.last_errors: dict[tuple[str, int], ErrorReport] = {}
+        self.labels: dict[DeviceId, str] = {}  # each running device's domain, as its config names it
 
     # ------------------------------------------------------------------ public
 
@@ -112,13 +126,28 @@ class Service:
     def configs(self) -> list[DomainConfig]:
         return list(self._configs)
 
-    def reload(self, configs: Iterable[DomainConfig]) -> None:
+    def reload(self, configs: Iterable[DomainConfig]) -> list[str]:
         """New configuration: new domains are looked for now; a device already
-        running picks up its changed disk when its frontend next connects."""
-        self._configs = list(configs)
+        running picks up its changed disk when its frontend next connects.
+        What changed, one line each (config.describe_changes), for the operator."""
+        old, self._configs = self._configs, list(configs)
+        attached = {(self.labels[did], did.devid) for did in self.devices if did in self.labels}
+        changes = describe_changes(old, self._configs, attached=attached)
         for kind in self.kinds:
             self._mark(kind, None)
-        log.info("configuration reloaded: %d domain(s)", len(self._configs))
+        log.info("configuration reloaded: %d domain(s)%s", len(self._configs),
+                 "".join(f"; {line}" for line in changes) or "; nothing changed")
+        return changes
+
+    async def domain_ids(self) -> dict[str, int]:
+        """The domains xenstore knows now, {name: domid} (the operator's `list`: configured
+        domains, present or not)."""
+        found: dict[str, int] = {}
+        for domid in await self._list_ints("/local/domain"):
+            raw = await read_or_none(self._xs, f"/local/domain/{domid}/name")
+            if raw is not None:
+                found[raw.rstrip(b"\0").decode("utf-8", "replace")] = domid
+        return found
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if self.backend_domid is None:
@@ -201,7 +230,10 @@ class Service:
         if not books.running and not books.ended and not devids:
             del self._books[(kind, domid)]
             return
-        if not devids or await self._domain_config(domid) is None:
+        if not devids:
+            return
+        config, name = await self._domain_config(domid)
+        if config is None:
             return
         for devid in sorted(devids - set(books.running)):
             state = parse_state(await read_or_none(self._xs, f"{base}/{devid}/state"))
@@ -216,35 +248,42 @@ class Service:
             if state != XenbusState.INITIALISING:
                 log.info("%s: taking over a device found in state %s", did, state.name)
             books.running[devid] = trio.CancelScope()
-            self._nursery.start_soon(self._run_device, did, books.running[devid])
+            self._nursery.start_soon(self._run_device, did, books.running[devid], config.label, name)
 
-    async def _domain_config(self, domid: int) -> DomainConfig | None:
+    async def _domain_config(self, domid: int) -> tuple[DomainConfig | None, str | None]:
+        """The config that serves the domain, and the domain's name (None if it has none)."""
         if self._only_domid is not None and domid != self._only_domid:
-            return None
-        name = None
-        if any(c.domid is None for c in self._configs):
-            raw = await read_or_none(self._xs, f"/local/domain/{domid}/name")
-            name = raw.rstrip(b"\0").decode("utf-8", "replace") if raw is not None else None
-        return next((c for c in self._configs if c.matches(domid, name)), None)
+            return None, None
+        raw = await read_or_none(self._xs, f"/local/domain/{domid}/name")
+        name = raw.rstrip(b"\0").decode("utf-8", "replace") if raw is not None else None
+        return next((c for c in self._configs if c.matches(domid, name)), None), name
 
     async def _resolve_disk(self, domid: int, devid: int) -> DiskConfig | None:
-        config = await self._domain_config(domid)
+        config, _ = await self._domain_config(domid)
         return config.disk(devid) if config is not None else None
 
     # ------------------------------------------------------------------ device tasks
 
-    async def _run_device(self, did: DeviceId, scope: trio.CancelScope) -> None:
+    async def _run_device(self, did: DeviceId, scope: trio.CancelScope, label: str, name: str | None) -> None:
         device = Device(self._xs, self._platform, did, lambda: self._resolve_disk(did.frontend_domid, did.devid),
-                        warnings=self._warnings, open_vbd=self._open_vbd, resize_interval=self._resize_interval)
+                        warnings=self._warnings, open_vbd=self._open_vbd, resize_interval=self._resize_interval,
+                        domain=name or label)
         self.devices[did] = device
+        self.labels[did] = label
         try:
-            with scope:
+            with log_context.bound(domain=name or label, domid=did.frontend_domid, vdev=vdev_name(did.devid),
+                                   device=str(did)), scope:
                 await device.run()
+        except XenStoreConnectionError:
+            raise  # the whole service's loss, not this device's: run() ends (see the module doc)
         except Exception:
             # One device failing must not take the others down.
             log.exception("%s: device task failed", did)
         finally:
+            if device.last_error is not None:
+                self.last_errors[(label, did.devid)] = device.last_error
             self.devices.pop(did, None)
+            self.labels.pop(did, None)
             books = self._books.setdefault((did.kind, did.frontend_domid), _Devices())
             books.running.pop(did.devid, None)
             books.ended.add(did.devid)

@@ -1,0 +1,171 @@
+"""`xenblk-vhost run CONFIG...`: serve the configured domains' disks until told to stop.
+
+    status = run_command(args)     # the process's exit status (exit_codes.py)
+
+Start-up, in order, each failure one line with its hint:
+  1. the files, as `check` validates them (libblkio properties included): exit 2 and check's lines;
+  2. /dev/xen/gntdev and /dev/xen/evtchn (or --sim), then xenstored, which must answer within
+     XENSTORE_ANSWER_TIMEOUT: exit 2 (preflight.StartupError: not on Xen, module not loaded,
+     xenstored unreachable with what was tried, --xenstore on a regular file);
+  3. the control socket and metrics endpoint: exit 1 if refused (another daemon has the socket);
+  4. the service, then `ready` on stdout and READY=1 (with STATUS=) to systemd.
+
+Serving: SIGHUP, or `xenblk-vhost ctl reload` (what the unit's ExecReload
+runs), re-reads the files in a worker thread (a hung file system never
+stalls the rings) and applies them; the control socket answers `ctl`
+(observability/control_commands.py); the watchdog task pings systemd from
+the event loop.
+
+How it ends:
+  SIGTERM/SIGINT      every device drains (in-flight requests answered), unmaps and unbinds;
+                      exit 0. xenstore is left as it is: guests see a pause, and a daemon
+                      started later takes them over.
+  xenstored lost      one line; every device drains; exit 1, so that systemd (Restart=on-failure)
+                      starts a new daemon, which takes the devices over. Not reconnecting here:
+                      a xenstored that went away lost our watches and transactions, and the
+                      takeover path of a fresh process is the one that is tested.
+  other OSError       "stopped: ..." and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import logging
+import signal
+from contextlib import AsyncExitStack
+
+import trio
+
+from .._groups import leaves
+from ..config import ConfigError
+from ..exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from ..xen.interfaces import XenStoreError
+from ..xen.xenstore import XenStoreConnectionError, open_xenstore
+from . import logs
+from .preflight import (
+    StartupError,
+    check_xenstore_argument,
+    explain_xenstore_failure,
+    load_checked,
+    open_platform_explained,
+)
+from .systemd import Notifier
+
+log = logging.getLogger("xenblk_vhost")
+
+XENSTORE_ANSWER_TIMEOUT = 10.0
+
+
+def status_line(service) -> str:
+    """systemd's STATUS=: what an operator wants from `systemctl status` at a glance."""
+    devices = list(service.devices.values())
+    connected = sum(1 for d in devices if d.vbd is not None and d.vbd.serving)
+    paused = sum(1 for d in devices if d.paused)
+    failing = sum(1 for d in devices if d.last_error is not None)
+    text = f"{len(service.configs)} domain(s) configured, {connected} disk(s) connected"
+    if paused:
+        text += f", {paused} paused"
+    if failing:
+        text += f", {failing} with an error (xenblk-vhost ctl list)"
+    return text
+
+
+class Reloader:
+    """SIGHUP and `ctl reload`: the files re-read (in a thread), validated, applied; one at a time."""
+
+    def __init__(self, paths: list[str], service, notifier: Notifier) -> None:
+        self._paths = paths
+        self._service = service
+        self._notifier = notifier
+        self._lock = trio.Lock()
+
+    async def reload(self) -> list[str]:
+        async with self._lock:
+            self._notifier.reloading()
+            try:
+                configs = await trio.to_thread.run_sync(load_checked, self._paths)
+                return self._service.reload(configs)
+            finally:
+                self._notifier.ready(status_line(self._service))
+
+
+async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier) -> int:
+    from ..backend.xenbus.service import Service
+    from ..observability.endpoints import open_observability
+
+    check_xenstore_argument(args.xenstore)
+    with open_platform_explained(args.sim) as platform:
+        # Signals are caught from before "ready", so none is lost.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async with AsyncExitStack() as stack:
+                try:
+                    xs = await stack.enter_async_context(open_xenstore(args.xenstore))
+                except OSError as e:
+                    raise StartupError(explain_xenstore_failure(args.xenstore, e)) from e
+                with trio.move_on_after(XENSTORE_ANSWER_TIMEOUT) as probe:
+                    try:
+                        await xs.read("domid")
+                    except XenStoreError:
+                        pass  # an answer: xenstored is there
+                if probe.cancelled_caught:
+                    raise StartupError(f"xenstored at {xs.path} does not answer within "
+                                       f"{XENSTORE_ANSWER_TIMEOUT:g} s: is it hung?")
+                observability = await stack.enter_async_context(open_observability(args))
+                service = Service(xs, platform, configs)
+                reloader = Reloader(args.config, service, notifier)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(service.run)
+                    observability.serve(nursery, service, reload=reloader.reload)
+                    nursery.start_soon(notifier.keep_alive, lambda: status_line(service))
+                    print("ready", flush=True)
+                    notifier.ready(status_line(service))
+                    async for sig in signals:
+                        if sig == signal.SIGHUP:
+                            try:
+                                await reloader.reload()
+                            except ConfigError as e:
+                                for problem in e.problems:
+                                    log.error("reload refused, keeping the running configuration: %s", problem)
+                            continue
+                        log.info("%s: stopping", signal.Signals(sig).name)
+                        notifier.stopping("stopping: draining every disk")
+                        break
+                    nursery.cancel_scope.cancel()
+    return EXIT_OK
+
+
+def run_command(args: argparse.Namespace) -> int:
+    # A watchdog kill (SIGABRT) or a crash prints every thread's stack first: where the loop was stuck.
+    faulthandler.enable()
+    try:
+        configs = load_checked(args.config)
+    except ConfigError as e:
+        logs.report_errors(str(p) for p in e.problems)
+        return EXIT_USAGE
+    notifier = Notifier.from_environment()
+    try:
+        return trio.run(_serve, args, configs, notifier)
+    except BaseException as e:  # noqa: B036 - sorted below; what is not ours is raised again
+        found = leaves(e)
+        startup = [x for x in found if isinstance(x, StartupError)]
+        if startup:
+            logs.report_errors([f"xenblk-vhost run: {startup[0]}"])
+            notifier.stopping(f"cannot start: {startup[0]}")
+            return EXIT_USAGE
+        lost = [x for x in found if isinstance(x, XenStoreConnectionError)]
+        if lost:
+            log.error("lost the connection to xenstored (%s): every disk was drained; exiting with status %d "
+                      "so that the service manager starts a new daemon, which takes the disks over", lost[0],
+                      EXIT_FAILURE)
+            notifier.stopping(f"lost xenstored: {lost[0]}")
+            return EXIT_FAILURE
+        if found and all(isinstance(x, (OSError, XenStoreError)) for x in found):
+            log.error("stopped: %s", found[0])
+            return EXIT_FAILURE
+        raise
+    finally:
+        notifier.close()
+
+
+__all__ = ["run_command", "status_line", "Reloader", "XENSTORE_ANSWER_TIMEOUT"]
