@@ -9,7 +9,8 @@ compose file is checked for what must agree (targets, devices, shared
 paths, the hotplug shim's container name). The units pass
 `systemd-analyze verify` without a word, and what they run is run: the
 xenblk-vhost unit's ExecStart speaks sd_notify as Type=notify needs (READY,
-RELOADING/READY on its ExecReload, STOPPING on stop), the qsd unit's
+RELOADING/READY around its ExecReload, which is synchronous and fails on
+a bad file, STOPPING on stop, WATCHDOG pings), the qsd unit's
 ExecStartPre/ExecStart/ExecStartPost sequence has the sockets listening
 when it returns. Paths under /run, /etc and /var/lib are moved into a
 scratch directory; nothing else in the files is changed.
@@ -127,15 +128,20 @@ def test_backend_unit_allows_what_a_xen_backend_needs():
 async def test_backend_units_execstart_speaks_sd_notify_as_type_notify_needs(scratch):
     service = unit_entries(UNIT)["Service"]
     assert values(service, "Type") == ["notify"]
+    assert values(service, "RestartPreventExitStatus") == ["2"]  # a bad file or machine: no restart loop
+    watchdog = values(service, "WatchdogSec")
+    assert watchdog and float(watchdog[0].rstrip("s")) >= 10
     image = scratch / "images" / "web1.img"
     with open(image, "wb") as f:
         f.truncate(8 << 20)
-    (scratch / "etc" / "web1.yaml").write_text(
+    yaml_path = scratch / "etc" / "web1.yaml"
+    yaml_path.write_text(
         localize((ROOT / "config" / "file-disk.yaml").read_text(), scratch).replace("direct: true", "direct: false"))
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(scratch / "notify"))
     notify.settimeout(0)
-    env = dict(os.environ, NOTIFY_SOCKET=str(scratch / "notify"))
+    # What systemd passes with WatchdogSec= (here 1 s, to see several pings quickly).
+    env = dict(os.environ, NOTIFY_SOCKET=str(scratch / "notify"), WATCHDOG_USEC="1000000")
     env.update(dict(v.split("=", 1) for v in values(service, "Environment")))
     async with open_world(scratch / "w") as world:
         (exec_start,) = values(service, "ExecStart")
@@ -143,19 +149,39 @@ async def test_backend_units_execstart_speaks_sd_notify_as_type_notify_needs(scr
                                                               "--sim", world.hypervisor_path]
         proc = await trio.lowlevel.open_process(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            assert await _notification(notify) == "READY=1"
-            # The control socket the unit names answers `stats`.
+            ready = await _notification(notify, "READY=1")
+            assert "STATUS=1 domain(s) configured, 0 disk(s) connected" in ready
+            # Watchdog pings keep coming, from the event loop, every half WatchdogSec.
+            pings = [time.monotonic()]
+            for _ in range(3):
+                await _notification(notify, "WATCHDOG=1")
+                pings.append(time.monotonic())
+            assert all(b - a < 0.9 for a, b in zip(pings[1:], pings[2:])), pings
+            # The control socket the unit names answers `ctl` and `stats`.
             control = re.search(r"--control (\S+)", " ".join(argv)).group(1)
             assert control == f"{scratch}/run/control-web1.sock"
             stats = await trio.to_thread.run_sync(lambda: subprocess.run(
                 [str(XENBLK_VHOST), "stats", "--control", control, "--json"], capture_output=True, text=True))
             assert stats.returncode == 0, stats.stderr
-            assert json.loads(stats.stdout)["vbds"] == []  # serving, no guest attached
+            assert json.loads(stats.stdout)["daemons"][0]["vbds"] == []  # serving, no guest attached
+            # ExecReload is synchronous: it fails, with check's lines, when the file does not validate...
             (reload,) = values(service, "ExecReload")
-            subprocess.run(shlex.split(reload.replace("$MAINPID", str(proc.pid))), check=True)
-            assert [await _notification(notify), await _notification(notify)] == ["RELOADING=1", "READY=1"]
+            reload_argv = systemd_command(reload, scratch, "web1")
+            good = yaml_path.read_text()
+            yaml_path.write_text(good.replace("queues: 4", "queues: 0"))
+            done = await trio.to_thread.run_sync(lambda: subprocess.run(reload_argv, capture_output=True, text=True))
+            assert done.returncode == 2, done.stderr
+            assert "reload refused" in done.stderr and "queues: must be between 1 and 64, got 0" in done.stderr
+            assert "RELOADING=1" in await _notification(notify, "RELOADING=1")
+            assert "READY=1" in await _notification(notify, "READY=1")
+            # ...and succeeds, saying what changed, when it does.
+            yaml_path.write_text(good.replace("queues: 4", "queues: 2"))
+            done = await trio.to_thread.run_sync(lambda: subprocess.run(reload_argv, capture_output=True, text=True))
+            assert done.returncode == 0, done.stderr
+            assert "web1/xvda: queues changed" in done.stdout
+            await _notification(notify, "READY=1")
             proc.send_signal(signal.SIGTERM)  # systemctl stop
-            assert await _notification(notify) == "STOPPING=1"
+            assert "STOPPING=1" in await _notification(notify, "STOPPING=1")
             stop_timeout = float(values(service, "TimeoutStopSec")[0].rstrip("s"))
             with trio.fail_after(stop_timeout):
                 assert await proc.wait() == 0  # success: Restart=on-failure does not restart it
@@ -166,13 +192,17 @@ async def test_backend_units_execstart_speaks_sd_notify_as_type_notify_needs(scr
     notify.close()
 
 
-async def _notification(sock: socket.socket, timeout: float = 20.0) -> str:
+async def _notification(sock: socket.socket, wanted: str, timeout: float = 20.0) -> str:
+    """The next datagram with the line `wanted` (others, e.g. watchdog pings, are skipped)."""
     with trio.fail_after(timeout):
         while True:
             try:
-                return sock.recv(4096).decode()
+                message = sock.recv(4096).decode()
             except BlockingIOError:
                 await trio.sleep(0.02)
+                continue
+            if wanted in message.splitlines():
+                return message
 
 
 def test_qsd_units_start_sequence_returns_with_the_sockets_listening(scratch):

@@ -39,13 +39,14 @@ def test_run_refuses_a_bad_config_with_checks_messages(tmp_path):
     assert run.stdout == ""  # never got to "ready"
 
 
-def test_run_without_a_hypervisor_says_so_and_exits_1(tmp_path):
+def test_run_without_a_hypervisor_says_so_in_one_line_and_exits_2(tmp_path):
+    """This machine is no dom0 (tests/test_startup_errors.py fakes the other cases)."""
     img = disk_image(tmp_path)
     good = write_config(tmp_path, "g", [f"vdev: xvda, driver: io_uring, path: {img}"])
     run = subprocess.run([sys.executable, "-m", "xenblk_vhost", "run", str(good), "--xenstore", str(tmp_path / "no")],
                          capture_output=True, text=True, timeout=60)
-    assert run.returncode == 1
-    assert "stopped: " in run.stderr and "No such file or directory" in run.stderr
+    assert run.returncode == 2
+    assert run.stderr.startswith("xenblk-vhost run: not running on Xen (") and run.stderr.count("\n") == 1
 
 
 async def test_sigterm_drains_and_a_new_backend_takes_the_busy_guest_over(tmp_path):

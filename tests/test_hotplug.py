@@ -28,7 +28,7 @@ from xenblk_vhost.hotplug.install import install, shim_text
 from xenblk_vhost.hotplug.script import add
 from xenblk_vhost.hotplug.target import parse_xenbus_path
 from xenblk_vhost.observability.control_socket import ControlSocket
-from xenblk_vhost.observability.snapshot import service_snapshot
+from xenblk_vhost.observability.control_commands import ControlCommands
 from xenblk_vhost.sim import toolstack
 from xenblk_vhost.sim.toolstack import BackendKind, VbdConfig, VbdPaths
 from xenblk_vhost.sim.world import open_world
@@ -212,7 +212,7 @@ async def test_the_daemons_control_socket_confirms_the_storage_or_catches_a_chan
             assert f"note: nothing is listening on {control / 'control-dead.sock'}" in done.stderr
             # What `run --control DIR/control-web1.sock` serves (as the systemd unit starts it).
             sock = ControlSocket(str(control / "control-web1.sock"))
-            nursery.start_soon(sock.serve, {"stats": lambda: service_snapshot(service)})
+            nursery.start_soon(sock.serve, ControlCommands(service).handlers())
             done = await run_script(world, vbd, "add")
             assert done.returncode == 0, done.stderr
             assert f"checked with the daemon at {control / 'control-web1.sock'})" in done.stderr

@@ -72,7 +72,10 @@ async def test_stats_over_the_control_socket_count_what_the_guest_did(tmp_path):
 
             result = await stats_cli("--control", str(control), "--json")
             assert result.returncode == 0, result.stderr
-            after = vbd_of(json.loads(result.stdout), guest.domid, vbd.devid)
+            [daemon] = json.loads(result.stdout)["daemons"]
+            assert daemon["control"] == str(control)
+            after = vbd_of(daemon, guest.domid, vbd.devid)
+            assert after["domain"] == "counted"  # the YAML's name: it survives a new domid
             total = after["total"]
             assert (total["wr_req"], total["wr_sect"]) == (3, 24)
             assert (total["rd_req"], total["rd_sect"]) == (2, 16)
@@ -86,9 +89,10 @@ async def test_stats_over_the_control_socket_count_what_the_guest_did(tmp_path):
             table = await stats_cli("--control", str(control))
             assert table.returncode == 0, table.stderr
             text = table.stdout.decode()
-            assert f"vbd-{guest.domid}-{vbd.devid} xvda  CONNECTED  io_uring {img}" in text
-            total_row = next(line for line in text.splitlines() if line.split()[:1] == ["total"])
-            assert total_row.split()[1:8] == ["2", "3", "1", "1", "0", "16", "24"]
+            assert f"counted xvda  vbd-{guest.domid}-{vbd.devid}  Connected  io_uring {img}" in text
+            total_row = next(line for line in text.splitlines() if line.split()[2:3] == ["total"])
+            assert total_row.split()[:2] == ["counted", "xvda"]
+            assert total_row.split()[3:10] == ["2", "3", "1", "1", "0", "16", "24"]
 
             # The counts grow with more I/O: a verified workload's requests all arrive.
             load = (await fe.call("workloads", devs=[vbd.devid], requests=300, depth=8, timeout=120))[str(vbd.devid)]
