@@ -124,7 +124,9 @@ class ControlCommands:
         else:
             domid = present.get(cfg.name) if cfg.name is not None else None
         devices = self._devices_of(cfg.label)
-        devids = [d.vdev for d in cfg.disks] + sorted(set(devices) - {d.vdev for d in cfg.disks})
+        # The configured disks, then devices the file does not have (refused, their error kept).
+        refused = {devid for label, devid in self._service.last_errors if label == cfg.label}
+        devids = [d.vdev for d in cfg.disks] + sorted((set(devices) | refused) - {d.vdev for d in cfg.disks})
         disks = []
         for devid in devids:
             if vdev is not None and devid != vdev:
