@@ -70,9 +70,12 @@ async def test_metrics_scraped_over_http_match_the_control_sockets_stats(tmp_pat
             assert headers["content-type"].startswith("text/plain; version=0.0.4")
             got = samples(body.decode())
             [entry] = [v for v in stats["vbds"] if v["devid"] == vbd.devid]
-            who = {"domid": str(guest.domid), "devid": str(vbd.devid), "vdev": "xvda"}
+            who = {"domain": "scraped", "domid": str(guest.domid), "devid": str(vbd.devid), "vdev": "xvda"}
             assert got[("xenblk_vbd_connected", tuple(sorted(who.items())))] == 1
             assert got[("xenblk_vbd_rings", tuple(sorted(who.items())))] == 2
+            info = dict(who, kind="vbd", driver="io_uring", path=str(img), data_path="copy")
+            assert got[("xenblk_vbd_info", tuple(sorted(info.items())))] == 1
+            assert got[("process_open_fds", ())] > 0
             checked = 0
             for index, ring in enumerate(entry["rings"]):
                 labels = dict(who, ring=str(index))

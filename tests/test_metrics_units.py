@@ -50,7 +50,9 @@ def _snapshot(with_latency: bool) -> dict:
         snap["latency"] = _latency([2, 3, 1], 0.042)
     else:  # a snapshot from a datapath that measures no latency
         del snap["latency"]
-    return {"vbds": [{"domid": 5, "devid": 51712, "vdev": "xvda", "serving": True, "rings": [snap]}]}
+    return {"vbds": [{"domain": "web1", "domid": 5, "devid": 51712, "vdev": "xvda", "serving": True, "kind": "vbd",
+                      "driver": "io_uring", "path": "/srv/web1.img", "data_path": "copy", "state": "CONNECTED",
+                      "paused": True, "rings": [snap]}]}
 
 
 def _scrape(snapshot: dict) -> dict:
@@ -63,8 +65,8 @@ def _scrape(snapshot: dict) -> dict:
 
 def test_collector_reads_the_snapshot_at_scrape_time():
     got = _scrape(_snapshot(with_latency=True))
-    ring = (("devid", "51712"), ("domid", "5"), ("ring", "0"), ("vdev", "xvda"))
-    vbd = (("devid", "51712"), ("domid", "5"), ("vdev", "xvda"))
+    ring = (("devid", "51712"), ("domain", "web1"), ("domid", "5"), ("ring", "0"), ("vdev", "xvda"))
+    vbd = (("devid", "51712"), ("domain", "web1"), ("domid", "5"), ("vdev", "xvda"))
     assert got[("xenblk_vbd_requests_total", tuple(sorted(ring + (("op", "read"),))))] == 3
     assert got[("xenblk_vbd_requests_total", tuple(sorted(ring + (("op", "flush"),))))] == 1
     assert got[("xenblk_vbd_bytes_total", tuple(sorted(ring + (("op", "write"),))))] == 16 * 512
@@ -74,12 +76,20 @@ def test_collector_reads_the_snapshot_at_scrape_time():
     assert got[("xenblk_vbd_request_latency_seconds_bucket", tuple(sorted(vbd + (("le", "+Inf"),))))] == 6
     assert got[("xenblk_vbd_request_latency_seconds_count", vbd)] == 6
     assert got[("xenblk_vbd_request_latency_seconds_sum", vbd)] == pytest.approx(0.042)
+    # What serves the vbd, named by the domain's name (the YAML's key), and its state.
+    info = tuple(sorted(vbd + (("kind", "vbd"), ("driver", "io_uring"), ("path", "/srv/web1.img"),
+                               ("data_path", "copy"))))
+    assert got[("xenblk_vbd_info", info)] == 1
+    assert got[("xenblk_vbd_paused", vbd)] == 1 and got[("xenblk_vbd_state", vbd)] == 4
+    # The process' own figures.
+    assert got[("process_open_fds", ())] > 0 and got[("process_resident_memory_bytes", ())] > 0
+    assert ("process_cpu_seconds_total", ()) in got and ("process_start_time_seconds", ()) in got
 
 
 def test_no_latency_histogram_without_measurements():
     got = _scrape(_snapshot(with_latency=False))
     assert not any(name.startswith("xenblk_vbd_request_latency") for name, _ in got)
-    assert got[("xenblk_vbd_rings", (("devid", "51712"), ("domid", "5"), ("vdev", "xvda")))] == 1
+    assert got[("xenblk_vbd_rings", (("devid", "51712"), ("domain", "web1"), ("domid", "5"), ("vdev", "xvda")))] == 1
 
 
 def test_openmetrics_when_the_scraper_asks_for_it():

@@ -11,17 +11,24 @@ metric families. The HTTP side is a tiny trio handler (GET or HEAD of
 /metrics, one request per connection): no thread, unlike
 prometheus_client's start_http_server.
 
-Metrics (labels domid, devid, vdev; per ring also `ring`):
+Metrics (labels domain, domid, devid, vdev; per ring also `ring`). `domain`
+is the domain's name (the YAML's key, which survives the new domid of every
+guest boot; its domid for a file that names none):
   xenblk_vbd_requests_total{op=read|write|flush|discard}   blkback's rd_req, wr_req, f_req, ds_req
   xenblk_vbd_bytes_total{op=read|write}                    rd_sect, wr_sect x 512
   xenblk_vbd_out_of_requests_total                         oo_req
   xenblk_vbd_errors_total                                  error responses
   xenblk_vbd_requests_in_flight, xenblk_vbd_persistent_grants, xenblk_vbd_ring_halted
-  xenblk_vbd_connected, xenblk_vbd_rings                   per vbd
+  xenblk_vbd_connected, xenblk_vbd_rings, xenblk_vbd_paused, xenblk_vbd_state (xenbus state number)
+                                                           per vbd
+  xenblk_vbd_info{..., kind, driver, path, data_path}      always 1: what serves the vbd
   xenblk_vbd_request_latency_seconds                       per vbd histogram, when the datapath
                                                            measures latency (a ring snapshot's
                                                            "latency": {"bounds", "counts", "sum"})
   xenblk_vhost_info{version}                               always 1
+  process_*                                                prometheus_client's ProcessCollector: CPU
+                                                           seconds, resident memory, open fds (and
+                                                           their limit), start time
 Counters restart from zero when a frontend reconnects (as blkback's do);
 Prometheus' rate() treats that as a counter reset.
 """
@@ -33,9 +40,12 @@ import logging
 from collections.abc import Callable, Iterable
 
 import trio
+from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from ..xen.xenbus import XenbusState
 
 from .. import __version__
 
@@ -44,7 +54,8 @@ log = logging.getLogger(__name__)
 SECTOR_BYTES = 512
 MAX_REQUEST_HEAD = 8192
 REQUEST_TIMEOUT = 10.0
-_VBD_LABELS = ("domid", "devid", "vdev")
+_VBD_LABELS = ("domain", "domid", "devid", "vdev")
+_INFO_LABELS = _VBD_LABELS + ("kind", "driver", "path", "data_path")
 _RING_LABELS = _VBD_LABELS + ("ring",)
 
 
@@ -127,10 +138,22 @@ class ServiceCollector(Collector):
                                   labels=_VBD_LABELS)
         latency = HistogramMetricFamily("xenblk_vbd_request_latency_seconds", "Time from taking a request off "
                                         "the ring to pushing its response", labels=_VBD_LABELS)
+        info = GaugeMetricFamily("xenblk_vbd_info", "What serves the vbd (always 1)", labels=_INFO_LABELS)
+        paused = GaugeMetricFamily("xenblk_vbd_paused", "1 while the operator has the vbd paused "
+                                   "(xenblk-vhost ctl pause)", labels=_VBD_LABELS)
+        state = GaugeMetricFamily("xenblk_vbd_state", "The backend's xenbus state (4 Connected, 5 Closing, "
+                                  "6 Closed...)", labels=_VBD_LABELS)
         for vbd in snap.get("vbds", []):
-            who = [str(vbd["domid"]), str(vbd["devid"]), vbd["vdev"]]
+            domain = vbd.get("domain") or str(vbd["domid"])
+            who = [domain, str(vbd["domid"]), str(vbd["devid"]), vbd["vdev"]]
             connected.add_metric(who, 1 if vbd.get("serving") else 0)
             rings.add_metric(who, len(vbd["rings"]))
+            info.add_metric(who + [str(vbd.get("kind") or ""), str(vbd.get("driver") or ""),
+                                   str(vbd.get("path") or ""), str(vbd.get("data_path") or "")], 1)
+            paused.add_metric(who, 1 if vbd.get("paused") else 0)
+            member = XenbusState.__members__.get(str(vbd.get("state")))
+            if member is not None:
+                state.add_metric(who, int(member))
             for index, ring in enumerate(vbd["rings"]):
                 labels = who + [str(index)]
                 for op, key in (("read", "rd_req"), ("write", "wr_req"), ("flush", "f_req"), ("discard", "ds_req")):
@@ -145,13 +168,15 @@ class ServiceCollector(Collector):
             merged = merged_latency(vbd["rings"])
             if merged is not None:
                 latency.add_metric(who, cumulative_buckets(merged), merged["sum"])
-        yield from (requests, moved, oo, errors, in_flight, pgrants, halted, connected, rings, latency)
+        yield from (requests, moved, oo, errors, in_flight, pgrants, halted, connected, rings, latency, info,
+                    paused, state)
 
 
 def metrics_registry(snapshot: Callable[[], dict]) -> CollectorRegistry:
-    """A registry of its own (not the process-global one: no Python/process collectors to surprise anyone)."""
+    """A registry of its own (not the process-global one): the service's families and process_*."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(snapshot))
+    ProcessCollector(registry=registry)
     return registry
 
 
