@@ -1,10 +1,12 @@
-# rig-timeout: 540
+# rig-timeout: 660
 # Our backend as a standalone daemon (`xenblk-vhost run CONFIG`) on libxl's
 # phy route (backend/vbd, kernel xen-blkback not loaded, our hotplug script,
 # the YAML as the disk's target), one daemon for three guest lives, all named
 # xbv-phy (a guest restarted gets a new domid; the YAML follows the name):
 #   1. busy: a 2-vCPU guest doing write/verify rounds on xvda (map path +
-#      persistent grants) and xvdb (copy path); `xl block-detach xvdb` in the
+#      persistent grants) and xvdb (copy path); `xenblk-vhost ctl list` shows
+#      both Connected, `ctl pause xbv-phy/xvda` stops xvda's rounds with
+#      nothing in flight, `ctl resume` lets them go on; `xl block-detach xvdb` in the
 #      middle of its I/O must close cleanly within libxl's 10 s (after that
 #      libxl 4.17 gives up on a vbd, "unable to remove device", and xl exits
 #      1: seen with a backend made to stall) while xvda keeps working; then
@@ -49,6 +51,31 @@ note "ok: busy: both disks passed a write/verify round; I/O continues"
 maps=$(xb_gnt_maps)
 [ "$maps" -gt 0 ] || fail "busy: the daemon maps no grants while two rings are busy (/proc/$XB_PID/maps)"
 note "busy: daemon holds $maps gntdev mappings"
+
+# The operator's view (xenblk-vhost ctl, finding the daemon's control socket by
+# itself) while both disks are busy, then the snapshot hook: xvda paused (its
+# rounds stop, nothing in flight), resumed (its rounds go on).
+xenblk-vhost ctl --help > "$OUT/ctl-help.txt" 2>&1 || fail "ctl --help failed"
+xenblk-vhost ctl list > "$OUT/ctl-list.txt" 2>&1 || { cat "$OUT/ctl-list.txt"; fail "ctl list failed"; }
+cat "$OUT/ctl-list.txt"
+for d in xvda xvdb; do
+  grep -qE "^$NAME +$DOMID +$d +Connected +2 +(map|copy) " "$OUT/ctl-list.txt" \
+    || fail "ctl list: $NAME/$d is not listed Connected with 2 rings (above)"
+done
+n=$(xb_busy_round "$CON" xvda)
+xenblk-vhost ctl pause $NAME/xvda > "$OUT/ctl-pause.txt" 2>&1 || { cat "$OUT/ctl-pause.txt"; fail "ctl pause failed"; }
+xenblk-vhost ctl status --json $NAME/xvda > "$OUT/ctl-status-paused.json" 2>&1 || fail "ctl status failed"
+python3 - "$OUT/ctl-status-paused.json" <<'PY' || fail "ctl status: xvda not paused with nothing in flight"
+import json, sys
+[disk] = json.load(open(sys.argv[1]))["domain"]["disks"]
+assert disk["paused"] and disk["stats"]["total"]["in_flight"] == 0, disk
+PY
+sleep 8
+m=$(xb_busy_round "$CON" xvda)
+[ "$m" -le $((n + 1)) ] || fail "pause: the guest completed xvda rounds $n..$m while it was paused"
+xenblk-vhost ctl resume $NAME/xvda > "$OUT/ctl-resume.txt" 2>&1 || fail "ctl resume failed"
+xb_wait_console $NAME "XENBLK-GUEST-BUSY xvda $((m + 1))[^0-9]*\$" 120 "xvda must go on after ctl resume"
+note "ok: ctl: list shows both disks Connected; pause held xvda at round $m with nothing in flight for 8 s, resume let it go on"
 
 # Detach xvdb (devid 51728) in the middle of its rounds.
 before=$(xb_busy_round "$CON" xvdb)
