@@ -124,7 +124,7 @@ class JournalHandler(logging.Handler):
 
 def _journal_send():
     try:
-        from systemd import journal  # type: ignore[import-not-found]
+        from systemd import journal
     except ImportError:
         return None
     return journal.send
