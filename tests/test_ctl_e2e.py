@@ -119,7 +119,8 @@ async def test_list_status_pause_resume_detach_reload(tmp_path):
 
             # ---- refusals: exit 1 or 2, one line
             assert (await ctl(control, "pause", "web9"))[0] == 1
-            assert (await ctl(control, "pause", "db1"))[2] == "xenblk-vhost ctl: no disk of db1 is attached: nothing to pause\n"
+            assert (await ctl(control, "pause", "db1"))[2] == \
+                "xenblk-vhost ctl: no disk of db1 is attached: nothing to pause\n"
             assert (await ctl(control, "detach", "web1"))[0] == 2  # which disk?
 
             # ---- detach xvdb from the backend's side

@@ -27,8 +27,8 @@ from xenblk_vhost.hotplug.checks import HotplugError
 from xenblk_vhost.hotplug.install import install, shim_text
 from xenblk_vhost.hotplug.script import add
 from xenblk_vhost.hotplug.target import parse_xenbus_path
-from xenblk_vhost.observability.control_socket import ControlSocket
 from xenblk_vhost.observability.control_commands import ControlCommands
+from xenblk_vhost.observability.control_socket import ControlSocket
 from xenblk_vhost.sim import toolstack
 from xenblk_vhost.sim.toolstack import BackendKind, VbdConfig, VbdPaths
 from xenblk_vhost.sim.world import open_world

@@ -96,7 +96,7 @@ class SilentStorage:
 async def test_the_unit_under_systemd_notify_journal_reload_watchdog_and_no_restart_on_exit_2():
     scratch = Path(tempfile.mkdtemp(prefix="xv-sd-", dir="/tmp"))  # short: unix socket paths
     (scratch / "etc").mkdir()
-    img_a, img_b = disk_image(scratch, "a.img"), disk_image(scratch, "b.img")
+    img_a = disk_image(scratch, "a.img")
     disks = [f"vdev: xvda, driver: io_uring, path: {img_a}"]
     yaml_path = write_config(scratch / "etc", "web1", disks)
     (scratch / "etc" / "bad.yaml").write_text("domain: {name: bad}\ndisks: []\n")

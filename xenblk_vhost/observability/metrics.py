@@ -45,9 +45,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ..xen.xenbus import XenbusState
-
 from .. import __version__
+from ..xen.xenbus import XenbusState
 
 log = logging.getLogger(__name__)
 
