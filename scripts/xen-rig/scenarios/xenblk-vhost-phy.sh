@@ -9,8 +9,9 @@
 #      nothing in flight, `ctl resume` lets them go on; `xl block-detach xvdb` in the
 #      middle of its I/O must close cleanly within libxl's 10 s (after that
 #      libxl 4.17 gives up on a vbd, "unable to remove device", and xl exits
-#      1: seen with a backend made to stall) while xvda keeps working; then
-#      `xl destroy` of the still busy guest must leave no zombie domain and
+#      1: seen with a backend made to stall) while xvda keeps working; xvdc,
+#      added to the YAML, `ctl reload`ed and `xl block-attach`ed, is connected
+#      by the guest; then `xl destroy` of the still busy guest must leave no zombie domain and
 #      no grant mapped in the daemon.
 #   2. the same daemon and YAML serve the next xbv-phy guest the full
 #      workload (as blkback-reference's ref-mq: 2 vCPUs,
@@ -24,13 +25,14 @@
 
 lsmod | grep -q '^xen_blkback' && fail "xen-blkback is loaded: this scenario needs our daemon alone on backend/vbd"
 NAME=xbv-phy
-IMG_A=$XB_DIR/xbv-phy-a.img IMG_B=$XB_DIR/xbv-phy-b.img CFG=$XB_DIR/xbv-phy.yaml
+IMG_A=$XB_DIR/xbv-phy-a.img IMG_B=$XB_DIR/xbv-phy-b.img IMG_C=$XB_DIR/xbv-phy-c.img CFG=$XB_DIR/xbv-phy.yaml
 mkdisk "$IMG_A" 64
 mkdisk "$IMG_B" 64
+mkdisk "$IMG_C" 16
 # queues 2: what blkback offers on this 2-vCPU dom0 (num_online_cpus).
-xb_yaml "$CFG" $NAME \
-  "{vdev: xvda, driver: io_uring, path: $IMG_A, direct: true, data_path: map, persistent_grants: true, queues: 2, ring_page_order: 4, max_indirect_segments: 256}" \
-  "{vdev: xvdb, driver: io_uring, path: $IMG_B, direct: true, data_path: copy, queues: 2}"
+DISK_A="{vdev: xvda, driver: io_uring, path: $IMG_A, direct: true, data_path: map, persistent_grants: true, queues: 2, ring_page_order: 4, max_indirect_segments: 256}"
+DISK_B="{vdev: xvdb, driver: io_uring, path: $IMG_B, direct: true, data_path: copy, queues: 2}"
+xb_yaml "$CFG" $NAME "$DISK_A" "$DISK_B"
 
 XB_PID=""
 rm -f /run/xenblk-rig/hotplug.log
@@ -114,6 +116,24 @@ n=$(xb_busy_round "$CON" xvda)
 xb_wait_console $NAME "XENBLK-GUEST-BUSY xvda $((n + 2))[^0-9]*\$" 120 "xvda must keep working after xvdb's detach"
 note "ok: detach: xvdb gone cleanly mid-I/O (Closed in ${dclosed}s), guest saw an I/O error (no bad data), xvda still served"
 
+# A disk added to the YAML while the guest runs (README, "Adding a disk to a
+# running guest"): ctl reload reports it, xl block-attach hands it to the guest,
+# whose blkfront connects it.
+xb_yaml "$CFG" $NAME "$DISK_A" "$DISK_B" "{vdev: xvdc, driver: io_uring, path: $IMG_C, direct: true}"
+xenblk-vhost ctl reload > "$OUT/ctl-reload.txt" 2>&1 || { cat "$OUT/ctl-reload.txt"; fail "ctl reload failed"; }
+grep -q "$NAME/xvdc: added" "$OUT/ctl-reload.txt" || { cat "$OUT/ctl-reload.txt"; fail "ctl reload did not report xvdc added"; }
+xl block-attach $NAME "$(xb_phy_disk xvdc "$CFG")" > "$OUT/block-attach.log" 2>&1 \
+  || { cat "$OUT/block-attach.log"; fail "xl block-attach of xvdc failed"; }
+i=0
+until [ "$(xenstore-read "$BE/51744/state" 2>/dev/null)" = 4 ]; do
+  sleep 0.5; i=$((i + 1))
+  [ $i -lt 120 ] || fail "block-attach: xvdc's backend not Connected 60 s after xl block-attach"
+done
+xenblk-vhost ctl list > "$OUT/ctl-list-attached.txt" 2>&1 || fail "ctl list failed"
+grep -qE "^$NAME +$DOMID +xvdc +Connected " "$OUT/ctl-list-attached.txt" \
+  || { cat "$OUT/ctl-list-attached.txt"; fail "ctl list: xvdc not Connected after xl block-attach"; }
+note "ok: block-attach: xvdc added to the YAML, reloaded, attached with xl block-attach, Connected by the guest's blkfront"
+
 # Destroy the guest while xvda is busy (persistent grants mapped).
 n=$(xb_busy_round "$CON" xvda)
 xb_wait_console $NAME "XENBLK-GUEST-BUSY xvda $((n + 1))[^0-9]*\$" 60 "xvda busy before the destroy"
@@ -177,4 +197,4 @@ e2fsck -f -n "$IMG_A" > "$OUT/dom0-fsck.log" 2>&1 || fail "dom0 e2fsck -fn of th
 debugfs -R 'ls /' "$IMG_A" 2>/dev/null | grep -q file6 || fail "file6 missing in the guest's filesystem, seen from dom0"
 note "ok: dom0 sees a clean ext4 with the guest's files"
 xb_stop_daemon "phy daemon"
-assert_eq "hotplug script 'add' calls (busy guest's xvda+xvdb, next guest's xvda)" "$(grep -c ' add ' /run/xenblk-rig/hotplug.log)" 3
+assert_eq "hotplug script 'add' calls (busy guest's xvda+xvdb+xvdc, next guest's xvda)" "$(grep -c ' add ' /run/xenblk-rig/hotplug.log)" 4
