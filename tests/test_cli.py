@@ -47,3 +47,24 @@ def test_the_command_line_loads_nothing_only_the_simulator_needs():
     heavy = {"xenblk_vhost.sim._atomic", "xenblk_vhost.sim.hypervisor", "xenblk_vhost.sim.grant_table",
              "xenblk_vhost.sim.world"}
     assert not heavy & set(out), out
+
+
+def test_ctl_loads_no_event_loop_no_yaml_and_no_simulator():
+    """`xenblk-vhost ctl` (by hand, and systemd's ExecReload) starts in a fraction of a second: the
+    main command builds only its parser. Under the rig's TCG every import costs seconds."""
+    code = ("import sys\nfrom xenblk_vhost.cli import build_parser, _command_in\n"
+            "assert _command_in(['--log-level', 'debug', 'ctl', 'list']) == 'ctl'\n"
+            "build_parser(_command_in(['ctl', 'list'])).parse_args(['ctl', 'list'])\n"
+            "heavy = ('trio', 'yaml', 'prometheus_client', 'cffi')\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in heavy\n"
+            "                      or m.startswith(('xenblk_vhost.demo', 'xenblk_vhost.sim')))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [], out
+
+
+def test_every_command_is_reachable_when_only_its_parser_is_built():
+    for command in ("check", "run", "ctl", "stats", "demo", "hotplug", "install-hotplug"):
+        try:
+            main([command, "--help"])
+        except SystemExit as e:
+            assert e.code == 0, command

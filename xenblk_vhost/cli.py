@@ -21,12 +21,14 @@ import argparse
 import sys
 
 from . import __version__
-from .config import ConfigError
 from .daemon import logs
 from .exit_codes import EXIT_OK, EXIT_USAGE
 
+COMMANDS = ("check", "run", "ctl", "stats", "demo", "hotplug", "install-hotplug")
+
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .daemon.preflight import load_checked
 
     try:
@@ -63,7 +65,10 @@ def _logging_options(default: str | None) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with `only`, just that command's part of it (main() builds the one it
+    will use: `ctl`, run by hand and by systemd's ExecReload, then imports no trio, no YAML
+    parser, no simulator; the man page and --help build them all)."""
     common = _logging_options(None)
     parser = argparse.ArgumentParser(
         prog="xenblk-vhost", parents=[_logging_options("info")],
@@ -78,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, **kw) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kw)
 
+    if only in (None, "check", "run"):
+        _add_check_and_run(command)
+    _add_operator_commands(sub, common, only)
+    return parser
+
+
+def _add_check_and_run(command) -> None:
     check = command(
         "check",
         help="validate configuration files and exit",
@@ -111,8 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sim", metavar="SOCKET", help="use the simulated hypervisor listening on SOCKET")
     _add_run_observability_arguments(run)
     run.set_defaults(func=_cmd_run)
-    _add_operator_commands(sub, common)
-    return parser
 
 
 def _add_run_observability_arguments(run) -> None:
@@ -134,16 +144,22 @@ class _WithCommon:
         return self._sub.add_parser(name, **kw)
 
 
-def _add_operator_commands(sub, common: argparse.ArgumentParser) -> None:
+def _add_operator_commands(sub, common: argparse.ArgumentParser, only: str | None = None) -> None:
     """`ctl` and `stats` (observability/), `demo` (demo/), `hotplug` and `install-hotplug` (hotplug/)."""
-    from .demo import command as demo_command
-    from .hotplug import install, script
-    from .observability import ctl_command
-
     sub_common = _WithCommon(sub, common)
-    ctl_command.add_parser(sub_common, common)
-    ctl_command.add_stats_alias(sub_common)
-    demo_command.add_parser(sub_common)
+    if only in (None, "ctl", "stats"):
+        from .observability import ctl_command
+
+        ctl_command.add_parser(sub_common, common)
+        ctl_command.add_stats_alias(sub_common)
+    if only in (None, "demo"):
+        from .demo import command as demo_command
+
+        demo_command.add_parser(sub_common)
+    if only not in (None, "hotplug", "install-hotplug"):
+        return
+    from .hotplug import install, script
+
     hotplug = sub_common.add_parser(
         "hotplug", help="libxl's hotplug script for our disks (run by libxl with XENBUS_PATH set)",
         description=script.build_parser().description)
@@ -157,6 +173,22 @@ def _add_operator_commands(sub, common: argparse.ArgumentParser) -> None:
     inst.set_defaults(func=install.run_from_args)
 
 
+def _command_in(argv: list[str]) -> str | None:
+    """The command argv names (after any --log-level/--log-json), else None: the whole parser."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word in COMMANDS:
+            return word
+        if word == "--log-level":
+            i += 2
+        elif word.startswith("--log-level=") or word == "--log-json":
+            i += 1
+        else:
+            return None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from .device_model.qemu_args import is_qemu_invocation
@@ -165,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         from .device_model import run
 
         return run.main(argv)
-    parser = build_parser()
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -23,12 +23,17 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from ..control_protocol import ControlError, default_control_path
-from .control_commands import ControlCommands, Reload
-from .control_socket import ControlSocket
-from .metrics import MetricsAddressError, metrics_registry, open_metrics_listeners, parse_listen_address, serve_metrics
-from .snapshot import service_snapshot
+from .listen_address import MetricsAddressError, parse_listen_address
+
+if TYPE_CHECKING:
+    from .control_commands import Reload
+    from .control_socket import ControlSocket
+
+# What serves (trio, prometheus_client) is imported when `run` serves, not when the command
+# line is parsed: `xenblk-vhost ctl` builds the same parser and must start quickly.
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open_control(requested: str | None) -> ControlSocket | None:
+    from .control_socket import ControlSocket
+
     if requested is not None:
         if requested.lower() in CONTROL_OFF:
             return None
@@ -82,6 +89,9 @@ class Observability:
         self._started = time.monotonic()
 
     def serve(self, nursery, service, *, reload: Reload | None = None) -> None:
+        from .control_commands import ControlCommands
+        from .snapshot import service_snapshot
+
         def snapshot() -> dict:
             return service_snapshot(service, started=self._started)
 
@@ -89,6 +99,8 @@ class Observability:
             commands = ControlCommands(service, started=self._started, reload=reload)
             nursery.start_soon(self.control.serve, commands.handlers())
         if self.metrics_listeners is not None:
+            from .metrics import metrics_registry, serve_metrics
+
             nursery.start_soon(serve_metrics, self.metrics_listeners, metrics_registry(snapshot))
 
     def close(self) -> None:
@@ -105,6 +117,8 @@ async def open_observability(args: argparse.Namespace) -> AsyncIterator[Observab
     try:
         metrics = getattr(args, "metrics", None)
         if metrics is not None:
+            from .metrics import open_metrics_listeners
+
             listeners = await open_metrics_listeners(*metrics)
         observability = Observability(control, listeners)
     except BaseException:

@@ -35,7 +35,6 @@ Prometheus' rate() treats that as a counter reset.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Callable, Iterable
 
@@ -47,6 +46,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from .. import __version__
 from ..xen.xenbus import XenbusState
+from .listen_address import MetricsAddressError, parse_listen_address  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +56,6 @@ REQUEST_TIMEOUT = 10.0
 _VBD_LABELS = ("domain", "domid", "devid", "vdev")
 _INFO_LABELS = _VBD_LABELS + ("kind", "driver", "path", "data_path")
 _RING_LABELS = _VBD_LABELS + ("ring",)
-
-
-class MetricsAddressError(ValueError):
-    pass
-
-
-def parse_listen_address(text: str) -> tuple[str, int]:
-    """"127.0.0.1:9477", "[::1]:9477", "localhost:9477" -> (host, port); port 0: any free one (logged)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise MetricsAddressError(f"{text!r}: expected HOST:PORT, e.g. 127.0.0.1:9477 or [::1]:9477")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise MetricsAddressError(f"{text!r}: {host!r} is not an IPv6 address") from None
-    elif ":" in host:
-        raise MetricsAddressError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9477")
-    return host, int(port)
 
 
 def merged_latency(rings: Iterable[dict]) -> dict | None:

@@ -1,4 +1,4 @@
-# rig-timeout: 660
+# rig-timeout: 780
 # Our backend as a standalone daemon (`xenblk-vhost run CONFIG`) on libxl's
 # phy route (backend/vbd, kernel xen-blkback not loaded, our hotplug script,
 # the YAML as the disk's target), one daemon for three guest lives, all named
@@ -57,7 +57,6 @@ note "busy: daemon holds $maps gntdev mappings"
 # The operator's view (xenblk-vhost ctl, finding the daemon's control socket by
 # itself) while both disks are busy, then the snapshot hook: xvda paused (its
 # rounds stop, nothing in flight), resumed (its rounds go on).
-xenblk-vhost ctl --help > "$OUT/ctl-help.txt" 2>&1 || fail "ctl --help failed"
 xenblk-vhost ctl list > "$OUT/ctl-list.txt" 2>&1 || { cat "$OUT/ctl-list.txt"; fail "ctl list failed"; }
 cat "$OUT/ctl-list.txt"
 for d in xvda xvdb; do
@@ -65,19 +64,17 @@ for d in xvda xvdb; do
     || fail "ctl list: $NAME/$d is not listed Connected with 2 rings (above)"
 done
 n=$(xb_busy_round "$CON" xvda)
+# (ctl pause returns once nothing is in flight: checked by tests/test_ctl_e2e.py; each
+# ctl call here costs 15-60 s of Python start-up under TCG, so the scenario makes few)
 xenblk-vhost ctl pause $NAME/xvda > "$OUT/ctl-pause.txt" 2>&1 || { cat "$OUT/ctl-pause.txt"; fail "ctl pause failed"; }
-xenblk-vhost ctl status --json $NAME/xvda > "$OUT/ctl-status-paused.json" 2>&1 || fail "ctl status failed"
-python3 - "$OUT/ctl-status-paused.json" <<'PY' || fail "ctl status: xvda not paused with nothing in flight"
-import json, sys
-[disk] = json.load(open(sys.argv[1]))["domain"]["disks"]
-assert disk["paused"] and disk["stats"]["total"]["in_flight"] == 0, disk
-PY
+cat "$OUT/ctl-pause.txt"
+m0=$(xb_busy_round "$CON" xvda)
 sleep 8
 m=$(xb_busy_round "$CON" xvda)
-[ "$m" -le $((n + 1)) ] || fail "pause: the guest completed xvda rounds $n..$m while it was paused"
+[ "$m" = "$m0" ] || fail "pause: the guest completed xvda rounds $m0..$m while it was paused"
 xenblk-vhost ctl resume $NAME/xvda > "$OUT/ctl-resume.txt" 2>&1 || fail "ctl resume failed"
 xb_wait_console $NAME "XENBLK-GUEST-BUSY xvda $((m + 1))[^0-9]*\$" 120 "xvda must go on after ctl resume"
-note "ok: ctl: list shows both disks Connected; pause held xvda at round $m with nothing in flight for 8 s, resume let it go on"
+note "ok: ctl: list shows both disks Connected; pause held xvda at round $m for 8 s (round $n before the pause), resume let it go on"
 
 # Detach xvdb (devid 51728) in the middle of its rounds.
 before=$(xb_busy_round "$CON" xvdb)
@@ -129,9 +126,6 @@ until [ "$(xenstore-read "$BE/51744/state" 2>/dev/null)" = 4 ]; do
   sleep 0.5; i=$((i + 1))
   [ $i -lt 120 ] || fail "block-attach: xvdc's backend not Connected 60 s after xl block-attach"
 done
-xenblk-vhost ctl list > "$OUT/ctl-list-attached.txt" 2>&1 || fail "ctl list failed"
-grep -qE "^$NAME +$DOMID +xvdc +Connected " "$OUT/ctl-list-attached.txt" \
-  || { cat "$OUT/ctl-list-attached.txt"; fail "ctl list: xvdc not Connected after xl block-attach"; }
 note "ok: block-attach: xvdc added to the YAML, reloaded, attached with xl block-attach, Connected by the guest's blkfront"
 
 # Destroy the guest while xvda is busy (persistent grants mapped).
