@@ -130,15 +130,19 @@ def _journal_send():
     return journal.send
 
 
+_FIND = object()  # choose_handler's journal_send default: python-systemd's, if installed
+
+
 def choose_handler(*, json_lines: bool = False, stream: TextIO | None = None, environ=None,
-                   journal_send=None) -> logging.Handler:
-    """The handler for this process's stderr (see the module doc); `journal_send` for tests."""
+                   journal_send=_FIND) -> logging.Handler:
+    """The handler for this process's stderr (see the module doc). `journal_send`: how records
+    reach journald natively (None: they cannot); by default python-systemd's, if installed."""
     stream = sys.stderr if stream is None else stream
     if json_lines:
         handler: logging.Handler = logging.StreamHandler(stream)
         handler.setFormatter(JsonFormatter())
     elif stderr_is_journal(stream, environ):
-        send = journal_send if journal_send is not None else _journal_send()
+        send = _journal_send() if journal_send is _FIND else journal_send
         if send is not None:
             handler = JournalHandler(send)
             handler.setFormatter(logging.Formatter("%(message)s"))
