@@ -69,14 +69,15 @@ def add_parser(sub, common: argparse.ArgumentParser | None = None) -> argparse.A
     add_control_arguments(ctl)
     cmds = ctl.add_subparsers(dest="ctl_command", metavar="COMMAND")
 
-    def command(name: str, help: str, description: str, target: str | None = None, **kw) -> argparse.ArgumentParser:
+    def command(name: str, help: str, description: str, *, target: str | None = None,
+                func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         p = cmds.add_parser(name, help=help, description=description, parents=[common] if common else [])
         add_control_arguments(p, nested=True)
         if target == "optional":
             p.add_argument("target", nargs="?", metavar="DOMAIN", help="only this domain (and find its daemon)")
         elif target:
             p.add_argument("target", metavar=target)
-        p.set_defaults(ctl_func=kw.get("func"))
+        p.set_defaults(ctl_func=func)
         return p
 
     command("list", "configured domains, present or not, and each disk's state",

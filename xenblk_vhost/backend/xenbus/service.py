@@ -39,12 +39,14 @@ failure: it ends run() with XenStoreConnectionError (nothing can be served
 without xenstore; the entry point exits so that the service manager starts
 a new daemon, which takes the devices over).
 
+Cancelling run() (shutdown) cancels every Device, each of which drains and
+releases its rings and storage before run() returns; the xenstore state is
+left as it was, so guests see their disks pause, not vanish, until a
+backend takes them over again.
+
 Each device's task carries its domain, vdev and device name as log fields
 (log_context), so every line it or its rings log can be told apart in the
-journal by DOMAIN= and VDEV=. Cancelling run() (shutdown) cancels every Device, each of which
-drains and releases its rings and storage before run() returns; the
-xenstore state is left as it was, so guests see their disks pause, not
-vanish, until a backend takes them over again.
+journal by DOMAIN= and VDEV=.
 """
 
 from __future__ import annotations
