@@ -4,6 +4,7 @@ end-to-end run cannot force (a pause that does not drain in time leaves nothing 
 from __future__ import annotations
 
 import json
+import socket
 from dataclasses import dataclass, field
 
 import pytest
@@ -125,6 +126,14 @@ async def test_ctl_finds_the_daemon_configuring_the_domain_among_several(two_dae
     assert status == 2 and "2 daemons answer here" in err and "name a domain or give --control PATH" in err
     status, out, err = await serve_and_run(directory, services, ["ctl", "pause", "web7"], capsys)
     assert status == 1 and "none of the daemons here" in err and "configure 'web7'" in err
+    # A dead daemon's socket left behind: named, skipped; the live one is the only candidate.
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(directory / "control-old.sock"))
+    stale.close()
+    del services["db1"]
+    status, out, err = await serve_and_run(directory, services, ["ctl", "reload"], capsys)
+    assert status == 1 and "unknown command 'reload'" in err  # reached web1's daemon (which has no reload here)
+    assert f"skipped: nothing is listening on {directory / 'control-old.sock'}" in err
 
 
 def test_ctl_with_no_daemon_says_where_it_looked(tmp_path, monkeypatch, capsys):

@@ -201,13 +201,17 @@ def _one_daemon(args: argparse.Namespace, target: str | None) -> str:
     found = _candidates(args)
     if len(found) == 1:
         return found[0]
+    answering = _ask_all(args, "list")  # a dead daemon's socket left behind is no candidate
+    live = [path for path, _ in answering]
     if target is None:
-        raise _Usage(f"{len(found)} daemons answer here ({', '.join(found)}): name a domain or give --control PATH")
+        if len(live) == 1:
+            return live[0]
+        raise _Usage(f"{len(live)} daemons answer here ({', '.join(live)}): name a domain or give --control PATH")
     domain = _domain_of(target)
-    owners = [path for path, listing in _ask_all(args, "list") if _configures(listing, domain)]
+    owners = [path for path, listing in answering if _configures(listing, domain)]
     if len(owners) != 1:
         which = "none of" if not owners else "several of"
-        raise ControlError(f"{which} the daemons here ({', '.join(found)}) configure {domain!r}"
+        raise ControlError(f"{which} the daemons here ({', '.join(live)}) configure {domain!r}"
                            + ("" if owners else ": see `xenblk-vhost ctl list`"))
     return owners[0]
 
