@@ -9,9 +9,24 @@
 Plain helpers (classes, functions, constants) are still imported from their modules.
 """
 
+import logging
+
+import pytest
+
 pytest_plugins = [
     "sim_support.daemons",
     "backend_support.fixtures",
     "blkif_support.fixtures",
     "storage_support.fixtures",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """cli.main() run in process configures the root logger (daemon/logs.py) with a handler on the
+    stderr of that moment (a test's captured one): put back what was there after every test."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -113,7 +113,7 @@ async def serve_and_run(directory, services, argv, capsys) -> tuple[int, str, st
 async def test_ctl_finds_the_daemon_configuring_the_domain_among_several(two_daemons, capsys):
     directory, services = two_daemons
     status, out, err = await serve_and_run(directory, services, ["ctl", "pause", "db1/xvda"], capsys)
-    assert (status, err) == (0, "")
+    assert status == 0 and not [line for line in err.splitlines() if line.startswith("xenblk-vhost ctl:")], err
     assert out.startswith("db1/xvda: paused")
     assert services["db1"].devices[vbd(51712)].paused and not services["web1"].devices[vbd(51712)].paused
     # list asks them all
