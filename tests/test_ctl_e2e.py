@@ -149,6 +149,9 @@ async def test_list_status_pause_resume_detach_reload(tmp_path):
             f"{web1}:2: disks: must be a non-empty list of disks"]
         assert [d["vdev"] for d in (await ctl_json(control, "list"))["daemons"][0]["domains"][0]["disks"]][:3] == [
             "xvda", "xvdb", "xvdd"]
+        # The daemon's own log says it too, whoever asked for the reload.
+        await backend.wait_line(lambda line: "reload refused, keeping the running configuration" in line
+                                and "disks: must be a non-empty list" in line, 10)
         backend.proc.send_signal(signal.SIGTERM)
         assert await backend.wait(30) == 0
     assert any("DOMAIN" not in line for line in backend.lines)  # plain text log: no fields in the lines

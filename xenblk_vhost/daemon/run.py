@@ -81,11 +81,16 @@ class Reloader:
         self._lock = trio.Lock()
 
     async def reload(self) -> list[str]:
+        """What changed; ConfigError (its problems logged here, whoever asked) if refused."""
         async with self._lock:
             self._notifier.reloading()
             try:
                 configs = await trio.to_thread.run_sync(load_checked, self._paths)
                 return self._service.reload(configs)
+            except ConfigError as e:
+                for problem in e.problems:
+                    log.error("reload refused, keeping the running configuration: %s", problem)
+                raise
             finally:
                 self._notifier.ready(status_line(self._service))
 
@@ -124,9 +129,8 @@ async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier) ->
                         if sig == signal.SIGHUP:
                             try:
                                 await reloader.reload()
-                            except ConfigError as e:
-                                for problem in e.problems:
-                                    log.error("reload refused, keeping the running configuration: %s", problem)
+                            except ConfigError:
+                                pass  # logged by reload(); the running configuration stays
                             continue
                         log.info("%s: stopping", signal.Signals(sig).name)
                         notifier.stopping("stopping: draining every disk")
