@@ -21,24 +21,41 @@ vhost-user), in one run:
           figure near it would measure the generator, not the backend.
 
 Output: one JSON line per (target, data path, workload) on stdout and in
-OUT/results.jsonl; progress and a summary table on stderr; the chart
-(OUT/bench.png, bridge vs raw) path at the end. Fields: workload,
-target, data_path, bridge_iops, raw_iops, ratio (bridge/raw), p50_us and
-p99_us (per I/O, as the guest measured it; raw_p50_us, raw_p99_us),
-backend_cpu_us_per_io (this process's CPU time over the I/Os served: what
-the backend costs, whatever the machine's load), sim_copy_us_per_io and
-sim_copy_share (the simulated hypervisor's grant copy, which runs in the
-backend's process where real Xen would do it in a hypercall: part of
-backend_cpu_us_per_io, reported apart), loadgen_ceiling_iops,
-backend_wakeups_per_io / backend_reaps_per_io / backend_notifies_per_io
-(event-channel wake-ups, completion-fd reaps, notifications sent),
-storage_cpu_us_per_io (qemu-storage-daemon's CPU; null for io_uring, whose
-work is the backend's own), requests_per_io (a big I/O split as the
-backend's segment limit demands), MB/s for both.
+OUT/results.jsonl (OUT/machine.json: the machine, its load, the settings);
+progress and a summary table on stderr; the chart (OUT/bench.png, bridge
+vs raw) path at the end. Fields:
+  workload, target, data_path, op, pattern, bs, qd, ring_order, rings
+  bridge_iops, raw_iops, ratio        I/Os per second; ratio = bridge/raw
+  bridge_MBps, raw_MBps
+  p50_us, p99_us                      per I/O, as the guest measured it
+  raw_p50_us, raw_p99_us              the same on raw libblkio
+  backend_cpu_us_per_io               this process's CPU time (getrusage: its
+                                      io_uring workers included) over the I/Os
+                                      it served: what the backend costs,
+                                      whatever the machine's load
+  sim_copy_share, sim_copy_us_per_io  the part of it spent in the simulated
+                                      hypervisor's grant copy, which runs in the
+                                      backend's process where real Xen does it
+                                      in a hypercall (sampled, see --profile)
+  backend_cpu_us_per_io_without_sim_copy
+  loadgen_ceiling_iops                the generator against the null responder
+  loadgen_cpu_us_per_io               the guest's CPU per I/O
+  backend_wakeups_per_io, backend_reaps_per_io, backend_notifies_per_io
+                                      event-channel wake-ups, completion-fd
+                                      reaps, notifications sent
+  storage_cpu_us_per_io               qemu-storage-daemon's CPU (null for
+                                      io_uring: that work is the backend's own)
+  raw_cpu_us_per_io, raw_storage_cpu_us_per_io
+  requests_per_io                     blkif requests per I/O (a big I/O split as
+                                      the backend's segment limit demands)
+  oo_req                              times the ring was full of requests
+  profile, profile_samples            CPU share per category (profile.py)
 
 Machines are noisy: compare ratios within one run; the load average is
-printed at the start and the end. --profile samples the backend's CPU
-(SIGPROF, every 200 us) during each bridge run and prints where it goes.
+printed at the start and the end. A SIGPROF sampler runs through every
+bridge run (at most ~250 samples per CPU-second here: the kernel's tick);
+--profile prints its breakdown: where the backend's CPU goes, by category
+and by function (longer --seconds, more samples).
 """
 
 from __future__ import annotations
@@ -87,8 +104,8 @@ def parse_args(argv=None):
     ap.add_argument("--seconds", type=float, help="measured seconds per run (default 2; --quick 0.5)")
     ap.add_argument("--warmup", type=float, help="seconds run before measuring (default 0.5; --quick 0.2)")
     ap.add_argument("--targets", default="file,null", help="file,null")
-    ap.add_argument("--paths", default=",".join(wl.PATHS),
-                    help="data paths (default all; map ones run only where the driver allows); --quick: copy")
+    ap.add_argument("--paths", help=f"data paths (default {','.join(wl.PATHS)}; --quick: copy); "
+                                    "map ones run only where the driver can use them")
     ap.add_argument("--workloads", help="only workloads whose name contains one of these (comma-separated), "
                                         "e.g. qd1,128k")
     ap.add_argument("--no-raw", action="store_true", help="skip the raw libblkio baseline")
@@ -105,8 +122,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     args.seconds = args.seconds or (0.5 if args.quick else 2.0)
     args.warmup = args.warmup if args.warmup is not None else (0.2 if args.quick else 0.5)
-    if args.quick and "--paths" not in (argv or sys.argv):
-        args.paths = "copy"
+    if args.paths is None:
+        args.paths = "copy" if args.quick else ",".join(wl.PATHS)
     return args
 
 

@@ -115,6 +115,44 @@ static inline uint64_t next_unit(const struct lg_workload *w, uint64_t *cursor, 
     return u;
 }
 
+/* ------------------------------------------------------------ the measured window */
+
+/* Warm-up, then `seconds` measured: what completed between the first clock
+ * reading past the warm-up and the first past the end, over that time. */
+struct window {
+    uint64_t from, to, done_at_from;
+    int measuring, stopping;
+};
+
+static void window_start(struct window *win, const struct lg_workload *w, uint64_t t)
+{
+    win->from = t + (uint64_t)(w->warmup_s * 1e9);
+    win->to = win->from + (uint64_t)(w->seconds * 1e9);
+    win->done_at_from = 0;
+    win->measuring = win->stopping = 0;
+}
+
+/* At time t with `done` completions so far; fills out's count and time once the window closes. */
+static inline void window_update(struct window *win, uint64_t t, uint64_t done, struct lg_result *out)
+{
+    if (!win->measuring && t >= win->from) {
+        win->measuring = 1;
+        win->done_at_from = done;
+        win->from = t;
+    }
+    if (!win->stopping && t >= win->to) {
+        win->stopping = 1;
+        out->completed = done - win->done_at_from;
+        out->seconds = (t - win->from) / 1e9;
+    }
+}
+
+/* Latencies count only inside the window. */
+static inline int window_open(const struct window *win)
+{
+    return win->measuring && !win->stopping;
+}
+
 /* ------------------------------------------------------------ event channels */
 
 static inline void kick(int fd)
@@ -155,8 +193,9 @@ int lg_run(const struct lg_workload *w, const struct lg_ring *rings, unsigned nr
     struct pollfd *pfds = calloc(nrings, sizeof *pfds);
     struct samples lat;
     const unsigned parts = w->parts, part_sectors = parts ? w->unit_sectors / parts : 0;
-    uint64_t rng = w->seed | 1, t, t_measure, t_end, done = 0, in_window_start = 0;
-    int measuring = 0, stopping = 0, rc = 0;
+    uint64_t rng = w->seed | 1, t, done = 0;
+    struct window win;
+    int rc = 0;
     unsigned r;
 
     memset(out, 0, sizeof *out);
@@ -188,22 +227,10 @@ int lg_run(const struct lg_workload *w, const struct lg_ring *rings, unsigned nr
         pfds[r].events = POLLIN;
     }
 
-    t = now_ns();
-    t_measure = t + (uint64_t)(w->warmup_s * 1e9);
-    t_end = t_measure + (uint64_t)(w->seconds * 1e9);
+    window_start(&win, w, now_ns());
     for (;;) {
         int progress = 0, inflight = 0;
-        t = now_ns();
-        if (!measuring && t >= t_measure) {
-            measuring = 1;
-            in_window_start = done;
-            t_measure = t;
-        }
-        if (!stopping && t >= t_end) {
-            stopping = 1;
-            out->completed = done - in_window_start;
-            out->seconds = (t - t_measure) / 1e9;
-        }
+        window_update(&win, now_ns(), done, out);
         for (r = 0; r < nrings; r++) {
             struct front *f = &fronts[r];
             RING_IDX rp = f->fr.sring->rsp_prod, i;
@@ -222,7 +249,7 @@ int lg_run(const struct lg_workload *w, const struct lg_ring *rings, unsigned nr
                     out->errors++;
                 if (--f->parts_left[io])
                     continue;
-                if (measuring && !stopping)
+                if (window_open(&win))
                     samples_add(&lat, t - f->submitted_at[io]);
                 f->free_ios[f->nfree++] = (uint16_t)io;
                 done++;
@@ -230,7 +257,7 @@ int lg_run(const struct lg_workload *w, const struct lg_ring *rings, unsigned nr
             if (f->fr.rsp_cons != rp)
                 progress = 1;
             f->fr.rsp_cons = rp;
-            if (!stopping) {
+            if (!win.stopping) {
                 while (f->nfree && RING_FREE_REQUESTS(&f->fr) >= parts) {
                     uint16_t io = f->free_ios[--f->nfree];
                     uint64_t sector = next_unit(w, &f->cursor, &rng) * w->unit_sectors;
@@ -256,7 +283,7 @@ int lg_run(const struct lg_workload *w, const struct lg_ring *rings, unsigned nr
             }
             inflight += w->qd - f->nfree;
         }
-        if (stopping && !inflight)
+        if (win.stopping && !inflight)
             break;
         if (progress)
             continue;
@@ -284,9 +311,9 @@ int lg_run(const struct lg_workload *w, const struct lg_ring *rings, unsigned nr
             if (pfds[r].revents & POLLIN)
                 clear_event(pfds[r].fd);
     }
-    if (!stopping) { /* left early */
-        out->completed = done - in_window_start;
-        out->seconds = (now_ns() - t_measure) / 1e9;
+    if (win.measuring && !win.stopping) { /* left early: what there is */
+        win.to = 0;
+        window_update(&win, now_ns(), done, out);
     }
     out->total = done;
     samples_finish(&lat, out);
@@ -407,17 +434,16 @@ static void *raw_thread_main(void *arg)
     uint64_t *submitted_at = calloc(w->qd, sizeof(uint64_t));
     uint64_t rng = (w->seed + 0x9e3779b97f4a7c15ull * (th->index + 1)) | 1;
     uint64_t cursor = (w->span_units / th->nqueues) * th->index;
-    uint64_t t, t_measure, t_end, done = 0, window_start = 0;
+    uint64_t t, done = 0;
     unsigned inflight = 0;
-    int measuring = 0, stopping = 0;
+    struct window win;
 
     if (!comps || !submitted_at) {
         th->rc = -ENOMEM;
         goto out;
     }
     t = now_ns();
-    t_measure = t + (uint64_t)(w->warmup_s * 1e9);
-    t_end = t_measure + (uint64_t)(w->seconds * 1e9);
+    window_start(&win, w, t);
 #define RAW_SUBMIT(id_)                                                                         \
     do {                                                                                        \
         uint64_t off_ = next_unit(w, &cursor, &rng) * bytes;                                    \
@@ -438,25 +464,16 @@ static void *raw_thread_main(void *arg)
             break;
         }
         t = now_ns();
-        if (!measuring && t >= t_measure) {
-            measuring = 1;
-            window_start = done;
-            t_measure = t;
-        }
-        if (!stopping && t >= t_end) {
-            stopping = 1;
-            th->res.completed = done - window_start;
-            th->res.seconds = (t - t_measure) / 1e9;
-        }
+        window_update(&win, t, done, &th->res);
         for (int i = 0; i < n; i++) {
             uintptr_t id = (uintptr_t)comps[i].user_data;
             inflight--;
             done++;
             if (comps[i].ret < 0)
                 th->res.errors++;
-            if (measuring && !stopping)
+            if (window_open(&win))
                 samples_add(&th->lat, t - submitted_at[id]);
-            if (!stopping)
+            if (!win.stopping)
                 RAW_SUBMIT(id);
         }
     }
