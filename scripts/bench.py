@@ -72,6 +72,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchkit import goals  # noqa: E402
 from benchkit import workloads as wl  # noqa: E402
 from benchkit.targets import open_targets  # noqa: E402
 
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
             if not args.no_raw and (tname, w) not in raw_cache:
                 raw_cache[(tname, w)] = run_raw(target, w, timing)
             raw = raw_cache.get((tname, w))
-            sampler = None if args.no_hooks else Sampler()
+            sampler = None if args.no_hooks else Sampler(count_trio=args.profile)
             b = run_bridge(hv, target, w, path, timing, sampler=sampler, hooks=not args.no_hooks)
             key = (w.shape, b["requests_per_io"])
             if not args.no_ceiling and key not in ceiling_cache:
@@ -237,6 +238,10 @@ def main(argv=None) -> int:
             if sampler is not None:
                 row["profile"] = {k: round(v, 4) for k, v in sampler.shares().items()}
                 row["profile_samples"] = sampler.samples
+            if sampler is not None and sampler.trio is not None:
+                ios = max(b["ios_served"], 1)
+                row["trio_steps_per_io"] = sampler.trio.steps / ios
+                row["trio_epoll_waits_per_io"] = sampler.trio.io_waits / ios
             rows.append(row)
             line = json.dumps(row)
             print(line, flush=True)
@@ -251,7 +256,7 @@ def main(argv=None) -> int:
                 + (f" ({100 * b['sim_copy_share']:.0f}% sim copy)" if b["sim_copy_share"] is not None else "")
                 + (f", ceiling {ceiling['iops'] / 1e3:.0f}k" if ceiling else ""))
             if args.profile:
-                for text in sampler.report(b["backend_cpu_us_per_io"]):
+                for text in sampler.report(b["backend_cpu_us_per_io"], b["ios_served"]):
                     log("    " + text)
     meta["load_end"] = [round(x, 2) for x in os.getloadavg()]
     meta["seconds_total"] = round(time.monotonic() - t0, 1)
@@ -266,6 +271,9 @@ def main(argv=None) -> int:
             pattern, bs, qd, order, nrings = shape
             log(f"  {pattern} {bs // 1024:5} KiB qd{qd:<3} o{order} r{nrings} x{parts}: {c['iops'] / 1e3:8.0f}k IOPS, "
                 f"guest {c['loadgen_cpu_us_per_io']:.3f} us/IO, responder {c['responder_cpu_us_per_io']:.3f} us/IO")
+    log("issue 13's simulator targets (backend CPU includes the sim grant copy):")
+    for text in goals.check(rows):
+        log(text)
     log(f"load average: start {' '.join(map(str, meta['load']))}, end {' '.join(map(str, meta['load_end']))}; "
         f"{meta['seconds_total']:.0f} s")
     log(f"results: {out_dir / 'results.jsonl'}")

@@ -25,6 +25,8 @@ import os
 import signal
 from pathlib import Path
 
+import trio
+
 ROOT = str(Path(__file__).resolve().parents[2])
 INTERVAL = 0.001  # s of CPU between samples asked for (the kernel's tick may space them more)
 SIM_COPY = "sim grant copy (hypervisor)"
@@ -93,10 +95,12 @@ class Sampler:
     costs well under 1% of the CPU it measures.
     """
 
-    def __init__(self, interval: float = INTERVAL) -> None:
+    def __init__(self, interval: float = INTERVAL, *, count_trio: bool = False) -> None:
+        """count_trio: also count trio's task steps and epoll waits (a call per step: --profile only)."""
         self.interval = interval
         self._counts: collections.Counter = collections.Counter()  # tuple of id(code) -> samples
         self._codes: dict[int, object] = {}  # id -> code, which also keeps the ids valid
+        self.trio = TrioCounter() if count_trio else None
 
     def _tick(self, _sig, frame) -> None:
         ids = []
@@ -117,6 +121,8 @@ class Sampler:
         return {tuple(self._codes[i] for i in ids): n for ids, n in self._counts.items()}
 
     def __enter__(self) -> "Sampler":
+        if self.trio is not None:
+            trio.lowlevel.add_instrument(self.trio)
         self._old = signal.signal(signal.SIGPROF, self._tick)
         signal.setitimer(signal.ITIMER_PROF, self.interval, self.interval)
         return self
@@ -124,6 +130,8 @@ class Sampler:
     def __exit__(self, *exc) -> None:
         signal.setitimer(signal.ITIMER_PROF, 0, 0)
         signal.signal(signal.SIGPROF, self._old)
+        if self.trio is not None:
+            trio.lowlevel.remove_instrument(self.trio)
 
     @property
     def samples(self) -> int:
@@ -152,15 +160,36 @@ class Sampler:
         """One category's fraction (None without samples)."""
         return self.categories[category] / self.samples if self.samples else None
 
-    def report(self, cpu_us_per_io: float, top: int = 15) -> list[str]:
-        """Text lines: each category's share and its part of the CPU per I/O, then the top functions."""
+    def report(self, cpu_us_per_io: float, ios: float, top: int = 15) -> list[str]:
+        """Text lines: trio's counts per I/O, each category's share and its part of the CPU per I/O,
+        then the top functions."""
         total = max(self.samples, 1)
         functions = self.functions
-        lines = [f"{self.samples} samples; by category "
-                 f"(share, and its part of the {cpu_us_per_io:.2f} us of CPU per I/O):"]
+        lines = []
+        if self.trio is not None:
+            t, n = self.trio, max(ios, 1)
+            lines.append(f"trio per I/O: {t.steps / n:.3f} task steps, {t.io_waits / n:.3f} epoll_wait "
+                         f"({t.blocking_io_waits / n:.3f} that may sleep)")
+        lines.append(f"{self.samples} samples; by category "
+                     f"(share, and its part of the {cpu_us_per_io:.2f} us of CPU per I/O):")
         for cat, share in self.shares().items():
             lines.append(f"  {100 * share:5.1f}%  {share * cpu_us_per_io:7.2f} us  {cat}")
         lines.append(f"top {top} functions (innermost Python frame; C calls count for their caller):")
         for name, n in functions.most_common(top):
             lines.append(f"  {100 * n / total:5.1f}%  {name}")
         return lines
+
+
+class TrioCounter(trio.abc.Instrument):
+    """trio's scheduling work: task steps run, and I/O waits (epoll_wait; timeout > 0: it may sleep)."""
+
+    def __init__(self) -> None:
+        self.steps = self.io_waits = self.blocking_io_waits = 0
+
+    def before_task_step(self, task) -> None:
+        self.steps += 1
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.io_waits += 1
+        if timeout > 0:
+            self.blocking_io_waits += 1

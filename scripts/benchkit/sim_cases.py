@@ -262,7 +262,8 @@ def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *
         "backend_notifies_per_io": per_io(counts["notifies"]),
         "storage_cpu_us_per_io": None if got["storage_cpu"] is None else 1e6 * got["storage_cpu"] / ios,
         "loadgen_cpu_us_per_io": 1e6 * g["cpu_s"] / max(g["total"], 1),
-        "oo_req": stats["oo_req"], "requests_served": got["served"], "ios_completed": g["total"],
+        "oo_req": stats["oo_req"], "requests_served": got["served"], "ios_served": ios,
+        "ios_completed": g["total"],
     }
 
 

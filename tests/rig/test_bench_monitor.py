@@ -41,7 +41,7 @@ class FakeClock:
             self.daemon += 0.4
 
     def read(self):
-        return {"t": self.t, "dom0": self.dom0, "xenblk-vhost": self.daemon}
+        return {"t": self.t, "dom0": self.dom0, "steal": 0.0, "xenblk-vhost": self.daemon}
 
 
 JOBS = (("randread-4k-qd1", "read", {"blkback": 1000, "xbv-copy": 600}),

@@ -38,12 +38,18 @@ REFERENCE = "blkback"
 QUIET_CHECK_S = 60  # no console line for this long (longer than a job): check the guest still exists
 
 
-def dom0_busy_seconds() -> float:
-    """CPU seconds dom0 spent busy (user, nice, system, irq, softirq; not idle, iowait, steal)."""
+def dom0_cpu_seconds() -> tuple[float, float]:
+    """(busy, steal): CPU seconds dom0 spent busy (user, nice, system, irq, softirq; not idle,
+    iowait, steal), and seconds its vCPUs wanted to run but Xen ran something else (under TCG:
+    the host did not run QEMU), all vCPUs together."""
     with open("/proc/stat") as f:
         fields = f.readline().split()  # "cpu user nice system idle iowait irq softirq steal ..."
-    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
-    return (user + nice + system + irq + softirq) / CLK_TCK
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+
+
+def dom0_busy_seconds() -> float:
+    return dom0_cpu_seconds()[0]
 
 
 def process_cpu_seconds(pid: int) -> float | None:
@@ -118,7 +124,8 @@ class Collector:
                 fig, win = self.figures.get((disk, job)), self.windows.get((disk, job))
                 if fig is None or win is None:
                     continue
-                row = dict(fig, disk=disk, window_s=win["t"], dom0_cpu_s=win["dom0"])
+                row = dict(fig, disk=disk, window_s=win["t"], dom0_cpu_s=win["dom0"],
+                           dom0_steal_s=win.get("steal"))
                 if win.get("xenblk-vhost") is not None:
                     row["daemon_cpu_s"] = win["xenblk-vhost"]
                 out.setdefault(job, {})[label] = row
@@ -140,6 +147,8 @@ def combine(per_guest: list[dict], idle_rate: float) -> dict:
             row["dom0_cpu_us_per_io"] = 1e6 * row["dom0_cpu_s"] / ios
             row["dom0_cpu_net_us_per_io"] = 1e6 * max(row["dom0_cpu_s"] - idle_rate * t, 0) / ios
             row["dom0_cpu_pct"] = 100 * row["dom0_cpu_s"] / t if t else None
+            if row.get("dom0_steal_s") is not None:
+                row["dom0_steal_pct"] = 100 * row["dom0_steal_s"] / t if t else None
             if "daemon_cpu_s" in row:
                 row["daemon_cpu_us_per_io"] = 1e6 * row["daemon_cpu_s"] / ios
                 row["daemon_cpu_pct"] = 100 * row["daemon_cpu_s"] / t if t else None
@@ -154,7 +163,7 @@ def combine(per_guest: list[dict], idle_rate: float) -> dict:
 
 def summary(results: dict) -> str:
     lines = [f"{'job':18} {'backend':15} {'IOPS':>8} {'MB/s':>7} {'p50us':>8} {'p99us':>9} "
-             f"{'dom0us/IO':>9} {'net':>7} {'dom0%':>6} {'xbv%':>5} {'xIOPS':>6} {'xCPU':>6}"]
+             f"{'dom0us/IO':>9} {'net':>7} {'dom0%':>6} {'xbv%':>5} {'steal%':>6} {'xIOPS':>6} {'xCPU':>6}"]
     for job, rows in results["jobs"].items():
         for label, r in rows.items():
             def f(key, fmt):
@@ -162,11 +171,14 @@ def summary(results: dict) -> str:
                 return "-" if v is None else format(v, fmt)
             lines.append(f"{job:18} {label:15} {r['iops']:8.0f} {r['MBps']:7.1f} {r['p50_us']:8.0f} "
                          f"{r['p99_us']:9.0f} {r['dom0_cpu_us_per_io']:9.0f} {r['dom0_cpu_net_us_per_io']:7.0f} "
-                         f"{f('dom0_cpu_pct', '6.0f')} {f('daemon_cpu_pct', '5.0f')} "
+                         f"{f('dom0_cpu_pct', '6.0f')} {f('daemon_cpu_pct', '5.0f')} {f('dom0_steal_pct', '6.0f')} "
                          f"{f('iops_vs_blkback', '6.2f')} {f('dom0_cpu_vs_blkback', '6.2f')}")
     lines.append(f"xIOPS, xCPU: IOPS and dom0 CPU per I/O as a multiple of kernel blkback's (same guest, same "
                  f"job, same boot); net: dom0 CPU per I/O above dom0's idle rate "
-                 f"({100 * results['idle_dom0_cpu_per_s']:.1f}% of a CPU); xbv%: the xenblk-vhost process.")
+                 f"({100 * results['idle_dom0_cpu_per_s']:.1f}% of a CPU); dom0%: busy, all vCPUs (200% = both); "
+                 f"xbv%: the xenblk-vhost process (its tick-based times include steal); steal%: time dom0 "
+                 f"wanted a CPU and did not get it (under TCG: a loaded host): figures with much of it are "
+                 f"noise.")
     return "\n".join(lines) + "\n"
 
 
@@ -184,7 +196,8 @@ def cmd_follow(args) -> int:
     labels = dict(d.split("=", 1) for d in args.disk)
 
     def counters() -> dict:
-        return {"t": time.monotonic(), "dom0": dom0_busy_seconds(),
+        busy, steal = dom0_cpu_seconds()
+        return {"t": time.monotonic(), "dom0": busy, "steal": steal,
                 "xenblk-vhost": process_cpu_seconds(args.daemon_pid) if args.daemon_pid else None}
 
     col = Collector(labels, counters)
