@@ -165,6 +165,38 @@ SUMMARY_HEADER = (f"{'tgt':4} {'path':14} {'workload':26} {'bridge':>9} {'raw':>
                   f"{'p99us':>9} {'raw_p50':>8} {'cpu/IO':>8} {'copy%':>6} {'ceiling':>9}")
 
 
+def case_figures(w, b: dict, raw: dict | None, ceiling: dict | None, sampler) -> dict:
+    """A JSON line's figures, from the bridge run b, the raw baseline and the generator's ceiling."""
+    row = {
+        "bridge_iops": b["iops"], "raw_iops": raw and raw["iops"],
+        "ratio": raw and b["iops"] / raw["iops"],
+        "p50_us": b["p50_us"], "p99_us": b["p99_us"],
+        "raw_p50_us": raw and raw["p50_us"], "raw_p99_us": raw and raw["p99_us"],
+        "backend_cpu_us_per_io": b["backend_cpu_us_per_io"],
+        "sim_copy_us_per_io": b["sim_copy_us_per_io"], "sim_copy_share": b["sim_copy_share"],
+        "backend_cpu_us_per_io_without_sim_copy":
+            None if b["sim_copy_us_per_io"] is None else b["backend_cpu_us_per_io"] - b["sim_copy_us_per_io"],
+        "bridge_MBps": b["iops"] * w.bs / 1e6, "raw_MBps": raw and raw["iops"] * w.bs / 1e6,
+        "loadgen_ceiling_iops": ceiling and ceiling["iops"],
+        "loadgen_cpu_us_per_io": b["loadgen_cpu_us_per_io"],
+        "backend_wakeups_per_io": b["backend_wakeups_per_io"],
+        "backend_reaps_per_io": b["backend_reaps_per_io"],
+        "backend_notifies_per_io": b["backend_notifies_per_io"],
+        "storage_cpu_us_per_io": b["storage_cpu_us_per_io"],
+        "raw_cpu_us_per_io": raw and raw["cpu_us_per_io"],
+        "raw_storage_cpu_us_per_io": raw and raw["storage_cpu_us_per_io"],
+        "requests_per_io": b["requests_per_io"], "oo_req": b["oo_req"],
+    }
+    if sampler is not None:
+        row["profile"] = {k: round(v, 4) for k, v in sampler.shares().items()}
+        row["profile_samples"] = sampler.samples
+        if sampler.trio is not None:
+            ios = max(b["ios_served"], 1)
+            row["trio_steps_per_io"] = sampler.trio.steps / ios
+            row["trio_epoll_waits_per_io"] = sampler.trio.io_waits / ios
+    return row
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cases = plan(args)
@@ -193,6 +225,7 @@ def main(argv=None) -> int:
     log(f"bench: results in {out_dir}")
     rings = max(w.rings for _, _, w in cases)
     rows: list[dict] = []
+    failed: list[dict] = []
     raw_cache: dict = {}
     ceiling_cache: dict = {}
     t0 = time.monotonic()
@@ -204,60 +237,42 @@ def main(argv=None) -> int:
         hv = str(Path(tmp) / "xen.sock")
         for i, (tname, path, w) in enumerate(cases, 1):
             target = targets[tname]
-            if not args.no_raw and (tname, w) not in raw_cache:
-                raw_cache[(tname, w)] = run_raw(target, w, timing)
-            raw = raw_cache.get((tname, w))
-            sampler = None if args.no_hooks else Sampler(count_trio=args.profile)
-            b = run_bridge(hv, target, w, path, timing, sampler=sampler, hooks=not args.no_hooks)
-            key = (w.shape, b["requests_per_io"])
-            if not args.no_ceiling and key not in ceiling_cache:
-                ceiling_cache[key] = run_null(hv, w, timing, target.size, b["requests_per_io"])
-            ceiling = ceiling_cache.get(key)
-            row = {
-                "workload": w.name, "target": tname, "target_label": target.label, "data_path": path,
-                "op": w.op, "pattern": w.pattern, "bs": w.bs, "qd": w.qd, "ring_order": w.order, "rings": w.rings,
-                "bridge_iops": b["iops"], "raw_iops": raw and raw["iops"],
-                "ratio": raw and b["iops"] / raw["iops"],
-                "p50_us": b["p50_us"], "p99_us": b["p99_us"],
-                "raw_p50_us": raw and raw["p50_us"], "raw_p99_us": raw and raw["p99_us"],
-                "backend_cpu_us_per_io": b["backend_cpu_us_per_io"],
-                "sim_copy_us_per_io": b["sim_copy_us_per_io"], "sim_copy_share": b["sim_copy_share"],
-                "backend_cpu_us_per_io_without_sim_copy":
-                    None if b["sim_copy_us_per_io"] is None else b["backend_cpu_us_per_io"] - b["sim_copy_us_per_io"],
-                "bridge_MBps": b["iops"] * w.bs / 1e6, "raw_MBps": raw and raw["iops"] * w.bs / 1e6,
-                "loadgen_ceiling_iops": ceiling and ceiling["iops"],
-                "loadgen_cpu_us_per_io": b["loadgen_cpu_us_per_io"],
-                "backend_wakeups_per_io": b["backend_wakeups_per_io"],
-                "backend_reaps_per_io": b["backend_reaps_per_io"],
-                "backend_notifies_per_io": b["backend_notifies_per_io"],
-                "storage_cpu_us_per_io": b["storage_cpu_us_per_io"],
-                "raw_cpu_us_per_io": raw and raw["cpu_us_per_io"],
-                "raw_storage_cpu_us_per_io": raw and raw["storage_cpu_us_per_io"],
-                "requests_per_io": b["requests_per_io"], "oo_req": b["oo_req"],
-            }
-            if sampler is not None:
-                row["profile"] = {k: round(v, 4) for k, v in sampler.shares().items()}
-                row["profile_samples"] = sampler.samples
-            if sampler is not None and sampler.trio is not None:
-                ios = max(b["ios_served"], 1)
-                row["trio_steps_per_io"] = sampler.trio.steps / ios
-                row["trio_epoll_waits_per_io"] = sampler.trio.io_waits / ios
-            rows.append(row)
+            head = {"workload": w.name, "target": tname, "target_label": target.label, "data_path": path,
+                    "op": w.op, "pattern": w.pattern, "bs": w.bs, "qd": w.qd, "ring_order": w.order,
+                    "rings": w.rings}
+            try:
+                if not args.no_raw and (tname, w) not in raw_cache:
+                    raw_cache[(tname, w)] = run_raw(target, w, timing)
+                raw = raw_cache.get((tname, w))
+                sampler = None if args.no_hooks else Sampler(count_trio=args.profile)
+                b = run_bridge(hv, target, w, path, timing, sampler=sampler, hooks=not args.no_hooks)
+                key = (w.shape, b["requests_per_io"])
+                if not args.no_ceiling and key not in ceiling_cache:
+                    ceiling_cache[key] = run_null(hv, w, timing, target.size, b["requests_per_io"])
+                ceiling = ceiling_cache.get(key)
+            except (RuntimeError, OSError) as e:
+                # One broken case (the backend answering errors, say) must not cost the others.
+                row = dict(head, error=str(e))
+                failed.append(row)
+                log(f"[{i:3}/{len(cases)}] {tname} {path} {w.name}: FAILED: {e}")
+            else:
+                row = dict(head, **case_figures(w, b, raw, ceiling, sampler))
+                rows.append(row)
+                elapsed = time.monotonic() - t0
+                eta = elapsed / i * (len(cases) - i)
+                log(f"[{i:3}/{len(cases)} {elapsed:5.0f}s, ~{eta:4.0f}s left] {tname} {path} {w.name}: "
+                    f"{b['iops'] / 1e3:.1f}k IOPS"
+                    + (f" = {row['ratio']:.3f} x raw {raw['iops'] / 1e3:.1f}k" if raw else "")
+                    + f", p50 {b['p50_us']:.1f} us, backend {b['backend_cpu_us_per_io']:.2f} us/IO"
+                    + (f" ({100 * b['sim_copy_share']:.0f}% sim copy)" if b["sim_copy_share"] is not None else "")
+                    + (f", ceiling {ceiling['iops'] / 1e3:.0f}k" if ceiling else ""))
+                if args.profile:
+                    for text in sampler.report(b["backend_cpu_us_per_io"], b["ios_served"]):
+                        log("    " + text)
             line = json.dumps(row)
             print(line, flush=True)
             jsonl.write(line + "\n")
             jsonl.flush()
-            elapsed = time.monotonic() - t0
-            eta = elapsed / i * (len(cases) - i)
-            log(f"[{i:3}/{len(cases)} {elapsed:5.0f}s, ~{eta:4.0f}s left] {tname} {path} {w.name}: "
-                f"{b['iops'] / 1e3:.1f}k IOPS"
-                + (f" = {row['ratio']:.3f} x raw {raw['iops'] / 1e3:.1f}k" if raw else "")
-                + f", p50 {b['p50_us']:.1f} us, backend {b['backend_cpu_us_per_io']:.2f} us/IO"
-                + (f" ({100 * b['sim_copy_share']:.0f}% sim copy)" if b["sim_copy_share"] is not None else "")
-                + (f", ceiling {ceiling['iops'] / 1e3:.0f}k" if ceiling else ""))
-            if args.profile:
-                for text in sampler.report(b["backend_cpu_us_per_io"], b["ios_served"]):
-                    log("    " + text)
     meta["load_end"] = [round(x, 2) for x in os.getloadavg()]
     meta["seconds_total"] = round(time.monotonic() - t0, 1)
     (out_dir / "machine.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -277,13 +292,15 @@ def main(argv=None) -> int:
     log(f"load average: start {' '.join(map(str, meta['load']))}, end {' '.join(map(str, meta['load_end']))}; "
         f"{meta['seconds_total']:.0f} s")
     log(f"results: {out_dir / 'results.jsonl'}")
-    if not args.no_chart:
+    if not args.no_chart and rows:
         from benchkit.chart import draw
 
         title = (f"xenblk-vhost (simulated Xen) vs raw libblkio - {meta['cpus']} x {meta['cpu']}, load "
                  f"{meta['load'][0]}-{meta['load_end'][0]}, {meta['started']}")
         log(f"chart: {draw(rows, title, out_dir / 'bench.png')}")
-    return 0
+    for row in failed:
+        log(f"FAILED: {row['target']} {row['data_path']} {row['workload']}: {row['error']}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
