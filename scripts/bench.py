@@ -158,11 +158,12 @@ def summary_line(r: dict) -> str:
             f"{f(r['raw_iops'] and r['raw_iops'] / 1e3, '8.1f')}k {f(r['ratio'], '6.3f')} "
             f"{r['p50_us']:8.1f} {r['p99_us']:9.1f} {f(r['raw_p50_us'], '8.1f')} "
             f"{r['backend_cpu_us_per_io']:8.2f} {f(r['sim_copy_share'] and 100 * r['sim_copy_share'], '5.1f')}% "
+            f"{f(r['raw_cpu_us_per_io'], '8.2f')} "
             f"{f(r['loadgen_ceiling_iops'] and r['loadgen_ceiling_iops'] / 1e3, '8.0f')}k")
 
 
 SUMMARY_HEADER = (f"{'tgt':4} {'path':14} {'workload':26} {'bridge':>9} {'raw':>9} {'ratio':>6} {'p50us':>8} "
-                  f"{'p99us':>9} {'raw_p50':>8} {'cpu/IO':>8} {'copy%':>6} {'ceiling':>9}")
+                  f"{'p99us':>9} {'raw_p50':>8} {'cpu/IO':>8} {'copy%':>6} {'raw_cpu':>8} {'ceiling':>9}")
 
 
 def case_figures(w, b: dict, raw: dict | None, ceiling: dict | None, sampler) -> dict:

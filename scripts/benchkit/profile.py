@@ -44,6 +44,8 @@ ANYWHERE = (
 # Otherwise the innermost frame that matches a rule decides (first rule wins).
 INNERMOST = (
     ("bench hooks", "benchkit/sim_cases.py", None),
+    ("bench hooks", "benchkit/profile.py", None),  # the trio counter (--profile)...
+    ("bench hooks", "trio/_core/_instrumentation.py", None),  # ...and trio's calls of it
     ("evtchn wait: read(2)", "xenblk_vhost/sim/evtchn.py", {"_consume"}),
     ("evtchn notify: write(2)", "xenblk_vhost/sim/evtchn.py", {"notify"}),
     ("libblkio: queue + do_io", "xenblk_vhost/storage/queue.py", None),

@@ -117,11 +117,25 @@ class GuestProcess:
 
 # ---------------------------------------------------------------- measurement hooks
 
-class CountingPort:
+class _Wrapper:
+    """Delegates what it does not define to the wrapped object; methods are looked up once
+    (bound into the instance), so the datapath's calls through it cost nothing extra."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        value = getattr(self._inner, name)
+        if callable(value):
+            setattr(self, name, value)  # (values, such as properties, are read afresh each time)
+        return value
+
+
+class CountingPort(_Wrapper):
     """An EventChannel that counts wake-ups (wait() returning) and notify() calls."""
 
     def __init__(self, inner, counts: dict):
-        self._inner = inner
+        super().__init__(inner)
         self._counts = counts
 
     async def wait(self) -> None:
@@ -132,15 +146,12 @@ class CountingPort:
         self._counts["notifies"] += 1
         self._inner.notify()
 
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
 
-
-class CountingQueue:
+class CountingQueue(_Wrapper):
     """A storage Queue whose wait_io() counts its returns (completion-fd wake-ups) and completions."""
 
     def __init__(self, inner, counts: dict):
-        self._inner = inner
+        super().__init__(inner)
         self._counts = counts
 
     async def wait_io(self, *args, **kwargs):
@@ -149,20 +160,14 @@ class CountingQueue:
         self._counts["reaped"] += len(done)
         return done
 
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
 
-
-class CountingEvtchn:
+class CountingEvtchn(_Wrapper):
     def __init__(self, inner, counts: dict):
-        self._inner = inner
+        super().__init__(inner)
         self.counts = counts
 
     def bind_interdomain(self, domid: int, remote_port: int):
         return CountingPort(self._inner.bind_interdomain(domid, remote_port), self.counts)
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
 
 
 # ---------------------------------------------------------------- the bridge
