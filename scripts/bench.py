@@ -209,6 +209,7 @@ def main(argv=None) -> int:
     from benchkit.profile import Sampler
     from benchkit.raw import run_raw
     from benchkit.sim_cases import Timing, run_bridge, run_null
+
     from xenblk_vhost.sim.hypervisor import running_hypervisor
 
     if args.gc_threshold:

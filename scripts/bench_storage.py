@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchkit.targets import LABELS, open_targets  # noqa: E402
+
 from xenblk_vhost.storage import StorageDevice  # noqa: E402
 from xenblk_vhost.storage.cdef import ffi, lib  # noqa: E402
 

@@ -22,7 +22,6 @@ from benchkit.profile import SIM_COPY, Sampler, classify  # noqa: E402
 from benchkit.raw import run_raw  # noqa: E402
 from benchkit.sim_cases import Timing, requests_per_io, run_bridge, run_null  # noqa: E402
 from benchkit.targets import Target  # noqa: E402
-from sim_support.daemons import hv_socket  # noqa: E402,F401
 
 SHORT = Timing(warmup=0.02, seconds=0.15)
 KIB = 1024
@@ -127,17 +126,20 @@ def test_raw_baseline_writes_and_counts(file_target):
 
 @pytest.mark.parametrize("frames, category", [
     ([("/x/xenblk_vhost/sim/grant_table.py", "check_for_copy"), ("/x/xenblk_vhost/sim/gntdev.py", "grant_copy"),
-      ("/x/xenblk_vhost/backend/grant_copy.py", "run_copy")], SIM_COPY),
+      ("/x/xenblk_vhost/backend/datapath/grant_copy.py", "run_copy")], SIM_COPY),
     ([("/x/xenblk_vhost/sim/evtchn.py", "_consume"), ("/x/xenblk_vhost/sim/evtchn.py", "wait")],
      "evtchn wait: read(2)"),
     ([("/v/site-packages/trio/_core/_io_epoll.py", "get_events"), ("/v/site-packages/trio/_core/_run.py", "run")],
      "trio: epoll_wait"),
     ([("/x/xenblk_vhost/storage/queue.py", "do_io"), ("/x/xenblk_vhost/storage/queue.py", "wait_io")],
      "completion fd: wait_io"),
-    ([("/x/xenblk_vhost/storage/queue.py", "read"), ("/x/xenblk_vhost/backend/ring_worker.py", "_start")],
+    ([("/x/xenblk_vhost/storage/queue.py", "read"), ("/x/xenblk_vhost/backend/datapath/ring_worker.py", "_start")],
      "libblkio: queue + do_io"),
-    ([("/x/xenblk_vhost/blkif/decode.py", "decode"), ("/x/xenblk_vhost/backend/ring_worker.py", "_intake_loop")],
+    ([("/x/xenblk_vhost/blkif/decode.py", "decode"),
+      ("/x/xenblk_vhost/backend/datapath/ring_worker.py", "_intake_loop")],
      "blkif: take, decode, validate"),
+    ([("/x/xenblk_vhost/backend/datapath/grant_copy.py", "segment"),
+      ("/x/xenblk_vhost/backend/datapath/copy_path.py", "_copy")], "datapath: grant-copy segments"),
     ([("/usr/lib/python3.11/struct.py", "pack")], "other"),
 ])
 def test_profile_categories(frames, category):

@@ -77,7 +77,8 @@ class BenchGuest:
         ring_frames = g.alloc_pages(npages)
         assert ring_frames == list(range(ring_frames[0], ring_frames[0] + npages)), "ring pages not contiguous"
         refs = [g.grant_access(f, 0, readonly=False) for f in ring_frames]
-        FrontRing(g.memory[ring_frames[0] * PAGE:(ring_frames[0] + npages) * PAGE], Abi.NATIVE, order)  # SHARED_RING_INIT
+        # SHARED_RING_INIT, as blkfront does before it publishes the ring
+        FrontRing(g.memory[ring_frames[0] * PAGE:(ring_frames[0] + npages) * PAGE], Abi.NATIVE, order)
         port = g.alloc_unbound(0)
         writes = spec["op"] == "write"
         data_readonly = writes and not spec["persistent"]
@@ -86,7 +87,8 @@ class BenchGuest:
         tbuf = ffi.buffer(templates)
         for rid in range(nreq):  # I/O i is requests i * parts + k
             frames = g.alloc_pages(pages)
-            if spec.get("fill"):  # every page its own byte (tests check where and in what order writes land)
+            # with "fill", every page its own byte (tests check where, and in what order, writes land)
+            if spec.get("fill"):
                 for i, f in enumerate(frames):
                     g.memory[f * PAGE:(f + 1) * PAGE] = fill_byte(rid * pages + i) * PAGE
             segs = [(g.grant_access(f, 0, readonly=data_readonly), 0, 7) for f in frames]

@@ -52,8 +52,8 @@ INNERMOST = (
     ("trio: epoll_wait", "trio/_core/_io_epoll.py", {"get_events"}),
     ("trio: scheduling", "trio/", None),
     ("blkif: take, decode, validate", "xenblk_vhost/blkif/", None),
-    ("datapath: grant-copy segments", "xenblk_vhost/backend/grant_copy.py", None),
-    ("datapath: stats, latency", "xenblk_vhost/backend/stats.py", None),
+    ("datapath: grant-copy segments", "xenblk_vhost/backend/datapath/grant_copy.py", None),
+    ("datapath: stats, latency", "xenblk_vhost/backend/datapath/stats.py", None),
     ("datapath: ring worker, slots, copy path", "xenblk_vhost/backend/", None),
 )
 __doc__ += ("\n  anywhere in the stack:" + "".join(
@@ -122,7 +122,7 @@ class Sampler:
         """{(code, ...) innermost first: samples}."""
         return {tuple(self._codes[i] for i in ids): n for ids, n in self._counts.items()}
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         if self.trio is not None:
             trio.lowlevel.add_instrument(self.trio)
         self._old = signal.signal(signal.SIGPROF, self._tick)

@@ -195,12 +195,12 @@ def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *
     copy's share comes from it); hooks=False: no wake-up counters either;
     fill: the guest's data pages carry guest.fill_byte(page) (for tests).
     """
-    from xenblk_vhost.backend.connection_spec import ConnectionSpec, RingSpec
-    from xenblk_vhost.backend.vbd import Vbd
+    from xenblk_vhost.backend.contract import ConnectionSpec, RingSpec
+    from xenblk_vhost.backend.datapath.vbd import Vbd
     from xenblk_vhost.blkif.abi import Abi
     from xenblk_vhost.config import DiskConfig
     from xenblk_vhost.sim import open_sim
-    from xenblk_vhost.xen import Platform
+    from xenblk_vhost.xen import HypervisorDevices
 
     data_path, persistent = parse_path(path)
     # What an operator gets by default, but for the ring shape and data path under test.
@@ -213,7 +213,7 @@ def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *
     counts = {"wakeups": 0, "notifies": 0, "reaps": 0, "reaped": 0}
     if hooks:
         vbd.storage.queues[:] = [CountingQueue(q, counts) for q in vbd.storage.queues]
-        platform = Platform(gntdev=sim.gntdev, evtchn=CountingEvtchn(sim.evtchn, counts))
+        platform = HypervisorDevices(gntdev=sim.gntdev, evtchn=CountingEvtchn(sim.evtchn, counts))
     else:
         platform = sim
     guest = None

@@ -55,7 +55,8 @@ class Workload:
         if self.bs % PAGE or self.bs <= 0:
             raise ValueError("request size must be a multiple of 4 KiB")
         if self.qd > ring_slots(self.order):
-            raise ValueError(f"{self.name}: QD {self.qd} exceeds the {ring_slots(self.order)} slots of an order-{self.order} ring")
+            raise ValueError(f"{self.name}: QD {self.qd} exceeds the {ring_slots(self.order)} slots "
+                             f"of an order-{self.order} ring")
 
 
 def ring_slots(order: int) -> int:

@@ -166,7 +166,7 @@ def summary(results: dict) -> str:
              f"{'dom0us/IO':>9} {'net':>7} {'dom0%':>6} {'xbv%':>5} {'steal%':>6} {'xIOPS':>6} {'xCPU':>6}"]
     for job, rows in results["jobs"].items():
         for label, r in rows.items():
-            def f(key, fmt):
+            def f(key, fmt, r=r):
                 v = r.get(key)
                 return "-" if v is None else format(v, fmt)
             lines.append(f"{job:18} {label:15} {r['iops']:8.0f} {r['MBps']:7.1f} {r['p50_us']:8.0f} "
