@@ -36,9 +36,9 @@ import trio
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent / "tests"))  # the qemu-storage-daemon helper lives with the tests
 
-from storage_support.qsd import StorageDaemon  # noqa: E402
+from benchkit.targets import LABELS, open_targets  # noqa: E402
+
 from xenblk_vhost.storage import StorageDevice  # noqa: E402
 from xenblk_vhost.storage.cdef import ffi, lib  # noqa: E402
 
@@ -128,21 +128,6 @@ def bench_trio(q, offs, addrs, seconds):
 MODES = {"raw": bench_raw, "batch": bench_batch, "reap": bench_reap, "trio": bench_trio}
 
 
-def warm(path: Path) -> None:
-    with open(path, "rb") as f:
-        while f.read(1 << 20):
-            pass
-
-
-def make_file(path: Path, size: int) -> None:
-    if path.exists() and path.stat().st_size == size:
-        return
-    chunk = os.urandom(1 << 20)
-    with open(path, "wb") as f:
-        for _ in range(size >> 20):
-            f.write(chunk)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=2.0, help="per run (default 2)")
@@ -159,20 +144,12 @@ def main(argv=None) -> int:
 
     rnd = random.Random(1)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp, \
+            open_targets(targets, Path(tmp), file_size=args.size_mib << 20) as opened:
         devices = {}
-        daemon = None
         try:
-            if "file" in targets:
-                img = tmp / "bench.img"
-                make_file(img, args.size_mib << 20)
-                devices["file"] = StorageDevice.open("io_uring", {"path": str(img)})
-            if "null" in targets:
-                daemon = StorageDaemon(tmp / "qsd")
-                export = daemon.add_null_export("null", size=1 << 30)
-                daemon.start()
-                devices["null"] = StorageDevice.open("virtio-blk-vhost-user", {"path": str(export.socket)})
+            for name, t in opened.items():
+                devices[name] = StorageDevice.open(t.driver, {"path": t.path})
             setups = {}
             for name, dev in devices.items():
                 region = dev.alloc_mem_region(QD * BS)
@@ -185,8 +162,7 @@ def main(argv=None) -> int:
             results: dict[tuple[str, str], list[float]] = {}
             for rep in range(args.reps):
                 for name in targets:
-                    if name == "file":
-                        warm(img)  # the VM may evict page cache between runs
+                    opened[name].prepare()  # the VM may evict page cache between runs
                     for mode in modes:
                         n, dt = MODES[mode](*setups[name], args.seconds)
                         results.setdefault((name, mode), []).append(n / dt)
@@ -195,19 +171,16 @@ def main(argv=None) -> int:
             yield_every = next(iter(setups.values()))[0].yield_every if setups else "-"
             print(f"\n4 KiB random read, QD{QD}, 1 queue, median of {args.reps} x {args.seconds:g} s"
                   f" (trio: yield_every={yield_every}; load average before: {load_before})")
-            print(f"{'target':24} " + " ".join(f"{m:>16}" for m in modes))
-            labels = {"file": "io_uring page cache", "null": "vhost-user null-co"}
+            print(f"{'target':40} " + " ".join(f"{m:>16}" for m in modes))
             for name in targets:
                 cells = []
                 for mode in modes:
                     iops = statistics.median(results[(name, mode)])
                     cells.append(f"{iops / 1e3:6.0f}k {1e6 / iops:5.2f}us")
-                print(f"{labels[name]:24} " + " ".join(f"{c:>16}" for c in cells))
+                print(f"{LABELS[name]:40} " + " ".join(f"{c:>16}" for c in cells))
         finally:
             for dev in devices.values():
                 dev.close()
-            if daemon is not None:
-                daemon.stop()
     return 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything xenblk-vhost and its tests need on Debian 12 (bookworm) or 13 (trixie).
 # Idempotent; run as root. Then creates the project venv (.venv) and installs the package
-# in editable mode with its test extras.
+# in editable mode with its test and bench extras, and builds the benchmark's compiled
+# load generator into it.
 #
 #   scripts/install-deps.sh            # system packages + .venv
 #   scripts/install-deps.sh --no-venv  # system packages only
@@ -85,12 +86,17 @@ if [ $want_venv = 1 ]; then
   fi
   stamp=$VENV/.xenblk-installed
   if [ ! -f "$stamp" ] || [ "$HERE/pyproject.toml" -nt "$stamp" ]; then
-    log "installing xenblk-vhost (editable) and test deps into $VENV"
+    log "installing xenblk-vhost (editable), test and bench deps into $VENV"
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e "$HERE[test]"
+    "$VENV/bin/pip" install -q -e "$HERE[test,bench]"
     touch "$stamp"
   else
     log "venv up to date"
   fi
+  # scripts/bench.py's compiled loops (cffi API mode, against libxen-dev's
+  # headers and libblkio-dev): built into the venv, again only when their
+  # sources change.
+  "$VENV/bin/python" "$HERE/scripts/benchkit/build_loadgen.py" | sed 's/^/== install-deps: /'
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "install-deps.sh: building the benchmark's load generator failed" >&2; exit 1; }
   log "done: run tests with  $VENV/bin/pytest"
 fi

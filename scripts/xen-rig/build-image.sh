@@ -7,7 +7,8 @@
 #   base     debootstrap bookworm + Xen 4.17 + kernel        -> rootfs/
 #   runtime  libblkio1 (trixie, pinned), qemu-storage-daemon,
 #            /opt/xenblk-vhost/venv with the project's deps   -> rootfs/
-#   domu     the guest's kernel, busybox initramfs + workload -> boot/domu-*
+#   domu     the guest's kernel, busybox initramfs + workload,
+#            fio for the bench guest                          -> boot/domu-*
 #   image    dom0 init and config, boot files, dom0.img      -> dom0.img, boot/
 #
 # The project's own code is NOT in the image: run.sh puts the checkout on the
@@ -65,7 +66,7 @@ t0=$EPOCHREALTIME
 stage base "rootfs/.xenblk-base" "str:mirror=$MIRROR $SECURITY_MIRROR"
 stage runtime "rootfs/opt/xenblk-vhost/venv/bin/python" \
   "str:base=$(stamp_of base)" "str:deps=$(rig_python_deps | tr '\n' ' ')"
-stage domu "boot/domu-initrd.cpio boot/domu-vmlinux" \
+stage domu "boot/domu-initrd.cpio boot/domu-vmlinux boot/domu-fio.cpio" \
   "str:base=$(stamp_of base)" "$RIG_HERE/build/extract-vmlinux.py" "$RIG_HERE"/domu/*
 stage image "dom0.img boot/xen boot/vmlinuz boot/initrd.img" \
   "str:runtime=$(stamp_of runtime)" "$RIG_HERE"/dom0-image/*

@@ -5,7 +5,9 @@
 #
 #   scripts/xen-rig/run.sh smoke                 one scenario
 #   scripts/xen-rig/run.sh smoke adapters        several, in this order, one boot
-#   scripts/xen-rig/run.sh all                   every scenarios/* file (smoke first)
+#   scripts/xen-rig/run.sh all                   every scenarios/* file (smoke first) but
+#                                                those marked "# rig-all: no" (bench)
+#   scripts/xen-rig/run.sh bench                 kernel blkback vs xenblk-vhost under fio
 #   scripts/xen-rig/run.sh --list
 # Options: --timeout S (whole boot; default: sum of the scenarios' own
 #          "# rig-timeout:" + 300 s for boot), --quiet (serial console only to
@@ -13,7 +15,8 @@
 # A scenario is one file, scripts/xen-rig/scenarios/NAME.sh (bash, with
 # dom0/lib.sh sourced) or NAME.py (dom0 venv python, dom0/ on sys.path).
 # Results: $XENBLK_RIG_DIR/runs/<stamp>-<names>/ (symlink runs/latest):
-#   serial.log, share/out/<scenario>/{log,status,results.json,...}
+#   serial.log, share/out/<scenario>/{log,status,results.json,...}; a
+#   scenario's summary.txt, if any, is printed at the end.
 set -euo pipefail
 # The whole script is one brace group: bash parses it completely before running,
 # so editing this file while a run is going cannot derail that run.
@@ -35,7 +38,9 @@ done
 scenario_file() { ls "$RIG_HERE/scenarios/$1".sh "$RIG_HERE/scenarios/$1".py 2>/dev/null | head -1 || true; }
 if [ "${names[*]}" = all ]; then
   # smoke first: if dom0 itself is broken, that is the failure to read first.
-  mapfile -t names < <(ls "$RIG_HERE/scenarios" | sed 's/\.\(sh\|py\)$//' | sort | awk '$0=="smoke"{print; next} {rest=rest $0 "\n"} END{printf "%s", rest}')
+  # Scenarios marked "# rig-all: no" (the bench) run only when named.
+  mapfile -t names < <(grep -L '^# rig-all: no' "$RIG_HERE"/scenarios/*.sh "$RIG_HERE"/scenarios/*.py 2>/dev/null \
+    | xargs -n1 basename | sed 's/\.\(sh\|py\)$//' | sort | awk '$0=="smoke"{print; next} {rest=rest $0 "\n"} END{printf "%s", rest}')
 fi
 tmo_sum=300
 for n in "${names[@]}"; do
@@ -60,7 +65,7 @@ cp -a "$RIG_HERE/dom0" "$RIG_HERE/scenarios" "$SHARE/"
 cp -a "$RIG_REPO/pyproject.toml" "$SHARE/src/"
 (cd "$RIG_REPO" && tar --exclude=__pycache__ -cf - xenblk_vhost) | tar -xf - -C "$SHARE/src"
 # Hard links where possible: the ELF guest kernel is 64 MiB.
-for f in vmlinux:domu-vmlinux initrd.cpio:domu-initrd.cpio; do
+for f in vmlinux:domu-vmlinux initrd.cpio:domu-initrd.cpio initrd-fio.cpio:domu-fio.cpio; do
   ln "$RIG/boot/${f#*:}" "$SHARE/guest/${f%%:*}" 2>/dev/null || cp "$RIG/boot/${f#*:}" "$SHARE/guest/${f%%:*}"
 done
 printf '%s\n' "${names[@]}" > "$SHARE/scenarios.txt"
@@ -105,6 +110,12 @@ for n in "${names[@]}"; do
   grep -q '^PASS' "$SHARE/out/$n/status" 2>/dev/null && continue
   echo "--- last lines of $n's log:"
   tail -n 25 "$SHARE/out/$n/log" 2>/dev/null | sed 's/^/   | /' || echo "   (no log)"
+done
+# A scenario's own summary (the bench's table), if it wrote one.
+for n in "${names[@]}"; do
+  [ -s "$SHARE/out/$n/summary.txt" ] || continue
+  echo "--- $n summary ($SHARE/out/$n/summary.txt):"
+  sed 's/^/   /' "$SHARE/out/$n/summary.txt"
 done
 grep -q 'RIG: all scenarios done' "$RUN/serial.log" || { echo "   dom0 did not finish its scenario list"; failed=1; }
 grep -E '\(XEN\) .*(FATAL|Panic)|Kernel panic|BUG: |general protection' "$RUN/serial.log" | head -5 | sed 's/^/   console: /' || true

@@ -36,6 +36,12 @@ class SimPort:
             raise trio.ClosedResourceError("event channel is closed")
         return self._wait_fd
 
+    def kick_fileno(self) -> int:
+        """The peer's eventfd that notify() writes (for compiled peers: scripts/bench.py)."""
+        if self._kick_fd < 0:
+            raise trio.ClosedResourceError("event channel is closed")
+        return self._kick_fd
+
     @property
     def closed(self) -> bool:
         return self._wait_fd < 0

@@ -2,11 +2,12 @@
 # Stage "domu": the PV guest's kernel and busybox initramfs with the workload
 # (domu/init), xen-blkfront and ext4 modules of the dom0 kernel, the odio
 # O_DIRECT helper (domu/odio.c, built static here), and mke2fs, e2fsck and
-# blkdiscard copied from the dom0 rootfs with the shared libraries they need.
-# Outputs boot/domu-vmlinux (the kernel as a plain ELF: see extract-vmlinux.py)
-# and boot/domu-initrd.cpio (uncompressed: the guest kernel's gunzip costs
-# seconds under TCG); run.sh hands them to dom0 on the 9p share, so a workload
-# change never rebuilds dom0.img.
+# blkdiscard copied from the dom0 rootfs with the shared libraries they need;
+# fio (Debian 12's, for the bench scenario) in an initramfs of its own.
+# Outputs boot/domu-vmlinux (the kernel as a plain ELF: see extract-vmlinux.py),
+# boot/domu-initrd.cpio and boot/domu-fio.cpio (uncompressed: the guest
+# kernel's gunzip costs seconds under TCG); run.sh hands them to dom0 on the
+# 9p share, so a workload change never rebuilds dom0.img.
 set -euo pipefail
 . "$(dirname "$0")/../lib.sh"
 SRC=$RIG_HERE/domu
@@ -73,6 +74,43 @@ cp "$ROOTFS/etc/mke2fs.conf" "$D/etc/mke2fs.conf"
 
 gcc -static -O2 -Wall -Wextra -Werror -o "$D/bin/odio" "$SRC/odio.c"
 install -m 0755 "$SRC/init" "$D/init"
+
+# fio for the bench scenario, in a second archive (boot/domu-fio.cpio) that
+# only the bench guest loads after the main one (the kernel unpacks
+# concatenated cpio archives in order): the other guests keep the small
+# initramfs. Debian 12's fio links librados, librbd, glusterfs and rdma, so
+# its closure is tens of MB. It is downloaded, not installed: apt in the
+# rootfs with its lists and cache in a scratch directory resolves what the
+# rootfs lacks, dpkg-deb unpacks it there, ldd (the rootfs's loader) names the
+# libraries, and they go flat into /lib/x86_64-linux-gnu, where the loader
+# looks by default (RUNPATHs such as ceph's private directory fall back there).
+F=$RIG/domu-fio.tmp
+APT=/tmp/xenblk-fio-apt   # inside the rootfs
+rm -rf "$F" "$ROOTFS$APT"; mkdir -p "$F/usr/bin" "$F/lib/x86_64-linux-gnu"
+trap 'rm -rf "${ROOTFS:?}$APT"' EXIT   # the rootfs keeps nothing of this
+mkdir -p "$ROOTFS$APT/lists/partial" "$ROOTFS$APT/cache/archives/partial" "$ROOTFS$APT/root"
+apt_scratch() {
+  chroot "$ROOTFS" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive \
+    apt-get -q -o Dir::State::Lists=$APT/lists -o Dir::Cache=$APT/cache -o Debug::NoLocking=1 "$@"
+}
+apt_scratch update > /dev/null
+apt_scratch install -y --download-only --no-install-recommends fio > /dev/null
+for deb in "$ROOTFS$APT"/cache/archives/*.deb; do dpkg-deb -x "$deb" "$ROOTFS$APT/root"; done
+[ -x "$ROOTFS$APT/root/usr/bin/fio" ] || rig_die "fio: no /usr/bin/fio in the downloaded packages"
+install -m 0755 "$ROOTFS$APT/root/usr/bin/fio" "$F/usr/bin/fio"
+# every directory of the unpacked packages that holds libraries (ceph keeps its
+# own under x86_64-linux-gnu/ceph, named by an absolute RUNPATH)
+FIO_LIBS=$(find "$ROOTFS$APT/root" -name '*.so*' -printf '%h\n' | sort -u | sed "s|^$ROOTFS||" | paste -sd:)
+chroot "$ROOTFS" env LD_LIBRARY_PATH="$FIO_LIBS" ldd "$APT/root/usr/bin/fio" > "$RIG/domu-fio-ldd.txt"
+grep -q 'not found' "$RIG/domu-fio-ldd.txt" && rig_die "fio: libraries not found: $(grep 'not found' "$RIG/domu-fio-ldd.txt" | tr '\n' ' ')"
+awk '/=> \//{print $3}' "$RIG/domu-fio-ldd.txt" | while read -r lib; do
+  real=$(chroot "$ROOTFS" readlink -f "$lib")
+  install -m 0755 "$ROOTFS$real" "$F/lib/x86_64-linux-gnu/$(basename "$lib")"
+done
+(cd "$F" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) > "$RIG/boot/domu-fio.cpio.tmp"
+mv "$RIG/boot/domu-fio.cpio.tmp" "$RIG/boot/domu-fio.cpio"
+rm -rf "$RIG/domu-fio"; mv "$F" "$RIG/domu-fio"   # kept for inspection
+echo "fio $(du -h "$RIG/boot/domu-fio.cpio" | cut -f1) ($(ls "$RIG/domu-fio/lib/x86_64-linux-gnu" | wc -l) libraries)"
 
 (cd "$D" && find . | LC_ALL=C sort | cpio -o -H newc --quiet) > "$RIG/boot/domu-initrd.cpio.tmp"
 mv "$RIG/boot/domu-initrd.cpio.tmp" "$RIG/boot/domu-initrd.cpio"

@@ -34,9 +34,10 @@ EOF
 
 # Guest kernel and initramfs into tmpfs: xl's domain builder mmaps the kernel
 # file, and page faults on a 9p file are 4 KiB round trips (a 64 MiB kernel
-# took up to a minute per `xl create` from 9p, ~2 s to copy once).
+# took up to a minute per `xl create` from 9p, ~2 s to copy once). The fio
+# initramfs stays on the share until the bench scenario wants it.
 export RIG_GUEST=/run/xenblk-rig/guest
-mkdir -p "$RIG_GUEST" && cp "$RIG_SHARE"/guest/* "$RIG_GUEST/"
+mkdir -p "$RIG_GUEST" && cp "$RIG_SHARE"/guest/vmlinux "$RIG_SHARE"/guest/initrd.cpio "$RIG_GUEST/"
 
 cleanup_between() {
   # Domains a scenario left behind, then loop devices, then blkback.

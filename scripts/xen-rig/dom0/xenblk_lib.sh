@@ -103,7 +103,9 @@ xb_busy_round() {  # console-log disk
 # The last value of a RESULT key in a console log.
 xb_console_result() { sed -n "s/^RESULT $2=//p" "$1" | tr -d '\r' | tail -1; }
 
-# A guest outside run_guest (the lifecycle cases): started, left running.
+# A guest outside run_guest (the lifecycle cases, the bench): started, left
+# running. XB_MEMORY (MiB, default 256) and XB_RAMDISK (default the workload's
+# initramfs) change what it boots with.
 xb_create() {  # name cfg-tag steps cmdline vcpus disk...
   local name=$1 tag=$2 steps=$3 cmdline=$4 vcpus=$5; shift 5
   local disks="" d
@@ -112,9 +114,9 @@ xb_create() {  # name cfg-tag steps cmdline vcpus disk...
 name="$name"
 type="pv"
 kernel="$RIG_GUEST/vmlinux"
-ramdisk="$RIG_GUEST/initrd.cpio"
+ramdisk="${XB_RAMDISK:-$RIG_GUEST/initrd.cpio}"
 extra="console=hvc0 quiet xenblk.steps=$steps $cmdline"
-memory=256
+memory=${XB_MEMORY:-256}
 vcpus=$vcpus
 disk=[ ${disks%, } ]
 on_poweroff="destroy"

@@ -1,0 +1,132 @@
+"""The bench scenario's dom0 monitor (scripts/xen-rig/dom0/bench_monitor.py), checked without Xen.
+
+What its table rests on: CPU counters read at each job's BEGIN and END
+markers, fio's JSON report matched to its disk and job, ratios to kernel
+blkback's row of the same job, and a run that went wrong reported as such.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+MONITOR = Path(__file__).resolve().parents[2] / "scripts" / "xen-rig" / "dom0" / "bench_monitor.py"
+spec = importlib.util.spec_from_file_location("bench_monitor", MONITOR)
+bench_monitor = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_monitor)
+
+
+def fio_json(rw: str, iops: float, ios: int, p50_ns: int, p99_ns: int, bs: int = 4096) -> str:
+    side = {"total_ios": ios, "iops": iops, "bw_bytes": iops * bs, "runtime": 10000,
+            "clat_ns": {"percentile": {"50.000000": p50_ns, "99.000000": p99_ns}}}
+    idle = {"total_ios": 0, "iops": 0, "bw_bytes": 0, "runtime": 0}
+    job = {"jobname": "x", "read": side if rw == "read" else idle, "write": side if rw == "write" else idle,
+           "usr_cpu": 1.5, "sys_cpu": 20.0}
+    return json.dumps({"fio version": "fio-3.33", "jobs": [job]}, indent=2).replace("\n", "")
+
+
+class FakeClock:
+    """dom0 spends 0.5 s of CPU per 10 s job on blkback's disk, 0.4 s on xenblk-vhost's (all of it the daemon's)."""
+
+    def __init__(self):
+        self.t = self.dom0 = self.daemon = 0.0
+
+    def advance(self, label):
+        self.t += 10
+        self.dom0 += 0.5 if label == "blkback" else 0.4
+        if label != "blkback":
+            self.daemon += 0.4
+
+    def read(self):
+        return {"t": self.t, "dom0": self.dom0, "steal": 0.0, "xenblk-vhost": self.daemon}
+
+
+JOBS = (("randread-4k-qd1", "read", {"blkback": 1000, "xbv-copy": 600}),
+        ("write-1m-qd8", "write", {"blkback": 50, "xbv-copy": 40}))
+
+
+def console(clock: FakeClock, col, disk: str, label: str):
+    """What one guest with one disk prints, as the collector sees it."""
+    for job, rw, iops in JOBS:
+        col.line(f"XENBLK-FIO-BEGIN {disk} {job}\r\n")
+        clock.advance(label)
+        col.line(f"XENBLK-FIO-END {disk} {job}")
+        col.line(f"XENBLK-FIO-JSON {disk} {job} {fio_json(rw, iops[label], iops[label] * 10, 250_000, 900_000)}")
+        col.line(f"CHECK fio_{disk}_{job} ok")
+    col.line("XENBLK-GUEST-DONE status=ok")
+
+
+def two_guests() -> list[dict]:
+    clock = FakeClock()
+    out = []
+    for label in ("blkback", "xbv-copy"):  # both guests' disk is xvda
+        col = bench_monitor.Collector({"xvda": label}, clock.read)
+        console(clock, col, "xvda", label)
+        assert col.done == "ok" and not col.problems
+        out.append(col.results())
+    return out
+
+
+def test_figures_cpu_and_ratios_per_job():
+    table = bench_monitor.combine(two_guests(), idle_rate=0.01)
+    assert list(table["jobs"]) == ["randread-4k-qd1", "write-1m-qd8"]
+    ref, ours = table["jobs"]["randread-4k-qd1"]["blkback"], table["jobs"]["randread-4k-qd1"]["xbv-copy"]
+    assert ref["iops"] == 1000 and ours["iops"] == 600
+    assert ref["p50_us"] == 250 and ref["p99_us"] == 900
+    assert ref["dom0_cpu_us_per_io"] == pytest.approx(1e6 * 0.5 / 10000)
+    assert ours["dom0_cpu_us_per_io"] == pytest.approx(1e6 * 0.4 / 6000)
+    assert ours["dom0_cpu_net_us_per_io"] == pytest.approx(1e6 * (0.4 - 0.01 * 10) / 6000)
+    assert ours["iops_vs_blkback"] == pytest.approx(0.6)
+    assert ours["dom0_cpu_vs_blkback"] == pytest.approx((0.4 / 6000) / (0.5 / 10000))
+    assert ours["daemon_cpu_pct"] == pytest.approx(4.0)
+    text = bench_monitor.summary(table)
+    assert "randread-4k-qd1    xbv-copy" in text and "0.60" in text
+
+
+@pytest.mark.parametrize("bad, problem", [
+    ("XENBLK-FIO-END xvdc randread-4k-qd1", "END without BEGIN"),
+    ("XENBLK-FIO-JSON xvda randread-4k-qd1 {not json", "unreadable fio report"),
+    ("CHECK fio_xvdb_write-1m-qd8 fail fio: io_u error on file /dev/xvdb", "io_u error"),
+])
+def test_what_went_wrong_is_reported(bad, problem):
+    col = bench_monitor.Collector({"xvda": "blkback"}, FakeClock().read)
+    col.line(bad)
+    assert any(problem in p for p in col.problems), col.problems
+
+
+def test_follow_fails_a_guest_that_failed(tmp_path):
+    lines = []
+
+    class Sink:
+        def line(self, text):
+            lines.append(text)
+    console(FakeClock(), Sink(), "xvda", "xbv-copy")
+    # the last job produced no report, and the guest says it failed
+    lines = [x for x in lines if not x.startswith("XENBLK-FIO-JSON xvda write")]
+    lines[-1] = "XENBLK-GUEST-DONE status=fail"
+    log = tmp_path / "console.log"
+    log.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "guest.json"
+    rc = bench_monitor.main(["follow", "--console", str(log), "--disk", "xvda=xbv-copy", "--out", str(out),
+                             "--timeout", "5", "--poll", "0.01"])
+    assert rc == 1
+    res = json.loads(out.read_text())
+    assert any("status fail" in p for p in res["problems"])
+    assert any("no fio figures for xvda write-1m-qd8" in p for p in res["problems"])
+    assert "xbv-copy" in res["jobs"]["randread-4k-qd1"] and "write-1m-qd8" not in res["jobs"]
+
+
+def test_table_merges_the_guests(tmp_path):
+    files = []
+    for i, results in enumerate(two_guests()):
+        files.append(tmp_path / f"g{i}.json")
+        files[-1].write_text(json.dumps({"jobs": results, "problems": []}))
+    (tmp_path / "idle.json").write_text(json.dumps({"idle_dom0_cpu_per_s": 0.0}))
+    assert bench_monitor.main(["table", "--idle-json", str(tmp_path / "idle.json"), "--out", str(tmp_path),
+                               *map(str, files)]) == 0
+    table = json.loads((tmp_path / "results.json").read_text())
+    assert table["jobs"]["write-1m-qd8"]["xbv-copy"]["iops_vs_blkback"] == pytest.approx(0.8)
+    assert "write-1m-qd8       blkback" in (tmp_path / "summary.txt").read_text()
