@@ -53,7 +53,8 @@ fi
 PKGS=(libblkio1 libblkio-dev gcc libc6-dev gcc-multilib libatomic1 libxen-dev linux-libc-dev
       xenstore-utils qemu-system-common qemu-utils python3 python3-venv python3-dev
       systemd  # systemd-analyze: the deploy tests verify the unit files; systemd itself: test_systemd_unit
-      libsystemd-dev pkg-config)  # systemd-python (the journal extra) builds against libsystemd
+      libsystemd-dev pkg-config  # systemd-python (the journal extra) builds against libsystemd
+      groff-base)  # tests/test_manpages.py renders the man pages
 # The real-Xen rig (scripts/xen-rig): QEMU to boot Xen, debootstrap to build dom0's image.
 if [ -z "${XENBLK_NO_RIG:-}" ]; then
   PKGS+=(qemu-system-x86 debootstrap e2fsprogs cpio busybox-static xz-utils zstd bc

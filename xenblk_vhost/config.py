@@ -274,10 +274,17 @@ def _closest(key: str, allowed: set[str]) -> str | None:
     return found[0] if found else None
 
 
-_DISK_KEYS = ("vdev", "driver", "path", "direct", "readonly", "queues", "ring_page_order",
-              "max_indirect_segments", "data_path", "persistent_grants", "discard", "limits",
-              "properties")
-_LIMIT_KEYS = ("max_inflight", "memory")
+# The file's schema, key by key (docs/man/xenblk-vhost.yaml.5 documents each one; tests/test_manpages.py
+# compares the page with these and with the defaults and bounds above and below).
+ROOT_KEYS = ("domain", "disks")
+DOMAIN_KEYS = ("name", "domid")
+DISK_KEYS = ("vdev", "driver", "path", "direct", "readonly", "queues", "ring_page_order",
+             "max_indirect_segments", "data_path", "persistent_grants", "discard", "limits",
+             "properties")
+LIMIT_KEYS = ("max_inflight", "memory")
+MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED - 1
+MAX_INFLIGHT_LIMIT = 65536
+MIN_MEMORY = 1 << 20
 
 
 def _check_target(check: _Checker, driver: str, path: str, line: int, key: str) -> None:
@@ -310,7 +317,7 @@ def _disk(check: _Checker, item: Any, line: int, index: int, base: Path,
     disk = check.mapping(item, line, f"disks[{index}]")
     if disk is None:
         return None
-    check.unknown_keys(disk, _DISK_KEYS, where)
+    check.unknown_keys(disk, DISK_KEYS, where)
     before = len(check.problems)
     for required in ("vdev", "driver", "path"):
         if required not in disk:
@@ -346,12 +353,13 @@ def _disk(check: _Checker, item: Any, line: int, index: int, base: Path,
         limits = check.mapping(disk["limits"], disk.key_lines["limits"], f"{where}limits")
         if limits is not None:
             lwhere = f"{where}limits."
-            check.unknown_keys(limits, _LIMIT_KEYS, lwhere)
-            max_inflight = check.typed(limits, "max_inflight", int, DEFAULT_MAX_INFLIGHT, lwhere, 1, 65536)
+            check.unknown_keys(limits, LIMIT_KEYS, lwhere)
+            max_inflight = check.typed(limits, "max_inflight", int, DEFAULT_MAX_INFLIGHT, lwhere, 1,
+                                           MAX_INFLIGHT_LIMIT)
             if "memory" in limits:
                 try:
                     memory = parse_size(limits["memory"])
-                    if memory < 1 << 20:
+                    if memory < MIN_MEMORY:
                         raise ValueError(f"{memory} bytes is below the 1MiB minimum")
                 except ValueError as e:
                     check.problem(limits.key_lines["memory"], f"{lwhere}memory", str(e))
@@ -399,16 +407,16 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None, 
     root = check.mapping(doc, 1, "file")
     if root is None:
         raise ConfigError(check.problems)
-    check.unknown_keys(root, ("domain", "disks"), "")
+    check.unknown_keys(root, ROOT_KEYS, "")
     name = domid = None
     if "domain" not in root:
         check.problem(root.line, "domain", "missing (required): give `name` or `domid`")
     else:
         dom = check.mapping(root["domain"], root.key_lines["domain"], "domain")
         if dom is not None:
-            check.unknown_keys(dom, ("name", "domid"), "domain.")
+            check.unknown_keys(dom, DOMAIN_KEYS, "domain.")
             name = check.typed(dom, "name", str, None, "domain.")
-            domid = check.typed(dom, "domid", int, None, "domain.", 1, 0x7FEF)
+            domid = check.typed(dom, "domid", int, None, "domain.", 1, MAX_DOMID)
             if "name" in dom and "domid" in dom:
                 check.problem(dom.line, "domain", "give `name` or `domid`, not both")
             elif "name" not in dom and "domid" not in dom:
