@@ -82,6 +82,9 @@ async def test_sigterm_drains_and_a_new_backend_takes_the_busy_guest_over(tmp_pa
         assert await second.wait(30) == 0
         assert any(f"vbd-{guest.domid}-{vbd.devid}: taking over a device found in state CONNECTED" in line
                    for line in second.lines), second.lines
+        # How long the guest waited on the start-up, for the operator (and scripts/bench_startup.py).
+        assert any("serving " in line and " s after exec (interpreter and imports " in line
+                   and "devices found and watched " in line for line in second.lines), second.lines
 
 
 async def test_sighup_reloads_the_configuration(tmp_path):

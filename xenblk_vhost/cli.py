@@ -191,7 +191,7 @@ def _command_in(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from .device_model.qemu_args import is_qemu_invocation
+    from .device_model import is_qemu_invocation
 
     if is_qemu_invocation(argv):
         from .device_model import run

@@ -50,6 +50,7 @@ from .preflight import (
     load_checked,
     open_platform_explained,
 )
+from .startup_clock import StartupClock
 from .systemd import Notifier
 
 log = logging.getLogger("xenblk_vhost")
@@ -95,10 +96,11 @@ class Reloader:
                 self._notifier.ready(status_line(self._service))
 
 
-async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier) -> int:
+async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier, clock: StartupClock) -> int:
     from ..backend.xenbus.service import Service
     from ..observability.endpoints import open_observability
 
+    clock.mark("service imports")
     check_xenstore_argument(args.xenstore)
     with open_platform_explained(args.sim) as platform:
         # Signals are caught from before "ready", so none is lost.
@@ -116,15 +118,19 @@ async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier) ->
                 if probe.cancelled_caught:
                     raise StartupError(f"xenstored at {xs.path} does not answer within "
                                        f"{XENSTORE_ANSWER_TIMEOUT:g} s: is it hung?")
+                clock.mark("hypervisor and xenstore")
                 observability = await stack.enter_async_context(open_observability(args))
+                clock.mark("control socket and metrics")
                 service = Service(xs, platform, configs)
                 reloader = Reloader(args.config, service, notifier)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(service.run)
+                    clock.mark("devices found and watched")
                     observability.serve(nursery, service, reload=reloader.reload)
                     nursery.start_soon(notifier.keep_alive, lambda: status_line(service))
                     print("ready", flush=True)
                     notifier.ready(status_line(service))
+                    log.info("%s", clock.summary())
                     async for sig in signals:
                         if sig == signal.SIGHUP:
                             try:
@@ -140,6 +146,8 @@ async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier) ->
 
 
 def run_command(args: argparse.Namespace) -> int:
+    clock = StartupClock()
+    clock.mark("interpreter and imports")
     # A watchdog kill (SIGABRT) or a crash prints every thread's stack first: where the loop was stuck.
     faulthandler.enable()
     try:
@@ -147,9 +155,10 @@ def run_command(args: argparse.Namespace) -> int:
     except ConfigError as e:
         logs.report_errors(str(p) for p in e.problems)
         return EXIT_USAGE
+    clock.mark("configuration")
     notifier = Notifier.from_environment()
     try:
-        return trio.run(_serve, args, configs, notifier)
+        return trio.run(_serve, args, configs, notifier, clock)
     except BaseException as e:  # noqa: B036 - sorted below; what is not ours is raised again
         found = leaves(e)
         startup = [x for x in found if isinstance(x, StartupError)]

@@ -40,3 +40,9 @@ Our own options ride along in `device_model_args_pv`:
 accepted and ignored. An HVM device model (machine xenfv/pc) is refused:
 there is no emulated disk here for a firmware to boot from.
 """
+
+
+def is_qemu_invocation(argv: list[str]) -> bool:
+    """libxl execs the device model with -xen-domid; nothing else does. Here, not in qemu_args.py:
+    every command's main() asks, and only the device model needs the parser's dataclasses."""
+    return "-xen-domid" in argv

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import is_qemu_invocation  # noqa: F401 - where it was; every command's main() asks it before importing us
+
 # QEMU options that take a value (so the value is not read as an option).
 _OPTIONS_WITH_VALUE = {
     "-xen-domid", "-chardev", "-mon", "-name", "-vnc", "-display", "-machine", "-M", "-m", "-monitor",
@@ -18,11 +20,6 @@ _OPTIONS_WITH_VALUE = {
     "-cpu", "-accel", "-fw_cfg", "-xen-domid-restrict-off", "-trace", "-D", "-d", "-loadvm", "-option-rom",
     "-append", "-kernel", "-initrd", "-bios",
 }
-
-
-def is_qemu_invocation(argv: list[str]) -> bool:
-    """libxl execs the device model with -xen-domid; nothing else does."""
-    return "-xen-domid" in argv
 
 
 class QemuArgsError(ValueError):

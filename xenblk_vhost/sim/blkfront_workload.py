@@ -39,13 +39,14 @@ class Workload:
     region_sectors: int = 0  # 0: the whole disk
     seed: int = 1
     final_verify: bool = True  # read every lane back at the end
+    seconds: float = 0.0  # > 0: stop issuing after this long (or `requests`, whichever comes first)
 
     def __post_init__(self) -> None:
         unknown = {op for op, _ in self.mix} - set(OPS)
         if unknown:
             raise ValueError(f"unknown ops in mix: {sorted(unknown)}")
-        if self.requests < 0 or self.depth < 1 or self.max_sectors < 1:
-            raise ValueError("requests >= 0, depth >= 1 and max_sectors >= 1 are needed")
+        if self.requests < 0 or self.depth < 1 or self.max_sectors < 1 or self.seconds < 0:
+            raise ValueError("requests >= 0, depth >= 1, max_sectors >= 1 and seconds >= 0 are needed")
 
 
 @dataclass
@@ -61,12 +62,36 @@ class WorkloadResult:
     errors: list = field(default_factory=list)  # exceptions, as strings
     elapsed_s: float = 0.0
     final_verify_sectors: int = 0
+    # The guest's view of a backend pause: the longest stretches with requests in flight and
+    # none answered, longest first, {"start": wall clock (time.time()), "seconds": ...}.
+    pauses: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 _MAX_REPORTED = 10
+_PAUSES_REPORTED = 50  # enough for every restart of a benchmark or a hand-over test
+
+
+class _PauseMeter:
+    """The longest gaps between two answers while the workload runs (every lane has a request
+    in flight then, so a gap is a stretch where the backend answered nothing)."""
+
+    def __init__(self) -> None:
+        self._last = time.time()
+        self.longest: list[tuple[float, float]] = []  # (seconds, start), kept sorted, longest first
+
+    def answered(self) -> None:
+        now = time.time()
+        gap, start, self._last = now - self._last, self._last, now
+        if len(self.longest) < _PAUSES_REPORTED or gap > self.longest[-1][0]:
+            self.longest.append((gap, start))
+            self.longest.sort(reverse=True)
+            del self.longest[_PAUSES_REPORTED:]
+
+    def report(self) -> list[dict]:
+        return [{"start": start, "seconds": gap} for gap, start in self.longest]
 
 
 class _Lane:
@@ -137,10 +162,14 @@ async def run_workload(front, workload: Workload) -> WorkloadResult:
     max_sectors = max(align, min(workload.max_sectors, per_request - SECTORS_PER_PAGE, lane_len)
                       // align * align)
     counter = iter(range(workload.requests))
+    meter = _PauseMeter()
+    deadline = time.perf_counter() + workload.seconds if workload.seconds else None
 
     async def drive(lane_no: int, lane: _Lane) -> None:
         rng = random.Random(workload.seed * 1_000_003 + lane_no)
         for number in counter:
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
             op = rng.choices(ops, weights)[0]
             nr = rng.randrange(align, max_sectors + 1, align)
             sector = lane.start + rng.randrange(0, lane.length - nr + 1, align)
@@ -157,6 +186,7 @@ async def run_workload(front, workload: Workload) -> WorkloadResult:
                 result.ok = False
                 if len(result.errors) < _MAX_REPORTED:
                     result.errors.append(f"{op} sector {sector} x{nr}: {exc!r}")
+            meter.answered()
             result.requests += 1
             result.by_op[op] += 1
 
@@ -165,6 +195,7 @@ async def run_workload(front, workload: Workload) -> WorkloadResult:
         for lane_no, lane in enumerate(lanes):
             nursery.start_soon(drive, lane_no, lane)
     result.elapsed_s = time.perf_counter() - start
+    result.pauses = meter.report()
 
     if workload.final_verify:
         for lane in lanes:

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""How long does `xenblk-vhost run` take from exec to serving a busy guest again?
+
+    .venv/bin/python scripts/bench_startup.py [--runs 5] [--queues 2] [--baseline DIR]
+
+A simulated host (sim.World) with one guest whose disk (a file, io_uring) a
+verifying workload keeps busy. The daemon is stopped (SIGTERM: it drains and
+leaves the guest Connected) and started again, --runs times. For each start
+it prints:
+  - the daemon's own phases (its "serving ... after exec" log line: interpreter
+    and imports, configuration, service imports, hypervisor and xenstore,
+    control socket and metrics, devices found and watched);
+  - exec -> `ready` on stdout, as the bench saw it;
+  - exec -> the guest's first answer: the end of the guest's longest pause
+    that spans the exec (the workload records its pauses, sim/blkfront_workload.py);
+  - the guest's whole pause (from its last answer by the old daemon).
+then the median of each, and the workload's verdict (it verifies every read).
+A crash's pause is at least the exec -> first answer figure.
+
+--baseline DIR: a checkout of an older tree (e.g. `git worktree add /tmp/base
+COMMIT`); its daemon (PYTHONPATH=DIR) alternates with this tree's in the same
+run, on the same guest, and both get their rows and medians: before/after
+figures measured together under the same load.
+
+Figures only; nothing is asserted. Say the machine and its load with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+from xenblk_vhost.sim.toolstack import VbdConfig
+from xenblk_vhost.sim.world import open_world
+
+PHASE_LINE = re.compile(r"serving (\S+) s after (exec|the start of our code) \((.*)\)")
+
+
+def run_argv(world, config: Path, tree: str | None) -> list[str]:
+    argv = [sys.executable, "-m", "xenblk_vhost", "run", str(config),
+            "--xenstore", world.xenstore_path, "--sim", world.hypervisor_path]
+    # PYTHONPATH comes before the venv's editable finder: the older tree's package is the one imported;
+    # and -m puts the working directory before both: run from the world's directory, not a checkout.
+    env = ["env", f"PYTHONPATH={tree}"] if tree else []
+    return ["sh", "-c", 'cd "$1" && shift && exec "$@" 2>&1', "sh", str(world.workdir), *env, *argv]
+
+
+def phases_of(lines: list[str]) -> dict[str, float]:
+    for line in lines:
+        m = PHASE_LINE.search(line)
+        if m:
+            out = {"total": float(m.group(1))}
+            for part in m.group(3).split(", "):
+                name, _, value = part.rpartition(" ")
+                out[name] = float(value)
+            return out
+    return {}
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> int:
+    image = workdir / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    config = workdir / "bench.yaml"
+    config.write_text("domain: {name: bench}\ndisks:\n"
+                      f"  - {{vdev: xvda, driver: io_uring, path: {image}, queues: {args.queues}}}\n")
+    starts: list[dict] = []
+    async with open_world(workdir / "world") as world:
+        guest = await world.create_guest("bench")
+        backend = await world.start_process(run_argv(world, config, None), name="backend-0", timeout=60)
+        vbd = await world.attach_vbd(guest.domid, VbdConfig(vdev="xvda", target=str(image)))
+        seconds = args.runs * (2 if args.baseline else 1) * (args.settle + 3.0) + 5.0
+        front = await world.start_frontend(guest.domid, vbd.devid, requests=10**9, depth=16,
+                                           seconds=seconds, mix="write=45,read=45,flush=5,discard=5")
+        await trio.sleep(args.settle)
+        trees = [("this tree", None)] + ([("baseline", args.baseline)] if args.baseline else [])
+        for i in range(args.runs * len(trees)):
+            label, tree = trees[i % len(trees)]
+            backend.proc.send_signal(signal.SIGTERM)
+            await backend.wait(60)
+            t_exec = time.time()
+            backend = await world.start_process(run_argv(world, config, tree), name=f"backend-{i + 1}", timeout=60)
+            ready = time.time() - t_exec
+            if tree is None:  # an older tree may not log its phases
+                await backend.wait_line(lambda line: PHASE_LINE.search(line) is not None, 30)
+            starts.append({"tree": label, "exec": t_exec, "ready": ready, "phases": phases_of(backend.lines)})
+            await trio.sleep(args.settle)
+        rc = await front.wait(seconds + 120)
+        result = front.last_json()
+    workload = result.get("workload", {})
+    pauses = workload.get("pauses", [])
+    for s in starts:
+        spanning = [p for p in pauses if p["start"] <= s["exec"] <= p["start"] + p["seconds"]]
+        if spanning:
+            p = spanning[0]
+            s["first_answer"] = p["start"] + p["seconds"] - s["exec"]
+            s["pause"] = p["seconds"]
+    print(f"xenblk-vhost run: exec to serving, {args.runs} restarts of a busy guest's daemon "
+          f"(sim, io_uring file, {args.queues} queues; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f})")
+    names = list(starts[0]["phases"]) if starts and starts[0]["phases"] else []
+    print("seconds; phases from the daemon's own log line, the rest as this script and the guest saw them")
+    for label in dict.fromkeys(s["tree"] for s in starts):
+        header = [label, *names, "exec->ready", "exec->1st answer", "guest pause"]
+        print("  " + " | ".join(header))
+        rows = []
+        for i, s in enumerate(starts):
+            if s["tree"] != label:
+                continue
+            row = [*(s["phases"].get(n, float("nan")) for n in names), s["ready"],
+                   s.get("first_answer", float("nan")), s.get("pause", float("nan"))]
+            rows.append(row)
+            print(f"  {i + 1:>{len(label)}} | " + " | ".join(f"{v:.3f}" for v in row))
+        medians = [statistics.median([v for v in col if v == v] or [float("nan")]) for col in zip(*rows)]
+        print(f"  {'median':>{len(label)}} | " + " | ".join(f"{v:.3f}" for v in medians))
+    print(f"workload: {workload.get('requests')} requests, ok={result.get('ok')}, "
+          f"mismatches={len(workload.get('mismatches', []))}, errors={workload.get('errors')}, "
+          f"frontend exit {rc}")
+    return 0 if result.get("ok") else 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=5, help="restarts measured (default 5)")
+    p.add_argument("--queues", type=int, default=2, help="rings the guest uses (default 2)")
+    p.add_argument("--settle", type=float, default=1.0, help="seconds of served I/O between restarts")
+    p.add_argument("--baseline", metavar="DIR", help="an older checkout whose daemon alternates with this one's")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as d:
+        return trio.run(bench, args, Path(d))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
