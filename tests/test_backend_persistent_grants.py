@@ -85,3 +85,34 @@ async def test_cache_lru_busy_entries_purge_and_close(platform, guest):
     finally:
         cache.close()
         front.close()
+
+
+async def test_pages_a_full_cache_cannot_take_are_mapped_for_their_direction(tmp_path, platform, guest):
+    """With the cache full of busy entries a request's page is mapped for that request only: read-only
+    for a write (the guest may grant it read-only), writable for a read (the storage fills it).
+    The flag was once inverted: the write's read-only grant could not be mapped (ERROR) and the read
+    landed in a read-only mapping (ERROR, EFAULT from io_uring)."""
+    path = make_disk_file(tmp_path / "disk.img")
+    with open(path, "r+b") as f:
+        f.seek(8 * 7 * 512)
+        f.write(b"R" * PAGE_SIZE)
+    vbd = make_vbd(path, data_path="map", persistent_grants=True, max_persistent_grants=1, queues=1)
+    front = TestFrontend(guest, persistent=True)
+    busy = front.data_page(readonly=False, fill=b"b" * PAGE_SIZE)
+    ro = front.data_page(readonly=True, fill=b"W" * PAGE_SIZE)
+    rw = front.data_page(readonly=False, fill=b"x" * PAGE_SIZE)
+    try:
+        async with connected(vbd, front, platform):
+            # one batch: the first request takes the only cache entry, the next two map their own
+            front.rw(0, OP_WRITE, 1, 0, [(busy.gref, 0, 7)])
+            front.rw(0, OP_WRITE, 2, 8 * 3, [(ro.gref, 0, 7)])
+            front.rw(0, OP_READ, 3, 8 * 7, [(rw.gref, 0, 7)])
+            front.push()
+            got = sorted(tuple(r) for r in await front.responses(0, 3))
+            assert got == [(1, OP_WRITE, RSP_OKAY), (2, OP_WRITE, RSP_OKAY), (3, OP_READ, RSP_OKAY)]
+            assert rw.bytes() == b"R" * PAGE_SIZE
+        assert read_back(path, 8 * 3 * 512, PAGE_SIZE) == b"W" * PAGE_SIZE
+        assert all(front.end_access(p) for p in (busy, ro, rw))
+    finally:
+        front.close()
+        vbd.close()

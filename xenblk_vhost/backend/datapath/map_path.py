@@ -126,7 +126,8 @@ class MapDataPath:
             for gref, _first, _last in slot.segments:
                 addr = acquire(gref)
                 if addr is None:  # cache full of busy entries
-                    m = self.gntdev.map_grants(self.domid, (gref,), readonly=not slot.writes)
+                    # read-only for a write (the guest may grant its pages so), writable for a read
+                    m = self.gntdev.map_grants(self.domid, (gref,), readonly=slot.writes)
                     held.append(m)
                     addr = m.addr
                 else:
