@@ -32,10 +32,15 @@ Failure rules:
     be freed); other rings and vbds are untouched;
   * the storage failing as a whole (do_io raising, or no completion at all
     for storage_timeout seconds while requests are outstanding: a vanished
-    vhost-user server): every outstanding request is answered RSP_ERROR,
-    every later request too, without touching the storage; the ring stays
-    alive and `on_storage_failure` tells the Vbd (which reopens the storage
-    at the next connect).
+    vhost-user server): every later request is answered RSP_ERROR without
+    touching the storage, and so is what waited for memory; the ring stays
+    alive and `on_storage_failure` tells the Vbd. What the storage still
+    holds is NOT answered or released yet: io_uring (or a vhost-user
+    server) may still write into its pages, and libblkio has no
+    per-request cancel. The Vbd destroys the storage instance (the one
+    abort libblkio has), then calls abandon() on every ring, which answers
+    those requests RSP_ERROR and unmaps their pages. The teardown does the
+    same for requests that outlive a timed-out drain.
 
 Stopping: stop() makes the intake take nothing more; run() returns once
 every request taken has been answered. After a cancellation, drain() does
@@ -188,7 +193,7 @@ class RingWorker:
                     break  # busy slots with no storage request: cannot progress
                 try:
                     batch = await self.queue.wait_io(timeout=timeout)
-                except BlkioError as e:
+                except (BlkioError, trio.ClosedResourceError) as e:
                     self._storage_failed(e)
                     break
                 self._complete(batch)
@@ -515,21 +520,48 @@ class RingWorker:
                         log.warning("%s: cannot notify the frontend: %s", self.name, e)
 
     def _storage_failed(self, e: Exception) -> None:
-        """The storage as a whole is gone: answer everything outstanding with an error."""
-        if not self._failed:
-            log.warning("%s: storage failed (%s); answering errors from now on", self.name, e)
-            self._failed = True
-            if self._on_storage_failure is not None:
-                self._on_storage_failure(e)
-        stuck = [s for s in self.pool.slots if s.in_storage]
+        """The storage as a whole is gone: error for everything that has not reached it; tell the Vbd.
+
+        Slots the storage holds stay as they are until abandon() (after the
+        storage is destroyed): answering them now would let the guest reuse
+        pages a late completion can still write.
+        """
+        if self._failed:
+            return
+        log.warning("%s: storage failed (%s); answering errors from now on", self.name, e)
+        self.storage_lost()
+        if self._on_storage_failure is not None:
+            self._on_storage_failure(e)
+
+    def storage_lost(self) -> None:
+        """Never touch the storage again (it failed, maybe on another ring); error what waited for memory."""
+        self._failed = True
         stalled, self._stalled = self._stalled, []
+        for slot in stalled:
+            slot.status = RSP_ERROR
+        if stalled:
+            self._finish(stalled)
+            self._push()
+
+    def abandon(self) -> None:
+        """The storage instance was destroyed: nothing can touch our buffers any more.
+
+        Answer RSP_ERROR to every request it still held and release its
+        buffers/mappings. Only the owner of the storage (the Vbd) calls this,
+        after blkio_destroy().
+        """
+        self._failed = True
+        stuck = [s for s in self.pool.slots if s.in_storage]
         self._io_outstanding = 0
-        for slot in stuck + stalled:
+        for slot in stuck:
             slot.status = RSP_ERROR
             slot.parts = 0
             slot.in_storage = False
-        if stuck or stalled:
-            self._finish(stuck + stalled)
+        if stuck:
+            log.warning("%s: %d request(s) the destroyed storage held answered with an error",
+                        self.name, len(stuck))
+            self._finish(stuck)
+        self._push()
 
     # ------------------------------------------------------------ reaper
 
@@ -542,6 +574,8 @@ class RingWorker:
                 continue
             try:
                 batch = await wait_io(timeout=self.storage_timeout)
+            except trio.ClosedResourceError:
+                continue  # the Vbd destroyed the storage (this or another ring failed): _failed is set
             except BlkioError as e:
                 # ETIME: nothing completed for storage_timeout in this wait;
                 # a failure only if nothing completed meanwhile (the intake

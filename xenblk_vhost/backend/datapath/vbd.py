@@ -27,9 +27,11 @@ side (backend/xenbus/device.py) uses that surface and nothing else:
 Cancelling the task running serve() is the other way out: the shielded
 cleanup gives in-flight requests `drain_timeout` seconds to finish (they are
 answered), then destroys the storage instance if some did not (so no
-request can still touch a page we unmap), then unmaps and unbinds
-everything. Either way, after serve() returns: no task, no grant mapping, no
-bound channel, no memory region of this connection remains.
+request can still touch a page we unmap), answers those ERROR and releases
+their pages, then unmaps and unbinds everything. A storage failing while
+serving (ring_worker.py) is destroyed the same way at once. Either way,
+after serve() returns: no task, no grant mapping, no bound channel, no
+memory region of this connection remains.
 
 One libblkio queue per ring (ring i uses storage queue i), so a vbd
 serves as many rings as the storage opened queues (features.max_queues).
@@ -241,7 +243,23 @@ class Vbd:
         self._storage_failed = False
 
     def _note_storage_failure(self, _e: Exception) -> None:
+        """A ring saw the storage fail as a whole: abort it now rather than at the teardown.
+
+        The guest gets its errors at once, yet no request is answered (nor
+        its pages unmapped) while the storage may still write them: every
+        ring stops using the storage, the instance is destroyed (libblkio's
+        only abort: no per-request cancel exists), then each ring answers
+        what the storage held. It is reopened at the next connect.
+        """
         self._storage_failed = True
+        self._destroy_storage_then_abandon(self._workers)
+
+    def _destroy_storage_then_abandon(self, workers: list[RingWorker]) -> None:
+        for w in workers:
+            w.storage_lost()
+        self.storage.close()
+        for w in workers:
+            w.abandon()
 
     def _make_ring(self, res: _RingResources, rspec: RingSpec, spec: ConnectionSpec, platform: Platform,
                    limits: RequestLimits) -> RingWorker:
@@ -336,8 +354,10 @@ class Vbd:
             # completes them before we free the region or unmap the pages.
             if stuck:
                 log.warning("%s: in-flight I/O did not finish; closing the storage", self.disk.name)
-            self.storage.close()
             self._storage_failed = True
+            # then answer and unmap what it held (a batch mapping stays mapped otherwise)
+            self._destroy_storage_then_abandon(
+                [res.worker for res in resources if res.worker is not None])
         errors = []
         for res in reversed(resources):
             try:
