@@ -126,9 +126,86 @@ async def test_qmp_client_that_never_ends_a_command_is_cut_off():
 
 
 def test_json_stream_split_respects_strings_and_nesting():
-    from xenblk_vhost.device_model.qmp import split_json_stream
+    from xenblk_vhost.device_model.qmp import JsonStreamSplitter, Unparsable
 
-    texts, rest = split_json_stream('{"a": "}{\\"]"} [1, {"b": [2]}] x {"c": {')
-    assert texts == ['{"a": "}{\\"]"}', '[1, {"b": [2]}]', None]
-    assert rest == '{"c": {'
+    splitter = JsonStreamSplitter()
+    texts = splitter.feed(b'{"a": "}{\\"]"} [1, {"b": [2]}] x {"c": {')
+    assert texts == ['{"a": "}{\\"]"}', '[1, {"b": [2]}]', Unparsable.BAD_TOKEN]
+    assert splitter.rest == '{"c": {' and splitter.buffered == len(splitter.rest)
+    assert splitter.feed(b"}}") == ['{"c": {}}']
+    deep = b"[" * (JsonStreamSplitter.MAX_NESTING + 1) + b"]" * (JsonStreamSplitter.MAX_NESTING + 1)
+    assert splitter.feed(deep + b" [[]]") == [Unparsable.TOO_DEEP, "[[]]"]
     assert [json.loads(t) for t in texts[:2]] == [{"a": '}{"]'}, [1, {"b": [2]}]]
+
+
+async def test_qmp_deep_nesting_is_answered_and_the_connection_goes_on():
+    # Issue 10 D3: 3,000 nested '[' raised RecursionError out of json.loads, out of the
+    # connection's task and through serve_qmp's nursery: the whole device model ended.
+    cap = b'{"execute": "qmp_capabilities"}\r\n'
+    replies = await exchange([b"[" * 3000 + b"]" * 3000 + b"\r\n",
+                              b'{"execute": "query-status", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}\r\n",
+                              cap])
+    assert [r["error"]["class"] for r in replies[1:3]] == ["GenericError"] * 2
+    assert "nesting" in replies[1]["error"]["desc"]
+    assert replies[3] == {"return": {}}
+
+
+async def test_qmp_number_past_the_digit_limit_is_a_parse_error():
+    # json.loads raises a plain ValueError (not JSONDecodeError) for an integer of more than
+    # 4,300 digits: it escaped serve_qmp_connection as the RecursionError did.
+    replies = await exchange([b'{"execute": "cont", "id": ' + b"9" * 5000 + b"}\r\n",
+                              b'{"execute": "qmp_capabilities", "id": 1}\r\n'])
+    assert replies[1]["error"]["class"] == "GenericError"
+    assert replies[2] == {"return": {}, "id": 1}
+
+
+async def test_qmp_a_character_split_between_reads_is_not_mangled():
+    # Each read was decoded on its own with errors="replace": a UTF-8 sequence cut by the
+    # transport became two U+FFFD, and the command the client sent was not the one answered.
+    command = json.dumps({"execute": "qmp_capabilities", "id": "d\u00e9j\u00e0"}, ensure_ascii=False).encode()
+    cut = command.index("\u00e9".encode()) + 1
+    replies = await exchange([command[:cut], command[cut:] + b"\r\n"])
+    assert replies[1] == {"return": {}, "id": "d\u00e9j\u00e0"}
+
+
+async def test_qmp_garbage_cut_between_reads_is_one_error():
+    # The bad token run was reported per read: "garbage" in two reads gave two errors.
+    whole = await exchange([b"garbage\r\n"])
+    cut = await exchange([b"garb", b"age\r\n"])
+    assert cut == whole and len(whole) == 2
+
+
+async def test_qmp_server_outlives_a_failing_connection(monkeypatch, caplog):
+    # The confinement rule: whatever one client's connection raises is logged and ends that
+    # connection only; serve_qmp goes on accepting.
+    from xenblk_vhost.device_model import qmp
+
+    def broken(command, negotiated, state):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(qmp, "qmp_answer", broken)
+    state = DeviceModelState(paused=False)
+
+    class MemoryListener(trio.abc.Listener):
+        def __init__(self):
+            self.streams = trio.open_memory_channel(2)
+
+        async def accept(self):
+            return await self.streams[1].receive()
+
+        async def aclose(self):
+            pass
+
+    listener = MemoryListener()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(qmp.serve_qmp, listener, state)
+        for _ in range(2):
+            client, server = trio.testing.memory_stream_pair()
+            await listener.streams[0].send(server)
+            await client.send_all(b'{"execute": "qmp_capabilities"}\r\n')
+            greeting = await client.receive_some()
+            assert b'"QMP"' in greeting
+            while await client.receive_some():
+                pass  # the server closes this connection after logging
+        nursery.cancel_scope.cancel()
+    assert "planted" in caplog.text

@@ -9,6 +9,8 @@ Messages end with "\\r\\n"; every libxl command opens a new connection.
 
 from __future__ import annotations
 
+import codecs
+import enum
 import json
 import logging
 import os
@@ -91,54 +93,133 @@ async def _send(stream: trio.abc.SendStream, obj: dict) -> None:
     await stream.send_all(json.dumps(obj).encode() + b"\r\n")
 
 
-def split_json_stream(buf: str) -> tuple[list[str | None], str]:
-    """Complete top-level JSON texts in buf, and the incomplete rest.
+class Unparsable(enum.Enum):
+    """What the splitter yields in place of a text that must not be parsed."""
 
-    As QEMU's json-streamer: track brace/bracket nesting (outside strings) and
-    cut where it returns to zero; a character outside any object or array is
-    a bad token, reported as None (one per run of them) so the caller answers
-    a parse error and goes on.
+    BAD_TOKEN = "a run of characters outside any object or array"
+    TOO_DEEP = "a text nested deeper than JsonStreamSplitter.MAX_NESTING"
+
+
+class JsonStreamSplitter:
+    """Cuts a QMP byte stream into top-level JSON texts, keeping its state between reads.
+
+    As QEMU's json-streamer: track brace/bracket nesting (outside strings) and cut where it
+    returns to zero; a run of characters outside any object or array is a bad token, reported
+    as BAD_TOKEN (one per run) so the caller answers a parse error and goes on. The state (UTF-8
+    decoder, nesting, string and escape, a bad run in progress, the text so far) lives here, so
+    how the transport cuts the stream changes nothing, and each byte is looked at once (the
+    stream is not rescanned from the start of a text at every read).
+
+    A text nested deeper than MAX_NESTING is still consumed whole but comes out as TOO_DEEP:
+    the caller refuses it without parsing (json's decoder would recurse that deep, and echoing
+    its `id` back would recurse again).
     """
-    texts: list[str | None] = []
-    depth = 0
-    in_string = escaped = False
-    start = 0
-    i = 0
-    while i < len(buf):
-        ch = buf[i]
-        if depth == 0:
-            if ch in "{[":
-                depth, start = 1, i
-            elif not ch.isspace():
-                while i + 1 < len(buf) and not buf[i + 1].isspace() and buf[i + 1] not in "{[":
-                    i += 1
-                texts.append(None)
-            i += 1
-            continue
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
+
+    MAX_NESTING = 64  # QEMU allows 1024; libxl's commands nest 3 deep
+
+    def __init__(self) -> None:
+        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._parts: list[str] = []  # the current text, from its opening bracket
+        self._buffered = 0
+        self._depth = 0
+        self._deepest = 0
+        self._in_string = False
+        self._escaped = False
+        self._in_bad_run = False
+
+    @property
+    def buffered(self) -> int:
+        """Characters held of a text not yet complete."""
+        return self._buffered
+
+    @property
+    def rest(self) -> str:
+        return "".join(self._parts)
+
+    def feed(self, data: bytes | bytearray) -> list[str | Unparsable]:
+        return self.feed_text(self._decode(data))
+
+    def feed_text(self, buf: str) -> list[str | Unparsable]:
+        texts: list[str | Unparsable] = []
+        depth, deepest = self._depth, self._deepest
+        in_string, escaped, bad_run = self._in_string, self._escaped, self._in_bad_run
+        start = 0 if depth else -1
+        for i, ch in enumerate(buf):
             if depth == 0:
-                texts.append(buf[start:i + 1])
-        i += 1
-    return texts, (buf[start:] if depth else "")
+                if ch == "{" or ch == "[":
+                    depth = deepest = 1
+                    start = i
+                    bad_run = False
+                elif ch.isspace():
+                    bad_run = False
+                elif not bad_run:
+                    bad_run = True
+                    texts.append(Unparsable.BAD_TOKEN)
+                continue
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif ch == "\\":
+                    escaped = True
+                elif ch == '"':
+                    in_string = False
+            elif ch == '"':
+                in_string = True
+            elif ch == "{" or ch == "[":
+                depth += 1
+                if depth > deepest:
+                    deepest = depth
+            elif ch == "}" or ch == "]":
+                depth -= 1
+                if depth == 0:
+                    self._parts.append(buf[start:i + 1])
+                    text = "".join(self._parts)
+                    self._parts.clear()
+                    self._buffered = 0
+                    texts.append(Unparsable.TOO_DEEP if deepest > self.MAX_NESTING else text)
+        if depth:
+            piece = buf[start:]
+            self._parts.append(piece)
+            self._buffered += len(piece)
+        self._depth, self._deepest = depth, deepest
+        self._in_string, self._escaped, self._in_bad_run = in_string, escaped, bad_run
+        return texts
+
+
+_PARSE_ERROR = {"error": {"class": "GenericError", "desc": "JSON parse error"}}
+_TOO_DEEP = {"error": {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}}
+_NOT_AN_OBJECT = {"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}
+
+
+def parse_command(text: str | Unparsable) -> dict:
+    """One item the splitter cut out -> the command object, or the error reply to send instead.
+
+    Total: whatever the client sent, the result is a dict: a command, or one of the three
+    error replies above (is_error_reply tells them apart).
+    """
+    if text is Unparsable.BAD_TOKEN:
+        return _PARSE_ERROR
+    if text is Unparsable.TOO_DEEP:
+        return _TOO_DEEP
+    try:
+        command = json.loads(text)
+    except RecursionError:  # not reached below MAX_NESTING; kept so that no input can end the server
+        return _TOO_DEEP
+    except ValueError:  # JSONDecodeError, and int()'s 4,300-digit limit (a plain ValueError)
+        return _PARSE_ERROR
+    if not isinstance(command, dict):
+        return _NOT_AN_OBJECT
+    return command
+
+
+def is_error_reply(command: dict) -> bool:
+    return command is _PARSE_ERROR or command is _TOO_DEEP or command is _NOT_AN_OBJECT
 
 
 async def serve_qmp_connection(stream: trio.abc.Stream, state: DeviceModelState) -> None:
     """One QMP client: greeting, then one reply per command, until it hangs up."""
-    buf = ""
+    splitter = JsonStreamSplitter()
     negotiated = False
-    parse_error = {"error": {"class": "GenericError", "desc": "JSON parse error"}}
     async with stream:
         try:
             await _send(stream, qmp_greeting())
@@ -146,23 +227,15 @@ async def serve_qmp_connection(stream: trio.abc.Stream, state: DeviceModelState)
                 data = await stream.receive_some(65536)
                 if not data:
                     return
-                texts, buf = split_json_stream(buf + data.decode("utf-8", "replace"))
-                for text in texts:
-                    try:
-                        command = json.loads(text) if text is not None else None
-                    except json.JSONDecodeError:
-                        command = None
-                    if command is None:
-                        await _send(stream, parse_error)
-                        continue
-                    if not isinstance(command, dict):
-                        await _send(stream, {"error": {"class": "GenericError",
-                                                       "desc": "QMP input must be a JSON object"}})
+                for text in splitter.feed(data):
+                    command = parse_command(text)
+                    if is_error_reply(command):
+                        await _send(stream, command)
                         continue
                     reply, negotiated = qmp_answer(command, negotiated, state)
                     log.debug("QMP %s -> %s", command.get("execute"), reply)
                     await _send(stream, reply)
-                if len(buf) > MAX_QMP_BUFFER:
+                if splitter.buffered > MAX_QMP_BUFFER:
                     log.warning("QMP client sent more than %d bytes without a complete command; closing",
                                 MAX_QMP_BUFFER)
                     return
@@ -170,13 +243,26 @@ async def serve_qmp_connection(stream: trio.abc.Stream, state: DeviceModelState)
             return
 
 
-async def serve_qmp(listener: trio.SocketListener, state: DeviceModelState, *,
+async def _serve_confined(stream: trio.abc.Stream, state: DeviceModelState) -> None:
+    """One connection, whatever it raises kept to it: logged, the connection closed, the server goes on."""
+    try:
+        await serve_qmp_connection(stream, state)
+    except Exception:
+        log.exception("QMP: a client's connection failed; the device model goes on")
+
+
+async def serve_qmp(listener: trio.abc.Listener, state: DeviceModelState, *,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
-            stream = await listener.accept()
-            nursery.start_soon(serve_qmp_connection, stream, state)
+            try:
+                stream = await listener.accept()
+            except OSError as e:  # EMFILE and friends: do not spin, do not die
+                log.warning("QMP: accept failed: %s", e)
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(_serve_confined, stream, state)
 
 
 def open_qmp_listener(args: QemuArgs) -> tuple[trio.SocketListener | None, str | None]:
