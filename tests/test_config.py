@@ -252,3 +252,20 @@ def test_check_storage_false_skips_only_the_storage_check(tmp_path, disk_img):
     (cfg,) = load_configs([path], check_storage=False)
     assert [(d.name, d.path) for d in cfg.disks] == [
         ("xvda", "/nonexistent/later.img"), ("xvdb", "/nonexistent/later.sock"), ("xvdc", str(disk_img))]
+
+
+@pytest.mark.parametrize("text, problem", [
+    # Each escaped parse_config as a bare exception (found writing the config fuzz target), which
+    # `check` printed as a traceback and a SIGHUP reload did not catch.
+    ("domain: {domid: " + "1" * 5000 + "}\n", "1: yaml: cannot read '1111111111"),   # int()'s digit limit
+    ("domain:\n  name: 2001-13-01\n", "2: yaml: cannot read '2001-13-01': month must be in 1..12"),
+    ("domain:\n  name: 2001-02-30\n", "2: yaml: cannot read '2001-02-30': day is out of range for month"),
+    ("domain: {name: 2001-01-01 00:00:00 +99:00}\n", "1: yaml: cannot read '2001-01-01 00:00:00 +99:00'"),
+    ("[" * 5000, ": yaml: nested too deeply"),                                          # RecursionError
+    ("domain: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n", ": yaml: nested too deeply"),
+])
+def test_yaml_values_python_cannot_build_are_problems(tmp_path, text, problem):
+    path = tmp_path / "dom.yaml"
+    path.write_text(text)
+    found = problems(path)
+    assert len(found) == 1 and found[0].startswith(f"{path}") and problem in found[0], found

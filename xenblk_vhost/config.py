@@ -154,7 +154,16 @@ class _Sequence(list):
 
 
 class _LineLoader(yaml.SafeLoader):
-    pass
+    def construct_object(self, node, deep=False):
+        # PyYAML builds some scalars with Python calls that raise a bare ValueError: int() past
+        # its 4,300-digit limit, datetime() for 2001-13-01 or a +99:00 offset. Give those the
+        # node's place, as the YAML errors have.
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as e:
+            shown = repr(node.value[:40] if isinstance(node.value, str) else node.tag)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {shown}: {e}", node.start_mark) from None
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _Mapping:
@@ -402,6 +411,8 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None, 
         raise ConfigError([Problem(source, line, "yaml", f"{e.problem or e.context}")]) from None
     except yaml.YAMLError as e:
         raise ConfigError([Problem(source, 0, "yaml", str(e))]) from None
+    except RecursionError:  # PyYAML's parser and constructor recurse once per nesting level
+        raise ConfigError([Problem(source, 0, "yaml", "nested too deeply")]) from None
     if doc is None:
         raise ConfigError([Problem(source, 1, "file", "empty: needs `domain` and `disks`")])
     root = check.mapping(doc, 1, "file")
