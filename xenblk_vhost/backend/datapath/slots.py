@@ -42,7 +42,7 @@ class Slot:
     __slots__ = (
         "index", "req_id", "op", "sector", "nr_bytes", "segments", "writes",
         "steps", "step", "parts", "status", "extents", "buffer", "large", "mapping",
-        "done", "in_storage", "taken_at",
+        "done", "in_storage", "taken_at", "jref",
     )
 
     def __init__(self, index: int) -> None:
@@ -64,6 +64,7 @@ class Slot:
         self.done: trio.Event | None = None  # set when someone waits for this slot (a barrier)
         self.in_storage = False
         self.taken_at = 0.0  # time.monotonic() of the batch that took it off the ring
+        self.jref = -1  # the request's ref in the ring's journal (journal.py), -1 without one
 
     def load(self, req_id: int, op: int, sector: int, nr_bytes: int, segments: tuple, writes: bool,
              steps: tuple[int, ...], taken_at: float) -> None:
