@@ -175,10 +175,10 @@ def test_install_writes_an_executable_shim_and_keeps_foreign_files(tmp_path):
     path = install(shim_text(python="/opt/xv/bin/python3"), str(tmp_path))
     assert path == tmp_path / "block-xenblk-vhost"
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
-    assert path.read_text().splitlines()[-1] == 'exec /opt/xv/bin/python3 -m xenblk_vhost.hotplug "$@"'
+    assert path.read_text().splitlines()[-1] == 'exec /opt/xv/bin/python3 -I -m xenblk_vhost.hotplug "$@"'
     # Ours: replaced in place (reinstall after moving the venv).
     install(shim_text(python="/usr/local/venv/bin/python3"), str(tmp_path))
-    assert "/usr/local/venv/bin/python3 -m xenblk_vhost.hotplug" in path.read_text()
+    assert "/usr/local/venv/bin/python3 -I -m xenblk_vhost.hotplug" in path.read_text()
     foreign = tmp_path / "block-custom"
     foreign.write_text("#!/bin/sh\nexit 0\n")
     with pytest.raises(InstallError, match="was not written by xenblk-vhost"):
@@ -259,4 +259,24 @@ def test_only_control_sockets_are_asked(tmp_path):
 
 def test_shim_passes_the_control_dir():
     assert shim_text(python="/p/python3", control_dir="/srv/x y").splitlines()[-1] == \
-        "exec /p/python3 -m xenblk_vhost.hotplug --control-dir '/srv/x y' \"$@\""
+        "exec /p/python3 -I -m xenblk_vhost.hotplug --control-dir '/srv/x y' \"$@\""
+
+
+def test_the_shim_does_not_import_from_its_working_directory(tmp_path):
+    """libxl runs the shim as root from wherever it was started: with `python -m` the current
+    directory comes first on sys.path, so a xenblk_vhost package planted in a world-writable cwd
+    would run as root (issue 10 D5). The shim runs Python isolated (-I): the planted module is never
+    imported and the real script runs (its usage error)."""
+    (tmp_path / "scripts").mkdir()
+    shim = install(shim_text(python=sys.executable), str(tmp_path / "scripts"))
+    cwd = tmp_path / "world-writable"
+    planted = cwd / "xenblk_vhost" / "hotplug"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "planted-ran"
+    (cwd / "xenblk_vhost" / "__init__.py").write_text("")
+    (planted / "__init__.py").write_text("")
+    (planted / "__main__.py").write_text(f"open({str(marker)!r}, 'w').write('root')\n")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(cwd)}
+    proc = subprocess.run([str(shim)], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert not marker.exists(), "the shim imported xenblk_vhost from its working directory"
+    assert proc.returncode != 0 and "usage" in proc.stderr.lower()

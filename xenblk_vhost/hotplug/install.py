@@ -8,7 +8,12 @@ the Python that has xenblk-vhost installed, so xl lines can say
 and reinstalling elsewhere is one more `install-hotplug`:
 
     #!/bin/sh
-    exec '/opt/xenblk-vhost/bin/python3' -m xenblk_vhost.hotplug "$@"
+    exec '/opt/xenblk-vhost/bin/python3' -I -m xenblk_vhost.hotplug "$@"
+
+-I (isolated): libxl runs it as root from whatever directory it was started
+in, and `-m` alone would put that directory first on sys.path (a module
+planted there would run as root); -I also ignores PYTHON* variables and the
+user's site directory.
 
 With --container NAME the shim runs the script inside the xenblk-vhost
 container instead (it reaches xenstore and reads the YAML files there,
@@ -50,7 +55,7 @@ def shim_text(*, python: str | None = None, container: str | None = None, engine
         python = python or sys.executable
         if not os.path.isabs(python):
             raise InstallError(f"the Python interpreter path {python!r} is not absolute")
-        command = f"exec {shlex.quote(python)} -m xenblk_vhost.hotplug {options}\"$@\""
+        command = f"exec {shlex.quote(python)} -I -m xenblk_vhost.hotplug {options}\"$@\""
         where = f"with {python}"
     return (f"#!/bin/sh\n"
             f"{MARKER} (written by `xenblk-vhost install-hotplug`).\n"
