@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
+
 import pytest
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from xenblk_vhost.backend.datapath.stats import RingStats
 from xenblk_vhost.observability.metrics import (
+    MAX_CLIENTS,
     MetricsAddressError,
     cumulative_buckets,
     http_reply,
     merged_latency,
     metrics_registry,
+    open_metrics_listeners,
     parse_listen_address,
+    serve_metrics,
 )
 
 
@@ -108,3 +116,80 @@ def test_openmetrics_when_the_scraper_asks_for_it():
 def test_http_replies(request_head, status):
     reply = http_reply(request_head, metrics_registry(lambda: {"vbds": []}))
     assert reply.startswith(b"HTTP/1.1 " + status)
+
+
+# ---------------------------------------------------------------- hostile clients (issue 10 D4)
+
+async def _get_metrics(port: int) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = b""
+        while chunk := await stream.receive_some(65536):
+            out += chunk
+    return out
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the kernel sends a TCP RST instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def test_a_client_resetting_mid_request_is_its_own_problem():
+    """Half a request line then a TCP reset: the receive fails with ECONNRESET in that client's task
+    only; the endpoint keeps answering (before: the error ended serve_metrics, and with it the daemon)."""
+    registry = metrics_registry(lambda: {"vbds": []})
+    listeners = await open_metrics_listeners("127.0.0.1", 0)
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as n:
+        n.start_soon(serve_metrics, listeners, registry)
+        for payload in (b"GET /met", b"", b"GET /metrics HTTP/1.1\r\n"):
+            s = socket.create_connection(("127.0.0.1", port))
+            if payload:
+                s.sendall(payload)
+            await trio.sleep(0.05)  # the server is in receive_some
+            _reset(s)
+            await trio.sleep(0.05)
+        # a client that resets while its (large) reply is being sent
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        await trio.sleep(0.05)
+        _reset(s)
+        with trio.fail_after(10):
+            assert (await _get_metrics(port)).startswith(b"HTTP/1.1 200 OK")
+        n.cancel_scope.cancel()
+    for listener in listeners:
+        listener.socket.close()
+
+
+async def test_concurrent_clients_are_bounded():
+    """Connections held open without a request: no more than MAX_CLIENTS are accepted at once (each
+    costs an fd, shared with the guests' event channels); the others wait in the listen backlog and
+    are served as the first ones go."""
+    registry = metrics_registry(lambda: {"vbds": []})
+    listeners = await open_metrics_listeners("127.0.0.1", 0)
+    port = listeners[0].socket.getsockname()[1]
+    fds_before = len(os.listdir("/proc/self/fd"))
+    idle = []
+    async with trio.open_nursery() as n:
+        n.start_soon(serve_metrics, listeners, registry)
+        for _ in range(MAX_CLIENTS + 5):
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+        await trio.sleep(0.3)
+        # our client sockets plus the server's accepted ones
+        accepted = len(os.listdir("/proc/self/fd")) - fds_before - len(idle)
+        assert accepted == MAX_CLIENTS
+        for s in idle[:MAX_CLIENTS]:
+            s.close()
+        with trio.fail_after(10):
+            while len(os.listdir("/proc/self/fd")) - fds_before - len(idle[MAX_CLIENTS:]) != 5:
+                await trio.sleep(0.02)
+        for s in idle[MAX_CLIENTS:]:
+            s.close()
+        with trio.fail_after(10):
+            assert (await _get_metrics(port)).startswith(b"HTTP/1.1 200 OK")
+        n.cancel_scope.cancel()
+    for listener in listeners:
+        listener.socket.close()

@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 
 SECTOR_BYTES = 512
 MAX_REQUEST_HEAD = 8192
+# Connections served at once: each is an fd, and the process' fds are shared with the guests'
+# event channels and grant mappings. More wait in the listen backlog (a scrape is milliseconds).
+MAX_CLIENTS = 16
 REQUEST_TIMEOUT = 10.0
 _VBD_LABELS = ("domain", "domid", "devid", "vdev")
 _INFO_LABELS = _VBD_LABELS + ("kind", "driver", "path", "data_path")
@@ -191,23 +194,30 @@ def http_reply(head: bytes, registry: CollectorRegistry) -> bytes:
 
 
 async def _serve_http_client(stream: trio.abc.Stream, registry: CollectorRegistry) -> None:
-    async with stream:
-        with trio.move_on_after(REQUEST_TIMEOUT):
-            buf = bytearray()
-            while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
-                if len(buf) > MAX_REQUEST_HEAD:
-                    reply = _response("431 Request Header Fields Too Large", b"", "text/plain")
-                    break
-                chunk = await stream.receive_some(4096)
-                if not chunk:
-                    return
-                buf += chunk
-            else:
-                reply = http_reply(bytes(buf).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), registry)
-            try:
-                await stream.send_all(reply)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+    """One client, whatever it does: a reset, garbage or a failing scrape ends this client only."""
+    try:
+        async with stream:
+            with trio.move_on_after(REQUEST_TIMEOUT):
+                await _answer(stream, registry)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+        log.debug("metrics: client gone: %s", e)
+    except Exception:
+        log.exception("metrics: answering a client failed (the endpoint goes on)")
+
+
+async def _answer(stream: trio.abc.Stream, registry: CollectorRegistry) -> None:
+    buf = bytearray()
+    while b"\r\n\r\n" not in buf and b"\n\n" not in buf:
+        if len(buf) > MAX_REQUEST_HEAD:
+            reply = _response("431 Request Header Fields Too Large", b"", "text/plain")
+            break
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            return
+        buf += chunk
+    else:
+        reply = http_reply(bytes(buf).replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), registry)
+    await stream.send_all(reply)
 
 
 async def open_metrics_listeners(host: str, port: int) -> list[trio.SocketListener]:
@@ -225,16 +235,29 @@ async def serve_metrics(listeners: list[trio.SocketListener], registry: Collecto
     bound = [listener.socket.getsockname() for listener in listeners]
     log.info("metrics: %s", ", ".join(f"http://{a[0]}:{a[1]}/metrics" for a in bound))
 
+    slots = trio.Semaphore(MAX_CLIENTS)  # shared by every listener
+
+    async def serve_client(stream) -> None:
+        try:
+            await _serve_http_client(stream, registry)
+        finally:
+            slots.release()
+
     async def serve_one(listener) -> None:
         async with trio.open_nursery() as clients:
             while True:
+                await slots.acquire()  # accept only with a free slot: the rest wait in the backlog
                 try:
                     stream = await listener.accept()
                 except OSError as e:  # EMFILE and friends: do not spin, do not die
+                    slots.release()
                     log.warning("metrics: accept failed: %s", e)
                     await trio.sleep(0.1)
                     continue
-                clients.start_soon(_serve_http_client, stream, registry)
+                except BaseException:
+                    slots.release()
+                    raise
+                clients.start_soon(serve_client, stream)
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:
