@@ -68,3 +68,17 @@ def test_every_command_is_reachable_when_only_its_parser_is_built():
             main([command, "--help"])
         except SystemExit as e:
             assert e.code == 0, command
+
+
+def test_check_names_a_file_that_is_not_utf8_in_one_line(tmp_path):
+    """Bytes that are not UTF-8 (a latin-1 path, a binary file given by mistake): one line, exit 2,
+    no traceback (issue 10)."""
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"domain: {name: g}\ndisks:\n  - {vdev: xvda, driver: io_uring, path: /srv/caf\xe9.img}\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x01" * 64)
+    out = subprocess.run([sys.executable, "-m", "xenblk_vhost", "check", str(latin), str(binary)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [f"{latin}: file: not UTF-8 text (byte 74)",
+                                       f"{binary}: file: not UTF-8 text (byte 0)"]

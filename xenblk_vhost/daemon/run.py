@@ -38,7 +38,7 @@ from contextlib import AsyncExitStack
 import trio
 
 from .._groups import leaves
-from ..config import ConfigError
+from ..config import ConfigError, Problem
 from ..exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from ..xen.interfaces import XenStoreError
 from ..xen.xenstore import XenStoreConnectionError, open_xenstore
@@ -92,6 +92,11 @@ class Reloader:
                 for problem in e.problems:
                     log.error("reload refused, keeping the running configuration: %s", problem)
                 raise
+            except Exception as e:
+                # A bug, not the operator's file: still only a refused reload, never the daemon's end.
+                log.exception("reload failed, keeping the running configuration")
+                source = self._paths[0] if self._paths else "-"
+                raise ConfigError([Problem(str(source), 0, "reload", f"failed: {e!r}")]) from e
             finally:
                 self._notifier.ready(status_line(self._service))
 
