@@ -5,6 +5,8 @@
                                       serve (daemon/run.py)
     xenblk-vhost ctl list|status|pause|resume|detach|reload|stats   a running daemon (observability/ctl_command.py)
     xenblk-vhost stats                the counters table (= ctl stats)
+    xenblk-vhost upgrade              hand a running daemon's disks over to a fresh exec of it (= ctl upgrade;
+                                      daemon/handover.py)
     xenblk-vhost hotplug add|remove   libxl's hotplug script (xenblk_vhost/hotplug/)
     xenblk-vhost install-hotplug      write /etc/xen/scripts/block-xenblk-vhost
     xenblk-vhost demo [--seconds N] [--driver D] [--queues N] [--data-path P] [--json]   (demo/command.py)
@@ -24,7 +26,7 @@ from . import __version__
 from .daemon import logs
 from .exit_codes import EXIT_OK, EXIT_USAGE
 
-COMMANDS = ("check", "run", "ctl", "stats", "demo", "hotplug", "install-hotplug")
+COMMANDS = ("check", "run", "ctl", "stats", "upgrade", "demo", "hotplug", "install-hotplug")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -147,11 +149,12 @@ class _WithCommon:
 def _add_operator_commands(sub, common: argparse.ArgumentParser, only: str | None = None) -> None:
     """`ctl` and `stats` (observability/), `demo` (demo/), `hotplug` and `install-hotplug` (hotplug/)."""
     sub_common = _WithCommon(sub, common)
-    if only in (None, "ctl", "stats"):
+    if only in (None, "ctl", "stats", "upgrade"):
         from .observability import ctl_command
 
         ctl_command.add_parser(sub_common, common)
         ctl_command.add_stats_alias(sub_common)
+        ctl_command.add_upgrade_alias(sub_common)
     if only in (None, "demo"):
         from .demo import command as demo_command
 

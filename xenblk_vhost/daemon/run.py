@@ -43,6 +43,7 @@ from ..exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from ..xen.interfaces import XenStoreError
 from ..xen.xenstore import XenStoreConnectionError, open_xenstore
 from . import logs
+from .handover import Predecessor, Upgrader
 from .preflight import (
     StartupError,
     check_xenstore_argument,
@@ -101,7 +102,8 @@ class Reloader:
                 self._notifier.ready(status_line(self._service))
 
 
-async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier, clock: StartupClock) -> int:
+async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier, clock: StartupClock,
+                 predecessor: Predecessor | None) -> int:
     from ..backend.xenbus.service import Service
     from ..observability.endpoints import open_observability
 
@@ -124,51 +126,107 @@ async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier, cl
                     raise StartupError(f"xenstored at {xs.path} does not answer within "
                                        f"{XENSTORE_ANSWER_TIMEOUT:g} s: is it hung?")
                 clock.mark("hypervisor and xenstore")
-                observability = await stack.enter_async_context(open_observability(args))
-                clock.mark("control socket and metrics")
+                observability = None
+                if predecessor is None:
+                    observability = await stack.enter_async_context(open_observability(args))
+                    clock.mark("control socket and metrics")
+                else:
+                    # Taking over from a running daemon: everything that costs time is done before it
+                    # stops taking requests; the control socket and metrics port are its until it exits.
+                    from ..backend.datapath import vbd  # noqa: F401 - the datapath loaded now, not in the pause
+
+                    clock.mark("datapath imports")
+                    released = await predecessor.ready(clock.summary())
+                    clock.mark("the running daemon's drain")
+                    log.info("taking over from the daemon that ran before (its drain: %s s)",
+                             released.get("drain_s", "unknown"))
                 service = Service(xs, platform, configs)
                 reloader = Reloader(args.config, service, notifier)
+                upgrader = Upgrader(notifier)
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(service.run)
+                    await nursery.start(upgrader.run_service, service)
                     clock.mark("devices found and watched")
-                    observability.serve(nursery, service, reload=reloader.reload)
+                    if predecessor is not None:
+                        observability = await _observability_after(predecessor, stack, args, open_observability)
+                    if observability is not None:
+                        observability.serve(nursery, service, reload=reloader.reload, upgrade=upgrader.upgrade)
                     nursery.start_soon(notifier.keep_alive, lambda: status_line(service))
                     print("ready", flush=True)
                     notifier.ready(status_line(service))
                     log.info("%s", clock.summary())
-                    async for sig in signals:
-                        if sig == signal.SIGHUP:
-                            try:
-                                await reloader.reload()
-                            except ConfigError:
-                                pass  # logged by reload(); the running configuration stays
-                            continue
-                        log.info("%s: stopping", signal.Signals(sig).name)
-                        notifier.stopping("stopping: draining every disk")
-                        break
+                    status = await _until_stopped(signals, reloader, upgrader, notifier)
                     nursery.cancel_scope.cancel()
-    return EXIT_OK
+    return status
+
+
+async def _observability_after(predecessor: Predecessor, stack: AsyncExitStack, args: argparse.Namespace,
+                               open_observability):
+    """The control socket and metrics once the daemon we took over from has exited. Not fatal
+    here: the disks are ours already, and a daemon that cannot be asked is better than none."""
+    if not await predecessor.gone():
+        log.warning("the daemon we took over from has not exited; binding the control socket anyway")
+    try:
+        return await stack.enter_async_context(open_observability(args))
+    except OSError as e:
+        log.error("no control socket or metrics after the hand-over: %s", e)
+        return None
+
+
+async def _until_stopped(signals, reloader: Reloader, upgrader: Upgrader, notifier: Notifier) -> int:
+    """Serve reloads until a signal stops us (0), the disks are handed over (0) or a hand-over
+    failed halfway (1: the service manager starts a daemon that takes the disks over)."""
+    status = EXIT_OK
+    async with trio.open_nursery() as waiting:
+        async def on_signals() -> None:
+            async for sig in signals:
+                if sig == signal.SIGHUP:
+                    try:
+                        await reloader.reload()
+                    except ConfigError:
+                        pass  # logged by reload(); the running configuration stays
+                    continue
+                log.info("%s: stopping", signal.Signals(sig).name)
+                notifier.stopping("stopping: draining every disk")
+                break
+            waiting.cancel_scope.cancel()
+
+        async def on_event(event: trio.Event, exit_status: int) -> None:
+            nonlocal status
+            await event.wait()
+            status = exit_status
+            waiting.cancel_scope.cancel()
+
+        waiting.start_soon(on_signals)
+        waiting.start_soon(on_event, upgrader.handed_over, EXIT_OK)
+        waiting.start_soon(on_event, upgrader.lost, EXIT_FAILURE)
+    return status
 
 
 def run_command(args: argparse.Namespace) -> int:
     clock = StartupClock()
     clock.mark("interpreter and imports")
+    # Started by a running daemon to take its disks over (`upgrade`): tell it how our start-up went.
+    predecessor = Predecessor.from_environment()
     # A watchdog kill (SIGABRT) or a crash prints every thread's stack first: where the loop was stuck.
     faulthandler.enable()
     try:
         configs = load_checked(args.config)
     except ConfigError as e:
         logs.report_errors(str(p) for p in e.problems)
+        if predecessor is not None:
+            predecessor.failed("the files do not validate: " + "; ".join(str(p) for p in e.problems))
         return EXIT_USAGE
     clock.mark("configuration")
     notifier = Notifier.from_environment()
     try:
-        return trio.run(_serve, args, configs, notifier, clock)
+        return trio.run(_serve, args, configs, notifier, clock, predecessor)
     except BaseException as e:  # noqa: B036 - sorted below; what is not ours is raised again
         found = leaves(e)
         startup = [x for x in found if isinstance(x, StartupError)]
         if startup:
             logs.report_errors([f"xenblk-vhost run: {startup[0]}"])
+            if predecessor is not None:
+                predecessor.failed(str(startup[0]))
             notifier.stopping(f"cannot start: {startup[0]}")
             return EXIT_USAGE
         lost = [x for x in found if isinstance(x, XenStoreConnectionError)]

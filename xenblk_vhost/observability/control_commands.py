@@ -17,6 +17,8 @@
                                 the backend closes the disk (Closing, the frontend closes, drained,
                                 storage released, Closed), as the toolstack's remove makes it do
     reload                      re-read the daemon's files: what changed, or why not (exit 2)
+    upgrade                     hand the disks over to a fresh exec of the daemon (daemon/handover.py):
+                                the reply, once the new one has them, names both pids and the drain
 
 A target names a domain as its file does (name, or domid for a file that
 gives a domid; a running domain's domid works too) and optionally a disk
@@ -39,7 +41,7 @@ from .. import __version__
 from ..config import ConfigError, DomainConfig
 from ..exit_codes import EXIT_FAILURE, EXIT_USAGE
 from ..vdev import VdevError, parse_vdev, vdev_name
-from .control_socket import CommandRefused, Handler
+from .control_socket import CommandRefused, Handler, ReplyThen
 from .snapshot import service_snapshot
 
 DEFAULT_PAUSE_TIMEOUT = 30.0
@@ -49,6 +51,9 @@ MAX_TARGET = 256
 
 # reload(): the files re-read and applied -> what changed (one line each); ConfigError if refused.
 Reload = Callable[[], Awaitable[list[str]]]
+# upgrade(): handed over -> (the reply's payload, what ends this daemon once the reply is sent);
+# an exception (the daemon's HandoverRefused) if the new daemon did not take over.
+Upgrade = Callable[[], Awaitable[tuple[dict, Callable[[], None]]]]
 
 
 def _timeout(request: dict, default: float) -> float:
@@ -64,16 +69,20 @@ def _error(report) -> dict | None:
 
 
 class ControlCommands:
-    def __init__(self, service, *, started: float | None = None, reload: Reload | None = None) -> None:
+    def __init__(self, service, *, started: float | None = None, reload: Reload | None = None,
+                 upgrade: Upgrade | None = None) -> None:
         self._service = service
         self._started = started
         self._reload = reload
+        self._upgrade = upgrade
 
     def handlers(self) -> dict[str, Handler]:
         handlers: dict[str, Handler] = {"stats": self.stats, "list": self.list_domains, "status": self.status,
                                         "pause": self.pause, "resume": self.resume, "detach": self.detach}
         if self._reload is not None:
             handlers["reload"] = self.reload
+        if self._upgrade is not None:
+            handlers["upgrade"] = self.upgrade
         return handlers
 
     def _header(self) -> dict:
@@ -249,6 +258,16 @@ class ControlCommands:
         except OSError as e:
             raise CommandRefused(f"reload refused: {e}", exit_status=EXIT_FAILURE) from None
         return {"changes": changes, "domains": [c.label for c in self._service.configs]}
+
+    async def upgrade(self, request: dict) -> dict:
+        assert self._upgrade is not None
+        try:
+            payload, then = await self._upgrade()
+        except CommandRefused:
+            raise
+        except Exception as e:  # the new daemon did not take over: this one serves on (or says it exits)
+            raise CommandRefused(f"upgrade refused: {e}", exit_status=EXIT_FAILURE) from None
+        return ReplyThen(payload, then)
 
     async def stats(self, request: dict) -> dict:
         return service_snapshot(self._service, started=self._started)

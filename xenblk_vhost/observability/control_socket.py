@@ -13,7 +13,10 @@ still ours.
 
 A handler gets the request object (its `command` and whatever else the
 client sent: target, timeout...) and returns the reply's payload, or raises
-CommandRefused (the reply's error, exit status and problems). Nothing a
+CommandRefused (the reply's error, exit status and problems). A payload may
+be a ReplyThen: its `then` runs once the reply is sent (or the client is
+gone): what ends the daemon (an upgrade's hand-over) must not cut its own
+reply short. Nothing a
 client sends, and no handler's failure, ends the serving task: a request
 that does not parse is answered with why (parse_request is total), a
 handler's unexpected exception is logged and answered "internal error",
@@ -115,6 +118,14 @@ def _remove_if_ours(path: str, inode: int) -> None:
         log.warning("could not remove the control socket %s: %s", path, e.strerror)
 
 
+class ReplyThen(dict):
+    """A handler's payload, and what to do once it is sent (or could not be)."""
+
+    def __init__(self, payload: Mapping, then: Callable[[], None]) -> None:
+        super().__init__(payload)
+        self.then = then
+
+
 class BadRequest(ValueError):
     """A request line we cannot act on; str() is the reply's `error`."""
 
@@ -169,7 +180,10 @@ async def answer(request: bytes, handlers: Mapping[str, Handler]) -> dict:
         return {"ok": False, "error": str(e)}
     command = message["command"]
     try:
-        return {"ok": True, command: await handlers[command](message)}
+        payload = await handlers[command](message)
+        if isinstance(payload, ReplyThen):
+            return ReplyThen({"ok": True, command: dict(payload)}, payload.then)
+        return {"ok": True, command: payload}
     except CommandRefused as e:
         return e.reply()
     except Exception:
@@ -191,6 +205,7 @@ async def _read_line(stream: trio.abc.Stream) -> bytes | None:
 
 async def _serve_client(stream: trio.abc.Stream, handlers: Mapping[str, Handler]) -> None:
     """One client. Whatever goes wrong stays with this client: logged, connection closed."""
+    reply: dict = {}
     try:
         async with stream:
             with trio.move_on_after(REQUEST_TIMEOUT):
@@ -209,6 +224,9 @@ async def _serve_client(stream: trio.abc.Stream, handlers: Mapping[str, Handler]
         pass  # the client left: its loss
     except Exception:
         log.exception("control socket: a client's request failed; the daemon goes on")
+    finally:
+        if isinstance(reply, ReplyThen):
+            reply.then()
 
 
 class ControlSocket:

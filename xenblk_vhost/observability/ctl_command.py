@@ -7,6 +7,8 @@
     xenblk-vhost ctl detach web1/xvdb           the backend closes the disk and releases its storage
     xenblk-vhost ctl reload                     the daemon re-reads its files: what changed, or why not
     xenblk-vhost ctl stats [web1]               the counters table (also `xenblk-vhost stats`)
+    xenblk-vhost ctl upgrade [web1]             hand the disks over to a fresh exec of the daemon
+                                                (also `xenblk-vhost upgrade`): the installed code
     ... --json                                  the daemon's answer as JSON instead
 
 One subcommand of the main command rather than seven: these all talk to a
@@ -39,6 +41,10 @@ from .stats_command import render_table, vbd_prefix
 
 # How long the client waits beyond the daemon's own timeout for pause/detach.
 REPLY_MARGIN = 5.0
+# upgrade: the new daemon's start-up (daemon/handover.py READY_TIMEOUT) and the drain, then its
+# control socket (bound once the old daemon has exited).
+UPGRADE_REPLY_TIMEOUT = 240.0
+UPGRADE_ANSWER_TIMEOUT = 60.0
 
 
 class _Usage(Exception):
@@ -113,6 +119,8 @@ def add_parser(sub, common: argparse.ArgumentParser | None = None) -> argparse.A
             "what it connected with until its next connect. Prints what changed; exit 2 with `check`'s lines "
             "if the files do not validate (the running configuration is kept). systemd's ExecReload.",
             target="optional", func=_reload)
+    command("upgrade", "hand the disks over to a fresh exec of the daemon (the installed code)",
+            UPGRADE_DESCRIPTION, target="optional", func=_upgrade)
     command("stats", "per-vbd, per-ring counters (blkback's names)",
             "The counters of every vbd (or DOMAIN's): requests by operation (rd_req, wr_req, f_req = flushes "
             "and barriers, ds_req = discards), oo_req (times requests waited for a free slot), sectors read and "
@@ -120,6 +128,26 @@ def add_parser(sub, common: argparse.ArgumentParser | None = None) -> argparse.A
             "the frontend connects.", target="optional", func=_stats)
     ctl.set_defaults(func=lambda args: main(args, ctl))
     return ctl
+
+
+UPGRADE_DESCRIPTION = (
+    "Start a new daemon from the code installed now, with the running one's command line; once it has "
+    "started (imports, files checked, /dev/xen and xenstore), the running one stops taking requests, answers "
+    "what is in flight, releases the rings and the storage, and the new one takes every disk over: the guests "
+    "stay Connected and their I/O waits only for that drain and the takeover, not for a start-up. Under "
+    "systemd the new process becomes the unit's main process (MAINPID=). If the new daemon cannot start (a "
+    "file that does not validate, a broken install), it says why and the running one serves on (exit 1). "
+    "Prints both process ids and the drain; returns once the new daemon answers on the control socket.")
+
+
+def add_upgrade_alias(sub) -> argparse.ArgumentParser:
+    """`xenblk-vhost upgrade`: the operator's word for `ctl upgrade`."""
+    p = sub.add_parser("upgrade", help="hand a running daemon's disks over to a fresh exec of it (= ctl upgrade)",
+                       description=UPGRADE_DESCRIPTION)
+    add_control_arguments(p)
+    p.add_argument("target", nargs="?", metavar="DOMAIN", help="the daemon that configures this domain")
+    p.set_defaults(func=lambda args: run(args, _upgrade))
+    return p
 
 
 def add_stats_alias(sub) -> argparse.ArgumentParser:
@@ -367,6 +395,35 @@ def _reload(args: argparse.Namespace) -> int:
     print(f"reloaded {path}: " + (f"{len(changes)} change(s)" if changes else "nothing changed"))
     for line in changes:
         print(f"  {line}")
+    return EXIT_OK
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    path = _one_daemon(args, args.target)
+    reply = request_control(path, "upgrade", timeout=UPGRADE_REPLY_TIMEOUT)
+    new = reply.get("successor")
+    # The new daemon binds the control socket once the old one has exited: wait for it to answer.
+    deadline = time.monotonic() + UPGRADE_ANSWER_TIMEOUT
+    answering = None
+    while time.monotonic() < deadline:
+        try:
+            answering = request_control(path, "list").get("pid")
+        except ControlError:
+            answering = None
+        if answering == new:
+            break
+        time.sleep(0.05)
+    if args.json:
+        _print_json({"control": path, **reply, "answering": answering})
+    else:
+        print(f"upgraded {path}: pid {reply.get('predecessor')} -> pid {new}; disks drained in "
+              f"{reply.get('drain_s', 0) * 1000:.1f} ms")
+        if reply.get("successor_startup"):
+            print(f"  the new daemon before the hand-over: {reply['successor_startup']}")
+    if answering != new:
+        print(f"xenblk-vhost ctl: the new daemon (pid {new}) took the disks over but does not answer on {path} "
+              f"after {UPGRADE_ANSWER_TIMEOUT:g} s (see its log)", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

@@ -29,7 +29,7 @@ from ..control_protocol import ControlError, default_control_path
 from .listen_address import MetricsAddressError, parse_listen_address
 
 if TYPE_CHECKING:
-    from .control_commands import Reload
+    from .control_commands import Reload, Upgrade
     from .control_socket import ControlSocket
 
 # What serves (trio, prometheus_client) is imported when `run` serves, not when the command
@@ -88,7 +88,7 @@ class Observability:
         self.metrics_listeners = listeners
         self._started = time.monotonic()
 
-    def serve(self, nursery, service, *, reload: Reload | None = None) -> None:
+    def serve(self, nursery, service, *, reload: Reload | None = None, upgrade: Upgrade | None = None) -> None:
         from .control_commands import ControlCommands
         from .snapshot import service_snapshot
 
@@ -96,7 +96,7 @@ class Observability:
             return service_snapshot(service, started=self._started)
 
         if self.control is not None:
-            commands = ControlCommands(service, started=self._started, reload=reload)
+            commands = ControlCommands(service, started=self._started, reload=reload, upgrade=upgrade)
             nursery.start_soon(self.control.serve, commands.handlers())
         if self.metrics_listeners is not None:
             from .metrics import metrics_registry, serve_metrics

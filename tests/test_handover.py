@@ -1,0 +1,120 @@
+"""`xenblk-vhost upgrade`: a new daemon takes a busy guest's disks over from the running one
+(daemon/handover.py), end to end against `run --sim`.
+
+The guest (the reference frontend, its own process) runs a verifying workload the whole time; the
+daemon is upgraded several times under it. Every request is answered exactly once (the frontend
+fails a second answer for an id, and a lost one never completes) with the right data (every read
+is verified), and the guest's longest stretch without an answer across each hand-over stays far below
+a start-up (printed with -s; see PAUSE_BOUND).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import trio
+
+from e2e_support.fixtures import disk_image, read_text, state_is, wait_node, write_config
+from xenblk_vhost.sim.toolstack import VbdConfig
+from xenblk_vhost.sim.world import open_world
+
+MiB = 1 << 20
+# The issue's target is 50 ms (measured 40-50 ms on the 2-core test machine at load 4); asserted with
+# a margin, since this suite runs beside seven other jobs; scripts/bench_handover.py prints the figures.
+PAUSE_BOUND = 0.100
+UPGRADES = 3
+
+
+def run_argv(world, config, control) -> list[str]:
+    argv = [sys.executable, "-m", "xenblk_vhost", "run", str(config), "--xenstore", world.xenstore_path,
+            "--sim", world.hypervisor_path, "--control", str(control)]
+    return ["sh", "-c", 'exec "$@" 2>&1', "sh", *argv]
+
+
+async def upgrade(control, *extra: str) -> subprocess.CompletedProcess:
+    return await trio.run_process([sys.executable, "-m", "xenblk_vhost", "upgrade", "--control", str(control),
+                                   *extra], capture_stdout=True, capture_stderr=True, check=False)
+
+
+async def gone(pid: int, timeout: float = 30.0) -> None:
+    """Stop a daemon the test did not start itself (a successor) and wait for its exit."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    with trio.fail_after(timeout):
+        while os.path.exists(f"/proc/{pid}") and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]:
+            await trio.sleep(0.05)
+
+
+async def test_upgrade_hands_a_busy_guest_over_exactly_once_without_a_startup_pause(tmp_path):
+    img = disk_image(tmp_path, size=64 * MiB)
+    cfg = write_config(tmp_path, "busy", [f"vdev: xvda, driver: io_uring, path: {img}, queues: 2"])
+    control = tmp_path / "control.sock"
+    last_pid = None
+    async with open_world(tmp_path / "w") as world:
+        guest = await world.create_guest("busy")
+        first = await world.start_process(run_argv(world, cfg, control), name="backend")
+        last_pid = first.proc.pid
+        try:
+            vbd = await world.attach_vbd(guest.domid, VbdConfig(vdev="xvda", target=str(img)))
+            front = await world.start_frontend(guest.domid, vbd.devid, requests=10**9, depth=16,
+                                               seconds=3.0 + 2.5 * UPGRADES,
+                                               mix="write=40,read=40,flush=6,barrier=4,discard=10")
+            await trio.sleep(1.5)
+            windows = []
+            for _ in range(UPGRADES):
+                before = time.time()
+                done = await upgrade(control, "--json")
+                assert done.returncode == 0, done.stderr
+                reply = json.loads(done.stdout)
+                windows.append((before, time.time(), reply))
+                assert reply["predecessor"] == last_pid and reply["answering"] == reply["successor"]
+                last_pid = reply["successor"]
+                # Connected again (today's takeover writes InitWait first: backend/xenbus/device.py).
+                assert await wait_node(world.xs, f"{vbd.backend}/state", state_is(4)) == "4"
+                await trio.sleep(1.5)
+            assert first.proc.returncode == 0  # the first daemon exited by itself (its successors hold its stdout)
+            assert await front.wait(60) == 0
+            result = front.last_json()
+        finally:
+            if last_pid is not None:
+                await gone(last_pid)
+    load = result["workload"]
+    # Exactly once, right data: the frontend fails on a second answer or a wrong id, reads verify.
+    assert result["ok"] and load["ok"] and not load["mismatches"] and not load["errors"], load
+    assert result["front"]["errors"] == []
+    assert load["requests"] > 1000 and load["by_op"]["flush"] > 0 and load["by_op"]["discard"] > 0
+    pauses = []
+    for before, after, reply in windows:
+        inside = [p["seconds"] for p in load["pauses"] if before <= p["start"] <= after]
+        pauses.append(max(inside, default=0.0))
+    print(f"\nupgrade pauses (s): {[round(p, 4) for p in pauses]}; drains (s): "
+          f"{[w[2]['drain_s'] for w in windows]}; longest pauses overall: "
+          f"{[round(p['seconds'], 4) for p in load['pauses'][:5]]}")
+    assert max(pauses) <= PAUSE_BOUND, pauses
+
+
+async def test_an_upgrade_to_a_daemon_that_cannot_start_leaves_the_running_one_serving(tmp_path):
+    img = disk_image(tmp_path)
+    cfg = write_config(tmp_path, "d", [f"vdev: xvda, driver: io_uring, path: {img}"])
+    control = tmp_path / "control.sock"
+    async with open_world(tmp_path / "w") as world:
+        guest = await world.create_guest("d")
+        first = await world.start_process(run_argv(world, cfg, control), name="backend")
+        vbd = await world.attach_vbd(guest.domid, VbdConfig(vdev="xvda", target=str(img)))
+        # The file no longer validates: the new daemon says so and exits; nothing was stopped.
+        cfg.write_text(cfg.read_text().replace("io_uring", "no-such-driver"))
+        done = await upgrade(control)
+        assert done.returncode == 1
+        said = done.stderr.decode()
+        assert "upgrade refused" in said and "driver" in said, said
+        assert first.proc.returncode is None
+        result = await world.run_frontend(guest.domid, vbd.devid, requests=300, depth=8)
+        assert result["ok"], result  # served by the first daemon, still running
+        assert first.proc.returncode is None
