@@ -19,7 +19,7 @@ import time
 
 import trio
 
-from e2e_support.fixtures import disk_image, read_text, state_is, wait_node, write_config
+from e2e_support.fixtures import disk_image, state_is, wait_node, write_config
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.world import open_world
 
@@ -91,7 +91,7 @@ async def test_upgrade_hands_a_busy_guest_over_exactly_once_without_a_startup_pa
     assert result["front"]["errors"] == []
     assert load["requests"] > 1000 and load["by_op"]["flush"] > 0 and load["by_op"]["discard"] > 0
     pauses = []
-    for before, after, reply in windows:
+    for before, after, _ in windows:
         inside = [p["seconds"] for p in load["pauses"] if before <= p["start"] <= after]
         pauses.append(max(inside, default=0.0))
     print(f"\nupgrade pauses (s): {[round(p, 4) for p in pauses]}; drains (s): "
