@@ -94,6 +94,10 @@ if [ $want_venv = 1 ]; then
   else
     log "venv up to date"
   fi
+  # xenblk_vhost's compiled kernels (xenblk_vhost/native: cffi API mode, gcc); the package would
+  # also build them on first use, this makes that a step of installing.
+  "$VENV/bin/python" -m xenblk_vhost.native | sed 's/^/== install-deps: /'
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "install-deps.sh: building xenblk_vhost's compiled kernels failed" >&2; exit 1; }
   # scripts/bench.py's compiled loops (cffi API mode, against libxen-dev's
   # headers and libblkio-dev): built into the venv, again only when their
   # sources change.

@@ -32,7 +32,7 @@ SERVICE = ("xenblk_vhost.backend",)
 SIM = ("xenblk_vhost.sim",)
 BELOW = ("xenblk_vhost.blkif", "xenblk_vhost.xen", "xenblk_vhost.storage", "xenblk_vhost.config",
          "xenblk_vhost.vdev", "xenblk_vhost.control_protocol", "xenblk_vhost.exit_codes", "xenblk_vhost._groups",
-         "xenblk_vhost.log_context")
+         "xenblk_vhost.log_context", "xenblk_vhost.native")
 # The sans-I/O core touches no file, socket, process or event loop.
 IO_MODULES = ("trio", "socket", "os", "select", "selectors", "subprocess", "asyncio", "fcntl", "mmap", "signal",
               "ctypes", "cffi")

@@ -37,7 +37,7 @@ SIM_MAP = "sim grant map/unmap (hypervisor)"
 # belongs to them (the simulated hypervisor's copy and map, with their grant
 # checks; reaping the completion fd, with the do_io it makes).
 ANYWHERE = (
-    (SIM_COPY, "xenblk_vhost/sim/gntdev.py", {"grant_copy"}),
+    (SIM_COPY, "xenblk_vhost/sim/gntdev.py", {"grant_copy", "grant_copy_batch"}),
     (SIM_MAP, "xenblk_vhost/sim/gntdev.py", {"map_grants", "close"}),
     ("completion fd: wait_io", "xenblk_vhost/storage/queue.py", {"wait_io"}),
 )

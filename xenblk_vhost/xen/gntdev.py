@@ -27,6 +27,7 @@ import errno
 import os
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 from ._libc import IOC_NONE, FixedRegion, ioc, ioctl
 from .interfaces import PAGE_SIZE, CopySegment, GrantMapError, GrantStatus
@@ -139,19 +140,32 @@ def decode_map_index(buf: ctypes.Array) -> int:
 class CopyBatch:
     """A preallocated IOCTL_GNTDEV_GRANT_COPY segment array that grows when needed.
 
-    `load()` packs segments for the kernel, leaving out the ones the kernel
-    would refuse with EINVAL for the *whole* ioctl (a guest range crossing
-    its page: gntdev_grant_copy_seg) and answering them GNTST_bad_copy_arg,
-    the status Xen itself gives that mistake. `statuses()` reads the kernel's
+    Two ways to fill it:
+      * `load(segments)` packs CopySegment objects (Gntdev.grant_copy);
+      * `reset()`, then `add_sector_ranges(...)` per request, the datapath's
+        way (Gntdev.grant_copy_batch): blkif segments straight from the
+        request's (gref, first_sect, last_sect) tuples into the kernel's
+        layout, with the owner of each, no object per segment.
+    Either leaves out the segments the kernel would refuse with EINVAL for
+    the *whole* ioctl (a guest range crossing its page:
+    gntdev_grant_copy_seg) and answers them GNTST_bad_copy_arg, the status
+    Xen itself gives that mistake. `statuses()` / `results()` read the
     answers back in the caller's order.
     """
 
     def __init__(self, capacity: int = 64):
+        self.buffer = ctypes.create_string_buffer(0)
+        self.count = 0  # segments packed for the kernel
+        self.owners: list[Any] = []  # the owner of every segment added, refused ones included
+        self.refused: dict[int, int] | None = None  # {index among the added: status} of those kept back
         self._grow(capacity)
+        self.reset()
 
     def _grow(self, capacity: int) -> None:
+        old = self.buffer
         self.capacity = capacity
         self.buffer = ctypes.create_string_buffer(capacity * SEGMENT_SIZE)
+        ctypes.memmove(self.buffer, old, min(len(old), len(self.buffer)))  # what add() packed so far
         self.address = ctypes.addressof(self.buffer)
         # Pack through a plain byte view: a ctypes array rebuilds its buffer
         # description on every export, which costs more than the pack itself.
@@ -183,7 +197,11 @@ class CopyBatch:
                 refused[i] = _BAD_COPY_ARG
                 continue
             pos += SEGMENT_SIZE
-        return pos // SEGMENT_SIZE, refused
+        # as reset() + add would leave it, so grant_copy_batch() can run it too (owners: none)
+        self.count = pos // SEGMENT_SIZE
+        self.refused = refused
+        self.owners = [None] * len(segments)
+        return self.count, refused
 
     def statuses(self, count: int, refused: dict[int, int] | None, total: int) -> list[int]:
         step = SEGMENT_SIZE // 2
@@ -196,6 +214,61 @@ class CopyBatch:
         for i in range(total):
             out.append(refused[i] if i in refused else next(it))
         return out
+
+    # ---- the incremental way (Gntdev.grant_copy_batch) ----
+
+    def reset(self) -> None:
+        """Empty the batch: `count` segments packed for the kernel, `owners` in step with every added one."""
+        self.count = 0
+        self.owners = []
+        self.refused = None
+
+    def add_sector_ranges(self, to_guest: bool, domid: int, ranges: Sequence[tuple[int, int, int]],
+                          local_addr: int, owner: object) -> int:
+        """One segment per (gref, first_sect, last_sect): 512-byte sectors first..last of the granted
+        page <-> local memory packed back to back from local_addr. Returns the bytes covered."""
+        count = self.count
+        if count + len(ranges) > self.capacity:
+            self._grow(max(count + len(ranges), 2 * self.capacity))
+        pack = _SEG_LOCAL_TO_GUEST.pack_into if to_guest else _SEG_GUEST_TO_LOCAL.pack_into
+        flags = GNTCOPY_DEST_GREF if to_guest else GNTCOPY_SOURCE_GREF
+        buf = self._bytes
+        owners = self.owners
+        pos = count * SEGMENT_SIZE
+        addr = local_addr
+        for gref, first, last in ranges:
+            off = first << 9
+            n = (last - first + 1) << 9
+            try:
+                if n <= 0 or off + n > PAGE_SIZE:
+                    raise ValueError
+                if to_guest:
+                    pack(buf, pos, addr, gref, off, domid, n, flags, 0)
+                else:
+                    pack(buf, pos, gref, off, domid, addr, n, flags, 0)
+            except (ValueError, struct.error, OverflowError):
+                if self.refused is None:
+                    self.refused = {}
+                self.refused[len(owners)] = _BAD_COPY_ARG
+                owners.append(owner)
+                continue
+            owners.append(owner)
+            pos += SEGMENT_SIZE
+            addr += n
+        self.count = pos // SEGMENT_SIZE
+        return addr - local_addr
+
+    def results(self) -> list[int]:
+        """The status of every added segment, in the order added (after the copy ran)."""
+        return self.statuses(self.count, self.refused, len(self.owners))
+
+    def failed_owners(self) -> list:
+        """The owner of every segment that did not copy (after the copy ran), in order; [] when all did."""
+        step = SEGMENT_SIZE // 2
+        first = _STATUS_OFFSET // 2
+        if self.refused is None and not any(self._halfwords[first : first + step * self.count : step]):
+            return []
+        return [owner for st, owner in zip(self.results(), self.owners) if st]
 
 
 # ---- the device ----
@@ -329,6 +402,13 @@ class GntdevDevice:
             self._copy_arg.segments = batch.address
             ioctl(self.fileno(), IOCTL_GNTDEV_GRANT_COPY, self._copy_arg_addr)
         return batch.statuses(count, refused, total)
+
+    def grant_copy_batch(self, batch: CopyBatch) -> None:
+        """One ioctl for every segment packed in batch; their statuses land in it (batch.failed_owners())."""
+        if batch.count:
+            self._copy_arg.count = batch.count
+            self._copy_arg.segments = batch.address
+            ioctl(self.fileno(), IOCTL_GNTDEV_GRANT_COPY, self._copy_arg_addr)
 
     def set_max_grants(self, count: int) -> None:
         """Old kernels cap the grants one fd may map; newer ones dropped the ioctl (ENOTTY),

@@ -20,7 +20,10 @@ import enum
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
+
+if TYPE_CHECKING:
+    from .gntdev import CopyBatch
 
 PAGE_SIZE = 4096
 
@@ -98,6 +101,10 @@ class Gntdev(Protocol):
 
     def grant_copy(self, segments: Sequence[CopySegment]) -> list[int]:
         """Run every segment in one batch; return a GNTST_* status per segment."""
+
+    def grant_copy_batch(self, batch: CopyBatch) -> None:
+        """Run every segment packed in batch (xen/gntdev.py CopyBatch: the kernel's own array) in
+        one batch; each segment's GNTST_* status lands in it. The datapath's way: no object per segment."""
 
     def set_max_grants(self, count: int) -> None: ...
 

@@ -23,10 +23,11 @@ plan_bounce() decides how many slots the memory allows.
 
 from __future__ import annotations
 
-from ...blkif.constants import MAX_SEGMENTS_PER_REQUEST, RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE
+from ...blkif.constants import MAX_SEGMENTS_PER_REQUEST, RSP_OKAY, XEN_PAGE_SIZE
 from ...storage import StorageDevice
-from ...xen.interfaces import CopySegment, Gntdev
-from .grant_copy import run_copy, segment
+from ...xen.gntdev import CopyBatch
+from ...xen.interfaces import Gntdev
+from .grant_copy import run_batch
 from .slots import Slot
 
 SMALL_BUFFER = MAX_SEGMENTS_PER_REQUEST * XEN_PAGE_SIZE  # 44 KiB
@@ -63,6 +64,7 @@ class CopyDataPath:
         self.region = storage.alloc_mem_region(small_total + large_buffers * self._large_size)
         self._storage = storage
         self._base = self.region.addr
+        self._batch = CopyBatch()  # reused by every grant copy of this ring
         self._free_large = [small_total + i * self._large_size for i in range(large_buffers - 1, -1, -1)]
 
     def prepare(self, slots: list[Slot]) -> list[Slot]:
@@ -98,21 +100,16 @@ class CopyDataPath:
         return True
 
     def _copy(self, slots: list[Slot], to_guest: bool) -> None:
-        segs: list[CopySegment] = []
-        owners: list[Slot] = []
-        append_seg, append_owner = segs.append, owners.append
+        batch = self._batch
+        batch.reset()
+        add = batch.add_sector_ranges
         domid = self.domid
         base = self._base
         for slot in slots:
             if slot.writes == to_guest or slot.status != RSP_OKAY:
                 continue
-            addr = base + slot.buffer
-            for gref, first, last in slot.segments:
-                n = (last - first + 1) * SECTOR_SIZE
-                append_seg(segment(to_guest, domid, gref, first * SECTOR_SIZE, addr, n))
-                append_owner(slot)
-                addr += n
-        run_copy(self.gntdev, segs, owners)
+            add(to_guest, domid, slot.segments, base + slot.buffer, slot)
+        run_batch(self.gntdev, batch)
 
     def finish(self, slots: list[Slot]) -> list[Slot]:
         """ONE grant copy of every successful read out; release buffers. All may be answered now."""

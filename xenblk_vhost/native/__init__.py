@@ -1,0 +1,44 @@
+"""Compiled kernels: per-request work taken out of the interpreter where profiles said so.
+
+    from xenblk_vhost import native
+    mod = native.load()          # the cffi extension: mod.ffi, mod.lib
+                                 # NativeBuildError if it cannot be built
+
+What is here (each with a pure-Python reference that tests compare it to):
+    native.h, sim_grant_copy.c   the simulated hypervisor's grant copy
+                                 (sim/gntdev.py), over the IOCTL_GNTDEV_GRANT_COPY
+                                 segment array the datapath fills (xen/copy_batch.py)
+    build.py                     cffi API-mode build; install-deps runs it, load()
+                                 runs it when the module is missing or stale
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from types import ModuleType
+
+from .build import MODULE, NativeBuildError, build, build_dir, built_module
+
+__all__ = ["NativeBuildError", "load"]
+
+_loaded: ModuleType | None = None
+
+
+def load() -> ModuleType:
+    """The compiled module, built first if needed (once per process; raises NativeBuildError)."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    path = built_module(build_dir()) or build()
+    spec = importlib.util.spec_from_file_location(MODULE, path)
+    if spec is None or spec.loader is None:
+        raise NativeBuildError(f"cannot load {path}")
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except ImportError as e:
+        raise NativeBuildError(f"cannot load {path}: {e}") from e
+    sys.modules.setdefault(MODULE, mod)
+    _loaded = mod
+    return mod

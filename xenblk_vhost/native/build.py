@@ -1,0 +1,106 @@
+"""Build the compiled kernels (native.h, *.c here) as the extension module _xenblk_native.
+
+    python -m xenblk_vhost.native [--dest DIR] [--force]
+
+cffi API mode: gcc compiles the C sources beside this file into one
+extension. scripts/install-deps.sh runs this; `xenblk_vhost.native.load()`
+runs it too when the module is missing or older than its sources, so a
+fresh checkout works without a separate step (a few seconds, once). It
+does nothing when the module in DEST was built from the same sources
+(a hash stamp beside it). Where it goes: build_dir() below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import os
+import shutil
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+MODULE = "_xenblk_native"
+HEADER = "native.h"
+C_SOURCES = ("sim_grant_copy.c",)
+SOURCES = (HEADER, *C_SOURCES, "build.py")
+
+
+class NativeBuildError(RuntimeError):
+    """The compiled kernels could not be built (the message carries gcc's or cffi's words)."""
+
+
+def build_dir() -> Path:
+    """Beside the sources when that is writable (a checkout, an editable install), else the user's cache."""
+    if os.access(HERE, os.W_OK):
+        return HERE / "_build"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "xenblk-vhost" / "native"
+
+
+def sources_digest() -> str:
+    h = hashlib.sha256(sysconfig.get_config_var("EXT_SUFFIX").encode())  # a new Python needs a new build
+    for name in SOURCES:
+        h.update(name.encode() + b"\0" + (HERE / name).read_bytes())
+    return h.hexdigest()
+
+
+def built_module(dest: Path) -> Path | None:
+    """The up-to-date module file in dest, or None."""
+    stamp = dest / f"{MODULE}.sha256"
+    if not stamp.exists() or stamp.read_text().strip() != sources_digest():
+        return None
+    return next(iter(dest.glob(f"{MODULE}.*.so")), None)
+
+
+def build(dest: Path | None = None, force: bool = False) -> Path:
+    """Compile into dest (default build_dir()) unless up to date; the module's path."""
+    dest = dest or build_dir()
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NativeBuildError(f"cannot create {dest}: {e}") from e
+    with open(dest / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then find it built
+        if not force and (done := built_module(dest)) is not None:
+            return done
+        try:
+            import cffi
+
+            ffi = cffi.FFI()
+            ffi.cdef((HERE / HEADER).read_text())
+            ffi.set_source(MODULE, f'#include <stdint.h>\n#include "{HEADER}"\n',
+                           sources=[str(HERE / c) for c in C_SOURCES], include_dirs=[str(HERE)],
+                           extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"])
+            with tempfile.TemporaryDirectory(prefix="xenblk-native-build-") as tmp:
+                so = Path(ffi.compile(tmpdir=tmp))
+                for old in dest.glob(f"{MODULE}.*.so"):
+                    old.unlink()
+                target = dest / so.name
+                shutil.copy(so, target)
+        except Exception as e:  # cffi's compile errors carry gcc's output
+            raise NativeBuildError(f"building {MODULE} from {HERE} failed (gcc and cffi are install "
+                                   f"dependencies: scripts/install-deps.sh): {e}") from e
+        (dest / f"{MODULE}.sha256").write_text(sources_digest() + "\n")
+        return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dest", type=Path, help=f"where the module goes (default {build_dir()})")
+    ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    args = ap.parse_args(argv)
+    try:
+        target = build(args.dest, args.force)
+    except NativeBuildError as e:
+        print(f"xenblk_vhost.native.build: {e}", file=sys.stderr)
+        return 1
+    print(f"xenblk_vhost.native.build: {MODULE}: {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
