@@ -19,10 +19,12 @@ import mmap
 import os
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xenblk_vhost import native
+from xenblk_vhost.native import build as native_build
 from xenblk_vhost.sim.gntdev import ForeignDomain, SimGntdev
 from xenblk_vhost.sim.grant_table import (
     ENTRIES_PER_FRAME,
@@ -76,6 +78,7 @@ class World:
         self.gntdev = SimGntdev.__new__(SimGntdev)  # no hypervisor: the one domain is looked up here
         self.gntdev.domid = BACKEND
         self.gntdev._native = None
+        self.gntdev._native_failed = False
         self.gntdev._foreign = lambda domid: self.dom if domid == GUEST else None  # type: ignore[method-assign]
 
     def load(self, entries, pins, seed: int) -> None:
@@ -134,8 +137,14 @@ def test_compiled_sim_copy_decides_and_moves_bytes_as_the_python_one(entries, pi
         w.close()
 
 
-def test_compiled_sim_copy_covers_every_verdict():
-    """The property test's space holds each status; here each one is pinned down by hand too."""
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python-fallback"])
+def test_compiled_sim_copy_covers_every_verdict(compiled, monkeypatch, caplog):
+    """The property test's space holds each status; here each one is pinned down by hand too, and the
+    same batch gives the same answers through the Python fallback (the kernels cannot be built)."""
+    if not compiled:
+        def cannot(*_a):
+            raise native.NativeBuildError("no gcc here")
+        monkeypatch.setattr(native, "load", cannot)
     w = World()
     try:
         w.load({10: (GTF_permit_access, BACKEND, 2), 11: (GTF_permit_access | GTF_readonly, BACKEND, 3),
@@ -160,11 +169,27 @@ def test_compiled_sim_copy_covers_every_verdict():
             S.OKAY, S.OKAY, S.GENERAL_ERROR, S.BAD_PAGE, S.GENERAL_ERROR, S.BAD_GNTREF, S.BAD_DOMAIN,
             S.BAD_COPY_ARG, S.OKAY]
         memory, local, _ = w.snapshot()
+        fallback_said = [r for r in caplog.records if "compiled copy is unavailable" in r.getMessage()]
+        assert len(fallback_said) == (0 if compiled else 1)
+        w.gntdev.grant_copy_batch(batch)  # said once, not per batch
+        assert len([r for r in caplog.records if "compiled copy is unavailable" in r.getMessage()]) == len(
+            fallback_said)
         assert memory[2 * PAGE_SIZE + 512:2 * PAGE_SIZE + 612] == local[:100]
         assert local[4096:8192] == memory[3 * PAGE_SIZE:4 * PAGE_SIZE]
         assert memory[4 * PAGE_SIZE:4 * PAGE_SIZE + 16] == local[8192:8192 + 16]
     finally:
         w.close()
+
+
+def test_a_module_built_beside_the_sources_is_found_when_they_are_read_only(monkeypatch, tmp_path):
+    """A daemon under ProtectSystem=strict/ProtectHome=yes can write neither the tree nor a cache: it must
+    still load the module built at install time (it once tried to build it again and failed its rings)."""
+    native.load()  # built beside the sources
+    monkeypatch.setattr(native_build.os, "access", lambda *_a: False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-there"))
+    assert native_build.build_dir() == tmp_path / "not-there" / "xenblk-vhost" / "native"
+    found = native_build.find_built()
+    assert found is not None and found.parent == native_build.HERE / "_build"
 
 
 RANGE = st.tuples(st.integers(0, 0xFFFFFFFF), st.integers(0, 7), st.integers(0, 7))

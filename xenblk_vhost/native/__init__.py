@@ -18,7 +18,8 @@ import importlib.util
 import sys
 from types import ModuleType
 
-from .build import MODULE, NativeBuildError, build, build_dir, built_module
+from . import build as _build  # the module stays native.build
+from .build import MODULE, NativeBuildError
 
 __all__ = ["NativeBuildError", "load"]
 
@@ -30,7 +31,7 @@ def load() -> ModuleType:
     global _loaded
     if _loaded is not None:
         return _loaded
-    path = built_module(build_dir()) or build()
+    path = _build.find_built() or _build.build()
     spec = importlib.util.spec_from_file_location(MODULE, path)
     if spec is None or spec.loader is None:
         raise NativeBuildError(f"cannot load {path}")

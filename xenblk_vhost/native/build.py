@@ -33,12 +33,30 @@ class NativeBuildError(RuntimeError):
     """The compiled kernels could not be built (the message carries gcc's or cffi's words)."""
 
 
+def build_dirs() -> list[Path]:
+    """Where a built module may be, in the order looked at: beside the sources (a checkout, an editable
+    install, or a package built at install time), then the user's cache."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return [HERE / "_build", cache / "xenblk-vhost" / "native"]
+
+
 def build_dir() -> Path:
-    """Beside the sources when that is writable (a checkout, an editable install), else the user's cache."""
+    """Where to build: beside the sources when that is writable, else the user's cache."""
     if os.access(HERE, os.W_OK):
         return HERE / "_build"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "xenblk-vhost" / "native"
+    return build_dirs()[1]
+
+
+def find_built() -> Path | None:
+    """An up-to-date module in any of build_dirs() (a read-only one too: a sandboxed daemon's), or None."""
+    for d in build_dirs():
+        try:
+            found = built_module(d)
+        except OSError:  # unreadable (ProtectHome=): not there for us
+            continue
+        if found is not None:
+            return found
+    return None
 
 
 def sources_digest() -> str:

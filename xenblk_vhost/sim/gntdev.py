@@ -19,6 +19,7 @@ fail with GNTST_bad_domain from then on, without a round trip.
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 from collections.abc import Sequence
@@ -27,10 +28,12 @@ from types import ModuleType
 
 from .. import native
 from ..xen._libc import FixedRegion, buffer_address
-from ..xen.gntdev import GNTCOPY_DEST_GREF, CopyBatch
+from ..xen.gntdev import GNTCOPY_DEST_GREF, SEGMENT_SIZE, CopyBatch, GntdevGrantCopySegment
 from ..xen.interfaces import PAGE_SIZE, CopySegment, GrantMapError, GrantStatus
 from .grant_table import ActiveTable, SharedGrantTable, active_table_bytes, grant_table_bytes
 from .hypercall import Hypercalls
+
+log = logging.getLogger(__name__)
 
 _OKAY = int(GrantStatus.OKAY)
 _BAD_DOMAIN = int(GrantStatus.BAD_DOMAIN)
@@ -159,6 +162,7 @@ class SimGntdev:
         self._maps: set[SimGrantMapping] = set()
         self.max_grants: int | None = None
         self._native: ModuleType | None = None
+        self._native_failed = False
 
     def _foreign(self, domid: int) -> ForeignDomain | None:
         """The live domain `domid` as Xen sees it, or None if there is none (GNTST_bad_domain)."""
@@ -268,6 +272,9 @@ class SimGntdev:
         if not n:
             return
         mod = self._native or self._load_native()
+        if mod is None:
+            self._grant_copy_batch_python(batch)
+            return
         ffi, lib = mod.ffi, mod.lib
         segs = ffi.cast("struct xk_copy_seg *", batch.address)
         null = ffi.NULL
@@ -289,9 +296,30 @@ class SimGntdev:
                 raise RuntimeError(f"simulated grant copy stuck at segment {i} of {n}")
             i = j
 
-    def _load_native(self):
-        self._native = native.load()  # built on first use; NativeBuildError says why it cannot be
+    def _load_native(self) -> ModuleType | None:
+        """The compiled kernels (built on first use), or None, said once, when they cannot be had."""
+        if self._native_failed:
+            return None
+        try:
+            self._native = native.load()
+        except native.NativeBuildError as e:
+            self._native_failed = True
+            log.warning("simulated grant copy: the compiled copy is unavailable, copying in Python "
+                        "(slower, same results): %s", e)
         return self._native
+
+    def _grant_copy_batch_python(self, batch: CopyBatch) -> None:
+        """grant_copy_batch through grant_copy, for when the compiled copy cannot be built."""
+        segs = [GntdevGrantCopySegment.from_buffer(batch.buffer, i * SEGMENT_SIZE) for i in range(batch.count)]
+        copies = []
+        for seg in segs:
+            if seg.flags == GNTCOPY_DEST_GREF:
+                f, local, to_guest = seg.dest.foreign, seg.source.virt, True
+            else:  # the batch is packed by CopyBatch: one of the two directions
+                f, local, to_guest = seg.source.foreign, seg.dest.virt, False
+            copies.append(CopySegment(to_guest, f.domid, f.ref, f.offset, local or 0, seg.len))
+        for seg, status in zip(segs, self.grant_copy(copies)):
+            seg.status = status
 
     def set_max_grants(self, count: int) -> None:
         """Recorded, not enforced: current Linux gntdev has no such limit either (the ioctl is gone)."""
