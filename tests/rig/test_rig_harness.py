@@ -94,6 +94,43 @@ def test_odio_names_what_it_found(odio, disk):
     assert r.returncode == 1 and "short transfer" in r.stderr
 
 
+def test_odio_reports_every_io_slower_than_its_stall_bound(odio, disk):
+    """-l MS: the restart scenario's pause figures come from these lines (dom0/restart_pauses.py)."""
+    import time
+
+    before = time.time()
+    r = run(odio, "write", disk, 0, "256K", "-s", 2, "-c", "64K", "-j", 2, "-f", "-l", 0)
+    assert r.returncode == 0 and "STALL" not in r.stdout  # 0: none reported
+    r = run(odio, "write", disk, 0, "256K", "-s", 2, "-c", "64K", "-f", "-l", 1)  # bound 1 ms: most are reported
+    stalls = [line.split() for line in r.stdout.splitlines() if line.startswith("odio: STALL ")]
+    assert r.returncode == 0
+    for _, _, start, ms, op, where in stalls:
+        assert before - 1 <= float(start) <= time.time() and float(ms) >= 1.0
+        assert op in ("pwrite", "fdatasync") and where.startswith(f"{disk}@")
+
+
+def test_restart_pauses_are_the_longest_io_under_way_at_each_event(tmp_path):
+    events = tmp_path / "events"
+    events.write_text("ready 100.0\nhandover 110.0\nready 111.0\nkill 120.0\nready 125.0\n")
+    console = tmp_path / "console"
+    console.write_text("XENBLK-GUEST-BUSY xvda 1\n"
+                       "XENBLK-STALL 109.9 300.0 pwrite /dev/xvda@0\r\n"   # spans the hand-over: 0.3 s
+                       "XENBLK-STALL 109.95 200.0 pread /dev/xvda@65536\n"
+                       "XENBLK-STALL 119.0 4500.0 fdatasync /dev/xvda@0\n"   # spans the kill: 4.5 s
+                       "XENBLK-STALL 130.0 900.0 pwrite /dev/xvda@0\n")      # spans nothing
+    states = tmp_path / "states"
+    states.write_text("109.0 4 4\n110.1 2 4\n111.0 4 4\n")
+    out = tmp_path / "pauses.json"
+    r = subprocess.run([sys.executable, str(RIG / "dom0" / "restart_pauses.py"), events, console, states, out],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report["longest_pause_s"] == {"handover": 0.3, "kill": 4.5}
+    assert [e["ios_stalled"] for e in report["events"]] == [2, 1]
+    assert report["not_connected_samples"] == 1 and report["not_connected"][0]["backend"] == "2"
+    assert "handover: 1 events, longest guest I/O pause 0.300 s" in r.stdout
+
+
 def test_odio_rejects_bad_usage(odio, disk):
     assert run(odio, "write", disk, 100, 512).returncode == 2  # unaligned offset
     assert run(odio, "write", disk, 0, 512, "-b", 4096).returncode == 2

@@ -17,6 +17,12 @@ stalls the rings) and applies them; the control socket answers `ctl`
 the event loop.
 
 How it ends:
+  `upgrade`           (ctl upgrade, daemon/handover.py) a new daemon is exec'd and starts while this one
+                      serves; once it is ready every device drains and is released, systemd is told
+                      MAINPID=<new>, the new one takes the devices over, this one exits 0. Started that
+                      way ($XENBLK_VHOST_HANDOVER_FD), run tells the old one when it is ready (or why
+                      it cannot start: the old one serves on), and binds the control socket and metrics
+                      once the old one has exited.
   SIGTERM/SIGINT      every device drains (in-flight requests answered), unmaps and unbinds;
                       exit 0. xenstore is left as it is: guests see a pause, and a daemon
                       started later takes them over.

@@ -43,7 +43,7 @@ from .stats_command import render_table, vbd_prefix
 REPLY_MARGIN = 5.0
 # upgrade: the new daemon's start-up (daemon/handover.py READY_TIMEOUT) and the drain, then its
 # control socket (bound once the old daemon has exited).
-UPGRADE_REPLY_TIMEOUT = 240.0
+UPGRADE_REPLY_TIMEOUT = 420.0
 UPGRADE_ANSWER_TIMEOUT = 60.0
 
 

@@ -41,6 +41,25 @@ xb_start_daemon() {  # tag config...
   xb_cpu_timeline "$XB_PID" "$OUT/cpu-daemon-$tag.txt"
 }
 
+# qemu-storage-daemon exporting an image over vhost-user-blk (aio=threads:
+# completions in any order), in the background; waits for its socket. Sets QSD.
+xb_start_qsd() {  # image socket queues blockdev-extra
+  local img=$1 sock=$2 queues=$3 extra=${4:-}
+  mkdir -p "$(dirname "$sock")"; rm -f "$sock"
+  qemu-storage-daemon \
+    --blockdev "driver=file,node-name=qsd-file,filename=$img,cache.direct=on,aio=threads$extra" \
+    --export "type=vhost-user-blk,id=qsd,node-name=qsd-file,addr.type=unix,addr.path=$sock,writable=on,num-queues=$queues" \
+    > "$OUT/qsd.log" 2>&1 &
+  QSD=$!
+  local i=0
+  until [ -S "$sock" ]; do
+    kill -0 $QSD 2>/dev/null || { cat "$OUT/qsd.log"; fail "qemu-storage-daemon exited"; }
+    sleep 0.2; i=$((i + 1)); [ $i -lt 100 ] || fail "no vhost-user socket $sock after 20 s"
+  done
+  xb_cpu_timeline $QSD "$OUT/cpu-qsd.txt"
+  note "qemu-storage-daemon pid $QSD exports $img on $sock ($queues queues)"
+}
+
 # Every 2 s until the process is gone: "uptime cpu-seconds" lines (where a
 # process spends CPU while guests boot, idle or work).
 xb_cpu_timeline() {  # pid file

@@ -8,8 +8,8 @@
  * what was found instead: zeros, another write's seed, or the right seed at the
  * wrong sector (an offset bug in the backend).
  *
- *   odio write  DEV OFFSET LENGTH [-s SEED] [-c CHUNK] [-j JOBS] [-b BUFOFF] [-d] [-f]
- *   odio verify DEV OFFSET LENGTH [-s SEED] [-c CHUNK] [-j JOBS] [-b BUFOFF]
+ *   odio write  DEV OFFSET LENGTH [-s SEED] [-c CHUNK] [-j JOBS] [-b BUFOFF] [-d] [-f] [-l MS]
+ *   odio verify DEV OFFSET LENGTH [-s SEED] [-c CHUNK] [-j JOBS] [-b BUFOFF] [-l MS]
  *   odio zero   DEV OFFSET LENGTH [-c CHUNK]          (expects all-zero sectors)
  *
  * OFFSET, LENGTH, CHUNK take K/M/G suffixes and must be multiples of 512.
@@ -19,6 +19,10 @@
  *    page boundary, so the frontend builds segments with first_sect != 0.
  * -d opens with O_DSYNC (each write is a FUA or write+flush), -f ends a
  *    write with fdatasync (a cache flush request).
+ * -l MS prints, on stdout, every pwrite/pread/fdatasync that took MS
+ *    milliseconds or more: "odio: STALL START MS OP DEV@BYTE", START in
+ *    CLOCK_REALTIME seconds (Xen keeps a PV guest's clock with dom0's, so
+ *    dom0 can tell which of its actions the stall spans).
  * Exit 0 on success, 1 on a data mismatch or I/O error, 2 on bad usage.
  */
 #define _GNU_SOURCE
@@ -104,7 +108,27 @@ struct job {
 	uint64_t off, len, chunk, bufoff;
 	uint32_t seed;
 	int jobs, dsync, fsync_end;
+	long stall_ms; /* -l: report I/Os at least this slow (0: none) */
 };
+
+static double now_s(clockid_t clock)
+{
+	struct timespec t;
+	clock_gettime(clock, &t);
+	return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+/* One line per slow I/O, written whole (several processes share stdout). */
+static void stall(const struct job *j, double start_real, double took_s, const char *op, uint64_t pos)
+{
+	if (!j->stall_ms || took_s * 1000 < j->stall_ms)
+		return;
+	char line[256];
+	int n = snprintf(line, sizeof line, "odio: STALL %.3f %.1f %s %s@%" PRIu64 "\n",
+			 start_real, took_s * 1000, op, j->dev, pos);
+	if (n > 0 && write(1, line, (size_t)n) < 0)
+		return;
+}
 
 /* One process's share of the work: chunks k, k+jobs, k+2*jobs, ... */
 static int run_share(const struct job *j, int k)
@@ -132,8 +156,10 @@ static int run_share(const struct job *j, int k)
 				fill_sector(buf + s * SECTOR, j->seed, pos / SECTOR + s);
 		uint64_t done = 0;
 		while (done < n) {
+			double real0 = now_s(CLOCK_REALTIME), mono0 = now_s(CLOCK_MONOTONIC);
 			ssize_t r = j->mode == WRITE ? pwrite(fd, buf + done, n - done, pos + done)
 						     : pread(fd, buf + done, n - done, pos + done);
+			stall(j, real0, now_s(CLOCK_MONOTONIC) - mono0, j->mode == WRITE ? "pwrite" : "pread", pos + done);
 			if (r <= 0) {
 				fprintf(stderr, "odio: %s %s at byte %" PRIu64 " (%" PRIu64 " bytes): %s\n",
 					j->mode == WRITE ? "pwrite" : "pread", j->dev, pos + done, n - done,
@@ -162,9 +188,14 @@ static int run_share(const struct job *j, int k)
 			}
 		}
 	}
-	if (j->mode == WRITE && j->fsync_end && fdatasync(fd)) {
-		fprintf(stderr, "odio: fdatasync %s: %s\n", j->dev, strerror(errno));
-		return 1;
+	if (j->mode == WRITE && j->fsync_end) {
+		double real0 = now_s(CLOCK_REALTIME), mono0 = now_s(CLOCK_MONOTONIC);
+		int r = fdatasync(fd);
+		stall(j, real0, now_s(CLOCK_MONOTONIC) - mono0, "fdatasync", 0);
+		if (r) {
+			fprintf(stderr, "odio: fdatasync %s: %s\n", j->dev, strerror(errno));
+			return 1;
+		}
 	}
 	if (close(fd)) {
 		fprintf(stderr, "odio: close %s: %s\n", j->dev, strerror(errno));
@@ -178,7 +209,7 @@ static int run_share(const struct job *j, int k)
 int main(int argc, char **argv)
 {
 	if (argc < 5) {
-		fprintf(stderr, "usage: odio write|verify|zero DEV OFFSET LENGTH [-s SEED] [-c CHUNK] [-j JOBS] [-b BUFOFF] [-d] [-f]\n");
+		fprintf(stderr, "usage: odio write|verify|zero DEV OFFSET LENGTH [-s SEED] [-c CHUNK] [-j JOBS] [-b BUFOFF] [-d] [-f] [-l MS]\n");
 		return 2;
 	}
 	struct job j = { .dev = argv[2], .seed = 1, .jobs = 1 };
@@ -191,7 +222,7 @@ int main(int argc, char **argv)
 	j.chunk = 1 << 20;
 	int opt;
 	optind = 5;
-	while ((opt = getopt(argc, argv, "s:c:j:b:df")) != -1) {
+	while ((opt = getopt(argc, argv, "s:c:j:b:dfl:")) != -1) {
 		switch (opt) {
 		case 's': j.seed = (uint32_t)parse_size(optarg); break;
 		case 'c': j.chunk = parse_size(optarg); break;
@@ -199,6 +230,7 @@ int main(int argc, char **argv)
 		case 'b': j.bufoff = parse_size(optarg); break;
 		case 'd': j.dsync = 1; break;
 		case 'f': j.fsync_end = 1; break;
+		case 'l': j.stall_ms = (long)parse_size(optarg); break;
 		default: return 2;
 		}
 	}
