@@ -18,6 +18,8 @@ guest boot; its domid for a file that names none):
   xenblk_vbd_bytes_total{op=read|write}                    rd_sect, wr_sect x 512
   xenblk_vbd_out_of_requests_total                         oo_req
   xenblk_vbd_errors_total                                  error responses
+  xenblk_vbd_spurious_wakeups_total                        event-channel wake-ups that found no request
+                                                           (a notify storm; the backoff bounds its cost)
   xenblk_vbd_requests_in_flight, xenblk_vbd_persistent_grants, xenblk_vbd_ring_halted
   xenblk_vbd_connected, xenblk_vbd_rings, xenblk_vbd_paused, xenblk_vbd_state (xenbus state number)
                                                            per vbd
@@ -108,6 +110,8 @@ class ServiceCollector(Collector):
         oo = CounterMetricFamily("xenblk_vbd_out_of_requests", "Times the ring had requests waiting while every "
                                  "request slot was busy (blkback oo_req)", labels=_RING_LABELS)
         errors = CounterMetricFamily("xenblk_vbd_errors", "Responses with an error status", labels=_RING_LABELS)
+        spurious = CounterMetricFamily("xenblk_vbd_spurious_wakeups", "Event-channel wake-ups that found no "
+                                       "request on the ring (a notify storm)", labels=_RING_LABELS)
         in_flight = GaugeMetricFamily("xenblk_vbd_requests_in_flight", "Requests taken from the ring and not yet "
                                       "answered", labels=_RING_LABELS)
         pgrants = GaugeMetricFamily("xenblk_vbd_persistent_grants", "Grants kept mapped for the frontend",
@@ -144,13 +148,14 @@ class ServiceCollector(Collector):
                 moved.add_metric(labels + ["write"], ring["wr_sect"] * SECTOR_BYTES)
                 oo.add_metric(labels, ring["oo_req"])
                 errors.add_metric(labels, ring["errors"])
+                spurious.add_metric(labels, ring.get("spurious_wakeups", 0))
                 in_flight.add_metric(labels, ring["in_flight"])
                 pgrants.add_metric(labels, ring["persistent_grants"])
                 halted.add_metric(labels, 1 if ring["halted"] else 0)
             merged = merged_latency(vbd["rings"])
             if merged is not None:
                 latency.add_metric(who, cumulative_buckets(merged), merged["sum"])
-        yield from (requests, moved, oo, errors, in_flight, pgrants, halted, connected, rings, latency, info,
+        yield from (requests, moved, oo, errors, spurious, in_flight, pgrants, halted, connected, rings, latency, info,
                     paused, state)
 
 

@@ -12,7 +12,9 @@ no await inside a step that touches the ring):
           storage request -> ONE do_io, which also reaps what completed
           inline (page-cached io_uring completes reads during submission) ->
           push responses, notify at most once -> checkpoint -> again, and
-          RING_FINAL_CHECK_FOR_REQUESTS before sleeping.
+          RING_FINAL_CHECK_FOR_REQUESTS before sleeping. A wake-up that
+          found nothing pauses the next wait, longer each time in a row
+          (notify_backoff.py: blkback's lateeoi after XSA-332).
   reaper  sleep on the queue's completion fd (Queue.wait_io) while storage
           requests are outstanding -> complete the batch: next step of
           multi-step requests (flush, barrier), ONE grant copy of all read
@@ -53,6 +55,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 
 import trio
 
@@ -74,6 +77,7 @@ from ...xen.interfaces import EventChannel, Gntdev
 from .barrier import BarrierGate
 from .data_path import DataPath
 from .indirect_pages import IndirectPages
+from .notify_backoff import SpuriousBackoff
 from .ring_policy import RingPolicy
 from .slots import (
     STEP_DISCARD,
@@ -157,6 +161,7 @@ class RingWorker:
         self._all_answered: trio.Event | None = None
         self._reaper_wakeup = trio.Event()
         self._last_purge = time.monotonic()
+        self._backoff = SpuriousBackoff()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -224,6 +229,8 @@ class RingWorker:
         pool = self.pool
         gate = self.gate
         take = self.intake.take
+        backoff = self._backoff
+        woken = False  # the last channel event has not yet been followed by a batch
         while not self._stopping:
             if self._halted:
                 await self._idle_wait(trio.sleep_forever)
@@ -243,6 +250,9 @@ class RingWorker:
                 self._halt(e)
                 continue
             if batch:
+                if woken:
+                    woken = False
+                    backoff.worked()
                 await self._dispatch(batch)
                 self._push()
                 await trio.lowlevel.checkpoint()  # let the reaper and other rings run
@@ -250,7 +260,13 @@ class RingWorker:
             if ring.final_check_for_requests():
                 continue
             self._maybe_purge()
+            if woken:  # the last event brought no request: a notify storm pauses here
+                self.stats.spurious_wakeups += 1
+                pause = backoff.spurious()
+                if pause:
+                    await self._idle_wait(partial(trio.sleep, pause))
             await self._idle_wait(self.channel.wait)
+            woken = True
 
     def _halt(self, e: RingOverflow) -> None:
         log.warning("%s: frontend provided bogus ring requests (%s); halting this ring", self.name, e)

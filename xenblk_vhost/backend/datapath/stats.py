@@ -20,7 +20,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any
 
-COUNTERS = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "errors")
+COUNTERS = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "errors", "spurious_wakeups")
 
 # Request latency, from taking a request off the ring to putting its response
 # on it, counted in buckets with these upper bounds (seconds); the last bucket
@@ -60,6 +60,7 @@ class RingStats:
     rd_sect: int
     wr_sect: int
     errors: int
+    spurious_wakeups: int  # event-channel wake-ups that found no request (notify_backoff.py)
 
     def __init__(self) -> None:
         for name in COUNTERS:
