@@ -58,6 +58,7 @@ from dataclasses import dataclass
 
 import trio
 
+from ..._groups import leaves
 from ...blkif.constants import VDISK_CDROM
 from ...config import DiskConfig
 from ...vdev import vdev_name
@@ -443,8 +444,11 @@ class Device:
         except Exception as e:
             if not started:
                 raise
-            log.error("%s: datapath failed: %s", self.name, e)
-            self._serve_failed = e
+            # Named by what went wrong (not "Exceptions from Trio nursery"); the traceback logged,
+            # for a failure here is a bug or a storage fault the operator must be able to place.
+            cause = next((x for x in leaves(e) if not isinstance(x, trio.Cancelled)), e)
+            log.error("%s: datapath failed: %s", self.name, cause, exc_info=cause)
+            self._serve_failed = cause
             self._wakeup.set()
 
     async def _publish_connected(self) -> bool:
