@@ -153,7 +153,27 @@ class _Sequence(list):
     item_lines: list
 
 
+# A domain's file nests 4 deep (disks, a disk, limits or properties). PyYAML's composer recurses per
+# level and its scanner slows quadratically with open flow collections ('[' * 4000 took seconds),
+# so a file nested deeper than this is refused as soon as the composer gets there.
+MAX_YAML_DEPTH = 32
+
+
 class _LineLoader(yaml.SafeLoader):
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested too deeply (more than {MAX_YAML_DEPTH} levels)",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
     def construct_object(self, node, deep=False):
         # PyYAML builds some scalars with Python calls that raise a bare ValueError: int() past
         # its 4,300-digit limit, datetime() for 2001-13-01 or a +99:00 offset. Give those the

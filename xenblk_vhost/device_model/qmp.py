@@ -139,6 +139,10 @@ class JsonStreamSplitter:
     def feed(self, data: bytes | bytearray) -> list[str | Unparsable]:
         return self.feed_text(self._decode(data))
 
+    def finish(self) -> list[str | Unparsable]:
+        """At the end of the stream: the bytes of a character the client never finished are one."""
+        return self.feed_text(self._decode(b"", True))
+
     def feed_text(self, buf: str) -> list[str | Unparsable]:
         texts: list[str | Unparsable] = []
         depth, deepest = self._depth, self._deepest
@@ -225,9 +229,7 @@ async def serve_qmp_connection(stream: trio.abc.Stream, state: DeviceModelState)
             await _send(stream, qmp_greeting())
             while True:
                 data = await stream.receive_some(65536)
-                if not data:
-                    return
-                for text in splitter.feed(data):
+                for text in splitter.feed(data) if data else splitter.finish():
                     command = parse_command(text)
                     if is_error_reply(command):
                         await _send(stream, command)
@@ -235,6 +237,8 @@ async def serve_qmp_connection(stream: trio.abc.Stream, state: DeviceModelState)
                     reply, negotiated = qmp_answer(command, negotiated, state)
                     log.debug("QMP %s -> %s", command.get("execute"), reply)
                     await _send(stream, reply)
+                if not data:
+                    return
                 if splitter.buffered > MAX_QMP_BUFFER:
                     log.warning("QMP client sent more than %d bytes without a complete command; closing",
                                 MAX_QMP_BUFFER)

@@ -167,7 +167,8 @@ class ControlCommands:
                                  exit_status=EXIT_USAGE)
         configs = self._service.configs
         cfg = next((c for c in configs if c.label == domain), None)
-        if cfg is None and domain.isdigit():  # a running domain's domid
+        # A running domain's domid. isascii: "²" is a digit to isdigit() but not to int().
+        if cfg is None and domain.isascii() and domain.isdigit():
             running = {self._service.labels.get(did) for did in self._service.devices
                        if did.frontend_domid == int(domain)}
             cfg = next((c for c in configs if c.label in running), None)
