@@ -10,6 +10,9 @@ Plain helpers (classes, functions, constants) are still imported from their modu
 """
 
 import logging
+import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -30,3 +33,14 @@ def _root_logging_restored():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _journal_dir_of_this_session():
+    """`run` keeps its rings' journals in /run/xenblk-vhost/journal by default; the tests' daemons
+    (children inherit the environment) keep theirs in a directory of this session, so that two
+    test sessions (or a real daemon) never share a file."""
+    directory = tempfile.mkdtemp(prefix="xenblk-journals-")
+    os.environ["XENBLK_VHOST_JOURNAL_DIR"] = directory
+    yield
+    shutil.rmtree(directory, ignore_errors=True)

@@ -123,6 +123,12 @@ def _add_check_and_run(command) -> None:
                      help="xenstored socket or xenbus device (default: $XENSTORED_PATH, the usual sockets, "
                      "/dev/xen/xenbus)")
     run.add_argument("--sim", metavar="SOCKET", help="use the simulated hypervisor listening on SOCKET")
+    run.add_argument("--journal-dir", metavar="DIR",
+                     help="keep each ring's in-flight journal in DIR (default: $XENBLK_VHOST_JOURNAL_DIR or "
+                     "/run/xenblk-vhost/journal; tmpfs): a daemon started after a crash takes the live rings over "
+                     "from it, answering every request the guest issued exactly once")
+    run.add_argument("--no-journal", action="store_true",
+                     help="serve without the in-flight journal (a crash may then lose or repeat in-flight requests)")
     _add_run_observability_arguments(run)
     run.set_defaults(func=_cmd_run)
 

@@ -74,6 +74,12 @@ class StorageDaemon:
         self._args += ["--blockdev", f"driver=null-co,node-name={node},size={size}"]
         return self._add_export(name, node, size, None, num_queues, True)
 
+    def add_nbd_export(self, name: str, *, nbd_socket: Path, size: int, num_queues: int = 2) -> VhostUserExport:
+        """Export what an NBD server on a unix socket serves (e.g. slow_nbd.py: out-of-order completions)."""
+        node = f"{name}-nbd"
+        self._args += ["--blockdev", f"driver=nbd,node-name={node},server.type=unix,server.path={nbd_socket}"]
+        return self._add_export(name, node, size, None, num_queues, True)
+
     def _add_export(self, name, node, size, image, num_queues, writable) -> VhostUserExport:
         if self.process is not None:
             raise StorageDaemonError("add exports before start()")

@@ -108,6 +108,19 @@ class Reloader:
                 self._notifier.ready(status_line(self._service))
 
 
+def journal_option(args: argparse.Namespace) -> dict:
+    """Service's open_vbd for --journal-dir/--no-journal (the rings' in-flight journals)."""
+    if getattr(args, "no_journal", False):
+        return {}
+    from pathlib import Path
+
+    from ..backend.datapath.journal_file import default_journal_dir
+    from ..backend.xenbus.device import journaled_open_vbd
+
+    directory = Path(args.journal_dir) if getattr(args, "journal_dir", None) else default_journal_dir()
+    return {"open_vbd": journaled_open_vbd(directory)}
+
+
 async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier, clock: StartupClock,
                  predecessor: Predecessor | None) -> int:
     from ..backend.xenbus.service import Service
@@ -146,7 +159,7 @@ async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier, cl
                     clock.mark("the running daemon's drain")
                     log.info("taking over from the daemon that ran before (its drain: %s s)",
                              released.get("drain_s", "unknown"))
-                service = Service(xs, platform, configs)
+                service = Service(xs, platform, configs, **journal_option(args))
                 reloader = Reloader(args.config, service, notifier)
                 upgrader = Upgrader(notifier)
                 async with trio.open_nursery() as nursery:

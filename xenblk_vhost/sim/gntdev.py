@@ -32,6 +32,7 @@ from ..xen.gntdev import GNTCOPY_DEST_GREF, SEGMENT_SIZE, CopyBatch, GntdevGrant
 from ..xen.interfaces import PAGE_SIZE, CopySegment, GrantMapError, GrantStatus
 from .grant_table import ActiveTable, SharedGrantTable, active_table_bytes, grant_table_bytes
 from .hypercall import Hypercalls
+from .pin_ledger import PinLedger
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,10 @@ class ForeignDomain:
 class SimGrantMapping:
     """Granted frames mapped contiguously, pinned in the guest's entries. Implements GrantMapping."""
 
-    __slots__ = ("_dev", "_dom", "_region", "_view", "refs", "frames", "npages", "readonly", "_notify")
+    __slots__ = ("_dev", "_dom", "_region", "_view", "refs", "frames", "npages", "readonly", "_notify", "_ledger")
 
-    def __init__(self, dev: SimGntdev, dom: ForeignDomain, region: FixedRegion, refs, frames, readonly: bool):
+    def __init__(self, dev: SimGntdev, dom: ForeignDomain, region: FixedRegion, refs, frames, readonly: bool,
+                 ledger: list[int]):
         self._dev = dev
         self._dom = dom
         self._region = region
@@ -91,6 +93,7 @@ class SimGrantMapping:
         self.npages = len(refs)
         self.readonly = readonly
         self._notify: tuple[int, int | None] | None = None  # (token, clear_byte)
+        self._ledger = ledger  # our pins' entries in the process's pin ledger
 
     @property
     def domid(self) -> int:
@@ -139,7 +142,9 @@ class SimGrantMapping:
             raise
         self._view = None
         dom, write = self._dom, not self.readonly
-        for ref in self.refs:
+        ledger = self._dev._pin_ledger()
+        for ref, entry in zip(self.refs, self._ledger):
+            ledger.remove(entry)
             dom.table.unpin(ref, write, dom.active)
         self._dev._maps.discard(self)
         dom.users -= 1
@@ -163,6 +168,13 @@ class SimGntdev:
         self.max_grants: int | None = None
         self._native: ModuleType | None = None
         self._native_failed = False
+        self._ledger: PinLedger | None = None
+
+    def _pin_ledger(self) -> PinLedger:
+        if self._ledger is None:
+            _, fds = self._hc.call("pin_ledger")
+            self._ledger = PinLedger(fds[0])
+        return self._ledger
 
     def _foreign(self, domid: int) -> ForeignDomain | None:
         """The live domain `domid` as Xen sees it, or None if there is none (GNTST_bad_domain)."""
@@ -190,10 +202,15 @@ class SimGntdev:
             raise GrantMapError(errno.EINVAL, f"mapping grant refs of domain {domid}: GNTST_bad_domain")
         write = not readonly
         frames: list[int] = []
+        ledger = self._pin_ledger()
+        entries: list[int] = []
         try:
             for ref in refs:
                 status, frame = dom.table.pin(ref, self.domid, write, dom.active)
+                if status == _OKAY:
+                    entries.append(ledger.add(domid, ref, write))
                 if status == _OKAY and not 0 <= frame < dom.pages:
+                    ledger.remove(entries.pop())
                     dom.table.unpin(ref, write, dom.active)
                     status = _BAD_PAGE
                 if status != _OKAY:
@@ -216,10 +233,11 @@ class SimGntdev:
                 region.close()
                 raise
         except BaseException:
-            for ref in refs[: len(frames)]:
+            for ref, entry in zip(refs[: len(frames)], entries):
+                ledger.remove(entry)
                 dom.table.unpin(ref, write, dom.active)
             raise
-        mapping = SimGrantMapping(self, dom, region, refs, tuple(frames), readonly)
+        mapping = SimGrantMapping(self, dom, region, refs, tuple(frames), readonly, entries)
         dom.users += 1
         self._maps.add(mapping)
         return mapping

@@ -60,8 +60,10 @@ from typing import Any
 import trio
 
 from ..xen.interfaces import PAGE_SIZE
+from .gntdev import ForeignDomain
 from .grant_table import active_table_bytes, grant_table_bytes
 from .hypercall import DOMAIN_ALIVE, DOMAIN_DEAD, DOMID_FIRST_RESERVED, MAX_MESSAGE, STATUS_PAGE_SIZE
+from .pin_ledger import LEDGER_BYTES, read_ledger
 
 MAX_DOMAIN_PAGES = 1 << 20  # 4 GiB of simulated guest memory
 MAX_GRANT_FRAMES = 64  # Xen's default max_grant_frames
@@ -138,6 +140,7 @@ class Hypervisor:
         self._next_domid = 1
         self._notifies: dict[int, UnmapNotify] = {}
         self._tokens = itertools.count(1)
+        self._pin_ledgers: dict[int, int] = {}  # owner -> memfd of the grant pins it holds (pin_ledger.py)
 
     def _set_status(self, domid: int, state: int) -> None:
         os.pwrite(self.status_fd, bytes([state]), domid)
@@ -305,8 +308,37 @@ class Hypervisor:
 
     # ---- connections ----
 
+    def pin_ledger(self, owner: int) -> int:
+        """The memfd where `owner`'s gntdev lists the grants it holds mapped (one per connection)."""
+        fd = self._pin_ledgers.get(owner)
+        if fd is None:
+            fd = self._pin_ledgers[owner] = _memfd(f"sim-pins-{owner}", LEDGER_BYTES)
+        return fd
+
+    def _release_pins(self, owner: int) -> None:
+        """The kernel unmaps a dying process's grant mappings (gntdev's release): unpin what it listed."""
+        fd = self._pin_ledgers.pop(owner, None)
+        if fd is None:
+            return
+        try:
+            held = read_ledger(fd)
+            for domid, pins in held.items():
+                dom = self.domains.get(domid)
+                if dom is None or dom.domid == 0:
+                    continue  # destroyed meanwhile: its tables went with it
+                tables = ForeignDomain(domid, dom.pages, dom.grant_frames, os.dup(dom.memory_fd),
+                                       os.dup(dom.grant_fd), os.dup(dom.active_fd))
+                try:
+                    for ref, write in pins:
+                        tables.table.unpin(ref, write, tables.active)
+                finally:
+                    tables.retire()
+        finally:
+            os.close(fd)
+
     def disconnect(self, owner: int) -> None:
         """A client went away (exited or crashed): do what its kernel would on process exit."""
+        self._release_pins(owner)
         for token, n in list(self._notifies.items()):
             if n.owner == owner:
                 self.fire_unmap_notify(token, clear_done=False)
@@ -355,6 +387,8 @@ class Hypervisor:
             return {}, []
         if op == "evtchn_status":
             return self.port_status(int(req["domid"]), int(req["port"])), []
+        if op == "pin_ledger":
+            return {"bytes": LEDGER_BYTES}, [self.pin_ledger(owner)]
         if op == "unmap_notify_set":
             token = self.set_unmap_notify(
                 owner, int(req["domid"]), int(req["foreign_domid"]), req.get("clear"), req.get("event_port")

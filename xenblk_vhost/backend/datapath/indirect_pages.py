@@ -46,8 +46,12 @@ class IndirectPages:
         self._addr = address_of(self._buf)
         self._view = memoryview(self._buf)
 
-    def resolve(self, batch: list) -> list:
-        """The batch with every IndirectRequest replaced by its Request (or a Rejection)."""
+    def resolve(self, batch: list, kept: list | None = None) -> list:
+        """The batch with every IndirectRequest replaced by its Request (or a Rejection).
+
+        kept: gets (position in the batch, the segment bytes decoded; b"" if the
+        copy failed) for each, what the ring's journal records.
+        """
         out = list(batch)
         segs, owners, records = [], [], []
         domid = self.domid
@@ -72,6 +76,11 @@ class IndirectPages:
             h = rec.header
             if rec.status != RSP_OKAY:
                 out[rec.position] = Rejection(h.id, h.indirect_op, RSP_ERROR, R_INDIRECT_COPY)
+                if kept is not None:
+                    kept.append((rec.position, b""))
             else:
-                out[rec.position] = decode(h, view[rec.offset:rec.offset + h.segments_bytes])
+                segments = view[rec.offset:rec.offset + h.segments_bytes]
+                out[rec.position] = decode(h, segments)
+                if kept is not None:
+                    kept.append((rec.position, bytes(segments)))
         return out

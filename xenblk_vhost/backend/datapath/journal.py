@@ -45,6 +45,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 from ...blkif.constants import U32_MASK
 
@@ -68,6 +69,25 @@ _TAG_SHIFT = 40
 _STATUS_SHIFT = 32
 _TAG_MOD = (1 << 24) - 1
 _HEADER_WORDS = HEADER_SIZE // 8
+
+
+class InflightJournal(Protocol):
+    """What a ring engine (the Python RingWorker, or a compiled one) calls; RingJournal is the one."""
+
+    @property
+    def room(self) -> int:
+        """How many requests the next record_taken may hold (0: none until the next publish)."""
+        ...
+
+    def record_taken(self, first_pos: int, raw: bytes, n: int,
+                     indirect: list[tuple[int, bytes]] | None = None) -> int:
+        ...
+
+    def record_answered(self, ref: int, status: int, rsp_pos: int) -> None:
+        ...
+
+    def published(self, rsp_prod: int) -> None:
+        ...
 
 
 class JournalCorrupt(Exception):

@@ -44,6 +44,13 @@ Failure rules:
     those requests RSP_ERROR and unmaps their pages. The teardown does the
     same for requests that outlive a timed-out drain.
 
+Crash safety (journal.py, optional): with a journal, every batch taken is
+recorded (its private copy, indirect segments included) before any storage
+I/O, every answer before its response is written, every publication after
+it; a worker started by a takeover first publishes again what was answered
+but not published and runs again what was not answered (resume_from), then
+takes requests after the last one recorded.
+
 Stopping: stop() makes the intake take nothing more; run() returns once
 every request taken has been answered. After a cancellation, drain() does
 the same from a shielded cleanup with a time limit.
@@ -77,6 +84,7 @@ from ...xen.interfaces import EventChannel, Gntdev
 from .barrier import BarrierGate
 from .data_path import DataPath
 from .indirect_pages import IndirectPages
+from .journal import InflightJournal
 from .notify_backoff import SpuriousBackoff
 from .ring_policy import RingPolicy
 from .slots import (
@@ -121,7 +129,8 @@ class RingWorker:
 
     def __init__(self, policy: RingPolicy, *, ring: BackRing, channel: EventChannel, queue: Queue,
                  datapath: DataPath, gntdev: Gntdev, gate: BarrierGate,
-                 on_storage_failure: Callable[[Exception], None] | None = None) -> None:
+                 on_storage_failure: Callable[[Exception], None] | None = None,
+                 journal: InflightJournal | None = None) -> None:
         self.policy = policy
         self.name = policy.name
         self.ring = ring
@@ -147,6 +156,8 @@ class RingWorker:
             self._iov_per_slot = self.shape.iovecs_per_request(max_segments, max_segments * XEN_PAGE_SIZE)
             self._iovecs = IovecArray(policy.slots * self._iov_per_slot)
         self._indirect = IndirectPages(gntdev, policy.frontend_domid, self.intake, policy.slots)
+        self.journal = journal
+        self._resume: list | None = None  # (item, ref) a takeover left to run again
 
         self._io_outstanding = 0  # storage requests queued or submitted, not completed
         self._last_completion = time.monotonic()
@@ -170,9 +181,24 @@ class RingWorker:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reap_loop)
             task_status.started()
+            if self._resume:
+                resume, self._resume = self._resume, None
+                await self._dispatch([item for item, _ in resume], refs=[ref for _, ref in resume])
+                self._push()
             await self._intake_loop()
             await self._wait_all_answered()
             nursery.cancel_scope.cancel()
+
+    def resume_from(self, republish: list[tuple[int, int, int]], rerun: list) -> None:
+        """A takeover (ring_journal.py set the ring's indices): publish the answers the last process
+        wrote but did not publish, now; run the requests it had not answered first thing in run()."""
+        for id_, op, status in republish:
+            if status != RSP_OKAY:
+                self.stats.errors += 1
+            self.ring.put_response(id_, op, status)
+            self._unpushed = True
+        self._push()
+        self._resume = list(rerun)
 
     def stop(self) -> None:
         """Take no more requests (what is in flight still finishes)."""
@@ -231,6 +257,8 @@ class RingWorker:
         take = self.intake.take
         backoff = self._backoff
         woken = False  # the last channel event has not yet been followed by a batch
+        parse = self.intake.parse
+        journal = self.journal
         while not self._stopping:
             if self._halted:
                 await self._idle_wait(trio.sleep_forever)
@@ -239,13 +267,20 @@ class RingWorker:
                 await self._idle_wait(gate.wait_open)
                 continue
             free = pool.available
+            if journal is not None and journal.room < free:
+                free = journal.room  # frames wait for a publish (never for long: see journal.py)
             if not free:
                 if ring.nr_unconsumed_requests():
                     self.stats.oo_req += 1
                 await self._idle_wait(self._wait_slot)
                 continue
             try:
-                batch = take(ring, free)
+                if journal is None:
+                    batch = take(ring, free)
+                else:
+                    pos = ring.req_cons
+                    raw, n = ring.take_slots(free)
+                    batch = parse(raw, n)
             except RingOverflow as e:
                 self._halt(e)
                 continue
@@ -253,7 +288,10 @@ class RingWorker:
                 if woken:
                     woken = False
                     backoff.worked()
-                await self._dispatch(batch)
+                if journal is None:
+                    await self._dispatch(batch)
+                else:
+                    await self._dispatch(batch, pos=pos, raw=raw)
                 self._push()
                 await trio.lowlevel.checkpoint()  # let the reaper and other rings run
                 continue
@@ -280,11 +318,19 @@ class RingWorker:
             self.datapath.idle()
             self.stats.persistent_grants = self.datapath.persistent_grants
 
-    async def _dispatch(self, batch) -> None:
+    async def _dispatch(self, batch, *, pos: int = -1, raw: bytes = b"", refs=None) -> None:
+        """Run a batch: `pos` and `raw` (its ring position and private copy) to record it in the
+        journal first; `refs` for requests already recorded (a takeover's)."""
+        indirect: list | None = None
         for item in batch:
             if type(item) is IndirectRequest:
-                batch = self._indirect.resolve(batch)
+                indirect = [] if pos >= 0 and self.journal is not None else None
+                batch = self._indirect.resolve(batch, indirect)
                 break
+        if pos >= 0 and self.journal is not None:
+            # Recorded before anything reaches the storage (the intake took no more than room).
+            first = self.journal.record_taken(pos, raw, len(batch), indirect)
+            refs = range(first, first + len(batch))
         slots = self.pool.slots
         free = self.pool.free
         read_only = self.policy.limits.read_only
@@ -292,7 +338,10 @@ class RingWorker:
         run: list[Slot] = []
         append = run.append
         rd_req = rd_sect = wr_req = wr_sect = 0
-        for item in batch:
+        jref = -1
+        for i, item in enumerate(batch):
+            if refs is not None:
+                jref = refs[i]
             kind = type(item)
             if kind is Request:
                 op = item.op
@@ -303,7 +352,7 @@ class RingWorker:
                     self._kick()
                     run = []
                     append = run.append
-                    await self._barrier(item)
+                    await self._barrier(item, jref)
                     continue
                 nr = item.nr_sectors
                 if op == OP_READ:
@@ -323,21 +372,23 @@ class RingWorker:
                 # requests than there are free slots.
                 slot = slots[free.pop()]
                 slot.load(item.id, op, item.sector, nr * SECTOR_SIZE, item.segments, writes, steps, now)
+                slot.jref = jref
                 if writes and op == OP_FLUSH_DISKCACHE and read_only:
                     log.debug("%s: %s (id %d)", self.name, R_READ_ONLY_FLUSH, item.id)
                     slot.status = RSP_ERROR
                 append(slot)
             elif kind is Rejection:
                 log.debug("%s: rejected id %d op %d: %s", self.name, item.id, item.op, item.reason)
-                self._answer(item.id, item.op, item.status)
+                self._answer(item.id, item.op, item.status, jref)
             elif kind is DiscardRequest:
                 self.stats.ds_req += 1
                 if not item.nr_sectors:
-                    self._answer(item.id, item.op, RSP_OKAY)  # nothing to discard (blkback: OKAY)
+                    self._answer(item.id, item.op, RSP_OKAY, jref)  # nothing to discard (blkback: OKAY)
                     continue
                 slot = slots[free.pop()]
                 slot.load(item.id, item.op, item.sector, item.nr_sectors * SECTOR_SIZE, (), False,
                           self._discard_steps, now)
+                slot.jref = jref
                 append(slot)
             else:
                 raise TypeError(f"unexpected {kind.__name__} after indirect resolution")
@@ -355,7 +406,7 @@ class RingWorker:
         stats.in_flight += slots
         self.gate.enter(slots)
 
-    async def _barrier(self, item: Request) -> None:
+    async def _barrier(self, item: Request, jref: int = -1) -> None:
         """Drain the whole vbd, flush, write (and flush again), answer; then let everyone go on."""
         self._push()  # what came before the barrier must not wait for it
         await self.gate.drain()
@@ -364,6 +415,7 @@ class RingWorker:
             nr = item.nr_sectors
             slot.load(item.id, item.op, item.sector, nr * SECTOR_SIZE, item.segments, bool(nr),
                       _BARRIER_WITH_DATA if nr else _BARRIER, time.monotonic())
+            slot.jref = jref
             self._count_dispatched(1, 0, 0, 0, 0)
             self.stats.f_req += 1
             self.stats.wr_sect += nr
@@ -501,12 +553,16 @@ class RingWorker:
             if self._halted:  # a halted ring answers nothing more
                 self.stats.errors += sum(1 for s in ready if s.status)
             else:
-                put = self.ring.put_response
+                ring = self.ring
+                put = ring.put_response
+                journal = self.journal
                 errors = 0
                 for slot in ready:
                     status = slot.status
                     if status:
                         errors += 1
+                    if journal is not None and slot.jref >= 0:
+                        journal.record_answered(slot.jref, status, ring.rsp_prod_pvt)
                     put(slot.req_id, slot.op, status)
                 self.stats.errors += errors
                 self._unpushed = True
@@ -514,18 +570,23 @@ class RingWorker:
         if self._stalled:
             self._retry_stalled()
 
-    def _answer(self, id_: int, op: int, status: int) -> None:
+    def _answer(self, id_: int, op: int, status: int, jref: int = -1) -> None:
         if status != RSP_OKAY:
             self.stats.errors += 1
         if self._halted:
             return  # a halted ring answers nothing more
+        if self.journal is not None and jref >= 0:
+            self.journal.record_answered(jref, status, self.ring.rsp_prod_pvt)
         self.ring.put_response(id_, op, status)
         self._unpushed = True
 
     def _push(self) -> None:
         if self._unpushed:
             self._unpushed = False
-            if self.ring.push_responses():
+            notify = self.ring.push_responses()
+            if self.journal is not None:
+                self.journal.published(self.ring.rsp_prod_pvt)
+            if notify:
                 try:
                     self.channel.notify()
                 except (OSError, trio.ClosedResourceError) as e:

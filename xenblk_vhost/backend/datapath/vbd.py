@@ -42,10 +42,11 @@ the storage failed as a whole meanwhile it is reopened at the next serve().
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import trio
 
-from ...blkif.abi import ring_entries
+from ...blkif.abi import layout, ring_entries
 from ...blkif.constants import MAX_SEGMENTS_PER_REQUEST, SECTOR_SIZE, XEN_PAGE_SIZE
 from ...blkif.intake import RequestIntake
 from ...blkif.ring import BackRing, RingOverflow
@@ -58,8 +59,11 @@ from ..features import MAX_PERSISTENT_GRANTS, VbdFeatures, derive_features
 from .barrier import BarrierGate
 from .copy_path import CopyDataPath, plan_bounce
 from .data_path import DataPath
+from .journal import JournalGeometry
+from .journal_file import journal_name
 from .map_path import MapDataPath
 from .persistent_grants import PersistentGrants
+from .ring_journal import AttachedJournal, attach_journal, ring_identity
 from .ring_policy import DEFAULT_STORAGE_TIMEOUT, RingPolicy
 from .ring_worker import RingWorker
 from .stats import RingStats, total
@@ -84,10 +88,12 @@ class _RingResources:
         self.channel: EventChannel | None = None
         self.datapath: DataPath | None = None
         self.worker: RingWorker | None = None
+        self.journal: AttachedJournal | None = None
+        self.remove_journal = False  # the connection ended in order: nothing for a successor
 
     def close(self) -> None:
         errors = []
-        for step in (self._close_channel, self._close_datapath, self._close_ring):
+        for step in (self._close_channel, self._close_datapath, self._close_journal, self._close_ring):
             try:
                 step()
             except Exception as e:  # keep releasing the rest; report at the end
@@ -105,6 +111,11 @@ class _RingResources:
             self.datapath.close()
             self.datapath = None
 
+    def _close_journal(self) -> None:
+        if self.journal is not None:
+            self.journal.close(remove=self.remove_journal)
+            self.journal = None
+
     def _close_ring(self) -> None:
         if self.ring is not None:
             self.ring.view.release()
@@ -119,8 +130,11 @@ class Vbd:
                  storage_timeout: float = DEFAULT_STORAGE_TIMEOUT,
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
                  max_persistent_grants: int = MAX_PERSISTENT_GRANTS,
-                 shape: StorageShape | None = None) -> None:
+                 shape: StorageShape | None = None, journal_dir: Path | None = None) -> None:
         """Take ownership of an opened storage device.
+
+        journal_dir: keep each ring's in-flight journal there (journal_file.py),
+        and take a live ring over from the journal found there; None: no journal.
 
         shape: override the storage's request limits (max-transfer,
         max-segments, max discard) the datapath splits requests by; tests
@@ -131,6 +145,8 @@ class Vbd:
         self.storage_timeout = storage_timeout
         self.drain_timeout = drain_timeout
         self.max_persistent_grants = max_persistent_grants
+        self.journal_dir = journal_dir
+        self._connection_ending = False
         self.features: VbdFeatures = derive_features(
             disk, storage.limits, capacity=storage.capacity, num_queues=len(storage.queues))
         self._sectors = self.features.sectors
@@ -295,12 +311,36 @@ class Vbd:
             slots=slots, shape=self._shape_override or StorageShape.of(
                 self.storage.limits, discard_by_write_zeroes=f.discard_by_write_zeroes),
             discard_by_write_zeroes=f.discard_by_write_zeroes, storage_timeout=self.storage_timeout)
+        res.journal = self._attach_journal(res.ring, rspec, spec, policy)
         res.worker = RingWorker(policy, ring=res.ring, channel=res.channel, queue=self.storage.queues[rspec.index],
                                 datapath=res.datapath, gntdev=platform.gntdev, gate=self._gate,
-                                on_storage_failure=self._note_storage_failure)
+                                on_storage_failure=self._note_storage_failure,
+                                journal=res.journal.journal if res.journal is not None else None)
+        if res.journal is not None and res.journal.resumed is not None:
+            resumed = res.journal.resumed
+            res.worker.resume_from(resumed.republish, resumed.rerun)
         self._intakes.append(res.worker.intake)
         self._ring_stats.append(res.worker.stats)
         return res.worker
+
+    def _attach_journal(self, ring: BackRing, rspec: RingSpec, spec: ConnectionSpec, policy: RingPolicy
+                        ) -> AttachedJournal | None:
+        """The ring's journal: the last process's taken over, or a new one. A journal that cannot
+        be kept (the directory not writable, full) is logged; the ring is served without one."""
+        if self.journal_dir is None:
+            return None
+        identity = ring_identity(frontend_domid=spec.frontend_domid, vdev=self.disk.name, ring=rspec.index,
+                                 abi=spec.abi.value, ring_refs=rspec.ring_refs, event_channel=rspec.event_channel)
+        geometry = JournalGeometry.for_ring(policy.slots, layout(spec.abi).entry_size,
+                                            policy.limits.max_indirect_segments)
+        name = journal_name(spec.frontend_domid, self.disk.name, rspec.index)
+        try:
+            return attach_journal(self.journal_dir, name, identity, geometry, ring,
+                                  RequestIntake(spec.abi, policy.limits), policy.name)
+        except OSError as e:
+            log.warning("%s: no journal (%s): a crash of this process could lose or repeat this ring's "
+                        "in-flight requests", policy.name, e)
+            return None
 
     async def serve(self, spec: ConnectionSpec, platform: Platform, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -315,6 +355,7 @@ class Vbd:
             self._gate.close()
         self._intakes = []
         self._ring_stats = []
+        self._connection_ending = False
         resources: list[_RingResources] = []
         try:
             self._reopen_storage_if_failed()
@@ -360,6 +401,10 @@ class Vbd:
                 [res.worker for res in resources if res.worker is not None])
         errors = []
         for res in reversed(resources):
+            # A connection that ended in order (the frontend closed, detach) leaves no journal;
+            # cancelled (the service stopping): the frontend stays Connected and the journal
+            # (all answered by now, if the drain finished) is the next process's to take over.
+            res.remove_journal = self._connection_ending
             try:
                 res.close()
             except Exception as e:
@@ -375,6 +420,7 @@ class Vbd:
         """Stop taking requests, answer everything in flight, release the connection."""
         if not self._serving:
             return
+        self._connection_ending = True
         for w in self._workers:
             w.stop()
         assert self._stopped is not None

@@ -55,6 +55,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
@@ -163,6 +164,17 @@ def default_open_vbd(disk: DiskConfig) -> VbdDataplane:
     return Vbd.open(disk)
 
 
+def journaled_open_vbd(journal_dir: Path) -> OpenVbd:
+    """create, as default_open_vbd, with each ring's in-flight journal kept in journal_dir."""
+
+    def open_vbd(disk: DiskConfig) -> VbdDataplane:
+        from ..datapath.vbd import Vbd
+
+        return Vbd.open(disk, journal_dir=journal_dir)
+
+    return open_vbd
+
+
 class _Wakeup:
     """A level-triggered flag: any number of set() before wait() is one wakeup."""
 
@@ -240,7 +252,47 @@ class Device:
         except DeviceFatal as e:
             await self._fatal(e)
             return
+        if self.state == XenbusState.CONNECTED and await self._take_over_live_rings():
+            return
         await self._switch_state(XenbusState.INIT_WAIT, extra=self._probe_nodes(), unless_closing=True)
+
+    async def _take_over_live_rings(self) -> bool:
+        """A device left Connected by the process before us, its frontend Connected: serve its rings
+        where they stand and write nothing (blkfront runs its connect path again on every
+        Connected it is shown; from its error state that path is a kernel BUG). The rings are
+        taken over from their journals when there are (ring_journal.py). False: not possible
+        (the frontend is elsewhere, or its nodes do not describe a connection we can serve):
+        the usual InitWait round trip then."""
+        assert self.nodes is not None and self.vbd is not None
+        frontend = parse_state(await self._read(f"{self.nodes.frontend}/state", unreadable_is_absent=True))
+        if frontend != XenbusState.CONNECTED:
+            return False
+        f = self.vbd.features
+        offer = Offer(max_queues=f.max_queues, max_ring_page_order=f.max_ring_page_order, persistent=f.persistent)
+        try:
+            spec = await read_connection_spec(self._xs, self.nodes.frontend, self.id.frontend_domid, offer)
+        except FrontendParamError as e:
+            log.warning("%s: cannot take the live connection over (%s); connecting again", self.name, e.message)
+            return False
+        sectors_raw = await self._read(f"{self.be}/sectors")
+        try:
+            published = int(sectors_raw.rstrip(b"\0")) if sectors_raw is not None else None
+        except ValueError:
+            published = None
+        assert self._serve_nursery is not None
+        try:
+            await self._serve_nursery.start(self._serve, spec)
+        except Exception as e:
+            log.warning("%s: cannot take the live connection over (%s); connecting again", self.name, e)
+            return False
+        self.connection = spec
+        if published is not None and published != self.vbd.sectors:
+            self.vbd.apply_size(published)  # what the frontend was told; the resize check goes on from there
+        self.published_sectors = published
+        self._seen = None
+        log.info("%s: took the live connection over (%d queues, protocol %s); state left Connected",
+                 self.name, len(spec.rings), spec.abi.value)
+        return True
 
     async def _open(self) -> None:
         """Find the disk's config and open its storage (replacing an older one)."""
@@ -714,5 +766,5 @@ class _StartedHook:
         self._on_started(value)
 
 
-__all__ = ["Device", "DeviceId", "DeviceFatal", "ErrorReport", "ToolstackNodes", "effective_disk",
+__all__ = ["Device", "DeviceId", "DeviceFatal", "ErrorReport", "ToolstackNodes", "effective_disk", "journaled_open_vbd",
            "RESIZE_POLL_INTERVAL"]

@@ -1,0 +1,68 @@
+"""What a process's simulated gntdev holds mapped, where the hypervisor can read it after the process died.
+
+On Linux, a process that dies with grants mapped through /dev/xen/gntdev
+loses nothing to the guest: the kernel's release of the device unmaps them
+(Xen clears GTF_reading/GTF_writing), so the guest can take its pages back
+and a new backend can map the same ring. The simulated gntdev pins grants
+itself, in the guest's shared tables, from the backend's own process; to
+give a SIGKILLed backend the same ending, it lists every pin it holds in a
+ledger: a memfd the hypervisor made for that connection (`pin_ledger`
+hypercall), one 8-byte entry per pinned grant, set after the pin and
+cleared before the unpin (each one aligned 8-byte store). When the
+connection drops, the hypervisor unpins whatever the ledger still lists.
+A kill between a pin and its entry leaks that pin, as a kill inside the
+kernel's own ioctl cannot; the window is a few instructions wide.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+LEDGER_ENTRIES = 1 << 16
+LEDGER_BYTES = LEDGER_ENTRIES * 8
+_USED = 1 << 63
+_WRITE = 1 << 62
+
+
+def _entry(domid: int, ref: int, write: bool) -> int:
+    return _USED | (_WRITE if write else 0) | (domid & 0xFFFF) << 32 | (ref & 0xFFFFFFFF)
+
+
+class PinLedger:
+    """The process's side: add() after a pin, remove() before the unpin."""
+
+    def __init__(self, fd: int) -> None:
+        try:
+            self._mm = mmap.mmap(fd, LEDGER_BYTES, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self._words = memoryview(self._mm).cast("Q")
+        self._free = list(range(LEDGER_ENTRIES - 1, -1, -1))
+
+    def add(self, domid: int, ref: int, write: bool) -> int:
+        """The entry's index, or -1 when the ledger is full (that pin is then not released on death)."""
+        if not self._free:
+            return -1
+        i = self._free.pop()
+        self._words[i] = _entry(domid, ref, write)
+        return i
+
+    def remove(self, i: int) -> None:
+        if i >= 0:
+            self._words[i] = 0
+            self._free.append(i)
+
+
+def read_ledger(fd: int) -> dict[int, list[tuple[int, bool]]]:
+    """The hypervisor's side: {domid: [(ref, write), ...]} still listed."""
+    with mmap.mmap(fd, LEDGER_BYTES, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
+        words = memoryview(mm).cast("Q")
+        try:
+            held: dict[int, list[tuple[int, bool]]] = {}
+            for w in words:
+                if w & _USED:
+                    held.setdefault((w >> 32) & 0xFFFF, []).append((w & 0xFFFFFFFF, bool(w & _WRITE)))
+            return held
+        finally:
+            words.release()
