@@ -188,12 +188,13 @@ def requests_per_io(w: Workload, max_indirect_segments: int) -> int:
 
 
 def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *, sampler=None,
-               hooks: bool = True, fill: bool = False) -> dict:
+               hooks: bool = True, fill: bool = False, journal_dir=None) -> dict:
     """xenblk-vhost serving the workload; figures from both ends.
 
     sampler: a profile.Sampler to run through the measured run (the sim
     copy's share comes from it); hooks=False: no wake-up counters either;
-    fill: the guest's data pages carry guest.fill_byte(page) (for tests).
+    fill: the guest's data pages carry guest.fill_byte(page) (for tests);
+    journal_dir: keep the rings' in-flight journals there (scripts/bench_journal.py).
     """
     from xenblk_vhost.backend.contract import ConnectionSpec, RingSpec
     from xenblk_vhost.backend.datapath.vbd import Vbd
@@ -207,7 +208,7 @@ def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *
     disk = DiskConfig(vdev=51712, driver=target.driver, path=target.path, queues=w.rings, ring_page_order=4,
                       data_path=data_path, persistent_grants=persistent)
     target.prepare()
-    vbd = Vbd.open(disk)
+    vbd = Vbd.open(disk, journal_dir=journal_dir)
     parts = requests_per_io(w, vbd.features.max_indirect_segments)
     sim = open_sim(hv_socket)
     counts = {"wakeups": 0, "notifies": 0, "reaps": 0, "reaped": 0}

@@ -182,9 +182,7 @@ class RingWorker:
             nursery.start_soon(self._reap_loop)
             task_status.started()
             if self._resume:
-                resume, self._resume = self._resume, None
-                await self._dispatch([item for item, _ in resume], refs=[ref for _, ref in resume])
-                self._push()
+                await self._run_again()
             await self._intake_loop()
             await self._wait_all_answered()
             nursery.cancel_scope.cancel()
@@ -199,6 +197,19 @@ class RingWorker:
             self._unpushed = True
         self._push()
         self._resume = list(rerun)
+
+    async def _run_again(self) -> None:
+        """The takeover's unanswered requests, from the journal's copy, before anything new; as many
+        at a time as there are free slots (the last process may have had more)."""
+        resume, self._resume = self._resume or [], None
+        while resume:
+            free = self.pool.available
+            if not free:
+                await self._wait_slot()
+                continue
+            chunk, resume = resume[:free], resume[free:]
+            await self._dispatch([item for item, _ in chunk], refs=[ref for _, ref in chunk])
+            self._push()
 
     def stop(self) -> None:
         """Take no more requests (what is in flight still finishes)."""

@@ -109,5 +109,5 @@ def plan_takeover(image: JournalImage, identity: bytes, *, rsp_prod: int, req_pr
                                   f"make req_cons {req_cons}, the journal says {image.taken_to}")
     if (req_prod - req_cons) & _M > ring_size:
         raise JournalMismatch(f"ring req_prod {req_prod & _M} is behind the {req_cons} requests taken")
-    rerun.sort(key=lambda e: (e.position - P) & _M)
+    rerun.sort(key=lambda e: (e.position - req_cons) & _M)  # oldest first (all are before req_cons)
     return TakeoverPlan(P, req_cons, tuple(republish), tuple(rerun), published)

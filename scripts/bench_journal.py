@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""What the in-flight journal costs: backend CPU per request with and without it, in one run.
+
+    .venv/bin/python scripts/bench_journal.py [--repeat 3] [--seconds 2] [--workloads qd32,qd128]
+
+Two figures:
+
+  calls    the journal's own calls as the ring worker makes them (one
+           record_taken per batch, one record_answered per request, one
+           published per push) on a tmpfs file, timed alone: CPU per
+           request by batch size. No noise from anything else.
+  bridge   the speed issue's benchmark (scripts/benchkit: a compiled guest
+           in its own process drives the real Vbd through the simulated
+           hypervisor, page-cached file on io_uring, copy path), each
+           workload run with and without the journal, alternating, --repeat
+           times; backend CPU per request (getrusage of this process over
+           the requests it served), medians, and the difference.
+
+The machine's load is printed: the bridge figures move with it (compare
+within a run); the calls figure hardly does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchkit.targets import open_targets  # noqa: E402
+from benchkit.workloads import FULL, select  # noqa: E402
+
+from xenblk_vhost.backend.datapath.journal import JournalGeometry, RingJournal, format_area  # noqa: E402
+from xenblk_vhost.backend.datapath.journal_file import JournalFile  # noqa: E402
+from xenblk_vhost.blkif.abi import Abi, layout  # noqa: E402
+
+DEFAULT_WORKLOADS = "4k-randread-qd1-o0-r1,4k-randwrite-qd1-o0-r1,-qd32-o0-r1,-qd128-o4-r1"
+
+
+def calls_per_request(directory: Path, batch: int, rounds: int = 4000) -> float:
+    """CPU seconds per request of the journal's calls alone, at `batch` requests per batch."""
+    entry = layout(Abi.NATIVE).entry_size
+    g = JournalGeometry.for_ring(128, entry, 256)
+    jf = JournalFile.create(directory / f"calls-{batch}.journal", g.size)
+    try:
+        format_area(jf.buffer, g, b"bench", taken_to=0, published=0)
+        j = RingJournal(jf.buffer, g)
+        raw = bytes(range(256)) * (batch * entry // 256 + 1)
+        raw = raw[:batch * entry]
+        pos = 0
+        t0 = time.process_time()
+        for _ in range(rounds):
+            ref = j.record_taken(pos, raw, batch)
+            for i in range(batch):
+                j.record_answered(ref + i, 0, pos + i)
+            pos += batch
+            j.published(pos)
+        spent = time.process_time() - t0
+        j.release()
+    finally:
+        jf.remove()
+    return spent / (rounds * batch)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--warmup", type=float, default=0.5)
+    ap.add_argument("--workloads", default=DEFAULT_WORKLOADS, help="benchkit workload names (comma-separated)")
+    ap.add_argument("--no-bridge", action="store_true", help="only the calls figure")
+    args = ap.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    with tempfile.TemporaryDirectory(prefix="bench-journal-", dir="/dev/shm") as tmp:
+        print("calls alone (tmpfs file): CPU per request by batch size")
+        for batch in (1, 8, 32, 64):
+            print(f"  batch {batch:>2}: {1e6 * calls_per_request(Path(tmp), batch):.3f} us/request")
+        if args.no_bridge:
+            return 0
+        from benchkit.sim_cases import Timing, run_bridge
+
+        from xenblk_vhost.sim.hypervisor import running_hypervisor
+
+        workloads = select(FULL, args.workloads)
+        timing = Timing(args.warmup, args.seconds)
+        figures: dict = {(w.name, j): [] for w in workloads for j in (False, True)}
+        with open_targets(["file"], Path(tmp), queues=1) as targets, running_hypervisor(str(Path(tmp) / "xen.sock")):
+            hv = str(Path(tmp) / "xen.sock")
+            for rep in range(args.repeat):
+                for w in workloads:
+                    for journal in (False, True) if rep % 2 == 0 else (True, False):
+                        jdir = Path(tmp) / "journals" if journal else None
+                        b = run_bridge(hv, targets["file"], w, "copy", timing, hooks=False, journal_dir=jdir)
+                        figures[(w.name, journal)].append(
+                            (b["backend_cpu_us_per_io"] / b["requests_per_io"], b["iops"]))
+        print(f"bridge (file on io_uring, copy path; {args.repeat} x {args.seconds:g} s each, alternating; "
+              f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}): backend CPU per request, medians")
+        print("  workload                   without (us)   with (us)   journal (us)   IOPS without / with")
+        for w in workloads:
+            off = figures[(w.name, False)]
+            on = figures[(w.name, True)]
+            cpu_off = statistics.median(c for c, _ in off)
+            cpu_on = statistics.median(c for c, _ in on)
+            iops_off = statistics.median(i for _, i in off)
+            iops_on = statistics.median(i for _, i in on)
+            print(f"  {w.name:<26} {cpu_off:>12.2f}   {cpu_on:>9.2f}   {cpu_on - cpu_off:>+12.2f}   "
+                  f"{iops_off:>9.0f} / {iops_on:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
