@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 
-LEDGER_ENTRIES = 1 << 16
+LEDGER_ENTRIES = 1 << 14
 LEDGER_BYTES = LEDGER_ENTRIES * 8
 _USED = 1 << 63
 _WRITE = 1 << 62
@@ -38,13 +39,20 @@ class PinLedger:
         finally:
             os.close(fd)
         self._words = memoryview(self._mm).cast("Q")
-        self._free = list(range(LEDGER_ENTRIES - 1, -1, -1))
+        # Entries are used from the start and reused first, so the ledger stays dense at its
+        # head and the hypervisor reads only that far (read_ledger).
+        self._free: list[int] = []
+        self._next = 0
 
     def add(self, domid: int, ref: int, write: bool) -> int:
         """The entry's index, or -1 when the ledger is full (that pin is then not released on death)."""
-        if not self._free:
+        if self._free:
+            i = self._free.pop()
+        elif self._next < LEDGER_ENTRIES:
+            i = self._next
+            self._next += 1
+        else:
             return -1
-        i = self._free.pop()
         self._words[i] = _entry(domid, ref, write)
         return i
 
@@ -57,12 +65,10 @@ class PinLedger:
 def read_ledger(fd: int) -> dict[int, list[tuple[int, bool]]]:
     """The hypervisor's side: {domid: [(ref, write), ...]} still listed."""
     with mmap.mmap(fd, LEDGER_BYTES, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
-        words = memoryview(mm).cast("Q")
-        try:
-            held: dict[int, list[tuple[int, bool]]] = {}
-            for w in words:
-                if w & _USED:
-                    held.setdefault((w >> 32) & 0xFFFF, []).append((w & 0xFFFFFFFF, bool(w & _WRITE)))
-            return held
-        finally:
-            words.release()
+        data = mm[:].rstrip(b"\0")  # the used head only (the hypervisor serves everyone: be quick)
+    data += bytes(-len(data) % 8)
+    held: dict[int, list[tuple[int, bool]]] = {}
+    for (w,) in struct.iter_unpack("<Q", data):
+        if w & _USED:
+            held.setdefault((w >> 32) & 0xFFFF, []).append((w & 0xFFFFFFFF, bool(w & _WRITE)))
+    return held
