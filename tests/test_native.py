@@ -24,6 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xenblk_vhost import native
+from xenblk_vhost.blkif.abi import Abi
+from xenblk_vhost.blkif.constants import OP_INDIRECT, OP_READ
+from xenblk_vhost.blkif.intake import RequestIntake
+from xenblk_vhost.blkif.request import IndirectRequest, Request, SegmentTuple
+from xenblk_vhost.blkif.validate import RequestLimits
 from xenblk_vhost.native import build as native_build
 from xenblk_vhost.sim.gntdev import ForeignDomain, SimGntdev
 from xenblk_vhost.sim.grant_table import (
@@ -227,3 +232,42 @@ def test_packing_sector_ranges_is_packing_the_old_copy_segments(requests, domid)
     # nothing copied yet: every status 0 but the refused ones, and their owners are the failed ones
     assert new.results() == [refused.get(i, 0) if refused else 0 for i in range(len(old_segments))]
     assert new.failed_owners() == [new.owners[i] for i in sorted(refused or {})]
+
+
+WIRE = struct.Struct("<IBB2x")
+WIRE_SEGMENT = st.builds(lambda ref, first, last: WIRE.pack(ref, first, last), st.integers(0, 0xFFFFFFFF),
+                         st.integers(0, 9) | st.integers(0, 255), st.integers(0, 9) | st.integers(0, 255))
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python-fallback"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(st.tuples(st.booleans(), st.lists(WIRE_SEGMENT, min_size=1, max_size=300)), max_size=6),
+       domid=st.integers(0, 0x7FEF))
+def test_packing_wire_segments_is_packing_their_tuples(compiled, monkeypatch, requests, domid):
+    """An indirect request's segments packed from their wire bytes (compiled) give the kernel exactly
+    what packing their tuples gives it: same bytes, refusals, owners and local bytes covered."""
+    if not compiled:
+        monkeypatch.setattr(g, "_packer", lambda: None)
+    by_bytes, by_tuples = g.CopyBatch(capacity=3), g.CopyBatch(capacity=3)
+    addr = 0x7F0000000000
+    for i, (to_guest, wire) in enumerate(requests):
+        raw = b"".join(wire)
+        a = by_bytes.add_segment_bytes(to_guest, domid, raw, addr, i)
+        b = by_tuples.add_sector_ranges(to_guest, domid, tuple(WIRE.iter_unpack(raw)), addr, i)
+        assert a == b
+        addr += 1 << 21
+    assert by_bytes.count == by_tuples.count
+    assert by_bytes.refused == by_tuples.refused
+    assert by_bytes.owners == by_tuples.owners
+    n = by_tuples.count * g.SEGMENT_SIZE
+    assert bytes(by_bytes.buffer)[:n] == bytes(by_tuples.buffer)[:n]
+
+
+def test_an_indirect_requests_segments_carry_their_wire_bytes():
+    limits = RequestLimits(sectors=1 << 30, max_indirect_segments=256)
+    header = IndirectRequest(OP_INDIRECT, OP_READ, 5, 0, 8, 3, (77,))
+    wire = WIRE.pack(10, 0, 7) + WIRE.pack(11, 2, 3) + WIRE.pack(12, 7, 7)
+    req = RequestIntake(Abi.NATIVE, limits).decode_indirect_segments(header, wire + b"junk" * 100)
+    assert type(req) is Request and type(req.segments) is SegmentTuple
+    assert req.segments == ((10, 0, 7), (11, 2, 3), (12, 7, 7)) and req.segments.raw == wire
+    assert req == Request(OP_READ, 5, 0, 8, ((10, 0, 7), (11, 2, 3), (12, 7, 7)), 8 + 2 + 1, True)

@@ -63,7 +63,7 @@ from .constants import (
     XEN_PAGE_SIZE,
 )
 from .decode import R_BAD_SEGMENT, decode_segments
-from .request import Decoded, DiscardRequest, IndirectRequest, Rejection, Request
+from .request import Decoded, DiscardRequest, IndirectRequest, Rejection, Request, SegmentTuple
 
 R_FLUSH_DISABLED = "flush not supported"
 R_BARRIER_DISABLED = "barrier not supported"
@@ -215,7 +215,9 @@ class Validator:
         iop = header.indirect_op
         if decoded is None:
             return _new(Rejection, (header.id, iop, RSP_ERROR, R_BAD_SEGMENT))
-        req = _new(Request, (iop, header.id, header.handle, header.sector, decoded[0], decoded[1], True))
+        segments = SegmentTuple(decoded[0])
+        segments.raw = raw
+        req = _new(Request, (iop, header.id, header.handle, header.sector, segments, decoded[1], True))
         return self.check_rw(req)
 
 

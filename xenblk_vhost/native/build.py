@@ -25,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 MODULE = "_xenblk_native"
 HEADER = "native.h"
-C_SOURCES = ("sim_grant_copy.c",)
+C_SOURCES = ("sim_grant_copy.c", "pack_segments.c")
 SOURCES = (HEADER, *C_SOURCES, "build.py")
 
 

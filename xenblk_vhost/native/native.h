@@ -28,3 +28,14 @@ struct xk_copy_seg {
 int xk_sim_grant_copy(struct xk_copy_seg *segs, int start, int n, uint16_t domid, uint16_t ldomid,
                       const uint8_t *grant_table, uint32_t nr_entries, const uint32_t *active,
                       uint8_t *memory, uint32_t pages);
+
+/* The copy path's packing of one request's blkif segments (8 bytes each on the wire:
+ * uint32 gref, uint8 first_sect, uint8 last_sect, 2 bytes padding; a private copy) into
+ * the grant-copy array at out: segment i covers sectors first..last of its page and the
+ * local bytes right after segment i-1's. A segment with last >= 8 or first > last is not
+ * packed: its index goes to refused[] (room for nseg) and it takes no local bytes.
+ * Returns how many were packed; *nrefused and *covered (local bytes) are set. The same
+ * result as CopyBatch.add_sector_ranges (xen/gntdev.py), which tests compare it with. */
+int xk_pack_sector_ranges(struct xk_copy_seg *out, const char *raw, uint32_t nseg, int to_guest,
+                          uint16_t domid, uint64_t local_addr, uint32_t *refused, uint32_t *nrefused,
+                          uint64_t *covered);

@@ -137,6 +137,29 @@ def decode_map_index(buf: ctypes.Array) -> int:
     return GntdevMapGrantRef.from_buffer(buf).index
 
 
+_WIRE_SEGMENT = struct.Struct("<IBB2x")  # blkif_request_segment: gref, first_sect, last_sect
+_ffi: Any = None
+_lib: Any = None
+_packer_tried = False
+
+
+def _packer() -> Any:
+    """The compiled kernels' lib (native/pack_segments.c), or None when they cannot be had."""
+    global _ffi, _lib, _packer_tried
+    if not _packer_tried:
+        _packer_tried = True
+        from .. import native
+
+        try:
+            mod = native.load()
+            _ffi, _lib = mod.ffi, mod.lib
+        except native.NativeBuildError as e:
+            import logging
+
+            logging.getLogger(__name__).warning("grant copy: segments packed in Python (slower, the same): %s", e)
+    return _lib
+
+
 class CopyBatch:
     """A preallocated IOCTL_GNTDEV_GRANT_COPY segment array that grows when needed.
 
@@ -158,6 +181,10 @@ class CopyBatch:
         self.count = 0  # segments packed for the kernel
         self.owners: list[Any] = []  # the owner of every segment added, refused ones included
         self.refused: dict[int, int] | None = None  # {index among the added: status} of those kept back
+        if _packer() is not None:  # add_segment_bytes' out-parameters, allocated once
+            self._refused_idx = _ffi.new("uint32_t[]", 256)
+            self._nrefused = _ffi.new("uint32_t *")
+            self._covered = _ffi.new("uint64_t *")
         self._grow(capacity)
         self.reset()
 
@@ -257,6 +284,32 @@ class CopyBatch:
             addr += n
         self.count = pos // SEGMENT_SIZE
         return addr - local_addr
+
+    def add_segment_bytes(self, to_guest: bool, domid: int, raw: bytes, local_addr: int, owner: object) -> int:
+        """add_sector_ranges for segments in their 8-byte wire form (a private copy: SegmentTuple.raw),
+        packed by compiled code in one call (native/pack_segments.c); the same result. Without the
+        compiled kernels, the same in Python."""
+        lib = _packer()
+        if lib is None:
+            return self.add_sector_ranges(to_guest, domid, tuple(_WIRE_SEGMENT.iter_unpack(raw)), local_addr, owner)
+        nseg = len(raw) // 8
+        count = self.count
+        if count + nseg > self.capacity:
+            self._grow(max(count + nseg, 2 * self.capacity))
+        if nseg > len(self._refused_idx):
+            self._refused_idx = _ffi.new("uint32_t[]", max(nseg, 2 * len(self._refused_idx)))
+        packed = lib.xk_pack_sector_ranges(_ffi.cast("struct xk_copy_seg *", self.address + count * SEGMENT_SIZE),
+                                           raw, nseg, to_guest, domid, local_addr, self._refused_idx,
+                                           self._nrefused, self._covered)
+        if self._nrefused[0]:
+            if self.refused is None:
+                self.refused = {}
+            base = len(self.owners)
+            for i in range(self._nrefused[0]):
+                self.refused[base + self._refused_idx[i]] = _BAD_COPY_ARG
+        self.owners += [owner] * nseg
+        self.count = count + packed
+        return int(self._covered[0])
 
     def results(self) -> list[int]:
         """The status of every added segment, in the order added (after the copy ran)."""

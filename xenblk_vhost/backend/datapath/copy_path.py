@@ -24,6 +24,7 @@ plan_bounce() decides how many slots the memory allows.
 from __future__ import annotations
 
 from ...blkif.constants import MAX_SEGMENTS_PER_REQUEST, RSP_OKAY, XEN_PAGE_SIZE
+from ...blkif.request import SegmentTuple
 from ...storage import StorageDevice
 from ...xen.gntdev import CopyBatch
 from ...xen.interfaces import Gntdev
@@ -103,12 +104,17 @@ class CopyDataPath:
         batch = self._batch
         batch.reset()
         add = batch.add_sector_ranges
+        add_bytes = batch.add_segment_bytes
         domid = self.domid
         base = self._base
         for slot in slots:
             if slot.writes == to_guest or slot.status != RSP_OKAY:
                 continue
-            add(to_guest, domid, slot.segments, base + slot.buffer, slot)
+            segments = slot.segments
+            if type(segments) is SegmentTuple:  # an indirect request's: packed from its wire bytes, compiled
+                add_bytes(to_guest, domid, segments.raw, base + slot.buffer, slot)
+            else:
+                add(to_guest, domid, segments, base + slot.buffer, slot)
         run_batch(self.gntdev, batch)
 
     def finish(self, slots: list[Slot]) -> list[Slot]:

@@ -1,0 +1,45 @@
+/* Packing blkif segments into IOCTL_GNTDEV_GRANT_COPY segments, compiled: for an
+ * indirect request of 256 segments this was ~60 us of Python (one struct.pack_into per
+ * segment), the largest part of the backend's own CPU on 1 MiB I/O. Reads only the
+ * private copy it is given; validates every segment again (the decoder already has). */
+#include <stdint.h>
+#include <string.h>
+#include "native.h"
+
+#define GNTCOPY_SOURCE_GREF 1u
+#define GNTCOPY_DEST_GREF 2u
+#define SECTORS_PER_PAGE 8u
+
+int xk_pack_sector_ranges(struct xk_copy_seg *out, const char *raw, uint32_t nseg, int to_guest,
+                          uint16_t domid, uint64_t local_addr, uint32_t *refused, uint32_t *nrefused,
+                          uint64_t *covered)
+{
+    uint64_t addr = local_addr;
+    uint32_t packed = 0, bad = 0;
+    for (uint32_t i = 0; i < nseg; i++) {
+        const uint8_t *r = (const uint8_t *)raw + (uint64_t)i * 8;
+        uint32_t gref;
+        memcpy(&gref, r, 4);  /* little-endian host, as the ring (blkif/ring.py refuses others) */
+        uint32_t first = r[4], last = r[5];
+        if (last >= SECTORS_PER_PAGE || first > last) {
+            refused[bad++] = i;
+            continue;
+        }
+        struct xk_copy_seg *s = &out[packed++];
+        memset(s, 0, sizeof(*s));
+        struct xk_copy_foreign *f = to_guest ? &s->dest.foreign : &s->source.foreign;
+        f->ref = gref;
+        f->offset = (uint16_t)(first << 9);
+        f->domid = domid;
+        if (to_guest)
+            s->source.virt = addr;
+        else
+            s->dest.virt = addr;
+        s->len = (uint16_t)((last - first + 1) << 9);
+        s->flags = to_guest ? GNTCOPY_DEST_GREF : GNTCOPY_SOURCE_GREF;
+        addr += s->len;
+    }
+    *nrefused = bad;
+    *covered = addr - local_addr;
+    return (int)packed;
+}
