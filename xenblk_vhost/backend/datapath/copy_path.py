@@ -26,12 +26,16 @@ from __future__ import annotations
 from ...blkif.constants import MAX_SEGMENTS_PER_REQUEST, RSP_OKAY, XEN_PAGE_SIZE
 from ...blkif.request import SegmentTuple
 from ...storage import StorageDevice
-from ...xen.gntdev import CopyBatch
+from ...xen.gntdev import CopyBatch, load_compiled_packing
 from ...xen.interfaces import Gntdev
 from .grant_copy import run_batch
 from .slots import Slot
 
 SMALL_BUFFER = MAX_SEGMENTS_PER_REQUEST * XEN_PAGE_SIZE  # 44 KiB
+
+# The compiled kernels loaded with the datapath's modules (the daemon imports them before a
+# handover's pause), not in a guest's first grant copy.
+load_compiled_packing()
 
 
 def plan_bounce(memory: int, max_slots: int, max_request_bytes: int) -> tuple[int, int]:
