@@ -24,7 +24,7 @@ Output: one JSON line per (target, data path, workload) on stdout and in
 OUT/results.jsonl (OUT/machine.json: the machine, its load, the settings);
 progress and a summary table on stderr; the chart (OUT/bench.png, bridge
 vs raw) path at the end. Fields:
-  workload, target, data_path, op, pattern, bs, qd, ring_order, rings
+  workload, target, data_path, engine, op, pattern, bs, qd, ring_order, rings
   bridge_iops, raw_iops, ratio        I/Os per second; ratio = bridge/raw
   bridge_MBps, raw_MBps
   p50_us, p99_us                      per I/O, as the guest measured it
@@ -109,6 +109,9 @@ def parse_args(argv=None):
                                     "map ones run only where the driver can use them")
     ap.add_argument("--workloads", help="only workloads whose name contains one of these (comma-separated), "
                                         "e.g. qd1,128k")
+    ap.add_argument("--engines", default="compiled",
+                    help="compiled,python: run every bridge case with the compiled kernels (xenblk_vhost/native) "
+                         "and again with their Python references, in one run (default: compiled)")
     ap.add_argument("--no-raw", action="store_true", help="skip the raw libblkio baseline")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the load generator's ceiling runs")
     ap.add_argument("--no-hooks", action="store_true",
@@ -128,13 +131,17 @@ def parse_args(argv=None):
     return args
 
 
-def plan(args) -> list[tuple[str, str, wl.Workload]]:
-    """(target, path, workload) in run order: a target's workloads together, every path of a workload in a row."""
+def plan(args) -> list[tuple[str, str, wl.Workload, str]]:
+    """(target, path, workload, engine) in run order: a target's workloads together, every path and engine of a
+    workload in a row."""
     workloads = wl.select(wl.QUICK if args.quick else wl.FULL, args.workloads)
     targets = [t for t in args.targets.split(",") if t]
     paths = [p for p in args.paths.split(",") if p]
     for p in paths:
         wl.parse_path(p)
+    engines = [e for e in args.engines.split(",") if e]
+    if not engines or set(engines) - {"compiled", "python"}:
+        raise SystemExit(f"bench.py: --engines takes compiled and/or python, not {args.engines!r}")
     drivers = {"file": "io_uring", "null": "virtio-blk-vhost-user"}
     cases = []
     for t in targets:
@@ -144,7 +151,7 @@ def plan(args) -> list[tuple[str, str, wl.Workload]]:
             for p in paths:
                 if wl.parse_path(p)[0] == "map" and drivers[t] not in wl.MAP_CAPABLE_DRIVERS:
                     continue
-                cases.append((t, p, w))
+                cases.extend((t, p, w, e) for e in engines)
     if not cases:
         raise SystemExit("bench.py: nothing to run with these --targets/--paths/--workloads")
     return cases
@@ -154,7 +161,8 @@ def summary_line(r: dict) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    return (f"{r['target']:4} {r['data_path']:14} {r['workload']:26} {r['bridge_iops'] / 1e3:8.1f}k "
+    path = r["data_path"] + ("/py" if r.get("engine") == "python" else "")
+    return (f"{r['target']:4} {path:14} {r['workload']:26} {r['bridge_iops'] / 1e3:8.1f}k "
             f"{f(r['raw_iops'] and r['raw_iops'] / 1e3, '8.1f')}k {f(r['ratio'], '6.3f')} "
             f"{r['p50_us']:8.1f} {r['p99_us']:9.1f} {f(r['raw_p50_us'], '8.1f')} "
             f"{r['backend_cpu_us_per_io']:8.2f} {f(r['sim_copy_share'] and 100 * r['sim_copy_share'], '5.1f')}% "
@@ -202,14 +210,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cases = plan(args)
     if args.list:
-        for t, p, w in cases:
-            print(f"{t:5} {p:15} {w.name}")
+        for t, p, w, e in cases:
+            print(f"{t:5} {p:15} {w.name:26} {e}")
         return 0
     check_built()
     from benchkit.profile import Sampler
     from benchkit.raw import run_raw
     from benchkit.sim_cases import Timing, run_bridge, run_null
 
+    from xenblk_vhost import native
     from xenblk_vhost.sim.hypervisor import running_hypervisor
 
     if args.gc_threshold:
@@ -225,23 +234,24 @@ def main(argv=None) -> int:
     log(f"bench: {len(cases)} bridge runs, {timing.warmup:g}+{timing.seconds:g} s each; {meta['cpus']} x "
         f"{meta['cpu']}; load average {' '.join(map(str, meta['load']))}")
     log(f"bench: results in {out_dir}")
-    rings = max(w.rings for _, _, w in cases)
+    rings = max(w.rings for _, _, w, _ in cases)
     rows: list[dict] = []
     failed: list[dict] = []
     raw_cache: dict = {}
     ceiling_cache: dict = {}
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="xenblk-bench-") as tmp, \
-            open_targets(sorted({t for t, _, _ in cases}, key=["file", "null"].index), Path(tmp),
+            open_targets(sorted({t for t, _, _, _ in cases}, key=["file", "null"].index), Path(tmp),
                          queues=rings) as targets, \
             running_hypervisor(str(Path(tmp) / "xen.sock")), \
             open(out_dir / "results.jsonl", "w") as jsonl:
         hv = str(Path(tmp) / "xen.sock")
-        for i, (tname, path, w) in enumerate(cases, 1):
+        for i, (tname, path, w, engine) in enumerate(cases, 1):
             target = targets[tname]
             head = {"workload": w.name, "target": tname, "target_label": target.label, "data_path": path,
-                    "op": w.op, "pattern": w.pattern, "bs": w.bs, "qd": w.qd, "ring_order": w.order,
-                    "rings": w.rings}
+                    "engine": engine, "op": w.op, "pattern": w.pattern, "bs": w.bs, "qd": w.qd,
+                    "ring_order": w.order, "rings": w.rings}
+            native.set_enabled(engine == "compiled")
             try:
                 if not args.no_raw and (tname, w) not in raw_cache:
                     raw_cache[(tname, w)] = run_raw(target, w, timing)
@@ -256,13 +266,13 @@ def main(argv=None) -> int:
                 # One broken case (the backend answering errors, say) must not cost the others.
                 row = dict(head, error=str(e))
                 failed.append(row)
-                log(f"[{i:3}/{len(cases)}] {tname} {path} {w.name}: FAILED: {e}")
+                log(f"[{i:3}/{len(cases)}] {tname} {path} {engine} {w.name}: FAILED: {e}")
             else:
                 row = dict(head, **case_figures(w, b, raw, ceiling, sampler))
                 rows.append(row)
                 elapsed = time.monotonic() - t0
                 eta = elapsed / i * (len(cases) - i)
-                log(f"[{i:3}/{len(cases)} {elapsed:5.0f}s, ~{eta:4.0f}s left] {tname} {path} {w.name}: "
+                log(f"[{i:3}/{len(cases)} {elapsed:5.0f}s, ~{eta:4.0f}s left] {tname} {path} {engine} {w.name}: "
                     f"{b['iops'] / 1e3:.1f}k IOPS"
                     + (f" = {row['ratio']:.3f} x raw {raw['iops'] / 1e3:.1f}k" if raw else "")
                     + f", p50 {b['p50_us']:.1f} us, backend {b['backend_cpu_us_per_io']:.2f} us/IO"
@@ -289,7 +299,7 @@ def main(argv=None) -> int:
             log(f"  {pattern} {bs // 1024:5} KiB qd{qd:<3} o{order} r{nrings} x{parts}: {c['iops'] / 1e3:8.0f}k IOPS, "
                 f"guest {c['loadgen_cpu_us_per_io']:.3f} us/IO, responder {c['responder_cpu_us_per_io']:.3f} us/IO")
     log("issue 13's simulator targets (backend CPU includes the sim grant copy):")
-    for text in goals.check(rows):
+    for text in goals.check([r for r in rows if r["engine"] == cases[0][3]]):
         log(text)
     log(f"load average: start {' '.join(map(str, meta['load']))}, end {' '.join(map(str, meta['load_end']))}; "
         f"{meta['seconds_total']:.0f} s")

@@ -96,12 +96,14 @@ def test_bridge_writes_land_where_and_as_the_guest_sent_them(hv_socket, file_tar
 
 
 def test_bridge_reads_report_figures_and_the_sim_copy_share(hv_socket, file_target):
-    w = wl.Workload("read", "rand", 4 * KIB, 8, 0, 1)
-    r = run_bridge(hv_socket, file_target, w, "copy", Timing(0.05, 0.4), sampler=Sampler())
+    # 128 KiB reads: the simulated copy (compiled: a memcpy) is then a fifth to a half of the backend's CPU,
+    # which a 1 s sample sees even at a load of 16; of 4 KiB reads it is a few per cent, often no sample at all.
+    w = wl.Workload("read", "rand", 128 * KIB, 8, 0, 1)
+    r = run_bridge(hv_socket, file_target, w, "copy", Timing(0.05, 1.0), sampler=Sampler())
     assert r["requests_served"] >= r["ios_completed"] > 0
     assert r["backend_cpu_us_per_io"] > 0 and r["iops"] > 0
     # the copy path copies every read out through the simulated hypervisor
-    assert 0 < r["sim_copy_share"] < 1
+    assert 0 < r["sim_copy_share"] <= 1  # (all of a few samples under a heavy load)
     assert r["sim_copy_us_per_io"] == pytest.approx(r["sim_copy_share"] * r["backend_cpu_us_per_io"])
     assert r["backend_notifies_per_io"] > 0
 

@@ -271,3 +271,27 @@ def test_an_indirect_requests_segments_carry_their_wire_bytes():
     assert type(req) is Request and type(req.segments) is SegmentTuple
     assert req.segments == ((10, 0, 7), (11, 2, 3), (12, 7, 7)) and req.segments.raw == wire
     assert req == Request(OP_READ, 5, 0, 8, ((10, 0, 7), (11, 2, 3), (12, 7, 7)), 8 + 2 + 1, True)
+
+
+def test_disabled_kernels_leave_every_user_on_its_python_path(monkeypatch):
+    """native.set_enabled(False) (bench.py --engines python): the packing and the simulated copy take their
+    Python references; enabled again, the compiled ones."""
+    w = World()
+    calls = []
+    python_copy = w.gntdev.grant_copy
+    monkeypatch.setattr(w.gntdev, "grant_copy", lambda segs: calls.append(len(segs)) or python_copy(segs))
+    try:
+        w.load({10: (GTF_permit_access, BACKEND, 2)}, {}, 1)
+        wire = WIRE.pack(10, 0, 7) + WIRE.pack(10, 9, 3)
+        for enabled in (False, True):
+            native.set_enabled(enabled)
+            assert (g._packer() is not None) is enabled
+            batch = g.CopyBatch()
+            batch.reset()
+            assert batch.add_segment_bytes(True, GUEST, wire, w.local_addr, "req") == PAGE_SIZE
+            w.gntdev.grant_copy_batch(batch)
+            assert batch.results() == [0, GrantStatus.BAD_COPY_ARG]
+            assert calls == [1]  # only the disabled round went through Python's grant_copy
+    finally:
+        native.set_enabled(True)
+        w.close()

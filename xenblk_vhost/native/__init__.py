@@ -21,9 +21,18 @@ from types import ModuleType
 from . import build as _build  # the module stays native.build
 from .build import MODULE, NativeBuildError
 
-__all__ = ["NativeBuildError", "load"]
+__all__ = ["NativeBuildError", "enabled", "load", "set_enabled"]
 
 _loaded: ModuleType | None = None
+
+# False: every user of the kernels takes its Python path (the reference, the same results), as if they
+# could not be built: scripts/bench.py --engines compiled,python measures both in one run this way.
+enabled = True
+
+
+def set_enabled(flag: bool) -> None:
+    global enabled
+    enabled = flag
 
 
 def load() -> ModuleType:

@@ -290,7 +290,7 @@ class SimGntdev:
         if not n:
             return
         mod = self._native or self._load_native()
-        if mod is None:
+        if mod is None or not native.enabled:
             self._grant_copy_batch_python(batch)
             return
         ffi, lib = mod.ffi, mod.lib

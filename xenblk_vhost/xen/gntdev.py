@@ -141,15 +141,17 @@ _WIRE_SEGMENT = struct.Struct("<IBB2x")  # blkif_request_segment: gref, first_se
 _ffi: Any = None
 _lib: Any = None
 _packer_tried = False
+_native: Any = None
 
 
 def _packer() -> Any:
     """The compiled kernels' lib (native/pack_segments.c), or None when they cannot be had."""
-    global _ffi, _lib, _packer_tried
+    global _ffi, _lib, _packer_tried, _native
     if not _packer_tried:
         _packer_tried = True
         from .. import native
 
+        _native = native
         try:
             mod = native.load()
             _ffi, _lib = mod.ffi, mod.lib
@@ -157,7 +159,7 @@ def _packer() -> Any:
             import logging
 
             logging.getLogger(__name__).warning("grant copy: segments packed in Python (slower, the same): %s", e)
-    return _lib
+    return _lib if _native.enabled else None
 
 
 def load_compiled_packing() -> bool:
@@ -187,7 +189,8 @@ class CopyBatch:
         self.count = 0  # segments packed for the kernel
         self.owners: list[Any] = []  # the owner of every segment added, refused ones included
         self.refused: dict[int, int] | None = None  # {index among the added: status} of those kept back
-        if _packer() is not None:  # add_segment_bytes' out-parameters, allocated once
+        _packer()
+        if _lib is not None:  # add_segment_bytes' out-parameters, allocated once (used when native.enabled)
             self._refused_idx = _ffi.new("uint32_t[]", 256)
             self._nrefused = _ffi.new("uint32_t *")
             self._covered = _ffi.new("uint64_t *")
