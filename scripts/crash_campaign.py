@@ -7,11 +7,14 @@ Runs tests/e2e_support/crash_campaign.py (read it for the chain and the
 checks): the simulated guest's verifying workload (2 rings, reads, writes,
 flush, barrier, discard, indirect) on qemu-storage-daemon -> NBD ->
 slow_nbd.py (every request completes after its own random delay); the
-daemon killed at a random moment 0..max-life s after it said ready, a new
+daemon killed at a random moment 0..max-life s after it took the rings over, a new
 one started at once, `--kills` times. Prints one line per 10 kills and the
 summary; exit 0 when nothing was lost, repeated or corrupted and every
 restart took the device over Connected. `--no-journal`: the same without
-the journal, to see what it prevents (expect FAILED). The default suite
+the journal, to see what it prevents (expect FAILED). Each daemon is
+killed once it has taken the rings over: killed inside its vhost-user
+connect, ~110 times in a row, left qemu-storage-daemon refusing every later
+client (ECONNREFUSED, for good) in one run. The default suite
 runs 5 kills of the same (tests/test_crash_campaign.py).
 """
 
@@ -34,7 +37,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kills", type=int, default=200)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--max-life", type=float, default=0.4, help="kill within this many seconds of ready")
+    p.add_argument("--max-life", type=float, default=0.4, help="kill within this many seconds of the takeover")
     p.add_argument("--max-delay-ms", type=float, default=6.0, help="the storage's longest per-request delay")
     p.add_argument("--no-journal", action="store_true", help="the daemons run without the journal")
     args = p.parse_args()

@@ -77,7 +77,9 @@ class StorageDaemon:
     def add_nbd_export(self, name: str, *, nbd_socket: Path, size: int, num_queues: int = 2) -> VhostUserExport:
         """Export what an NBD server on a unix socket serves (e.g. slow_nbd.py: out-of-order completions)."""
         node = f"{name}-nbd"
-        self._args += ["--blockdev", f"driver=nbd,node-name={node},server.type=unix,server.path={nbd_socket}"]
+        # reconnect-delay: a dropped NBD connection is made again, requests wait for it rather than fail.
+        self._args += ["--blockdev", f"driver=nbd,node-name={node},server.type=unix,server.path={nbd_socket},"
+                       "reconnect-delay=5"]
         return self._add_export(name, node, size, None, num_queues, True)
 
     def _add_export(self, name, node, size, image, num_queues, writable) -> VhostUserExport:

@@ -108,9 +108,12 @@ class Server:
                 self.log.write(f"Z {offset} {length}\n")
         elif kind != CMD_FLUSH:
             error = EINVAL
-        async with lock:
-            reply = struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, handle)
-            await stream.send_all(reply + (payload if not error else b""))
+        reply = struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, handle)
+        try:
+            async with lock:
+                await stream.send_all(reply + (payload if not error else b""))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away: the others' connections go on
 
     async def serve(self, stream: trio.SocketStream) -> None:
         try:
@@ -128,6 +131,8 @@ class Server:
                     nursery.start_soon(self._one, stream, lock, kind, handle, offset, length, data)
         except (Disconnect, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception as e:  # one connection's trouble never ends the server
+            print(f"connection ended: {e!r}", file=sys.stderr, flush=True)
         finally:
             await stream.aclose()
 

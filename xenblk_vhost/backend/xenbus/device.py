@@ -73,6 +73,9 @@ from .state_machine import Action, on_frontend_state
 log = logging.getLogger(__name__)
 
 RESIZE_POLL_INTERVAL = 1.0
+# A device found Connected (a restart, a crash): how long its storage may refuse us before the
+# device is failed. The guest's I/O waits meanwhile; failing it loses the guest its disk.
+TAKEOVER_STORAGE_PATIENCE = 30.0
 # How long the way out may take: draining the rings (Vbd's own bound is
 # 5 s per ring) and a few xenstore writes.
 RELEASE_TIMEOUT = 30.0
@@ -248,7 +251,10 @@ class Device:
         await self._rm_error_report()  # a previous device's report, not ours
         try:
             self.nodes = await self._read_toolstack_nodes()
-            await self._open()
+            if self.state == XenbusState.CONNECTED:
+                await self._open_patiently()
+            else:
+                await self._open()
         except DeviceFatal as e:
             await self._fatal(e)
             return
@@ -320,6 +326,26 @@ class Device:
                  self.nodes.mode, f.sectors, f.sector_size, " ro" if f.read_only else "",
                  f.max_queues, f.max_ring_page_order, f.max_indirect_segments, f.data_path,
                  ", persistent grants" if f.persistent else "")
+
+    async def _open_patiently(self) -> None:
+        """_open for a device a previous process left Connected: the guest's disk is live and waits
+        for us, so a storage that refuses us for a while (a vhost-user storage daemon still ending
+        the dead process's session refuses connections) is tried again, for up to
+        TAKEOVER_STORAGE_PATIENCE seconds, before the device is failed (Closing: the guest loses it)."""
+        deadline = trio.current_time() + TAKEOVER_STORAGE_PATIENCE
+        delay = 0.02
+        while True:
+            try:
+                await self._open()
+                return
+            except DeviceFatal as e:
+                if e.errno == errno.ENODEV or trio.current_time() + delay > deadline:
+                    raise
+                if delay == 0.02:
+                    log.warning("%s: storage not available for the takeover (%s); trying again for up to %.0f s",
+                                self.name, e.message, TAKEOVER_STORAGE_PATIENCE)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def _probe_nodes(self) -> dict[str, str]:
         assert self.vbd is not None
