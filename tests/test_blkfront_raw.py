@@ -90,3 +90,23 @@ async def test_raw_ring_refuses_a_ring_with_requests_in_flight(world):
                     async with front.raw_ring(0):
                         pass
                 await front.close()
+
+
+async def test_raw_ring_twice_in_a_row_without_a_checkpoint(world):
+    """raw_ring restarts the ring's reaper on exit; entering again at once must
+    wait for that reaper to end, or it and the raw user both wait on the event
+    channel (trio.BusyResourceError: the hostile campaign hit this)."""
+    domid, vbd = await new_vbd(world)
+    async with mini_backend(world, vbd):
+        async with frontend(world, domid, vbd, BlkfrontOptions(max_queues=1)) as front:
+            for round_ in range(3):
+                async with front.raw_ring(0) as raw:
+                    page = raw.grant_page(readonly=True, data=bytes([round_]) * 4096)
+                    buf = bytearray(raw.entry_size)
+                    raw.encoder.rw(buf, 0, OP_WRITE, 40 + round_, 0, [(page.gref, 0, 7)])
+                    raw.queue([bytes(buf)])
+                    raw.publish()
+                    raw.notify()
+                    [answer] = await raw.responses(count=1, timeout=10)
+                    assert (answer.id, answer.status) == (40 + round_, RSP_OKAY)
+            assert await front.read(0, 8) == b"\x02" * 4096

@@ -21,7 +21,8 @@ Every command takes an optional "dev" (a devid; default: the first):
     wait_resize {timeout}     -> {sectors, resizes}
     wait_closed {timeout}     -> {errors}   the backend closed (detach)
     report                    -> front.report()
-    workloads {devs, requests, depth, seed, max_sectors?, seconds?, region_sectors?}   run_workload on each dev at once
+    workloads {devs, requests, depth, seed, region_sectors?, max_sectors?, seconds?, final_verify?}
+                              run_workload on each dev at once
                               -> {devid: WorkloadResult.as_dict()}
     exit
 Errors answer {"error": "<exception repr>"}.
@@ -65,8 +66,9 @@ async def _workloads(fronts: dict[int, Blkfront], a: dict) -> dict:
 
     async def one(devid: int) -> None:
         w = Workload(requests=int(a.get("requests", 200)), depth=int(a.get("depth", 8)),
-                     seed=int(a.get("seed", 1)) + devid, max_sectors=int(a.get("max_sectors", 64)),
-                     seconds=float(a.get("seconds", 0.0)), region_sectors=int(a.get("region_sectors", 0)))
+                     seed=int(a.get("seed", 1)) + devid, region_sectors=int(a.get("region_sectors", 0)),
+                     max_sectors=int(a.get("max_sectors", 64)), seconds=float(a.get("seconds", 0.0)),
+                     final_verify=bool(a.get("final_verify", True)))
         results[str(devid)] = (await run_workload(fronts[devid], w)).as_dict()
 
     async with trio.open_nursery() as nursery:

@@ -136,6 +136,7 @@ class Blkfront:
         self._setups: list[_RingSetup] = []
         self.rings: list[FrontendRing] = []
         self._ring_scopes: list[trio.CancelScope | None] = []
+        self._reapers_done: dict[int, trio.Event] = {}  # by ring index: set when its reaper task has ended
         self._torn_down = trio.Event()
         self._torn_down.set()
         self._errors: list[str] = []
@@ -296,13 +297,17 @@ class Blkfront:
     def _start_reaper(self, ring: FrontendRing) -> None:
         scope = trio.CancelScope()
         self._ring_scopes[ring.index] = scope
+        done = self._reapers_done[ring.index] = trio.Event()
 
         async def reaper() -> None:
-            with scope:
-                try:
-                    await ring.serve()
-                except trio.ClosedResourceError:
-                    pass  # the event channel was closed under us: teardown
+            try:
+                with scope:
+                    try:
+                        await ring.serve()
+                    except trio.ClosedResourceError:
+                        pass  # the event channel was closed under us: teardown
+            finally:
+                done.set()
 
         self._nursery.start_soon(reaper)
 
@@ -484,6 +489,9 @@ class Blkfront:
         scope = self._ring_scopes[queue]
         if scope is not None:
             scope.cancel()
+            # Until it has ended: a reaper started but not yet run would
+            # otherwise wait on the event channel beside the raw user.
+            await self._reapers_done[queue].wait()
         raw = RawRing(ring, self.guest, self._details.backend_id)
         try:
             yield raw

@@ -44,6 +44,10 @@ class RawRing:
         self._backend = backend_domid
         self._pages: list[GrantedPage] = []
 
+    @property
+    def backend_domid(self) -> int:
+        return self._backend
+
     # ---- slots and indices ----------------------------------------------------------------
 
     def slot_offset(self, index: int) -> int:

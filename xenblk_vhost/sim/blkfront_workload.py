@@ -65,6 +65,10 @@ class WorkloadResult:
     # The guest's view of a backend pause: the longest stretches with requests in flight and
     # none answered, longest first, {"start": wall clock (time.time()), "seconds": ...}.
     pauses: list = field(default_factory=list)
+    # Each request's time from issue to answer (the final verify not counted):
+    # what a guest sharing the backend with a hostile one is measured by.
+    max_latency_s: float = 0.0
+    total_latency_s: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -180,6 +184,7 @@ async def run_workload(front, workload: Workload) -> WorkloadResult:
             if first_sect + nr > limit:
                 first_sect = 0
                 nr = min(nr, limit // align * align)
+            issued = time.perf_counter()
             try:
                 await _one(front, lane, op, sector, nr, first_sect, number, workload.seed, result)
             except Exception as exc:  # a failed request is a result, not a crash
@@ -187,6 +192,9 @@ async def run_workload(front, workload: Workload) -> WorkloadResult:
                 if len(result.errors) < _MAX_REPORTED:
                     result.errors.append(f"{op} sector {sector} x{nr}: {exc!r}")
             meter.answered()
+            latency = time.perf_counter() - issued
+            result.total_latency_s += latency
+            result.max_latency_s = max(result.max_latency_s, latency)
             result.requests += 1
             result.by_op[op] += 1
 
