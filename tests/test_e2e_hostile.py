@@ -13,9 +13,14 @@ from __future__ import annotations
 import errno
 import logging
 
+import trio
+
 from e2e_support.fixtures import backend_service, disk_image, domain_config, read_text, state_is, wait_node
 from e2e_support.frontend_agent import frontend_agent
 from xenblk_vhost.backend.xenbus.guest_warnings import GuestWarnings
+from xenblk_vhost.sim.blkfront import open_blkfront
+from xenblk_vhost.sim.blkfront_config import BlkfrontOptions
+from xenblk_vhost.sim.guest import Guest
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.world import open_world
 from xenblk_vhost.sim.xenstore_guest import open_guest_xenstore
@@ -48,6 +53,13 @@ HOSTILE = [
     ({"multi-queue-num-queues": "2", "queue-0/ring-ref": "9", "queue-0/event-channel": "7",
       "queue-1/event-channel": "8"},
      f"{errno.EINVAL} reading {{fe}}/queue-1/ring-ref: missing"),
+    # Fewer ring refs than the order says.
+    ({"ring-page-order": "2", "ring-ref0": "9", "ring-ref1": "10", "ring-ref2": "11", "event-channel": "7"},
+     f"{errno.EINVAL} reading {{fe}}/ring-ref3: missing"),
+    ({"ring-ref": "9", "event-channel": "4294967296"},
+     f"{errno.EINVAL} reading {{fe}}/event-channel: 4294967296 is out of range (max 131071)"),
+    ({"multi-queue-num-queues": "99999999999999999999", "ring-ref": "9", "event-channel": "7"},
+     f"{errno.EINVAL} reading {{fe}}/multi-queue-num-queues: "),
     # Well-formed, but ref 9 was never granted to us: the map fails in the hypervisor.
     ({"ring-ref": "9", "event-channel": "7"}, f"{errno.EINVAL} mapping ring-ref port 7: "),
 ]
@@ -109,3 +121,49 @@ async def test_hostile_transport_nodes_are_refused_with_blkbacks_errors_while_ot
     assert len(guest_lines) == 3  # 13 failures, a burst of 3 lines, the rest counted
     assert warnings.suppressed(mallory.domid) == len(HOSTILE) + 1 - 3
     assert all("\n" not in line for line in guest_lines)  # the guest's bytes cannot forge log lines
+
+
+async def test_state_flapping_and_a_second_connected_leave_the_ring_and_the_neighbour_alone(tmp_path):
+    """A connected guest that rewrites its state (Connected again, Initialised,
+    Initialising, a burst of flapping) and scribbles over its ring nodes while
+    connected: blkback ignores all of it (frontend_changed: Initialised or
+    Connected while Connected is no news; Initialising only counts when the
+    backend is Closed; the ring nodes are read once, at connect). The ring
+    keeps serving, nothing more is mapped, and the other guest is served."""
+    bad_img, good_img = disk_image(tmp_path, "bad.img"), disk_image(tmp_path, "good.img")
+    configs = [domain_config(tmp_path, "mallory", [f"vdev: xvda, driver: io_uring, path: {bad_img}"]),
+               domain_config(tmp_path, "alice", [f"vdev: xvda, driver: io_uring, path: {good_img}"])]
+    async with open_world(tmp_path / "w") as world:
+        mallory = await world.create_guest("mallory")
+        alice = await world.create_guest("alice")
+        async with backend_service(world, configs) as service:
+            gntdev = service._platform.gntdev
+            bad = await world.attach_vbd(mallory.domid, VbdConfig(vdev="xvda", target=str(bad_img)))
+            good = await world.attach_vbd(alice.domid, VbdConfig(vdev="xvda", target=str(good_img)))
+            guest = Guest.attach(world.hypervisor_path, mallory.domid)
+            try:
+                async with frontend_agent(world, alice.domid, good.devid) as alice_fe, \
+                        open_guest_xenstore(mallory.domid, world.xenstore_path) as gxs, \
+                        open_blkfront(gxs, guest, bad.devid, BlkfrontOptions(max_queues=1)) as front:
+                    await alice_fe.call("connect")
+                    maps = sum(1 for m in gntdev._maps if m.domid == mallory.domid)
+                    await front.write(0, b"a" * 4096)
+                    fe = bad.frontend
+                    sequences = [["4"], ["3", "4"], ["1", "4"], ["3", "1", "3", "4", "3", "4"]]
+                    for n, states in enumerate(sequences):
+                        for state in states:
+                            await gxs.write(f"{fe}/state", state)
+                        await gxs.write(f"{fe}/ring-ref", "9")  # no longer what is mapped
+                        await gxs.write(f"{fe}/event-channel", "1")
+                        await trio.sleep(0.2)  # let the backend see every write
+                        assert await read_text(world.xs, f"{bad.backend}/state") == "4"
+                        data = bytes([n]) * 4096
+                        await front.write(8, data)
+                        assert await front.read(8, 8) == data
+                        await alice_fe.call("write", sector=64, sectors=8, seed=n)
+                        assert (await alice_fe.call("verify", sector=64, sectors=8, seed=n))["equal"]
+                        assert sum(1 for m in gntdev._maps if m.domid == mallory.domid) == maps
+                    assert front.errors == []
+                    assert (await alice_fe.call("close"))["errors"] == []
+            finally:
+                guest.close()
