@@ -58,7 +58,7 @@ VENV=$ROOT$PREFIX
 # The sources only (no .venv, build/ or egg-info of the checkout), so pip builds a clean wheel.
 log "copying the sources"
 mkdir -p "$WORK/src"
-tar -C "$HERE" --exclude=__pycache__ -cf - pyproject.toml README.md LICENSE xenblk_vhost | tar -C "$WORK/src" -xf -
+tar -C "$HERE" --exclude=__pycache__ --exclude=xenblk_vhost/native/_build -cf - pyproject.toml README.md LICENSE xenblk_vhost | tar -C "$WORK/src" -xf -
 
 log "venv $PREFIX with xenblk-vhost $VERSION[journal] (Python $PYVER)"
 "$PY" -m venv "$VENV"
@@ -187,7 +187,7 @@ Version: $DEB_VERSION
 Architecture: $ARCH
 Maintainer: $MAINTAINER
 Installed-Size: $INSTALLED_SIZE
-Depends: python3 (>= $PYVER), python3 (<< $PYNEXT), libblkio1, libsystemd0, libc6
+Depends: python3 (>= $PYVER), python3 (<< $PYNEXT), libblkio1, libsystemd0, libatomic1, libc6
 Suggests: qemu-system-common, xen-utils-common
 Section: admin
 Priority: optional
