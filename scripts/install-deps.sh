@@ -58,7 +58,8 @@ PKGS=(libblkio1 libblkio-dev gcc libc6-dev gcc-multilib libatomic1 libxen-dev li
 # The real-Xen rig (scripts/xen-rig): QEMU to boot Xen, debootstrap to build dom0's image.
 if [ -z "${XENBLK_NO_RIG:-}" ]; then
   PKGS+=(qemu-system-x86 debootstrap e2fsprogs cpio busybox-static xz-utils zstd bc
-         debian-archive-keyring)
+         debian-archive-keyring
+         podman runc)  # scripts/build-containers.sh (debootstrap too): not the rig's, skipped with it
 fi
 
 missing=()
@@ -71,6 +72,25 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
   log "all ${#PKGS[@]} Debian packages present"
+fi
+
+# podman (scripts/build-containers.sh): runc, and no default ulimits. Its default raises
+# RLIMIT_NOFILE to 1048576 in every container, which a host whose own hard limit is lower
+# (a container itself, like the project's CI machines) refuses: runc fails with "error setting
+# rlimits". A drop-in, so an existing /etc/containers/containers.conf is left as it is.
+if [ -z "${XENBLK_NO_RIG:-}" ]; then
+  dropin=/etc/containers/containers.conf.d/50-xenblk-vhost.conf
+  want_dropin='# Written by xenblk-vhost'"'"'s scripts/install-deps.sh (scripts/build-containers.sh needs it).
+[containers]
+default_ulimits = []
+
+[engine]
+runtime = "runc"'
+  if [ "$(cat "$dropin" 2>/dev/null)" != "$want_dropin" ]; then
+    log "podman: $dropin (runc, default_ulimits = [])"
+    mkdir -p "$(dirname "$dropin")"
+    printf '%s\n' "$want_dropin" > "$dropin"
+  fi
 fi
 
 # qemu-storage-daemon lives in qemu-system-common on both releases.

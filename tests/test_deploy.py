@@ -1,8 +1,9 @@
 """deploy/: the systemd units, the Containerfile, the compose file and the
 storage-node option files, checked as far as this machine allows.
 
-No container engine runs here, so nothing is built or started in a
-container: the Containerfile's RUN steps are compared with
+Here, in the default suite, nothing is built or started in a container
+(scripts/build-containers.sh and tests/containers_check.py do that, from
+.ci/run: the first build takes minutes): the Containerfile's RUN steps are compared with
 scripts/install-deps.sh (same pin files, same apt commands, packages it
 installs too), its qemu-storage-daemon ENTRYPOINT is run as written, and the
 compose file is checked for what must agree (targets, devices, shared
