@@ -45,9 +45,9 @@ from xenblk_vhost.sim.world import open_world
 PHASE_LINE = re.compile(r"serving (\S+) s after (exec|the start of our code) \((.*)\)")
 
 
-def run_argv(world, config: Path, tree: str | None) -> list[str]:
+def run_argv(world, config: Path, tree: str | None, *extra: str) -> list[str]:
     argv = [sys.executable, "-m", "xenblk_vhost", "run", str(config),
-            "--xenstore", world.xenstore_path, "--sim", world.hypervisor_path]
+            "--xenstore", world.xenstore_path, "--sim", world.hypervisor_path, *extra]
     # PYTHONPATH comes before the venv's editable finder: the older tree's package is the one imported;
     # and -m puts the working directory before both: run from the world's directory, not a checkout.
     env = ["env", f"PYTHONPATH={tree}"] if tree else []

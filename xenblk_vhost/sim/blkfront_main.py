@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-final-verify", action="store_true")
     w.add_argument("--seconds", type=float, default=0.0,
                    help="stop issuing requests after this long (0: after --requests)")
+    w.add_argument("--stop-file", default="", metavar="PATH", help="stop issuing requests once PATH exists")
     w.add_argument("--wait-detach", type=float, default=0.0, metavar="SECONDS",
                    help="after the workload, wait this long for the toolstack to detach "
                         "(backend Closing) instead of closing from the guest")
@@ -88,7 +89,8 @@ def options_from(args: argparse.Namespace) -> BlkfrontOptions:
 def workload_from(args: argparse.Namespace) -> Workload:
     return Workload(requests=args.requests, depth=args.depth, mix=args.mix, max_sectors=args.max_sectors,
                     region_sectors=args.region_sectors, seed=args.seed,
-                    final_verify=not args.no_final_verify, seconds=args.seconds)
+                    final_verify=not args.no_final_verify, seconds=args.seconds,
+                    stop_file=args.stop_file)
 
 
 async def frontend_nodes(xs, fe_path: str) -> dict[str, str]:

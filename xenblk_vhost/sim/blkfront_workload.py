@@ -16,6 +16,7 @@ negotiated) can carry.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ class Workload:
     seed: int = 1
     final_verify: bool = True  # read every lane back at the end
     seconds: float = 0.0  # > 0: stop issuing after this long (or `requests`, whichever comes first)
+    stop_file: str = ""  # stop issuing once this file exists (a benchmark's "that will do")
 
     def __post_init__(self) -> None:
         unknown = {op for op, _ in self.mix} - set(OPS)
@@ -75,7 +77,7 @@ class WorkloadResult:
 
 
 _MAX_REPORTED = 10
-_PAUSES_REPORTED = 50  # enough for every restart of a benchmark or a hand-over test
+_PAUSES_REPORTED = 200  # every restart of a benchmark or a test, even among a loaded machine's own stalls
 
 
 class _PauseMeter:
@@ -173,6 +175,8 @@ async def run_workload(front, workload: Workload) -> WorkloadResult:
         rng = random.Random(workload.seed * 1_000_003 + lane_no)
         for number in counter:
             if deadline is not None and time.perf_counter() >= deadline:
+                break
+            if workload.stop_file and number % 64 == 0 and os.path.exists(workload.stop_file):
                 break
             op = rng.choices(ops, weights)[0]
             nr = rng.randrange(align, max_sectors + 1, align)

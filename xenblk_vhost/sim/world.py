@@ -145,7 +145,7 @@ class World:
     def frontend_argv(self, domid: int, devid: int, options: BlkfrontOptions = BlkfrontOptions(), *,
                       requests: int = 1000, depth: int = 16, mix: str | None = None, max_sectors: int = 64,
                       seed: int = 1, final_verify: bool = True, wait_detach: float = 0.0,
-                      region_sectors: int = 0, seconds: float = 0.0) -> list[str]:
+                      region_sectors: int = 0, seconds: float = 0.0, stop_file: str = "") -> list[str]:
         argv = [sys.executable, "-m", "xenblk_vhost.sim.blkfront",
                 "--hypervisor", self.hypervisor_path, "--xenstore", self.xenstore_path,
                 "--domid", str(domid), "--devid", str(devid),
@@ -157,6 +157,8 @@ class World:
                 "--state-timeout", str(options.state_timeout),
                 "--requests", str(requests), "--depth", str(depth), "--max-sectors", str(max_sectors),
                 "--seed", str(seed), "--region-sectors", str(region_sectors), "--seconds", str(seconds)]
+        if stop_file:
+            argv += ["--stop-file", stop_file]
         if not options.feature_persistent:
             argv.append("--no-persistent")
         if options.skip_init_wait:
