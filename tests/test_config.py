@@ -138,6 +138,9 @@ def test_vhost_user_socket_is_accepted_and_map_refused(tmp_path):
         ("domain: {name: a}\ndisks: []\n", ":2: disks: must be a non-empty list of disks"),
         ("domain: {name: a}\ndisks:\n  - {driver: io_uring}\n", ":3: disks[0].vdev: missing (required)"),
         ("domain: {name: a}\ndisks:\n  - {vdev: xvdzzzzzzz, driver: io_uring, path: /x}\n", ":3: disks[0].vdev: "),
+        # Found by the config fuzzer: `vdev:` with nothing after it is YAML null (a traceback before).
+        ("domain: {name: a}\ndisks:\n  - vdev:\n    driver: io_uring\n", ":3: disks[0].vdev: a device name or number"),
+        ("domain: {name: a}\ndisks:\n  - {vdev: [xvda], driver: io_uring, path: /x}\n", ":3: disks[0].vdev: a device"),
     ],
 )
 def test_malformed_files_get_line_numbered_errors(tmp_path, text, expected):

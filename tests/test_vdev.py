@@ -26,7 +26,8 @@ def test_name_round_trips(name):
     assert vdev_name(parse_vdev(name)) == name
 
 
-@pytest.mark.parametrize("bad", ["xvd", "vda", "sdq", "hde", "xvda0", "xvda256", 0, -1, True, "d0p999"])
+@pytest.mark.parametrize("bad", ["xvd", "vda", "sdq", "hde", "xvda0", "xvda256", 0, -1, True, "d0p999",
+                                 None, 1.5, ["xvda"], {"xvda": 1}])
 def test_bad_names(bad):
     with pytest.raises(VdevError):
         parse_vdev(bad)

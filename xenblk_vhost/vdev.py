@@ -52,7 +52,7 @@ def _xvd(disk: int, partition: int) -> int:
     raise VdevError(f"xvd disk {disk} partition {partition} out of range")
 
 
-def parse_vdev(value: str | int) -> int:
+def parse_vdev(value: object) -> int:
     """Device number for a name like 'xvda', 'xvdb1', 'sdc', 'hda', 'd0p1' or a number."""
     if isinstance(value, bool):
         raise VdevError("a device name or number is needed, not a boolean")
@@ -60,6 +60,9 @@ def parse_vdev(value: str | int) -> int:
         if value <= 0 or value >= 1 << 29:
             raise VdevError(f"device number {value} out of range")
         return value
+    if not isinstance(value, str):
+        # A YAML file can give anything here: `vdev:` alone is None, `vdev: [a]` a list.
+        raise VdevError(f"a device name or number is needed, not {type(value).__name__}")
     text = value.strip()
     if text.isdigit():
         return parse_vdev(int(text))
