@@ -28,6 +28,7 @@ from backend_support.harness import (
 )
 from backend_support.qsd_exports import daemon_with_file, failing_sector_export
 from backend_support.workload import Workload
+from xenblk_vhost.backend.datapath.storage_link import ReconnectPolicy
 from xenblk_vhost.backend.datapath.vbd import VbdConnectError
 from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_ERROR, RSP_OKAY
 from xenblk_vhost.xen.interfaces import PAGE_SIZE
@@ -162,11 +163,13 @@ async def test_workload_over_vhost_user(tmp_path, platform, guest):
 
 
 async def test_vanished_vhost_user_server(tmp_path, platform, guest):
-    """qemu-storage-daemon dies with requests in flight: every one of them is answered ERROR once the
-    storage timeout passes, later requests fail at once, the ring stays alive; disconnect is clean, and
-    the next connection reports that the storage cannot be reopened."""
+    """qemu-storage-daemon dies with requests in flight and does not come back: once the storage
+    timeout passes they are held for the reconnect hold, then every one of them is answered ERROR,
+    later requests fail at once (reconnect attempts go on), the ring stays alive; disconnect is clean,
+    and the next connection reports that the storage cannot be reopened."""
     with daemon_with_file(tmp_path / "qsd", DISK_SIZE, num_queues=1) as (daemon, export):
-        vbd = make_vbd(export.socket, driver="virtio-blk-vhost-user", queues=1, storage_timeout=1.0)
+        vbd = make_vbd(export.socket, driver="virtio-blk-vhost-user", queues=1, storage_timeout=1.0,
+                       reconnect=ReconnectPolicy(hold=0.5))
         front = TestFrontend(guest)
         try:
             async with connected(vbd, front, platform):
@@ -182,6 +185,9 @@ async def test_vanished_vhost_user_server(tmp_path, platform, guest):
                 daemon.kill()  # ...and dies (SIGKILL works on a stopped process)
                 got = await front.responses(0, 8, timeout=10)
                 assert sorted(tuple(r) for r in got) == [(10 + i, OP_WRITE, RSP_ERROR) for i in range(8)]
+                link = vbd.stats()["storage"]
+                assert link["state"] == "failed" and link["losses"] == 1 and link["attempts"] >= 1
+                assert "ECONNREFUSED" in link["last_error"]
                 front.rw(0, OP_READ, 30, 0, [(w.gref, 0, 7)])
                 front.push()
                 assert tuple((await front.responses(0, 1))[0]) == (30, OP_READ, RSP_ERROR)
@@ -417,13 +423,14 @@ async def test_guest_destroyed_with_requests_in_flight(tmp_path, platform, hv_so
 async def test_do_io_failing_answers_errors_then_the_storage_is_reopened(tmp_path, platform, guest):
     """blkioq_do_io returning an error (the device is gone): what was queued and what is in flight
     is answered ERROR, later requests fail at once without touching the storage, the ring stays up;
-    the next connection gets freshly opened storage and works."""
+    the next connection gets freshly opened storage and works. (Reconnecting off: with it, see
+    tests/test_storage_faults.py.)"""
     import errno as errno_names
 
     from backend_support.gated_queue import gate_queues
 
     path = make_disk_file(tmp_path / "disk.img")
-    vbd = make_vbd(path, queues=1)
+    vbd = make_vbd(path, queues=1, reconnect=ReconnectPolicy(enabled=False))
     [q] = gate_queues(vbd, [])
     old_storage = vbd.storage
     front = TestFrontend(guest)

@@ -14,6 +14,7 @@ import trio
 from backend_support.frontend import TestFrontend
 from backend_support.gated_queue import gate_queues
 from backend_support.harness import connected, count_tasks, make_disk_file, make_vbd
+from xenblk_vhost.backend.datapath.storage_link import ReconnectPolicy
 from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_ERROR, RSP_OKAY
 from xenblk_vhost.xen.interfaces import PAGE_SIZE
 
@@ -61,9 +62,10 @@ async def test_storage_timeout_answers_only_after_the_storage_is_destroyed(tmp_p
     """D2: no completion within storage_timeout. The read still belongs to the storage (io_uring may
     complete it into the page at any time): it is answered ERROR only once the storage instance is
     destroyed, and its page is unmapped by then. Before: answered and unmapped with the storage
-    alive (the old storage was not closed when the response arrived)."""
+    alive (the old storage was not closed when the response arrived). Reconnecting off: with it the
+    read is parked and run again on a new instance (tests/test_storage_faults.py)."""
     path = make_disk_file(tmp_path / "disk.img")
-    vbd = make_vbd(path, data_path="map", queues=1, storage_timeout=0.3)
+    vbd = make_vbd(path, data_path="map", queues=1, storage_timeout=0.3, reconnect=ReconnectPolicy(enabled=False))
     [q] = gate_queues(vbd, [])
     old_storage = vbd.storage
     front = TestFrontend(guest)

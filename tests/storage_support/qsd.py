@@ -100,7 +100,7 @@ class StorageDaemon:
         argv = [QSD_BINARY,
                 "--chardev", f"socket,id=qmp0,path={self.qmp_socket},server=on,wait=off",
                 "--monitor", "chardev=qmp0", *self._args]
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         wanted = [self.qmp_socket] + [e.socket for e in self.exports.values()]
@@ -125,6 +125,15 @@ class StorageDaemon:
                 self.stop()
                 raise StorageDaemonError(f"qemu-storage-daemon exports not ready within {timeout} s: {self.log()}")
             time.sleep(0.01)
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Start the same daemon again after it died (kill()): same exports, same sockets."""
+        assert self.process is not None and self.process.poll() is not None, "restart() after the daemon died"
+        self._log.close()
+        for path in [self.qmp_socket] + [e.socket for e in self.exports.values()]:
+            path.unlink(missing_ok=True)  # its stale sockets: start() waits for new ones
+        self.process = None
+        self.start(timeout)
 
     def log(self) -> str:
         try:

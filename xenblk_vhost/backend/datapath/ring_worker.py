@@ -42,7 +42,17 @@ Failure rules:
     per-request cancel. The Vbd destroys the storage instance (the one
     abort libblkio has), then calls abandon() on every ring, which answers
     those requests RSP_ERROR and unmaps their pages. The teardown does the
-    same for requests that outlive a timed-out drain.
+    same for requests that outlive a timed-out drain;
+  * unless the Vbd reconnects: then its `on_storage_failure` calls park()
+    on every ring of the vbd (this one included) and destroys the instance:
+    the requests in flight keep their slots, unanswered, and the intake
+    takes nothing new (the guest's requests wait on the shared ring, where
+    a guest expects them to wait). attach_storage(queue, datapath) with a
+    new storage instance queues the parked requests again from step 0
+    (writes copied again from the guest's still-granted pages on the copy
+    path, whose memory region died with the old instance); give_up()
+    answers them RSP_ERROR and fails fast until attach_storage(). stop()
+    and drain() give up too: nothing taken stays unanswered.
 
 Crash safety (journal.py, optional): with a journal, every batch taken is
 recorded (its private copy, indirect segments included) before any storage
@@ -166,6 +176,10 @@ class RingWorker:
         self._notify_failed = False
         self._halted = False
         self._failed = False
+        self._away = False  # storage lost, the vbd reconnecting: requests parked, intake held
+        self._parked: list[Slot] = []
+        self._storage_back: trio.Event | None = None
+        self.storage_resets = 0  # times this ring was handed a new storage instance
         self._stopping = False
         self._idle_scope: trio.CancelScope | None = None
         self._slot_freed: trio.Event | None = None
@@ -212,8 +226,10 @@ class RingWorker:
             self._push()
 
     def stop(self) -> None:
-        """Take no more requests (what is in flight still finishes)."""
+        """Take no more requests (what is in flight still finishes; parked requests are answered ERROR)."""
         self._stopping = True
+        if self._away:
+            self.give_up("disconnecting")
         if self._idle_scope is not None:
             self._idle_scope.cancel()
 
@@ -224,6 +240,8 @@ class RingWorker:
     async def drain(self, timeout: float) -> bool:
         """After cancellation: finish and answer what is in flight. False if it did not finish in time."""
         self._stopping = True
+        if self._away:
+            self.give_up("disconnecting")
         with trio.move_on_after(timeout):
             while self.pool.busy and not self._failed:
                 if not self._io_outstanding:
@@ -276,6 +294,11 @@ class RingWorker:
                 continue
             if gate.closed:
                 await self._idle_wait(gate.wait_open)
+                continue
+            if self._away:
+                back = self._storage_back
+                assert back is not None
+                await self._idle_wait(back.wait)
                 continue
             free = pool.available
             if journal is not None and journal.room < free:
@@ -471,6 +494,9 @@ class RingWorker:
                 slot.status = RSP_ERROR
             self._finish(slots)
             return
+        if self._away:  # a barrier that got through its gate while the storage went away
+            self._park(slots)
+            return
         waiting = self.datapath.prepare(slots)
         if self._counts_grants:
             self.stats.persistent_grants = self.datapath.persistent_grants
@@ -518,7 +544,7 @@ class RingWorker:
 
     def _kick(self) -> None:
         """Submit everything queued; complete whatever finished inline, until nothing does."""
-        if self._failed:
+        if self._failed or self._away:
             return
         do_io = self.queue.do_io
         while True:
@@ -608,21 +634,24 @@ class RingWorker:
                         log.warning("%s: cannot notify the frontend: %s", self.name, e)
 
     def _storage_failed(self, e: Exception) -> None:
-        """The storage as a whole is gone: error for everything that has not reached it; tell the Vbd.
+        """The storage as a whole is gone: tell the Vbd, which parks every ring (it reconnects) or
+        destroys the storage and abandons; without a Vbd, just stop using it.
 
         Slots the storage holds stay as they are until abandon() (after the
-        storage is destroyed): answering them now would let the guest reuse
-        pages a late completion can still write.
+        storage is destroyed) or attach_storage() (parked): answering them now
+        would let the guest reuse pages a late completion can still write.
         """
-        if self._failed:
+        if self._failed or self._away:
             return
-        log.warning("%s: storage failed (%s); answering errors from now on", self.name, e)
-        self.storage_lost()
         if self._on_storage_failure is not None:
             self._on_storage_failure(e)
+        if not (self._failed or self._away):
+            self.storage_lost(e)
 
-    def storage_lost(self) -> None:
+    def storage_lost(self, why: object = "it failed on another ring") -> None:
         """Never touch the storage again (it failed, maybe on another ring); error what waited for memory."""
+        if not self._failed:
+            log.warning("%s: storage failed (%s); answering errors from now on", self.name, why)
         self._failed = True
         stalled, self._stalled = self._stalled, []
         for slot in stalled:
@@ -651,20 +680,105 @@ class RingWorker:
             self._finish(stuck)
         self._push()
 
+    # ------------------------------------------------------------ storage replaced (vbd reconnect)
+
+    @property
+    def storage_away(self) -> bool:
+        return self._away
+
+    def park(self, e: Exception) -> None:
+        """The vbd's storage failed as a whole and the vbd will try a new instance: park what is in
+        flight (unanswered, slots kept), hold the intake. The caller destroys the old instance next,
+        without awaiting in between, so nothing can be queued on it meanwhile."""
+        if self._away or self._failed:
+            return
+        log.warning("%s: storage lost (%s); holding %d request(s) in flight until it is back",
+                    self.name, e, sum(1 for s in self.pool.slots if s.in_storage) + len(self._stalled))
+        self._away = True
+        self._storage_back = trio.Event()
+        stuck = [s for s in self.pool.slots if s.in_storage]
+        stalled, self._stalled = self._stalled, []
+        self._io_outstanding = 0
+        for slot in stuck:
+            slot.in_storage = False
+        self._park(stuck + stalled)
+        self._push()
+
+    def _park(self, slots: list[Slot]) -> None:
+        """Keep these requests (unanswered) for the next storage instance; one that already
+        failed a part is answered ERROR now."""
+        failed = []
+        for slot in slots:
+            slot.parts = 0
+            slot.step = 0
+            if slot.status:
+                failed.append(slot)
+            else:
+                self._parked.append(slot)
+        if failed:
+            self._finish(failed)
+
+    def attach_storage(self, queue: Queue, datapath: DataPath | None = None) -> int:
+        """Serve from a new storage instance: queue the parked requests again from their first step
+        (after `datapath`.prepare() if the data path is new: the copy path's buffers died with the old
+        instance; the map path keeps its mappings). Returns how many requests were re-queued."""
+        if any(s.in_storage for s in self.pool.slots) or self._io_outstanding:
+            raise RuntimeError(f"{self.name}: storage replaced while requests are in the old one")
+        self.queue = queue
+        self.storage_resets += 1
+        self._failed = False
+        self._last_completion = time.monotonic()
+        parked, self._parked = self._parked, []
+        was_away, self._away = self._away, False
+        if datapath is not None:
+            self.datapath = datapath
+            self._start(parked)
+        else:
+            for slot in parked:
+                self._queue(slot)
+        self._kick()
+        self._push()
+        if was_away:
+            self._wake_intake()
+        return len(parked)
+
+    def give_up(self, why: str) -> None:
+        """No storage to come back in time: answer the parked requests ERROR and fail fast until
+        attach_storage()."""
+        if not self._away:
+            return
+        parked, self._parked = self._parked, []
+        self._away = False
+        log.warning("%s: storage still away (%s): answering %d held request(s) ERROR", self.name, why, len(parked))
+        self._failed = True  # the old instance is destroyed: nothing is in it, nothing waits for memory
+        for slot in parked:
+            slot.status = RSP_ERROR
+        if parked:
+            self._finish(parked)
+        self._push()
+        self._wake_intake()
+
+    def _wake_intake(self) -> None:
+        back, self._storage_back = self._storage_back, None
+        if back is not None:
+            back.set()
+
     # ------------------------------------------------------------ reaper
 
     async def _reap_loop(self) -> None:
-        wait_io = self.queue.wait_io
         while True:
-            if self._failed or not self._io_outstanding:
+            if self._failed or self._away or not self._io_outstanding:
                 self._reaper_wakeup = trio.Event()
                 await self._reaper_wakeup.wait()
                 continue
+            queue = self.queue
             try:
-                batch = await wait_io(timeout=self.storage_timeout)
+                batch = await queue.wait_io(timeout=self.storage_timeout)
             except trio.ClosedResourceError:
-                continue  # the Vbd destroyed the storage (this or another ring failed): _failed is set
+                continue  # the Vbd destroyed the storage (this or another ring failed): failed or parked
             except BlkioError as e:
+                if queue is not self.queue:
+                    continue  # the old instance's: its requests were parked or answered already
                 # ETIME: nothing completed for storage_timeout in this wait;
                 # a failure only if nothing completed meanwhile (the intake
                 # may have reaped completions inline). Any other error is
@@ -675,6 +789,8 @@ class RingWorker:
                     self._storage_failed(e)
                     self._push()
                 continue
+            if queue is not self.queue:
+                continue  # completions of a destroyed instance: their requests were parked again
             self._complete(batch)
             self._kick()
             self._push()

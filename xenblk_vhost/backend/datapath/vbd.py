@@ -37,11 +37,21 @@ One libblkio queue per ring (ring i uses storage queue i), so a vbd
 serves as many rings as the storage opened queues (features.max_queues).
 A frontend may connect, disconnect and connect again to the same Vbd; if
 the storage failed as a whole meanwhile it is reopened at the next serve().
+
+Storage failing as a whole WHILE serving (a killed vhost-user server, or
+no completion for storage_timeout): the old instance is destroyed at once
+(nothing it still holds can land in memory we reuse), the rings park their
+requests, and a task of serve() opens a new instance on the same
+properties with backoff (storage_link.py: the policy, what the guest sees,
+what is retried); the rings then go on with it, frontend untouched.
+`vbd.storage_link` says where that stands (stats()["storage"]).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -67,6 +77,7 @@ from .ring_journal import AttachedJournal, attach_journal, ring_identity
 from .ring_policy import DEFAULT_STORAGE_TIMEOUT, RingPolicy
 from .ring_worker import RingWorker
 from .stats import RingStats, total
+from .storage_link import FAILED, ReconnectPolicy, StorageLink, worth_logging
 from .storage_ops import StorageShape
 
 log = logging.getLogger(__name__)
@@ -90,6 +101,8 @@ class _RingResources:
         self.worker: RingWorker | None = None
         self.journal: AttachedJournal | None = None
         self.remove_journal = False  # the connection ended in order: nothing for a successor
+        # the copy path's memory region belongs to a storage instance: a new instance needs a new one
+        self.new_datapath: Callable[[StorageDevice], DataPath] | None = None
 
     def close(self) -> None:
         errors = []
@@ -130,7 +143,8 @@ class Vbd:
                  storage_timeout: float = DEFAULT_STORAGE_TIMEOUT,
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
                  max_persistent_grants: int = MAX_PERSISTENT_GRANTS,
-                 shape: StorageShape | None = None, journal_dir: Path | None = None) -> None:
+                 shape: StorageShape | None = None, journal_dir: Path | None = None,
+                 reconnect: ReconnectPolicy | None = None) -> None:
         """Take ownership of an opened storage device.
 
         journal_dir: keep each ring's in-flight journal there (journal_file.py),
@@ -139,6 +153,7 @@ class Vbd:
         shape: override the storage's request limits (max-transfer,
         max-segments, max discard) the datapath splits requests by; tests
         use it to exercise splitting on storage without such limits.
+        reconnect: what to do when the storage fails as a whole while serving (storage_link.py).
         """
         self.disk = disk
         self.storage = storage
@@ -159,6 +174,10 @@ class Vbd:
         self._stopped: trio.Event | None = None
         self._storage_failed = False
         self._paused = False
+        self.reconnect_policy = reconnect or ReconnectPolicy()
+        self.storage_link = StorageLink()
+        self._resources: list[_RingResources] = []
+        self._storage_lost: trio.Event | None = None  # set while serving with reconnect: wakes _keep_storage
 
     @classmethod
     def open(cls, disk: DiskConfig, *, queues: int | None = None, **kwargs) -> Vbd:
@@ -191,7 +210,7 @@ class Vbd:
 
     def stats(self) -> dict:
         rings = [s.snapshot() for s in self._ring_stats]
-        return {"rings": rings, "total": total(rings)}
+        return {"rings": rings, "total": total(rings), "storage": self.storage_link.snapshot()}
 
     # ------------------------------------------------------------ pause (operator)
 
@@ -258,17 +277,32 @@ class Vbd:
             raise VbdConnectError(f"storage of {self.disk.name} cannot be reopened: {e}") from e
         self._storage_failed = False
 
-    def _note_storage_failure(self, _e: Exception) -> None:
+    def _note_storage_failure(self, e: Exception) -> None:
         """A ring saw the storage fail as a whole: abort it now rather than at the teardown.
 
-        The guest gets its errors at once, yet no request is answered (nor
-        its pages unmapped) while the storage may still write them: every
-        ring stops using the storage, the instance is destroyed (libblkio's
-        only abort: no per-request cancel exists), then each ring answers
-        what the storage held. It is reopened at the next connect.
+        No request is answered (nor its pages unmapped) while the storage may
+        still write them: every ring stops using the storage, the instance is
+        destroyed (libblkio's only abort: no per-request cancel exists), then
+        - reconnecting (serving with a ReconnectPolicy enabled): the rings
+          park their requests and _keep_storage brings a new instance;
+        - else: each ring answers what the storage held ERROR; the storage is
+          reopened at the next connect.
+        Synchronous: nothing awaits between the rings' parking and the destroy.
         """
+        if self._storage_failed:
+            return
         self._storage_failed = True
-        self._destroy_storage_then_abandon(self._workers)
+        if self._storage_lost is None:
+            self._destroy_storage_then_abandon(self._workers)
+            return
+        log.warning("%s: storage failed (%s); reconnecting to %s", self.disk.name, e, self.disk.path)
+        self.storage_link.lost(e)
+        for w in self._workers:
+            w.park(e)
+        # Destroyed now, before any ring can reuse a buffer the old instance (or a frozen server
+        # sharing its memory) could still write.
+        self.storage.close()
+        self._storage_lost.set()
 
     def _destroy_storage_then_abandon(self, workers: list[RingWorker]) -> None:
         for w in workers:
@@ -276,6 +310,84 @@ class Vbd:
         self.storage.close()
         for w in workers:
             w.abandon()
+
+    # ------------------------------------------------------------ reconnecting (storage_link.py)
+
+    async def _keep_storage(self) -> None:
+        """While serving: each time the storage is lost, get a new instance to the rings."""
+        policy = self.reconnect_policy
+        while True:
+            assert self._storage_lost is not None
+            await self._storage_lost.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._hold_requests, policy.hold)
+                storage, datapaths = await self._open_with_backoff(policy)
+                nursery.cancel_scope.cancel()
+            self._attach(storage, datapaths)
+            self._storage_lost = trio.Event()
+
+    async def _hold_requests(self, hold: float) -> None:
+        await trio.sleep(hold)
+        for w in self._workers:
+            w.give_up(f"no storage for {hold:g} s")
+        self.storage_link.gave_up_holding()
+
+    async def _open_with_backoff(self, policy: ReconnectPolicy) -> tuple[StorageDevice, list]:
+        for delay in policy.delays():
+            problem: Exception | str
+            try:
+                storage = await _open_in_thread(self.disk, self.features.max_queues)
+            except OSError as e:
+                problem = e
+            else:
+                try:
+                    return storage, self._fit(storage)
+                except (OSError, ValueError) as e:
+                    storage.close()
+                    problem = e
+            self.storage_link.attempt_failed(problem)
+            attempt = self.storage_link.attempts
+            if worth_logging(attempt):
+                log.warning("%s: storage still away (attempt %d: %s); next in %.2f s%s", self.disk.name, attempt,
+                            problem, delay, ", requests answered ERROR meanwhile"
+                            if self.storage_link.state == FAILED else ", requests held")
+            await trio.sleep(delay)
+        raise AssertionError("unreachable: delays() is endless")
+
+    def _fit(self, storage: StorageDevice) -> list:
+        """Check a new instance can take the old one's place; make the data paths that need it."""
+        if len(storage.queues) < len(self._workers):
+            raise ValueError(f"{len(storage.queues)} queues, {len(self._workers)} rings connected")
+        old = self.features
+        if storage.limits.logical_block_size != old.sector_size:
+            raise ValueError(f"logical block size {storage.limits.logical_block_size}, was {old.sector_size}")
+        if storage.capacity < self._sectors * SECTOR_SIZE:
+            raise ValueError(f"{storage.capacity} bytes, the frontend was told {self._sectors * SECTOR_SIZE}")
+        datapaths: list = []
+        try:
+            for res in self._resources:
+                datapaths.append(res.new_datapath(storage) if res.new_datapath is not None else None)
+        except BaseException:
+            for dp in datapaths:
+                if dp is not None:
+                    dp.close()
+            raise
+        return datapaths
+
+    def _attach(self, storage: StorageDevice, datapaths: list) -> None:
+        self.storage = storage
+        self._storage_failed = False
+        retried = 0
+        for i, (res, datapath) in enumerate(zip(self._resources, datapaths)):
+            if datapath is not None:
+                old, res.datapath = res.datapath, datapath
+                if old is not None:
+                    old.close()  # its region went with the old instance
+            assert res.worker is not None
+            retried += res.worker.attach_storage(storage.queues[i], datapath)
+        away = self.storage_link.back(retried)
+        log.warning("%s: storage back after %.2f s (%d failed attempts); %d request(s) queued again",
+                    self.disk.name, away, self.storage_link.attempts, retried)
 
     def _make_ring(self, res: _RingResources, rspec: RingSpec, spec: ConnectionSpec, platform: Platform,
                    limits: RequestLimits) -> RingWorker:
@@ -298,8 +410,13 @@ class Vbd:
         # The one place that picks how a request's data reaches the guest's pages.
         if f.data_path == "copy":
             slots, nlarge = plan_bounce(self.disk.memory, max_slots, max_request_bytes)
-            res.datapath = CopyDataPath(self.storage, platform.gntdev, domid, slots=slots,
-                                        large_buffers=nlarge, max_request_bytes=max_request_bytes)
+
+            def new_datapath(storage: StorageDevice) -> DataPath:
+                return CopyDataPath(storage, platform.gntdev, domid, slots=slots, large_buffers=nlarge,
+                                    max_request_bytes=max_request_bytes)
+
+            res.new_datapath = new_datapath
+            res.datapath = new_datapath(self.storage)
         else:
             slots = max_slots
             cache = None
@@ -366,11 +483,18 @@ class Vbd:
                 resources.append(res)
                 workers.append(self._make_ring(res, rspec, spec, platform, limits))
             self._workers = workers
+            self._resources = resources
             async with trio.open_nursery() as nursery:
-                for w in self._workers:
-                    await nursery.start(w.run)
-                task_status.started()
+                if self.reconnect_policy.enabled:
+                    self._storage_lost = trio.Event()
+                    nursery.start_soon(self._keep_storage)
+                async with trio.open_nursery() as rings:
+                    for w in self._workers:
+                        await rings.start(w.run)
+                    task_status.started()
+                nursery.cancel_scope.cancel()  # the rings are done: stop reconnecting
         finally:
+            self._storage_lost = None
             with trio.CancelScope(shield=True):
                 await self._teardown(resources)
 
@@ -410,6 +534,7 @@ class Vbd:
             except Exception as e:
                 errors.append(e)
         self._workers = []
+        self._resources = []
         self._serving = False
         if self._stopped is not None:
             self._stopped.set()
@@ -431,3 +556,30 @@ class Vbd:
         if self._serving:
             raise RuntimeError("close() while serving: disconnect() first")
         self.storage.close()
+
+
+async def _open_in_thread(disk: DiskConfig, queues: int) -> StorageDevice:
+    """open_storage() off the event loop: a vhost-user connect to a server that accepts but does not
+    answer (frozen) blocks in libblkio. Cancelled meanwhile, the thread is abandoned and closes what
+    it opens when it returns."""
+    lock = threading.Lock()
+    abandoned = False
+    opened: list[StorageDevice] = []
+
+    def run() -> StorageDevice:
+        storage = open_storage(disk, queues)
+        with lock:
+            if abandoned:
+                storage.close()
+            else:
+                opened.append(storage)
+        return storage
+
+    try:
+        return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+    except BaseException:
+        with lock:
+            abandoned = True
+            for storage in opened:
+                storage.close()
+        raise
