@@ -94,6 +94,7 @@ async def test_storage_failing_as_a_whole_is_replaced_and_its_requests_run_again
             q.hold("write", 0)
             front.rw(0, OP_WRITE, 1, 0, [(a.gref, 0, 7)])  # in flight (held in the old instance)
             front.push()
+            await _wait_for(lambda: vbd.stats()["total"]["in_flight"] == 1)
             assert await front.no_response(0)
             q.fail_next_do_io(errno.EIO)
             front.rw(0, OP_WRITE, 2, 8, [(b.gref, 0, 7)])  # its submission fails
