@@ -149,3 +149,20 @@ def test_ctl_with_no_daemon_says_where_it_looked(tmp_path, monkeypatch, capsys):
 def test_ctl_without_a_command_prints_its_help_and_exits_2(capsys):
     assert main(["ctl"]) == 2
     assert "list" in capsys.readouterr().err
+
+
+def test_status_and_list_show_the_storage_link():
+    from xenblk_vhost.observability.ctl_command import render_list, render_status
+
+    link = {"state": "reconnecting", "losses": 1, "reconnects": 0, "attempts": 3, "retried": 0,
+            "last_error": "blkio_connect: Connection refused [ECONNREFUSED]", "away_s": 1.5}
+    disk = {"vdev": "xvda", "state": "Connected", "device": "vbd/5/51712", "driver": "virtio-blk-vhost-user",
+            "path": "/run/qsd/web1.sock", "configured": True, "rings": 1, "data_path": "copy", "storage": link}
+    dom = {"domain": "web1", "domid": 5, "present": True, "config": "/etc/xenblk-vhost.yaml", "disks": [disk]}
+    text = render_status(dom)
+    assert ("storage link: RECONNECTING for 1.5 s (requests held; 3 failed attempt(s), last: blkio_connect: "
+            "Connection refused [ECONNREFUSED]); lost 1 time(s), reconnected 0, 0 request(s) run again") in text
+    assert "Connected, storage reconnecting" in render_list([("/run/x.sock", {"pid": 1, "domains": [dom]})])
+    disk["storage"] = dict(link, state="connected", reconnects=1, retried=4, away_s=None)
+    assert "storage link: connected; lost 1 time(s), reconnected 1, 4 request(s) run again" in render_status(dom)
+    assert ", storage" not in render_list([("/run/x.sock", {"pid": 1, "domains": [dom]})])

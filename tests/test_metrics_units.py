@@ -193,3 +193,18 @@ async def test_concurrent_clients_are_bounded():
         n.cancel_scope.cancel()
     for listener in listeners:
         listener.socket.close()
+
+
+def test_storage_link_metrics():
+    """The storage link of a vbd whose vhost-user server is away: connected 0, losses, reconnects, retried."""
+    snap = _snapshot(with_latency=False)
+    snap["vbds"][0]["storage"] = {"state": "reconnecting", "losses": 2, "reconnects": 1, "attempts": 3,
+                                  "retried": 17, "last_error": "refused", "away_s": 1.5}
+    got = _scrape(snap)
+    vbd = (("devid", "51712"), ("domain", "web1"), ("domid", "5"), ("vdev", "xvda"))
+    assert got[("xenblk_vbd_storage_connected", vbd)] == 0
+    assert got[("xenblk_vbd_storage_losses_total", vbd)] == 2
+    assert got[("xenblk_vbd_storage_reconnects_total", vbd)] == 1
+    assert got[("xenblk_vbd_storage_retried_requests_total", vbd)] == 17
+    snap["vbds"][0]["storage"]["state"] = "connected"
+    assert _scrape(snap)[("xenblk_vbd_storage_connected", vbd)] == 1

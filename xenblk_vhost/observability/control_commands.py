@@ -105,7 +105,7 @@ class ControlCommands:
             "vdev": vdev_name(devid), "devid": devid, "configured": disk is not None,
             "driver": disk.driver if disk is not None else None, "path": disk.path if disk is not None else None,
             "device": None, "kind": None, "state": "not attached", "rings": 0, "data_path": None,
-            "serving": False, "paused": False,
+            "serving": False, "paused": False, "storage": None,
             "last_error": _error(self._service.last_errors.get((cfg.label, devid))),
         }
         if device is None:
@@ -115,6 +115,8 @@ class ControlCommands:
                      rings=len(device.connection.rings) if device.connection is not None else 0,
                      data_path=vbd.features.data_path if vbd is not None else None,
                      serving=bool(vbd is not None and vbd.serving))
+        if vbd is not None:
+            entry["storage"] = vbd.stats().get("storage")  # the storage link: connected, reconnecting...
         if device.last_error is not None:
             entry["last_error"] = _error(device.last_error)
         if detail:

@@ -281,6 +281,9 @@ def render_list(answers: list[tuple[str, dict]]) -> str:
                 state = disk["state"] if dom.get("present") or disk.get("device") else "domain not running"
                 if disk.get("paused"):
                     state += ", paused"
+                link = disk.get("storage")
+                if link and link.get("state") != "connected":
+                    state += f", storage {link['state']}"
                 if not disk.get("configured"):
                     state += ", not configured"
                 storage = f"{disk['driver']} {disk['path']}" if disk.get("driver") else "-"
@@ -314,6 +317,21 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def render_storage_link(link: dict) -> str:
+    """The storage link (backend/datapath/storage_link.py) in one line."""
+    state = link.get("state")
+    if state == "connected":
+        line = "storage link: connected"
+    else:
+        held = "requests held" if state == "reconnecting" else "requests answered ERROR"
+        line = (f"storage link: {str(state).upper()} for {link.get('away_s') or 0:.1f} s ({held}; "
+                f"{link.get('attempts', 0)} failed attempt(s), last: {link.get('last_error')})")
+    if link.get("losses"):
+        line += (f"; lost {link['losses']} time(s), reconnected {link.get('reconnects', 0)}, "
+                 f"{link.get('retried', 0)} request(s) run again")
+    return line
+
+
 def render_status(dom: dict) -> str:
     running = f"running as domid {dom['domid']}" if dom.get("present") else "not running"
     out = [f"{dom['domain']}: {running} (configured in {dom['config']})"]
@@ -326,6 +344,9 @@ def render_status(dom: dict) -> str:
         out.append(head)
         if disk.get("driver"):
             out.append(f"    storage: {disk['driver']} {disk['path']}")
+        link = disk.get("storage")
+        if link:
+            out.append("    " + render_storage_link(link))
         elif not disk.get("configured"):
             out.append("    storage: none (this vdev is not in the file: the device was refused)")
         f = disk.get("features")

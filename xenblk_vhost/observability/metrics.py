@@ -24,6 +24,11 @@ guest boot; its domid for a file that names none):
   xenblk_vbd_connected, xenblk_vbd_rings, xenblk_vbd_paused, xenblk_vbd_state (xenbus state number)
                                                            per vbd
   xenblk_vbd_info{..., kind, driver, path, data_path}      always 1: what serves the vbd
+  xenblk_vbd_storage_connected                             1 while the storage instance serves, 0 while
+                                                           it is lost and being reconnected (per vbd)
+  xenblk_vbd_storage_losses_total, xenblk_vbd_storage_reconnects_total,
+  xenblk_vbd_storage_retried_requests_total                the storage failing as a whole, a new
+                                                           instance taking over, requests run again on it
   xenblk_vbd_request_latency_seconds                       per vbd histogram, when the datapath
                                                            measures latency (a ring snapshot's
                                                            "latency": {"bounds", "counts", "sum"})
@@ -129,6 +134,14 @@ class ServiceCollector(Collector):
                                    "(xenblk-vhost ctl pause)", labels=_VBD_LABELS)
         state = GaugeMetricFamily("xenblk_vbd_state", "The backend's xenbus state (4 Connected, 5 Closing, "
                                   "6 Closed...)", labels=_VBD_LABELS)
+        storage_up = GaugeMetricFamily("xenblk_vbd_storage_connected", "1 while the storage serves, 0 while it "
+                                       "is lost and reconnecting (a killed vhost-user server)", labels=_VBD_LABELS)
+        losses = CounterMetricFamily("xenblk_vbd_storage_losses", "Times the storage failed as a whole while "
+                                     "serving", labels=_VBD_LABELS)
+        reconnects = CounterMetricFamily("xenblk_vbd_storage_reconnects", "Times a new storage instance took "
+                                         "over after a loss", labels=_VBD_LABELS)
+        retried = CounterMetricFamily("xenblk_vbd_storage_retried_requests", "Requests in flight at a loss, run "
+                                      "again on the new storage instance", labels=_VBD_LABELS)
         for vbd in snap.get("vbds", []):
             domain = vbd.get("domain") or str(vbd["domid"])
             who = [domain, str(vbd["domid"]), str(vbd["devid"]), vbd["vdev"]]
@@ -137,6 +150,12 @@ class ServiceCollector(Collector):
             info.add_metric(who + [str(vbd.get("kind") or ""), str(vbd.get("driver") or ""),
                                    str(vbd.get("path") or ""), str(vbd.get("data_path") or "")], 1)
             paused.add_metric(who, 1 if vbd.get("paused") else 0)
+            link = vbd.get("storage")
+            if link:
+                storage_up.add_metric(who, 1 if link["state"] == "connected" else 0)
+                losses.add_metric(who, link["losses"])
+                reconnects.add_metric(who, link["reconnects"])
+                retried.add_metric(who, link["retried"])
             member = XenbusState.__members__.get(str(vbd.get("state")))
             if member is not None:
                 state.add_metric(who, int(member))
@@ -156,7 +175,7 @@ class ServiceCollector(Collector):
             if merged is not None:
                 latency.add_metric(who, cumulative_buckets(merged), merged["sum"])
         yield from (requests, moved, oo, errors, spurious, in_flight, pgrants, halted, connected, rings, latency, info,
-                    paused, state)
+                    paused, state, storage_up, losses, reconnects, retried)
 
 
 def metrics_registry(snapshot: Callable[[], dict]) -> CollectorRegistry:

@@ -55,6 +55,7 @@ def device_snapshot(device_id, device) -> dict:
         stats = vbd.stats()
         entry["rings"] = stats["rings"]
         entry["total"] = stats["total"]
+        entry["storage"] = stats.get("storage")  # the storage link (backend/datapath/storage_link.py)
     else:
         entry["total"] = total([])
     return entry

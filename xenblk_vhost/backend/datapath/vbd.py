@@ -49,6 +49,7 @@ what is retried); the rings then go on with it, frontend untouched.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections.abc import Callable
@@ -62,7 +63,8 @@ from ...blkif.intake import RequestIntake
 from ...blkif.ring import BackRing, RingOverflow
 from ...blkif.validate import RequestLimits
 from ...config import DiskConfig
-from ...storage import StorageDevice
+from ...storage import BlkioError, StorageDevice
+from ...storage.server_socket import ServerSocket
 from ...xen.interfaces import EventChannel, GrantMapping, Platform
 from ..contract import ConnectionSpec, RingSpec, VbdConnectError
 from ..features import MAX_PERSISTENT_GRANTS, VbdFeatures, derive_features
@@ -178,6 +180,7 @@ class Vbd:
         self.storage_link = StorageLink()
         self._resources: list[_RingResources] = []
         self._storage_lost: trio.Event | None = None  # set while serving with reconnect: wakes _keep_storage
+        self._server: ServerSocket | None = None  # vhost-user: our duplicate of libblkio's socket, watched
 
     @classmethod
     def open(cls, disk: DiskConfig, *, queues: int | None = None, **kwargs) -> Vbd:
@@ -300,7 +303,9 @@ class Vbd:
         for w in self._workers:
             w.park(e)
         # Destroyed now, before any ring can reuse a buffer the old instance (or a frozen server
-        # sharing its memory) could still write.
+        # sharing its memory) could still write. Our duplicate of its socket first, or the
+        # connection would outlive the instance.
+        self._stop_watching_server()
         self.storage.close()
         self._storage_lost.set()
 
@@ -318,13 +323,41 @@ class Vbd:
         policy = self.reconnect_policy
         while True:
             assert self._storage_lost is not None
-            await self._storage_lost.wait()
+            async with trio.open_nursery() as watching:
+                watching.start_soon(self._watch_server)
+                await self._storage_lost.wait()
+                watching.cancel_scope.cancel()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._hold_requests, policy.hold)
                 storage, datapaths = await self._open_with_backoff(policy)
                 nursery.cancel_scope.cancel()
             self._attach(storage, datapaths)
             self._storage_lost = trio.Event()
+
+    async def _watch_server(self) -> None:
+        """vhost-user: notice at once that the server hung up (killed, crashed, stopped by its
+        operator), rather than after storage_timeout without completions (storage/server_socket.py)."""
+        if not self.disk.driver.startswith("virtio-blk-vhost-user"):
+            return
+        watch = ServerSocket.find(self.disk.path)
+        if watch is None:
+            log.info("%s: cannot find the vhost-user socket to %s; a dead server is noticed after %g s "
+                     "without completions", self.disk.name, self.disk.path, self.storage_timeout)
+            return
+        self._server = watch
+        try:
+            await watch.hangup()
+            if self._server is watch:
+                self._note_storage_failure(BlkioError(errno.ECONNRESET, "the vhost-user server hung up",
+                                                      self.disk.path))
+        finally:
+            if self._server is watch:
+                self._stop_watching_server()
+
+    def _stop_watching_server(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
 
     async def _hold_requests(self, hold: float) -> None:
         await trio.sleep(hold)
