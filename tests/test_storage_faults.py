@@ -138,7 +138,10 @@ async def test_storage_failing_as_a_whole_is_replaced_and_its_requests_run_again
             assert got == [(1, OP_WRITE, RSP_OKAY), (2, OP_WRITE, RSP_OKAY)]
             assert old_storage.closed and vbd.storage is not old_storage
             link = vbd.stats()["storage"]
-            assert (link["state"], link["losses"], link["reconnects"], link["retried"]) == ("connected", 1, 1, 2)
+            # the gated queue's polling reaper may meet the injected failure before write 2 is queued:
+            # then write 2 comes after the reconnect, and only write 1 ran again
+            assert (link["state"], link["losses"], link["reconnects"]) == ("connected", 1, 1)
+            assert link["retried"] in (1, 2)
             q.release()  # the old instance's held completion: nobody takes it for a request any more
             front.rw(0, OP_READ, 3, 0, [(b.gref, 0, 7)])
             front.push()

@@ -58,7 +58,9 @@ class ServerSocket:
                     peer = sock.getpeername()
                     peer_b = os.fsencode(peer) if isinstance(peer, str) else bytes(peer)
                     if peer_b == wanted:
-                        sock.setblocking(False)
+                        # Left blocking: the duplicate shares libblkio's open file description, and
+                        # O_NONBLOCK on it made libblkio's own control messages fail with EAGAIN.
+                        # Every look here is MSG_DONTWAIT.
                         return cls(sock, path)
             except OSError:
                 pass  # not connected
