@@ -237,10 +237,13 @@ class RingWorker:
     def busy(self) -> int:
         return self.pool.busy
 
-    async def drain(self, timeout: float) -> bool:
-        """After cancellation: finish and answer what is in flight. False if it did not finish in time."""
+    async def drain(self, timeout: float, *, keep_unanswered: bool = False) -> bool:
+        """After cancellation: finish and answer what is in flight. False if it did not finish in time.
+
+        keep_unanswered: the journal hands what does not finish to the next process (an upgrade or
+        a restart), so requests held for a lost storage stay unanswered rather than ERROR."""
         self._stopping = True
-        if self._away:
+        if self._away and not keep_unanswered:
             self.give_up("disconnecting")
         with trio.move_on_after(timeout):
             while self.pool.busy and not self._failed:
@@ -660,12 +663,19 @@ class RingWorker:
             self._finish(stalled)
             self._push()
 
-    def abandon(self) -> None:
+    def abandon(self, *, answer: bool = True) -> None:
         """The storage instance was destroyed: nothing can touch our buffers any more.
 
         Answer RSP_ERROR to every request it still held and release its
         buffers/mappings. Only the owner of the storage (the Vbd) calls this,
         after blkio_destroy().
+
+        answer=False (the ring's journal goes to the next process: an upgrade or
+        a restart): release the buffers and mappings of every unanswered request
+        (held by the storage, parked for a lost one, waiting for memory) without
+        answering it; the journal still has it taken and unanswered, so the next
+        process runs it again from the journal's copy. Nothing is copied to the
+        guest for them.
         """
         self._failed = True
         stuck = [s for s in self.pool.slots if s.in_storage]
@@ -674,6 +684,18 @@ class RingWorker:
             slot.status = RSP_ERROR
             slot.parts = 0
             slot.in_storage = False
+        if not answer:
+            left = stuck + self._parked + self._stalled
+            self._parked, self._stalled = [], []
+            for slot in left:
+                slot.status = RSP_ERROR  # a read that failed copies nothing to the guest
+                slot.parts = 0
+            if left:
+                log.info("%s: %d request(s) left unanswered for the next process (journal)",
+                         self.name, len(left))
+                self._release_all(self.datapath.finish(left))
+            self._push()
+            return
         if stuck:
             log.warning("%s: %d request(s) the destroyed storage held answered with an error",
                         self.name, len(stuck))

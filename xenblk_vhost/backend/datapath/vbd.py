@@ -537,9 +537,14 @@ class Vbd:
         # 10 s for Closed on detach, whatever the number of queues.
         busy = [res.worker for res in resources if res.worker is not None and res.worker.busy]
         finished: list[bool] = []
+        # Cancelled (the service stopping for an upgrade or a restart) with every ring journaled:
+        # what does not finish in drain_timeout is the next process's to run again from the journal,
+        # never answered ERROR here because the storage is slow (the guest sees only latency).
+        hand_over = (not self._connection_ending and bool(resources)
+                     and all(res.journal is not None for res in resources))
 
         async def drain(worker: RingWorker) -> None:
-            finished.append(await worker.drain(self.drain_timeout))
+            finished.append(await worker.drain(self.drain_timeout, keep_unanswered=hand_over))
 
         async with trio.open_nursery() as nursery:
             for worker in busy:
@@ -550,12 +555,21 @@ class Vbd:
             # did not finish, or were answered ERROR when the storage failed
             # without completing): destroying the instance cancels or
             # completes them before we free the region or unmap the pages.
-            if stuck:
-                log.warning("%s: in-flight I/O did not finish; closing the storage", self.disk.name)
+            workers = [res.worker for res in resources if res.worker is not None]
             self._storage_failed = True
-            # then answer and unmap what it held (a batch mapping stays mapped otherwise)
-            self._destroy_storage_then_abandon(
-                [res.worker for res in resources if res.worker is not None])
+            if hand_over:
+                if stuck:
+                    log.warning("%s: in-flight I/O did not finish in %.1f s; closing the storage and "
+                                "leaving those requests to the next process", self.disk.name, self.drain_timeout)
+                self._stop_watching_server()
+                self.storage.close()
+                for w in workers:
+                    w.abandon(answer=False)  # unmap and free; the journal keeps them unanswered
+            else:
+                if stuck:
+                    log.warning("%s: in-flight I/O did not finish; closing the storage", self.disk.name)
+                # then answer and unmap what it held (a batch mapping stays mapped otherwise)
+                self._destroy_storage_then_abandon(workers)
         errors = []
         for res in reversed(resources):
             # A connection that ended in order (the frontend closed, detach) leaves no journal;

@@ -1,0 +1,72 @@
+"""A daemon stopping for an upgrade or a restart hands what its storage has not finished to the next
+process through the ring's journal: never answered ERROR because the storage is slow.
+
+Found on the rig (issue 12): with qemu-storage-daemon slow under TCG, the old daemon's drain hit its
+drain_timeout during an upgrade and answered the requests still in the storage with an error, which
+the guest saw as I/O errors. Now, with a journal, they are left unanswered (buffers and mappings
+released after the storage instance is destroyed) and the next process runs them again from the
+journal's copy: the guest sees latency, one OKAY each, and the data lands.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from backend_support.frontend import TestFrontend
+from backend_support.gated_queue import gate_queues
+from backend_support.harness import make_disk_file, make_vbd, read_back
+from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_OKAY
+from xenblk_vhost.xen.interfaces import PAGE_SIZE
+
+
+@pytest.mark.parametrize("data_path", ["copy", "map"])
+async def test_a_request_the_storage_holds_past_the_drain_goes_to_the_next_process(tmp_path, platform, guest,
+                                                                                    data_path):
+    path = make_disk_file(tmp_path / "disk.img")
+    journals = tmp_path / "journals"
+    journals.mkdir()
+    old = make_vbd(path, data_path=data_path, queues=1, drain_timeout=0.2, journal_dir=journals)
+    [q] = gate_queues(old, [])
+    front = TestFrontend(guest)
+    held = front.data_page(readonly=True, fill=b"H" * PAGE_SIZE)
+    quick = front.data_page(readonly=True, fill=b"q" * PAGE_SIZE)
+    new = None
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as n:
+                await n.start(old.serve, front.spec(), platform)
+                q.hold("write", 8 * 512)
+                front.rw(0, OP_WRITE, 1, 8, [(held.gref, 0, 7)])  # held by the storage
+                front.push()
+                assert await front.no_response(0)
+                # another batch (the map path answers a batch once its one mapping can go) finishes
+                front.rw(0, OP_WRITE, 2, 16, [(quick.gref, 0, 7)])
+                front.push()
+                assert [tuple(r) for r in await front.responses(0, 1)] == [(2, OP_WRITE, RSP_OKAY)]
+                assert await front.no_response(0)
+                scope.cancel()  # the service stops (upgrade, SIGTERM): the drain times out on id 1
+        assert old.storage.closed and not old.serving
+        assert await front.no_response(0), "the old process answered a request it had not finished"
+        assert old.stats()["total"]["errors"] == 0
+        old.close()
+        # The next process takes the ring over from the journal and runs id 1 again from its copy.
+        new = make_vbd(path, data_path=data_path, queues=1, journal_dir=journals)
+        async with trio.open_nursery() as n:
+            await n.start(new.serve, front.spec(), platform)
+            assert [tuple(r) for r in await front.responses(0, 1)] == [(1, OP_WRITE, RSP_OKAY)]
+            assert await front.no_response(0)  # once
+            out = front.data_page(readonly=False)
+            front.rw(0, OP_READ, 3, 8, [(out.gref, 0, 7)])
+            front.push()
+            assert [tuple(r) for r in await front.responses(0, 1)] == [(3, OP_READ, RSP_OKAY)]
+            assert out.bytes()[:7 * 512 + 512] == b"H" * PAGE_SIZE
+            await new.disconnect()
+        assert read_back(path, 8 * 512, PAGE_SIZE) == b"H" * PAGE_SIZE
+        assert read_back(path, 16 * 512, PAGE_SIZE) == b"q" * PAGE_SIZE
+        assert front.end_access(held) and front.end_access(quick)
+    finally:
+        front.close()
+        old.close()
+        if new is not None:
+            new.close()
