@@ -46,7 +46,7 @@ def main() -> int:
                                                  max_delay_ms=args.max_delay_ms, journal=not args.no_journal,
                                                  progress=lambda s: print(s, flush=True)))
     print(f"crash campaign (sim; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f} at the end): {result.summary()}")
-    for problem in result.problems[:20]:
+    for problem in result.problems[:80]:
         print(f"  problem: {problem}")
     return 0 if result.ok else 1
 
