@@ -66,6 +66,11 @@ class CampaignResult:
     rerun: int = 0
     live_takeovers: int = 0  # devices taken over staying Connected (a daemon killed before it took over: none)
     discarded: int = 0  # journals a daemon refused
+    # qemu-storage-daemon died and was started again, as its service manager would (its last log
+    # line each time): 7.2 aborts now and then when a vhost-user client is killed with requests in
+    # flight (vhost_user_server_ref: Assertion `!server->wait_idle' failed). Not the backend's
+    # fault; the backend must ride it out (storage reconnect) with the guest seeing no error.
+    storage_crashes: list[str] = field(default_factory=list)
     stalls: int = 0  # workloads ended by STALL_S with requests never answered (describe_stall says which)
     longest_pauses: list[float] = field(default_factory=list)  # the guest's, seconds, longest first
     start_to_ready: list[float] = field(default_factory=list)
@@ -78,7 +83,8 @@ class CampaignResult:
         return (f"{self.kills} SIGKILLs, {self.requests} requests in {self.workloads} verifying workloads, "
                 f"{'OK' if self.ok else 'FAILED'}; rings taken over from journals {self.takeovers} "
                 f"({self.republished} answers published again, {self.rerun} requests run again), devices taken "
-                f"over Connected {self.live_takeovers}, journals discarded {self.discarded}, stalls {self.stalls}; daemon exec->ready "
+                f"over Connected {self.live_takeovers}, journals discarded {self.discarded}, stalls {self.stalls}; "
+                f"qemu-storage-daemon crashed and restarted {len(self.storage_crashes)} time(s); daemon exec->ready "
                 f"median {median:.3f} s (max {max(ready, default=float('nan')):.3f} s); the guest's longest "
                 f"pauses {pauses} s; {self.elapsed:.0f} s")
 
@@ -91,6 +97,22 @@ def _run_argv(world, config: Path, journal_dir: Path | None) -> list[str]:
 
 
 STALL_S = 60.0
+
+
+async def supervise_storage(qsd: StorageDaemon, result: CampaignResult, done: trio.Event) -> None:
+    """Start qemu-storage-daemon again whenever it dies (Restart=always), noting why it died."""
+    assert qsd.process is not None
+    log_from = qsd.log_path.stat().st_size if qsd.log_path.exists() else 0
+    while not done.is_set():
+        await trio.sleep(0.05)
+        if qsd.process.poll() is None:
+            continue
+        with open(qsd.log_path, "rb") as f:
+            f.seek(log_from)
+            said = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+        result.storage_crashes.append(f"exit {qsd.process.returncode}: {said[-1] if said else '(nothing logged)'}")
+        await trio.to_thread.run_sync(qsd.restart)
+        log_from = qsd.log_path.stat().st_size
 
 
 def describe_stall(stall: dict, journal_dir: Path | None, domid: int, vdev: str) -> list[str]:
@@ -146,7 +168,7 @@ async def crash_campaign(workdir: Path, *, kills: int, seed: int = 1, max_life: 
         with StorageDaemon(workdir / "qsd") as qsd:
             export = qsd.add_nbd_export("slow", nbd_socket=nbd_socket, size=size, num_queues=queues)
             qsd.start()
-            await _campaign(workdir, export.socket, queues, kills, rnd, max_life, result, progress,
+            await _campaign(workdir, qsd, export.socket, queues, kills, rnd, max_life, result, progress,
                             workdir / "journal" if journal else None)
     finally:
         nbd.kill()
@@ -156,7 +178,7 @@ async def crash_campaign(workdir: Path, *, kills: int, seed: int = 1, max_life: 
     return result
 
 
-async def _campaign(workdir: Path, vhost_socket: Path, queues: int, kills: int, rnd: random.Random,
+async def _campaign(workdir: Path, qsd: StorageDaemon, vhost_socket: Path, queues: int, kills: int, rnd: random.Random,
                     max_life: float, result: CampaignResult, progress, journal_dir: Path | None) -> None:
     config = workdir / "crash.yaml"
     config.write_text("domain: {name: crash}\ndisks:\n"
@@ -206,6 +228,7 @@ async def _campaign(workdir: Path, vhost_socket: Path, queues: int, kills: int, 
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(guest_io)
+                nursery.start_soon(supervise_storage, qsd, result, done)
                 await trio.sleep(0.5)
                 for i in range(1, kills + 1):
                     if done.is_set():
