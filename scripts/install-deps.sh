@@ -64,7 +64,7 @@ fi
 
 missing=()
 for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" == *'install ok installed'* ]] || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing: ${missing[*]}"
@@ -95,7 +95,9 @@ fi
 
 # qemu-storage-daemon lives in qemu-system-common on both releases.
 command -v qemu-storage-daemon >/dev/null || { echo "install-deps.sh: qemu-storage-daemon missing after install" >&2; exit 1; }
-ldconfig -p | grep -q 'libblkio.so.1' || { echo "install-deps.sh: libblkio.so.1 missing after install" >&2; exit 1; }
+# grep reads all of ldconfig's output (not -q: under pipefail its early exit could end ldconfig with
+# SIGPIPE and fail the pipeline though the library is there: seen, "libblkio.so.1 missing" with it installed).
+ldconfig -p | grep 'libblkio.so.1' >/dev/null || { echo "install-deps.sh: libblkio.so.1 missing after install" >&2; exit 1; }
 
 if [ $want_venv = 1 ]; then
   # Python: a venv beside the checkout, from whatever python3 is first on PATH (>= 3.11).
