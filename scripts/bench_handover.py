@@ -32,41 +32,35 @@ import time
 from pathlib import Path
 
 import trio
-from bench_startup import phases_of, run_argv
 
+from xenblk_vhost.daemon.startup_clock import parse_summary
+from xenblk_vhost.sim.busy_guest import (
+    run_argv,
+    spanning,
+    start_busy_frontend,
+    terminate,
+    wait_exited,
+    workload_verdict,
+    write_busy_disk,
+)
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.world import open_world
 
 
-async def until_gone(pid: int, timeout: float = 60.0) -> None:
-    with trio.fail_after(timeout):
-        while os.path.exists(f"/proc/{pid}"):
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return
-            await trio.sleep(0.01)
-
-
 async def bench(args: argparse.Namespace, workdir: Path) -> int:
-    image = workdir / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    config = workdir / "bench.yaml"
-    config.write_text("domain: {name: bench}\ndisks:\n"
-                      f"  - {{vdev: xvda, driver: io_uring, path: {image}, queues: {args.queues}}}\n")
+    image, config = write_busy_disk(workdir, "bench", queues=args.queues)
     control = workdir / "control.sock"
     events: list[dict] = []
     pid = None
     async with open_world(workdir / "world") as world:
-        argv = run_argv(world, config, None, "--control", str(control))
+        argv = run_argv(world, config, "--control", str(control))
         guest = await world.create_guest("bench")
         backend = await world.start_process(argv, name="backend-0", timeout=60)
         pid = backend.proc.pid
         try:
             vbd = await world.attach_vbd(guest.domid, VbdConfig(vdev="xvda", target=str(image)))
             stop = workdir / "stop"  # the workload ends once every event is done, however long they took
-            front = await world.start_frontend(guest.domid, vbd.devid, requests=10**9, depth=16,
-                                               stop_file=str(stop), mix="write=45,read=45,flush=5,discard=5")
+            front = await start_busy_frontend(world, vbd, stop_file=stop)
             await trio.sleep(args.settle)
             for i in range(2 * args.runs):
                 if i % 2 == 0:
@@ -78,12 +72,12 @@ async def bench(args: argparse.Namespace, workdir: Path) -> int:
                         return 1
                     reply = json.loads(done.stdout)
                     pid = reply["successor"]
-                    startup = phases_of([reply["successor_startup"]]).get("total", float("nan"))
+                    startup = parse_summary(reply["successor_startup"]).get("total", float("nan"))
                     events.append({"kind": "upgrade", "at": reply["handed_over_at"], "drain": reply["drain_s"],
                                    "startup": startup})
                 else:
                     os.kill(pid, signal.SIGTERM)
-                    await until_gone(pid)
+                    await wait_exited(pid)
                     at = time.time()
                     backend = await world.start_process(argv, name=f"backend-{i}", timeout=60)
                     pid = backend.proc.pid
@@ -95,16 +89,11 @@ async def bench(args: argparse.Namespace, workdir: Path) -> int:
             result = front.last_json()
         finally:
             if pid is not None:
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                    await until_gone(pid)
-                except ProcessLookupError:
-                    pass
+                await terminate(pid)
     workload = result.get("workload", {})
     pauses = workload.get("pauses", [])
     for e in events:
-        spanning = [p["seconds"] for p in pauses if p["start"] <= e["at"] <= p["start"] + p["seconds"] + 0.001]
-        e["pause"] = max(spanning, default=float("nan"))
+        e["pause"] = max((p["seconds"] for p in spanning(pauses, e["at"])), default=float("nan"))
     print(f"guest I/O pause across xenblk-vhost upgrade and restart ({args.runs} each, alternating; sim, io_uring "
           f"file, {args.queues} rings, 16 in flight; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f})")
     print("  event    | guest pause s | old daemon's drain s | new daemon's start-up s (upgrade: before the pause)")
@@ -115,12 +104,10 @@ async def bench(args: argparse.Namespace, workdir: Path) -> int:
         if values:
             print(f"  {kind}: median pause {statistics.median(values) * 1000:.1f} ms, longest "
                   f"{max(values) * 1000:.1f} ms (n={len(values)})")
-    others = [p["seconds"] for p in pauses
-              if not any(p["start"] <= e["at"] <= p["start"] + p["seconds"] + 0.001 for e in events)]
+    during = {id(p) for e in events for p in spanning(pauses, e["at"])}
+    others = [p["seconds"] for p in pauses if id(p) not in during]
     print(f"  longest pause with no event (the machine's own noise): {max(others, default=0) * 1000:.1f} ms")
-    print(f"workload: {workload.get('requests')} requests, ok={result.get('ok')}, "
-          f"mismatches={len(workload.get('mismatches', []))}, errors={workload.get('errors')}, "
-          f"frontend errors={result.get('front', {}).get('errors')}, exit {rc}")
+    print(workload_verdict(result, rc))
     return 0 if result.get("ok") else 1
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import statistics
 import sys
@@ -39,48 +38,21 @@ from pathlib import Path
 
 import trio
 
+from xenblk_vhost.daemon.startup_clock import SUMMARY, parse_summary
+from xenblk_vhost.sim.busy_guest import run_argv, spanning, start_busy_frontend, workload_verdict, write_busy_disk
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.world import open_world
 
-PHASE_LINE = re.compile(r"serving (\S+) s after (exec|the start of our code) \((.*)\)")
-
-
-def run_argv(world, config: Path, tree: str | None, *extra: str) -> list[str]:
-    argv = [sys.executable, "-m", "xenblk_vhost", "run", str(config),
-            "--xenstore", world.xenstore_path, "--sim", world.hypervisor_path, *extra]
-    # PYTHONPATH comes before the venv's editable finder: the older tree's package is the one imported;
-    # and -m puts the working directory before both: run from the world's directory, not a checkout.
-    env = ["env", f"PYTHONPATH={tree}"] if tree else []
-    return ["sh", "-c", 'cd "$1" && shift && exec "$@" 2>&1', "sh", str(world.workdir), *env, *argv]
-
-
-def phases_of(lines: list[str]) -> dict[str, float]:
-    for line in lines:
-        m = PHASE_LINE.search(line)
-        if m:
-            out = {"total": float(m.group(1))}
-            for part in m.group(3).split(", "):
-                name, _, value = part.rpartition(" ")
-                out[name] = float(value)
-            return out
-    return {}
-
 
 async def bench(args: argparse.Namespace, workdir: Path) -> int:
-    image = workdir / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    config = workdir / "bench.yaml"
-    config.write_text("domain: {name: bench}\ndisks:\n"
-                      f"  - {{vdev: xvda, driver: io_uring, path: {image}, queues: {args.queues}}}\n")
+    image, config = write_busy_disk(workdir, "bench", queues=args.queues)
     starts: list[dict] = []
     async with open_world(workdir / "world") as world:
         guest = await world.create_guest("bench")
-        backend = await world.start_process(run_argv(world, config, None), name="backend-0", timeout=60)
+        backend = await world.start_process(run_argv(world, config), name="backend-0", timeout=60)
         vbd = await world.attach_vbd(guest.domid, VbdConfig(vdev="xvda", target=str(image)))
-        seconds = args.runs * (2 if args.baseline else 1) * (args.settle + 3.0) + 5.0
-        front = await world.start_frontend(guest.domid, vbd.devid, requests=10**9, depth=16,
-                                           seconds=seconds, mix="write=45,read=45,flush=5,discard=5")
+        stop = workdir / "stop"  # the workload ends once every restart is done, however long they took
+        front = await start_busy_frontend(world, vbd, stop_file=stop)
         await trio.sleep(args.settle)
         trees = [("this tree", None)] + ([("baseline", args.baseline)] if args.baseline else [])
         for i in range(args.runs * len(trees)):
@@ -88,20 +60,22 @@ async def bench(args: argparse.Namespace, workdir: Path) -> int:
             backend.proc.send_signal(signal.SIGTERM)
             await backend.wait(60)
             t_exec = time.time()
-            backend = await world.start_process(run_argv(world, config, tree), name=f"backend-{i + 1}", timeout=60)
+            backend = await world.start_process(run_argv(world, config, tree=tree), name=f"backend-{i + 1}", timeout=60)
             ready = time.time() - t_exec
             if tree is None:  # an older tree may not log its phases
-                await backend.wait_line(lambda line: PHASE_LINE.search(line) is not None, 30)
-            starts.append({"tree": label, "exec": t_exec, "ready": ready, "phases": phases_of(backend.lines)})
+                await backend.wait_line(lambda line: SUMMARY.search(line) is not None, 30)
+            starts.append({"tree": label, "exec": t_exec, "ready": ready,
+                           "phases": parse_summary("\n".join(backend.lines))})
             await trio.sleep(args.settle)
-        rc = await front.wait(seconds + 120)
+        stop.touch()
+        rc = await front.wait(120)
         result = front.last_json()
     workload = result.get("workload", {})
     pauses = workload.get("pauses", [])
     for s in starts:
-        spanning = [p for p in pauses if p["start"] <= s["exec"] <= p["start"] + p["seconds"]]
-        if spanning:
-            p = spanning[0]
+        during = spanning(pauses, s["exec"], slack=0)
+        if during:
+            p = during[0]
             s["first_answer"] = p["start"] + p["seconds"] - s["exec"]
             s["pause"] = p["seconds"]
     print(f"xenblk-vhost run: exec to serving, {args.runs} restarts of a busy guest's daemon "
@@ -121,9 +95,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> int:
             print(f"  {i + 1:>{len(label)}} | " + " | ".join(f"{v:.3f}" for v in row))
         medians = [statistics.median([v for v in col if v == v] or [float("nan")]) for col in zip(*rows)]
         print(f"  {'median':>{len(label)}} | " + " | ".join(f"{v:.3f}" for v in medians))
-    print(f"workload: {workload.get('requests')} requests, ok={result.get('ok')}, "
-          f"mismatches={len(workload.get('mismatches', []))}, errors={workload.get('errors')}, "
-          f"frontend exit {rc}")
+    print(workload_verdict(result, rc))
     return 0 if result.get("ok") else 1
 
 

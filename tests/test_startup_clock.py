@@ -6,9 +6,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from xenblk_vhost.daemon.startup_clock import StartupClock, process_start_boottime
+from xenblk_vhost.daemon.startup_clock import StartupClock, parse_summary, process_start_boottime
 from xenblk_vhost.sim import blkfront_workload
 from xenblk_vhost.sim.blkfront_workload import Workload
+from xenblk_vhost.sim.busy_guest import covering, overlapping, spanning
 
 
 def test_the_clock_starts_at_the_exec_not_at_its_creation():
@@ -54,3 +55,21 @@ def test_a_workload_may_be_bounded_by_time():
         pass
     else:
         raise AssertionError("a negative duration was accepted")
+
+
+def test_the_summary_reads_back_as_its_figures():
+    c = StartupClock()
+    c.mark("imports")
+    c.mark("config")
+    line = f"INFO xenblk_vhost.daemon.run: {c.summary()}\nnext line"
+    figures = parse_summary(line)
+    assert list(figures) == ["total", "imports", "config"]
+    assert figures["total"] == round(c.total, 3) and figures["config"] == round(c.phases[1][1], 3)
+    assert parse_summary("no start-up here") == {}
+
+
+def test_the_busy_guests_pauses_by_moment_and_interval():
+    pauses = [{"start": 10.0, "seconds": 2.0}, {"start": 20.0, "seconds": 0.5}]
+    assert spanning(pauses, 11.0) == [pauses[0]] and spanning(pauses, 15.0) == []
+    assert covering(pauses, 10.5, 11.5) == [pauses[0]] and covering(pauses, 11.5, 12.5) == []
+    assert overlapping(pauses, 11.5, 20.1) == pauses

@@ -16,7 +16,11 @@ against CLOCK_BOOTTIME; where that cannot be read, the clock's creation.
 from __future__ import annotations
 
 import os
+import re
 import time
+
+# summary()'s line, as the hand-over's reply and the log carry it.
+SUMMARY = re.compile(r"serving (\S+) s after (?:exec|the start of our code) \((.*)\)")
 
 
 def process_start_boottime() -> float | None:
@@ -59,4 +63,16 @@ class StartupClock:
         return f"serving {self.total:.3f} s after {since} ({parts})"
 
 
-__all__ = ["StartupClock", "process_start_boottime"]
+def parse_summary(text: str) -> dict[str, float]:
+    """summary()'s figures read back from a text holding it: {"total": s, phase: s, ...}; {} if absent."""
+    m = SUMMARY.search(text)
+    if m is None:
+        return {}
+    out = {"total": float(m.group(1))}
+    for part in filter(None, m.group(2).split(", ")):
+        name, _, value = part.rpartition(" ")
+        out[name] = float(value)
+    return out
+
+
+__all__ = ["StartupClock", "parse_summary", "process_start_boottime"]
