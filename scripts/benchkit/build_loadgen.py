@@ -12,52 +12,22 @@ when the module there was built from the same sources (a hash stamp).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import shutil
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
+
+from xenblk_vhost.native.cffi_build import CffiModule
 
 HERE = Path(__file__).resolve().parent
 MODULE = "_xenblk_bench"
-SOURCES = ("loadgen.c", "loadgen.h", "build_loadgen.py")
-
-
-def sources_digest() -> str:
-    h = hashlib.sha256(sysconfig.get_config_var("EXT_SUFFIX").encode())  # a new Python needs a new build
-    for name in SOURCES:
-        h.update(name.encode() + b"\0" + (HERE / name).read_bytes())
-    return h.hexdigest()
-
-
-def built(dest: Path) -> bool:
-    stamp = dest / f"{MODULE}.sha256"
-    return (stamp.exists() and stamp.read_text().strip() == sources_digest()
-            and any(dest.glob(f"{MODULE}.*.so")))
+LOADGEN = CffiModule(MODULE, HERE, "loadgen.h", ("loadgen.c",), stamped=(Path(__file__).resolve(),),
+                     libraries=("blkio", "pthread"), compile_args=("-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"))
 
 
 def build(dest: Path, force: bool = False) -> Path | None:
     """Compile into dest; None when it was already up to date."""
-    if not force and built(dest):
-        return None
-    import cffi
-
-    ffi = cffi.FFI()
-    ffi.cdef((HERE / "loadgen.h").read_text())
-    ffi.set_source(MODULE, "#include <stdint.h>\n#include \"loadgen.h\"\n",
-                   sources=[str(HERE / "loadgen.c")], include_dirs=[str(HERE)],
-                   libraries=["blkio", "pthread"],
-                   extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"])
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="xenblk-bench-build-") as tmp:
-        so = Path(ffi.compile(tmpdir=tmp))
-        for old in dest.glob(f"{MODULE}.*.so"):
-            old.unlink()
-        target = dest / so.name
-        shutil.copy(so, target)
-    (dest / f"{MODULE}.sha256").write_text(sources_digest() + "\n")
-    return target
+    target, compiled = LOADGEN.build(dest, force)
+    return target if compiled else None
 
 
 def main() -> int:

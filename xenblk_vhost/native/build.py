@@ -13,20 +13,18 @@ does nothing when the module in DEST was built from the same sources
 from __future__ import annotations
 
 import argparse
-import fcntl
-import hashlib
 import os
-import shutil
 import sys
-import sysconfig
-import tempfile
 from pathlib import Path
+
+from .cffi_build import CffiModule
 
 HERE = Path(__file__).resolve().parent
 MODULE = "_xenblk_native"
 HEADER = "native.h"
 C_SOURCES = ("sim_grant_copy.c", "pack_segments.c")
-SOURCES = (HEADER, *C_SOURCES, "build.py")
+SOURCES = (HEADER, *C_SOURCES, "build.py")  # and cffi_build.py, which CffiModule stamps itself
+NATIVE = CffiModule(MODULE, HERE, HEADER, C_SOURCES, stamped=(HERE / "build.py",))
 
 
 class NativeBuildError(RuntimeError):
@@ -60,50 +58,22 @@ def find_built() -> Path | None:
 
 
 def sources_digest() -> str:
-    h = hashlib.sha256(sysconfig.get_config_var("EXT_SUFFIX").encode())  # a new Python needs a new build
-    for name in SOURCES:
-        h.update(name.encode() + b"\0" + (HERE / name).read_bytes())
-    return h.hexdigest()
+    return NATIVE.sources_digest()
 
 
 def built_module(dest: Path) -> Path | None:
     """The up-to-date module file in dest, or None."""
-    stamp = dest / f"{MODULE}.sha256"
-    if not stamp.exists() or stamp.read_text().strip() != sources_digest():
-        return None
-    return next(iter(dest.glob(f"{MODULE}.*.so")), None)
+    return NATIVE.built(dest)
 
 
 def build(dest: Path | None = None, force: bool = False) -> Path:
     """Compile into dest (default build_dir()) unless up to date; the module's path."""
     dest = dest or build_dir()
     try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NativeBuildError(f"cannot create {dest}: {e}") from e
-    with open(dest / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then find it built
-        if not force and (done := built_module(dest)) is not None:
-            return done
-        try:
-            import cffi
-
-            ffi = cffi.FFI()
-            ffi.cdef((HERE / HEADER).read_text())
-            ffi.set_source(MODULE, f'#include <stdint.h>\n#include "{HEADER}"\n',
-                           sources=[str(HERE / c) for c in C_SOURCES], include_dirs=[str(HERE)],
-                           extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter"])
-            with tempfile.TemporaryDirectory(prefix="xenblk-native-build-") as tmp:
-                so = Path(ffi.compile(tmpdir=tmp))
-                for old in dest.glob(f"{MODULE}.*.so"):
-                    old.unlink()
-                target = dest / so.name
-                shutil.copy(so, target)
-        except Exception as e:  # cffi's compile errors carry gcc's output
-            raise NativeBuildError(f"building {MODULE} from {HERE} failed (gcc and cffi are install "
-                                   f"dependencies: scripts/install-deps.sh): {e}") from e
-        (dest / f"{MODULE}.sha256").write_text(sources_digest() + "\n")
-        return target
+        return NATIVE.build(dest, force)[0]
+    except Exception as e:  # cffi's compile errors carry gcc's output
+        raise NativeBuildError(f"building {MODULE} from {HERE} failed (gcc and cffi are install "
+                               f"dependencies: scripts/install-deps.sh): {e}") from e
 
 
 def main(argv: list[str] | None = None) -> int:
