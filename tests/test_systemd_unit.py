@@ -127,7 +127,8 @@ async def test_the_unit_under_systemd_notify_journal_reload_watchdog_and_no_rest
                     # ---- journald: priorities and the device's fields
                     c = await world.add_vbd(guest.domid, VbdConfig(vdev="xvdc", target=str(yaml_path)))
                     await wait_node(world.xs, f"{c.backend}/state", state_is(5))
-                    entries = sd.journal(unit, "SYSLOG_IDENTIFIER=xenblk-vhost")
+                    entries = sd.journal_until(unit, lambda es: any("no disk configured" in e["MESSAGE"] for e in es),
+                                               "SYSLOG_IDENTIFIER=xenblk-vhost")
                     connected = [e for e in entries if "InitWait -> Connected" in e["MESSAGE"]]
                     assert connected and connected[0]["PRIORITY"] == "6"
                     assert (connected[0]["DOMAIN"], connected[0]["VDEV"], connected[0]["DOMID"]) == (
@@ -151,7 +152,8 @@ async def test_the_unit_under_systemd_notify_journal_reload_watchdog_and_no_rest
                     done = sd.systemctl("reload", unit)
                     assert done.returncode != 0
                     assert sd.show(unit, "ActiveState") == "active"
-                    assert any("disks: must be a non-empty list" in e["MESSAGE"] for e in sd.journal(unit))
+                    refusal = "disks: must be a non-empty list"
+                    sd.journal_until(unit, lambda es: any(refusal in e["MESSAGE"] for e in es))
                     silent = SilentStorage(scratch / "hung.sock")
                     write_config(scratch / "etc", "web1", disks + [
                         f"vdev: xvdb, driver: virtio-blk-vhost-user, path: {silent.path}"])
@@ -179,7 +181,9 @@ async def test_the_unit_under_systemd_notify_journal_reload_watchdog_and_no_rest
                 time.sleep(2)  # far longer than RestartSec=100ms: a restart would have happened
                 assert sd.show("xenblk-vhost@bad.service", "NRestarts") == "0"
                 assert sd.show("xenblk-vhost@bad.service", "ExecMainStatus") == "2"
-                bad = [e for e in sd.journal("xenblk-vhost@bad.service") if "disks: must be" in e["MESSAGE"]]
+                bad = [e for e in sd.journal_until("xenblk-vhost@bad.service",
+                                                   lambda es: any("disks: must be" in e["MESSAGE"] for e in es))
+                       if "disks: must be" in e["MESSAGE"]]
                 assert bad and bad[0]["PRIORITY"] == "3"
                 sd.systemctl("stop", unit)
     finally:

@@ -153,6 +153,19 @@ class Sandbox:
         argv = ["journalctl", "--no-pager", "-o", "json", "--all"] + (["-u", unit] if unit else []) + list(matches)
         return [json.loads(line) for line in self.run(argv).stdout.splitlines() if line.strip()]
 
+    def journal_until(self, unit: str, until, *matches: str, timeout: float = 30.0) -> list[dict]:
+        """journal(), read again until until(entries) holds: a record reaches journald over its socket
+        asynchronously, so what the daemon did after logging it (a xenstore write, an exit) may be seen
+        before journalctl sees the record."""
+        deadline = time.monotonic() + timeout
+        while True:
+            entries = self.journal(unit, *matches)
+            if until(entries):
+                return entries
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the journal of {unit} after {timeout} s does not hold it:\n{self.log(unit)}")
+            time.sleep(0.2)
+
     def manager_log(self) -> str:
         """What systemd itself said (unit failures, watchdog timeouts, restarts): its journal lines."""
         return self.run(["journalctl", "--no-pager", "_PID=1", "-o", "cat"]).stdout
