@@ -124,7 +124,10 @@ def test_bridge_reads_report_figures_and_the_sim_copy_share(hv_socket, file_targ
 
 def test_bridge_without_hooks_reports_no_hook_figures(hv_socket, file_target):
     w = wl.Workload("read", "rand", 4 * KIB, 4, 0, 1)
-    r = run_bridge(hv_socket, file_target, w, "copy", SHORT, hooks=False)
+    for seconds in (SHORT.seconds, 1.0, 5.0):  # a window in which a starved backend answered nothing: again
+        r = run_bridge(hv_socket, file_target, w, "copy", Timing(SHORT.warmup, seconds), hooks=False)
+        if r["iops"] > 0:
+            break
     assert r["iops"] > 0
     assert r["sim_copy_share"] is None and r["backend_wakeups_per_io"] is None
 
