@@ -39,6 +39,9 @@ EVENTS=$OUT/events.txt; : > "$EVENTS"
 event() { echo "$1 $(date +%s.%N)" >> "$EVENTS"; }
 
 DAEMONS=0
+# A daemon started after a kill competes with the busy guest for 2 TCG vCPUs: 30-140 s to ready
+# (hand-overs' successors measured 123-137 s), far past xb_start_daemon's default 60 s.
+XB_READY_TIMEOUT=300
 start_daemon() {  # tag
   DAEMONS=$((DAEMONS + 1))
   xb_start_daemon "$1" "$CFG" --control "$CTL"

@@ -52,6 +52,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -426,6 +427,8 @@ class Vbd:
                    limits: RequestLimits) -> RingWorker:
         f = self.features
         domid = spec.frontend_domid
+        # Phases timed: on a takeover they are the guest's pause (the rig's upgrade measured seconds here).
+        t0 = time.monotonic()
         try:
             res.mapping = platform.gntdev.map_grants(domid, rspec.ring_refs, readonly=False)
         except OSError as e:
@@ -438,6 +441,7 @@ class Vbd:
             res.channel = platform.evtchn.bind_interdomain(domid, rspec.event_channel)
         except OSError as e:
             raise VbdConnectError(f"ring {rspec.index}: cannot bind event channel: {e}") from e
+        t_ring = time.monotonic()
         max_slots = min(self.disk.max_inflight, ring_entries(spec.abi, rspec.order))
         max_request_bytes = max(MAX_SEGMENTS_PER_REQUEST, f.max_indirect_segments) * XEN_PAGE_SIZE
         # The one place that picks how a request's data reaches the guest's pages.
@@ -461,7 +465,9 @@ class Vbd:
             slots=slots, shape=self._shape_override or StorageShape.of(
                 self.storage.limits, discard_by_write_zeroes=f.discard_by_write_zeroes),
             discard_by_write_zeroes=f.discard_by_write_zeroes, storage_timeout=self.storage_timeout)
+        t_datapath = time.monotonic()
         res.journal = self._attach_journal(res.ring, rspec, spec, policy)
+        t_journal = time.monotonic()
         res.worker = RingWorker(policy, ring=res.ring, channel=res.channel, queue=self.storage.queues[rspec.index],
                                 datapath=res.datapath, gntdev=platform.gntdev, gate=self._gate,
                                 on_storage_failure=self._note_storage_failure,
@@ -469,6 +475,9 @@ class Vbd:
         if res.journal is not None and res.journal.resumed is not None:
             resumed = res.journal.resumed
             res.worker.resume_from(resumed.republish, resumed.rerun)
+            log.info("%s: set up for the takeover in %.3f s (ring pages and event channel %.3f, data path %.3f, "
+                     "journal %.3f)", policy.name, t_journal - t0, t_ring - t0, t_datapath - t_ring,
+                     t_journal - t_datapath)
         self._intakes.append(res.worker.intake)
         self._ring_stats.append(res.worker.stats)
         return res.worker
@@ -546,9 +555,11 @@ class Vbd:
         async def drain(worker: RingWorker) -> None:
             finished.append(await worker.drain(self.drain_timeout, keep_unanswered=hand_over))
 
+        started = time.monotonic()
         async with trio.open_nursery() as nursery:
             for worker in busy:
                 nursery.start_soon(drain, worker)
+        drained = time.monotonic()
         stuck = not all(finished)
         if stuck or self._storage_failed:
             # Storage may still own some of our buffers/pages (requests that
@@ -580,6 +591,9 @@ class Vbd:
                 res.close()
             except Exception as e:
                 errors.append(e)
+        if hand_over:  # the guest's pause on an upgrade runs through here: say where it went
+            log.info("%s: rings released for the next process in %.3f s (%d busy ring(s) drained in %.3f)",
+                     self.disk.name, time.monotonic() - started, len(busy), drained - started)
         self._workers = []
         self._resources = []
         self._serving = False

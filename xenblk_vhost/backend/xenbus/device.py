@@ -249,6 +249,7 @@ class Device:
     async def _probe(self) -> None:
         """xen_blkbk_probe + backend_changed: storage open and features out, then InitWait."""
         await self._rm_error_report()  # a previous device's report, not ours
+        started = trio.current_time()
         try:
             self.nodes = await self._read_toolstack_nodes()
             if self.state == XenbusState.CONNECTED:
@@ -258,7 +259,11 @@ class Device:
         except DeviceFatal as e:
             await self._fatal(e)
             return
+        opened = trio.current_time()
         if self.state == XenbusState.CONNECTED and await self._take_over_live_rings():
+            # On an upgrade this is the guest's pause after the old daemon's drain: say where it went.
+            log.info("%s: takeover took %.3f s (storage opened %.3f, rings taken over %.3f)", self.name,
+                     trio.current_time() - started, opened - started, trio.current_time() - opened)
             return
         await self._switch_state(XenbusState.INIT_WAIT, extra=self._probe_nodes(), unless_closing=True)
 
@@ -721,11 +726,17 @@ class Device:
         xenbus_dev_remove, Closed if the toolstack left us at Closing. A device
         forgotten (not merely stopped with the service) takes its error report
         along: nobody is left to read it, and error/ would only grow."""
+        started = trio.current_time()
+        had_vbd = self.vbd is not None
         try:
             await self._disconnect()
         except Exception as e:
             log.error("%s: disconnecting: %s", self.name, e)
+        disconnected = trio.current_time()
         self._close_vbd()
+        if had_vbd and not forgotten:  # the service stopping (upgrade, restart): part of the guest's pause
+            log.info("%s: released in %.3f s (rings %.3f, storage closed %.3f)", self.name,
+                     trio.current_time() - started, disconnected - started, trio.current_time() - disconnected)
         try:
             raw = await self._read(f"{self.be}/state")
             if raw is not None and parse_state(raw) == XenbusState.CLOSING:
