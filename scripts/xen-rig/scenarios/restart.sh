@@ -61,8 +61,17 @@ gone() {  # pid what
 # takes over once ready; the guests pause from the old one's drain to the new one's takeover.
 handover() {  # n
   xb_assert_alive "before hand-over $1"
-  local out=$OUT/upgrade-$1.json rc=0 old=$XB_PID
-  xenblk-vhost upgrade --control "$CTL" --json > "$out" 2> "$OUT/upgrade-$1.err" || rc=$?
+  local out=$OUT/upgrade-$1.json rc=0 old=$XB_PID try
+  # A new daemon not ready within its 300 s (its start-up competing with the busy guest on a loaded
+  # host: measured 123-137 s, and over 300 s once) is refused and the old one serves on (correct,
+  # and the guest sees nothing): try once more, and say so.
+  for try in 1 2; do
+    rc=0
+    xenblk-vhost upgrade --control "$CTL" --json > "$out" 2> "$OUT/upgrade-$1.err" || rc=$?
+    [ $rc != 0 ] && [ $try = 1 ] && grep -q 'not ready within' "$OUT/upgrade-$1.err" || break
+    note "hand-over $1: refused, the old daemon serves on ($(cat "$OUT/upgrade-$1.err")); trying again"
+    xb_assert_alive "after a refused hand-over $1"
+  done
   [ $rc = 0 ] || { tail -30 "$XB_LOG"; fail "hand-over $1: xenblk-vhost upgrade failed: $(cat "$OUT/upgrade-$1.err")"; }
   # When the old daemon stopped taking requests (its clock: dom0's).
   python3 -c 'import json, sys; print("handover", json.load(open(sys.argv[1]))["handed_over_at"])' "$out" >> "$EVENTS"
