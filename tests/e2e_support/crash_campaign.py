@@ -23,6 +23,14 @@ the frontend saw no protocol error (a second response, or one with the
 wrong op, disables its ring as Linux's blkfront does), and no daemon had
 to discard a journal.
 
+A lost request shows as a stall: a workload with requests in flight and none
+answered for STALL_S ends at once, and the campaign prints each outstanding
+request (id, op, sector, ring position and slot, age: the guest's view) with
+what its ring's journal says of that position (describe_stall). The storage
+daemon is supervised (supervise_storage): qemu-storage-daemon 7.2 sometimes
+aborts when its client is killed with requests in flight; it is started
+again and counted, and the backend must ride that out too.
+
 What "executed twice after its answer was published" would look like here:
 a write run again after the guest saw it done and wrote the lane anew
 overwrites the newer data (the read-back fails); a request answered twice
