@@ -38,6 +38,8 @@ from xenblk_vhost.blkif.constants import (
     RSP_OKAY,
     U64_MAX,
 )
+from xenblk_vhost.blkif.intake import RequestIntake
+from xenblk_vhost.native.intake import ENGINE_ENV, CompiledIntake
 from xenblk_vhost.xen.interfaces import PAGE_SIZE
 
 SECTORS = DISK_SIZE // 512
@@ -234,10 +236,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("data_path", ["copy", "map"])
-@pytest.mark.parametrize("abi", [Abi.NATIVE, Abi.X86_32], ids=["x86_64", "x86_32"])
-async def test_every_bad_request_is_answered_exactly_and_touches_nothing(tmp_path, platform, guest, data_path, abi):
+@pytest.mark.parametrize(("data_path", "abi", "engine"), [
+    ("copy", Abi.NATIVE, "compiled"), ("copy", Abi.X86_32, "compiled"), ("map", Abi.NATIVE, "compiled"),
+    ("map", Abi.X86_32, "compiled"), ("copy", Abi.NATIVE, "python"), ("map", Abi.X86_32, "python"),
+], ids=lambda v: {Abi.NATIVE: "x86_64", Abi.X86_32: "x86_32"}.get(v, v))
+async def test_every_bad_request_is_answered_exactly_and_touches_nothing(tmp_path, platform, guest, data_path, abi,
+                                                                         engine, monkeypatch):
+    """On both request-intake engines (XENBLK_ENGINE: the compiled one and its Python reference)."""
+    monkeypatch.setenv(ENGINE_ENV, engine)
     async with served(tmp_path, platform, guest, abi, data_path=data_path) as (vbd, front, path):
+        intakes = [w.intake for w in vbd._workers]
+        assert intakes and all(type(i) is (CompiledIntake if engine == "compiled" else RequestIntake)
+                               for i in intakes)
         digest = file_digest(path)
         for case in CASES:
             out = case(front)

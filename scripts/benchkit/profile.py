@@ -52,6 +52,7 @@ INNERMOST = (
     ("trio: epoll_wait", "trio/_core/_io_epoll.py", {"get_events"}),
     ("trio: scheduling", "trio/", None),
     ("blkif: take, decode, validate", "xenblk_vhost/blkif/", None),
+    ("blkif: take, decode, validate", "xenblk_vhost/native/intake.py", None),  # the compiled intake
     ("datapath: grant-copy segments", "xenblk_vhost/backend/datapath/grant_copy.py", None),
     ("datapath: stats, latency", "xenblk_vhost/backend/datapath/stats.py", None),
     ("datapath: ring worker, slots, copy path", "xenblk_vhost/backend/", None),

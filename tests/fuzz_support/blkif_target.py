@@ -16,7 +16,9 @@ Properties:
     taken from blkif/abi.py) and applies the rules in the order blkback and the docstrings give;
   - an accepted request encodes back (RequestEncoder) to a slot that decodes to the same request;
   - responses land at rsp_prod.. with the id, op and status given, and the notify decision is
-    RING_PUSH_RESPONSES_AND_CHECK_NOTIFY's.
+    RING_PUSH_RESPONSES_AND_CHECK_NOTIFY's;
+  - the compiled intake (native/intake.py), when it can be built, returns the very same verdicts for
+    the same slots and indirect pages as the Python one.
 """
 
 from __future__ import annotations
@@ -165,6 +167,26 @@ def blkback_consumes(req_prod: int, req_cons: int, rsp_prod_pvt: int, size: int,
 # ---------------------------------------------------------------- the target
 
 
+_compiled_tried = False
+_compiled_factory = None
+
+
+def _compiled(abi: Abi, lim: RequestLimits):
+    """The compiled intake for the same limits, or None when the kernels cannot be built."""
+    global _compiled_tried, _compiled_factory
+    if not _compiled_tried:
+        _compiled_tried = True
+        try:
+            from xenblk_vhost import native
+            from xenblk_vhost.native.intake import CompiledIntake
+
+            native.load()
+            _compiled_factory = CompiledIntake
+        except Exception:  # noqa: BLE001 - no compiler here: the Python intake alone is checked
+            _compiled_factory = None
+    return None if _compiled_factory is None else _compiled_factory(abi, lim)
+
+
 def _limits(r: ByteReader) -> RequestLimits:
     mode = r.below(3)
     sectors = r.uint(8) if mode == 0 else r.uint(2) if mode == 1 else U64_MAX - r.u8()
@@ -192,6 +214,9 @@ def _drain(r: ByteReader, ring: BackRing, intake: RequestIntake, view: memoryvie
     assert len(batch) == expected_n, f"took {len(batch)}, blkback takes {expected_n}"
     assert ring.req_cons == (cons0 + expected_n) & M32
     encoder, decoder = RequestEncoder(intake.abi), RequestDecoder(intake.abi)
+    compiled = _compiled(intake.abi, lim)
+    if compiled is not None:
+        assert compiled.parse(b"".join(slots), len(slots)) == batch, "compiled intake differs"
     finals = []
     for item, slot in zip(batch, slots):
         want = expect_slot(slot, o, lim)
@@ -206,6 +231,8 @@ def _drain(r: ByteReader, ring: BackRing, intake: RequestIntake, view: memoryvie
             _op, _iop, id_, handle, sector = want[1:6]
             want = reject(id_, _iop, ERROR) if segs is None else expect_rw(_iop, id_, handle, sector, segs, lim, True)
             got = verdict(intake.decode_indirect_segments(item, pages))
+            if compiled is not None:
+                assert verdict(compiled.decode_indirect_segments(item, pages)) == got, "compiled indirect differs"
             assert got == want, f"indirect {item} pages {pages[:64].hex()}...: intake {got}, oracle {want}"
             try:
                 intake.decode_indirect_segments(item, pages[:-1])

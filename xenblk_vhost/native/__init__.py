@@ -8,6 +8,10 @@ What is here (each with a pure-Python reference that tests compare it to):
     native.h, sim_grant_copy.c   the simulated hypervisor's grant copy
                                  (sim/gntdev.py), over the IOCTL_GNTDEV_GRANT_COPY
                                  segment array the datapath fills (xen/copy_batch.py)
+    intake_kernel.c, intake.py   the request intake's decode + validate of a batch of
+                                 ring slots (blkif/intake.py RequestIntake is the
+                                 reference); XENBLK_ENGINE=python|compiled picks it
+    pack_segments.c              the copy path's packing of segments (xen/gntdev.py)
     build.py                     cffi API-mode build; install-deps runs it, load()
                                  runs it when the module is missing or stale
 """

@@ -39,3 +39,52 @@ int xk_sim_grant_copy(struct xk_copy_seg *segs, int start, int n, uint16_t domid
 int xk_pack_sector_ranges(struct xk_copy_seg *out, const char *raw, uint32_t nseg, int to_guest,
                           uint16_t domid, uint64_t local_addr, uint32_t *refused, uint32_t *nrefused,
                           uint64_t *covered);
+
+/* One decoded + validated ring slot of a batch (intake_kernel.c): 40 bytes, the layout
+ * native_intake.py reads with struct "<BBBBhHI4xQQQ". kind: XK_RW (READ/WRITE/
+ * WRITE_BARRIER/FLUSH_DISKCACHE), XK_DISCARD, XK_INDIRECT (the slot half), XK_REJECT
+ * (answer id, op, status at once; reason says why). op is the operation to echo for a
+ * rejection (the indirect_op for an indirect request); aux is the discard flag or the
+ * indirect_op; nseg the request's segment count; nr the sectors it covers (a discard's
+ * nr_sectors). */
+struct xk_req {
+    uint8_t kind;
+    uint8_t op;
+    uint8_t aux;
+    uint8_t reason;
+    int16_t status;
+    uint16_t handle;
+    uint32_t nseg;
+    uint32_t pad;
+    uint64_t id;
+    uint64_t sector;
+    uint64_t nr;
+};
+
+/* Where one ABI keeps the fields of a slot (blkif/abi.py's tables, which tests compare with gcc's),
+ * and the device's limits (blkif/validate.py's RequestLimits). */
+struct xk_intake_cfg {
+    uint32_t entry;
+    uint32_t id_off;
+    uint32_t sector_off;
+    uint32_t seg_off;
+    uint32_t discard_nr_off;
+    uint32_t indirect_handle_off;
+    uint64_t sectors;
+    uint32_t block_mask;
+    uint32_t max_indirect;
+    uint8_t read_only;
+    uint8_t flush;
+    uint8_t barrier;
+    uint8_t discard;
+};
+
+/* Decode and validate `count` slots of a private copy (raw, cfg->entry bytes apart) into out[]:
+ * the same decisions as RequestIntake.parse (blkif/decode.py, then validate.py). */
+void xk_parse_slots(const uint8_t *raw, uint32_t count, const struct xk_intake_cfg *cfg,
+                    struct xk_req *out);
+
+/* The segment checks of an indirect request's private copy of nseg segments: a bad segment
+ * (last >= 8 or first > last) -> XK_R_BAD_SEGMENT; else *nr = the sectors they cover and
+ * a segment not a multiple of block_mask + 1 sectors -> XK_R_MISALIGNED; else 0. */
+int xk_check_segments(const uint8_t *raw, uint32_t nseg, uint32_t block_mask, uint64_t *nr);

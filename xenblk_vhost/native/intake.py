@@ -1,0 +1,194 @@
+"""The request intake with its per-slot decode + validate compiled (intake_kernel.c).
+
+    intake = make_intake(abi, limits)     # CompiledIntake when the engine is "compiled" and the
+                                          # kernels load, else blkif's RequestIntake (the reference)
+
+CompiledIntake has RequestIntake's interface and returns the very same objects (equal tuples of
+the same types: Request, DiscardRequest, IndirectRequest, Rejection with the same reason
+strings): tests/test_native_intake.py runs random and hostile ring contents through both, on all
+three ABIs. What it saves: the decoder's and the validator's Python per request (one C call per
+batch decides every slot; Python then only builds the objects the datapath consumes).
+
+The private copy is still made once (BackRing.take_slots) and only that copy is read, by C and by
+Python alike: nothing here looks at shared memory.
+
+Engine choice: XENBLK_ENGINE=python|compiled in the environment (default compiled), and
+native.enabled (scripts/bench.py --engines flips it per case); the Python intake when the
+kernels cannot be built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+
+from ..blkif import decode as _dec
+from ..blkif import validate as _val
+from ..blkif.abi import SEGMENT, Abi, layout
+from ..blkif.intake import RequestIntake
+from ..blkif.request import (
+    DiscardRequest,
+    IndirectRequest,
+    Rejection,
+    Request,
+    SegmentTuple,
+    indirect_pages_for,
+)
+from ..blkif.validate import RequestLimits
+
+log = logging.getLogger(__name__)
+
+ENGINE_ENV = "XENBLK_ENGINE"
+ENGINES = ("compiled", "python")
+
+# intake_kernel.c's XK_R_* in order: the reference's reason strings.
+REASONS = (
+    "", _dec.R_UNKNOWN_OP, _dec.R_BAD_NR_SEGMENTS, _dec.R_BAD_SEGMENT, _dec.R_BAD_INDIRECT_OP,
+    _val.R_FLUSH_DISABLED, _val.R_BARRIER_DISABLED, _val.R_DISCARD_DISABLED, _val.R_READ_ONLY,
+    _val.R_OVERFLOW, _val.R_BEYOND_END, _val.R_MISALIGNED, _val.R_TOO_MANY_INDIRECT,
+)
+_R_BAD_SEGMENT = 3
+_R_MISALIGNED = 11
+KIND_RW, KIND_DISCARD, KIND_INDIRECT, KIND_REJECT = range(4)
+
+_REC = struct.Struct("<BBBBhHI4xQQQ")  # struct xk_req
+_SEG = SEGMENT.struct_for("gref", "first_sect", "last_sect", to_end=True)
+_seg_iter = _SEG.iter_unpack
+_seg_unpack_from = _SEG.unpack_from
+_new = tuple.__new__
+
+
+def engine_name() -> str:
+    """The engine asked for: XENBLK_ENGINE (compiled or python), else compiled."""
+    name = os.environ.get(ENGINE_ENV, "compiled").strip().lower() or "compiled"
+    if name not in ENGINES:
+        raise ValueError(f"{ENGINE_ENV}={name!r}: expected one of {', '.join(ENGINES)}")
+    return name
+
+
+def _lib():
+    """(ffi, lib) when the compiled engine is wanted and loads, else None."""
+    from . import NativeBuildError, load
+    from . import enabled as native_enabled
+
+    if not native_enabled or engine_name() != "compiled":
+        return None
+    try:
+        mod = load()
+    except NativeBuildError as e:
+        log.warning("compiled intake unavailable, using the Python one: %s", e)
+        return None
+    return mod.ffi, mod.lib
+
+
+def make_intake(abi: Abi, limits: RequestLimits) -> RequestIntake:
+    """The intake of the engine in force (see the module docstring)."""
+    found = _lib()
+    if found is None:
+        return RequestIntake(abi, limits)
+    return CompiledIntake(abi, limits, found)
+
+
+class CompiledIntake(RequestIntake):
+    """RequestIntake with parse() and decode_indirect_segments() decided by intake_kernel.c."""
+
+    __slots__ = ("_ffi", "_lib", "_cfg", "_out", "_outbuf", "_cap", "_seg_off", "_grefs_off",
+                 "_mask", "_nr")
+
+    def __init__(self, abi: Abi, limits: RequestLimits, found=None) -> None:
+        super().__init__(abi, limits)
+        found = found or _lib()
+        if found is None:
+            raise RuntimeError("the compiled intake is not available")
+        self._ffi, self._lib = found
+        lay = layout(abi)
+        self._seg_off = lay.seg_offset
+        self._grefs_off = lay.indirect.offset("indirect_grefs")
+        self._cap = 0
+        self._out = None
+        self._outbuf: memoryview = memoryview(b"")
+        cfg = self._ffi.new("struct xk_intake_cfg *")
+        cfg.entry = lay.entry_size
+        cfg.id_off = lay.request.offset("id")
+        cfg.sector_off = lay.request.offset("sector_number")
+        cfg.seg_off = lay.seg_offset
+        cfg.discard_nr_off = lay.discard.offset("nr_sectors")
+        cfg.indirect_handle_off = lay.indirect.offset("handle")
+        self._cfg = cfg
+        self._nr = self._ffi.new("uint64_t *")  # xk_check_segments' out-parameter, reused
+        self._apply(limits)
+
+    def _apply(self, limits: RequestLimits) -> None:
+        cfg = self._cfg
+        cfg.sectors = limits.sectors
+        cfg.block_mask = limits.block_sectors - 1
+        cfg.max_indirect = limits.max_indirect_segments
+        cfg.read_only = limits.read_only
+        cfg.flush = limits.flush_enabled
+        cfg.barrier = limits.barrier_enabled
+        cfg.discard = limits.discard_enabled
+        self._mask = limits.block_sectors - 1
+
+    def set_limits(self, limits: RequestLimits) -> None:
+        super().set_limits(limits)
+        self._apply(limits)
+
+    def _records(self, count: int) -> memoryview:
+        if count > self._cap:
+            self._cap = max(count, 2 * self._cap, 32)
+            self._out = self._ffi.new("struct xk_req[]", self._cap)
+            self._outbuf = self._ffi.buffer(self._out)
+        return self._outbuf
+
+    def parse(self, raw: bytes, count: int) -> list:
+        if count <= 0:
+            return []
+        entry = self._entry
+        if len(raw) < count * entry:
+            raise ValueError(f"{len(raw)} bytes hold fewer than {count} slots")
+        buf = self._records(count)
+        self._lib.xk_parse_slots(self._ffi.from_buffer(raw), count, self._cfg, self._out)
+        out: list = []
+        append = out.append
+        seg_off = self._seg_off
+        off = 0
+        for kind, op, aux, reason, status, handle, nseg, id_, sector, nr in _REC.iter_unpack(buf[:count * 40]):
+            if kind == KIND_RW:
+                if nseg == 1:
+                    segs: tuple = (_seg_unpack_from(raw, off + seg_off),)
+                elif nseg:
+                    start = off + seg_off
+                    segs = tuple(_seg_iter(raw[start:start + nseg * 8]))
+                else:
+                    segs = ()
+                append(_new(Request, (op, id_, handle, sector, segs, nr, False)))
+            elif kind == KIND_REJECT:
+                append(_new(Rejection, (id_, op, status, REASONS[reason])))
+            elif kind == KIND_DISCARD:
+                append(_new(DiscardRequest, (op, id_, handle, sector, nr, aux)))
+            else:
+                g = off + self._grefs_off
+                grefs = struct.unpack_from(f"<{indirect_pages_for(nseg)}I", raw, g)
+                append(_new(IndirectRequest, (op, aux, id_, handle, sector, nseg, grefs)))
+            off += entry
+        return out
+
+    def decode_indirect_segments(self, header: IndirectRequest, pages_bytes) -> Request | Rejection:
+        """As Validator.decode_indirect_segments: the segments' checks in C, the rest shared."""
+        need = header.segments_bytes
+        if len(pages_bytes) < need:
+            raise ValueError(f"indirect pages hold {len(pages_bytes)} bytes, need {need}")
+        raw = bytes(memoryview(pages_bytes).cast("B")[:need])
+        nr = self._nr
+        why = self._lib.xk_check_segments(raw, header.nr_segments, self._mask, nr)
+        iop = header.indirect_op
+        if why == _R_BAD_SEGMENT:
+            return _new(Rejection, (header.id, iop, -1, _dec.R_BAD_SEGMENT))
+        segments = SegmentTuple(_seg_iter(raw))
+        segments.raw = raw
+        req = _new(Request, (iop, header.id, header.handle, header.sector, segments, nr[0], True))
+        return self._validator.check_rw(req)
+
+
+__all__ = ["CompiledIntake", "ENGINES", "ENGINE_ENV", "REASONS", "engine_name", "make_intake"]
