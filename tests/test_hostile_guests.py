@@ -21,6 +21,7 @@ from hostile_support.campaign import RING_INFLIGHT, RING_MEMORY, run_campaign
 from xenblk_vhost.backend.features import MAX_PERSISTENT_GRANTS
 from xenblk_vhost.blkif import validate
 from xenblk_vhost.blkif.constants import U64_MAX
+from xenblk_vhost.native.intake import ENGINE_ENV
 from xenblk_vhost.sim.hostile import ATTACKS
 
 MiB = 1 << 20
@@ -86,6 +87,9 @@ async def test_the_checks_catch_a_backend_that_lets_a_request_past_the_end_throu
         return original(self, req)
 
     monkeypatch.setattr(validate.Validator, "check_rw", holed)
+    # The hole is planted in the Python validator: serve with that engine (the compiled intake, which
+    # the default backend uses, is proven to decide as it does by tests/test_native_intake.py).
+    monkeypatch.setenv(ENGINE_ENV, "python")
     attacks = [a for a in ATTACKS if a.name == "sector-overflow"]
     r = await run_campaign(tmp_path, rounds=1, data_path="copy", attacks=attacks)
     assert r.out_of_range >= 1  # the write across the end landed outside mallory's window
