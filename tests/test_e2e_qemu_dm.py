@@ -192,3 +192,80 @@ def test_an_hvm_device_model_or_an_unconfigured_domain_is_refused(tmp_path):
     assert hvm.returncode == 2 and "only be the device model of PV/PVH guests" in hvm.stderr
     other = subprocess.run(base + ["-machine", "xenpv", f"--config={cfg}"], capture_output=True, text=True, timeout=60)
     assert other.returncode == 2 and f"none of {cfg} configures domain 'other' (domid 3)" in other.stderr
+
+
+async def _hostile_qmp_peer(path: str, chunks: list[bytes], *, read_replies: bool, reset: bool) -> list[bytes]:
+    """One QMP peer on the real socket: sends chunks, maybe reads what comes back, then leaves;
+    `reset`: it leaves with the server's bytes unread, so the server's next read fails (ECONNRESET)."""
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    got: list[bytes] = []
+    with sock:
+        await sock.connect(path)
+        if reset:
+            await trio.sleep(0.2)  # the greeting is in our receive queue, unread
+        for chunk in chunks:
+            await sock.send(chunk)
+            if read_replies:
+                with trio.move_on_after(2):
+                    got.append(await sock.recv(1 << 16))
+    return got
+
+
+async def test_hostile_qmp_peers_are_confined_to_their_connections_and_the_disk_goes_on(tmp_path):
+    """Issue 10 (D3, the device-model route): QMP peers on the real monitor socket of a running
+    device model, while its guest does I/O: garbage, 3,000 nested brackets, a number past the
+    digit limit, a command cut off by a reset mid-line, a peer gone before its greeting, one that
+    never ends a command (cut off at 1 MiB), twenty at once. Each is answered or cut off on its
+    own connection; the process lives, no traceback is logged, libxl's next QMP command is answered
+    and the guest's disk keeps its data."""
+    img = disk_image(tmp_path)
+    cfg = write_config(tmp_path, "pvguest", [f"vdev: xvda, driver: io_uring, path: {img}"])
+    qmp = str(tmp_path / "qmp-libxl-sock")
+    async with open_world(tmp_path / "w") as world:
+        guest = await world.create_guest("pvguest", domain_type="pv")
+        await world.xs.mkdir(f"/local/domain/0/device-model/{guest.domid}")
+        dm = await world.start_process(qemu_argv(world, guest.domid, "pvguest", qmp, cfg), name="dm", ready=None)
+        await wait_node(world.xs, f"/local/domain/0/device-model/{guest.domid}/state", lambda v: v == "running",
+                        timeout=LIBXL_DEVICE_MODEL_START_TIMEOUT)
+        vbd = await world.attach_vbd(guest.domid, VbdConfig(vdev="xvda", target=str(img), kind=BackendKind.QDISK,
+                                                            domain_type="pv"))
+        async with frontend_agent(world, guest.domid, vbd.devid) as fe:
+            await fe.call("connect")
+            await fe.call("write", sector=0, sectors=64, seed=3)
+            cap = b'{"execute": "qmp_capabilities"}\r\n'
+            with trio.fail_after(30):
+                # garbage, deep nesting and a huge number on one connection: each answered, in turn
+                replies = await _hostile_qmp_peer(qmp, [b"", b"garbage\r\n", b"[" * 3000 + b"]" * 3000 + b"\r\n",
+                                                        b'{"execute": "cont", "id": ' + b"9" * 5000 + b"}\r\n",
+                                                        cap], read_replies=True, reset=False)
+                answered = b"".join(replies)
+                assert answered.count(b'"GenericError"') == 3 and b'{"return": {}}' in answered, answered
+                # reset mid-line, with the greeting unread
+                await _hostile_qmp_peer(qmp, [b'{"execute": "qmp_capab'], read_replies=False, reset=True)
+                await _hostile_qmp_peer(qmp, [], read_replies=False, reset=False)  # gone before its greeting
+                # a command that never ends: cut off past the buffer bound
+                cut = await _hostile_qmp_peer(qmp, [b"{" + b" " * (1 << 16)] * 20, read_replies=False, reset=True)
+                assert cut == []
+                served: list[bytes] = []
+
+                async def one_of_a_crowd(i: int) -> None:
+                    try:
+                        served.extend(await _hostile_qmp_peer(qmp, [b"[" * 2000 + b"]" * 2000, b"garbage\r\n", b""],
+                                                              read_replies=i % 2 == 0, reset=i % 2 == 1))
+                    except OSError:
+                        pass  # turned away by the kernel: the listen backlog is full
+
+                async with trio.open_nursery() as crowd:
+                    for i in range(20):
+                        crowd.start_soon(one_of_a_crowd, i)
+                assert b"".join(served).count(b'"GenericError"') >= 2, served
+                # the guest's I/O ran on meanwhile; the device model answers libxl as before
+                assert (await fe.call("verify", sector=0, sectors=64, seed=3))["equal"]
+                assert (await libxl_qmp(qmp, "query-status"))["return"]["status"] == "running"
+                await fe.call("write", sector=64, sectors=64, seed=4)
+                assert (await fe.call("verify", sector=64, sectors=64, seed=4))["equal"]
+        assert dm.proc.returncode is None
+        assert not [line for line in dm.lines if "Traceback" in line or "connection failed" in line], dm.lines
+        dm.proc.send_signal(signal.SIGHUP)
+        assert await dm.wait(30) == 0
+        await world.destroy_guest(guest.domid, timeout=1.0)
