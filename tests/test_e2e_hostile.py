@@ -167,3 +167,60 @@ async def test_state_flapping_and_a_second_connected_leave_the_ring_and_the_neig
                     assert (await alice_fe.call("close"))["errors"] == []
             finally:
                 guest.close()
+
+
+async def test_a_valid_ring_with_a_bogus_event_channel_is_refused_unmapped_and_the_guest_can_retry(tmp_path):
+    """The ring page is granted and maps; only the port is wrong: never allocated, allocated for
+    another domain (alice), the highest valid number (never allocated), a port already bound.
+    Each connect is refused as blkback's connect_ring does (EINVAL, "mapping ring-ref port N",
+    Closing), the ring page is unmapped at once (mallory's grant can be ended: no mapping left),
+    the other guest is served meanwhile, and the same frontend then connects with a real
+    channel and does I/O."""
+    bad_img, good_img = disk_image(tmp_path, "bad.img"), disk_image(tmp_path, "good.img")
+    configs = [domain_config(tmp_path, "mallory", [f"vdev: xvda, driver: io_uring, path: {bad_img}"]),
+               domain_config(tmp_path, "alice", [f"vdev: xvda, driver: io_uring, path: {good_img}"])]
+    async with open_world(tmp_path / "w") as world:
+        mallory = await world.create_guest("mallory")
+        alice = await world.create_guest("alice")
+        async with backend_service(world, configs) as service:
+            gntdev = service._platform.gntdev
+            bad = await world.attach_vbd(mallory.domid, VbdConfig(vdev="xvda", target=str(bad_img)))
+            good = await world.attach_vbd(alice.domid, VbdConfig(vdev="xvda", target=str(good_img)))
+            error_node = f"/local/domain/0/error/backend/vbd/{mallory.domid}/{bad.devid}/error"
+            guest = Guest.attach(world.hypervisor_path, mallory.domid)
+            try:
+                for_alice = guest.alloc_unbound(remote_domid=alice.domid)
+                taken = guest.alloc_unbound(remote_domid=0)
+                async with frontend_agent(world, alice.domid, good.devid) as alice_fe, \
+                        open_guest_xenstore(mallory.domid, world.xenstore_path) as gxs:
+                    await alice_fe.call("connect")
+                    [frame] = guest.alloc_pages(1)
+                    bogus = [(1000, "has no port 1000"),
+                             (for_alice.local_port, "is not unbound for domain 0"),
+                             (131071, "has no port 131071"),
+                             (taken.local_port, "is not unbound for domain 0")]
+                    for n, (port, why) in enumerate(bogus):
+                        if port == taken.local_port:  # bound by someone first: dom0 here, as a second backend
+                            service._platform.evtchn.bind_interdomain(mallory.domid, port)
+                        ref = guest.grant_access(frame, 0, readonly=False)  # a valid one-page ring
+                        await gxs.write(f"{bad.frontend}/ring-ref", str(ref))
+                        await gxs.write(f"{bad.frontend}/event-channel", str(port))
+                        await gxs.write(f"{bad.frontend}/state", "3")
+                        await wait_node(world.xs, f"{bad.backend}/state", state_is(5))
+                        text = await read_text(world.xs, error_node)
+                        assert text.startswith(f"{errno.EINVAL} mapping ring-ref port {port}: "), text
+                        assert "cannot bind event channel" in text and why in text, text
+                        assert not [m for m in gntdev._maps if m.domid == mallory.domid]
+                        assert guest.end_access(ref)  # nothing of the backend holds the ring page
+                        await alice_fe.call("write", sector=64, sectors=8, seed=n)
+                        assert (await alice_fe.call("verify", sector=64, sectors=8, seed=n))["equal"]
+                        await cycle_to_initwait(gxs, bad.frontend, bad.backend, world.xs)
+                    guest.free_pages([frame])
+                    # The guest retries with a port it allocated for us: served.
+                    async with open_blkfront(gxs, guest, bad.devid, BlkfrontOptions(max_queues=1)) as front:
+                        await front.write(0, b"m" * 4096)
+                        assert await front.read(0, 8) == b"m" * 4096
+                        assert front.errors == []
+                    assert (await alice_fe.call("close"))["errors"] == []
+            finally:
+                guest.close()
