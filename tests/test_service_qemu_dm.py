@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import trio
@@ -216,3 +217,59 @@ async def test_qmp_a_character_the_client_never_finished_is_answered():
     # QEMU answers the stray character (found by the qmp fuzz target: 11 replies to 12 items).
     replies = await exchange([b"[1] \xc3"])
     assert [r.get("error", {}).get("class") for r in replies[1:]] == ["GenericError"] * 2
+
+
+class _CountingListener(trio.abc.Listener):
+    """Connections handed to serve_qmp as it accepts them; how many it accepted."""
+
+    def __init__(self) -> None:
+        self.send, self._receive = trio.open_memory_channel(math.inf)
+        self.accepted = 0
+
+    async def accept(self):
+        stream = await self._receive.receive()
+        self.accepted += 1
+        return stream
+
+    async def aclose(self):
+        pass
+
+
+async def _read_until_closed(client) -> bytes:
+    data = b""
+    while True:
+        more = await client.receive_some()
+        if not more:
+            return data
+        data += more
+
+
+async def test_qmp_connections_are_bounded_and_idle_ones_cut_off(monkeypatch, caplog):
+    """Issue 10 (D4, for QMP): each connection costs an fd, shared with the guests' event channels.
+    At most MAX_QMP_CLIENTS are served at once; the next ones wait to be accepted (as QEMU's
+    monitor keeps them waiting). A peer that sends nothing is cut off after QMP_IDLE_TIMEOUT, so
+    silent peers cannot keep libxl out for good: the waiting ones are then served. Before: every
+    connection accepted and held for as long as the peer liked."""
+    from xenblk_vhost.device_model import qmp
+
+    monkeypatch.setattr(qmp, "QMP_IDLE_TIMEOUT", 0.5)
+    listener = _CountingListener()
+    clients = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(qmp.serve_qmp, listener, DeviceModelState(paused=False))
+        for _ in range(qmp.MAX_QMP_CLIENTS + 3):
+            client, server = trio.testing.memory_stream_pair()
+            await listener.send.send(server)
+            clients.append(client)
+        await trio.testing.wait_all_tasks_blocked()
+        assert listener.accepted == qmp.MAX_QMP_CLIENTS
+        with trio.fail_after(10):
+            for client in clients[:qmp.MAX_QMP_CLIENTS]:  # the silent ones: a greeting, then cut off
+                assert list(json.loads(await _read_until_closed(client))) == ["QMP"]
+            late = clients[-1]
+            assert b'"QMP"' in await late.receive_some()
+            await late.send_all(b'{"execute": "qmp_capabilities", "id": 1}\r\n')
+            assert json.loads(await late.receive_some()) == {"return": {}, "id": 1}
+        assert listener.accepted == qmp.MAX_QMP_CLIENTS + 3
+        assert "idle (nothing sent or read)" in caplog.text
+        nursery.cancel_scope.cancel()

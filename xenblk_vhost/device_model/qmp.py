@@ -5,6 +5,11 @@
     await nursery.start(serve_qmp, listener, state)
 
 Messages end with "\\r\\n"; every libxl command opens a new connection.
+At most MAX_QMP_CLIENTS connections are served at once (each costs an fd,
+shared with the guests' event channels and grant mappings); the next ones
+wait in the listen backlog, as they would for QEMU's monitor, which serves
+one client at a time. A client that sends nothing, or reads nothing, for
+QMP_IDLE_TIMEOUT is cut off, so that no peer keeps a slot from libxl.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ log = logging.getLogger(__name__)
 # (>= 2.8); Debian 12's QEMU is 7.2.
 QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
 MAX_QMP_BUFFER = 1 << 20
+MAX_QMP_CLIENTS = 8  # libxl opens one connection per command, and waits for each
+QMP_IDLE_TIMEOUT = 60.0  # s; libxl's exchanges are a few messages back to back
 
 
 class DeviceModelState:
@@ -221,28 +228,31 @@ def is_error_reply(command: dict) -> bool:
 
 
 async def serve_qmp_connection(stream: trio.abc.Stream, state: DeviceModelState) -> None:
-    """One QMP client: greeting, then one reply per command, until it hangs up."""
+    """One QMP client: greeting, then one reply per command, until it hangs up (or idles)."""
     splitter = JsonStreamSplitter()
     negotiated = False
     async with stream:
         try:
-            await _send(stream, qmp_greeting())
-            while True:
-                data = await stream.receive_some(65536)
-                for text in splitter.feed(data) if data else splitter.finish():
-                    command = parse_command(text)
-                    if is_error_reply(command):
-                        await _send(stream, command)
-                        continue
-                    reply, negotiated = qmp_answer(command, negotiated, state)
-                    log.debug("QMP %s -> %s", command.get("execute"), reply)
-                    await _send(stream, reply)
-                if not data:
-                    return
-                if splitter.buffered > MAX_QMP_BUFFER:
-                    log.warning("QMP client sent more than %d bytes without a complete command; closing",
-                                MAX_QMP_BUFFER)
-                    return
+            with trio.move_on_after(QMP_IDLE_TIMEOUT) as idle:
+                await _send(stream, qmp_greeting())
+            while not idle.cancelled_caught:
+                with trio.move_on_after(QMP_IDLE_TIMEOUT) as idle:
+                    data = await stream.receive_some(65536)
+                    for text in splitter.feed(data) if data else splitter.finish():
+                        command = parse_command(text)
+                        if is_error_reply(command):
+                            await _send(stream, command)
+                            continue
+                        reply, negotiated = qmp_answer(command, negotiated, state)
+                        log.debug("QMP %s -> %s", command.get("execute"), reply)
+                        await _send(stream, reply)
+                    if not data:
+                        return
+                    if splitter.buffered > MAX_QMP_BUFFER:
+                        log.warning("QMP client sent more than %d bytes without a complete command; closing",
+                                    MAX_QMP_BUFFER)
+                        return
+            log.warning("QMP client idle (nothing sent or read) for %g s; closing", QMP_IDLE_TIMEOUT)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
 
@@ -257,16 +267,29 @@ async def _serve_confined(stream: trio.abc.Stream, state: DeviceModelState) -> N
 
 async def serve_qmp(listener: trio.abc.Listener, state: DeviceModelState, *,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
+    slots = trio.Semaphore(MAX_QMP_CLIENTS)
+
+    async def serve_client(stream: trio.abc.Stream) -> None:
+        try:
+            await _serve_confined(stream, state)
+        finally:
+            slots.release()
+
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
+            await slots.acquire()  # accept only with a free slot: the rest wait in the backlog
             try:
                 stream = await listener.accept()
             except OSError as e:  # EMFILE and friends: do not spin, do not die
+                slots.release()
                 log.warning("QMP: accept failed: %s", e)
                 await trio.sleep(0.1)
                 continue
-            nursery.start_soon(_serve_confined, stream, state)
+            except BaseException:
+                slots.release()
+                raise
+            nursery.start_soon(serve_client, stream)
 
 
 def open_qmp_listener(args: QemuArgs) -> tuple[trio.SocketListener | None, str | None]:
