@@ -681,26 +681,20 @@ class RingWorker:
         self._failed = True
         stuck = [s for s in self.pool.slots if s.in_storage]
         self._io_outstanding = 0
+        if not answer:  # what waits for a lost storage or for memory is unanswered too
+            stuck += self._parked + self._stalled
+            self._parked, self._stalled = [], []
         for slot in stuck:
-            slot.status = RSP_ERROR
+            slot.status = RSP_ERROR  # a failed read copies nothing to the guest
             slot.parts = 0
             slot.in_storage = False
-        if not answer:
-            left = stuck + self._parked + self._stalled
-            self._parked, self._stalled = [], []
-            for slot in left:
-                slot.status = RSP_ERROR  # a read that failed copies nothing to the guest
-                slot.parts = 0
-            if left:
-                log.info("%s: %d request(s) left unanswered for the next process (journal)",
-                         self.name, len(left))
-                self._release_all(self.datapath.finish(left))
-            self._push()
-            return
-        if stuck:
+        if stuck and answer:
             log.warning("%s: %d request(s) the destroyed storage held answered with an error",
                         self.name, len(stuck))
             self._finish(stuck)
+        elif stuck:
+            log.info("%s: %d request(s) left unanswered for the next process (journal)", self.name, len(stuck))
+            self._release_all(self.datapath.finish(stuck))
         self._push()
 
     # ------------------------------------------------------------ storage replaced (vbd reconnect)
