@@ -156,7 +156,7 @@ def test_yaml_page_defaults_are_configs():
             assert stated == _yaml_value(defaults[name]), key
         checked += 1
     with_default = set(config.DISK_KEYS + config.LIMIT_KEYS) - {"vdev", "driver", "path", "limits", "properties"}
-    assert checked == len(with_default) == 10
+    assert checked == len(with_default) == 11
 
 
 def test_yaml_page_ranges_are_configs():

@@ -15,6 +15,7 @@ A file names its domain and its disks::
         max_indirect_segments: 256
         data_path: copy           # copy | map
         persistent_grants: true   # only with data_path: map
+        ring_workers: inline      # inline | process (each ring in a process of its own)
         discard: true
         limits: {max_inflight: 128, memory: 64MiB}   # per ring
         properties: {num-entries: 256}               # passed to libblkio as is
@@ -50,6 +51,9 @@ DRIVERS = {
     "virtio-blk-vfio-pci": "PCI device sysfs path",
 }
 DATA_PATHS = ("copy", "map")
+# inline: every ring in the service's process (one core for all); process: each ring of a connection
+# in a worker process of its own (backend/datapath/process_vbd.py), opt-in until measured everywhere.
+RING_WORKERS = ("inline", "process")
 
 # Defaults. `copy` works with every driver (vhost-user needs its buffers in
 # shared memory regions, which grant-mapped pages are not); see README for the
@@ -76,6 +80,7 @@ class DiskConfig:
     max_indirect_segments: int = DEFAULT_MAX_INDIRECT_SEGMENTS
     data_path: str = "copy"
     persistent_grants: bool = True
+    ring_workers: str = "inline"
     discard: bool = True
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     memory: int = DEFAULT_MEMORY
@@ -308,7 +313,7 @@ def _closest(key: str, allowed: set[str]) -> str | None:
 ROOT_KEYS = ("domain", "disks")
 DOMAIN_KEYS = ("name", "domid")
 DISK_KEYS = ("vdev", "driver", "path", "direct", "readonly", "queues", "ring_page_order",
-             "max_indirect_segments", "data_path", "persistent_grants", "discard", "limits",
+             "max_indirect_segments", "data_path", "persistent_grants", "ring_workers", "discard", "limits",
              "properties")
 LIMIT_KEYS = ("max_inflight", "memory")
 MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED - 1
@@ -373,6 +378,11 @@ def _disk(check: _Checker, item: Any, line: int, index: int, base: Path,
     data_path = check.typed(disk, "data_path", str, "copy", where, choices=DATA_PATHS)
     persistent = check.typed(disk, "persistent_grants", bool, True, where)
     discard = check.typed(disk, "discard", bool, True, where)
+    ring_workers = check.typed(disk, "ring_workers", str, "inline", where, choices=RING_WORKERS)
+    if driver is not None and driver.startswith("virtio-blk-vhost") and ring_workers == "process":
+        check.problem(disk.key_lines["ring_workers"], f"{where}ring_workers",
+                      "process is not supported with virtio-blk-vhost-*: each worker would need a "
+                      "connection (a server export) of its own; use inline")
     if driver == "virtio-blk-vhost-user" and data_path == "map":
         check.problem(disk.key_lines["data_path"], f"{where}data_path",
                       "map is impossible with virtio-blk-vhost-user: its buffers must live in "
@@ -410,7 +420,8 @@ def _disk(check: _Checker, item: Any, line: int, index: int, base: Path,
         return None
     return DiskConfig(vdev=vdev, driver=driver, path=path, direct=direct, readonly=readonly,
                       queues=queues, ring_page_order=order, max_indirect_segments=indirect,
-                      data_path=data_path, persistent_grants=persistent, discard=discard,
+                      data_path=data_path, persistent_grants=persistent, ring_workers=ring_workers,
+                      discard=discard,
                       max_inflight=max_inflight, memory=memory, properties=properties, line=disk.line,
                       property_lines=property_lines)
 

@@ -75,4 +75,4 @@ def open_sim(socket_path: str, *, domid: int = 0) -> HypervisorDevices:
     except BaseException:
         gntdev.close()
         raise
-    return HypervisorDevices(gntdev=gntdev, evtchn=evtchn)
+    return HypervisorDevices(gntdev=gntdev, evtchn=evtchn, sim_socket=socket_path)

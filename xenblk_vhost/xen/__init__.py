@@ -34,6 +34,9 @@ class HypervisorDevices:
 
     gntdev: Gntdev
     evtchn: Evtchn
+    # The simulated hypervisor's socket (None: the real devices), for a ring worker process
+    # (backend/datapath/process_vbd.py) to open its own handles to the same hypervisor.
+    sim_socket: str | None = None
 
     def close(self) -> None:
         """Close event channels first (no more wake-ups), then grant mappings."""

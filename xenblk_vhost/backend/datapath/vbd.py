@@ -147,7 +147,8 @@ class Vbd:
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
                  max_persistent_grants: int = MAX_PERSISTENT_GRANTS,
                  shape: StorageShape | None = None, journal_dir: Path | None = None,
-                 reconnect: ReconnectPolicy | None = None) -> None:
+                 reconnect: ReconnectPolicy | None = None, ring_index: int | None = None,
+                 gate_factory: Callable[[], BarrierGate] = BarrierGate) -> None:
         """Take ownership of an opened storage device.
 
         journal_dir: keep each ring's in-flight journal there (journal_file.py),
@@ -157,6 +158,9 @@ class Vbd:
         max-segments, max discard) the datapath splits requests by; tests
         use it to exercise splitting on storage without such limits.
         reconnect: what to do when the storage fails as a whole while serving (storage_link.py).
+        ring_index: serve ring `ring_index` alone, on this storage's queue 0 (a ring worker process,
+        process_vbd.py: the spec it gets names that one ring); None: every ring of the spec.
+        gate_factory: the barrier gate of a connection (a ring worker's coordinates with its parent).
         """
         self.disk = disk
         self.storage = storage
@@ -164,6 +168,8 @@ class Vbd:
         self.drain_timeout = drain_timeout
         self.max_persistent_grants = max_persistent_grants
         self.journal_dir = journal_dir
+        self.ring_index = ring_index
+        self._gate_factory = gate_factory
         self._connection_ending = False
         self.features: VbdFeatures = derive_features(
             disk, storage.limits, capacity=storage.capacity, num_queues=len(storage.queues))
@@ -185,6 +191,11 @@ class Vbd:
 
     @classmethod
     def open(cls, disk: DiskConfig, *, queues: int | None = None, **kwargs) -> Vbd:
+        """create; a disk with `ring_workers: process` gets a ProcessVbd (process_vbd.py)."""
+        if cls is Vbd and disk.ring_workers == "process":
+            from .process_vbd import ProcessVbd  # it builds on this module
+
+            cls = ProcessVbd
         storage = open_storage(disk, queues)
         try:
             return cls(disk, storage, **kwargs)
@@ -258,9 +269,12 @@ class Vbd:
         f = self.features
         if not spec.rings:
             raise VbdConnectError("no rings")
-        if len(spec.rings) > f.max_queues:
+        if self.ring_index is not None:
+            if [r.index for r in spec.rings] != [self.ring_index]:
+                raise VbdConnectError(f"a ring worker serves ring {self.ring_index} alone")
+        elif len(spec.rings) > f.max_queues:
             raise VbdConnectError(f"{len(spec.rings)} rings requested, {f.max_queues} offered")
-        if sorted(r.index for r in spec.rings) != list(range(len(spec.rings))):
+        elif sorted(r.index for r in spec.rings) != list(range(len(spec.rings))):
             raise VbdConnectError("ring indices are not 0..n-1")
         for r in spec.rings:
             n = len(r.ring_refs)
@@ -468,7 +482,8 @@ class Vbd:
         t_datapath = time.monotonic()
         res.journal = self._attach_journal(res.ring, rspec, spec, policy)
         t_journal = time.monotonic()
-        res.worker = RingWorker(policy, ring=res.ring, channel=res.channel, queue=self.storage.queues[rspec.index],
+        queue = self.storage.queues[self._queue_of(rspec)]
+        res.worker = RingWorker(policy, ring=res.ring, channel=res.channel, queue=queue,
                                 datapath=res.datapath, gntdev=platform.gntdev, gate=self._gate,
                                 on_storage_failure=self._note_storage_failure,
                                 journal=res.journal.journal if res.journal is not None else None)
@@ -481,6 +496,10 @@ class Vbd:
         self._intakes.append(res.worker.intake)
         self._ring_stats.append(res.worker.stats)
         return res.worker
+
+    def _queue_of(self, rspec: RingSpec) -> int:
+        """Ring i on storage queue i; a ring worker's one ring on its storage's one queue."""
+        return 0 if self.ring_index is not None else rspec.index
 
     def _attach_journal(self, ring: BackRing, rspec: RingSpec, spec: ConnectionSpec, policy: RingPolicy
                         ) -> AttachedJournal | None:
@@ -509,7 +528,7 @@ class Vbd:
         self._check_spec(spec)
         self._serving = True
         self._stopped = trio.Event()
-        self._gate = BarrierGate()
+        self._gate = self._gate_factory()
         if self._paused:
             self._gate.close()
         self._intakes = []

@@ -1,0 +1,111 @@
+"""The control channel between the service and one ring worker process: messages over a socketpair.
+
+A frame is a 4-byte big-endian length, then a pickled dict with an "op" key.
+Pickle, not JSON: what crosses is our own frozen dataclasses (DiskConfig,
+ConnectionSpec, StorageShape, ReconnectPolicy), and the socket is a
+socketpair between the service and the child it exec'd itself, which no
+other process can reach; nothing a guest writes travels on it.
+
+Sending never waits: `send()` queues the frame (from trio or from a logging
+handler) and the channel's `run()` task writes frames one at a time, so
+frames never interleave. `receive()` returns None at the peer's end (EOF or
+a reset: a killed worker, a vanished parent).
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import socket
+import struct
+from typing import Any
+
+import trio
+
+_LEN = struct.Struct(">I")
+MAX_FRAME = 16 << 20  # a stats snapshot is a few KiB; anything near this is a broken peer
+
+
+class ChannelClosed(Exception):
+    """The peer is gone (EOF, reset) or sent something that is not a frame."""
+
+
+class WorkerChannel:
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = trio.socket.from_stdlib_socket(sock)
+        self._stream = trio.SocketStream(self._sock)
+        self._out: collections.deque[bytes] = collections.deque()
+        self._wake = trio.Event()
+        self._buf = bytearray()
+        self.closed = False
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """Queue one message; run() writes it. Safe from a logging handler (no await, no trio call
+        outside trio's thread)."""
+        if self.closed:
+            return
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        self._out.append(_LEN.pack(len(data)) + data)
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            return  # another thread: run() polls
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write queued frames until cancelled (then what is queued is written, briefly, if it can be)."""
+        try:
+            while True:
+                while self._out:
+                    await self._send_first()
+                self._wake = trio.Event()
+                with trio.move_on_after(0.1):
+                    await self._wake.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            self.closed = True
+        finally:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                try:
+                    while self._out and not self.closed:
+                        await self._send_first()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    self.closed = True
+
+    async def _send_first(self) -> None:
+        # Taken off the queue once written: a cancellation at send_all's checkpoint loses nothing.
+        # (A cancellation in the middle of a frame is not possible: send_all on a socket writes it
+        # whole or raises with the stream broken.)
+        await self._stream.send_all(self._out[0])
+        self._out.popleft()
+
+    async def _read(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            try:
+                chunk = await self._stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                raise ChannelClosed(str(e)) from e
+            if not chunk:
+                raise ChannelClosed("end of stream")
+            self._buf += chunk
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def receive(self) -> dict[str, Any] | None:
+        """The next message, or None once the peer is gone."""
+        try:
+            (n,) = _LEN.unpack(await self._read(_LEN.size))
+            if n > MAX_FRAME:
+                raise ChannelClosed(f"frame of {n} bytes")
+            msg = pickle.loads(await self._read(n))
+        except ChannelClosed:
+            return None
+        if not isinstance(msg, dict) or "op" not in msg:
+            return None
+        return msg
+
+    def close(self) -> None:
+        self.closed = True
+        self._sock.close()
