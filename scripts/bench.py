@@ -24,7 +24,9 @@ Output: one JSON line per (target, data path, workload) on stdout and in
 OUT/results.jsonl (OUT/machine.json: the machine, its load, the settings);
 progress and a summary table on stderr; the chart (OUT/bench.png, bridge
 vs raw) path at the end. Fields:
-  workload, target, data_path, engine, op, pattern, bs, qd, ring_order, rings
+  workload, target, data_path, engine, op, pattern, bs, qd, ring_order, rings,
+  ring_workers                        inline, or process (--ring-workers: each ring
+                                      in a worker process; backend CPU adds theirs)
   bridge_iops, raw_iops, ratio        I/Os per second; ratio = bridge/raw
   bridge_MBps, raw_MBps
   p50_us, p99_us                      per I/O, as the guest measured it
@@ -112,6 +114,10 @@ def parse_args(argv=None):
     ap.add_argument("--engines", default="compiled",
                     help="compiled,python: run every bridge case with the compiled kernels (xenblk_vhost/native) "
                          "and again with their Python references, in one run (default: compiled)")
+    ap.add_argument("--ring-workers", default="inline",
+                    help="inline,process: run every bridge case with the rings in the backend's process "
+                         "and again with each ring in a worker process of its own (ring_workers: process; "
+                         "io_uring targets only), in one run (default: inline)")
     ap.add_argument("--no-raw", action="store_true", help="skip the raw libblkio baseline")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the load generator's ceiling runs")
     ap.add_argument("--no-hooks", action="store_true",
@@ -131,9 +137,9 @@ def parse_args(argv=None):
     return args
 
 
-def plan(args) -> list[tuple[str, str, wl.Workload, str]]:
-    """(target, path, workload, engine) in run order: a target's workloads together, every path and engine of a
-    workload in a row."""
+def plan(args) -> list[tuple[str, str, wl.Workload, str, str]]:
+    """(target, path, workload, engine, ring_workers) in run order: a target's workloads together, every path,
+    engine and ring_workers of a workload in a row."""
     workloads = wl.select(wl.QUICK if args.quick else wl.FULL, args.workloads)
     targets = [t for t in args.targets.split(",") if t]
     paths = [p for p in args.paths.split(",") if p]
@@ -142,6 +148,9 @@ def plan(args) -> list[tuple[str, str, wl.Workload, str]]:
     engines = [e for e in args.engines.split(",") if e]
     if not engines or set(engines) - {"compiled", "python"}:
         raise SystemExit(f"bench.py: --engines takes compiled and/or python, not {args.engines!r}")
+    modes = [m for m in args.ring_workers.split(",") if m]
+    if not modes or set(modes) - {"inline", "process"}:
+        raise SystemExit(f"bench.py: --ring-workers takes inline and/or process, not {args.ring_workers!r}")
     drivers = {"file": "io_uring", "null": "virtio-blk-vhost-user"}
     cases = []
     for t in targets:
@@ -151,7 +160,8 @@ def plan(args) -> list[tuple[str, str, wl.Workload, str]]:
             for p in paths:
                 if wl.parse_path(p)[0] == "map" and drivers[t] not in wl.MAP_CAPABLE_DRIVERS:
                     continue
-                cases.extend((t, p, w, e) for e in engines)
+                cases.extend((t, p, w, e, m) for e in engines for m in modes
+                             if m == "inline" or drivers[t] == "io_uring")
     if not cases:
         raise SystemExit("bench.py: nothing to run with these --targets/--paths/--workloads")
     return cases
@@ -161,7 +171,8 @@ def summary_line(r: dict) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    path = r["data_path"] + ("/py" if r.get("engine") == "python" else "")
+    path = (r["data_path"] + ("/py" if r.get("engine") == "python" else "")
+            + ("/proc" if r.get("ring_workers") == "process" else ""))
     return (f"{r['target']:4} {path:14} {r['workload']:26} {r['bridge_iops'] / 1e3:8.1f}k "
             f"{f(r['raw_iops'] and r['raw_iops'] / 1e3, '8.1f')}k {f(r['ratio'], '6.3f')} "
             f"{r['p50_us']:8.1f} {r['p99_us']:9.1f} {f(r['raw_p50_us'], '8.1f')} "
@@ -172,6 +183,27 @@ def summary_line(r: dict) -> str:
 
 SUMMARY_HEADER = (f"{'tgt':4} {'path':14} {'workload':26} {'bridge':>9} {'raw':>9} {'ratio':>6} {'p50us':>8} "
                   f"{'p99us':>9} {'raw_p50':>8} {'cpu/IO':>8} {'copy%':>6} {'raw_cpu':>8} {'ceiling':>9}")
+
+
+def ring_scaling(rows: list[dict]) -> list[str]:
+    """Rings on their own cores (issue 13: 2 rings >= 1.5x one ring at saturation): each 2-ring row's
+    aggregate IOPS over the same workload's 1-ring inline row, in this run."""
+    one = {(r["target"], r["data_path"], r["engine"], r["op"], r["pattern"], r["bs"], r["qd"], r["ring_order"]): r
+           for r in rows if r["rings"] == 1 and r["ring_workers"] == "inline"}
+    out = []
+    for r in rows:
+        if r["rings"] < 2:
+            continue
+        base = one.get((r["target"], r["data_path"], r["engine"], r["op"], r["pattern"], r["bs"], r["qd"],
+                        r["ring_order"]))
+        if base is None:
+            continue
+        ceiling = r["loadgen_ceiling_iops"]
+        out.append(f"  {r['target']} {r['data_path']} {r['workload']} {r['ring_workers']:7}: "
+                   f"{r['bridge_iops'] / 1e3:8.1f}k = {r['bridge_iops'] / base['bridge_iops']:.2f} x one ring "
+                   f"({base['bridge_iops'] / 1e3:.1f}k); generator ceiling "
+                   + ("-" if ceiling is None else f"{ceiling / 1e3:.0f}k") + " (target >= 1.50 x)")
+    return ["rings on their own cores (2 rings vs 1, aggregate IOPS, same run):"] + out if out else []
 
 
 def case_figures(w, b: dict, raw: dict | None, ceiling: dict | None, sampler) -> dict:
@@ -210,8 +242,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cases = plan(args)
     if args.list:
-        for t, p, w, e in cases:
-            print(f"{t:5} {p:15} {w.name:26} {e}")
+        for t, p, w, e, m in cases:
+            print(f"{t:5} {p:15} {w.name:26} {e} {m}")
         return 0
     check_built()
     from benchkit.profile import Sampler
@@ -234,30 +266,31 @@ def main(argv=None) -> int:
     log(f"bench: {len(cases)} bridge runs, {timing.warmup:g}+{timing.seconds:g} s each; {meta['cpus']} x "
         f"{meta['cpu']}; load average {' '.join(map(str, meta['load']))}")
     log(f"bench: results in {out_dir}")
-    rings = max(w.rings for _, _, w, _ in cases)
+    rings = max(w.rings for _, _, w, _, _ in cases)
     rows: list[dict] = []
     failed: list[dict] = []
     raw_cache: dict = {}
     ceiling_cache: dict = {}
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="xenblk-bench-") as tmp, \
-            open_targets(sorted({t for t, _, _, _ in cases}, key=["file", "null"].index), Path(tmp),
+            open_targets(sorted({t for t, _, _, _, _ in cases}, key=["file", "null"].index), Path(tmp),
                          queues=rings) as targets, \
             running_hypervisor(str(Path(tmp) / "xen.sock")), \
             open(out_dir / "results.jsonl", "w") as jsonl:
         hv = str(Path(tmp) / "xen.sock")
-        for i, (tname, path, w, engine) in enumerate(cases, 1):
+        for i, (tname, path, w, engine, mode) in enumerate(cases, 1):
             target = targets[tname]
             head = {"workload": w.name, "target": tname, "target_label": target.label, "data_path": path,
                     "engine": engine, "op": w.op, "pattern": w.pattern, "bs": w.bs, "qd": w.qd,
-                    "ring_order": w.order, "rings": w.rings}
+                    "ring_order": w.order, "rings": w.rings, "ring_workers": mode}
             native.set_enabled(engine == "compiled")
             try:
                 if not args.no_raw and (tname, w) not in raw_cache:
                     raw_cache[(tname, w)] = run_raw(target, w, timing)
                 raw = raw_cache.get((tname, w))
                 sampler = None if args.no_hooks else Sampler(count_trio=args.profile)
-                b = run_bridge(hv, target, w, path, timing, sampler=sampler, hooks=not args.no_hooks)
+                b = run_bridge(hv, target, w, path, timing, sampler=sampler, hooks=not args.no_hooks,
+                               ring_workers=mode)
                 key = (w.shape, b["requests_per_io"])
                 if not args.no_ceiling and key not in ceiling_cache:
                     ceiling_cache[key] = run_null(hv, w, timing, target.size, b["requests_per_io"])
@@ -266,13 +299,13 @@ def main(argv=None) -> int:
                 # One broken case (the backend answering errors, say) must not cost the others.
                 row = dict(head, error=str(e))
                 failed.append(row)
-                log(f"[{i:3}/{len(cases)}] {tname} {path} {engine} {w.name}: FAILED: {e}")
+                log(f"[{i:3}/{len(cases)}] {tname} {path} {engine} {mode} {w.name}: FAILED: {e}")
             else:
                 row = dict(head, **case_figures(w, b, raw, ceiling, sampler))
                 rows.append(row)
                 elapsed = time.monotonic() - t0
                 eta = elapsed / i * (len(cases) - i)
-                log(f"[{i:3}/{len(cases)} {elapsed:5.0f}s, ~{eta:4.0f}s left] {tname} {path} {engine} {w.name}: "
+                log(f"[{i:3}/{len(cases)} {elapsed:5.0f}s, ~{eta:4.0f}s left] {tname} {path} {engine} {mode} {w.name}: "
                     f"{b['iops'] / 1e3:.1f}k IOPS"
                     + (f" = {row['ratio']:.3f} x raw {raw['iops'] / 1e3:.1f}k" if raw else "")
                     + f", p50 {b['p50_us']:.1f} us, backend {b['backend_cpu_us_per_io']:.2f} us/IO"
@@ -299,7 +332,9 @@ def main(argv=None) -> int:
             log(f"  {pattern} {bs // 1024:5} KiB qd{qd:<3} o{order} r{nrings} x{parts}: {c['iops'] / 1e3:8.0f}k IOPS, "
                 f"guest {c['loadgen_cpu_us_per_io']:.3f} us/IO, responder {c['responder_cpu_us_per_io']:.3f} us/IO")
     log("issue 13's simulator targets (backend CPU includes the sim grant copy):")
-    for text in goals.check([r for r in rows if r["engine"] == cases[0][3]]):
+    for text in goals.check([r for r in rows if r["engine"] == cases[0][3] and r["ring_workers"] == cases[0][4]]):
+        log(text)
+    for text in ring_scaling(rows):
         log(text)
     log(f"load average: start {' '.join(map(str, meta['load']))}, end {' '.join(map(str, meta['load_end']))}; "
         f"{meta['seconds_total']:.0f} s")

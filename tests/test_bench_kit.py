@@ -132,6 +132,18 @@ def test_bridge_without_hooks_reports_no_hook_figures(hv_socket, file_target):
     assert r["sim_copy_share"] is None and r["backend_wakeups_per_io"] is None
 
 
+def test_bridge_with_rings_in_worker_processes(hv_socket, file_target):
+    """--ring-workers process: two rings served by two worker processes; the figures count every
+    request the workers served (their counters come back over the control channel) and their CPU."""
+    w = wl.Workload("write", "seq", 128 * KIB, 4, 0, 2)
+    r = run_bridge(hv_socket, file_target, w, "copy", SHORT, fill=True, ring_workers="process")
+    assert r["requests_served"] >= r["ios_completed"] > 0
+    assert r["iops"] > 0 and r["backend_cpu_us_per_io"] > 0
+    assert r["sim_copy_share"] is None and r["backend_wakeups_per_io"] is None  # hooks are this process's
+    data = Path(file_target.path).read_bytes()
+    assert any(data[off] for off in range(0, len(data), w.bs)), "nothing written by the workers"
+
+
 # ---------------------------------------------------------------- raw libblkio
 
 def test_raw_baseline_writes_and_counts(file_target):

@@ -188,14 +188,18 @@ def requests_per_io(w: Workload, max_indirect_segments: int) -> int:
 
 
 def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *, sampler=None,
-               hooks: bool = True, fill: bool = False, journal_dir=None) -> dict:
+               hooks: bool = True, fill: bool = False, journal_dir=None, ring_workers: str = "inline") -> dict:
     """xenblk-vhost serving the workload; figures from both ends.
 
     sampler: a profile.Sampler to run through the measured run (the sim
     copy's share comes from it); hooks=False: no wake-up counters either;
     fill: the guest's data pages carry guest.fill_byte(page) (for tests);
     journal_dir: keep the rings' in-flight journals there (scripts/bench_journal.py).
+    ring_workers: "process": each ring in a worker process of its own (process_vbd.py); the
+    backend's CPU is then this process's plus the workers' (/proc), and neither the sampler nor
+    the wake-up counters (they hook this process's objects) apply.
     """
+    from benchkit.targets import process_cpu_seconds
     from xenblk_vhost.backend.contract import ConnectionSpec, RingSpec
     from xenblk_vhost.backend.datapath.vbd import Vbd
     from xenblk_vhost.blkif.abi import Abi
@@ -206,7 +210,10 @@ def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *
     data_path, persistent = parse_path(path)
     # What an operator gets by default, but for the ring shape and data path under test.
     disk = DiskConfig(vdev=51712, driver=target.driver, path=target.path, queues=w.rings, ring_page_order=4,
-                      data_path=data_path, persistent_grants=persistent)
+                      data_path=data_path, persistent_grants=persistent, ring_workers=ring_workers)
+    in_workers = ring_workers == "process"
+    if in_workers:
+        sampler, hooks = None, False
     target.prepare()
     vbd = Vbd.open(disk, journal_dir=journal_dir)
     parts = requests_per_io(w, vbd.features.max_indirect_segments)
@@ -229,14 +236,21 @@ def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *
             async with trio.open_nursery() as nursery:
                 await nursery.start(vbd.serve, spec, platform)
                 storage0 = target.cpu_seconds()
-                cpu0 = cpu_seconds()
+                pids = vbd.worker_pids() if in_workers else []
+
+                def backend_cpu() -> float:
+                    return cpu_seconds() + sum(process_cpu_seconds(pid) for pid in pids)
+
+                cpu0 = backend_cpu()
                 guest.send("go")
                 with sampler or nullcontext():
                     got["guest"] = await guest.result_async()
-                got["cpu"] = cpu_seconds() - cpu0
+                got["cpu"] = backend_cpu() - cpu0
                 got["storage_cpu"] = None if storage0 is None else target.cpu_seconds() - storage0
                 got["served"] = _served(vbd)
                 await vbd.disconnect()
+                if in_workers:  # their counters arrive every 0.25 s, and last when they stop
+                    got["served"] = _served(vbd)
 
         trio.run(main)
         stats = vbd.stats()["total"]
