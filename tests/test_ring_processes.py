@@ -22,7 +22,7 @@ from backend_support.frontend import TestFrontend
 from backend_support.harness import DISK_SIZE, connected, make_disk_file, make_vbd, read_back
 from backend_support.workload import Workload
 from xenblk_vhost.backend.datapath.process_vbd import ProcessVbd, RingWorkerDied
-from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_OKAY
+from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_OKAY
 from xenblk_vhost.config import ConfigError, parse_config
 from xenblk_vhost.xen.interfaces import PAGE_SIZE
 
@@ -103,6 +103,34 @@ async def test_pause_holds_every_worker_and_resume_lets_them_go(tmp_path, platfo
                 assert tuple(rsp) == (1, OP_WRITE, RSP_OKAY)
         for ring in range(2):
             assert read_back(path, (64 + 8 * ring) * 512, PAGE_SIZE) == bytes([0x41 + ring]) * PAGE_SIZE
+    finally:
+        front.close()
+        vbd.close()
+
+
+async def test_a_barrier_holds_the_other_rings_worker(tmp_path, platform, guest):
+    """A barrier met on ring 0's worker: the service drains and holds ring 1's worker, lets ring 0 run
+    it, then releases ring 1, which serves again."""
+    path = make_disk_file(tmp_path / "disk.img")
+    vbd = process_vbd(path, queues=2)
+    front = TestFrontend(guest, nrings=2)
+    try:
+        async with connected(vbd, front, platform):
+            b = front.data_page(readonly=True, fill=b"B" * PAGE_SIZE)
+            w = front.data_page(readonly=True, fill=b"W" * PAGE_SIZE)
+            front.rw(0, OP_WRITE_BARRIER, 1, 1600, [(b.gref, 0, 7)])
+            front.push(0)
+            with trio.fail_after(20):
+                [rb] = await front.responses(0, 1)
+            assert tuple(rb) == (1, OP_WRITE_BARRIER, RSP_OKAY)
+            assert vbd.barriers_held == 1
+            front.rw(1, OP_WRITE, 2, 2400, [(w.gref, 0, 7)])
+            front.push(1)
+            with trio.fail_after(20):
+                [rw] = await front.responses(1, 1)
+            assert tuple(rw) == (2, OP_WRITE, RSP_OKAY)
+        assert read_back(path, 1600 * 512, PAGE_SIZE) == b"B" * PAGE_SIZE
+        assert read_back(path, 2400 * 512, PAGE_SIZE) == b"W" * PAGE_SIZE
     finally:
         front.close()
         vbd.close()

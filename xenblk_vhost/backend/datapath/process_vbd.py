@@ -95,6 +95,7 @@ class ProcessVbd(Vbd):
         self._vbd_wide = trio.Lock()  # a barrier's or a pause's drain of every ring: one at a time
         self._resumed = trio.Event()
         self._resumed.set()
+        self.barriers_held = 0  # barriers for which every other ring was drained and held (for tests)
 
     # ------------------------------------------------------------ what the control plane calls
 
@@ -287,6 +288,7 @@ class ProcessVbd(Vbd):
             await self._resumed.wait()  # paused by the operator: the barrier waits like its ring
             others = [w for w in self._procs if w is not worker]
             await self._hold(others)
+            self.barriers_held += 1
             worker.barrier_done = trio.Event()
             worker.channel.send({"op": "barrier_go"})
             try:
