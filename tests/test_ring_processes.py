@@ -136,6 +136,52 @@ async def test_a_barrier_holds_the_other_rings_worker(tmp_path, platform, guest)
         vbd.close()
 
 
+async def test_each_worker_keeps_its_rings_journal_and_the_next_one_takes_it_over(tmp_path, platform, guest):
+    """With journals: one file per ring, written by that ring's worker; the service stopping (serve
+    cancelled) leaves them, workers of the next service take them over and serve on; a disconnect in
+    order removes them."""
+    path = make_disk_file(tmp_path / "disk.img")
+    jdir = tmp_path / "journals"
+    jdir.mkdir()
+    front = TestFrontend(guest, nrings=2)
+    pages = [front.data_page(readonly=True, fill=bytes([0x61 + ring]) * PAGE_SIZE) for ring in range(2)]
+    names = {f"{front.spec().frontend_domid}-xvda-ring{ring}.journal" for ring in range(2)}
+    vbd = process_vbd(path, queues=2, journal_dir=jdir)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vbd.serve, front.spec(), platform)
+            for ring in range(2):
+                front.rw(ring, OP_WRITE, 10 + ring, 320 + 8 * ring, [(pages[ring].gref, 0, 7)])
+                front.push(ring)
+            for ring in range(2):
+                with trio.fail_after(20):
+                    [rsp] = await front.responses(ring, 1)
+                assert tuple(rsp) == (10 + ring, OP_WRITE, RSP_OKAY)
+            assert {p.name for p in jdir.iterdir()} == names
+            nursery.cancel_scope.cancel()  # the service stops: the frontend stays connected
+        assert {p.name for p in jdir.iterdir()} == names
+    finally:
+        vbd.close()
+    vbd = process_vbd(path, queues=2, journal_dir=jdir)
+    try:
+        async with connected(vbd, front, platform):
+            into = [front.data_page(readonly=False) for _ring in range(2)]
+            for ring in range(2):
+                front.rw(ring, OP_READ, 20 + ring, 320 + 8 * ring, [(into[ring].gref, 0, 7)])
+                front.push(ring)
+            for ring in range(2):
+                with trio.fail_after(20):
+                    [rsp] = await front.responses(ring, 1)
+                assert tuple(rsp) == (20 + ring, OP_READ, RSP_OKAY)
+                assert into[ring].bytes() == bytes([0x61 + ring]) * PAGE_SIZE
+        assert not list(jdir.iterdir())
+        for ring in range(2):
+            assert read_back(path, (320 + 8 * ring) * 512, PAGE_SIZE) == bytes([0x61 + ring]) * PAGE_SIZE
+    finally:
+        front.close()
+        vbd.close()
+
+
 async def test_a_killed_worker_is_confined(tmp_path, platform, guest):
     """SIGKILL one ring's worker: serve() ends with RingWorkerDied naming it, the other worker is
     stopped, no process is left, and the same vbd serves the frontend's next connection."""
