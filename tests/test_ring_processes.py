@@ -12,6 +12,7 @@ cancellation (unplug, service stop) that leaves no child behind.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -21,7 +22,9 @@ import trio
 from backend_support.frontend import TestFrontend
 from backend_support.harness import DISK_SIZE, connected, make_disk_file, make_vbd, read_back
 from backend_support.workload import Workload
+from xenblk_vhost.backend.datapath import process_vbd as process_vbd_module
 from xenblk_vhost.backend.datapath.process_vbd import ProcessVbd, RingWorkerDied
+from xenblk_vhost.backend.datapath.restart_budget import RestartBudget
 from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_OKAY
 from xenblk_vhost.config import ConfigError, parse_config
 from xenblk_vhost.xen.interfaces import PAGE_SIZE
@@ -182,9 +185,123 @@ async def test_each_worker_keeps_its_rings_journal_and_the_next_one_takes_it_ove
         vbd.close()
 
 
+async def test_a_killed_worker_is_replaced_and_takes_its_ring_over(tmp_path, platform, guest, caplog):
+    """SIGKILL ring 1's worker twice in the middle of verified rounds (right after the guest pushed 24
+    requests: the kill finds some taken, some answered, some not yet read): each time a new worker
+    takes the ring over from its journal, the guest gets every answer exactly once and OKAY, with no
+    reconnect (the same connection, serve() never ends), and ring 0 completes rounds all the while
+    ring 1's worker is being replaced."""
+    caplog.set_level(logging.INFO)  # the workers forward records from this level (their takeover's)
+    path = make_disk_file(tmp_path / "disk.img")
+    model = bytearray(path.read_bytes())
+    jdir = tmp_path / "journals"
+    jdir.mkdir()
+    before = children()
+    vbd = process_vbd(path, queues=2, journal_dir=jdir, drain_timeout=2)
+    front = TestFrontend(guest, order=2, nrings=2)
+    # no barriers: a barrier on ring 0 rightly waits for ring 1's replacement (every ring drained)
+    work = Workload(front, model, seed=23, indirect_max=20, barrier=False)
+    work.response_timeout = 60.0  # a replacement is an interpreter's start-up, on a loaded machine
+    ring0_done: list[float] = []
+    kill_at: list[float] = []
+    armed: list[float] = []  # the delay after ring 1's next push at which its worker is killed
+    real_push = front.push
+    try:
+        async with connected(vbd, front, platform):
+            async with trio.open_nursery() as nursery:
+                async def kill(pid: int, delay: float) -> None:
+                    if delay:
+                        await trio.sleep(delay)
+                    os.kill(pid, signal.SIGKILL)
+                    kill_at.append(trio.current_time())
+
+                def push(ring: int = 0) -> None:
+                    real_push(ring)
+                    if ring == 1 and armed:
+                        nursery.start_soon(kill, vbd.worker_pids()[1], armed.pop())
+
+                front.push = push  # type: ignore[method-assign]
+                stop = trio.Event()
+
+                async def ring0() -> None:
+                    while not stop.is_set():
+                        await work.round(0, 8, (0, 2))
+                        ring0_done.append(trio.current_time())
+
+                nursery.start_soon(ring0)
+                for kills in (1, 2):
+                    await work.round(1, 8, (1, 2))
+                    pids = vbd.worker_pids()
+                    armed.append(0.0)
+                    # killed in the middle of this one (on a loaded machine the kill may come only
+                    # after it: then the next round meets the replacement)
+                    await work.round(1, 24, (1, 2))
+                    assert len(kill_at) == kills, "the worker was not killed"
+                    with trio.fail_after(60):  # the new worker serves before the service reads its `started`
+                        while len(vbd.worker_pids()) < 2 or vbd.worker_pids()[1] == pids[1]:
+                            await trio.sleep(0.01)
+                    back = trio.current_time()
+                    now = vbd.worker_pids()
+                    assert now[0] == pids[0] and now[1] != pids[1], (pids, now)
+                    assert any(kill_at[-1] < t < back for t in ring0_done), \
+                        "ring 0 stopped while ring 1's worker was replaced"
+                    await work.round(1, 8, (1, 2))
+                stop.set()
+            assert vbd.serving and vbd.worker_restarts == 2
+            for ring in range(2):
+                assert await front.no_response(ring), f"ring {ring}: a request was answered twice"
+        assert children() == before, "a ring worker outlived the connection"
+        assert read_back(path, 0, DISK_SIZE) == model
+        stats = vbd.stats()
+        assert stats["total"]["errors"] == 0 and stats["total"]["in_flight"] == 0
+        counted = [r["rd_req"] + r["wr_req"] + r["f_req"] + r["ds_req"] for r in stats["rings"]]
+        # ring 0 counted everything; ring 1 at least its last round (a killed worker's counts since
+        # its last stats message, at most STATS_INTERVAL old, die with it)
+        assert counted[0] >= 8 * len(ring0_done) and counted[1] >= 8, (counted, len(ring0_done))
+        replaced = [r.getMessage() for r in caplog.records if "takes its ring over from the journal" in r.getMessage()]
+        assert len(replaced) == 2 and all("ring1" in m and "SIGKILL" in m for m in replaced), replaced
+        took = [r.getMessage() for r in caplog.records if "took the ring over from its journal" in r.getMessage()]
+        assert len(took) == 2 and all("ring1" in m for m in took), took
+    finally:
+        front.close()
+        vbd.close()
+
+
+async def test_a_worker_that_keeps_dying_puts_the_device_in_error(tmp_path, platform, guest, monkeypatch):
+    """Past the restart budget (here 1 in the window) the next death ends serve() with RingWorkerDied,
+    the device's error state, and no process is left."""
+    monkeypatch.setattr(process_vbd_module, "MAX_RESTARTS", 1)
+    path = make_disk_file(tmp_path / "disk.img")
+    jdir = tmp_path / "journals"
+    jdir.mkdir()
+    before = children()
+    vbd = process_vbd(path, queues=2, journal_dir=jdir, drain_timeout=2)
+    front = TestFrontend(guest, nrings=2)
+    try:
+        with pytest.raises(BaseException) as failure:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(vbd.serve, front.spec(), platform)
+                first = vbd.worker_pids()[1]
+                os.kill(first, signal.SIGKILL)
+                with trio.fail_after(60):
+                    while vbd.worker_pids()[1:] in ([], [first]):
+                        await trio.sleep(0.05)
+                os.kill(vbd.worker_pids()[1], signal.SIGKILL)
+                with trio.fail_after(60):
+                    await trio.sleep_forever()
+        died = [e for e in _leaves(failure.value) if isinstance(e, RingWorkerDied)]
+        assert died and "ring1" in str(died[0]) and "not restarted: 1 restarts in 60 s" in str(died[0]), failure.value
+        assert vbd.worker_restarts == 1 and not vbd.serving
+        assert children() == before, "a ring worker outlived the failure"
+    finally:
+        front.close()
+        vbd.close()
+
+
 async def test_a_killed_worker_is_confined(tmp_path, platform, guest):
-    """SIGKILL one ring's worker: serve() ends with RingWorkerDied naming it, the other worker is
-    stopped, no process is left, and the same vbd serves the frontend's next connection."""
+    """Without a journal (run --no-journal) a killed worker cannot be replaced (its ring's state
+    cannot be read back): serve() ends with RingWorkerDied naming it, the other worker is stopped,
+    no process is left, and the same vbd serves the frontend's next connection."""
     path = make_disk_file(tmp_path / "disk.img")
     before = children()
     vbd = process_vbd(path, queues=2, drain_timeout=2)
@@ -252,3 +369,13 @@ def test_config_ring_workers():
         disk(", ring_workers: threads")
     with pytest.raises(ConfigError, match="ring_workers: process is not supported"):
         disk(", ring_workers: process", driver="virtio-blk-vhost-user")
+
+
+def test_restart_budget_counts_restarts_in_a_sliding_window():
+    budget = RestartBudget(3, 60.0)
+    assert [budget.take(t) for t in (0.0, 1.0, 2.0, 3.0)] == [True, True, True, False]
+    assert budget.used == 3
+    assert not budget.take(59.9)  # the first restart still inside the window
+    assert budget.take(60.0) and budget.used == 3  # it left: room for one
+    assert not budget.take(60.5)
+    assert budget.take(200.0) and budget.used == 1

@@ -86,6 +86,7 @@ class Workload:
         self.next_id = 1000
         self.counts: dict[str, int] = {}
         self._deck: list[str] = []
+        self.response_timeout = 10.0  # seconds a round waits for its responses
 
     @property
     def sectors(self) -> int:
@@ -169,7 +170,7 @@ class Workload:
                 sent.append(Sent(id_, OP_DISCARD, sector, [(None, 0, nsect - 1)], []))
                 self._count("discard")
         front.push(ring)
-        responses = await front.responses(ring, len(sent))
+        responses = await front.responses(ring, len(sent), self.response_timeout)
         by_id = {r.id: r for r in responses}
         assert len(by_id) == len(sent), "duplicate or missing responses"
         for s in sent:

@@ -21,9 +21,12 @@ control channel per worker (worker_channel.py):
 - cancellation (the service stopping): each worker sees its channel close and
   hands its ring over as the in-process teardown does (journal), then exits;
   one that does not exit in drain_timeout + WORKER_EXIT_GRACE is killed.
-A worker that dies (killed, crashed) or fails ends serve() with RingWorkerDied:
-the other workers are stopped, the control plane logs it and puts the device
-in its error state, the service goes on. After serve() returns no worker
+A worker that dies (killed, crashed) is replaced by a new one that takes its ring
+over from the ring's journal (the takeover a daemon restart does: exactly once,
+no reconnect), at most MAX_RESTARTS times per ring in RESTART_WINDOW seconds.
+Past that, without a journal, or for a worker that reported a failure, serve()
+ends with RingWorkerDied: the other workers are stopped, the control plane logs
+it and puts the device in its error state, the service goes on. After serve() returns no worker
 process is left: each is waited for by the task that started it.
 
 Not with virtio-blk-vhost-user (config.py refuses it): each worker would need
@@ -33,6 +36,7 @@ a vhost-user connection, i.e. a server export, of its own.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import signal
 import socket
@@ -44,13 +48,19 @@ import trio
 from ..._groups import leaves
 from ...xen.interfaces import Platform
 from ..contract import ConnectionSpec, RingSpec, VbdConnectError
-from .stats import total
+from .restart_budget import RestartBudget
+from .stats import COUNTERS, total
 from .vbd import Vbd
 from .worker_channel import WorkerChannel
 
 log = logging.getLogger(__name__)
 
 WORKER_MODULE = "xenblk_vhost.daemon.ring_process"
+# A dead worker is replaced at most MAX_RESTARTS times in RESTART_WINDOW seconds per ring; one
+# more death in that window is the device's error state (a worker that dies at once every time,
+# e.g. on its storage, must not spin).
+MAX_RESTARTS = 3
+RESTART_WINDOW = 60.0
 WORKER_EXIT_GRACE = 5.0  # beyond drain_timeout, before a worker that does not exit is killed
 START_TIMEOUT = 60.0  # exec, imports, storage open, map and bind (a loaded machine is slow)
 
@@ -83,6 +93,22 @@ def _exit_text(code: int | None) -> str:
     return f"exit status {code}"
 
 
+def _with_carried(snap: dict[str, Any], carried: dict[str, Any] | None) -> dict[str, Any]:
+    """A ring's snapshot with the counters of the workers it had before added in."""
+    if not carried:
+        return snap
+    out = dict(snap)
+    for name, value in carried.items():
+        if name == "latency":
+            lat = dict(out["latency"])
+            lat["counts"] = [a + b for a, b in zip(lat["counts"], value["counts"])]
+            lat["sum"] = lat["sum"] + value["sum"]
+            out["latency"] = lat
+        else:
+            out[name] = out.get(name, 0) + value
+    return out
+
+
 class ProcessVbd(Vbd):
     """Vbd's surface (backend/contract.py's VbdDataplane); serve() runs the rings in workers."""
 
@@ -92,6 +118,8 @@ class ProcessVbd(Vbd):
         # each ring's last counters and storage link, kept after the connection ends (as Vbd's are)
         self._ring_snaps: dict[int, dict[str, Any]] = {}
         self._storage_snap: dict[str, Any] | None = None
+        self._ring_carried: dict[int, dict[str, Any]] = {}  # dead workers' counters, per ring
+        self.worker_restarts = 0  # dead ring workers replaced (this vbd's life)
         self._vbd_wide = trio.Lock()  # a barrier's or a pause's drain of every ring: one at a time
         self._resumed = trio.Event()
         self._resumed.set()
@@ -156,13 +184,18 @@ class ProcessVbd(Vbd):
         self._connection_ending = False
         self._procs = []
         self._ring_snaps = {}
+        self._ring_carried = {}
         self._storage_snap = None
         started = False
         sim = getattr(platform, "sim_socket", None)
         try:
             async with trio.open_nursery() as nursery:
-                for rspec in sorted(spec.rings, key=lambda r: r.index):
-                    await nursery.start(self._run_worker, nursery, rspec, spec, sim)
+                # All the workers start at once: a worker's start-up is an interpreter's (seconds
+                # under QEMU TCG), and the connection waits for the slowest one, not for their sum.
+                async with trio.open_nursery() as starting:
+                    for rspec in sorted(spec.rings, key=lambda r: r.index):
+                        starting.start_soon(functools.partial(
+                            nursery.start, self._run_worker, nursery, rspec, spec, sim))
                 started = True
                 task_status.started()
         except BaseExceptionGroup as group:
@@ -188,7 +221,58 @@ class ProcessVbd(Vbd):
 
     async def _run_worker(self, serving: trio.Nursery, rspec: RingSpec, spec: ConnectionSpec, sim: str | None, *,
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """One ring's worker for the whole connection: started (a failure is the connect's), followed,
+        and replaced when it dies (restart_budget.py), until the connection ends."""
         name = f"{self.disk.name}/ring{rspec.index}"
+        budget = RestartBudget(MAX_RESTARTS, RESTART_WINDOW)
+        replacing: _Worker | None = None  # the dead worker this one replaces
+        while True:
+            holder: list[_Worker] = []
+            try:
+                async with trio.open_nursery() as nursery:
+                    if replacing is None:
+                        await self._launch(nursery, holder, name, rspec, spec, sim)
+                        task_status.started()
+                    else:
+                        await self._replace(nursery, holder, replacing, rspec, spec, sim)
+                    worker = holder[0]
+                    died = await self._follow(worker, serving)
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    for w in holder:
+                        await self._end_worker(w)
+                        if w in self._procs:
+                            self._procs.remove(w)
+                        w.paused.set()  # nothing waits for a gone worker's drain (a pause, a barrier)
+                        w.barrier_done.set()
+            if died is None or self._connection_ending:
+                return
+            why = f"{name}: ring worker process {worker.proc.pid} died ({died})"
+            refused = self._no_restart(budget)
+            if refused:
+                log.error("%s; %s", why, refused)
+                raise RingWorkerDied(f"{why}; {refused}")
+            self._carry_stats(worker.index)
+            log.warning("%s; a new worker takes its ring over from the journal (restart %d in %g s)",
+                        why, budget.used, budget.window)
+            replacing = worker
+
+    def _no_restart(self, budget: RestartBudget) -> str | None:
+        """Why a dead worker is not replaced, or None (and the restart counted)."""
+        if self.journal_dir is None:
+            # Without the journal the ring's state after a kill cannot be read back (responses
+            # overwrite requests in completion order): a new worker could lose or repeat requests.
+            return "no journal to take its ring over from (run without --no-journal)"
+        if not budget.take(trio.current_time()):
+            return f"not restarted: {budget.limit} restarts in {budget.window:g} s already"
+        self.worker_restarts += 1
+        return None
+
+    async def _launch(self, nursery: trio.Nursery, holder: list[_Worker], name: str, rspec: RingSpec,
+                      spec: ConnectionSpec, sim: str | None) -> dict[str, Any]:
+        """Exec a worker for the ring and wait for its `started`; the worker goes into holder as soon as
+        it exists (the caller ends it, whatever happens). Raises VbdConnectError. The start message."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = await trio.lowlevel.open_process([sys.executable, "-m", WORKER_MODULE, str(theirs.fileno())],
@@ -200,28 +284,46 @@ class ProcessVbd(Vbd):
             theirs.close()
         channel = WorkerChannel(ours)
         worker = _Worker(name, rspec.index, channel, proc)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(channel.run)
-                channel.send(self._start_message(rspec, spec, sim))
-                with trio.move_on_after(START_TIMEOUT) as timeout:
-                    first = await self._receive_logs_until_other(worker)
-                if timeout.cancelled_caught:
-                    raise VbdConnectError(f"{name}: the ring worker did not start in {START_TIMEOUT:g} s")
-                if first is None or first["op"] == "failed":
-                    why = first["error"] if first else await self._why_gone(worker)
-                    raise VbdConnectError(f"{name}: {why}")
-                self._note_stats(worker, first)
-                self._procs.append(worker)
-                log.info("%s: served by ring worker process %d", name, proc.pid)
-                task_status.started()
-                await self._follow(worker, serving)
-                nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._end_worker(worker)
-                if worker in self._procs:
-                    self._procs.remove(worker)
+        holder.append(worker)
+        nursery.start_soon(channel.run)
+        start = self._start_message(rspec, spec, sim)
+        channel.send(start)
+        with trio.move_on_after(START_TIMEOUT) as timeout:
+            first = await self._receive_logs_until_other(worker)
+        if timeout.cancelled_caught:
+            raise VbdConnectError(f"{name}: the ring worker did not start in {START_TIMEOUT:g} s")
+        if first is None or first["op"] == "failed":
+            why = first["error"] if first else await self._why_gone(worker)
+            raise VbdConnectError(f"{name}: {why}")
+        self._note_stats(worker, first)
+        self._procs.append(worker)
+        log.info("%s: served by ring worker process %d", name, proc.pid)
+        return start
+
+    async def _replace(self, nursery: trio.Nursery, holder: list[_Worker], dead: _Worker, rspec: RingSpec,
+                       spec: ConnectionSpec, sim: str | None) -> None:
+        """Start a worker in a dead one's place: it takes the ring over from the journal at connect (as
+        the next daemon does after a kill: what was answered and published is dropped, answered but not
+        published is written again, not answered is run again from the journal's copy), the frontend
+        sees no reconnect. The old process is gone (waited for) before the new one maps the ring."""
+        # No barrier's or pause's drain of the vbd while the replacement starts: the drain would not
+        # know of it, and a barrier must find every other ring held.
+        async with self._vbd_wide:
+            try:
+                start = await self._launch(nursery, holder, dead.name, rspec, spec, sim)
+            except VbdConnectError as e:
+                raise RingWorkerDied(f"{dead.name}: ring worker process {dead.proc.pid} died and could "
+                                     f"not be replaced: {e}") from e
+        worker = holder[0]
+        # What changed while it started (it was not in _procs yet): the operator's resume, a resize,
+        # the connection ending.
+        if start["paused"] and not self._paused:
+            worker.channel.send({"op": "resume"})
+        if start["sectors"] != self._sectors:
+            worker.channel.send({"op": "size", "sectors": self._sectors})
+        if self._connection_ending:
+            worker.stopping = True
+            worker.channel.send({"op": "stop"})
 
     async def _receive_logs_until_other(self, worker: _Worker) -> dict[str, Any] | None:
         while True:
@@ -239,27 +341,34 @@ class ProcessVbd(Vbd):
 
     def _note_stats(self, worker: _Worker, msg: dict[str, Any]) -> None:
         if msg.get("ring") is not None:
-            self._ring_snaps[worker.index] = msg["ring"]
+            self._ring_snaps[worker.index] = _with_carried(msg["ring"], self._ring_carried.get(worker.index))
         if msg.get("storage") is not None:
             self._storage_snap = msg["storage"]
 
-    async def _follow(self, worker: _Worker, serving: trio.Nursery) -> None:
-        """Until the worker stopped in order; raise RingWorkerDied if it failed or vanished."""
+    def _carry_stats(self, index: int) -> None:
+        """A dead worker's counters stay counted: its replacement's are added to them (a request run
+        again from the journal is counted by both)."""
+        last = self._ring_snaps.get(index)
+        if last is not None:
+            self._ring_carried[index] = {name: last[name] for name in COUNTERS + ("latency",) if name in last}
+
+    async def _follow(self, worker: _Worker, serving: trio.Nursery) -> str | None:
+        """Until the worker stopped in order (None) or vanished (how it ended: killed, crashed); raise
+        RingWorkerDied if it failed in order (it reported the failure: its ring went the in-process
+        failure's way, requests answered ERROR, so there is nothing for a successor to take over)."""
         while True:
             msg = await worker.channel.receive()
             if msg is None:
                 if worker.stopping:
-                    return
-                why = await self._why_gone(worker)
-                log.error("%s: ring worker process %d died (%s)", worker.name, worker.proc.pid, why)
-                raise RingWorkerDied(f"{worker.name}: ring worker process {worker.proc.pid} died ({why})")
+                    return None
+                return await self._why_gone(worker)
             op = msg["op"]
             if op == "log":
                 self._relog(msg)
             elif op in ("stats", "stopped"):
                 self._note_stats(worker, msg)
                 if op == "stopped":
-                    return
+                    return None
             elif op == "paused":
                 worker.paused.set()
             elif op == "barrier_begin":
