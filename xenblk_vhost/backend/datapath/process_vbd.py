@@ -62,7 +62,7 @@ WORKER_MODULE = "xenblk_vhost.daemon.ring_process"
 MAX_RESTARTS = 3
 RESTART_WINDOW = 60.0
 WORKER_EXIT_GRACE = 5.0  # beyond drain_timeout, before a worker that does not exit is killed
-START_TIMEOUT = 60.0  # exec, imports, storage open, map and bind (a loaded machine is slow)
+START_TIMEOUT = 300.0  # exec, imports, storage open, map and bind (QEMU TCG on a loaded host: over 60 s)
 
 
 class RingWorkerDied(RuntimeError):
