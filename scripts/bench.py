@@ -190,21 +190,27 @@ SUMMARY_HEADER = (f"{'tgt':4} {'path':14} {'workload':26} {'bridge':>9} {'raw':>
 
 def ring_scaling(rows: list[dict]) -> list[str]:
     """Rings on their own cores (issue 13: 2 rings >= 1.5x one ring at saturation): each 2-ring row's
-    aggregate IOPS over the same workload's 1-ring inline row, in this run."""
-    one = {(r["target"], r["data_path"], r["engine"], r["op"], r["pattern"], r["bs"], r["qd"], r["ring_order"]): r
-           for r in rows if r["rings"] == 1 and r["ring_workers"] == "inline"}
+    aggregate IOPS over the same workload's 1-ring rows of this run, inline and in a worker, and the
+    backend's cores in use (IOPS x CPU per I/O: 2 rings on their own cores can use up to 2)."""
+    def key(r: dict) -> tuple:
+        return (r["target"], r["data_path"], r["engine"], r["op"], r["pattern"], r["bs"], r["qd"], r["ring_order"])
+
+    one = {(key(r), r["ring_workers"]): r for r in rows if r["rings"] == 1 and r.get("bridge_iops")}
     out = []
     for r in rows:
-        if r["rings"] < 2:
+        if r["rings"] < 2 or not r.get("bridge_iops"):
             continue
-        base = one.get((r["target"], r["data_path"], r["engine"], r["op"], r["pattern"], r["bs"], r["qd"],
-                        r["ring_order"]))
-        if base is None:
+        bases = [(mode, one[(key(r), mode)]) for mode in ("inline", "process") if (key(r), mode) in one]
+        if not bases:
             continue
         ceiling = r["loadgen_ceiling_iops"]
+        vs = ", ".join(f"{r['bridge_iops'] / b['bridge_iops']:.2f} x one ring "
+                       f"{'inline' if mode == 'inline' else 'in a worker'} ({b['bridge_iops'] / 1e3:.1f}k)"
+                       for mode, b in bases)
+        cores = "" if r.get("backend_cpu_us_per_io") is None else \
+            f"; backend {r['bridge_iops'] * r['backend_cpu_us_per_io'] / 1e6:.2f} cores"
         out.append(f"  {r['target']} {r['data_path']} {r['workload']} {r['ring_workers']:7}: "
-                   f"{r['bridge_iops'] / 1e3:8.1f}k = {r['bridge_iops'] / base['bridge_iops']:.2f} x one ring "
-                   f"({base['bridge_iops'] / 1e3:.1f}k); generator ceiling "
+                   f"{r['bridge_iops'] / 1e3:8.1f}k = {vs}{cores}; generator ceiling "
                    + ("-" if ceiling is None else f"{ceiling / 1e3:.0f}k") + " (target >= 1.50 x)")
     return ["rings on their own cores (2 rings vs 1, aggregate IOPS, same run):"] + out if out else []
 

@@ -175,3 +175,20 @@ def test_raw_baseline_writes_and_counts(file_target):
 ])
 def test_profile_categories(frames, category):
     assert classify(frames) == category
+
+
+def test_ring_scaling_compares_two_rings_with_one_ring_inline_and_in_a_worker():
+    import bench
+
+    def row(rings, mode, iops, cpu):
+        return {"target": "file", "data_path": "copy", "engine": "compiled", "op": "read", "pattern": "rand",
+                "bs": 4096, "qd": 128, "ring_order": 4, "rings": rings, "ring_workers": mode,
+                "workload": f"4k-randread-qd128-o4-r{rings}", "bridge_iops": iops,
+                "backend_cpu_us_per_io": cpu, "loadgen_ceiling_iops": 15e6}
+
+    lines = bench.ring_scaling([row(1, "inline", 100e3, 5.0), row(1, "process", 125e3, 5.0),
+                                row(2, "inline", 90e3, 5.0), row(2, "process", 250e3, 6.0)])
+    assert lines[0].startswith("rings on their own cores")
+    assert "0.90 x one ring inline (100.0k), 0.72 x one ring in a worker (125.0k); backend 0.45 cores" in lines[1]
+    assert "2.50 x one ring inline (100.0k), 2.00 x one ring in a worker (125.0k); backend 1.50 cores" in lines[2]
+    assert bench.ring_scaling([row(2, "process", 250e3, 6.0)]) == []  # nothing to compare with
