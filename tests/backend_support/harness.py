@@ -52,7 +52,8 @@ def disk_config(path: Path | str, **kw) -> DiskConfig:
 
 
 def make_vbd(path: Path | str, **kw) -> Vbd:
-    vbd_kw = {k: kw.pop(k) for k in ("storage_timeout", "drain_timeout", "max_persistent_grants", "shape", "reconnect",
+    vbd_kw = {k: kw.pop(k) for k in ("storage_timeout", "drain_timeout", "max_persistent_grants",
+                                        "persistent_trim_interval", "shape", "reconnect",
                                         "journal_dir")
               if k in kw}
     return Vbd.open(disk_config(path, **kw), **vbd_kw)

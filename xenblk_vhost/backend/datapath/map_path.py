@@ -17,8 +17,9 @@ fails (one bad grant fails the whole call) each request is mapped on its
 own so only the bad one fails.
 
 With feature-persistent: pages come from the ring's PersistentGrants cache
-(mapped once, kept); a page the full cache cannot take is mapped for the
-request's duration only.
+(mapped once, kept); the pages of a request the full cache cannot take are
+mapped together for the request's duration only, and the cache is trimmed
+after each batch at a bounded rate (persistent_grants.py).
 
 A request's data becomes extents: one (address, length) per segment,
 adjacent ones merged.
@@ -112,32 +113,41 @@ class MapDataPath:
             addr += n * XEN_PAGE_SIZE
 
     def _map_persistent(self, slot: Slot) -> None:
-        """Pages from the cache; what a full cache cannot take is mapped for this request only.
+        """Pages from the cache; those a full cache cannot take are mapped for this request only, all
+        in ONE map call (one hypercall, one unmap after), not one each.
 
         slot.mapping becomes a list of what to give back: grefs (ints) held
-        in the cache, and temporary mappings.
+        in the cache, and the request's temporary mapping.
         """
         assert self.persistent is not None
         acquire = self.persistent.acquire
         held: list = []
         slot.mapping = held
-        pages = []
+        pages: list[int] = []
+        misses: list[int] = []  # positions in pages of the grefs the cache had no room for
+        segments = slot.segments
         try:
-            for gref, _first, _last in slot.segments:
+            for i, (gref, _first, _last) in enumerate(segments):
                 addr = acquire(gref)
-                if addr is None:  # cache full of busy entries
-                    # read-only for a write (the guest may grant its pages so), writable for a read
-                    m = self.gntdev.map_grants(self.domid, (gref,), readonly=slot.writes)
-                    held.append(m)
-                    addr = m.addr
+                if addr is None:  # cache full
+                    misses.append(i)
+                    addr = 0
                 else:
                     held.append(gref)
                 pages.append(addr)
+            if misses:
+                # read-only for a write (the guest may grant its pages so), writable for a read
+                m = self.gntdev.map_grants(self.domid, [segments[i][0] for i in misses], readonly=slot.writes)
+                held.append(m)
+                addr = m.addr
+                for i in misses:
+                    pages[i] = addr
+                    addr += XEN_PAGE_SIZE
         except GrantMapError as e:
             log.debug("persistent map failed: %s", e)
             slot.status = RSP_ERROR
             return
-        slot.extents = _extents(slot.segments, pages)
+        slot.extents = _extents(segments, pages)
 
     def finish(self, slots: list[Slot]) -> list[Slot]:
         """Release the slots' mappings; return those whose pages are all unmapped (answer them)."""
@@ -164,6 +174,8 @@ class MapDataPath:
                     else:
                         held.close()
                 ready.append(slot)
+        if cache is not None:
+            cache.trim(now)
         return ready
 
     def idle(self) -> None:

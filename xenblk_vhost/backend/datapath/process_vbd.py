@@ -215,7 +215,8 @@ class ProcessVbd(Vbd):
             "spec": dataclasses.replace(spec, rings=(rspec,)),
             "log_level": logging.getLogger().getEffectiveLevel(),
             "vbd": {"storage_timeout": self.storage_timeout, "drain_timeout": self.drain_timeout,
-                    "max_persistent_grants": self.max_persistent_grants, "shape": self._shape_override,
+                    "max_persistent_grants": self.max_persistent_grants,
+                    "persistent_trim_interval": self.persistent_trim_interval, "shape": self._shape_override,
                     "journal_dir": self.journal_dir, "reconnect": self.reconnect_policy},
         }
 

@@ -75,7 +75,7 @@ from .data_path import DataPath
 from .journal import JournalGeometry
 from .journal_file import journal_name
 from .map_path import MapDataPath
-from .persistent_grants import PersistentGrants
+from .persistent_grants import DEFAULT_TRIM_INTERVAL, PersistentGrants
 from .ring_journal import AttachedJournal, attach_journal, ring_identity
 from .ring_policy import DEFAULT_STORAGE_TIMEOUT, RingPolicy
 from .ring_worker import RingWorker
@@ -146,6 +146,7 @@ class Vbd:
                  storage_timeout: float = DEFAULT_STORAGE_TIMEOUT,
                  drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
                  max_persistent_grants: int = MAX_PERSISTENT_GRANTS,
+                 persistent_trim_interval: float = DEFAULT_TRIM_INTERVAL,
                  shape: StorageShape | None = None, journal_dir: Path | None = None,
                  reconnect: ReconnectPolicy | None = None, ring_index: int | None = None,
                  gate_factory: Callable[[], BarrierGate] = BarrierGate) -> None:
@@ -161,12 +162,14 @@ class Vbd:
         ring_index: serve ring `ring_index` alone, on this storage's queue 0 (a ring worker process,
         process_vbd.py: the spec it gets names that one ring); None: every ring of the spec.
         gate_factory: the barrier gate of a connection (a ring worker's coordinates with its parent).
+        persistent_trim_interval: how often a full persistent-grant cache may evict (persistent_grants.py).
         """
         self.disk = disk
         self.storage = storage
         self.storage_timeout = storage_timeout
         self.drain_timeout = drain_timeout
         self.max_persistent_grants = max_persistent_grants
+        self.persistent_trim_interval = persistent_trim_interval
         self.journal_dir = journal_dir
         self.ring_index = ring_index
         self._gate_factory = gate_factory
@@ -472,7 +475,8 @@ class Vbd:
             slots = max_slots
             cache = None
             if spec.persistent_grants:
-                cache = PersistentGrants(platform.gntdev, domid, max_grants=self.max_persistent_grants)
+                cache = PersistentGrants(platform.gntdev, domid, max_grants=self.max_persistent_grants,
+                                         trim_interval=self.persistent_trim_interval)
             res.datapath = MapDataPath(platform.gntdev, domid, cache)
         policy = RingPolicy(
             name=f"{self.disk.name}/ring{rspec.index}", frontend_domid=domid, abi=spec.abi, limits=limits,
