@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import mmap
 import os
 import struct
@@ -140,6 +141,24 @@ def test_compiled_sim_copy_decides_and_moves_bytes_as_the_python_one(entries, pi
         assert w.snapshot() == after_python
     finally:
         w.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(segments=st.lists(SEGMENT | st.builds(lambda s, off: dataclasses.replace(s, guest_offset=off), SEGMENT,
+                                              st.integers(-3, -1) | st.integers(PAGE_SIZE, 1 << 17)), max_size=12))
+def test_add_range_packs_and_refuses_as_load(segments):
+    """CopyBatch.add_range (the indirect pages' copy, one segment at a time) gives the kernel the bytes
+    load() gives it for the same segments, and refuses the same ones (statuses in the order added)."""
+    loaded = g.CopyBatch(capacity=1)
+    count, refused = loaded.load(segments)
+    added = g.CopyBatch(capacity=1)
+    added.reset()
+    for i, s in enumerate(segments):
+        added.add_range(s.to_guest, s.domid, s.gref, s.guest_offset, s.local_addr, s.length, i)
+    assert added.count == count and (added.refused or None) == refused
+    assert added.owners == list(range(len(segments)))
+    size = count * g.SEGMENT_SIZE
+    assert bytes(added._bytes[:size]) == bytes(loaded._bytes[:size])
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python-fallback"])

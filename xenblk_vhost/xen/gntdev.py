@@ -294,6 +294,32 @@ class CopyBatch:
         self.count = pos // SEGMENT_SIZE
         return addr - local_addr
 
+    def add_range(self, to_guest: bool, domid: int, gref: int, guest_offset: int, local_addr: int, length: int,
+                  owner: object) -> None:
+        """One segment of any byte range of a granted page (an indirect request's segment list:
+        nr_segments * 8 bytes, not whole sectors) <-> local memory at local_addr. Packs and refuses
+        as load() does for the same CopySegment."""
+        count = self.count
+        if count + 1 > self.capacity:
+            self._grow(max(count + 1, 2 * self.capacity))
+        self.owners.append(owner)
+        try:
+            if guest_offset < 0 or length < 0 or guest_offset + length > PAGE_SIZE:
+                raise ValueError
+            pos = count * SEGMENT_SIZE
+            if to_guest:
+                _SEG_LOCAL_TO_GUEST.pack_into(self._bytes, pos, local_addr, gref, guest_offset, domid, length,
+                                              GNTCOPY_DEST_GREF, 0)
+            else:
+                _SEG_GUEST_TO_LOCAL.pack_into(self._bytes, pos, gref, guest_offset, domid, local_addr, length,
+                                              GNTCOPY_SOURCE_GREF, 0)
+        except (ValueError, struct.error, OverflowError):
+            if self.refused is None:
+                self.refused = {}
+            self.refused[len(self.owners) - 1] = _BAD_COPY_ARG
+            return
+        self.count = count + 1
+
     def add_segment_bytes(self, to_guest: bool, domid: int, raw: bytes, local_addr: int, owner: object) -> int:
         """add_sector_ranges for segments in their 8-byte wire form (a private copy: SegmentTuple.raw),
         packed by compiled code in one call (native/pack_segments.c); the same result. Without the

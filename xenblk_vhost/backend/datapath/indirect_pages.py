@@ -19,13 +19,14 @@ from __future__ import annotations
 from ...blkif.constants import RSP_ERROR, RSP_OKAY, XEN_PAGE_SIZE
 from ...blkif.request import IndirectRequest, Rejection
 from ...storage.memory import address_of
-from .grant_copy import run_copy, segment
+from ...xen.gntdev import CopyBatch
+from .grant_copy import run_batch
 
 R_INDIRECT_COPY = "indirect page copy failed"
 
 
 class _PagesOf:
-    """One indirect request's share of the batch's grant copy (status set by run_copy)."""
+    """One indirect request's share of the batch's grant copy (status set by run_batch)."""
 
     __slots__ = ("position", "header", "offset", "status")
 
@@ -45,6 +46,7 @@ class IndirectPages:
         self._buf = bytearray(max(1, max_requests * max_segments * 8))
         self._addr = address_of(self._buf)
         self._view = memoryview(self._buf)
+        self._batch = CopyBatch()  # reused: packed for the kernel as it is built, no object per page
 
     def resolve(self, batch: list, kept: list | None = None) -> list:
         """The batch with every IndirectRequest replaced by its Request (or a Rejection).
@@ -53,7 +55,10 @@ class IndirectPages:
         copy failed) for each, what the ring's journal records.
         """
         out = list(batch)
-        segs, owners, records = [], [], []
+        records = []
+        copy = self._batch
+        copy.reset()
+        add = copy.add_range
         domid = self.domid
         base = self._addr
         pos = 0
@@ -65,11 +70,10 @@ class IndirectPages:
             need = item.segments_bytes
             for gref in item.indirect_grefs:
                 n = need if need < XEN_PAGE_SIZE else XEN_PAGE_SIZE
-                segs.append(segment(False, domid, gref, 0, base + pos, n))
-                owners.append(rec)
+                add(False, domid, gref, 0, base + pos, n, rec)
                 pos += n
                 need -= n
-        run_copy(self.gntdev, segs, owners)
+        run_batch(self.gntdev, copy)
         view = self._view
         decode = self.intake.decode_indirect_segments
         for rec in records:
