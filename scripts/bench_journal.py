@@ -6,9 +6,10 @@
 Two figures:
 
   calls    the journal's own calls as the ring worker makes them (one
-           record_taken per batch, one record_answered per request, one
-           published per push) on a tmpfs file, timed alone: CPU per
-           request by batch size. No noise from anything else.
+           record_taken per batch, one record_answers per push with the
+           push's answers, one published per push) on a tmpfs file, timed
+           alone: CPU per request by batch size, for each engine (compiled:
+           native/journal_kernel.c; python: the reference RingJournal).
   bridge   the speed issue's benchmark (scripts/benchkit: a compiled guest
            in its own process drives the real Vbd through the simulated
            hypervisor, page-cached file on io_uring, copy path), each
@@ -38,26 +39,38 @@ from benchkit.workloads import FULL, select  # noqa: E402
 from xenblk_vhost.backend.datapath.journal import JournalGeometry, RingJournal, format_area  # noqa: E402
 from xenblk_vhost.backend.datapath.journal_file import JournalFile  # noqa: E402
 from xenblk_vhost.blkif.abi import Abi, layout  # noqa: E402
+from xenblk_vhost.native.journal import CompiledRingJournal  # noqa: E402
 
 DEFAULT_WORKLOADS = "4k-randread-qd1-o0-r1,4k-randwrite-qd1-o0-r1,-qd32-o0-r1,-qd128-o4-r1"
 
 
-def calls_per_request(directory: Path, batch: int, rounds: int = 4000) -> float:
+class _Answer:
+    __slots__ = ("jref", "status")
+
+    def __init__(self, jref: int) -> None:
+        self.jref = jref
+        self.status = 0
+
+
+def calls_per_request(directory: Path, batch: int, engine: type[RingJournal], rounds: int = 4000) -> float:
     """CPU seconds per request of the journal's calls alone, at `batch` requests per batch."""
     entry = layout(Abi.NATIVE).entry_size
     g = JournalGeometry.for_ring(128, entry, 256)
     jf = JournalFile.create(directory / f"calls-{batch}.journal", g.size)
     try:
         format_area(jf.buffer, g, b"bench", taken_to=0, published=0)
-        j = RingJournal(jf.buffer, g)
+        j = engine(jf.buffer, g)
         raw = bytes(range(256)) * (batch * entry // 256 + 1)
         raw = raw[:batch * entry]
         pos = 0
+        answered = [_Answer(0) for _ in range(batch)]  # the worker's slots: jref, status
         t0 = time.process_time()
         for _ in range(rounds):
             ref = j.record_taken(pos, raw, batch)
-            for i in range(batch):
-                j.record_answered(ref + i, 0, pos + i)
+            if answered[0].jref != ref:  # the worker sets a slot's jref at dispatch: not journal cost
+                for i, a in enumerate(answered):
+                    a.jref = ref + i
+            j.record_answers(answered, pos)
             pos += batch
             j.published(pos)
         spent = time.process_time() - t0
@@ -77,9 +90,11 @@ def main() -> int:
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="bench-journal-", dir="/dev/shm") as tmp:
-        print("calls alone (tmpfs file): CPU per request by batch size")
+        print("calls alone (tmpfs file): CPU per request by batch size, median of 5 (compiled / python)")
         for batch in (1, 8, 32, 64):
-            print(f"  batch {batch:>2}: {1e6 * calls_per_request(Path(tmp), batch):.3f} us/request")
+            figs = [statistics.median(calls_per_request(Path(tmp), batch, engine) for _ in range(5))
+                    for engine in (CompiledRingJournal, RingJournal)]
+            print(f"  batch {batch:>2}: {1e6 * figs[0]:.3f} / {1e6 * figs[1]:.3f} us/request")
         if args.no_bridge:
             return 0
         from benchkit.sim_cases import Timing, run_bridge

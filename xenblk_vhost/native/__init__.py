@@ -12,6 +12,9 @@ What is here (each with a pure-Python reference that tests compare it to):
                                  ring slots (blkif/intake.py RequestIntake is the
                                  reference); XENBLK_ENGINE=python|compiled picks it
     pack_segments.c              the copy path's packing of segments (xen/gntdev.py)
+    journal_kernel.c, journal.py the ring journal's writer: record_taken, record_answers,
+                                 published (backend/datapath/journal.py RingJournal is
+                                 the reference); the same engine switch as the intake
     build.py                     cffi API-mode build; install-deps runs it, load()
                                  runs it when the module is missing or stale
 """

@@ -88,3 +88,26 @@ void xk_parse_slots(const uint8_t *raw, uint32_t count, const struct xk_intake_c
  * (last >= 8 or first > last) -> XK_R_BAD_SEGMENT; else *nr = the sectors they cover and
  * a segment not a multiple of block_mask + 1 sectors -> XK_R_MISALIGNED; else 0. */
 int xk_check_segments(const uint8_t *raw, uint32_t nseg, uint32_t block_mask, uint64_t *nr);
+
+/* The ring journal's batch record (journal_kernel.c; backend/datapath/journal.py's RingJournal
+ * is the reference and the format). native/journal.py fills it once; area is the journal's
+ * shared mapping, the offsets are JournalGeometry's. */
+struct xk_journal_geom {
+    uint8_t *area;
+    uint32_t entry;           /* bytes of one ring slot */
+    uint32_t frame_size;
+    uint32_t raw_off;
+    uint32_t lens_off;
+    uint32_t ind_off;
+};
+
+/* record_taken's stores into free frame f: n slots of raw (n*entry bytes) from ring position
+ * first_pos under seq; lens NULL for a batch without indirect requests, else 2*n bytes (u16 per
+ * request: its segment bytes in ind, 0xFFFF copy failed) and ind_total bytes of segments; crc:
+ * zlib's crc32 of raw (then lens, then ind), which this continues over the header fields. The
+ * caller checked n, the room and the lengths. Then the header's taken_to hint. */
+void xk_journal_frame(const struct xk_journal_geom *g, uint32_t f, uint64_t seq, uint64_t first_pos,
+                      const uint8_t *raw, uint32_t n, const uint8_t *lens, const uint8_t *ind, uint32_t ind_total,
+                      uint32_t crc);
+/* zlib's crc32 (what the reference's frames carry). */
+uint32_t xk_crc32(uint32_t crc, const uint8_t *data, size_t len);

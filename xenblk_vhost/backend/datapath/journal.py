@@ -15,10 +15,14 @@ process (a file on tmpfs, journal_file.py):
         `ref`; request i of the batch is ref + i.
   record_answered(ref, status, rsp_pos)       BEFORE the response is written into the ring:
         request ref is answered with status at response position rsp_pos.
+  record_answers(answered, first_rsp_pos)     the same for the answers of one push at once: the
+        objects' .jref answered .status at response positions first_rsp_pos, +1, ... (a jref < 0
+        is a response of no journaled request), BEFORE any of them is written.
   published(rsp_prod)                          AFTER rsp_prod is published: the records whose
         answers are all before rsp_prod are dead and their room is reused.
 
-A compiled ring engine calls the same three (refs are plain ints).
+A compiled ring engine calls the same (refs are plain ints). native/journal.py writes the same
+bytes from C (journal_kernel.c): this class is its reference.
 
 Crash consistency. The area is shared memory (tmpfs page cache): a SIGKILL
 loses no store the process made, only the ones it had not made yet; no
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,6 +81,16 @@ _TAG_MOD = (1 << 24) - 1
 _HEADER_WORDS = HEADER_SIZE // 8
 
 
+class Answered(Protocol):
+    """What record_answers reads of an answer (the ring worker's Slot is one)."""
+
+    @property
+    def jref(self) -> int: ...
+
+    @property
+    def status(self) -> int: ...
+
+
 class InflightJournal(Protocol):
     """What a ring engine (the Python RingWorker, or a compiled one) calls; RingJournal is the one."""
 
@@ -89,6 +104,9 @@ class InflightJournal(Protocol):
         ...
 
     def record_answered(self, ref: int, status: int, rsp_pos: int) -> None:
+        ...
+
+    def record_answers(self, answered: Sequence[Answered], first_rsp_pos: int) -> None:
         ...
 
     def published(self, rsp_prod: int) -> None:
@@ -387,6 +405,27 @@ class RingJournal:
         left = pending[f] = pending[f] - 1
         if not left:
             self._done.append((f, rsp_pos & U32_MASK))
+
+    def record_answers(self, answered: Sequence[Answered], first_rsp_pos: int) -> None:
+        """The answers of one push, before any of their responses is written: answered[k].jref is
+        answered answered[k].status at response position first_rsp_pos + k (a jref < 0: not a
+        journaled request). record_answered's stores for each, in this order; one call per push
+        (the ring worker's slots go in as they are: no per-answer call, no lists built)."""
+        words = self._words
+        tags = self._tags
+        pending = self._pending
+        ref0 = self._ref0
+        wpf = self._wpf
+        pos = first_rsp_pos & U32_MASK
+        for a in answered:
+            ref = a.jref
+            if ref >= 0:
+                f = (ref - ref0) // wpf
+                words[ref] = tags[f] | ((a.status & 0xFF) << _STATUS_SHIFT) | pos
+                left = pending[f] = pending[f] - 1
+                if not left:
+                    self._done.append((f, pos))
+            pos = (pos + 1) & U32_MASK
 
     def published(self, rsp_prod: int) -> None:
         """rsp_prod is published: free the frames whose answers all lie before it."""

@@ -24,6 +24,7 @@ from ...blkif.constants import RSP_ERROR
 from ...blkif.intake import RequestIntake
 from ...blkif.request import Decoded, IndirectRequest, Rejection
 from ...blkif.ring import BackRing
+from ...native.journal import make_ring_journal
 from .journal import JournalCorrupt, JournalGeometry, RingJournal, format_area, read_image
 from .journal_file import JournalFile
 from .takeover import Entry, JournalMismatch, plan_takeover
@@ -90,7 +91,7 @@ def attach_journal(directory: Path, name: str, identity: bytes, geometry: Journa
             log.warning("%s: journal %s discarded: %s", log_name, path, e)
             jf.remove()
         else:
-            journal = RingJournal(jf.buffer, image.geometry)
+            journal = make_ring_journal(jf.buffer, image.geometry)
             journal.adopt(image, plan.rsp_prod)
             ring.req_cons = plan.req_cons
             ring.rsp_prod_pvt = plan.rsp_prod
@@ -109,7 +110,7 @@ def attach_journal(directory: Path, name: str, identity: bytes, geometry: Journa
     jf = JournalFile.create(path, geometry.size)
     try:
         format_area(jf.buffer, geometry, identity, taken_to=ring.req_cons, published=ring.rsp_prod)
-        return AttachedJournal(jf, RingJournal(jf.buffer, geometry), None)
+        return AttachedJournal(jf, make_ring_journal(jf.buffer, geometry), None)
     except BaseException:
         jf.remove()
         raise

@@ -598,12 +598,14 @@ class RingWorker:
                 put = ring.put_response
                 journal = self.journal
                 errors = 0
+                if journal is not None:
+                    # One call for the push, before the first response is written: they take the
+                    # response positions from rsp_prod_pvt on, in this order.
+                    journal.record_answers(ready, ring.rsp_prod_pvt)
                 for slot in ready:
                     status = slot.status
                     if status:
                         errors += 1
-                    if journal is not None and slot.jref >= 0:
-                        journal.record_answered(slot.jref, status, ring.rsp_prod_pvt)
                     put(slot.req_id, slot.op, status)
                 self.stats.errors += errors
                 self._unpushed = True
