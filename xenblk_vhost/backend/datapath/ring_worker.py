@@ -257,7 +257,15 @@ class RingWorker:
                     break  # busy slots with no storage request: cannot progress
                 try:
                     batch = await self.queue.wait_io(timeout=timeout)
-                except (BlkioError, trio.ClosedResourceError) as e:
+                except BlkioError as e:
+                    if e.errno == errno.ETIME:
+                        # wait_io's own bound (the drain's) ran out before the scope's: not finished
+                        # in time, which the caller handles (a hand-over leaves them to the journal);
+                        # not a storage failure, which would answer them ERROR.
+                        break
+                    self._storage_failed(e)
+                    break
+                except trio.ClosedResourceError as e:
                     self._storage_failed(e)
                     break
                 self._complete(batch)
