@@ -38,7 +38,11 @@ writing it. So:
     is there or not, never half; a tag that does not match the frame's seq is not an answer;
   * a frame is freed by one 8-byte store of 0 over its seq, which breaks its crc;
   * the header's taken_to and published words (4-byte stores) are hints the takeover
-    checks the ring against, never the only record of anything.
+    checks the ring against, never the only record of anything;
+  * the header names the process that writes the journal (pid and start time, two slots
+    and a selector word flipped by one store: never half of one and half of the other),
+    so that the next one can wait for it to be gone (writer_fence.py). A journal of an
+    earlier release has the selector 0 there: no writer named.
 
 This module is sans-I/O: it works on any writable buffer (a bytearray in
 unit tests, an mmap in the service). The takeover decisions are takeover.py's.
@@ -67,6 +71,8 @@ _TAKEN_TO = 2048  # u32: ring position after the last request recorded
 _PUBLISHED = 2052  # u32: rsp_prod last published
 _TAKEN_TO_WORD = _TAKEN_TO // 4
 _PUBLISHED_WORD = _PUBLISHED // 4
+_WRITER_SLOT = 2056  # u32: 0 no writer named, 1 or 2: which of the two slots below names it
+_WRITER_SLOTS = (2064, 2080)  # u64 pid, u64 start time (clock ticks after boot) each
 # Frame header: seq, first_pos, n, ind_total, crc (crc last: written last by the same pack).
 _FRAME = struct.Struct("<QIHHII")  # seq first_pos n flags ind_total crc
 _FRAME_FIELDS = struct.Struct("<QIHHI")  # what the crc covers of the header
@@ -208,6 +214,7 @@ class JournalImage:
     taken_to: int
     published: int
     frames: tuple[FrameImage, ...]  # the valid ones, by seq
+    writer: tuple[int, int] | None = None  # (pid, start time) of the process that wrote it last, if named
 
 
 def _status_of(word: int) -> int:
@@ -298,7 +305,12 @@ def read_image(buf) -> JournalImage:
             answers.append((_status_of(w), w & U32_MASK) if w and w >> _TAG_SHIFT == tag else None)
         frames.append(FrameImage(f, seq, first_pos, raw, tuple(indirect), tuple(answers)))
     frames.sort(key=lambda fr: fr.seq)
-    return JournalImage(geometry, identity, words[_TAKEN_TO // 4], words[_PUBLISHED // 4], tuple(frames))
+    writer = None
+    slot = words[_WRITER_SLOT // 4]
+    if slot in (1, 2):
+        writer = struct.unpack_from("<QQ", view, _WRITER_SLOTS[slot - 1])
+    return JournalImage(geometry, identity, words[_TAKEN_TO // 4], words[_PUBLISHED // 4], tuple(frames),
+                        writer)
 
 
 INDIRECT_COPY_FAILED = b""  # record_taken's marker for an indirect request whose pages could not be copied
@@ -444,6 +456,15 @@ class RingJournal:
             else:
                 keep.append((f, last))
         self._done = keep
+
+    # -------------------------------------------------------------- who writes it
+
+    def set_writer(self, pid: int, start: int) -> None:
+        """Name this process as the journal's writer (writer_fence.py): the slot not in use is
+        written, then the selector flips to it with one store."""
+        slot = 2 if self._hwords[_WRITER_SLOT // 4] == 1 else 1
+        struct.pack_into("<QQ", self._view, _WRITER_SLOTS[slot - 1], pid, start)
+        self._hwords[_WRITER_SLOT // 4] = slot
 
     # -------------------------------------------------------------- after a takeover
 

@@ -5,6 +5,8 @@
     attached.resumed      None (a fresh journal), or what the takeover left to do:
         .republish        (id, op, status) to write at the ring's rsp_prod onwards, then publish
         .rerun            (item, ref): decoded again from the journal's copy, to run again
+        .writer           the last writer (pid, start time): Vbd waits for it to be gone before
+                          running anything again (writer_fence.py), then names itself
     attached.close(remove=...)
 
 On a takeover the ring's private indices are set here (req_cons, rsp_prod_pvt);
@@ -28,6 +30,7 @@ from ...native.journal import make_ring_journal
 from .journal import JournalCorrupt, JournalGeometry, RingJournal, format_area, read_image
 from .journal_file import JournalFile
 from .takeover import Entry, JournalMismatch, plan_takeover
+from .writer_fence import own_identity
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class Resumed:
     republish: list[tuple[int, int, int]] = field(default_factory=list)  # (id, op, status)
     rerun: list[tuple[Decoded, int]] = field(default_factory=list)  # (item, journal ref)
     published: int = 0  # entries found answered and published: dropped
+    writer: tuple[int, int] | None = None  # the last process's (pid, start time): fence it before rerun
 
 
 @dataclass
@@ -96,7 +100,7 @@ def attach_journal(directory: Path, name: str, identity: bytes, geometry: Journa
             ring.req_cons = plan.req_cons
             ring.rsp_prod_pvt = plan.rsp_prod
             entry_size = image.geometry.entry_size
-            resumed = Resumed(published=plan.published)
+            resumed = Resumed(published=plan.published, writer=image.writer)
             for rp in plan.republish:
                 item = _decode(intake, rp.entry, entry_size)
                 resumed.republish.append((item.id, item.response_op, rp.status))
@@ -110,7 +114,9 @@ def attach_journal(directory: Path, name: str, identity: bytes, geometry: Journa
     jf = JournalFile.create(path, geometry.size)
     try:
         format_area(jf.buffer, geometry, identity, taken_to=ring.req_cons, published=ring.rsp_prod)
-        return AttachedJournal(jf, make_ring_journal(jf.buffer, geometry), None)
+        journal = make_ring_journal(jf.buffer, geometry)
+        journal.set_writer(*own_identity())
+        return AttachedJournal(jf, journal, None)
     except BaseException:
         jf.remove()
         raise

@@ -82,6 +82,7 @@ from .ring_worker import RingWorker
 from .stats import RingStats, total
 from .storage_link import FAILED, ReconnectPolicy, StorageLink, worth_logging
 from .storage_ops import StorageShape
+from .writer_fence import own_identity, wait_writer_gone
 
 log = logging.getLogger(__name__)
 
@@ -501,6 +502,19 @@ class Vbd:
         self._ring_stats.append(res.worker.stats)
         return res.worker
 
+    async def _fence_last_writers(self, resources: list[_RingResources]) -> None:
+        """A takeover with requests to run again: none before the process that left them is gone
+        (writer_fence.py says which of its writes that fences); then this process is the writer."""
+        me = own_identity()
+        for res in resources:
+            attached = res.journal
+            if attached is None or attached.resumed is None:
+                continue
+            writer = attached.resumed.writer
+            if writer is not None and writer != me and attached.resumed.rerun:
+                await wait_writer_gone(*writer, log_name=self.disk.name)
+            attached.journal.set_writer(*me)
+
     def _queue_of(self, rspec: RingSpec) -> int:
         """Ring i on storage queue i; a ring worker's one ring on its storage's one queue."""
         return 0 if self.ring_index is not None else rspec.index
@@ -549,6 +563,7 @@ class Vbd:
                 workers.append(self._make_ring(res, rspec, spec, platform, limits))
             self._workers = workers
             self._resources = resources
+            await self._fence_last_writers(resources)
             async with trio.open_nursery() as nursery:
                 if self.reconnect_policy.enabled:
                     self._storage_lost = trio.Event()
