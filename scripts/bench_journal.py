@@ -115,7 +115,8 @@ def main() -> int:
                             (b["backend_cpu_us_per_io"] / b["requests_per_io"], b["iops"]))
         print(f"bridge (file on io_uring, copy path; {args.repeat} x {args.seconds:g} s each, alternating; "
               f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}): backend CPU per request, medians")
-        print("  workload                   without (us)   with (us)   journal (us)   IOPS without / with")
+        print("  workload                   without (us)   with (us)   journal (us)   IOPS without / with   "
+              "spread without / with (us, max - min of the repeats)")
         for w in workloads:
             off = figures[(w.name, False)]
             on = figures[(w.name, True)]
@@ -123,8 +124,11 @@ def main() -> int:
             cpu_on = statistics.median(c for c, _ in on)
             iops_off = statistics.median(i for _, i in off)
             iops_on = statistics.median(i for _, i in on)
+            spread_off = max(c for c, _ in off) - min(c for c, _ in off)
+            spread_on = max(c for c, _ in on) - min(c for c, _ in on)
             print(f"  {w.name:<26} {cpu_off:>12.2f}   {cpu_on:>9.2f}   {cpu_on - cpu_off:>+12.2f}   "
-                  f"{iops_off:>9.0f} / {iops_on:.0f}")
+                  f"{iops_off:>9.0f} / {iops_on:<9.0f}   {spread_off:.2f} / {spread_on:.2f}")
+        print("  (a difference smaller than the spreads is not resolved at this load)")
     return 0
 
 
