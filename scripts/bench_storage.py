@@ -13,12 +13,17 @@ Modes (all one queue, one thread, 32 x 4 KiB buffers in one memory region):
   reap   keep 32 in flight: do_io(min=1, max=32), resubmit each (Queue API)
   trio   keep 32 in flight, await wait_io() on the completion fd (Queue API)
 
+--calls compiled,abi runs each Queue-API mode twice: libblkio's calls through
+the compiled wrappers (native/blkio_calls.c, the default) and through cffi's
+ABI mode (Queue.select_calls), to measure what the wrappers save.
+
 Runs are interleaved (every target x mode once, then again) and the median
 of --reps is printed, so a noisy neighbour hurts every cell alike. Compare
 ratios within one run rather than with numbers from another machine.
 
     .venv/bin/python scripts/bench_storage.py                 # ~2 x 4 x 3 x 2 s
     .venv/bin/python scripts/bench_storage.py --seconds 1 --reps 1 --targets file
+    .venv/bin/python scripts/bench_storage.py --modes batch,trio --calls compiled,abi
 """
 
 from __future__ import annotations
@@ -125,6 +130,11 @@ def bench_trio(q, offs, addrs, seconds):
     return trio.run(main)
 
 
+def label(mode: str, flavour: str, calls: list[str]) -> str:
+    """A column's name: the mode, and the calls' flavour when the run compares them."""
+    return mode if mode == "raw" or len(calls) == 1 else f"{mode}/{flavour}"
+
+
 MODES = {"raw": bench_raw, "batch": bench_batch, "reap": bench_reap, "trio": bench_trio}
 
 
@@ -136,11 +146,19 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", type=Path, default=None, help="where to put the file and qsd sockets")
     ap.add_argument("--targets", default="file,null")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--calls", default="compiled",
+                    help="compiled,abi: the Queue-API modes with libblkio's calls compiled and through cffi's "
+                         "ABI mode, in one run (default: compiled)")
     ap.add_argument("--yield-every", type=int, default=None,
                     help="Queue.yield_every for trio mode (default: the library's)")
     args = ap.parse_args(argv)
     targets = args.targets.split(",")
     modes = args.modes.split(",")
+    calls = args.calls.split(",")
+    if not calls or set(calls) - {"compiled", "abi"}:
+        raise SystemExit(f"bench_storage.py: --calls takes compiled and/or abi, not {args.calls!r}")
+    # raw is the bare ABI-mode calls whatever --calls says: once per rep
+    cells = [(m, c) for m in modes for c in (["abi"] if m == "raw" else calls)]
 
     rnd = random.Random(1)
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -163,21 +181,26 @@ def main(argv=None) -> int:
             for rep in range(args.reps):
                 for name in targets:
                     opened[name].prepare()  # the VM may evict page cache between runs
-                    for mode in modes:
+                    for mode, flavour in cells:
+                        q = setups[name][0]
+                        if q.select_calls(compiled=flavour == "compiled") != (flavour == "compiled"):
+                            raise SystemExit("bench_storage.py: the compiled calls cannot be built here")
                         n, dt = MODES[mode](*setups[name], args.seconds)
-                        results.setdefault((name, mode), []).append(n / dt)
-                        print(f"  rep {rep + 1} {name:4} {mode:5} {n / dt / 1e3:7.0f} kIOPS", file=sys.stderr)
+                        results.setdefault((name, label(mode, flavour, calls)), []).append(n / dt)
+                        print(f"  rep {rep + 1} {name:4} {label(mode, flavour, calls):12} {n / dt / 1e3:7.0f} kIOPS",
+                              file=sys.stderr)
 
             yield_every = next(iter(setups.values()))[0].yield_every if setups else "-"
             print(f"\n4 KiB random read, QD{QD}, 1 queue, median of {args.reps} x {args.seconds:g} s"
                   f" (trio: yield_every={yield_every}; load average before: {load_before})")
-            print(f"{'target':40} " + " ".join(f"{m:>16}" for m in modes))
+            names = [label(m, c, calls) for m, c in cells]
+            print(f"{'target':40} " + " ".join(f"{n:>16}" for n in names))
             for name in targets:
-                cells = []
-                for mode in modes:
-                    iops = statistics.median(results[(name, mode)])
-                    cells.append(f"{iops / 1e3:6.0f}k {1e6 / iops:5.2f}us")
-                print(f"{LABELS[name]:40} " + " ".join(f"{c:>16}" for c in cells))
+                row = []
+                for n in names:
+                    iops = statistics.median(results[(name, n)])
+                    row.append(f"{iops / 1e3:6.0f}k {1e6 / iops:5.2f}us")
+                print(f"{LABELS[name]:40} " + " ".join(f"{c:>16}" for c in row))
         finally:
             for dev in devices.values():
                 dev.close()

@@ -15,6 +15,9 @@ What is here (each with a pure-Python reference that tests compare it to):
     journal_kernel.c, journal.py the ring journal's writer: record_taken, record_answers,
                                  published (backend/datapath/journal.py RingJournal is
                                  the reference); the same engine switch as the intake
+    blkio_calls.c                libblkio's request-queueing calls and do_io, direct
+                                 (storage/queue.py; a module of its own, _xenblk_blkio,
+                                 loaded by load_blkio(); cffi's ABI mode is the reference)
     build.py                     cffi API-mode build; install-deps runs it, load()
                                  runs it when the module is missing or stale
 """
@@ -26,11 +29,12 @@ import sys
 from types import ModuleType
 
 from . import build as _build  # the module stays native.build
-from .build import MODULE, NativeBuildError
+from .build import BLKIO, NATIVE, NativeBuildError
+from .cffi_build import CffiModule
 
-__all__ = ["NativeBuildError", "enabled", "load", "set_enabled"]
+__all__ = ["NativeBuildError", "enabled", "load", "load_blkio", "set_enabled"]
 
-_loaded: ModuleType | None = None
+_loaded: dict[str, ModuleType] = {}
 
 # False: every user of the kernels takes its Python path (the reference, the same results), as if they
 # could not be built: scripts/bench.py --engines compiled,python measures both in one run this way.
@@ -43,12 +47,20 @@ def set_enabled(flag: bool) -> None:
 
 
 def load() -> ModuleType:
-    """The compiled module, built first if needed (once per process; raises NativeBuildError)."""
-    global _loaded
-    if _loaded is not None:
-        return _loaded
-    path = _build.find_built() or _build.build()
-    spec = importlib.util.spec_from_file_location(MODULE, path)
+    """The compiled kernels, built first if needed (once per process; raises NativeBuildError)."""
+    return _load(NATIVE)
+
+
+def load_blkio() -> ModuleType:
+    """libblkio's compiled calls (blkio_calls.h), built first if needed (raises NativeBuildError)."""
+    return _load(BLKIO)
+
+
+def _load(module: CffiModule) -> ModuleType:
+    if (mod := _loaded.get(module.name)) is not None:
+        return mod
+    path = _build.find_built(module) or _build.build(module=module)
+    spec = importlib.util.spec_from_file_location(module.name, path)
     if spec is None or spec.loader is None:
         raise NativeBuildError(f"cannot load {path}")
     mod = importlib.util.module_from_spec(spec)
@@ -56,6 +68,6 @@ def load() -> ModuleType:
         spec.loader.exec_module(mod)
     except ImportError as e:
         raise NativeBuildError(f"cannot load {path}: {e}") from e
-    sys.modules.setdefault(MODULE, mod)
-    _loaded = mod
+    sys.modules.setdefault(module.name, mod)
+    _loaded[module.name] = mod
     return mod

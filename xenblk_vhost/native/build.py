@@ -1,4 +1,4 @@
-"""Build the compiled kernels (native.h, *.c here) as the extension module _xenblk_native.
+"""Build the compiled kernels (native.h, *.c here) as _xenblk_native, and libblkio's calls as _xenblk_blkio.
 
     python -m xenblk_vhost.native [--dest DIR] [--force]
 
@@ -25,6 +25,11 @@ HEADER = "native.h"
 C_SOURCES = ("sim_grant_copy.c", "pack_segments.c", "intake_kernel.c", "journal_kernel.c")
 SOURCES = (HEADER, *C_SOURCES, "build.py")  # and cffi_build.py, which CffiModule stamps itself
 NATIVE = CffiModule(MODULE, HERE, HEADER, C_SOURCES, stamped=(HERE / "build.py",))
+# libblkio's request-queueing calls (blkio_calls.h says why), a module of its own: it links libblkio,
+# which the kernels above (the simulator's copy, the intake) must not need.
+BLKIO_MODULE = "_xenblk_blkio"
+BLKIO = CffiModule(BLKIO_MODULE, HERE, "blkio_calls.h", ("blkio_calls.c",), stamped=(HERE / "build.py",),
+                   libraries=("blkio",))
 
 
 class NativeBuildError(RuntimeError):
@@ -45,11 +50,11 @@ def build_dir() -> Path:
     return build_dirs()[1]
 
 
-def find_built() -> Path | None:
+def find_built(module: CffiModule = NATIVE) -> Path | None:
     """An up-to-date module in any of build_dirs() (a read-only one too: a sandboxed daemon's), or None."""
     for d in build_dirs():
         try:
-            found = built_module(d)
+            found = module.built(d)
         except OSError:  # unreadable (ProtectHome=): not there for us
             continue
         if found is not None:
@@ -62,18 +67,18 @@ def sources_digest() -> str:
 
 
 def built_module(dest: Path) -> Path | None:
-    """The up-to-date module file in dest, or None."""
+    """The up-to-date kernels' module file in dest, or None."""
     return NATIVE.built(dest)
 
 
-def build(dest: Path | None = None, force: bool = False) -> Path:
+def build(dest: Path | None = None, force: bool = False, module: CffiModule = NATIVE) -> Path:
     """Compile into dest (default build_dir()) unless up to date; the module's path."""
     dest = dest or build_dir()
     try:
-        return NATIVE.build(dest, force)[0]
+        return module.build(dest, force)[0]
     except Exception as e:  # cffi's compile errors carry gcc's output
-        raise NativeBuildError(f"building {MODULE} from {HERE} failed (gcc and cffi are install "
-                               f"dependencies: scripts/install-deps.sh): {e}") from e
+        raise NativeBuildError(f"building {module.name} from {HERE} failed (gcc, cffi and libblkio-dev are "
+                               f"install dependencies: scripts/install-deps.sh): {e}") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dest", type=Path, help=f"where the module goes (default {build_dir()})")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = ap.parse_args(argv)
-    try:
-        target = build(args.dest, args.force)
-    except NativeBuildError as e:
-        print(f"xenblk_vhost.native.build: {e}", file=sys.stderr)
-        return 1
-    print(f"xenblk_vhost.native.build: {MODULE}: {target}")
+    for module in (NATIVE, BLKIO):
+        try:
+            target = build(args.dest, args.force, module)
+        except NativeBuildError as e:
+            print(f"xenblk_vhost.native.build: {e}", file=sys.stderr)
+            return 1
+        print(f"xenblk_vhost.native.build: {module.name}: {target}")
     return 0
 
 

@@ -61,7 +61,8 @@ class CffiModule:
 
             ffi = cffi.FFI()
             ffi.cdef((self.here / self.header).read_text())
-            ffi.set_source(self.name, f'#include <stdint.h>\n#include "{self.header}"\n',
+            prelude = "#include <stdbool.h>\n#include <stddef.h>\n#include <stdint.h>\n"  # what a header may use
+            ffi.set_source(self.name, f'{prelude}#include "{self.header}"\n',
                            sources=[str(self.here / c) for c in self.c_sources], include_dirs=[str(self.here)],
                            libraries=list(self.libraries), extra_compile_args=list(self.compile_args))
             with tempfile.TemporaryDirectory(prefix=f"{self.name}-build-") as tmp:

@@ -1,6 +1,6 @@
 """One libblkio queue: the datapath.
 
-Made for batches: queue many requests (each one cffi call, no allocation),
+Made for batches: queue many requests (each one C call, no allocation),
 then one do_io() submits them all and reaps up to `max_completions`
 completions into an array preallocated per queue. Completions come back as a
 list of (tag, ret) tuples decoded in one C-level struct.iter_unpack over
@@ -19,6 +19,13 @@ Modes:
   (blocks the thread: benchmarks, tools, never the trio event loop for long);
 - event-driven: await wait_io() -- submits, then sleeps on the completion
   fd in trio until something completes.
+
+The per-request calls (blkioq_read ... blkioq_flush, blkioq_do_io) go
+through the compiled wrappers of native/blkio_calls.c when they can be
+built: cffi's ABI mode (cdef.py) pays libffi's generic call machinery on
+each, about as much as libblkio's own work per request. ABI mode stays the
+reference, used when the wrappers cannot be built or the compiled kernels
+are switched off (native.set_enabled(False): bench.py --engines python).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import struct
 
 import trio
 
+from .. import native
 from .cdef import ffi, lib
 from .errors import BlkioError, last_error_message
 
@@ -47,6 +55,16 @@ DEFAULT_BLOCKING_TIMEOUT = 30.0  # seconds, for do_io(min_completions > 0)
 
 def _closed(*_args, **_kwargs):
     raise BlkioError(errno.EBADF, "queue is closed", "blkioq")
+
+
+def _compiled_calls():
+    """native/blkio_calls.c's lib, or None (then ABI mode: the same calls, dearer)."""
+    if not native.enabled:
+        return None
+    try:
+        return native.load_blkio().lib
+    except native.NativeBuildError:
+        return None
 
 
 class Queue:
@@ -74,40 +92,62 @@ class Queue:
         # wait_io(): a full trio schedule point every yield_every calls that did not sleep.
         self.yield_every = DEFAULT_YIELD_EVERY
         self._calls_without_yield = 0
+        self.select_calls(compiled=True)
+
+    def select_calls(self, compiled: bool) -> bool:
+        """Make the per-request calls through the compiled wrappers (when they can be had: see the
+        module's doc) or through cffi's ABI mode; whether they are compiled now. Same results."""
+        if self._q is None:
+            _closed()
         # The C functions, swapped for _closed on close() so a stale Queue can
-        # never hand a dangling blkioq pointer to libblkio.
-        self._read = lib.blkioq_read
-        self._write = lib.blkioq_write
-        self._readv = lib.blkioq_readv
-        self._writev = lib.blkioq_writev
-        self._write_zeroes = lib.blkioq_write_zeroes
-        self._discard = lib.blkioq_discard
-        self._flush = lib.blkioq_flush
-        self._do_io = lib.blkioq_do_io
+        # never hand a dangling blkioq pointer to libblkio. _qarg, _completions_arg,
+        # _timeout_arg and _null are what each flavour takes for the queue, the
+        # completion array, the timeout and NULL: cdata in ABI mode, addresses compiled.
+        calls = _compiled_calls() if compiled else None
+        self.compiled_calls = calls is not None
+        if calls is not None:
+            self._qarg = int(ffi.cast("uintptr_t", self._q))
+            self._completions_arg = int(ffi.cast("uintptr_t", self._completions))
+            self._timeout_arg = int(ffi.cast("uintptr_t", self._timeout))
+            self._null = 0
+            self._read, self._write = calls.xb_read, calls.xb_write
+            self._readv, self._writev = calls.xb_readv, calls.xb_writev
+            self._write_zeroes, self._discard = calls.xb_write_zeroes, calls.xb_discard
+            self._flush, self._do_io = calls.xb_flush, calls.xb_do_io
+            self._set_fd_enabled = calls.xb_set_completion_fd_enabled
+        else:
+            self._qarg, self._completions_arg, self._timeout_arg, self._null = (
+                self._q, self._completions, self._timeout, ffi.NULL)
+            self._read, self._write = lib.blkioq_read, lib.blkioq_write
+            self._readv, self._writev = lib.blkioq_readv, lib.blkioq_writev
+            self._write_zeroes, self._discard = lib.blkioq_write_zeroes, lib.blkioq_discard
+            self._flush, self._do_io = lib.blkioq_flush, lib.blkioq_do_io
+            self._set_fd_enabled = lib.blkioq_set_completion_fd_enabled
+        return self.compiled_calls
 
     # ---- queueing requests (nothing reaches the device before do_io/wait_io) ----
 
     def read(self, start: int, addr: int, length: int, tag: int, flags: int = 0) -> None:
-        self._read(self._q, start, addr, length, tag, flags)
+        self._read(self._qarg, start, addr, length, tag, flags)
 
     def write(self, start: int, addr: int, length: int, tag: int, flags: int = 0) -> None:
-        self._write(self._q, start, addr, length, tag, flags)
+        self._write(self._qarg, start, addr, length, tag, flags)
 
     def readv(self, start: int, iovec_addr: int, iovcnt: int, tag: int, flags: int = 0) -> None:
         """iovec_addr: address of iovcnt struct iovec, e.g. IovecArray.address(i); kept until completion."""
-        self._readv(self._q, start, iovec_addr, iovcnt, tag, flags)
+        self._readv(self._qarg, start, iovec_addr, iovcnt, tag, flags)
 
     def writev(self, start: int, iovec_addr: int, iovcnt: int, tag: int, flags: int = 0) -> None:
-        self._writev(self._q, start, iovec_addr, iovcnt, tag, flags)
+        self._writev(self._qarg, start, iovec_addr, iovcnt, tag, flags)
 
     def write_zeroes(self, start: int, length: int, tag: int, flags: int = 0) -> None:
-        self._write_zeroes(self._q, start, length, tag, flags)
+        self._write_zeroes(self._qarg, start, length, tag, flags)
 
     def discard(self, start: int, length: int, tag: int, flags: int = 0) -> None:
-        self._discard(self._q, start, length, tag, flags)
+        self._discard(self._qarg, start, length, tag, flags)
 
     def flush(self, tag: int, flags: int = 0) -> None:
-        self._flush(self._q, tag, flags)
+        self._flush(self._qarg, tag, flags)
 
     # ---- submitting and reaping ----
 
@@ -126,13 +166,13 @@ class Queue:
         elif max_completions > self.max_completions:
             raise ValueError(f"max_completions {max_completions} > preallocated {self.max_completions}")
         if timeout is None or min_completions == 0:
-            ts = ffi.NULL
+            ts = self._null
         else:
-            ts = self._timeout
+            ts = self._timeout_arg
             frac, whole = math.modf(max(timeout, 0.0))
-            ts.tv_sec = int(whole)
-            ts.tv_nsec = int(frac * 1e9)
-        n = self._do_io(self._q, self._completions, min_completions, max_completions, ts)
+            self._timeout.tv_sec = int(whole)
+            self._timeout.tv_nsec = int(frac * 1e9)
+        n = self._do_io(self._qarg, self._completions_arg, min_completions, max_completions, ts)
         if n <= 0:
             if n == 0:
                 return []
@@ -141,7 +181,7 @@ class Queue:
 
     def submit(self) -> None:
         """Submit queued requests without reaping (do_io with max 0)."""
-        n = self._do_io(self._q, ffi.NULL, 0, 0, ffi.NULL)
+        n = self._do_io(self._qarg, self._null, 0, 0, self._null)
         if n < 0:
             raise BlkioError(-n, last_error_message(), f"blkioq_do_io(queue {self.index})")
 
@@ -172,7 +212,7 @@ class Queue:
     def set_completion_fd_enabled(self, enabled: bool) -> None:
         if self._q is None:
             _closed()
-        lib.blkioq_set_completion_fd_enabled(self._q, enabled)
+        self._set_fd_enabled(self._qarg, enabled)
 
     async def wait_io(self, max_completions: int | None = None,
                       timeout: float | None = None) -> list[tuple[int, int]]:
@@ -211,7 +251,7 @@ class Queue:
         if fd < 0:
             raise BlkioError(errno.EINVAL, "poll queues have no completion fd", "wait_io")
         deadline = math.inf if timeout is None else trio.current_time() + timeout
-        lib.blkioq_set_completion_fd_enabled(self._q, True)
+        self._set_fd_enabled(self._qarg, True)
         try:
             while True:
                 batch = self.do_io(0, max_completions)
@@ -233,7 +273,7 @@ class Queue:
                     raise BlkioError(errno.ETIME, f"no completion within {timeout} s", f"wait_io(queue {self.index})")
         finally:
             if self._q is not None:
-                lib.blkioq_set_completion_fd_enabled(self._q, False)
+                self._set_fd_enabled(self._qarg, False)
 
     # ---- lifecycle ----
 
@@ -255,7 +295,7 @@ class Queue:
         self._q = None
         self._completion_fd = None
         self._read = self._write = self._readv = self._writev = _closed
-        self._write_zeroes = self._discard = self._flush = self._do_io = _closed
+        self._write_zeroes = self._discard = self._flush = self._do_io = self._set_fd_enabled = _closed
 
     def __repr__(self) -> str:
         return f"<Queue {self.index}{' poll' if self.poll else ''}{' closed' if self._q is None else ''}>"

@@ -1,0 +1,56 @@
+/* See blkio_calls.h: direct calls of libblkio's request-queueing functions and blkioq_do_io. */
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <blkio.h>
+
+#include "blkio_calls.h"
+
+#define QUEUE(q) ((struct blkioq *)(q))
+#define PTR(p) ((void *)(p))
+
+void xb_read(uintptr_t q, uint64_t start, uintptr_t buf, size_t len, uintptr_t tag, uint32_t flags)
+{
+    blkioq_read(QUEUE(q), start, PTR(buf), len, PTR(tag), flags);
+}
+
+void xb_write(uintptr_t q, uint64_t start, uintptr_t buf, size_t len, uintptr_t tag, uint32_t flags)
+{
+    blkioq_write(QUEUE(q), start, (const void *)buf, len, PTR(tag), flags);
+}
+
+void xb_readv(uintptr_t q, uint64_t start, uintptr_t iovec, int iovcnt, uintptr_t tag, uint32_t flags)
+{
+    blkioq_readv(QUEUE(q), start, (struct iovec *)iovec, iovcnt, PTR(tag), flags);
+}
+
+void xb_writev(uintptr_t q, uint64_t start, uintptr_t iovec, int iovcnt, uintptr_t tag, uint32_t flags)
+{
+    blkioq_writev(QUEUE(q), start, (struct iovec *)iovec, iovcnt, PTR(tag), flags);
+}
+
+void xb_write_zeroes(uintptr_t q, uint64_t start, uint64_t len, uintptr_t tag, uint32_t flags)
+{
+    blkioq_write_zeroes(QUEUE(q), start, len, PTR(tag), flags);
+}
+
+void xb_discard(uintptr_t q, uint64_t start, uint64_t len, uintptr_t tag, uint32_t flags)
+{
+    blkioq_discard(QUEUE(q), start, len, PTR(tag), flags);
+}
+
+void xb_flush(uintptr_t q, uintptr_t tag, uint32_t flags)
+{
+    blkioq_flush(QUEUE(q), PTR(tag), flags);
+}
+
+void xb_set_completion_fd_enabled(uintptr_t q, bool enable)
+{
+    blkioq_set_completion_fd_enabled(QUEUE(q), enable);
+}
+
+int xb_do_io(uintptr_t q, uintptr_t completions, int min_completions, int max_completions, uintptr_t timeout)
+{
+    return blkioq_do_io(QUEUE(q), (struct blkio_completion *)completions, min_completions, max_completions,
+                        (struct timespec *)timeout);
+}
