@@ -188,7 +188,8 @@ def requests_per_io(w: Workload, max_indirect_segments: int) -> int:
 
 
 def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *, sampler=None,
-               hooks: bool = True, fill: bool = False, journal_dir=None, ring_workers: str = "inline") -> dict:
+               hooks: bool = True, fill: bool = False, journal_dir=None, ring_workers: str = "inline",
+               probe=None) -> dict:
     """xenblk-vhost serving the workload; figures from both ends.
 
     sampler: a profile.Sampler to run through the measured run (the sim
@@ -198,6 +199,9 @@ def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *
     ring_workers: "process": each ring in a worker process of its own (process_vbd.py); the
     backend's CPU is then this process's plus the workers' (/proc), and neither the sampler nor
     the wake-up counters (they hook this process's objects) apply.
+    probe: called with the ring workers' pids ([] inline) once the workload is done, before the
+    disconnect, while every ring's memory is still held (scripts/bench_memory.py); its result is
+    returned as "probe".
     """
     from benchkit.targets import process_cpu_seconds
     from xenblk_vhost.backend.contract import ConnectionSpec, RingSpec
@@ -248,6 +252,8 @@ def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *
                 got["cpu"] = backend_cpu() - cpu0
                 got["storage_cpu"] = None if storage0 is None else target.cpu_seconds() - storage0
                 got["served"] = _served(vbd)
+                if probe is not None:
+                    got["probe"] = probe(pids)
                 await vbd.disconnect()
                 if in_workers:  # their counters arrive every 0.25 s, and last when they stop
                     got["served"] = _served(vbd)
@@ -283,7 +289,7 @@ def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *
         "storage_cpu_us_per_io": None if got["storage_cpu"] is None else 1e6 * got["storage_cpu"] / ios,
         "loadgen_cpu_us_per_io": 1e6 * g["cpu_s"] / max(g["total"], 1),
         "oo_req": stats["oo_req"], "requests_served": got["served"], "ios_served": ios,
-        "ios_completed": g["total"],
+        "ios_completed": g["total"], "probe": got.get("probe"),
     }
 
 
