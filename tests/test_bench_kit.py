@@ -144,6 +144,29 @@ def test_bridge_with_rings_in_worker_processes(hv_socket, file_target):
     assert any(data[off] for off in range(0, len(data), w.bs)), "nothing written by the workers"
 
 
+@pytest.mark.parametrize("workers", ["inline", "process"])
+def test_bridge_probe_sees_the_rings_still_held(hv_socket, file_target, workers):
+    """bench_memory.py's probe: called once the workload is done and before the disconnect, with the
+    live ring workers' pids (none inline), while each ring's journal file is still there."""
+    import os
+
+    w = wl.Workload("write", "rand", 4 * KIB, 8, 0, 2)
+    jdir = Path(file_target.path).parent / "journals"
+    seen = []
+
+    def probe(pids):
+        seen.append(([os.path.exists(f"/proc/{p}") for p in pids], sorted(f.name for f in jdir.iterdir())))
+        return "probed"
+
+    r = run_bridge(hv_socket, file_target, w, "copy", SHORT, hooks=False, journal_dir=jdir, ring_workers=workers,
+                   probe=probe)
+    assert r["probe"] == "probed" and len(seen) == 1
+    alive, journals = seen[0]
+    assert alive == ([True, True] if workers == "process" else [])
+    assert len(journals) == 2  # one per ring, removed at the disconnect
+    assert list(jdir.iterdir()) == []
+
+
 # ---------------------------------------------------------------- raw libblkio
 
 def test_raw_baseline_writes_and_counts(file_target):
