@@ -115,9 +115,12 @@ R_READ_ONLY_FLUSH = "flush with data on a read-only device"
 
 IDLE_PURGE_INTERVAL = 1.0  # seconds between persistent-grant purges while idle
 # A batch whose requests all completed inline (page-cached io_uring) leaves nobody waiting for this
-# ring: the intake then pays a full trio schedule point (the run loop's epoll_wait and a task
-# switch: 5-10 us, most of a QD1 request's cost) only every YIELD_EVERY such batches, so the other
-# rings and tasks still run. With requests outstanding the reaper must run, so it yields at once.
+# ring: when the next request is already on the ring (at QD1 the guest, woken by our notify, often
+# posts it before the notify returns) the intake takes it at once and pays a full trio schedule
+# point (the run loop's epoll_wait and a task switch: 5-10 us, most of a QD1 request's cost) only
+# every YIELD_EVERY such batches, so the other rings and tasks still run. With requests outstanding
+# the reaper must run, so it yields at once; with the ring empty it yields too: the checkpoint gives
+# the guest time to post, and costs less than sleeping on the channel and being woken.
 YIELD_EVERY = 4
 
 _READ: tuple[int, ...] = (STEP_READ,)
@@ -347,7 +350,7 @@ class RingWorker:
                     await self._dispatch(batch, pos=pos, raw=raw)
                 self._push()
                 unyielded += 1
-                if self._io_outstanding or unyielded >= YIELD_EVERY:
+                if self._io_outstanding or unyielded >= YIELD_EVERY or ring.req_prod == ring.req_cons:
                     unyielded = 0
                     await trio.lowlevel.checkpoint()  # let the reaper and other rings run
                 else:
