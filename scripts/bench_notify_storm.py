@@ -14,6 +14,9 @@ Vbd in this process:
 
 For each mode (backoff "off": no pause ever, the behaviour before
 notify_backoff.py; "on": as shipped) it prints:
+  idle_pct     this process's CPU over --seconds right after B's QD1 reads,
+               both guests connected and silent, in % of a core: what an idle
+               backend burns (~0: nothing may poll or spin while idle)
   cpu_pct      this process's CPU (backend, both rings; the storm's process
                excluded) over --seconds of storm with B idle, in % of a core
   wakeups_s    ring A's spurious wake-ups per second over that window
@@ -97,6 +100,11 @@ async def one_mode(platform, guests, disks, args) -> dict:
                 await n.start(vbd.serve, front.spec(), platform)
             await qd1(fronts[1], pages[1], 200)  # warm-up
             quiet = await qd1(fronts[1], pages[1], args.requests)
+            # Both guests connected, nothing asked: what the backend burns doing nothing (any
+            # polling after a burst must stop and sleep, never spin while idle).
+            c0, w0 = time.process_time(), time.perf_counter()
+            await trio.sleep(args.seconds)
+            idle = 100 * (time.process_time() - c0) / (time.perf_counter() - w0)
             kick_fd = fronts[0].rings[0].port.kick_fileno()
             storm = subprocess.Popen([sys.executable, "-c", STORM, str(kick_fd)], pass_fds=[kick_fd])
             try:
@@ -112,7 +120,7 @@ async def one_mode(platform, guests, disks, args) -> dict:
                 storm.kill()
                 storm.wait()
             result = {
-                "cpu_pct": 100 * cpu / wall, "wakeups_s": (s1 - s0) / wall,
+                "idle_pct": idle, "cpu_pct": 100 * cpu / wall, "wakeups_s": (s1 - s0) / wall,
                 "b_quiet": (pct(quiet, 0.5), pct(quiet, 0.99)),
                 "b_storm": (pct(stormy, 0.5), pct(stormy, 0.99)),
                 "a_own": (pct(own, 0.5), pct(own, 0.99)),
@@ -156,10 +164,10 @@ def main() -> None:
                 for g in guests:
                     g.close()
                 platform.close()
-    print(f"{'backoff':8} {'cpu_pct':>8} {'wakeups_s':>10} {'B p50/p99 quiet us':>19} "
+    print(f"{'backoff':8} {'idle_pct':>8} {'cpu_pct':>8} {'wakeups_s':>10} {'B p50/p99 quiet us':>19} "
           f"{'B p50/p99 storm us':>19} {'B mean storm/quiet':>19} {'A own p50/p99 us':>17}")
     for mode, r in rows:
-        print(f"{mode:8} {r['cpu_pct']:8.1f} {r['wakeups_s']:10.0f} "
+        print(f"{mode:8} {r['idle_pct']:8.1f} {r['cpu_pct']:8.1f} {r['wakeups_s']:10.0f} "
               f"{r['b_quiet'][0]:9.0f}/{r['b_quiet'][1]:<9.0f} {r['b_storm'][0]:9.0f}/{r['b_storm'][1]:<9.0f} "
               f"{r['b_mean_ratio']:19.2f} {r['a_own'][0]:8.0f}/{r['a_own'][1]:<8.0f}")
     print(f"loadavg {loadavg()} at end")

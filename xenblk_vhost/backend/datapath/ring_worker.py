@@ -11,7 +11,8 @@ no await inside a step that touches the ring):
           ring's memory region; map: one map call per batch) -> queue every
           storage request -> ONE do_io, which also reaps what completed
           inline (page-cached io_uring completes reads during submission) ->
-          push responses, notify at most once -> checkpoint -> again, and
+          push responses, notify at most once -> checkpoint (not always:
+          YIELD_EVERY) -> again, and
           RING_FINAL_CHECK_FOR_REQUESTS before sleeping. A wake-up that
           found nothing pauses the next wait, longer each time in a row
           (notify_backoff.py: blkback's lateeoi after XSA-332).
