@@ -37,9 +37,9 @@ from benchkit.targets import open_targets  # noqa: E402
 from benchkit.workloads import FULL, select  # noqa: E402
 
 from xenblk_vhost.backend.datapath.journal import JournalGeometry, RingJournal, format_area  # noqa: E402
+from xenblk_vhost.backend.datapath.journal_compiled import CompiledRingJournal  # noqa: E402
 from xenblk_vhost.backend.datapath.journal_file import JournalFile  # noqa: E402
 from xenblk_vhost.blkif.abi import Abi, layout  # noqa: E402
-from xenblk_vhost.native.journal import CompiledRingJournal  # noqa: E402
 
 DEFAULT_WORKLOADS = "4k-randread-qd1-o0-r1,4k-randwrite-qd1-o0-r1,-qd32-o0-r1,-qd128-o4-r1"
 

@@ -1,4 +1,4 @@
-"""The compiled batch record (native/journal_kernel.c via native/journal.py) writes the reference's bytes.
+"""The compiled batch record (native/journal_kernel.c, via datapath/journal_compiled.py) writes the same bytes.
 
 RingJournal (backend/datapath/journal.py, pure Python) is the reference. Random call sequences go
 through both, each over its own area: batches of random sizes at random ring positions (across the
@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from xenblk_vhost.backend.datapath import journal_compiled as native_journal
 from xenblk_vhost.backend.datapath.journal import (
     INDIRECT_COPY_FAILED,
     JournalFull,
@@ -28,9 +29,8 @@ from xenblk_vhost.backend.datapath.journal import (
     format_area,
     read_image,
 )
-from xenblk_vhost.native import journal as native_journal
+from xenblk_vhost.backend.datapath.journal_compiled import CompiledRingJournal, make_ring_journal
 from xenblk_vhost.native.intake import _lib
-from xenblk_vhost.native.journal import CompiledRingJournal, make_ring_journal
 
 ENTRY = 112
 

@@ -12,9 +12,10 @@ What is here (each with a pure-Python reference that tests compare it to):
                                  ring slots (blkif/intake.py RequestIntake is the
                                  reference); XENBLK_ENGINE=python|compiled picks it
     pack_segments.c              the copy path's packing of segments (xen/gntdev.py)
-    journal_kernel.c, journal.py the ring journal's writer: record_taken, record_answers,
+    journal_kernel.c             the ring journal's writer: record_taken, record_answers,
                                  published (backend/datapath/journal.py RingJournal is
-                                 the reference); the same engine switch as the intake
+                                 the reference; backend/datapath/journal_compiled.py
+                                 calls it); the same engine switch as the intake
     blkio_calls.c                libblkio's request-queueing calls and do_io, direct
                                  (storage/queue.py; a module of its own, _xenblk_blkio,
                                  loaded by load_blkio(); cffi's ABI mode is the reference)

@@ -21,7 +21,7 @@ process (a file on tmpfs, journal_file.py):
   published(rsp_prod)                          AFTER rsp_prod is published: the records whose
         answers are all before rsp_prod are dead and their room is reused.
 
-A compiled ring engine calls the same (refs are plain ints). native/journal.py writes the same
+A compiled ring engine calls the same (refs are plain ints). journal_compiled.py writes the same
 bytes from C (journal_kernel.c): this class is its reference.
 
 Crash consistency. The area is shared memory (tmpfs page cache): a SIGKILL

@@ -26,8 +26,8 @@ from ...blkif.constants import RSP_ERROR
 from ...blkif.intake import RequestIntake
 from ...blkif.request import Decoded, IndirectRequest, Rejection
 from ...blkif.ring import BackRing
-from ...native.journal import make_ring_journal
 from .journal import JournalCorrupt, JournalGeometry, RingJournal, format_area, read_image
+from .journal_compiled import make_ring_journal
 from .journal_file import JournalFile
 from .takeover import Entry, JournalMismatch, plan_takeover
 from .writer_fence import own_identity

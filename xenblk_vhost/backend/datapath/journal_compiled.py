@@ -1,4 +1,6 @@
-"""The ring journal with its batch record compiled (journal_kernel.c).
+"""The ring journal with its batch record compiled (native/journal_kernel.c).
+
+Here, not in native/: it builds on the datapath's RingJournal, and native/ sits below the datapath.
 
     journal = make_ring_journal(buf, geometry)   # CompiledRingJournal when the engine is "compiled"
                                                  # and the kernels load, else RingJournal (the reference)
@@ -19,7 +21,8 @@ from __future__ import annotations
 import struct
 import zlib
 
-from ..backend.datapath.journal import (
+from ...native.intake import _lib
+from .journal import (
     _HAS_INDIRECT,
     _TAG_MOD,
     _TAG_SHIFT,
@@ -28,7 +31,6 @@ from ..backend.datapath.journal import (
     JournalGeometry,
     RingJournal,
 )
-from .intake import _lib
 
 _crc32 = zlib.crc32
 
