@@ -120,14 +120,15 @@ static inline uint64_t next_unit(const struct lg_workload *w, uint64_t *cursor, 
 /* Warm-up, then `seconds` measured: what completed between the first clock
  * reading past the warm-up and the first past the end, over that time. */
 struct window {
-    uint64_t from, to, done_at_from;
+    uint64_t from, to, length, done_at_from;
     int measuring, stopping;
 };
 
 static void window_start(struct window *win, const struct lg_workload *w, uint64_t t)
 {
+    win->length = (uint64_t)(w->seconds * 1e9);
     win->from = t + (uint64_t)(w->warmup_s * 1e9);
-    win->to = win->from + (uint64_t)(w->seconds * 1e9);
+    win->to = win->from + win->length;
     win->done_at_from = 0;
     win->measuring = win->stopping = 0;
 }
@@ -139,6 +140,10 @@ static inline void window_update(struct window *win, uint64_t t, uint64_t done, 
         win->measuring = 1;
         win->done_at_from = done;
         win->from = t;
+        /* The window is `seconds` long from its first reading, even when the process was descheduled
+         * past its planned end (a loaded machine): else it would close at once, empty, and a rate
+         * computed over it would divide by zero. */
+        win->to = t + win->length;
     }
     if (!win->stopping && t >= win->to) {
         win->stopping = 1;
