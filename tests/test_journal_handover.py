@@ -82,3 +82,72 @@ async def test_a_request_the_storage_holds_past_the_drain_goes_to_the_next_proce
         old.close()
         if new is not None:
             new.close()
+
+
+@pytest.mark.parametrize("data_path", ["copy", "map"])
+async def test_the_next_process_prepares_while_the_old_one_serves_then_takes_the_journal_over(
+        tmp_path, platform, guest, data_path):
+    """An upgrade's successor maps the ring and makes its data path (Vbd.prepare) while the old process
+    still serves it: the old one goes on answering meanwhile, and after its release the prepared
+    successor takes over from the journal exactly as a fresh one would (the held request run once);
+    every mapping of both goes in the end (the guest can end its grants)."""
+    path = make_disk_file(tmp_path / "disk.img")
+    journals = tmp_path / "journals"
+    journals.mkdir()
+    old = make_vbd(path, data_path=data_path, queues=1, drain_timeout=0.2, journal_dir=journals)
+    [q] = gate_queues(old, [])
+    front = TestFrontend(guest)
+    held = front.data_page(readonly=True, fill=b"H" * PAGE_SIZE)
+    quick = front.data_page(readonly=True, fill=b"q" * PAGE_SIZE)
+    new = make_vbd(path, data_path=data_path, queues=1, journal_dir=journals)
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as n:
+                await n.start(old.serve, front.spec(), platform)
+                q.hold("write", 8 * 512)
+                front.rw(0, OP_WRITE, 1, 8, [(held.gref, 0, 7)])  # held by the storage
+                front.push()
+                assert await front.no_response(0)
+                new.prepare(front.spec(), platform)  # the ring mapped twice now
+                front.rw(0, OP_WRITE, 2, 16, [(quick.gref, 0, 7)])
+                front.push()
+                assert [tuple(r) for r in await front.responses(0, 1)] == [(2, OP_WRITE, RSP_OKAY)]
+                scope.cancel()  # the old one stops for the hand-over: id 1 left to the journal
+        old.close()
+        assert await front.no_response(0)
+        async with trio.open_nursery() as n:
+            await n.start(new.serve, front.spec(), platform)
+            assert [tuple(r) for r in await front.responses(0, 1)] == [(1, OP_WRITE, RSP_OKAY)]
+            assert await front.no_response(0)  # once
+            await new.disconnect()
+        assert read_back(path, 8 * 512, PAGE_SIZE) == b"H" * PAGE_SIZE
+        assert front.end_access(held) and front.end_access(quick)
+    finally:
+        front.close()
+        old.close()
+        new.close()
+
+
+async def test_a_prepared_connection_that_is_not_the_one_served_is_released(tmp_path, platform, guest):
+    """prepare() for one spec, serve() with another (the frontend reconnected meanwhile): the prepared
+    mapping is let go and the ring set up afresh; unprepare() and close() let go of one never served."""
+    path = make_disk_file(tmp_path / "disk.img")
+    vbd = make_vbd(path, queues=1)
+    first, second = TestFrontend(guest), TestFrontend(guest)
+    try:
+        vbd.prepare(first.spec(), platform)
+        assert not first.rings[0].revoke_and_regrant(guest), "the prepared ring is not mapped"
+        async with trio.open_nursery() as n:
+            await n.start(vbd.serve, second.spec(), platform)
+            assert first.rings[0].revoke_and_regrant(guest), "the prepared mapping of another connection was kept"
+            await vbd.disconnect()
+        vbd.prepare(second.spec(), platform)
+        vbd.unprepare()
+        assert second.rings[0].revoke_and_regrant(guest), "unprepare() kept the mapping"
+        vbd.prepare(second.spec(), platform)
+        vbd.close()
+        assert second.rings[0].revoke_and_regrant(guest), "close() kept the prepared mapping"
+    finally:
+        first.close()
+        second.close()
+        vbd.close()

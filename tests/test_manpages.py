@@ -155,7 +155,8 @@ def test_yaml_page_defaults_are_configs():
         else:
             assert stated == _yaml_value(defaults[name]), key
         checked += 1
-    with_default = set(config.DISK_KEYS + config.LIMIT_KEYS) - {"vdev", "driver", "path", "limits", "properties"}
+    with_default = set(config.DISK_KEYS + config.LIMIT_KEYS) - {"vdev", "driver", "path", "handover_path", "limits",
+                                                                "properties"}
     assert checked == len(with_default) == 11
 
 

@@ -74,6 +74,10 @@ class DiskConfig:
     driver: str
     path: str
     direct: bool = False
+    # virtio-blk-vhost-user only: a second export of the same node. A storage daemon serves one
+    # client per export, so a new daemon taking over (upgrade) connects to whichever of path and
+    # handover_path the running one does not use, while it still serves (daemon/handover.py).
+    handover_path: str | None = None
     readonly: bool = False
     queues: int = DEFAULT_QUEUES
     ring_page_order: int = DEFAULT_RING_PAGE_ORDER
@@ -312,7 +316,7 @@ def _closest(key: str, allowed: set[str]) -> str | None:
 # compares the page with these and with the defaults and bounds above and below).
 ROOT_KEYS = ("domain", "disks")
 DOMAIN_KEYS = ("name", "domid")
-DISK_KEYS = ("vdev", "driver", "path", "direct", "readonly", "queues", "ring_page_order",
+DISK_KEYS = ("vdev", "driver", "path", "handover_path", "direct", "readonly", "queues", "ring_page_order",
              "max_indirect_segments", "data_path", "persistent_grants", "ring_workers", "discard", "limits",
              "properties")
 LIMIT_KEYS = ("max_inflight", "memory")
@@ -369,6 +373,21 @@ def _disk(check: _Checker, item: Any, line: int, index: int, base: Path,
             path = str(base / path)
         if check_storage:
             _check_target(check, driver, path, disk.key_lines["path"], f"{where}path")
+    handover_path = check.typed(disk, "handover_path", str, None, where)
+    if handover_path is not None:
+        if driver is not None and driver != "virtio-blk-vhost-user":
+            check.problem(disk.key_lines["handover_path"], f"{where}handover_path",
+                          "only for virtio-blk-vhost-user (a second export of the same node); "
+                          "other storage is opened twice as it is")
+        else:
+            if not os.path.isabs(handover_path):
+                handover_path = str(base / handover_path)
+            if handover_path == path:
+                check.problem(disk.key_lines["handover_path"], f"{where}handover_path",
+                              "must be another socket than path (a second export of the same node)")
+            elif check_storage and driver is not None:
+                _check_target(check, driver, handover_path, disk.key_lines["handover_path"],
+                              f"{where}handover_path")
     direct = check.typed(disk, "direct", bool, False, where)
     readonly = check.typed(disk, "readonly", bool, False, where)
     queues = check.typed(disk, "queues", int, DEFAULT_QUEUES, where, 1, MAX_QUEUES)
@@ -418,7 +437,8 @@ def _disk(check: _Checker, item: Any, line: int, index: int, base: Path,
             property_lines = tuple((key, props.key_lines[key]) for key in props)
     if len(check.problems) > before:
         return None
-    return DiskConfig(vdev=vdev, driver=driver, path=path, direct=direct, readonly=readonly,
+    return DiskConfig(vdev=vdev, driver=driver, path=path, handover_path=handover_path, direct=direct,
+                      readonly=readonly,
                       queues=queues, ring_page_order=order, max_indirect_segments=indirect,
                       data_path=data_path, persistent_grants=persistent, ring_workers=ring_workers,
                       discard=discard,

@@ -12,6 +12,13 @@ create, start, stop, destroy. Ours, for one vbd:
                                                      releases the connection (serve() returns)
     destroy  dp.close()                              frees the storage
 
+and, for a takeover while the previous process still serves (an upgrade):
+
+    prepare  dp.prepare(spec, platform)              maps the rings' pages, makes the data paths;
+                                                     start with the same spec then only binds the
+                                                     channels and reads the journals
+    unprepare dp.unprepare()                         lets go of what prepare made (no takeover)
+
 and the operator's quiesce, the snapshot hook (tap-ctl pause/unpause):
 
     pause    await dp.pause()                        takes no new request from any ring, returns once
@@ -86,6 +93,14 @@ class VbdDataplane(Protocol):
     async def serve(self, spec: ConnectionSpec, platform: Platform, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """start: serve the frontend's rings until disconnect() or cancellation."""
+        ...
+
+    def prepare(self, spec: ConnectionSpec, platform: Platform) -> None:
+        """Before a takeover: map the rings and make the data paths; VbdConnectError if it cannot."""
+        ...
+
+    def unprepare(self) -> None:
+        """Let go of what prepare() made (close() does too)."""
         ...
 
     async def disconnect(self) -> None:

@@ -49,6 +49,12 @@ import trio
 log = logging.getLogger(__name__)
 
 HANDOVER_FD_ENV = "XENBLK_VHOST_HANDOVER_FD"
+# The storage the running daemon holds (a JSON list of paths): a vhost-user export serves one client,
+# so the new daemon opens a disk's other export (handover_path) before the release, not this one.
+STORAGE_IN_USE_ENV = "XENBLK_VHOST_STORAGE_IN_USE"
+# How long the new daemon prepares its takeovers (storage opened, rings mapped) before it says it is
+# ready anyway (what is not prepared by then is done after the release).
+PREPARE_TIMEOUT = 60.0
 # The new daemon's whole start-up (30-110 s measured on the TCG rig; a storage check may add to it).
 READY_TIMEOUT = 300.0
 # How long the new daemon waits for the old one to release everything (its drain is bounded
@@ -107,11 +113,13 @@ class Successor:
         self._stream = stream
 
     @classmethod
-    async def start(cls, argv: Sequence[str], *, timeout: float = READY_TIMEOUT) -> Successor:
+    async def start(cls, argv: Sequence[str], *, timeout: float = READY_TIMEOUT,
+                    storage_in_use: Sequence[str] = ()) -> Successor:
         """Exec the new daemon and wait until it is ready to take over (HandoverRefused if not)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ)
         env[HANDOVER_FD_ENV] = str(theirs.fileno())
+        env[STORAGE_IN_USE_ENV] = json.dumps(list(storage_in_use))
         # systemd's WATCHDOG_PID names us: without it the new daemon pings once it is the main PID.
         env.pop("WATCHDOG_PID", None)
         try:
@@ -156,23 +164,33 @@ class Successor:
 class Predecessor:
     """The running daemon, as the new one (started with $XENBLK_VHOST_HANDOVER_FD) sees it."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, storage_in_use: frozenset[str] = frozenset()) -> None:
         self._sock = sock
         self._stream: trio.SocketStream | None = None
         self._lines: _Lines | None = None
+        self.storage_in_use = storage_in_use  # what the running daemon holds (STORAGE_IN_USE_ENV)
 
     @classmethod
     def from_environment(cls) -> Predecessor | None:
         text = os.environ.pop(HANDOVER_FD_ENV, None)
+        in_use_text = os.environ.pop(STORAGE_IN_USE_ENV, None)
         if not text:
             return None
+        in_use: frozenset[str] = frozenset()
+        try:
+            parsed = json.loads(in_use_text or "[]")
+            if isinstance(parsed, list):
+                in_use = frozenset(p for p in parsed if isinstance(p, str))
+        except ValueError:
+            log.warning("%s=%r is not a JSON list: opening the storage after the release", STORAGE_IN_USE_ENV,
+                        in_use_text)
         try:
             sock = socket.socket(fileno=int(text))
         except (ValueError, OSError) as e:
             log.error("%s=%r is no hand-over socket (%s): starting as a plain daemon", HANDOVER_FD_ENV, text, e)
             return None
         sock.set_inheritable(False)
-        return cls(sock)
+        return cls(sock, in_use)
 
     def _send(self, message: dict) -> None:
         try:
@@ -216,7 +234,8 @@ class Predecessor:
         return False
 
 
-__all__ = ["HANDOVER_FD_ENV", "HandoverRefused", "Predecessor", "Successor", "successor_argv"]
+__all__ = ["HANDOVER_FD_ENV", "PREPARE_TIMEOUT", "STORAGE_IN_USE_ENV", "HandoverRefused", "Predecessor", "Successor",
+           "successor_argv"]
 
 
 class Upgrader:
@@ -241,8 +260,11 @@ class Upgrader:
         # Set when the service was stopped but the new daemon vanished before it took over: the
         # guests wait; this daemon exits 1 so that systemd starts one that takes them over.
         self.lost = trio.Event()
+        self._service = None
+        self._successor: Successor | None = None
 
     async def run_service(self, service, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self._service = service
         try:
             with self._service_scope:
                 await service.run(task_status=task_status)
@@ -253,7 +275,8 @@ class Upgrader:
         if self._lock.locked() or self.handed_over.is_set() or self.lost.is_set():
             raise HandoverRefused("an upgrade is already under way")
         async with self._lock:
-            successor = await Successor.start(self._argv)
+            in_use: list[str] = self._service.storage_in_use() if self._service is not None else []
+            successor = await Successor.start(self._argv, storage_in_use=in_use)
             log.info("upgrade: the new daemon (pid %d) is ready (%s); draining every disk for it",
                      successor.pid, successor.startup)
             started, wall = trio.current_time(), time.time()
@@ -271,6 +294,9 @@ class Upgrader:
             # systemd follows the new process from now on (it is in our cgroup: we started it).
             self._notifier.notify(f"MAINPID={successor.pid}")
             self.successor_pid = successor.pid
+            # Kept until this process exits: the socket's EOF is what tells the new daemon we are gone
+            # (it binds the control socket then); collected with this frame it would close at once.
+            self._successor = successor
             log.info("upgrade: handed over to pid %d after a drain of %.3f s", successor.pid, drain)
             return ({"predecessor": os.getpid(), "successor": successor.pid, "drain_s": round(drain, 4),
                      "handed_over_at": wall, "successor_startup": successor.startup}, self.handed_over.set)

@@ -49,7 +49,7 @@ from ..exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from ..xen.interfaces import XenStoreError
 from ..xen.xenstore import XenStoreConnectionError, open_xenstore
 from . import logs
-from .handover import Predecessor, Upgrader
+from .handover import PREPARE_TIMEOUT, Predecessor, Upgrader
 from .preflight import (
     StartupError,
     check_xenstore_argument,
@@ -146,26 +146,40 @@ async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier, cl
                                        f"{XENSTORE_ANSWER_TIMEOUT:g} s: is it hung?")
                 clock.mark("hypervisor and xenstore")
                 observability = None
+                hold: trio.Event | None = None
                 if predecessor is None:
                     observability = await stack.enter_async_context(open_observability(args))
                     clock.mark("control socket and metrics")
                 else:
                     # Taking over from a running daemon: everything that costs time is done before it
-                    # stops taking requests; the control socket and metrics port are its until it exits.
+                    # stops taking requests (the devices prepare their takeovers: storage opened where
+                    # it can be twice, rings mapped); the control socket and metrics port are its until
+                    # it exits.
                     from ..backend.datapath import vbd  # noqa: F401 - the datapath loaded now, not in the pause
 
                     clock.mark("datapath imports")
-                    released = await predecessor.ready(clock.summary())
-                    clock.mark("the running daemon's drain")
-                    log.info("taking over from the daemon that ran before (its drain: %s s)",
-                             released.get("drain_s", "unknown"))
-                service = Service(xs, platform, configs, **journal_option(args))
+                    hold = trio.Event()
+                service = Service(xs, platform, configs, hold=hold,
+                                  storage_in_use=predecessor.storage_in_use if predecessor is not None else None,
+                                  **journal_option(args))
                 reloader = Reloader(args.config, service, notifier)
                 upgrader = Upgrader(notifier)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(upgrader.run_service, service)
                     clock.mark("devices found and watched")
                     if predecessor is not None:
+                        assert hold is not None
+                        with trio.move_on_after(PREPARE_TIMEOUT) as preparing:
+                            await service.prepared()
+                        if preparing.cancelled_caught:
+                            log.warning("takeovers not prepared within %g s: the rest after the release",
+                                        PREPARE_TIMEOUT)
+                        clock.mark("takeovers prepared")
+                        released = await predecessor.ready(clock.summary())
+                        hold.set()
+                        clock.mark("the running daemon's drain")
+                        log.info("taking over from the daemon that ran before (its drain: %s s)",
+                                 released.get("drain_s", "unknown"))
                         observability = await _observability_after(predecessor, stack, args, open_observability)
                     if observability is not None:
                         observability.serve(nursery, service, reload=reloader.reload, upgrade=upgrader.upgrade)

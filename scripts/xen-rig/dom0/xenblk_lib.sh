@@ -45,16 +45,22 @@ xb_start_daemon() {  # tag config...
 
 # qemu-storage-daemon exporting an image over vhost-user-blk (aio=threads:
 # completions in any order), in the background; waits for its socket. Sets QSD.
+# XB_QSD_SECOND_SOCK: the same node exported on a second socket as well (a disk's
+# handover_path: the daemon taking over connects there while the old one serves).
 xb_start_qsd() {  # image socket queues blockdev-extra
-  local img=$1 sock=$2 queues=$3 extra=${4:-}
+  local img=$1 sock=$2 queues=$3 extra=${4:-} second=()
   mkdir -p "$(dirname "$sock")"; rm -f "$sock"
+  if [ -n "${XB_QSD_SECOND_SOCK:-}" ]; then
+    rm -f "$XB_QSD_SECOND_SOCK"
+    second=(--export "type=vhost-user-blk,id=qsd2,node-name=qsd-file,addr.type=unix,addr.path=$XB_QSD_SECOND_SOCK,writable=on,num-queues=$queues")
+  fi
   qemu-storage-daemon \
     --blockdev "driver=file,node-name=qsd-file,filename=$img,cache.direct=on,aio=threads$extra" \
     --export "type=vhost-user-blk,id=qsd,node-name=qsd-file,addr.type=unix,addr.path=$sock,writable=on,num-queues=$queues" \
-    > "$OUT/qsd.log" 2>&1 &
+    "${second[@]}" > "$OUT/qsd.log" 2>&1 &
   QSD=$!
   local i=0
-  until [ -S "$sock" ]; do
+  until [ -S "$sock" ] && { [ -z "${XB_QSD_SECOND_SOCK:-}" ] || [ -S "$XB_QSD_SECOND_SOCK" ]; }; do
     kill -0 $QSD 2>/dev/null || { cat "$OUT/qsd.log"; fail "qemu-storage-daemon exited"; }
     sleep 0.2; i=$((i + 1)); [ $i -lt 100 ] || fail "no vhost-user socket $sock after 20 s"
   done

@@ -107,6 +107,7 @@ class _RingResources:
         self.remove_journal = False  # the connection ended in order: nothing for a successor
         # the copy path's memory region belongs to a storage instance: a new instance needs a new one
         self.new_datapath: Callable[[StorageDevice], DataPath] | None = None
+        self.slots = 0  # the data path's request slots
 
     def close(self) -> None:
         errors = []
@@ -192,6 +193,7 @@ class Vbd:
         self._resources: list[_RingResources] = []
         self._storage_lost: trio.Event | None = None  # set while serving with reconnect: wakes _keep_storage
         self._server: ServerSocket | None = None  # vhost-user: our duplicate of libblkio's socket, watched
+        self._prepared: tuple[ConnectionSpec, list[_RingResources]] | None = None  # prepare()
 
     @classmethod
     def open(cls, disk: DiskConfig, *, queues: int | None = None, **kwargs) -> Vbd:
@@ -441,25 +443,15 @@ class Vbd:
         log.warning("%s: storage back after %.2f s (%d failed attempts); %d request(s) queued again",
                     self.disk.name, away, self.storage_link.attempts, retried)
 
-    def _make_ring(self, res: _RingResources, rspec: RingSpec, spec: ConnectionSpec, platform: Platform,
-                   limits: RequestLimits) -> RingWorker:
+    def _map_ring(self, res: _RingResources, rspec: RingSpec, spec: ConnectionSpec, platform: Platform) -> None:
+        """The ring's pages mapped and its data path made: what a takeover can do before the previous
+        process lets go (a grant may be mapped by two processes at once; prepare())."""
         f = self.features
         domid = spec.frontend_domid
-        # Phases timed: on a takeover they are the guest's pause (the rig's upgrade measured seconds here).
-        t0 = time.monotonic()
         try:
             res.mapping = platform.gntdev.map_grants(domid, rspec.ring_refs, readonly=False)
         except OSError as e:
             raise VbdConnectError(f"ring {rspec.index}: cannot map ring pages: {e}") from e
-        try:
-            res.ring = BackRing(res.mapping.buffer, spec.abi, rspec.order)
-        except RingOverflow as e:
-            raise VbdConnectError(f"ring {rspec.index}: {e}") from e
-        try:
-            res.channel = platform.evtchn.bind_interdomain(domid, rspec.event_channel)
-        except OSError as e:
-            raise VbdConnectError(f"ring {rspec.index}: cannot bind event channel: {e}") from e
-        t_ring = time.monotonic()
         max_slots = min(self.disk.max_inflight, ring_entries(spec.abi, rspec.order))
         max_request_bytes = max(MAX_SEGMENTS_PER_REQUEST, f.max_indirect_segments) * XEN_PAGE_SIZE
         # The one place that picks how a request's data reaches the guest's pages.
@@ -479,6 +471,30 @@ class Vbd:
                 cache = PersistentGrants(platform.gntdev, domid, max_grants=self.max_persistent_grants,
                                          trim_interval=self.persistent_trim_interval)
             res.datapath = MapDataPath(platform.gntdev, domid, cache)
+        res.slots = slots
+
+    def _make_ring(self, res: _RingResources, rspec: RingSpec, spec: ConnectionSpec, platform: Platform,
+                   limits: RequestLimits) -> RingWorker:
+        f = self.features
+        domid = spec.frontend_domid
+        # Phases timed: on a takeover they are the guest's pause (the rig's upgrade measured seconds here).
+        t0 = time.monotonic()
+        prepared = res.mapping is not None
+        if not prepared:
+            self._map_ring(res, rspec, spec, platform)
+        t_map = time.monotonic()
+        assert res.mapping is not None
+        try:
+            res.ring = BackRing(res.mapping.buffer, spec.abi, rspec.order)
+        except RingOverflow as e:
+            raise VbdConnectError(f"ring {rspec.index}: {e}") from e
+        try:
+            res.channel = platform.evtchn.bind_interdomain(domid, rspec.event_channel)
+        except OSError as e:
+            raise VbdConnectError(f"ring {rspec.index}: cannot bind event channel: {e}") from e
+        t_ring = time.monotonic()
+        assert res.datapath is not None  # made with the mapping
+        slots = res.slots
         policy = RingPolicy(
             name=f"{self.disk.name}/ring{rspec.index}", frontend_domid=domid, abi=spec.abi, limits=limits,
             slots=slots, shape=self._shape_override or StorageShape.of(
@@ -495,8 +511,9 @@ class Vbd:
         if res.journal is not None and res.journal.resumed is not None:
             resumed = res.journal.resumed
             res.worker.resume_from(resumed.republish, resumed.rerun)
-            log.info("%s: set up for the takeover in %.3f s (ring pages and event channel %.3f, data path %.3f, "
-                     "journal %.3f)", policy.name, t_journal - t0, t_ring - t0, t_datapath - t_ring,
+            log.info("%s: set up for the takeover in %.3f s (ring pages and data path %.3f%s, event channel %.3f, "
+                     "policy %.3f, journal %.3f)", policy.name, t_journal - t0, t_map - t0,
+                     " (prepared before the release)" if prepared else "", t_ring - t_map, t_datapath - t_ring,
                      t_journal - t_datapath)
         self._intakes.append(res.worker.intake)
         self._ring_stats.append(res.worker.stats)
@@ -538,6 +555,49 @@ class Vbd:
                         "in-flight requests", policy.name, e)
             return None
 
+    def prepare(self, spec: ConnectionSpec, platform: Platform) -> None:
+        """Before a takeover, while the previous process still serves the rings: map every ring's
+        pages and make its data path (a grant may be mapped by two processes at once; the copy
+        path's memory region is this storage instance's). serve() with the same spec then only
+        binds the event channels, reads the journals and starts the workers: what must wait until
+        the previous process has let go. VbdConnectError (nothing kept) if it cannot."""
+        self.unprepare()
+        if self._serving:
+            raise VbdConnectError("already serving a connection")
+        self._check_spec(spec)
+        self._reopen_storage_if_failed()
+        resources: list[_RingResources] = []
+        try:
+            for rspec in sorted(spec.rings, key=lambda r: r.index):
+                res = _RingResources()
+                resources.append(res)
+                self._map_ring(res, rspec, spec, platform)
+        except BaseException:
+            for res in resources:
+                res.close()
+            raise
+        self._prepared = (spec, resources)
+
+    def unprepare(self) -> None:
+        """Let go of what prepare() made (the takeover did not happen, or with another spec)."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None:
+            for res in prepared[1]:
+                res.close()
+
+    def _take_prepared(self, spec: ConnectionSpec) -> list[_RingResources] | None:
+        """prepare()'s rings if they were made for this spec on the storage in use now."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            return None
+        if prepared[0] == spec and not (self._storage_failed or self.storage.closed):
+            return prepared[1]
+        log.info("%s: the connection prepared before the takeover is not this one; setting up afresh",
+                 self.disk.name)
+        for res in prepared[1]:
+            res.close()
+        return None
+
     async def serve(self, spec: ConnectionSpec, platform: Platform, *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the frontend's rings until disconnect() (or cancellation); see the module doc."""
@@ -552,15 +612,16 @@ class Vbd:
         self._intakes = []
         self._ring_stats = []
         self._connection_ending = False
-        resources: list[_RingResources] = []
+        prepared = self._take_prepared(spec)
+        resources: list[_RingResources] = list(prepared) if prepared is not None else []
         try:
             self._reopen_storage_if_failed()
             limits = self.features.request_limits(self._sectors)
             workers = []
-            for rspec in sorted(spec.rings, key=lambda r: r.index):
-                res = _RingResources()
-                resources.append(res)
-                workers.append(self._make_ring(res, rspec, spec, platform, limits))
+            for i, rspec in enumerate(sorted(spec.rings, key=lambda r: r.index)):
+                if prepared is None:
+                    resources.append(_RingResources())
+                workers.append(self._make_ring(resources[i], rspec, spec, platform, limits))
             self._workers = workers
             self._resources = resources
             await self._fence_last_writers(resources)
@@ -654,6 +715,7 @@ class Vbd:
         """Free the storage. Call after serve() has returned."""
         if self._serving:
             raise RuntimeError("close() while serving: disconnect() first")
+        self.unprepare()
         self.storage.close()
 
 

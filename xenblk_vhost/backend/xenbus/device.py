@@ -65,6 +65,7 @@ from ...config import DiskConfig
 from ...vdev import vdev_name
 from ...xen.interfaces import Platform, XenStore, XenStoreError
 from ...xen.xenbus import XenbusState, parse_state
+from ...xen.xenstore import XenStoreConnectionError
 from ..contract import ConnectionSpec, OpenVbd, VbdConnectError, VbdDataplane
 from .frontend_params import FrontendParamError, Offer, read_connection_spec
 from .guest_warnings import GuestWarnings
@@ -196,7 +197,8 @@ class _Wakeup:
 class Device:
     def __init__(self, xs: XenStore, platform: Platform, device_id: DeviceId, resolve_disk: ResolveDisk, *,
                  warnings: GuestWarnings, open_vbd: OpenVbd = default_open_vbd,
-                 resize_interval: float = RESIZE_POLL_INTERVAL, domain: str | None = None) -> None:
+                 resize_interval: float = RESIZE_POLL_INTERVAL, domain: str | None = None,
+                 hold: trio.Event | None = None, storage_in_use: frozenset[str] | None = None) -> None:
         self.id = device_id
         self.domain = domain  # the domain's name (None: unknown), for the operator
         self._xs = xs
@@ -223,6 +225,15 @@ class Device:
         self._detaching = False  # by the operator: release the storage once Closed
         self._state_changed = trio.Event()
         self.ended = trio.Event()
+        # A takeover from a daemon still serving (upgrade): until `hold` is set, only what writes
+        # nothing and takes nothing from it (prepare_takeover); `prepared` is set once that is done.
+        # storage_in_use: the storage it holds (a vhost-user export takes one client).
+        self._hold = hold
+        self._storage_in_use = storage_in_use
+        self.prepared = trio.Event()
+        self._prepared_spec: ConnectionSpec | None = None
+        self.storage_path: str | None = None  # what the vbd opened (a vhost-user disk: path or handover_path)
+        self._opened_early = False
 
     # ------------------------------------------------------------------ life
 
@@ -244,28 +255,125 @@ class Device:
                     await self._release(forgotten)
                 if scope.cancelled_caught:
                     log.error("%s: releasing took longer than %.0f s; gave up waiting", self.name, RELEASE_TIMEOUT)
+            self.prepared.set()
             self.ended.set()
 
     async def _probe(self) -> None:
         """xen_blkbk_probe + backend_changed: storage open and features out, then InitWait."""
+        if self._hold is not None and not self._hold.is_set():
+            await self._prepare_then_wait(self._hold)
+        self.prepared.set()
         await self._rm_error_report()  # a previous device's report, not ours
         started = trio.current_time()
         try:
-            self.nodes = await self._read_toolstack_nodes()
+            if self.nodes is None:
+                self.nodes = await self._read_toolstack_nodes()
+            else:  # read while preparing; our state may have moved since
+                self.state = parse_state(await self._read(f"{self.be}/state"))
             if self.state == XenbusState.CONNECTED:
                 await self._open_patiently()
             else:
                 await self._open()
         except DeviceFatal as e:
+            self._unprepare()
             await self._fatal(e)
             return
         opened = trio.current_time()
         if self.state == XenbusState.CONNECTED and await self._take_over_live_rings():
             # On an upgrade this is the guest's pause after the old daemon's drain: say where it went.
-            log.info("%s: takeover took %.3f s (storage opened %.3f, rings taken over %.3f)", self.name,
-                     trio.current_time() - started, opened - started, trio.current_time() - opened)
+            log.info("%s: takeover took %.3f s (storage opened %.3f%s, rings taken over %.3f)", self.name,
+                     trio.current_time() - started, opened - started,
+                     " (before the release)" if self._opened_early else "", trio.current_time() - opened)
             return
+        self._unprepare()
         await self._switch_state(XenbusState.INIT_WAIT, extra=self._probe_nodes(), unless_closing=True)
+
+    async def _prepare_then_wait(self, hold: trio.Event) -> None:
+        """_prepare_takeover, then wait for the release. The connection prepared is used only if our
+        state node was not written meanwhile: a frontend that reconnected to the running daemon did so
+        through InitWait and Connected (two writes; the watch's first event is its registration), and
+        its new rings are read again after the release."""
+        writes = 0
+        async with self._xs.watch(f"{self.be}/state") as events:
+            async with trio.open_nursery() as watching:
+                async def count() -> None:
+                    nonlocal writes
+                    async for _ in events:
+                        writes += 1
+
+                watching.start_soon(count)
+                await self._prepare_takeover()
+                self.prepared.set()
+                await hold.wait()
+                watching.cancel_scope.cancel()
+        if writes > 1 and self._prepared_spec is not None:
+            log.info("%s: our state changed while the running daemon served; reading the connection again",
+                     self.name)
+            self._unprepare()
+
+    async def _prepare_takeover(self) -> None:
+        """While the daemon we take over from still serves: everything of a takeover that writes
+        nothing and takes nothing from it: the toolstack's and the frontend's nodes read, the storage
+        opened when that can be done twice (a file; a vhost-user export it does not use), the rings
+        mapped and the data paths made (Vbd.prepare). Never fails: what is not done here is done
+        after the release, as for a crash."""
+        t0 = trio.current_time()
+        try:
+            self.nodes = await self._read_toolstack_nodes()
+            if self.state != XenbusState.CONNECTED:
+                return
+            disk = await self._resolve_disk()
+            if disk is None or not self._may_open_early(disk):
+                return
+            frontend = parse_state(await self._read(f"{self.nodes.frontend}/state", unreadable_is_absent=True))
+            if frontend != XenbusState.CONNECTED:
+                return
+            await self._open()
+            self._opened_early = True
+            opened = trio.current_time()
+            assert self.vbd is not None
+            f = self.vbd.features
+            offer = Offer(max_queues=f.max_queues, max_ring_page_order=f.max_ring_page_order,
+                          persistent=f.persistent)
+            spec = await read_connection_spec(self._xs, self.nodes.frontend, self.id.frontend_domid, offer)
+            self.vbd.prepare(spec, self._platform)
+            self._prepared_spec = spec
+            log.info("%s: takeover prepared while the running daemon serves, in %.3f s (storage %s opened %.3f, "
+                     "rings mapped %.3f)", self.name, trio.current_time() - t0, self.storage_path, opened - t0,
+                     trio.current_time() - opened)
+        except XenStoreConnectionError:
+            raise
+        except (DeviceFatal, FrontendParamError, Exception) as e:
+            # Not the device's failure: the takeover does it after the release, and reports there.
+            log.info("%s: takeover not prepared (%s); done after the release", self.name,
+                     getattr(e, "message", None) or e)
+            self._unprepare()
+
+    def _may_open_early(self, disk: DiskConfig) -> bool:
+        """Whether the storage may be opened while the running daemon holds it: a file or block device
+        (io_uring) can be opened twice; a vhost-user export takes one client, so only an export the
+        running daemon does not use (its handover_path, say); vdpa and vfio devices are exclusive."""
+        if disk.driver in ("io_uring", "nvme-io_uring"):
+            return True
+        if disk.driver == "virtio-blk-vhost-user" and self._storage_in_use is not None:
+            return self._storage_choice(disk).path not in self._storage_in_use
+        return False
+
+    def _storage_choice(self, disk: DiskConfig) -> DiskConfig:
+        """A vhost-user disk with a handover_path: the export the running daemon does not use (path
+        first). Without one we take over from (a crash, a restart), or without a second export: path."""
+        busy = self._storage_in_use
+        if disk.handover_path is None or busy is None or disk.path not in busy:
+            return disk
+        return dataclasses.replace(disk, path=disk.handover_path, handover_path=disk.path)
+
+    def _unprepare(self) -> None:
+        self._prepared_spec = None
+        if self.vbd is not None:
+            try:
+                self.vbd.unprepare()
+            except Exception as e:
+                log.error("%s: releasing the prepared takeover: %s", self.name, e)
 
     async def _take_over_live_rings(self) -> bool:
         """A device left Connected by the process before us, its frontend Connected: serve its rings
@@ -280,11 +388,14 @@ class Device:
             return False
         f = self.vbd.features
         offer = Offer(max_queues=f.max_queues, max_ring_page_order=f.max_ring_page_order, persistent=f.persistent)
-        try:
-            spec = await read_connection_spec(self._xs, self.nodes.frontend, self.id.frontend_domid, offer)
-        except FrontendParamError as e:
-            log.warning("%s: cannot take the live connection over (%s); connecting again", self.name, e.message)
-            return False
+        spec = self._prepared_spec  # read before the release (Vbd.prepare mapped its rings)
+        if spec is None:
+            try:
+                spec = await read_connection_spec(self._xs, self.nodes.frontend, self.id.frontend_domid, offer)
+            except FrontendParamError as e:
+                log.warning("%s: cannot take the live connection over (%s); connecting again", self.name,
+                            e.message)
+                return False
         sectors_raw = await self._read(f"{self.be}/sectors")
         try:
             published = int(sectors_raw.rstrip(b"\0")) if sectors_raw is not None else None
@@ -317,17 +428,19 @@ class Device:
                 return
             log.info("%s: configuration changed; reopening %s", self.name, disk.path)
             self._close_vbd()
+        storage = self._storage_choice(effective_disk(disk, self.nodes))
         try:
-            self.vbd = self._open_vbd(effective_disk(disk, self.nodes))
+            self.vbd = self._open_vbd(storage)
         except Exception as e:
             raise DeviceFatal(getattr(e, "errno", None) or errno.EIO,
                               f"creating vbd structure: {e}", guest=False) from e
         self.disk = disk
+        self.storage_path = storage.path
         if self._paused:
             await self.vbd.pause()  # not serving yet: at once; its first connection starts paused
         f = self.vbd.features
         log.info("%s: %s %s (params %r, mode %s): %d sectors of %d bytes%s, %d queues, ring order %d, "
-                 "%d indirect segments, %s path%s", self.name, disk.driver, disk.path, self.nodes.params,
+                 "%d indirect segments, %s path%s", self.name, disk.driver, storage.path, self.nodes.params,
                  self.nodes.mode, f.sectors, f.sector_size, " ro" if f.read_only else "",
                  f.max_queues, f.max_ring_page_order, f.max_indirect_segments, f.data_path,
                  ", persistent grants" if f.persistent else "")

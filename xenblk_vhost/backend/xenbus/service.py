@@ -99,7 +99,12 @@ class Service:
                  kinds: Sequence[str] = RUN_KINDS, backend_domid: int | None = None,
                  only_domid: int | None = None, open_vbd: OpenVbd = default_open_vbd,
                  warnings: GuestWarnings | None = None,
-                 resize_interval: float = RESIZE_POLL_INTERVAL) -> None:
+                 resize_interval: float = RESIZE_POLL_INTERVAL,
+                 hold: trio.Event | None = None, storage_in_use: Iterable[str] | None = None) -> None:
+        """hold: taking over from a daemon that still serves (an upgrade): until it is set, each device
+        found only prepares its takeover (backend/xenbus/device.py: nothing written, nothing taken from
+        the running daemon), `prepared()` says when they all have; storage_in_use: the storage that
+        daemon holds (a vhost-user export serves one client: a disk's handover_path is used instead)."""
         unknown = set(kinds) - set(ALL_KINDS)
         if unknown or not kinds:
             raise ValueError(f"kinds must be some of {ALL_KINDS}, got {list(kinds)}")
@@ -112,6 +117,8 @@ class Service:
         self._open_vbd = open_vbd
         self._warnings = warnings or GuestWarnings(logging.getLogger("xenblk_vhost.guest"))
         self._resize_interval = resize_interval
+        self._hold = hold
+        self._storage_in_use = frozenset(storage_in_use) if storage_in_use is not None else None
         self._books: dict[tuple[str, int], _Devices] = {}
         self._dirty: set[tuple[str, int | None]] = set()
         self._wakeup = trio.Event()
@@ -140,6 +147,15 @@ class Service:
         log.info("configuration reloaded: %d domain(s)%s", len(self._configs),
                  "".join(f"; {line}" for line in changes) or "; nothing changed")
         return changes
+
+    async def prepared(self) -> None:
+        """Every device found so far has prepared its takeover (see hold) or ended."""
+        for device in list(self.devices.values()):
+            await device.prepared.wait()
+
+    def storage_in_use(self) -> list[str]:
+        """The storage our devices hold open (for the daemon taking over from us: Service's storage_in_use)."""
+        return sorted({d.storage_path for d in self.devices.values() if d.vbd is not None and d.storage_path})
 
     async def domain_ids(self) -> dict[str, int]:
         """The domains xenstore knows now, {name: domid} (the operator's `list`: configured
@@ -250,7 +266,8 @@ class Service:
             if state != XenbusState.INITIALISING:
                 log.info("%s: taking over a device found in state %s", did, state.name)
             books.running[devid] = trio.CancelScope()
-            self._nursery.start_soon(self._run_device, did, books.running[devid], config.label, name)
+            device = self._new_device(did, config.label, name)
+            self._nursery.start_soon(self._run_device, device, books.running[devid], config.label, name)
 
     async def _domain_config(self, domid: int) -> tuple[DomainConfig | None, str | None]:
         """The config that serves the domain, and the domain's name (None if it has none)."""
@@ -266,12 +283,17 @@ class Service:
 
     # ------------------------------------------------------------------ device tasks
 
-    async def _run_device(self, did: DeviceId, scope: trio.CancelScope, label: str, name: str | None) -> None:
+    def _new_device(self, did: DeviceId, label: str, name: str | None) -> Device:
+        """A device, known (devices, labels) from now on: before its task runs, for prepared()."""
         device = Device(self._xs, self._platform, did, lambda: self._resolve_disk(did.frontend_domid, did.devid),
                         warnings=self._warnings, open_vbd=self._open_vbd, resize_interval=self._resize_interval,
-                        domain=name or label)
+                        domain=name or label, hold=self._hold, storage_in_use=self._storage_in_use)
         self.devices[did] = device
         self.labels[did] = label
+        return device
+
+    async def _run_device(self, device: Device, scope: trio.CancelScope, label: str, name: str | None) -> None:
+        did = device.id
         try:
             with log_context.bound(domain=name or label, domid=did.frontend_domid, vdev=vdev_name(did.devid),
                                    device=str(did)), scope:
