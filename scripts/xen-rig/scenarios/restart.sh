@@ -170,6 +170,8 @@ for i, (kind, t) in enumerate(events):
         startup[float(t)] = serving - float(t)
         exec_to_serving[float(t)] = serving - execd
 for e in report["events"]:
+    if e["kind"] == "handover":
+        print(f"hand-over at {e['at']:.1f}: pause {e['pause_s']} s")
     if e["kind"] == "handover" and e["pause_s"] > 1.0:
         bad.append(f"hand-over at {e['at']:.1f}: guest I/O paused {e['pause_s']} s (> 1 s)")
     if e["kind"] == "kill":
