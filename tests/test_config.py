@@ -127,6 +127,42 @@ def test_vhost_user_socket_is_accepted_and_map_refused(tmp_path):
         assert problem.startswith(f"{bad}:3: disks[0].data_path: map is impossible with virtio-blk-vhost-user")
 
 
+def test_vhost_user_handover_path_is_a_second_socket_of_that_disk(tmp_path, disk_img):
+    """handover_path: the export a new daemon connects to while the old one serves (one client per export)."""
+    first, second = tmp_path / "a.sock", tmp_path / "b.sock"
+    with socket.socket(socket.AF_UNIX) as a, socket.socket(socket.AF_UNIX) as b:
+        a.bind(str(first))
+        b.bind(str(second))
+        ok = write(tmp_path, f"""
+            domain: {{name: a}}
+            disks:
+              - {{vdev: xvda, driver: virtio-blk-vhost-user, path: {first}, handover_path: b.sock}}
+            """, "ok.yaml")
+        disk = load_config(ok).disks[0]
+        assert (disk.path, disk.handover_path) == (str(first), str(second))  # relative: the file's directory
+        assert disk.blkio_properties() == {"path": str(first)}  # not a libblkio property
+        same = write(tmp_path, f"""
+            domain: {{name: a}}
+            disks:
+              - {{vdev: xvda, driver: virtio-blk-vhost-user, path: {first}, handover_path: {first}}}
+            """, "same.yaml")
+        assert problems(same) == [f"{same}:3: disks[0].handover_path: must be another socket than path "
+                                  "(a second export of the same node)"]
+        missing = write(tmp_path, f"""
+            domain: {{name: a}}
+            disks:
+              - {{vdev: xvda, driver: virtio-blk-vhost-user, path: {first}, handover_path: {tmp_path}/c.sock}}
+            """, "missing.yaml")
+        assert problems(missing)[0].startswith(f"{missing}:3: disks[0].handover_path: {tmp_path}/c.sock: no such file")
+    other = write(tmp_path, f"""
+        domain: {{name: a}}
+        disks:
+          - {{vdev: xvda, driver: io_uring, path: {disk_img}, handover_path: {disk_img}}}
+        """, "other.yaml")
+    assert problems(other) == [f"{other}:3: disks[0].handover_path: only for virtio-blk-vhost-user (a second "
+                               "export of the same node); other storage is opened twice as it is"]
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

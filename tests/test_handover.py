@@ -113,3 +113,47 @@ async def test_an_upgrade_to_a_daemon_that_cannot_start_leaves_the_running_one_s
         result = await world.run_frontend(guest.domid, vbd.devid, requests=300, depth=8)
         assert result["ok"], result  # served by the first daemon, still running
         assert first.proc.returncode is None
+
+
+async def test_an_upgrade_over_vhost_user_connects_the_other_export_before_the_old_daemon_stops(tmp_path):
+    """A vhost-user server takes one client per export: with the node exported twice (handover_path), each
+    new daemon opens the export the running one does not use, and maps the rings, while the running one
+    still serves; the guest's verifying workload goes on through the upgrades, every request answered once."""
+    from storage_support.qsd import StorageDaemon
+
+    img, _ = write_busy_disk(tmp_path, "vu", queues=2)
+    qsd = StorageDaemon(tmp_path / "qsd")
+    first_export = qsd.add_file_export("a", image=img, num_queues=2)
+    second_export = qsd.add_second_export("b", first_export)
+    cfg = write_config(tmp_path, "vu", [f"vdev: xvda, driver: virtio-blk-vhost-user, path: {first_export.socket}, "
+                                        f"handover_path: {second_export.socket}, queues: 2"])
+    control = tmp_path / "control.sock"
+    last_pid = None
+    qsd.start()
+    with qsd:
+        async with open_world(tmp_path / "w") as world:
+            guest = await world.create_guest("vu")
+            first = await world.start_process(run_argv(world, cfg, "--control", str(control)), name="backend")
+            last_pid = first.proc.pid
+            try:
+                vbd = await world.attach_vbd(guest.domid, VbdConfig(vdev="xvda", target=str(img)))
+                stop = tmp_path / "stop"
+                front = await start_busy_frontend(world, vbd, stop_file=stop)
+                for _ in range(2):
+                    await trio.sleep(0.5)
+                    done = await upgrade(control, "--json")
+                    assert done.returncode == 0, done.stderr
+                    last_pid = json.loads(done.stdout)["successor"]
+                stop.touch()
+                assert await front.wait(60) == 0
+                result = front.last_json()
+            finally:
+                if last_pid is not None:
+                    await terminate(last_pid, 30)
+        prepared = [line.split("storage ")[1].split(" opened")[0] for line in first.lines
+                    if "takeover prepared while the running daemon serves" in line]
+        assert prepared == [str(second_export.socket), str(first_export.socket)], [
+            line for line in first.lines if "takeover" in line]
+    load = result["workload"]
+    assert result["ok"] and load["ok"] and not load["mismatches"] and not load["errors"], load
+    assert result["front"]["errors"] == []

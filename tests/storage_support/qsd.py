@@ -82,6 +82,10 @@ class StorageDaemon:
                        "reconnect-delay=5"]
         return self._add_export(name, node, size, None, num_queues, True)
 
+    def add_second_export(self, name: str, of: VhostUserExport) -> VhostUserExport:
+        """The node another export serves, exported again on its own socket (a disk's handover_path)."""
+        return self._add_export(name, of.node_name, of.size, of.image, of.num_queues, of.writable)
+
     def _add_export(self, name, node, size, image, num_queues, writable) -> VhostUserExport:
         if self.process is not None:
             raise StorageDaemonError("add exports before start()")
