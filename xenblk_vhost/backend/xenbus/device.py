@@ -232,6 +232,7 @@ class Device:
         self._storage_in_use = storage_in_use
         self.prepared = trio.Event()
         self._prepared_spec: ConnectionSpec | None = None
+        self._prepared_sectors: bytes | None = None  # our `sectors` node, read with the prepared spec
         self.storage_path: str | None = None  # what the vbd opened (a vhost-user disk: path or handover_path)
         self._opened_early = False
 
@@ -263,6 +264,15 @@ class Device:
         if self._hold is not None and not self._hold.is_set():
             await self._prepare_then_wait(self._hold)
         self.prepared.set()
+        if self._prepared_spec is not None:
+            # Prepared, and our state node untouched since (still Connected): nothing to read again.
+            started = trio.current_time()
+            if await self._take_over_live_rings(prepared=True):
+                log.info("%s: takeover took %.3f s after the release (storage, connection and ring pages "
+                         "prepared before it)", self.name, trio.current_time() - started)
+                await self._rm_error_report()  # a previous device's report, not ours
+                return
+            self._unprepare()  # the usual way from here: everything read again
         await self._rm_error_report()  # a previous device's report, not ours
         started = trio.current_time()
         try:
@@ -336,6 +346,7 @@ class Device:
             offer = Offer(max_queues=f.max_queues, max_ring_page_order=f.max_ring_page_order,
                           persistent=f.persistent)
             spec = await read_connection_spec(self._xs, self.nodes.frontend, self.id.frontend_domid, offer)
+            self._prepared_sectors = await self._read(f"{self.be}/sectors")
             self.vbd.prepare(spec, self._platform)
             self._prepared_spec = spec
             log.info("%s: takeover prepared while the running daemon serves, in %.3f s (storage %s opened %.3f, "
@@ -375,7 +386,7 @@ class Device:
             except Exception as e:
                 log.error("%s: releasing the prepared takeover: %s", self.name, e)
 
-    async def _take_over_live_rings(self) -> bool:
+    async def _take_over_live_rings(self, *, prepared: bool = False) -> bool:
         """A device left Connected by the process before us, its frontend Connected: serve its rings
         where they stand and write nothing (blkfront runs its connect path again on every
         Connected it is shown; from its error state that path is a kernel BUG). The rings are
@@ -383,9 +394,10 @@ class Device:
         (the frontend is elsewhere, or its nodes do not describe a connection we can serve):
         the usual InitWait round trip then."""
         assert self.nodes is not None and self.vbd is not None
-        frontend = parse_state(await self._read(f"{self.nodes.frontend}/state", unreadable_is_absent=True))
-        if frontend != XenbusState.CONNECTED:
-            return False
+        if not prepared:  # (prepared: read before the release; a change since is the control loop's to follow)
+            frontend = parse_state(await self._read(f"{self.nodes.frontend}/state", unreadable_is_absent=True))
+            if frontend != XenbusState.CONNECTED:
+                return False
         f = self.vbd.features
         offer = Offer(max_queues=f.max_queues, max_ring_page_order=f.max_ring_page_order, persistent=f.persistent)
         spec = self._prepared_spec  # read before the release (Vbd.prepare mapped its rings)
@@ -396,7 +408,7 @@ class Device:
                 log.warning("%s: cannot take the live connection over (%s); connecting again", self.name,
                             e.message)
                 return False
-        sectors_raw = await self._read(f"{self.be}/sectors")
+        sectors_raw = self._prepared_sectors if prepared else await self._read(f"{self.be}/sectors")
         try:
             published = int(sectors_raw.rstrip(b"\0")) if sectors_raw is not None else None
         except ValueError:
