@@ -164,7 +164,7 @@ class Successor:
 class Predecessor:
     """The running daemon, as the new one (started with $XENBLK_VHOST_HANDOVER_FD) sees it."""
 
-    def __init__(self, sock: socket.socket, storage_in_use: frozenset[str] = frozenset()) -> None:
+    def __init__(self, sock: socket.socket, storage_in_use: frozenset[str] | None = None) -> None:
         self._sock = sock
         self._stream: trio.SocketStream | None = None
         self._lines: _Lines | None = None
@@ -176,9 +176,10 @@ class Predecessor:
         in_use_text = os.environ.pop(STORAGE_IN_USE_ENV, None)
         if not text:
             return None
-        in_use: frozenset[str] = frozenset()
+        # None (not said: an older daemon, or a bad value): nothing exclusive is opened before the release.
+        in_use: frozenset[str] | None = None
         try:
-            parsed = json.loads(in_use_text or "[]")
+            parsed = json.loads(in_use_text) if in_use_text is not None else None
             if isinstance(parsed, list):
                 in_use = frozenset(p for p in parsed if isinstance(p, str))
         except ValueError:

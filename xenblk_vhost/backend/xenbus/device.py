@@ -366,7 +366,10 @@ class Device:
         running daemon does not use (its handover_path, say); vdpa and vfio devices are exclusive."""
         if disk.driver in ("io_uring", "nvme-io_uring"):
             return True
-        if disk.driver == "virtio-blk-vhost-user" and self._storage_in_use is not None:
+        # A connect to an export in use does not fail: it waits until that client lets go, and the
+        # running daemon lets go only once we are ready. So only when that daemon said what it holds
+        # and the operator named a second export.
+        if disk.driver == "virtio-blk-vhost-user" and self._storage_in_use is not None and disk.handover_path:
             return self._storage_choice(disk).path not in self._storage_in_use
         return False
 
