@@ -281,8 +281,15 @@ class Upgrader:
             log.info("upgrade: the new daemon (pid %d) is ready (%s); draining every disk for it",
                      successor.pid, successor.startup)
             started, wall = trio.current_time(), time.time()
+            # Released once every device has let go of its rings and storage: what is left of the
+            # service's end (xenstore reads, watches removed) runs while the new daemon takes over.
+            devices: list = self._service.stopping() if self._service is not None else []
             self._service_scope.cancel()
-            await self._service_stopped.wait()
+            with trio.move_on_after(RELEASE_TIMEOUT):
+                for device in devices:
+                    await device.let_go.wait()
+            if not devices:
+                await self._service_stopped.wait()
             drain = trio.current_time() - started
             try:
                 await successor.release({"drain_s": drain, "predecessor": os.getpid()})

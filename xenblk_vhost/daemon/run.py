@@ -63,6 +63,8 @@ from .systemd import Notifier
 log = logging.getLogger("xenblk_vhost")
 
 XENSTORE_ANSWER_TIMEOUT = 10.0
+# After a hand-over: how long the control socket waits for the devices' takeovers (they go first).
+TAKEOVER_FIRST_TIMEOUT = 30.0
 
 
 def status_line(service) -> str:
@@ -156,6 +158,7 @@ async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier, cl
                     # it can be twice, rings mapped); the control socket and metrics port are its until
                     # it exits.
                     from ..backend.datapath import vbd  # noqa: F401 - the datapath loaded now, not in the pause
+                    from ..observability import control_commands, control_socket, snapshot  # noqa: F401 - same
 
                     clock.mark("datapath imports")
                     hold = trio.Event()
@@ -180,6 +183,9 @@ async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier, cl
                         clock.mark("the running daemon's drain")
                         log.info("taking over from the daemon that ran before (its drain: %s s)",
                                  released.get("drain_s", "unknown"))
+                        # The guests first: the control socket once every device is taken over.
+                        with trio.move_on_after(TAKEOVER_FIRST_TIMEOUT):
+                            await service.settled()
                         observability = await _observability_after(predecessor, stack, args, open_observability)
                     if observability is not None:
                         observability.serve(nursery, service, reload=reloader.reload, upgrade=upgrader.upgrade)

@@ -231,6 +231,8 @@ class Device:
         self._hold = hold
         self._storage_in_use = storage_in_use
         self.prepared = trio.Event()
+        self.settled = trio.Event()  # probed: taken over, InitWait, or failed
+        self.let_go = trio.Event()  # stopping: the rings and the storage released (xenstore aside)
         self._prepared_spec: ConnectionSpec | None = None
         self._prepared_sectors: bytes | None = None  # our `sectors` node, read with the prepared spec
         self.storage_path: str | None = None  # what the vbd opened (a vhost-user disk: path or handover_path)
@@ -245,6 +247,7 @@ class Device:
             async with trio.open_nursery() as nursery:
                 self._serve_nursery = nursery
                 await self._probe()
+                self.settled.set()
                 task_status.started()
                 if self.nodes is not None:  # else: reported; nothing to follow
                     await self._follow()
@@ -257,6 +260,8 @@ class Device:
                 if scope.cancelled_caught:
                     log.error("%s: releasing took longer than %.0f s; gave up waiting", self.name, RELEASE_TIMEOUT)
             self.prepared.set()
+            self.settled.set()
+            self.let_go.set()
             self.ended.set()
 
     async def _probe(self) -> None:
@@ -862,6 +867,7 @@ class Device:
             log.error("%s: disconnecting: %s", self.name, e)
         disconnected = trio.current_time()
         self._close_vbd()
+        self.let_go.set()  # rings and storage released: a daemon taking over may start now
         if had_vbd and not forgotten:  # the service stopping (upgrade, restart): part of the guest's pause
             log.info("%s: released in %.3f s (rings %.3f, storage closed %.3f)", self.name,
                      trio.current_time() - started, disconnected - started, trio.current_time() - disconnected)

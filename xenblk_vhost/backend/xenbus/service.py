@@ -153,6 +153,17 @@ class Service:
         for device in list(self.devices.values()):
             await device.prepared.wait()
 
+    async def settled(self) -> None:
+        """Every device found so far has been probed: taken over, in InitWait, or failed."""
+        for device in list(self.devices.values()):
+            await device.settled.wait()
+
+    def stopping(self) -> list[Device]:
+        """The devices running now: cancel run(), then wait for each one's `let_go` (its rings and
+        storage released, before the xenstore reads of its way out) to hand over without waiting
+        for the rest of the service's end."""
+        return list(self.devices.values())
+
     def storage_in_use(self) -> list[str]:
         """The storage our devices hold open (for the daemon taking over from us: Service's storage_in_use)."""
         return sorted({d.storage_path for d in self.devices.values() if d.vbd is not None and d.storage_path})
