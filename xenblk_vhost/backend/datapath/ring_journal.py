@@ -83,9 +83,14 @@ def _decode(intake: RequestIntake, entry: Entry, entry_size: int) -> Decoded:
 
 
 def attach_journal(directory: Path, name: str, identity: bytes, geometry: JournalGeometry, ring: BackRing,
-                   intake: RequestIntake, log_name: str) -> AttachedJournal:
+                   intake: RequestIntake, log_name: str, *, opened: JournalFile | None = None) -> AttachedJournal:
+    """opened: the file at directory/name opened (and its pages touched) before; used if it is still
+    the file there."""
     path = directory / name
-    jf = JournalFile.open_existing(path)
+    if opened is not None and not opened.is_at(path):
+        opened.close()
+        opened = None
+    jf = opened if opened is not None else JournalFile.open_existing(path)
     if jf is not None:
         try:
             image = read_image(jf.buffer)

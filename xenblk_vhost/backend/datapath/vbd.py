@@ -73,7 +73,7 @@ from .barrier import BarrierGate
 from .copy_path import CopyDataPath, plan_bounce
 from .data_path import DataPath
 from .journal import JournalGeometry
-from .journal_file import journal_name
+from .journal_file import JournalFile, journal_name
 from .map_path import MapDataPath
 from .persistent_grants import DEFAULT_TRIM_INTERVAL, PersistentGrants
 from .ring_journal import AttachedJournal, attach_journal, ring_identity
@@ -108,6 +108,7 @@ class _RingResources:
         # the copy path's memory region belongs to a storage instance: a new instance needs a new one
         self.new_datapath: Callable[[StorageDevice], DataPath] | None = None
         self.slots = 0  # the data path's request slots
+        self.journal_opened: JournalFile | None = None  # the last process's journal, opened by prepare()
 
     def close(self) -> None:
         errors = []
@@ -130,6 +131,9 @@ class _RingResources:
             self.datapath = None
 
     def _close_journal(self) -> None:
+        if self.journal_opened is not None:
+            self.journal_opened.close()
+            self.journal_opened = None
         if self.journal is not None:
             self.journal.close(remove=self.remove_journal)
             self.journal = None
@@ -501,7 +505,8 @@ class Vbd:
                 self.storage.limits, discard_by_write_zeroes=f.discard_by_write_zeroes),
             discard_by_write_zeroes=f.discard_by_write_zeroes, storage_timeout=self.storage_timeout)
         t_datapath = time.monotonic()
-        res.journal = self._attach_journal(res.ring, rspec, spec, policy)
+        opened, res.journal_opened = res.journal_opened, None
+        res.journal = self._attach_journal(res.ring, rspec, spec, policy, opened)
         t_journal = time.monotonic()
         queue = self.storage.queues[self._queue_of(rspec)]
         res.worker = RingWorker(policy, ring=res.ring, channel=res.channel, queue=queue,
@@ -536,11 +541,13 @@ class Vbd:
         """Ring i on storage queue i; a ring worker's one ring on its storage's one queue."""
         return 0 if self.ring_index is not None else rspec.index
 
-    def _attach_journal(self, ring: BackRing, rspec: RingSpec, spec: ConnectionSpec, policy: RingPolicy
-                        ) -> AttachedJournal | None:
+    def _attach_journal(self, ring: BackRing, rspec: RingSpec, spec: ConnectionSpec, policy: RingPolicy,
+                        opened: JournalFile | None = None) -> AttachedJournal | None:
         """The ring's journal: the last process's taken over, or a new one. A journal that cannot
         be kept (the directory not writable, full) is logged; the ring is served without one."""
         if self.journal_dir is None:
+            if opened is not None:
+                opened.close()
             return None
         identity = ring_identity(frontend_domid=spec.frontend_domid, vdev=self.disk.name, ring=rspec.index,
                                  abi=spec.abi.value, ring_refs=rspec.ring_refs, event_channel=rspec.event_channel)
@@ -549,7 +556,7 @@ class Vbd:
         name = journal_name(spec.frontend_domid, self.disk.name, rspec.index)
         try:
             return attach_journal(self.journal_dir, name, identity, geometry, ring,
-                                  RequestIntake(spec.abi, policy.limits), policy.name)
+                                  RequestIntake(spec.abi, policy.limits), policy.name, opened=opened)
         except OSError as e:
             log.warning("%s: no journal (%s): a crash of this process could lose or repeat this ring's "
                         "in-flight requests", policy.name, e)
@@ -572,6 +579,15 @@ class Vbd:
                 res = _RingResources()
                 resources.append(res)
                 self._map_ring(res, rspec, spec, platform)
+                if self.journal_dir is not None:
+                    try:
+                        res.journal_opened = JournalFile.open_existing(
+                            self.journal_dir / journal_name(spec.frontend_domid, self.disk.name, rspec.index))
+                        if res.journal_opened is not None:
+                            res.journal_opened.touch()
+                    except OSError as e:  # read after the release instead
+                        log.info("%s/ring%d: journal not opened before the takeover: %s", self.disk.name,
+                                 rspec.index, e)
         except BaseException:
             for res in resources:
                 res.close()
