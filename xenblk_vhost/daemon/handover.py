@@ -8,24 +8,28 @@ configuration or xenstore connection:
 
     old daemon (serving)                      new daemon (Successor.start: exec'd with the socket)
                                               start-up: imports, files checked, /dev/xen, xenstore,
-                                                the datapath's modules loaded
+                                                the datapath's modules loaded; every device's takeover
+                                                prepared (nodes read, storage opened where it can be
+                                                twice: a file, a vhost-user disk's other export, named
+                                                by $XENBLK_VHOST_STORAGE_IN_USE; rings mapped, journals
+                                                opened; backend/xenbus/device.py)
                                         <---  {"ready": pid, "startup": ...}      (or {"failed": why}: the
     stop taking requests, drain what is                                            old one keeps serving)
       in flight, unmap, unbind, close the
       storage (the service stopped; the
       guests stay Connected)
     systemd: MAINPID=<new>
-    {"released": ..., "drain_s": ...}   --->  takes every device over (service.run)
+    {"released": ..., "drain_s": ...}   --->  binds the event channels, reads the journals, serves
     reply to `upgrade`; exit 0
     (the socket's EOF)                  --->  binds the control socket and metrics, READY=1
 
 The new daemon's process is started by the old one (so it lives in the
 same systemd unit and cgroup); `MAINPID=` tells systemd to follow it, and
 without WATCHDOG_PID in its environment it pings the watchdog itself.
-Everything the old one held (ring mappings, event channels, storage
-connections) is released before the new one maps it: the grant mappings
-and channels are the guest's, not ours, and a vhost-user storage daemon
-takes one client at a time. A new daemon that cannot start (a bad file,
+The event channels are released by the old one before the new one binds them
+(a port binds once); ring pages are mapped by both for a moment (a grant may
+be); a vhost-user export takes one client, so the new one uses the disk's
+other export (handover_path) or, without one, connects after the release. A new daemon that cannot start (a bad file,
 a module that fails to import) says why, and the old one keeps serving.
 A new daemon that dies after the hand-over is the crash case: systemd
 restarts it.
