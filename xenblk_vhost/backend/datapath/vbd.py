@@ -198,6 +198,10 @@ class Vbd:
         self._storage_lost: trio.Event | None = None  # set while serving with reconnect: wakes _keep_storage
         self._server: ServerSocket | None = None  # vhost-user: our duplicate of libblkio's socket, watched
         self._prepared: tuple[ConnectionSpec, list[_RingResources]] | None = None  # prepare()
+        # Set whenever no connection holds the event channels and journals (serve() clears it; its
+        # teardown sets it as soon as those are released, before the rest): a hand-over waits for it.
+        self.let_go = trio.Event()
+        self.let_go.set()
 
     @classmethod
     def open(cls, disk: DiskConfig, *, queues: int | None = None, **kwargs) -> Vbd:
@@ -621,6 +625,7 @@ class Vbd:
             raise VbdConnectError("already serving a connection")
         self._check_spec(spec)
         self._serving = True
+        self.let_go = trio.Event()
         self._stopped = trio.Event()
         self._gate = self._gate_factory()
         if self._paused:
@@ -697,6 +702,17 @@ class Vbd:
                 # then answer and unmap what it held (a batch mapping stays mapped otherwise)
                 self._destroy_storage_then_abandon(workers)
         errors = []
+        if hand_over:
+            # What the next process waits for first: the event channels (a port binds once) and the
+            # journals in their final state. The ring mappings and data paths go after `let_go`.
+            for res in reversed(resources):
+                for step in (res._close_channel, res._close_journal):
+                    try:
+                        step()
+                    except Exception as e:
+                        errors.append(e)
+            self.let_go.set()
+            let_go = time.monotonic()
         for res in reversed(resources):
             # A connection that ended in order (the frontend closed, detach) leaves no journal;
             # cancelled (the service stopping): the frontend stays Connected and the journal
@@ -707,11 +723,13 @@ class Vbd:
             except Exception as e:
                 errors.append(e)
         if hand_over:  # the guest's pause on an upgrade runs through here: say where it went
-            log.info("%s: rings released for the next process in %.3f s (%d busy ring(s) drained in %.3f)",
-                     self.disk.name, time.monotonic() - started, len(busy), drained - started)
+            log.info("%s: rings released for the next process in %.3f s (%d busy ring(s) drained in %.3f; "
+                     "channels and journals let go at %.3f, mappings and data paths freed after)",
+                     self.disk.name, time.monotonic() - started, len(busy), drained - started, let_go - started)
         self._workers = []
         self._resources = []
         self._serving = False
+        self.let_go.set()
         if self._stopped is not None:
             self._stopped.set()
         if errors:

@@ -237,6 +237,7 @@ class Device:
         self._prepared_sectors: bytes | None = None  # our `sectors` node, read with the prepared spec
         self.storage_path: str | None = None  # what the vbd opened (a vhost-user disk: path or handover_path)
         self._opened_early = False
+        self.storage_may_stay = False
 
     # ------------------------------------------------------------------ life
 
@@ -456,6 +457,10 @@ class Device:
                               f"creating vbd structure: {e}", guest=False) from e
         self.disk = disk
         self.storage_path = storage.path
+        # The next daemon does not need this storage closed to open its own: a file, or a vhost-user
+        # disk with a second export (it takes the one we do not use).
+        self.storage_may_stay = disk.driver in ("io_uring", "nvme-io_uring") or (
+            disk.driver == "virtio-blk-vhost-user" and disk.handover_path is not None)
         if self._paused:
             await self.vbd.pause()  # not serving yet: at once; its first connection starts paused
         f = self.vbd.features
