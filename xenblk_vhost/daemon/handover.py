@@ -243,18 +243,6 @@ __all__ = ["HANDOVER_FD_ENV", "PREPARE_TIMEOUT", "STORAGE_IN_USE_ENV", "Handover
            "successor_argv"]
 
 
-async def _first_of(*events: trio.Event | None) -> None:
-    """Until one of the events is set."""
-    async with trio.open_nursery() as waiting:
-        async def wait(event: trio.Event) -> None:
-            await event.wait()
-            waiting.cancel_scope.cancel()
-
-        for event in events:
-            if event is not None:
-                waiting.start_soon(wait, event)
-
-
 class Upgrader:
     """The running daemon's side of `upgrade`: the service run so that it can be stopped alone (the
     control socket answers on through the drain), the new daemon started, everything released to it.
@@ -307,7 +295,7 @@ class Upgrader:
                     # are freed after it); the device's: its storage closed too, when the next daemon
                     # must open that same storage (a vhost-user export without a second one).
                     vbd_let_go = getattr(device.vbd, "let_go", None) if device.storage_may_stay else None
-                    await _first_of(device.let_go, vbd_let_go)
+                    await (vbd_let_go if vbd_let_go is not None else device.let_go).wait()
             if not devices:
                 await self._service_stopped.wait()
             drain = trio.current_time() - started

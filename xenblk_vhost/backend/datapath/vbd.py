@@ -658,7 +658,10 @@ class Vbd:
         finally:
             self._storage_lost = None
             with trio.CancelScope(shield=True):
-                await self._teardown(resources)
+                try:
+                    await self._teardown(resources)
+                finally:
+                    self.let_go.set()
 
     async def _teardown(self, resources: list[_RingResources]) -> None:
         """Finish in-flight I/O (bounded), destroy the storage if it will not finish, free everything."""
@@ -713,6 +716,7 @@ class Vbd:
                         errors.append(e)
             self.let_go.set()
             let_go = time.monotonic()
+            await trio.sleep(0)  # the hand-over goes on (its "released" sent) before the frees below
         for res in reversed(resources):
             # A connection that ended in order (the frontend closed, detach) leaves no journal;
             # cancelled (the service stopping): the frontend stays Connected and the journal
