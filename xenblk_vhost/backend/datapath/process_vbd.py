@@ -180,6 +180,7 @@ class ProcessVbd(Vbd):
             raise VbdConnectError("already serving a connection")
         self._check_spec(spec)
         self._serving = True
+        self.let_go = trio.Event()  # the workers hold the channels and journals until they end
         self._stopped = trio.Event()
         self._connection_ending = False
         self._procs = []
@@ -206,7 +207,14 @@ class ProcessVbd(Vbd):
             raise
         finally:
             self._serving = False
+            self.let_go.set()
             self._stopped.set()
+
+    def prepare(self, spec: ConnectionSpec, platform: Platform) -> None:
+        """Nothing mapped ahead here: each ring worker maps its own ring when it starts."""
+
+    def unprepare(self) -> None:
+        pass
 
     def _start_message(self, rspec: RingSpec, spec: ConnectionSpec, sim: str | None) -> dict[str, Any]:
         return {
