@@ -716,7 +716,9 @@ class Vbd:
                         errors.append(e)
             self.let_go.set()
             let_go = time.monotonic()
-            await trio.sleep(0)  # the hand-over goes on (its "released" sent) before the frees below
+            # The hand-over goes on (its "released" sent) before the frees below: a checkpoint alone
+            # was not enough (a batch runs its tasks in either order; the rig saw the frees first).
+            await trio.sleep(0.01)
         for res in reversed(resources):
             # A connection that ended in order (the frontend closed, detach) leaves no journal;
             # cancelled (the service stopping): the frontend stays Connected and the journal
