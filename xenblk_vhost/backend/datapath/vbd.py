@@ -706,14 +706,14 @@ class Vbd:
                 self._destroy_storage_then_abandon(workers)
         errors = []
         if hand_over:
-            # What the next process waits for first: the event channels (a port binds once) and the
-            # journals in their final state. The ring mappings and data paths go after `let_go`.
+            # What the next process waits for: the event channels (a port binds once); the journals
+            # are final already (the workers are done). Mappings (the journals' too: unmapping pages
+            # costs dearly in a PV domain under emulation), data paths and storage go after `let_go`.
             for res in reversed(resources):
-                for step in (res._close_channel, res._close_journal):
-                    try:
-                        step()
-                    except Exception as e:
-                        errors.append(e)
+                try:
+                    res._close_channel()
+                except Exception as e:
+                    errors.append(e)
             self.let_go.set()
             let_go = time.monotonic()
             # The hand-over goes on (its "released" sent) before the frees below: a checkpoint alone
@@ -730,7 +730,7 @@ class Vbd:
                 errors.append(e)
         if hand_over:  # the guest's pause on an upgrade runs through here: say where it went
             log.info("%s: rings released for the next process in %.3f s (%d busy ring(s) drained in %.3f; "
-                     "channels and journals let go at %.3f, mappings and data paths freed after)",
+                     "channels let go at %.3f, journals, mappings and data paths freed after)",
                      self.disk.name, time.monotonic() - started, len(busy), drained - started, let_go - started)
         self._workers = []
         self._resources = []
