@@ -393,7 +393,9 @@ class ProcessVbd(Vbd):
         return _exit_text(worker.proc.returncode)
 
     async def _hold(self, workers: list[_Worker]) -> None:
-        """Every worker given drains its ring and holds it; return once all did."""
+        """Every worker given drains its ring and holds it; return once all did (or died: a dead
+        worker's `paused` is set when it is removed)."""
+        workers = list(workers)  # pause() passes self._procs, which a dying worker leaves meanwhile
         for w in workers:
             w.paused = trio.Event()
             w.channel.send({"op": "pause"})
