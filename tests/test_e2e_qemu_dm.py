@@ -244,7 +244,10 @@ async def test_hostile_qmp_peers_are_confined_to_their_connections_and_the_disk_
                 await _hostile_qmp_peer(qmp, [b'{"execute": "qmp_capab'], read_replies=False, reset=True)
                 await _hostile_qmp_peer(qmp, [], read_replies=False, reset=False)  # gone before its greeting
                 # a command that never ends: cut off past the buffer bound
-                cut = await _hostile_qmp_peer(qmp, [b"{" + b" " * (1 << 16)] * 20, read_replies=False, reset=True)
+                try:
+                    cut = await _hostile_qmp_peer(qmp, [b"{" + b" " * (1 << 16)] * 20, read_replies=False, reset=True)
+                except (BrokenPipeError, ConnectionResetError):
+                    cut = []  # the server cut it off while it was still sending (EPIPE): as meant, only sooner
                 assert cut == []
                 served: list[bytes] = []
 
