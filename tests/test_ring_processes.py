@@ -236,7 +236,9 @@ async def test_a_killed_worker_is_replaced_and_takes_its_ring_over(tmp_path, pla
                     # killed in the middle of this one (on a loaded machine the kill may come only
                     # after it: then the next round meets the replacement)
                     await work.round(1, 24, (1, 2))
-                    assert len(kill_at) == kills, "the worker was not killed"
+                    with trio.fail_after(10):  # a round the worker answered before the kill task ran
+                        while len(kill_at) < kills:
+                            await trio.sleep(0.01)
                     with trio.fail_after(60):  # the new worker serves before the service reads its `started`
                         while len(vbd.worker_pids()) < 2 or vbd.worker_pids()[1] == pids[1]:
                             await trio.sleep(0.01)
