@@ -78,13 +78,25 @@ xb_assert_alive() {  # what
   kill -0 "$XB_PID" 2>/dev/null || { tail -30 "$XB_LOG"; fail "$1: the xenblk-vhost daemon (pid $XB_PID) died"; }
 }
 
-# CPU seconds (user+system) a process has used so far.
+# CPU seconds (user+system) a process has used so far, with its children's once they were
+# waited for (the daemon's ring worker processes, ring_workers: process, after their connection).
 xb_cpu_s() {  # pid
-  awk -v t="$(getconf CLK_TCK)" '{print ($14 + $15) / t}' "/proc/$1/stat" 2>/dev/null || echo "?"
+  awk -v t="$(getconf CLK_TCK)" '{print ($14 + $15 + $16 + $17) / t}' "/proc/$1/stat" 2>/dev/null || echo "?"
 }
 
-# Grant mappings the daemon holds (gntdev VMAs): 0 once no guest is connected.
-xb_gnt_maps() { grep -c '/dev/xen/gntdev' "/proc/$XB_PID/maps" || true; }
+# Grant mappings the daemon and its ring worker processes (ring_workers: process) hold
+# (gntdev VMAs): 0 once no guest is connected.
+xb_gnt_maps() {
+  local p c n=0
+  for p in "$XB_PID" $(pgrep -P "$XB_PID" 2>/dev/null || true); do
+    c=$(grep -c '/dev/xen/gntdev' "/proc/$p/maps" 2>/dev/null || true)
+    n=$((n + ${c:-0}))
+  done
+  echo "$n"
+}
+
+# The daemon's ring worker processes (children running xenblk_vhost.daemon.ring_process).
+xb_ring_workers() { pgrep -P "$XB_PID" -f xenblk_vhost.daemon.ring_process 2>/dev/null || true; }
 
 # Problems in a daemon log that no scenario may leave behind.
 xb_log_clean() {  # log what

@@ -1,10 +1,11 @@
-# rig-timeout: 780
+# rig-timeout: 1200
 # Our backend as a standalone daemon (`xenblk-vhost run CONFIG`) on libxl's
 # phy route (backend/vbd, kernel xen-blkback not loaded, our hotplug script,
 # the YAML as the disk's target), one daemon for three guest lives, all named
 # xbv-phy (a guest restarted gets a new domid; the YAML follows the name):
 #   1. busy: a 2-vCPU guest doing write/verify rounds on xvda (map path +
-#      persistent grants) and xvdb (copy path); `xenblk-vhost ctl list` shows
+#      persistent grants, each of its 2 rings in a ring worker process:
+#      ring_workers: process) and xvdb (copy path, in the daemon); `xenblk-vhost ctl list` shows
 #      both Connected, `ctl pause xbv-phy/xvda` stops xvda's rounds with
 #      nothing in flight, `ctl resume` lets them go on; `xl block-detach xvdb` in the
 #      middle of its I/O must close cleanly within libxl's 10 s (after that
@@ -29,12 +30,15 @@ IMG_A=$XB_DIR/xbv-phy-a.img IMG_B=$XB_DIR/xbv-phy-b.img IMG_C=$XB_DIR/xbv-phy-c.
 mkdisk "$IMG_A" 64
 mkdisk "$IMG_B" 64
 mkdisk "$IMG_C" 16
-# queues 2: what blkback offers on this 2-vCPU dom0 (num_online_cpus).
-DISK_A="{vdev: xvda, driver: io_uring, path: $IMG_A, direct: true, data_path: map, persistent_grants: true, queues: 2, ring_page_order: 4, max_indirect_segments: 256}"
+# queues 2: what blkback offers on this 2-vCPU dom0 (num_online_cpus). xvda's two rings are
+# served by two ring worker processes (ring_workers: process), xvdb's and xvdc's in the daemon.
+DISK_A="{vdev: xvda, driver: io_uring, path: $IMG_A, direct: true, data_path: map, persistent_grants: true, queues: 2, ring_page_order: 4, max_indirect_segments: 256, ring_workers: process}"
 DISK_B="{vdev: xvdb, driver: io_uring, path: $IMG_B, direct: true, data_path: copy, queues: 2}"
 xb_yaml "$CFG" $NAME "$DISK_A" "$DISK_B"
 
 XB_PID=""
+# Python's start-up under TCG on a loaded host took over 60 s (seen at host load 7.6)
+XB_READY_TIMEOUT=180
 rm -f /run/xenblk-rig/hotplug.log
 # (set -e holds in traps too: nothing here may fail)
 cleanup() { kill "${XB_PID:-none}" 2>/dev/null || true; cp /run/xenblk-rig/hotplug.log "$OUT/" 2>/dev/null || true; }
@@ -47,12 +51,17 @@ xb_create $NAME busy busy "xenblk.busy=xvda,xvdb" 2 "$(xb_phy_disk xvda "$CFG")"
 DOMID=$XB_DOMID
 CON=/var/log/xen/console/guest-$NAME.log
 BE=/local/domain/0/backend/vbd/$DOMID
-xb_wait_console $NAME 'XENBLK-GUEST-BUSY xvda 1[^0-9]*$' 180 "first write/verify round on xvda"
+# (xvda's two ring workers start when blkfront connects: an interpreter each, a minute or more under TCG)
+xb_wait_console $NAME 'XENBLK-GUEST-BUSY xvda 1[^0-9]*$' 480 "first write/verify round on xvda"
 xb_wait_console $NAME 'XENBLK-GUEST-BUSY xvdb 1[^0-9]*$' 60 "first write/verify round on xvdb"
 note "ok: busy: both disks passed a write/verify round; I/O continues"
 maps=$(xb_gnt_maps)
 [ "$maps" -gt 0 ] || fail "busy: the daemon maps no grants while two rings are busy (/proc/$XB_PID/maps)"
 note "busy: daemon holds $maps gntdev mappings"
+workers=$(xb_ring_workers | wc -l)
+[ "$workers" = 2 ] || { ps -ef | grep -v grep | grep xenblk; fail "busy: xvda (ring_workers: process, 2 queues) is served by $workers ring worker processes, not 2"; }
+grep -q "xvda/ring1: served by ring worker process" "$XB_LOG" || fail "busy: the daemon did not log xvda's ring 1 worker"
+note "ok: busy: xvda's 2 rings served by ring worker processes $(xb_ring_workers | tr '\n' ' ')"
 
 # The operator's view (xenblk-vhost ctl, finding the daemon's control socket by
 # itself) while both disks are busy, then the snapshot hook: xvda paused (its
@@ -150,6 +159,11 @@ while [ "$(xb_gnt_maps)" != 0 ]; do
 done
 xenstore-ls "$BE" > /dev/null 2>&1 && fail "destroy: $BE still in xenstore"
 xb_assert_alive "after xl destroy"
+i=0
+while [ -n "$(xb_ring_workers)" ]; do
+  sleep 0.5; i=$((i + 1))
+  [ $i -lt 20 ] || fail "destroy: ring worker processes $(xb_ring_workers | tr '\n' ' ') still there 10 s after the domain died"
+done
 note "ok: destroy: domain $DOMID freed after $(awk "BEGIN{print $(uptime_s)-$t0}")s, daemon alive with 0 grant mappings"
 
 # ---------------------------------------------------------------- 2. the next guest: full workload + online resize
@@ -168,7 +182,7 @@ SAME=(persistent_grants indirect_descriptors bounce_buffer backend_max_indirect_
       flush discard ring_order backend_max_ring_order queues backend_max_queues guest_hw_queues sectors
       sector_size protocol backend_persistent frontend_persistent)
 run_guest $NAME --disk "$(xb_phy_disk xvda "$CFG")" --vcpus 2 --cmdline "xen_blkfront.max_ring_page_order=4" \
-  --steps info,raw,discard,fs,resize \
+  --timeout 600 --steps info,raw,discard,fs,resize \
   --expect xs.be.type=phy --expect "xs.be.params=$CFG" \
   --expect neg.persistent_grants=enabled --expect neg.backend_persistent=1 --expect neg.frontend_persistent=1 \
   --expect neg.indirect_descriptors=enabled --expect neg.backend_max_indirect_segments=256 \
