@@ -178,7 +178,14 @@ async def _campaign(workdir: Path, vhost_socket: Path, queues: int, kills: int, 
                         # Killed once serving (its rings taken over): a daemon killed inside its
                         # vhost-user connect can leave qemu-storage-daemon refusing every later
                         # client (seen after ~110 such kills), which is the storage's problem to fix.
-                        await backends[-1].wait_line(lambda line: "took the live connection over" in line, 60)
+                        try:
+                            await backends[-1].wait_line(lambda line: "took the live connection over" in line, 60)
+                        except trio.TooSlowError:
+                            # What the stuck daemon and the one killed before it last said: why no takeover.
+                            if progress is not None:
+                                for b in backends[-2:]:
+                                    progress(f"--- {b.name}, last lines:\n" + "\n".join(b.lines[-40:]))
+                            raise
                     await trio.sleep(rnd.random() * max_life)
                     backends[-1].proc.send_signal(signal.SIGKILL)
                     await backends[-1].wait(30)
