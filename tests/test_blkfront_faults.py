@@ -104,3 +104,24 @@ async def test_a_well_behaved_persistent_backend_leaves_nothing_behind(world):
         assert result.ok and result.requests == 200
     # At Closed every persistent grant and ring page was released and taken back.
     assert front.errors == [] and front.state == 6
+
+
+async def test_a_stalled_workload_names_the_requests_never_answered(world):
+    # The crash campaign's diagnosis: a backend that takes requests and answers none ends the
+    # workload after stall_s (not at the caller's timeout) with each outstanding request's id,
+    # op, sector and ring position, oldest first.
+    domid, vbd = await new_vbd(world)
+    async with mini_backend(world, vbd, faults=Faults(never_answer=True)) as be:
+        async with frontend(world, domid, vbd, ONE_QUEUE) as front:
+            with trio.fail_after(10):
+                result = await run_workload(front, Workload(requests=50, depth=3, mix=(("write", 1),),
+                                                            stall_s=0.5))
+            assert be.stats.requests == 3
+            [ring] = result.stall["rings"]
+            await front.close()
+    assert not result.ok and result.stall["seconds"] >= 0.5 and result.requests == 0
+    assert sorted(q["id"] for q in ring["requests"]) == [0, 1, 2]
+    assert sorted(q["position"] for q in ring["requests"]) == [0, 1, 2]
+    assert {q["op"] for q in ring["requests"]} == {1} and all(q["nr_sectors"] > 0 for q in ring["requests"])
+    assert ring["req_prod"] == 3 and ring["rsp_prod"] == 0 and ring["rsp_cons"] == 0
+    assert result.errors[0].startswith("stalled: "), result.errors

@@ -18,6 +18,7 @@ import trio
 from backend_support.frontend import TestFrontend
 from backend_support.gated_queue import gate_queues
 from backend_support.harness import make_disk_file, make_vbd, read_back
+from xenblk_vhost.backend.datapath.ring_worker import RingWorker
 from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_OKAY
 from xenblk_vhost.storage import BlkioError
 from xenblk_vhost.xen.interfaces import PAGE_SIZE
@@ -151,3 +152,47 @@ async def test_a_prepared_connection_that_is_not_the_one_served_is_released(tmp_
         first.close()
         second.close()
         vbd.close()
+
+
+async def test_a_takeover_notifies_the_frontend_of_responses_the_dead_process_published_silently(
+        tmp_path, platform, guest, monkeypatch):
+    # The sim crash campaign's stall (200 kills, seed 1): a daemon killed between publishing a
+    # response (rsp_prod moved, the journal's frame freed) and notifying left nothing in the journal
+    # for the next one to publish again, so nobody notified: the frontend, which had re-armed
+    # rsp_event before the response landed, slept forever with the response in the ring.
+    path = make_disk_file(tmp_path / "disk.img")
+    journals = tmp_path / "journals"
+    journals.mkdir()
+    old = make_vbd(path, queues=1, journal_dir=journals)
+    front = TestFrontend(guest)
+    ring = front.rings[0]
+    page = front.data_page(readonly=True, fill=b"w" * PAGE_SIZE)
+    new = None
+    try:
+        with monkeypatch.context() as m:
+            # The old process dies right after publishing: its notify never happens.
+            m.setattr(RingWorker, "_notify_frontend", lambda self: None)
+            async with trio.open_nursery() as n:
+                await n.start(old.serve, front.spec(), platform)
+                assert not ring.ring.final_check_for_responses()  # the guest sleeps until an event
+                front.rw(0, OP_WRITE, 1, 8, [(page.gref, 0, 7)])
+                front.push()
+                with trio.fail_after(10):
+                    while ring.ring.rsp_prod != 1:  # answered and published
+                        await trio.sleep(0.01)
+                n.cancel_scope.cancel()
+        old.close()
+        assert ring.ring.rsp_event == 1 and ring.ring.rsp_cons == 0  # asked to be told of it: never told
+        new = make_vbd(path, queues=1, journal_dir=journals)
+        async with trio.open_nursery() as n:
+            await n.start(new.serve, front.spec(), platform)
+            with trio.fail_after(5):
+                await ring.port.wait()  # the new process's event
+            assert [tuple(r) for r in ring.ring.take_responses(4)] == [(1, OP_WRITE, RSP_OKAY)]
+            await new.disconnect()
+        assert front.end_access(page)
+    finally:
+        front.close()
+        old.close()
+        if new is not None:
+            new.close()

@@ -3,7 +3,9 @@ hostile requests, failing handlers."""
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import socket
 import stat
@@ -13,7 +15,13 @@ import trio
 
 from xenblk_vhost.backend.datapath.stats import RingStats, total
 from xenblk_vhost.control_protocol import ControlError, ControlRefused, default_control_path, request_control
-from xenblk_vhost.observability.control_socket import CommandRefused, ControlSocket, ControlSocketBusy, answer
+from xenblk_vhost.observability.control_socket import (
+    MAX_CLIENTS,
+    CommandRefused,
+    ControlSocket,
+    ControlSocketBusy,
+    answer,
+)
 from xenblk_vhost.observability.stats_command import render_table
 
 
@@ -100,6 +108,74 @@ async def test_one_bad_client_or_failing_handler_never_stops_the_control_socket(
         assert "snapshot exploded" in caplog.text
         fail["now"] = False
         assert await ask(b'{"command": "stats"}') == {"ok": True, "stats": {"vbds": []}}
+        nursery.cancel_scope.cancel()
+    control.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_concurrent_clients_are_bounded_the_rest_turned_away_and_the_client_asks_again(tmp_path, caplog):
+    """Issue 10 (D4, for the control socket): clients that connect and say nothing are held up to
+    REQUEST_TIMEOUT each, and each costs an fd (shared with the guests' event channels). No more
+    than MAX_CLIENTS are served at once: the next ones are answered busy at once and closed (before:
+    each was accepted and served, fds without bound), the daemon goes on, and the blocking client
+    (ctl, the hotplug script) asks again until a slot is free."""
+    caplog.set_level(logging.INFO, logger="xenblk_vhost.observability.control_socket")
+    path = str(tmp_path / "control.sock")
+    control = ControlSocket(path)
+    fds_before = _open_fds()
+
+    async def connect_and_listen() -> dict:
+        """The reply of a client that has not sent its request yet (busy is answered before reading)."""
+        raw = trio.socket.socket(trio.socket.AF_UNIX)
+        with raw:
+            await raw.connect(path)
+            data = b""
+            while not data.endswith(b"\n"):
+                more = await raw.recv(65536)
+                if not more:
+                    break
+                data += more
+        return json.loads(data) if data else {}
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(control.serve, {"stats": handler(lambda r: {"vbds": []})})
+        await trio.sleep(0.05)  # serving: accepting
+        idle = []
+        for _ in range(MAX_CLIENTS):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(2)
+            s.connect(path)
+            idle.append(s)
+        with trio.fail_after(3):
+            while _open_fds() - fds_before < 2 * MAX_CLIENTS:  # ours and the server's ends
+                await trio.sleep(0.01)
+        with trio.fail_after(3):  # well within REQUEST_TIMEOUT: the idle ones are still held
+            for _ in range(20):
+                reply = await connect_and_listen()
+                assert reply["ok"] is False and reply["busy"] is True, reply
+                assert "try again" in reply["error"]
+        assert _open_fds() - fds_before == 2 * MAX_CLIENTS  # the turned-away ones were closed
+        assert caplog.text.count("turning more away") == 1  # once per busy spell, not per client
+
+        answered: list[dict] = []
+
+        async def ask_blocking() -> None:
+            ask = functools.partial(request_control, path, "stats", timeout=5.0)
+            answered.append(await trio.to_thread.run_sync(ask))
+
+        nursery.start_soon(ask_blocking)
+        await trio.sleep(0.3)  # it was turned away at least once
+        assert not answered
+        for s in idle:
+            s.close()
+        with trio.fail_after(5):
+            while not answered:
+                await trio.sleep(0.01)
+        assert answered == [{"vbds": []}]
+        assert "were turned away while busy" in caplog.text
         nursery.cancel_scope.cancel()
     control.close()
 

@@ -13,6 +13,8 @@ answers one JSON object on one line and closes:
 Commands (observability/control_commands.py answers them): stats, list,
 status, pause, resume, detach, reload. A refusal may carry `exit` (the
 status the command line should exit with) and `problems` (lines to print).
+A daemon already serving its maximum of clients answers `"busy": true`
+(before reading the request) and closes; request_control asks again.
 
 Where: `run --control PATH`; by default /run/xenblk-vhost/control.sock for
 root, $XDG_RUNTIME_DIR/xenblk-vhost/control.sock otherwise. The systemd
@@ -32,6 +34,7 @@ import json
 import os
 import socket
 import stat
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,6 +42,8 @@ SYSTEM_CONTROL_DIR = "/run/xenblk-vhost"
 SYSTEM_CONTROL_PATH = f"{SYSTEM_CONTROL_DIR}/control.sock"
 _RELATIVE_DIR = "xenblk-vhost"
 CLIENT_TIMEOUT = 10.0
+_BUSY_RETRY_FIRST = 0.05  # s; doubling to _BUSY_RETRY_MAX while the daemon answers "busy"
+_BUSY_RETRY_MAX = 0.5
 MAX_REPLY = 16 << 20  # a daemon serving hundreds of disks answers `status` in well under this
 
 
@@ -105,8 +110,29 @@ def request_control(path: str, command: str, *, timeout: float = CLIENT_TIMEOUT,
                     fields: Mapping[str, object] | None = None) -> dict:
     """Ask the daemon at path; the reply's payload. ControlRefused if it said no, ControlError
     with a clear reason if it could not be asked. `timeout`: how long this client waits;
-    `fields` go into the request (target, and the daemon's own timeout for pause and detach)."""
-    request = {**(fields or {}), "command": command}
+    `fields` go into the request (target, and the daemon's own timeout for pause and detach).
+    A daemon serving its maximum of clients answers "busy" before reading the request (so
+    nothing was done): this client asks again, with backoff, until `timeout` runs out."""
+    request = json.dumps({**(fields or {}), "command": command}).encode() + b"\n"
+    deadline = time.monotonic() + timeout
+    pause = _BUSY_RETRY_FIRST
+    while True:
+        reply = _ask_once(path, request, timeout)
+        left = deadline - time.monotonic()
+        if reply.get("busy") is not True or left <= pause:
+            break
+        time.sleep(pause)
+        timeout = left - pause
+        pause = min(pause * 2, _BUSY_RETRY_MAX)
+    if not reply.get("ok"):
+        raise ControlRefused(path, reply)
+    if command not in reply:
+        raise ControlError(f"{path} answered without the {command!r} it was asked for (an older daemon?)")
+    return reply[command]
+
+
+def _ask_once(path: str, request: bytes, timeout: float) -> dict:
+    """One connection: the request sent, the reply object read (ControlError if there is none)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -121,9 +147,15 @@ def request_control(path: str, command: str, *, timeout: float = CLIENT_TIMEOUT,
                                f"ask as the daemon's user") from None
         except OSError as e:
             raise ControlError(f"cannot connect to {path}: {e.strerror or e}") from None
+        buf = b""
+        unsent: OSError | None = None
         try:
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            buf = b""
+            try:
+                sock.sendall(request)
+            except (BrokenPipeError, ConnectionResetError) as e:
+                # A busy daemon may answer and close before our request is out: its reply is
+                # still there to read.
+                unsent = e
             while not buf.endswith(b"\n") and len(buf) <= MAX_REPLY:
                 chunk = sock.recv(1 << 16)
                 if not chunk:
@@ -132,15 +164,14 @@ def request_control(path: str, command: str, *, timeout: float = CLIENT_TIMEOUT,
         except TimeoutError:
             raise ControlError(f"no answer from {path} within {timeout:g} s") from None
         except OSError as e:
-            raise ControlError(f"{path}: {e.strerror or e}") from None
+            if not buf.endswith(b"\n"):
+                raise ControlError(f"{path}: {e.strerror or e}") from None
+        if unsent is not None and not buf:
+            raise ControlError(f"{path}: {unsent.strerror or unsent}")
     try:
         reply = json.loads(buf)
     except ValueError:
         raise ControlError(f"{path} answered something that is not JSON: {buf[:80]!r}") from None
     if not isinstance(reply, dict):
         raise ControlError(f"{path} answered something that is not a reply: {buf[:80]!r}")
-    if not reply.get("ok"):
-        raise ControlRefused(path, reply)
-    if command not in reply:
-        raise ControlError(f"{path} answered without the {command!r} it was asked for (an older daemon?)")
-    return reply[command]
+    return reply

@@ -51,6 +51,8 @@ import trio
 
 from e2e_support.frontend_agent import frontend_agent
 from storage_support.qsd import StorageDaemon
+from xenblk_vhost.backend.datapath.journal import JournalCorrupt, read_image
+from xenblk_vhost.backend.datapath.journal_file import journal_name
 from xenblk_vhost.sim.toolstack import VbdConfig
 from xenblk_vhost.sim.world import open_world
 
@@ -72,6 +74,12 @@ class CampaignResult:
     rerun: int = 0
     live_takeovers: int = 0  # devices taken over staying Connected (a daemon killed before it took over: none)
     discarded: int = 0  # journals a daemon refused
+    # qemu-storage-daemon died and was started again, as its service manager would (its last log
+    # line each time): 7.2 aborts now and then when a vhost-user client is killed with requests in
+    # flight (vhost_user_server_ref: Assertion `!server->wait_idle' failed). Not the backend's
+    # fault; the backend must ride it out (storage reconnect) with the guest seeing no error.
+    storage_crashes: list[str] = field(default_factory=list)
+    stalls: int = 0  # workloads ended by STALL_S with requests never answered (describe_stall says which)
     longest_pauses: list[float] = field(default_factory=list)  # the guest's, seconds, longest first
     start_to_ready: list[float] = field(default_factory=list)
     elapsed: float = 0.0
@@ -83,7 +91,8 @@ class CampaignResult:
         return (f"{self.kills} SIGKILLs, {self.requests} requests in {self.workloads} verifying workloads, "
                 f"{'OK' if self.ok else 'FAILED'}; rings taken over from journals {self.takeovers} "
                 f"({self.republished} answers published again, {self.rerun} requests run again), devices taken "
-                f"over Connected {self.live_takeovers}, journals discarded {self.discarded}; daemon exec->ready "
+                f"over Connected {self.live_takeovers}, journals discarded {self.discarded}, stalls {self.stalls}; "
+                f"qemu-storage-daemon crashed and restarted {len(self.storage_crashes)} time(s); daemon exec->ready "
                 f"median {median:.3f} s (max {max(ready, default=float('nan')):.3f} s); the guest's longest "
                 f"pauses {pauses} s; {self.elapsed:.0f} s")
 
@@ -93,6 +102,55 @@ def _run_argv(world, config: Path, journal_dir: Path | None) -> list[str]:
             "--sim", world.hypervisor_path, "--log-level", "info"]
     argv += ["--journal-dir", str(journal_dir)] if journal_dir is not None else ["--no-journal"]
     return ["sh", "-c", 'exec "$@" 2>&1', "sh", *argv]
+
+
+STALL_S = 60.0
+
+
+async def supervise_storage(qsd: StorageDaemon, result: CampaignResult, done: trio.Event) -> None:
+    """Start qemu-storage-daemon again whenever it dies (Restart=always), noting why it died."""
+    assert qsd.process is not None
+    log_from = qsd.log_path.stat().st_size if qsd.log_path.exists() else 0
+    while not done.is_set():
+        await trio.sleep(0.05)
+        if qsd.process.poll() is None:
+            continue
+        with open(qsd.log_path, "rb") as f:
+            f.seek(log_from)
+            said = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+        result.storage_crashes.append(f"exit {qsd.process.returncode}: {said[-1] if said else '(nothing logged)'}")
+        await trio.to_thread.run_sync(qsd.restart)
+        log_from = qsd.log_path.stat().st_size
+
+
+def describe_stall(stall: dict, journal_dir: Path | None, domid: int, vdev: str) -> list[str]:
+    """One line per request the guest waits for: id, op, sector, ring position and slot, and what the
+    ring's journal (as the daemon alive now keeps it) says of that position: taken and unanswered,
+    answered (status, response position), or absent (never taken, or answered and published)."""
+    lines = []
+    for ring in stall["rings"]:
+        by_pos: dict[int, str] = {}
+        note = "no journal"
+        path = journal_dir / journal_name(domid, vdev, ring["ring"]) if journal_dir is not None else None
+        if path is not None and path.exists():
+            try:
+                image = read_image(bytearray(path.read_bytes()))
+            except JournalCorrupt as e:
+                note = f"journal unreadable: {e}"
+            else:
+                note = f"journal taken_to {image.taken_to} published {image.published}, {len(image.frames)} frame(s)"
+                for fr in image.frames:
+                    for i, answer in enumerate(fr.answers):
+                        by_pos[fr.position(i)] = ("taken, unanswered" if answer is None else
+                                                  f"answered status {answer[0]} at rsp_pos {answer[1]}")
+        lines.append(f"ring {ring['ring']}: req_prod {ring['req_prod']} (pvt {ring['req_prod_pvt']}) rsp_prod "
+                     f"{ring['rsp_prod']} rsp_cons {ring['rsp_cons']} req_event {ring['req_event']} rsp_event "
+                     f"{ring['rsp_event']} broken {ring['broken']}; {note}")
+        for q in ring["requests"]:
+            lines.append(f"  id {q['id']} op {q['op']} sector {q['sector']} x{q['nr_sectors']} position "
+                         f"{q['position']} slot {q['slot']} age {q['age_s']} s: "
+                         f"{by_pos.get(q['position'], 'not in the journal')}")
+    return lines
 
 
 async def crash_campaign(workdir: Path, *, kills: int, seed: int = 1, max_life: float = 0.4,
@@ -118,7 +176,7 @@ async def crash_campaign(workdir: Path, *, kills: int, seed: int = 1, max_life: 
         with StorageDaemon(workdir / "qsd") as qsd:
             export = qsd.add_nbd_export("slow", nbd_socket=nbd_socket, size=size, num_queues=queues)
             qsd.start()
-            await _campaign(workdir, export.socket, queues, kills, rnd, max_life, result, progress,
+            await _campaign(workdir, qsd, export.socket, queues, kills, rnd, max_life, result, progress,
                             workdir / "journal" if journal else None)
     finally:
         nbd.kill()
@@ -128,7 +186,7 @@ async def crash_campaign(workdir: Path, *, kills: int, seed: int = 1, max_life: 
     return result
 
 
-async def _campaign(workdir: Path, vhost_socket: Path, queues: int, kills: int, rnd: random.Random,
+async def _campaign(workdir: Path, qsd: StorageDaemon, vhost_socket: Path, queues: int, kills: int, rnd: random.Random,
                     max_life: float, result: CampaignResult, progress, journal_dir: Path | None) -> None:
     config = workdir / "crash.yaml"
     config.write_text("domain: {name: crash}\ndisks:\n"
@@ -155,10 +213,18 @@ async def _campaign(workdir: Path, vhost_socket: Path, queues: int, kills: int, 
                     call += 1
                     # 8 MiB: the final read-back of every lane stays short however often the daemon dies;
                     # a request lost would hang the call: the timeout says so.
+                    # stall_s: a request never answered ends the call with what is outstanding, long
+                    # before its timeout (the longest honest pause is a daemon's start-up: seconds).
                     out = await fe.call("workloads", devs=[vbd.devid], requests=100000, depth=24, seconds=2.0,
                                         max_sectors=256, region_sectors=16384, seed=rnd.getrandbits(20),
-                                        timeout=600)
+                                        stall_s=STALL_S, timeout=600)
                     w = out[str(vbd.devid)]
+                    if w.get("stall"):
+                        result.stalls += 1
+                        result.problems.append(f"workload {call} stalled; the daemon then: {backends[-1].name} "
+                                               f"(alive: {backends[-1].proc.returncode is None}), its last lines: "
+                                               f"{backends[-1].lines[-8:]}")
+                        result.problems += describe_stall(w["stall"], journal_dir, guest.domid, "xvda")
                     result.workloads += 1
                     result.requests += w["requests"]
                     result.longest_pauses.extend(p["seconds"] for p in w.get("pauses", []))
@@ -170,6 +236,7 @@ async def _campaign(workdir: Path, vhost_socket: Path, queues: int, kills: int, 
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(guest_io)
+                nursery.start_soon(supervise_storage, qsd, result, done)
                 await trio.sleep(0.5)
                 for i in range(1, kills + 1):
                     if done.is_set():
@@ -180,12 +247,14 @@ async def _campaign(workdir: Path, vhost_socket: Path, queues: int, kills: int, 
                         # client (seen after ~110 such kills), which is the storage's problem to fix.
                         try:
                             await backends[-1].wait_line(lambda line: "took the live connection over" in line, 60)
-                        except trio.TooSlowError:
-                            # What the stuck daemon and the one killed before it last said: why no takeover.
-                            if progress is not None:
-                                for b in backends[-2:]:
-                                    progress(f"--- {b.name}, last lines:\n" + "\n".join(b.lines[-40:]))
-                            raise
+                        except (trio.TooSlowError, RuntimeError) as e:
+                            result.ok = False
+                            result.problems.append(f"{backends[-1].name} did not take the device over in 60 s "
+                                                   f"({e!r}); its last lines: {backends[-1].lines[-20:]}")
+                            qsd_log = workdir / "qsd" / "qsd.log"
+                            if qsd_log.exists():
+                                result.problems.append(f"qsd log: {qsd_log.read_text(errors='replace')[-600:]}")
+                            break
                     await trio.sleep(rnd.random() * max_life)
                     backends[-1].proc.send_signal(signal.SIGKILL)
                     await backends[-1].wait(30)
@@ -226,7 +295,7 @@ async def _campaign(workdir: Path, vhost_socket: Path, queues: int, kills: int, 
                 elif "Traceback" in line:
                     result.ok = False
                     result.problems.append(f"{b.name}: a traceback: {line.strip()}")
-        if result.discarded:
+        if result.discarded or result.stalls:
             result.ok = False
         # No daemon after the first one switched the device's state (a restart killed before its
         # takeover leaves it to the next one): the guest was never shown InitWait or Connected again.

@@ -21,7 +21,11 @@ client sends, and no handler's failure, ends the serving task: a request
 that does not parse is answered with why (parse_request is total), a
 handler's unexpected exception is logged and answered "internal error",
 a client that leaves is its own loss. Clients are served concurrently: a
-`pause` waiting for in-flight requests does not hold up `list`.
+`pause` waiting for in-flight requests does not hold up `list`. At most
+MAX_CLIENTS at once (each costs an fd, and the process's fds are shared
+with the guests' event channels and grant mappings): one past the bound is
+answered BUSY_REPLY at once and closed, before its request is read, so the
+client (control_protocol.request_control) may simply ask again.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from ..control_protocol import ControlError
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 4096
+MAX_CLIENTS = 16  # served at once; more are turned away (BUSY_REPLY), not queued behind a slow pause
 REQUEST_TIMEOUT = 5.0  # a client that says nothing for this long is dropped
 _SHOWN_NAME = 60  # an unknown command's name is echoed this long at most
 
@@ -106,6 +111,21 @@ def bind_control_socket(path: str) -> tuple[socket.socket, int]:
             pass
         raise ControlError(f"cannot listen on {path}: {e.strerror or e}") from e
     return sock, inode
+
+
+BUSY_REPLY = (json.dumps({"ok": False, "busy": True, "exit": 1,
+                          "error": f"the daemon is serving {MAX_CLIENTS} control clients already; try again"})
+              .encode() + b"\n")
+
+
+def _turn_away(stream: trio.SocketStream) -> None:
+    """Answer BUSY_REPLY and close, without a task: a fresh socket's send buffer is empty, so the
+    non-blocking write of one short line does not wait; if it fails, the client sees a closed socket."""
+    try:
+        os.write(stream.socket.fileno(), BUSY_REPLY)
+    except OSError:
+        pass
+    stream.socket.close()
 
 
 def _remove_if_ours(path: str, inode: int) -> None:
@@ -237,10 +257,23 @@ class ControlSocket:
         raw, self._inode = bind_control_socket(path)
         self._listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
         self._closed = False
+        self._clients = 0
+        self._turned_away = 0  # since the bound was last reached: logged once per busy spell
 
     async def serve(self, handlers: Mapping[str, Handler]) -> None:
         """Answer clients until cancelled."""
         log.info("control socket: %s", self.path)
+
+        async def serve_counted(stream: trio.SocketStream) -> None:
+            try:
+                await _serve_client(stream, handlers)
+            finally:
+                self._clients -= 1
+                if self._turned_away and self._clients < MAX_CLIENTS:
+                    log.info("control socket: serving again; %d client(s) were turned away while busy",
+                             self._turned_away)
+                    self._turned_away = 0
+
         async with trio.open_nursery() as nursery:
             while True:
                 try:
@@ -249,7 +282,15 @@ class ControlSocket:
                     log.warning("control socket: accept failed: %s", e)
                     await trio.sleep(0.1)
                     continue
-                nursery.start_soon(_serve_client, stream, handlers)
+                if self._clients >= MAX_CLIENTS:
+                    if not self._turned_away:
+                        log.warning("control socket: %d clients are being served; turning more away",
+                                    MAX_CLIENTS)
+                    self._turned_away += 1
+                    _turn_away(stream)
+                    continue
+                self._clients += 1
+                nursery.start_soon(serve_counted, stream)
 
     def close(self) -> None:
         if not self._closed:

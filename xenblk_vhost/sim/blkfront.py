@@ -503,6 +503,10 @@ class Blkfront:
 
     # ---- reporting -------------------------------------------------------------------------
 
+    def outstanding(self) -> list[dict]:
+        """Per ring: the requests the backend has not answered (FrontendRing.outstanding)."""
+        return [r.outstanding() for r in self.rings]
+
     def report(self) -> dict:
         return {
             "state": self.state,

@@ -23,6 +23,7 @@ RingBroken, and the error is kept in `broken`.
 from __future__ import annotations
 
 import struct
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -103,11 +104,16 @@ class Completion(NamedTuple):
 
 class _InFlight:
     __slots__ = ("id", "rsp_op", "pages", "segments", "indirect_pages", "read", "event",
-                 "completion", "error")
+                 "completion", "error", "position", "sector", "nr_sectors", "issued")
 
     def __init__(self, id_: int, rsp_op: int, pages: list[GrantedPage], segments: list[tuple[int, int]],
                  indirect_pages: list[GrantedPage], read: bool) -> None:
         self.id = id_
+        # What a stall report names (outstanding()): set by _place.
+        self.position = 0  # the request's ring position (req_prod index of its slot)
+        self.sector = 0
+        self.nr_sectors = 0
+        self.issued = 0.0
         self.rsp_op = rsp_op
         self.pages = pages
         self.segments = segments
@@ -178,6 +184,19 @@ class FrontendRing:
             "persistent_grants": self.pool.persistent_count,
         }
 
+    def outstanding(self) -> dict:
+        """The requests in flight, oldest first, and the shared indices: what a stalled
+        workload reports so that the stall can be traced (by ring position) to the backend."""
+        now = time.monotonic()
+        ring = self.ring
+        return {"ring": self.index, "req_prod_pvt": ring.req_prod_pvt, "req_prod": ring.req_prod,
+                "rsp_prod": ring.rsp_prod, "rsp_cons": ring.rsp_cons, "req_event": ring.req_event,
+                "rsp_event": ring.rsp_event, "broken": None if self.broken is None else str(self.broken),
+                "requests": [{"id": e.id, "op": e.rsp_op, "sector": e.sector, "nr_sectors": e.nr_sectors,
+                              "position": e.position, "slot": e.position % self.size,
+                              "age_s": round(now - e.issued, 3)}
+                             for e in sorted(self._in_flight.values(), key=lambda e: e.issued)]}
+
     # ---- issuing ----------------------------------------------------------------------
 
     async def submit(self, req: IoRequest) -> Completion:
@@ -236,6 +255,7 @@ class FrontendRing:
                     pos += n
                 granted.append((page.gref, first, last))
             view = self.ring.view
+            position = self.ring.req_prod_pvt  # the slot claimed below
             if indirect:
                 indirect_grefs: list[int] = []
                 for i in range(indirect_pages_for(len(granted))):
@@ -263,6 +283,8 @@ class FrontendRing:
             self._free_ids.appendleft(id_)
             raise
         entry = _InFlight(id_, req.op, pages, segs, indirect_pages, req.op == OP_READ)
+        entry.position, entry.sector, entry.nr_sectors = position, req.sector, req.nr_sectors
+        entry.issued = time.monotonic()
         self._in_flight[id_] = entry
         self.stats.requests += 1
         if len(self._in_flight) > self.stats.max_in_flight:

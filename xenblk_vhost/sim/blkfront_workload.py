@@ -42,13 +42,18 @@ class Workload:
     final_verify: bool = True  # read every lane back at the end
     seconds: float = 0.0  # > 0: stop issuing after this long (or `requests`, whichever comes first)
     stop_file: str = ""  # stop issuing once this file exists (a benchmark's "that will do")
+    # > 0: a stretch this long with requests in flight and none answered ends the workload as
+    # failed, with what was outstanding (WorkloadResult.stall) instead of hanging until the caller's
+    # timeout: which request ids the backend never answered, where they sit on the ring.
+    stall_s: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = {op for op, _ in self.mix} - set(OPS)
         if unknown:
             raise ValueError(f"unknown ops in mix: {sorted(unknown)}")
-        if self.requests < 0 or self.depth < 1 or self.max_sectors < 1 or self.seconds < 0:
-            raise ValueError("requests >= 0, depth >= 1, max_sectors >= 1 and seconds >= 0 are needed")
+        if self.requests < 0 or self.depth < 1 or self.max_sectors < 1 or self.seconds < 0 or self.stall_s < 0:
+            raise ValueError("requests >= 0, depth >= 1, max_sectors >= 1, seconds >= 0 and stall_s >= 0 "
+                             "are needed")
 
 
 @dataclass
@@ -71,6 +76,9 @@ class WorkloadResult:
     # what a guest sharing the backend with a hostile one is measured by.
     max_latency_s: float = 0.0
     total_latency_s: float = 0.0
+    # Workload.stall_s ran out: {"seconds": the stretch, "rings": front.outstanding()} (the requests
+    # never answered: id, op, sector, ring position and slot, age), the workload abandoned.
+    stall: dict | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -86,9 +94,21 @@ class _PauseMeter:
 
     def __init__(self) -> None:
         self._last = time.time()
+        self.in_flight = 0  # requests issued and not answered (a stall is a gap with some)
+        self._quiet_since = time.monotonic()  # the last answer, or the first issue after none in flight
         self.longest: list[tuple[float, float]] = []  # (seconds, start), kept sorted, longest first
 
+    def issuing(self) -> None:
+        if not self.in_flight:
+            self._quiet_since = time.monotonic()
+        self.in_flight += 1
+
+    def quiet_until_now(self) -> None:
+        """An answer that is not counted among the pauses (the final read-back's)."""
+        self._quiet_since = time.monotonic()
+
     def answered(self) -> None:
+        self._quiet_since = time.monotonic()
         now = time.time()
         gap, start, self._last = now - self._last, self._last, now
         if len(self.longest) < _PAUSES_REPORTED or gap > self.longest[-1][0]:
@@ -98,6 +118,10 @@ class _PauseMeter:
 
     def report(self) -> list[dict]:
         return [{"start": start, "seconds": gap} for gap, start in self.longest]
+
+    def silent_for(self) -> float:
+        """How long requests have been in flight with none answered (0 when none is in flight)."""
+        return time.monotonic() - self._quiet_since if self.in_flight else 0.0
 
 
 class _Lane:
@@ -189,12 +213,15 @@ async def run_workload(front, workload: Workload) -> WorkloadResult:
                 first_sect = 0
                 nr = min(nr, limit // align * align)
             issued = time.perf_counter()
+            meter.issuing()
             try:
                 await _one(front, lane, op, sector, nr, first_sect, number, workload.seed, result)
             except Exception as exc:  # a failed request is a result, not a crash
                 result.ok = False
                 if len(result.errors) < _MAX_REPORTED:
                     result.errors.append(f"{op} sector {sector} x{nr}: {exc!r}")
+            finally:
+                meter.in_flight -= 1
             meter.answered()
             latency = time.perf_counter() - issued
             result.total_latency_s += latency
@@ -202,27 +229,60 @@ async def run_workload(front, workload: Workload) -> WorkloadResult:
             result.requests += 1
             result.by_op[op] += 1
 
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for lane_no, lane in enumerate(lanes):
-            nursery.start_soon(drive, lane_no, lane)
-    result.elapsed_s = time.perf_counter() - start
-    result.pauses = meter.report()
+    async def watch_for_stall(cancel: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep(min(1.0, workload.stall_s / 4))
+            silent = meter.silent_for()
+            if silent >= workload.stall_s:
+                outstanding: list[dict] = getattr(front, "outstanding", lambda: [])()
+                result.stall = {"seconds": round(silent, 3), "rings": outstanding}
+                result.ok = False
+                result.errors.append(f"stalled: {silent:.1f} s with requests in flight and none answered: "
+                                     + "; ".join(f"ring {r['ring']}: ids "
+                                                 + ",".join(str(q["id"]) for q in r["requests"])
+                                                 for r in outstanding if r["requests"]))
+                cancel.cancel()
+                return
 
-    if workload.final_verify:
-        for lane in lanes:
-            for sector in range(lane.start, lane.start + lane.length, max_sectors):
-                nr = min(max_sectors, lane.start + lane.length - sector)
-                try:
-                    data = await front.read(sector, nr)
-                except Exception as exc:
-                    result.ok = False
-                    result.errors.append(f"final read sector {sector} x{nr}: {exc!r}")
-                    continue
-                before = result.sectors_verified
-                lane.check(sector, data, result)
-                result.final_verify_sectors += result.sectors_verified - before
+    start = time.perf_counter()
+    work = trio.CancelScope()  # the lanes and the final read-back; a stall cancels it
+    async with trio.open_nursery() as watch:
+        if workload.stall_s:
+            watch.start_soon(watch_for_stall, work)
+        with work:
+            async with trio.open_nursery() as nursery:
+                for lane_no, lane in enumerate(lanes):
+                    nursery.start_soon(drive, lane_no, lane)
+            result.elapsed_s = time.perf_counter() - start
+            result.pauses = meter.report()
+            if workload.final_verify:
+                await _final_verify(front, lanes, max_sectors, meter, result)
+        watch.cancel_scope.cancel()  # done (or abandoned): so is the watch
+    if not result.elapsed_s:  # stalled before the lanes were done
+        result.elapsed_s = time.perf_counter() - start
+        result.pauses = meter.report()
     return result
+
+
+async def _final_verify(front, lanes: list[_Lane], max_sectors: int, meter: _PauseMeter,
+                        result: WorkloadResult) -> None:
+    """Read every lane back (one request at a time, watched for a stall as the lanes were)."""
+    for lane in lanes:
+        for sector in range(lane.start, lane.start + lane.length, max_sectors):
+            nr = min(max_sectors, lane.start + lane.length - sector)
+            meter.issuing()
+            try:
+                data = await front.read(sector, nr)
+            except Exception as exc:
+                result.ok = False
+                result.errors.append(f"final read sector {sector} x{nr}: {exc!r}")
+                continue
+            finally:
+                meter.in_flight -= 1
+                meter.quiet_until_now()
+            before = result.sectors_verified
+            lane.check(sector, data, result)
+            result.final_verify_sectors += result.sectors_verified - before
 
 
 def pattern(seed: int, number: int, nbytes: int) -> bytes:

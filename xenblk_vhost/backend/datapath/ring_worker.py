@@ -60,7 +60,8 @@ recorded (its private copy, indirect segments included) before any storage
 I/O, every answer before its response is written, every publication after
 it; a worker started by a takeover first publishes again what was answered
 but not published and runs again what was not answered (resume_from), then
-takes requests after the last one recorded.
+takes requests after the last one recorded; and it notifies the frontend once (the last
+process may have died between publishing responses and notifying).
 
 Stopping: stop() makes the intake take nothing more; run() returns once
 every request taken has been answered. After a cancellation, drain() does
@@ -220,7 +221,17 @@ class RingWorker:
                 self.stats.errors += 1
             self.ring.put_response(id_, op, status)
             self._unpushed = True
-        self._push()
+        if self._unpushed:
+            self._unpushed = False
+            self.ring.push_responses()
+            if self.journal is not None:
+                self.journal.published(self.ring.rsp_prod_pvt)
+        # One event whatever was found: the last process may have died between publishing responses
+        # and notifying (_push), and then the journal holds nothing of them (published: freed) while
+        # the frontend, which re-armed rsp_event before they landed, sleeps until an event comes
+        # (the crash campaign's stall: a guest waiting forever for a response already in the ring).
+        # A spurious event costs the frontend one look at rsp_prod.
+        self._notify_frontend()
         self._resume = list(rerun)
 
     async def _run_again(self) -> None:
@@ -664,14 +675,17 @@ class RingWorker:
             if self.journal is not None:
                 self.journal.published(self.ring.rsp_prod_pvt)
             if notify:
-                try:
-                    self.channel.notify()
-                except (OSError, trio.ClosedResourceError) as e:
-                    # The frontend's end is gone (domain dying): nobody to
-                    # wake; the control side will tear the connection down.
-                    if not self._notify_failed:
-                        self._notify_failed = True
-                        log.warning("%s: cannot notify the frontend: %s", self.name, e)
+                self._notify_frontend()
+
+    def _notify_frontend(self) -> None:
+        try:
+            self.channel.notify()
+        except (OSError, trio.ClosedResourceError) as e:
+            # The frontend's end is gone (domain dying): nobody to
+            # wake; the control side will tear the connection down.
+            if not self._notify_failed:
+                self._notify_failed = True
+                log.warning("%s: cannot notify the frontend: %s", self.name, e)
 
     def _storage_failed(self, e: Exception) -> None:
         """The storage as a whole is gone: tell the Vbd, which parks every ring (it reconnects) or
