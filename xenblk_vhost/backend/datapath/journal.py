@@ -316,6 +316,21 @@ def read_image(buf) -> JournalImage:
 INDIRECT_COPY_FAILED = b""  # record_taken's marker for an indirect request whose pages could not be copied
 
 
+def indirect_lengths(indirect, n: int) -> tuple[list[int], list[bytes]]:
+    """A batch's indirect copies as the frame stores them: each request's byte count (0: none,
+    0xFFFF: its pages could not be copied, answered ERROR) and the copies to join, in order.
+    Shared by RingJournal and the compiled writer (journal_compiled.py)."""
+    lens_list = [0] * n
+    parts = []
+    for i, data in indirect:
+        if data:
+            lens_list[i] = len(data)
+            parts.append(data)
+        else:
+            lens_list[i] = 0xFFFF
+    return lens_list, parts
+
+
 class RingJournal:
     """The writer over a formatted area (format_area, or adopt() after a takeover)."""
 
@@ -384,14 +399,7 @@ class RingJournal:
         view[r:r + nbytes] = raw
         first_pos &= U32_MASK
         if indirect:
-            lens_list = [0] * n
-            parts = []
-            for i, data in indirect:
-                if data:
-                    lens_list[i] = len(data)
-                    parts.append(data)
-                else:
-                    lens_list[i] = 0xFFFF  # its pages could not be copied: answered ERROR
+            lens_list, parts = indirect_lengths(indirect, n)
             lens = struct.pack(f"<{n}H", *lens_list)
             ind = b"".join(parts)
             ind_total = len(ind)

@@ -30,6 +30,7 @@ from .journal import (
     JournalFull,
     JournalGeometry,
     RingJournal,
+    indirect_lengths,
 )
 
 _crc32 = zlib.crc32
@@ -81,14 +82,7 @@ class CompiledRingJournal(RingJournal):
         f = free.pop()
         self._seq = seq = self._seq + 1
         if indirect:
-            lens_list = [0] * n
-            parts = []
-            for i, data in indirect:
-                if data:
-                    lens_list[i] = len(data)
-                    parts.append(data)
-                else:
-                    lens_list[i] = 0xFFFF  # its pages could not be copied: answered ERROR
+            lens_list, parts = indirect_lengths(indirect, n)
             ind = b"".join(parts)
             if len(ind) > n * self.geometry.indirect_bytes:
                 free.append(f)
