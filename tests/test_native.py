@@ -28,7 +28,7 @@ from xenblk_vhost import native
 from xenblk_vhost.blkif.abi import Abi
 from xenblk_vhost.blkif.constants import OP_INDIRECT, OP_READ
 from xenblk_vhost.blkif.intake import RequestIntake
-from xenblk_vhost.blkif.request import IndirectRequest, Request, SegmentTuple
+from xenblk_vhost.blkif.request import IndirectRequest, Request, WireSegments
 from xenblk_vhost.blkif.validate import RequestLimits
 from xenblk_vhost.native import build as native_build
 from xenblk_vhost.sim.gntdev import ForeignDomain, SimGntdev
@@ -287,7 +287,7 @@ def test_an_indirect_requests_segments_carry_their_wire_bytes():
     header = IndirectRequest(OP_INDIRECT, OP_READ, 5, 0, 8, 3, (77,))
     wire = WIRE.pack(10, 0, 7) + WIRE.pack(11, 2, 3) + WIRE.pack(12, 7, 7)
     req = RequestIntake(Abi.NATIVE, limits).decode_indirect_segments(header, wire + b"junk" * 100)
-    assert type(req) is Request and type(req.segments) is SegmentTuple
+    assert type(req) is Request and type(req.segments) is WireSegments
     assert req.segments == ((10, 0, 7), (11, 2, 3), (12, 7, 7)) and req.segments.raw == wire
     assert req == Request(OP_READ, 5, 0, 8, ((10, 0, 7), (11, 2, 3), (12, 7, 7)), 8 + 2 + 1, True)
 

@@ -63,7 +63,7 @@ from .constants import (
     XEN_PAGE_SIZE,
 )
 from .decode import R_BAD_SEGMENT, decode_segments
-from .request import Decoded, DiscardRequest, IndirectRequest, Rejection, Request, SegmentTuple
+from .request import Decoded, DiscardRequest, IndirectRequest, Rejection, Request, WireSegments
 
 R_FLUSH_DISABLED = "flush not supported"
 R_BARRIER_DISABLED = "barrier not supported"
@@ -145,7 +145,9 @@ class Validator:
         """Validate any decoded object; a Rejection passes through unchanged."""
         return self.check_by_type[type(req)](req)
 
-    def check_rw(self, req: Request):
+    def check_rw(self, req: Request, misaligned_segment: bool | None = None):
+        """misaligned_segment: whether some segment is not whole blocks, when the caller already
+        knows (the compiled decode of an indirect request's segments), so they are not read here."""
         op = req.op
         if op >= OP_WRITE_BARRIER:
             if op == OP_FLUSH_DISKCACHE:
@@ -167,9 +169,10 @@ class Validator:
             if mask:
                 if sector & mask:
                     return _new(Rejection, (req.id, op, RSP_ERROR, R_MISALIGNED))
-                for _gref, first, last in req.segments:
-                    if (last - first + 1) & mask:
-                        return _new(Rejection, (req.id, op, RSP_ERROR, R_MISALIGNED))
+                if misaligned_segment is None:
+                    misaligned_segment = any((last - first + 1) & mask for _gref, first, last in req.segments)
+                if misaligned_segment:
+                    return _new(Rejection, (req.id, op, RSP_ERROR, R_MISALIGNED))
         return req
 
     def check_discard(self, req: DiscardRequest):
@@ -215,8 +218,7 @@ class Validator:
         iop = header.indirect_op
         if decoded is None:
             return _new(Rejection, (header.id, iop, RSP_ERROR, R_BAD_SEGMENT))
-        segments = SegmentTuple(decoded[0])
-        segments.raw = raw
+        segments = WireSegments(raw, decoded[0])
         req = _new(Request, (iop, header.id, header.handle, header.sector, segments, decoded[1], True))
         return self.check_rw(req)
 

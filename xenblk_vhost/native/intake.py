@@ -32,7 +32,7 @@ from ..blkif.request import (
     IndirectRequest,
     Rejection,
     Request,
-    SegmentTuple,
+    WireSegments,
     indirect_pages_for,
 )
 from ..blkif.validate import RequestLimits
@@ -185,10 +185,10 @@ class CompiledIntake(RequestIntake):
         iop = header.indirect_op
         if why == _R_BAD_SEGMENT:
             return _new(Rejection, (header.id, iop, -1, _dec.R_BAD_SEGMENT))
-        segments = SegmentTuple(_seg_iter(raw))
-        segments.raw = raw
-        req = _new(Request, (iop, header.id, header.handle, header.sector, segments, nr[0], True))
-        return self._validator.check_rw(req)
+        # The segments stay in wire form (nothing on the copy path unpacks them), and the C check
+        # already says whether one is not whole blocks: check_rw need not read them.
+        req = _new(Request, (iop, header.id, header.handle, header.sector, WireSegments(raw), nr[0], True))
+        return self._validator.check_rw(req, why == _R_MISALIGNED)
 
 
 __all__ = ["CompiledIntake", "ENGINES", "ENGINE_ENV", "REASONS", "engine_name", "make_intake"]

@@ -321,7 +321,7 @@ class CopyBatch:
         self.count = count + 1
 
     def add_segment_bytes(self, to_guest: bool, domid: int, raw: bytes, local_addr: int, owner: object) -> int:
-        """add_sector_ranges for segments in their 8-byte wire form (a private copy: SegmentTuple.raw),
+        """add_sector_ranges for segments in their 8-byte wire form (a private copy: WireSegments.raw),
         packed by compiled code in one call (native/pack_segments.c); the same result. Without the
         compiled kernels, the same in Python."""
         lib = _packer()

@@ -24,7 +24,7 @@ plan_bounce() decides how many slots the memory allows.
 from __future__ import annotations
 
 from ...blkif.constants import MAX_SEGMENTS_PER_REQUEST, RSP_OKAY, XEN_PAGE_SIZE
-from ...blkif.request import SegmentTuple
+from ...blkif.request import WireSegments
 from ...storage import StorageDevice
 from ...xen.gntdev import CopyBatch, load_compiled_packing
 from ...xen.interfaces import Gntdev
@@ -115,7 +115,7 @@ class CopyDataPath:
             if slot.writes == to_guest or slot.status != RSP_OKAY:
                 continue
             segments = slot.segments
-            if type(segments) is SegmentTuple:  # an indirect request's: packed from its wire bytes, compiled
+            if type(segments) is WireSegments:  # an indirect request's: packed from its wire bytes, compiled
                 add_bytes(to_guest, domid, segments.raw, base + slot.buffer, slot)
             else:
                 add(to_guest, domid, segments, base + slot.buffer, slot)

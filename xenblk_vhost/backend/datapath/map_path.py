@@ -31,6 +31,7 @@ import logging
 from collections.abc import Sequence
 
 from ...blkif.constants import RSP_ERROR, RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE
+from ...blkif.request import Segments
 from ...xen.interfaces import Gntdev, GrantMapError, GrantMapping
 from .persistent_grants import PersistentGrants
 from .slots import Slot
@@ -49,7 +50,7 @@ class _SharedMapping:
         self.parked: list = []
 
 
-def _extents(segments: tuple, page_addrs: Sequence[int]) -> tuple[tuple[int, int], ...]:
+def _extents(segments: Segments, page_addrs: Sequence[int]) -> tuple[tuple[int, int], ...]:
     if len(segments) == 1:  # the common 4 KiB case
         _gref, first, last = segments[0]
         return ((page_addrs[0] + first * SECTOR_SIZE, (last - first + 1) * SECTOR_SIZE),)

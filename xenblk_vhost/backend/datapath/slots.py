@@ -29,6 +29,7 @@ from typing import Any
 import trio
 
 from ...blkif.constants import RSP_OKAY
+from ...blkif.request import Segments
 
 # What a slot asks of the storage, in order (a flush/barrier can take several steps).
 STEP_READ = 0
@@ -51,7 +52,7 @@ class Slot:
         self.op = 0  # the operation echoed in the response
         self.sector = 0
         self.nr_bytes = 0
-        self.segments: tuple = ()  # ((gref, first_sect, last_sect), ...)
+        self.segments: Segments = ()  # ((gref, first_sect, last_sect), ...), or an indirect request's WireSegments
         self.writes = False  # data flows guest -> storage
         self.steps: tuple[int, ...] = ()  # STEP_* to run, in order
         self.step = 0  # index into steps
@@ -66,7 +67,7 @@ class Slot:
         self.taken_at = 0.0  # time.monotonic() of the batch that took it off the ring
         self.jref = -1  # the request's ref in the ring's journal (journal.py), -1 without one
 
-    def load(self, req_id: int, op: int, sector: int, nr_bytes: int, segments: tuple, writes: bool,
+    def load(self, req_id: int, op: int, sector: int, nr_bytes: int, segments: Segments, writes: bool,
              steps: tuple[int, ...], taken_at: float) -> None:
         """Give this (free) slot a request: the only place a request's fields are set."""
         self.req_id = req_id
