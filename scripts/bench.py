@@ -114,7 +114,8 @@ def parse_args(argv=None):
     ap.add_argument("--engines", default="compiled",
                     help="compiled,python: run every bridge case with the compiled kernels (xenblk_vhost/native) "
                          "and again with their Python references, in one run (default: compiled); py-intake: "
-                         "the compiled kernels but the Python request intake (XENBLK_ENGINE=python)")
+                         "the compiled kernels but the Python request intake (XENBLK_ENGINE=python); no-lane: "
+                         "the compiled kernels without the copy path's compiled lane (XENBLK_COPY_LANE=0)")
     ap.add_argument("--ring-workers", default="inline",
                     help="inline,process: run every bridge case with the rings in the backend's process "
                          "and again with each ring in a worker process of its own (ring_workers: process; "
@@ -147,8 +148,9 @@ def plan(args) -> list[tuple[str, str, wl.Workload, str, str]]:
     for p in paths:
         wl.parse_path(p)
     engines = [e for e in args.engines.split(",") if e]
-    if not engines or set(engines) - {"compiled", "python", "py-intake"}:
-        raise SystemExit(f"bench.py: --engines takes compiled, python and/or py-intake, not {args.engines!r}")
+    if not engines or set(engines) - {"compiled", "python", "py-intake", "no-lane"}:
+        raise SystemExit(f"bench.py: --engines takes compiled, python, py-intake and/or no-lane, "
+                         f"not {args.engines!r}")
     modes = [m for m in args.ring_workers.split(",") if m]
     if not modes or set(modes) - {"inline", "process"}:
         raise SystemExit(f"bench.py: --ring-workers takes inline and/or process, not {args.ring_workers!r}")
@@ -171,6 +173,8 @@ def plan(args) -> list[tuple[str, str, wl.Workload, str, str]]:
 def summary_line(r: dict) -> str:
     if r.get("engine") == "py-intake":  # the compiled kernels, the Python request intake
         r = {**r, "data_path": r["data_path"] + "/pyin"}
+    if r.get("engine") == "no-lane":  # the compiled kernels, without the copy path's lane
+        r = {**r, "data_path": r["data_path"] + "/nolane"}
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
@@ -260,6 +264,7 @@ def main(argv=None) -> int:
     from benchkit.sim_cases import Timing, run_bridge, run_null
 
     from xenblk_vhost import native
+    from xenblk_vhost.backend.datapath.copy_lane import LANE_ENV
     from xenblk_vhost.native.intake import ENGINE_ENV
     from xenblk_vhost.sim.hypervisor import running_hypervisor
 
@@ -295,6 +300,7 @@ def main(argv=None) -> int:
                     "ring_order": w.order, "rings": w.rings, "ring_workers": mode}
             native.set_enabled(engine != "python")
             os.environ[ENGINE_ENV] = "python" if engine == "py-intake" else "compiled"
+            os.environ[LANE_ENV] = "0" if engine == "no-lane" else "1"
             try:
                 if not args.no_raw and (tname, w) not in raw_cache:
                     raw_cache[(tname, w)] = run_raw(target, w, timing)

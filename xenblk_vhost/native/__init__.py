@@ -16,6 +16,11 @@ What is here (each with a pure-Python reference that tests compare it to):
                                  published (backend/datapath/journal.py RingJournal is
                                  the reference; backend/datapath/journal_compiled.py
                                  calls it); the same engine switch as the intake
+    lane_kernel.c                the copy path's lane: plain READ/WRITE requests stashed per
+                                 slot and their grant copies packed a batch at a time
+                                 (backend/datapath/copy_lane.py; CopyBatch.add_sector_ranges
+                                 is the reference); xb_queue_lane in blkio_calls.c queues
+                                 their storage requests in one call (lane_slot.h)
     blkio_calls.c                libblkio's request-queueing calls and do_io, direct
                                  (storage/queue.py; a module of its own, _xenblk_blkio,
                                  loaded by load_blkio(); cffi's ABI mode is the reference)

@@ -5,6 +5,7 @@
 #include <blkio.h>
 
 #include "blkio_calls.h"
+#include "lane_slot.h"
 
 #define QUEUE(q) ((struct blkioq *)(q))
 #define PTR(p) ((void *)(p))
@@ -53,4 +54,27 @@ int xb_do_io(uintptr_t q, uintptr_t completions, int min_completions, int max_co
 {
     return blkioq_do_io(QUEUE(q), (struct blkio_completion *)completions, min_completions, max_completions,
                         (struct timespec *)timeout);
+}
+
+uint32_t xb_lane_slot_size(void) { return (uint32_t)sizeof(struct xk_lane_slot); }
+
+int xb_queue_lane(uintptr_t q, uintptr_t table, uint32_t nslots, uintptr_t idx, uint32_t n, uint64_t base,
+                  uint64_t stride)
+{
+    const struct xk_lane_slot *t = (const struct xk_lane_slot *)table;
+    const uint16_t *ix = (const uint16_t *)idx;
+    for (uint32_t k = 0; k < n; k++) {  /* all or nothing: the caller queues them the reference way */
+        if (ix[k] >= nslots || t[ix[k]].nseg == 0 || t[ix[k]].nseg > XK_LANE_MAX_SEGS || t[ix[k]].op > 1)
+            return -1;
+    }
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t s = ix[k];
+        const struct xk_lane_slot *e = &t[s];
+        void *buf = PTR(base + (uint64_t)s * stride);
+        if (e->op)
+            blkioq_write(QUEUE(q), e->sector << 9, buf, e->nbytes, PTR((uintptr_t)s), 0);
+        else
+            blkioq_read(QUEUE(q), e->sector << 9, buf, e->nbytes, PTR((uintptr_t)s), 0);
+    }
+    return (int)n;
 }

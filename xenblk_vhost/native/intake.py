@@ -94,7 +94,7 @@ class CompiledIntake(RequestIntake):
     """RequestIntake with parse() and decode_indirect_segments() decided by intake_kernel.c."""
 
     __slots__ = ("_ffi", "_lib", "_cfg", "_out", "_outbuf", "_cap", "_seg_off", "_grefs_off",
-                 "_mask", "_nr")
+                 "_mask", "_nr", "_parsed")
 
     def __init__(self, abi: Abi, limits: RequestLimits, found=None) -> None:
         super().__init__(abi, limits)
@@ -117,6 +117,7 @@ class CompiledIntake(RequestIntake):
         cfg.indirect_handle_off = lay.indirect.offset("handle")
         self._cfg = cfg
         self._nr = self._ffi.new("uint64_t *")  # xk_check_segments' out-parameter, reused
+        self._parsed = 0  # slots decoded by the last parse() (its records stay in _out until the next)
         self._apply(limits)
 
     def _apply(self, limits: RequestLimits) -> None:
@@ -148,7 +149,9 @@ class CompiledIntake(RequestIntake):
         if len(raw) < count * entry:
             raise ValueError(f"{len(raw)} bytes hold fewer than {count} slots")
         buf = self._records(count)
+        self._parsed = 0
         self._lib.xk_parse_slots(self._ffi.from_buffer(raw), count, self._cfg, self._out)
+        self._parsed = count
         out: list = []
         append = out.append
         seg_off = self._seg_off
@@ -173,6 +176,19 @@ class CompiledIntake(RequestIntake):
                 append(_new(IndirectRequest, (op, aux, id_, handle, sector, nseg, grefs)))
             off += entry
         return out
+
+    @property
+    def entry_size(self) -> int:
+        return self._entry
+
+    @property
+    def seg_offset(self) -> int:
+        return self._seg_off
+
+    def last_records(self, count: int):
+        """The struct xk_req records of the last parse() (for the copy path's lane: copy_lane.py),
+        or None unless it decoded `count` slots."""
+        return self._out if count and self._parsed == count else None
 
     def decode_indirect_segments(self, header: IndirectRequest, pages_bytes) -> Request | Rejection:
         """As Validator.decode_indirect_segments: the segments' checks in C, the rest shared."""

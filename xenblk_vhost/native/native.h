@@ -111,3 +111,28 @@ void xk_journal_frame(const struct xk_journal_geom *g, uint32_t f, uint64_t seq,
                       uint32_t crc);
 /* zlib's crc32 (what the reference's frames carry). */
 uint32_t xk_crc32(uint32_t crc, const uint8_t *data, size_t len);
+
+/* The copy path's lane (lane_kernel.c; backend/datapath/copy_lane.py): per request slot, a plain
+ * direct READ/WRITE's sector, bytes, op and wire segments (lane_slot.h has the same struct for the
+ * sources). */
+struct xk_lane_slot {
+    uint64_t sector;
+    uint32_t nbytes;
+    uint8_t nseg;
+    uint8_t op;
+    uint8_t pad[2];
+    uint8_t segs[88];
+};
+/* For every batch position i with slot_of[i] >= 0: copy the decoded record recs[i] (an XK_RW READ or
+ * WRITE of 1..11 segments) and its segments from the private copy raw (slot i at i*entry, segments
+ * at seg_off) into table[slot_of[i]]. Returns how many were stashed, or -1 - i for the first position
+ * that is not such a request (or names a slot >= nslots): nothing after it is stashed. */
+int xk_lane_stash(struct xk_lane_slot *table, uint32_t nslots, const uint8_t *raw, uint32_t entry,
+                  uint32_t seg_off, const struct xk_req *recs, uint32_t count, const int32_t *slot_of);
+/* Pack the grant-copy segments of the slots idx[0..n) (their data at base + idx*stride, packed back
+ * to back as CopyBatch.add_sector_ranges packs them), in that order, into out. Returns how many
+ * segments were packed, or -1 (nothing to trust in out) if a slot has no valid entry or a segment
+ * would be refused (last >= 8 or first > last): the caller packs them the reference way. */
+int xk_lane_pack(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint32_t nslots,
+                 const uint16_t *idx, uint32_t n, int to_guest, uint16_t domid, uint64_t base, uint64_t stride);
+uint32_t xk_lane_slot_size(void);

@@ -115,6 +115,7 @@ class Queue:
             self._write_zeroes, self._discard = calls.xb_write_zeroes, calls.xb_discard
             self._flush, self._do_io = calls.xb_flush, calls.xb_do_io
             self._set_fd_enabled = calls.xb_set_completion_fd_enabled
+            self._queue_lane = calls.xb_queue_lane
         else:
             self._qarg, self._completions_arg, self._timeout_arg, self._null = (
                 self._q, self._completions, self._timeout, ffi.NULL)
@@ -123,6 +124,7 @@ class Queue:
             self._write_zeroes, self._discard = lib.blkioq_write_zeroes, lib.blkioq_discard
             self._flush, self._do_io = lib.blkioq_flush, lib.blkioq_do_io
             self._set_fd_enabled = lib.blkioq_set_completion_fd_enabled
+            self._queue_lane = None
         return self.compiled_calls
 
     # ---- queueing requests (nothing reaches the device before do_io/wait_io) ----
@@ -148,6 +150,15 @@ class Queue:
 
     def flush(self, tag: int, flags: int = 0) -> None:
         self._flush(self._qarg, tag, flags)
+
+    def queue_lane(self, table: int, nslots: int, idx: int, n: int, base: int, stride: int) -> bool:
+        """The copy path's lane (backend/datapath/copy_lane.py): a READ or WRITE per slot of the
+        uint16 array at idx, from the lane table at table, in one compiled call. False (nothing
+        queued) when the calls are not compiled or an entry is not valid: queue them one by one."""
+        call = self._queue_lane
+        if call is None:
+            return False
+        return call(self._qarg, table, nslots, idx, n, base, stride) == n
 
     # ---- submitting and reaping ----
 
@@ -296,6 +307,7 @@ class Queue:
         self._completion_fd = None
         self._read = self._write = self._readv = self._writev = _closed
         self._write_zeroes = self._discard = self._flush = self._do_io = self._set_fd_enabled = _closed
+        self._queue_lane = _closed
 
     def __repr__(self) -> str:
         return f"<Queue {self.index}{' poll' if self.poll else ''}{' closed' if self._q is None else ''}>"

@@ -209,6 +209,11 @@ class CopyBatch:
         # int16 view for reading the status of each segment with a stride.
         self._halfwords = self._bytes.cast("h")
 
+    def reserve(self, count: int) -> None:
+        """Room for `count` segments in all (what is packed is kept)."""
+        if count > self.capacity:
+            self._grow(max(count, 2 * self.capacity))
+
     def load(self, segments: Sequence[CopySegment]) -> tuple[int, dict[int, int] | None]:
         """Pack segments; return (how many go to the kernel, {caller index: status} of refused ones)."""
         if len(segments) > self.capacity:

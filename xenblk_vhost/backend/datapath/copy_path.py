@@ -28,6 +28,7 @@ from ...blkif.request import WireSegments
 from ...storage import StorageDevice
 from ...xen.gntdev import CopyBatch, load_compiled_packing
 from ...xen.interfaces import Gntdev
+from .copy_lane import CopyLane
 from .grant_copy import run_batch
 from .slots import Slot
 
@@ -71,6 +72,9 @@ class CopyDataPath:
         self._base = self.region.addr
         self._batch = CopyBatch()  # reused by every grant copy of this ring
         self._free_large = [small_total + i * self._large_size for i in range(large_buffers - 1, -1, -1)]
+        # Plain requests' copies packed (and their storage requests queued) a batch at a time in C;
+        # their small buffers are at index * SMALL_BUFFER, as _attach gives them.
+        self.lane: CopyLane | None = CopyLane.make(slots, SMALL_BUFFER, self._base)
 
     def prepare(self, slots: list[Slot]) -> list[Slot]:
         """Give each data-carrying slot its buffer, then ONE grant copy of all write data in.
@@ -111,14 +115,24 @@ class CopyDataPath:
         add_bytes = batch.add_segment_bytes
         domid = self.domid
         base = self._base
+        laned: list[Slot] | None = None
         for slot in slots:
             if slot.writes == to_guest or slot.status != RSP_OKAY:
+                continue
+            if slot.lane:  # packed with the batch's others below, in one call
+                if laned is None:
+                    laned = []
+                laned.append(slot)
                 continue
             segments = slot.segments
             if type(segments) is WireSegments:  # an indirect request's: packed from its wire bytes, compiled
                 add_bytes(to_guest, domid, segments.raw, base + slot.buffer, slot)
             else:
                 add(to_guest, domid, segments, base + slot.buffer, slot)
+        if laned is not None and (self.lane is None or not self.lane.pack(batch, laned, to_guest, domid)):
+            for slot in laned:  # the kernel refused one: the reference way, and off the lane
+                slot.lane = False
+                add(to_guest, domid, slot.segments, base + slot.buffer, slot)
         run_batch(self.gntdev, batch)
 
     def finish(self, slots: list[Slot]) -> list[Slot]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from .copy_lane import CopyLane
 from .slots import Slot
 
 
@@ -24,6 +25,8 @@ class DataPath(Protocol):
     uses_iovecs: bool
     # It holds persistent grants, whose count the ring reports after each batch.
     keeps_grants: bool
+    # The copy path's compiled lane for plain requests (copy_lane.py), or None.
+    lane: CopyLane | None
 
     def prepare(self, slots: list[Slot]) -> list[Slot]:
         """Give the data-carrying slots their extents (write data brought in); a slot whose

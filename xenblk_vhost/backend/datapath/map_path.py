@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from ...blkif.constants import RSP_ERROR, RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE
 from ...blkif.request import Segments
 from ...xen.interfaces import Gntdev, GrantMapError, GrantMapping
+from .copy_lane import CopyLane
 from .persistent_grants import PersistentGrants
 from .slots import Slot
 
@@ -72,6 +73,7 @@ class MapDataPath:
     """A DataPath (data_path.py): the storage reads and writes the guest's pages where they are mapped."""
 
     uses_iovecs = True  # a request's pages are mapped where they fall: several extents
+    lane: CopyLane | None = None  # no compiled lane (copy_lane.py is the copy path's)
 
     def __init__(self, gntdev: Gntdev, domid: int, persistent: PersistentGrants | None = None) -> None:
         self.gntdev = gntdev

@@ -73,6 +73,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from array import array
 from collections.abc import Callable
 from functools import partial
 
@@ -90,7 +91,7 @@ from ...blkif.constants import (
 )
 from ...blkif.request import DiscardRequest, IndirectRequest, Rejection, Request
 from ...blkif.ring import BackRing, RingOverflow
-from ...native.intake import make_intake
+from ...native.intake import CompiledIntake, make_intake
 from ...storage import BlkioError, IovecArray, Queue
 from ...xen.interfaces import EventChannel, Gntdev
 from .barrier import BarrierGate
@@ -343,9 +344,10 @@ class RingWorker:
                 await self._idle_wait(self._wait_slot)
                 continue
             try:
-                if journal is None:
+                if journal is None and self._lane() is None:
                     batch = take(ring, free)
-                else:
+                    raw = b""
+                else:  # the journal records the private copy; the lane stashes from it
                     pos = ring.req_cons
                     raw, n = ring.take_slots(free)
                     batch = parse(raw, n)
@@ -357,7 +359,7 @@ class RingWorker:
                     woken = False
                     backoff.worked()
                 if journal is None:
-                    await self._dispatch(batch)
+                    await self._dispatch(batch, raw=raw)
                 else:
                     await self._dispatch(batch, pos=pos, raw=raw)
                 self._push()
@@ -391,9 +393,26 @@ class RingWorker:
             self.datapath.idle()
             self.stats.persistent_grants = self.datapath.persistent_grants
 
+    def _lane(self):
+        """The copy path's compiled lane (copy_lane.py) when this ring can use it now: the compiled
+        intake (whose records it stashes) and the storage's compiled calls."""
+        lane = self.datapath.lane
+        if lane is None or type(self.intake) is not CompiledIntake or not getattr(self.queue, "compiled_calls", False):
+            return None
+        return lane
+
+    def _stash(self, lane, raw: bytes, count: int, slot_of: array, run: list[Slot]) -> None:
+        """Keep the plain requests just loaded (slot_of: their batch positions' slots) in the lane;
+        if the kernel refuses, take them all off it (the reference path serves them)."""
+        if not lane.stash(self.intake, raw, count, slot_of):
+            log.warning("%s: the compiled lane refused a batch; serving it the reference way", self.name)
+            for slot in run:
+                slot.lane = False
+
     async def _dispatch(self, batch, *, pos: int = -1, raw: bytes = b"", refs=None) -> None:
         """Run a batch: `pos` and `raw` (its ring position and private copy) to record it in the
-        journal first; `refs` for requests already recorded (a takeover's)."""
+        journal first; `refs` for requests already recorded (a takeover's). `raw` also lets the
+        copy path's lane stash the batch's plain requests."""
         indirect: list | None = None
         for item in batch:
             if type(item) is IndirectRequest:
@@ -412,6 +431,11 @@ class RingWorker:
         append = run.append
         rd_req = rd_sect = wr_req = wr_sect = 0
         jref = -1
+        # The lane takes the plain requests decoded from this very private copy (not a takeover's).
+        lane = self._lane() if raw else None
+        count = len(batch)
+        slot_of = array("i", [-1]) * count if lane is not None else None
+        laned = 0
         for i, item in enumerate(batch):
             if refs is not None:
                 jref = refs[i]
@@ -421,6 +445,11 @@ class RingWorker:
                 if op == OP_WRITE_BARRIER:
                     self._count_dispatched(len(run), rd_req, rd_sect, wr_req, wr_sect)
                     rd_req = rd_sect = wr_req = wr_sect = 0
+                    if laned:
+                        assert slot_of is not None
+                        self._stash(lane, raw, count, slot_of, run)
+                        slot_of = array("i", [-1]) * count  # (a slot may be freed and reused meanwhile)
+                        laned = 0
                     self._start(run)
                     self._kick()
                     run = []
@@ -444,8 +473,13 @@ class RingWorker:
                 # The pool's slots are taken inline; the intake took no more
                 # requests than there are free slots.
                 slot = slots[free.pop()]
-                slot.load(item.id, op, item.sector, nr * SECTOR_SIZE, item.segments, writes, steps, now)
+                segments = item.segments
+                slot.load(item.id, op, item.sector, nr * SECTOR_SIZE, segments, writes, steps, now)
                 slot.jref = jref
+                if slot_of is not None and op <= OP_WRITE and type(segments) is tuple and segments:
+                    slot_of[i] = slot.index  # a direct request: its segments are in the private copy
+                    slot.lane = True
+                    laned += 1
                 if writes and op == OP_FLUSH_DISKCACHE and read_only:
                     log.debug("%s: %s (id %d)", self.name, R_READ_ONLY_FLUSH, item.id)
                     slot.status = RSP_ERROR
@@ -466,6 +500,9 @@ class RingWorker:
             else:
                 raise TypeError(f"unexpected {kind.__name__} after indirect resolution")
         self._count_dispatched(len(run), rd_req, rd_sect, wr_req, wr_sect)
+        if laned:
+            assert slot_of is not None
+            self._stash(lane, raw, count, slot_of, run)
         self._start(run)
         self._kick()
 
@@ -548,6 +585,8 @@ class RingWorker:
         qwrite = self.queue.write
         max_transfer = self.shape.max_transfer
         queued = 0
+        lane = self._lane()
+        laned: list[Slot] = []  # lane slots not queued yet: queued together, in ring order
         for slot in slots:
             if slot.status:
                 if failed is None:
@@ -555,6 +594,12 @@ class RingWorker:
                 failed.append(slot)
                 continue
             steps = slot.steps
+            if slot.lane and lane is not None and (not max_transfer or slot.nr_bytes <= max_transfer):
+                laned.append(slot)
+                continue
+            if laned:
+                queued += self._queue_laned(lane, laned)
+                laned = []
             if steps is _READ or steps is _WRITE:
                 extents = slot.extents
                 if len(extents) == 1:
@@ -567,11 +612,28 @@ class RingWorker:
                         queued += 1
                         continue
             self._queue(slot)
+        if laned:
+            queued += self._queue_laned(lane, laned)
         self._io_outstanding += queued
         if queued:
             self._queued = True
         if failed:
             self._finish(failed)
+
+    def _queue_laned(self, lane, slots: list[Slot]) -> int:
+        """One storage request per lane slot (each one buffer: one part), in one compiled call;
+        one by one if the kernel refuses (then they leave the lane). How many were queued."""
+        if not lane.queue(self.queue, array("H", [slot.index for slot in slots])):
+            qread = self.queue.read
+            qwrite = self.queue.write
+            for slot in slots:
+                slot.lane = False
+                addr, n = slot.extents[0]
+                (qwrite if slot.steps is _WRITE else qread)(slot.sector * SECTOR_SIZE, addr, n, slot.index)
+        for slot in slots:
+            slot.parts = 1
+            slot.in_storage = True
+        return len(slots)
 
     def _queue(self, slot) -> None:
         n = queue_step(self.queue, slot, self.shape, self._iovecs, slot.index * self._iov_per_slot)
@@ -778,6 +840,7 @@ class RingWorker:
         for slot in slots:
             slot.parts = 0
             slot.step = 0
+            slot.lane = False  # a new storage instance may come with a new data path (and lane)
             if slot.status:
                 failed.append(slot)
             else:

@@ -43,7 +43,7 @@ class Slot:
     __slots__ = (
         "index", "req_id", "op", "sector", "nr_bytes", "segments", "writes",
         "steps", "step", "parts", "status", "extents", "buffer", "large", "mapping",
-        "done", "in_storage", "taken_at", "jref",
+        "done", "in_storage", "taken_at", "jref", "lane",
     )
 
     def __init__(self, index: int) -> None:
@@ -66,6 +66,7 @@ class Slot:
         self.in_storage = False
         self.taken_at = 0.0  # time.monotonic() of the batch that took it off the ring
         self.jref = -1  # the request's ref in the ring's journal (journal.py), -1 without one
+        self.lane = False  # a plain request kept in the copy path's compiled lane too (copy_lane.py)
 
     def load(self, req_id: int, op: int, sector: int, nr_bytes: int, segments: Segments, writes: bool,
              steps: tuple[int, ...], taken_at: float) -> None:
@@ -78,6 +79,7 @@ class Slot:
         self.writes = writes
         self.steps = steps
         self.taken_at = taken_at
+        self.lane = False  # the ring worker puts it on the lane after stashing it
 
 
 class SlotPool:

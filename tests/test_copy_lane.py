@@ -1,0 +1,361 @@
+"""The copy path's compiled lane (backend/datapath/copy_lane.py, native/lane_kernel.c, blkio_calls.c's
+xb_queue_lane) makes the reference path's decisions.
+
+The reference: CopyBatch.add_sector_ranges for the grant copies of a request's segments, one
+Queue.read/write per request, on the Request objects the intake built. The lane works from what it
+stashed of the intake's records and the private copy instead, so:
+  * random and hostile ring slots (test_native_intake's batches, all three ABIs) parsed by the compiled
+    intake: every plain request stashed gives the table entry its Request says, and packing the table
+    gives the kernel the very bytes the reference packing gives it, in either direction;
+  * hostile table entries (random bytes: a stale or corrupted table) are refused by the packer and by
+    the queueing call (nothing queued), never turned into a grant copy or a storage request;
+  * the queueing call on a real io_uring queue makes the reference's storage requests (same tags,
+    same data moved);
+  * end to end on the simulated hypervisor, a mixed workload with hostile requests (bad segments,
+    read-only pages for reads, revoked grants, out-of-range sectors, unknown ops) served with the lane
+    and without it: the same responses, the same storage requests, the same disk and guest pages.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from array import array
+
+import pytest
+import trio
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from test_native_intake import batch_st, slot_st
+
+from backend_support.frontend import TestFrontend
+from backend_support.harness import connected, make_disk_file, make_vbd, read_back
+from xenblk_vhost import native
+from xenblk_vhost.backend.datapath import copy_lane as copy_lane_mod
+from xenblk_vhost.backend.datapath.copy_lane import LANE_ENV, CopyLane
+from xenblk_vhost.backend.datapath.copy_path import SMALL_BUFFER
+from xenblk_vhost.blkif.abi import Abi, layout
+from xenblk_vhost.blkif.constants import OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE
+from xenblk_vhost.blkif.encode import RequestEncoder
+from xenblk_vhost.blkif.request import Request
+from xenblk_vhost.blkif.validate import RequestLimits
+from xenblk_vhost.native.intake import CompiledIntake
+from xenblk_vhost.storage import Queue, StorageDevice
+from xenblk_vhost.xen.gntdev import SEGMENT_SIZE, CopyBatch
+
+NSLOTS = 64
+BASE = 0x7F00_0000_0000
+
+
+def lane() -> CopyLane:
+    made = CopyLane.make(NSLOTS, SMALL_BUFFER, BASE)
+    assert made is not None, "the compiled kernels must build in the test environment"
+    return made
+
+
+def table_bytes(ln: CopyLane) -> memoryview:
+    return ln._ffi.buffer(ln._table)  # type: ignore[attr-defined]
+
+
+def plain(item) -> bool:
+    return type(item) is Request and item.op in (OP_READ, OP_WRITE) and type(item.segments) is tuple \
+        and bool(item.segments)
+
+
+def packed(batch: CopyBatch) -> bytes:
+    return bytes(batch._bytes[: batch.count * SEGMENT_SIZE])
+
+
+def test_both_modules_agree_on_the_table_layout():
+    ln = lane()
+    assert ln._lib.xk_lane_slot_size() == native.load_blkio().lib.xb_lane_slot_size() == 104
+    assert ln._ffi.sizeof("struct xk_lane_slot") == 104
+
+
+LIMITS = RequestLimits(sectors=1 << 30, logical_block_size=512, read_only=False, max_indirect_segments=0,
+                       flush_enabled=True, barrier_enabled=True, discard_enabled=True)
+
+
+@st.composite
+def plain_batch_st(draw):
+    """Mostly valid READs and WRITEs of 1..11 segments (the lane's requests), among hostile slots."""
+    abi = draw(st.sampled_from(list(Abi)))
+    enc = RequestEncoder(abi)
+    entry = layout(abi).entry_size
+    slots = []
+    for _ in range(draw(st.integers(0, 40))):
+        if draw(st.integers(0, 5)) == 0:
+            slots.append(draw(slot_st(abi)))
+            continue
+        buf = bytearray(entry)
+        segs = [(draw(st.integers(0, 2**32 - 1)), f, draw(st.integers(f, 7)))
+                for f in draw(st.lists(st.integers(0, 7), min_size=1, max_size=11))]
+        enc.rw(buf, 0, draw(st.sampled_from([OP_READ, OP_WRITE])), draw(st.integers(0, 2**64 - 1)),
+               draw(st.integers(0, (1 << 30) - 100)), segs)
+        slots.append(bytes(buf))
+    return abi, LIMITS, slots
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(batch_st(), plain_batch_st()), st.randoms(use_true_random=False), st.integers(0, 0xFFFF))
+def test_stash_and_pack_make_the_reference_copies(case, rnd, domid):
+    abi, limits, slots = case
+    intake = CompiledIntake(abi, limits)
+    raw = b"".join(slots)
+    items = intake.parse(raw, len(slots))
+    ln = lane()
+    free = list(range(NSLOTS))
+    rnd.shuffle(free)
+    slot_of = array("i", [-1]) * len(items)
+    mine = {}  # slot -> its Request
+    for i, item in enumerate(items):
+        if plain(item):
+            slot_of[i] = free.pop()
+            mine[slot_of[i]] = item
+    if items:  # (the ring worker stashes only batches that have a plain request)
+        assert ln.stash(intake, raw, len(items), slot_of) is True
+    tb = table_bytes(ln)
+    for s, item in mine.items():
+        sector, nbytes, nseg, op = struct.unpack_from("<QIBB", tb, 104 * s)
+        assert (sector, nbytes, nseg, op) == (item.sector, item.nr_sectors * 512, len(item.segments), item.op)
+        segs = [struct.unpack_from("<IBB", tb, 104 * s + 16 + 8 * k) for k in range(nseg)]
+        assert segs == list(item.segments)
+
+    class Owner:
+        def __init__(self, index, segments):
+            self.index, self.segments = index, segments
+
+    if any(len(item.segments) > 1 for item in mine.values()):
+        event("several segments")
+    for to_guest in (False, True):
+        order = list(mine)
+        rnd.shuffle(order)
+        owners = [Owner(s, mine[s].segments) for s in order]
+        ref, got = CopyBatch(), CopyBatch(capacity=1)  # (got grows in pack)
+        ref.add_range(to_guest, domid, 5, 0, 0x1000, 512, "other")  # what came before in the batch stays
+        got.add_range(to_guest, domid, 5, 0, 0x1000, 512, "other")
+        for o in owners:
+            ref.add_sector_ranges(to_guest, domid, o.segments, BASE + o.index * SMALL_BUFFER, o)
+        assert ln.pack(got, owners, to_guest, domid) is True
+        assert got.refused is None and ref.refused is None  # the intake let no bad segment through
+        assert packed(got) == packed(ref) and got.owners == ref.owners
+
+
+def test_a_slot_that_is_not_a_plain_request_is_refused_by_stash():
+    abi = Abi.NATIVE
+    intake = CompiledIntake(abi, LIMITS)
+    enc = RequestEncoder(abi)
+    entry = intake.entry_size
+    buf = bytearray(3 * entry)
+    enc.rw(buf, 0, OP_READ, 1, 8, [(7, 0, 7)])
+    enc.rw(buf, entry, OP_FLUSH_DISKCACHE, 2, 0, [])
+    enc.rw(buf, 2 * entry, OP_WRITE, 3, 16, [(8, 0, 7)] * 11)
+    raw = bytes(buf)
+    items = intake.parse(raw, 3)
+    ln = lane()
+    assert ln.stash(intake, raw, 3, array("i", [4, -1, 5])) is True
+    assert ln.stash(intake, raw, 3, array("i", [4, 6, 5])) is False  # a flush is not for the lane
+    assert ln.stash(intake, raw, 3, array("i", [NSLOTS, -1, -1])) is False  # no such slot
+    assert ln.stash(intake, raw, 2, array("i", [4, -1, -1])) is False  # records of another parse
+    assert plain(items[0]) and plain(items[2]) and not plain(items[1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=104 * 4, max_size=104 * 4), st.lists(st.integers(0, 3), min_size=1, max_size=8),
+       st.booleans())
+def test_hostile_table_entries_are_refused_never_packed_wrong(noise, order, to_guest):
+    """A table entry the lane did not stash (random bytes): the packer packs it only if every field
+    is one a stash could have written, and then exactly as the reference packs those segments."""
+    ln = lane()
+    tb = table_bytes(ln)
+    tb[: len(noise)] = noise
+    valid = True
+    refs = []
+    for s in order:
+        nseg = noise[104 * s + 12]
+        segs = [struct.unpack_from("<IBB", noise, 104 * s + 16 + 8 * k) for k in range(min(nseg, 11))]
+        if not 1 <= nseg <= 11 or any(last >= 8 or first > last for _, first, last in segs):
+            valid = False
+        refs.append(segs)
+
+    class Owner:
+        def __init__(self, index, segments):
+            self.index, self.segments = index, segments
+
+    owners = [Owner(s, tuple(segs)) for s, segs in zip(order, refs)]
+    got = CopyBatch()
+    ok = ln.pack(got, owners, to_guest, 1)
+    assert ok is valid
+    if ok:
+        ref = CopyBatch()
+        for o in owners:
+            ref.add_sector_ranges(to_guest, 1, o.segments, BASE + o.index * SMALL_BUFFER, o)
+        assert packed(got) == packed(ref) and got.owners == ref.owners
+    else:
+        assert got.count == 0 and got.owners == []
+
+
+def test_queue_lane_makes_the_reference_storage_requests(tmp_path):
+    """On a real io_uring queue: valid entries queue exactly what Queue.read/write would (tags,
+    data moved); one bad entry among them and nothing is queued."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(range(256)) * (4 << 20 >> 8))
+    with StorageDevice.open("io_uring", {"path": str(path)}) as dev:
+        q: Queue = dev.queues[0]
+        assert q.compiled_calls
+        region = dev.alloc_mem_region(8 * SMALL_BUFFER)
+        ln = CopyLane.make(8, SMALL_BUFFER, region.addr)
+        assert ln is not None
+        tb = table_bytes(ln)
+        # slot 2: read 2 sectors at sector 8; slot 5: write 4096 bytes at sector 64 (data in its buffer)
+        struct.pack_into("<QIBB", tb, 104 * 2, 8, 1024, 1, OP_READ)
+        struct.pack_into("<QIBB", tb, 104 * 5, 64, 4096, 1, OP_WRITE)
+        region.view[5 * SMALL_BUFFER: 5 * SMALL_BUFFER + 4096] = b"\xab" * 4096
+        assert ln.queue(q, array("H", [5, 2])) is True
+        done = []
+        while len(done) < 2:
+            done += q.do_io(1, 8, timeout=10.0)
+        assert sorted(done) == [(2, 0), (5, 0)]
+        assert bytes(region.view[2 * SMALL_BUFFER: 2 * SMALL_BUFFER + 1024]) == (bytes(range(256)) * 4)
+        assert read_back(path, 64 * 512, 4096) == b"\xab" * 4096
+        struct.pack_into("<QIBB", tb, 104 * 3, 0, 512, 0, OP_READ)  # nseg 0: never stashed
+        assert ln.queue(q, array("H", [2, 3])) is False
+        assert ln.queue(q, array("H", [2, 8])) is False  # no such slot
+        struct.pack_into("<QIBB", tb, 104 * 3, 0, 512, 1, 7)  # not READ/WRITE
+        assert ln.queue(q, array("H", [3])) is False
+        assert q.do_io(0, 8) == []  # nothing was queued
+        q.select_calls(compiled=False)
+        assert ln.queue(q, array("H", [2])) is False  # ABI mode: the caller queues one by one
+        dev.release_mem_region(region)
+
+
+# ---------------------------------------------------------------- end to end, with and without the lane
+
+def record_storage_calls(monkeypatch, log: list) -> None:
+    """Every READ/WRITE the datapath queues, whichever way: (kind, byte offset, length, tag)."""
+    real_read, real_write, real_lane = Queue.read, Queue.write, Queue.queue_lane
+
+    def read(self, start, addr, length, tag, flags=0):
+        log.append(("read", start, length, tag))
+        real_read(self, start, addr, length, tag, flags)
+
+    def write(self, start, addr, length, tag, flags=0):
+        log.append(("write", start, length, tag))
+        real_write(self, start, addr, length, tag, flags)
+
+    def queue_lane(self, table, nslots, idx, n, base, stride):
+        ok = real_lane(self, table, nslots, idx, n, base, stride)
+        if ok:
+            from cffi import FFI
+
+            ffi = FFI()
+            tb = ffi.buffer(ffi.cast("char *", table), 104 * nslots)
+            for s in ffi.unpack(ffi.cast("uint16_t *", idx), n):
+                sector, nbytes, _nseg, op = struct.unpack_from("<QIBB", tb, 104 * s)
+                log.append(("write" if op else "read", sector * 512, nbytes, s, "lane"))
+        return ok
+
+    monkeypatch.setattr(Queue, "read", read)
+    monkeypatch.setattr(Queue, "write", write)
+    monkeypatch.setattr(Queue, "queue_lane", queue_lane)
+
+
+async def serve_hostile_mix(tmp_path, guest, platform, seed: int) -> dict:
+    """Rounds of plain reads and writes (1..11 segments, partial pages) mixed with hostile ones and
+    a few flushes; what the guest saw and what the storage did."""
+    path = make_disk_file(tmp_path / "disk.img")
+    vbd = make_vbd(path, queues=1, data_path="copy")
+    front = TestFrontend(guest, Abi.NATIVE)
+    rng = random.Random(seed)
+    sectors = path.stat().st_size // 512
+    responses = []
+    pages = []
+    try:
+        async with connected(vbd, front, platform):
+            for _round in range(5):
+                sent = 0
+                for k in range(rng.randint(1, 24)):
+                    id_ = 100 * _round + k
+                    kind = rng.choice(["read", "write", "read", "write", "bad-seg", "ro-read", "revoked",
+                                       "beyond", "unknown", "flush", "empty"])
+                    nseg = rng.randint(1, 11)
+                    segs = []
+                    nsect = 0
+                    for _ in range(nseg):
+                        first = rng.randint(0, 7)
+                        last = rng.randint(first, 7)
+                        nsect += last - first + 1
+                        page = front.data_page(readonly=kind in ("write", "ro-read"),
+                                               fill=rng.randbytes(64) * 64)
+                        pages.append(page)
+                        segs.append([page.gref, first, last])
+                    sector = rng.randrange(0, sectors - 88) // 8 * 8
+                    op = OP_WRITE if kind in ("write", "revoked") or rng.random() < 0.3 and kind == "bad-seg" \
+                        else OP_READ
+                    if kind == "bad-seg":
+                        segs[rng.randrange(nseg)][1:] = rng.choice([[3, 2], [0, 8], [9, 9]])
+                    elif kind == "revoked":
+                        front.end_access(pages[-1])
+                    elif kind == "beyond":
+                        sector = sectors - rng.randint(0, 4)
+                    if kind == "unknown":
+                        front.other(0, rng.choice([4, 7, 9, 200]), id_)
+                    elif kind == "flush":
+                        front.rw(0, OP_FLUSH_DISKCACHE, id_, 0, [])
+                    elif kind == "empty":
+                        front.rw(0, op, id_, sector, [])
+                    else:
+                        front.rw(0, op, id_, sector, [tuple(s) for s in segs])
+                    sent += 1
+                front.push()
+                got = await front.responses(0, sent)
+                responses += sorted((r.id, r.op, r.status) for r in got)
+        return {"responses": responses, "disk": path.read_bytes(), "pages": [p.bytes() for p in pages]}
+    finally:
+        front.close()
+        vbd.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_with_and_without_the_lane_the_guest_and_the_storage_see_the_same(tmp_path, guest, platform,
+                                                                                monkeypatch, seed):
+    seen = {}
+    for on in (True, False):
+        calls: list = []
+        with monkeypatch.context() as m:
+            m.setenv(LANE_ENV, "1" if on else "0")
+            record_storage_calls(m, calls)
+            made = []
+            real_make = CopyLane.make.__func__  # type: ignore[attr-defined]
+
+            def make(cls, *args, _made=made, _real=real_make):
+                ln = _real(cls, *args)
+                _made.append(ln)
+                return ln
+
+            m.setattr(copy_lane_mod.CopyLane, "make", classmethod(make))
+            work = tmp_path / ("lane" if on else "reference")
+            work.mkdir()
+            result = await serve_hostile_mix(work, guest, platform, seed)
+            assert made and all((ln is not None) is on for ln in made)
+        result["calls"] = sorted(calls, key=lambda c: (c[1], c[0], c[2]))
+        seen[on] = result
+    assert any(len(c) == 5 for c in seen[True]["calls"]), "the lane queued nothing"
+    assert not any(len(c) == 5 for c in seen[False]["calls"])
+    assert any(status for _, _, status in seen[True]["responses"]), "no request failed: not hostile"
+    assert any(not status for _, _, status in seen[True]["responses"])
+    assert seen[True]["responses"] == seen[False]["responses"]
+    assert [c[:3] for c in seen[True]["calls"]] == [c[:3] for c in seen[False]["calls"]]
+    assert seen[True]["disk"] == seen[False]["disk"]
+    assert seen[True]["pages"] == seen[False]["pages"]
+
+
+def test_the_engine_switch_turns_the_lane_off(monkeypatch):
+    monkeypatch.setenv(LANE_ENV, "0")
+    assert CopyLane.make(4, SMALL_BUFFER, BASE) is None
+    monkeypatch.setenv(LANE_ENV, "1")
+    monkeypatch.setattr(native, "enabled", False)
+    assert CopyLane.make(4, SMALL_BUFFER, BASE) is None
+    monkeypatch.setattr(native, "enabled", True)
+    assert CopyLane.make(4, SMALL_BUFFER, BASE) is not None
+    _ = trio  # (the end-to-end tests above are trio tests)

@@ -1,0 +1,118 @@
+"""The copy path's compiled lane: a batch's plain requests packed and queued in one C call each.
+
+A plain request is a direct (not indirect) READ or WRITE of 1..11 segments taken off the ring by
+the compiled intake: the common case, and the one whose per-request Python was the largest part
+of the backend's CPU (one CopyBatch.add_sector_ranges per request for the copy in or out, one
+Queue.read/write per request). The ring worker stashes such requests, as the intake decoded them
+from the private copy, in a C table indexed by request slot (`stash`, one call per batch); the
+copy path then packs their grant copies (`pack`: the write data in at prepare, the read data out
+at finish) and the ring worker queues their storage requests (`queue`) for all of them at once.
+
+Everything else (indirect, flush, barrier, discard, a request re-run by a takeover or re-queued on
+a new storage instance, the Python engine, a failed copy) keeps the Python path, which is the
+reference: the lane makes the same grant copies and the same storage requests, in the same order
+per slot (tests/test_copy_lane.py drives random and hostile batches through both and compares the
+guest's memory, the statuses, the storage calls). A slot is on the lane while `slot.lane` is True;
+any doubt (a stash or pack the kernel refuses) clears it and the reference path runs.
+
+The table: 104 bytes per request slot (native/lane_slot.h).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from array import array
+from typing import Any
+
+from ...xen.gntdev import SEGMENT_SIZE, CopyBatch
+
+log = logging.getLogger(__name__)
+
+# XENBLK_COPY_LANE=0: no lane (the reference path for every request), for bench.py --engines no-lane.
+LANE_ENV = "XENBLK_COPY_LANE"
+
+
+def _modules() -> tuple[Any, Any] | None:
+    """(the kernels' module, libblkio's calls' module) when both load and native is enabled."""
+    from ... import native
+
+    if not native.enabled:
+        return None
+    try:
+        return native.load(), native.load_blkio()
+    except native.NativeBuildError as e:
+        log.warning("the copy path's compiled lane is unavailable: %s", e)
+        return None
+
+
+class CopyLane:
+    """A ring's lane table (one entry per request slot) and its three calls."""
+
+    __slots__ = ("nslots", "stride", "base", "_ffi", "_lib", "_table", "table_addr")
+
+    def __init__(self, nslots: int, stride: int, base: int, mods: tuple[Any, Any]) -> None:
+        mod, blkio = mods
+        self._ffi, self._lib = mod.ffi, mod.lib
+        if self._lib.xk_lane_slot_size() != blkio.lib.xb_lane_slot_size():
+            raise RuntimeError("the two compiled modules disagree on struct xk_lane_slot")
+        self.nslots = nslots
+        self.stride = stride
+        self.base = base  # slot i's buffer is at base + i * stride
+        self._table = self._ffi.new("struct xk_lane_slot[]", nslots)
+        self.table_addr = int(self._ffi.cast("uintptr_t", self._table))
+
+    @classmethod
+    def make(cls, nslots: int, stride: int, base: int) -> CopyLane | None:
+        """A lane when the compiled kernels load (and native is enabled), else None."""
+        if os.environ.get(LANE_ENV, "1").strip() == "0":
+            return None
+        mods = _modules()
+        if mods is None or nslots > 0xFFFF:
+            return None
+        return cls(nslots, stride, base, mods)
+
+    def stash(self, intake: Any, raw: bytes, count: int, slot_of: array) -> bool:
+        """Keep the requests at the batch positions slot_of names (>= 0) in their slots' entries,
+        from the intake's last parse (records) and the private copy it parsed. False: not all of
+        them are plain requests (the caller takes them off the lane)."""
+        records = intake.last_records(count)
+        if records is None:
+            return False
+        ffi = self._ffi
+        n = self._lib.xk_lane_stash(self._table, self.nslots, ffi.from_buffer(raw), intake.entry_size,
+                                    intake.seg_offset, records, count, ffi.from_buffer("int32_t[]", slot_of))
+        return n >= 0
+
+    def pack(self, batch: CopyBatch, slots: list, to_guest: bool, domid: int) -> bool:
+        """Add the grant copies of these lane slots to batch, in order (owners in step). False:
+        the kernel refused one (nothing added: the caller adds them the reference way)."""
+        total = 0
+        for slot in slots:
+            total += len(slot.segments)
+        count = batch.count
+        batch.reserve(count + total)
+        idx = array("H", [slot.index for slot in slots])
+        ffi = self._ffi
+        packed = self._lib.xk_lane_pack(ffi.cast("struct xk_copy_seg *", batch.address + count * SEGMENT_SIZE),
+                                        self._table, self.nslots, ffi.from_buffer("uint16_t[]", idx), len(idx),
+                                        to_guest, domid, self.base, self.stride)
+        if packed != total:
+            return False
+        owners = batch.owners
+        for slot in slots:
+            n = len(slot.segments)
+            if n == 1:
+                owners.append(slot)
+            else:
+                owners.extend([slot] * n)
+        batch.count = count + total
+        return True
+
+    def queue(self, queue: Any, idx: array) -> bool:
+        """Queue the storage request of every lane slot in idx (uint16 slot indices), in order, in
+        one compiled call. False: nothing was queued (queue them one by one)."""
+        ffi = self._ffi
+        buf = ffi.from_buffer("uint16_t[]", idx)  # alive until the call returns
+        return queue.queue_lane(self.table_addr, self.nslots, int(ffi.cast("uintptr_t", buf)), len(idx),
+                                self.base, self.stride)

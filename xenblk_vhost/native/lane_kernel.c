@@ -1,0 +1,75 @@
+/* The copy path's lane, compiled: the per-request packing of plain direct READ/WRITE requests'
+ * grant copies, for a whole batch in one call (backend/datapath/copy_lane.py says when it is used;
+ * CopyBatch.add_sector_ranges is the reference, tests/test_copy_lane.py compares them). Reads only
+ * the private copy and the table it filled itself, never shared memory. */
+#include <stdint.h>
+#include <string.h>
+#include "native.h"
+
+#define XK_RW_KIND 0u
+#define GNTCOPY_SOURCE_GREF 1u
+#define GNTCOPY_DEST_GREF 2u
+#define SECTORS_PER_PAGE 8u
+#define LANE_MAX_SEGS 11u
+
+uint32_t xk_lane_slot_size(void) { return (uint32_t)sizeof(struct xk_lane_slot); }
+
+int xk_lane_stash(struct xk_lane_slot *table, uint32_t nslots, const uint8_t *raw, uint32_t entry,
+                  uint32_t seg_off, const struct xk_req *recs, uint32_t count, const int32_t *slot_of)
+{
+    int stashed = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        int32_t s = slot_of[i];
+        if (s < 0)
+            continue;
+        const struct xk_req *r = &recs[i];
+        if ((uint32_t)s >= nslots || r->kind != XK_RW_KIND || r->op > 1 || r->nseg == 0 || r->nseg > LANE_MAX_SEGS
+            || r->nr > (uint64_t)LANE_MAX_SEGS * SECTORS_PER_PAGE)
+            return -1 - (int)i;
+        struct xk_lane_slot *t = &table[s];
+        t->sector = r->sector;
+        t->nbytes = (uint32_t)(r->nr << 9);
+        t->nseg = (uint8_t)r->nseg;
+        t->op = r->op;
+        memcpy(t->segs, raw + (uint64_t)i * entry + seg_off, (size_t)r->nseg * 8);
+        stashed++;
+    }
+    return stashed;
+}
+
+int xk_lane_pack(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint32_t nslots,
+                 const uint16_t *idx, uint32_t n, int to_guest, uint16_t domid, uint64_t base, uint64_t stride)
+{
+    int packed = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t s = idx[k];
+        if (s >= nslots)
+            return -1;
+        const struct xk_lane_slot *t = &table[s];
+        if (t->nseg == 0 || t->nseg > LANE_MAX_SEGS)
+            return -1;
+        uint64_t addr = base + (uint64_t)s * stride;
+        for (uint32_t i = 0; i < t->nseg; i++) {
+            const uint8_t *w = t->segs + 8 * i;
+            uint32_t gref;
+            memcpy(&gref, w, 4);  /* little-endian host, as the ring */
+            uint32_t first = w[4], last = w[5];
+            if (last >= SECTORS_PER_PAGE || first > last)
+                return -1;
+            struct xk_copy_seg *c = &out[packed++];
+            memset(c, 0, sizeof(*c));
+            struct xk_copy_foreign *f = to_guest ? &c->dest.foreign : &c->source.foreign;
+            f->ref = gref;
+            f->offset = (uint16_t)(first << 9);
+            f->domid = domid;
+            if (to_guest)
+                c->source.virt = addr;
+            else
+                c->dest.virt = addr;
+            c->len = (uint16_t)((last - first + 1) << 9);
+            c->flags = to_guest ? GNTCOPY_DEST_GREF : GNTCOPY_SOURCE_GREF;
+            addr += c->len;
+        }
+    }
+    return packed;
+}
