@@ -31,10 +31,10 @@ async def test_an_exception_in_one_guests_ring_fails_that_device_only(tmp_path, 
         guest_b = await world.create_guest("b")
         dispatch = RingWorker._dispatch
 
-        async def failing_for_a(self, batch):
+        async def failing_for_a(self, batch, **kw):
             if self.policy.frontend_domid == guest_a.domid:
                 raise RuntimeError("injected: a bug met by guest a's request")
-            return await dispatch(self, batch)
+            return await dispatch(self, batch, **kw)
 
         monkeypatch.setattr(RingWorker, "_dispatch", failing_for_a)
         async with backend_service(world, cfgs) as service:
