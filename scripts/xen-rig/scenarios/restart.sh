@@ -1,6 +1,6 @@
-# rig-timeout: 2400
-# rig-all: no (its own command: `flock /tmp/rig.lock scripts/xen-rig/run.sh --quiet restart`; under TCG
-# every daemon start costs 30-110 s of Python start-up, so it takes 20-40 min: too long for `all`)
+# rig-timeout: 1800
+# In `all` (CI): 4.5 min on an otherwise idle host (3 hand-overs, 5 kills; 06:18 run); under TCG every daemon
+# start costs 6-8 s of Python start-up there, 45-140 s on a host loaded by other work (then 20-40 min).
 # Upgrades and crashes under a busy guest (issue 12): a 2-vCPU guest writes and
 # verifies xvda continuously (odio, 4 processes, fdatasync each round; every
 # I/O slower than 200 ms reported with its start time) on storage that
