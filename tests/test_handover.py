@@ -157,3 +157,24 @@ async def test_an_upgrade_over_vhost_user_connects_the_other_export_before_the_o
     load = result["workload"]
     assert result["ok"] and load["ok"] and not load["mismatches"] and not load["errors"], load
     assert result["front"]["errors"] == []
+
+
+def test_a_released_daemon_leaves_the_cpu_to_its_successor():
+    """After the release the old daemon only frees and closes: every one of its threads (libblkio's,
+    trio's, the main one) drops to nice 19 so that it does not slow the new daemon's takeover.
+    Checked in a child process, which is lowered for good."""
+    probe = """
+import json, os, threading
+from xenblk_vhost.daemon.handover import RELEASED_NICE, lower_own_cpu_priority
+hold = threading.Event()
+threading.Thread(target=hold.wait, daemon=True).start()
+lower_own_cpu_priority()
+print(json.dumps([RELEASED_NICE, [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir('/proc/self/task')]]))
+hold.set()
+"""
+    # started 3 nicer than the suite (land.sh runs it at -10): its threads start somewhere other than 19
+    out = subprocess.run(["nice", "-n", "3", sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    nice, threads = json.loads(out)
+    assert nice == 19 and len(threads) >= 2
+    assert threads == [nice] * len(threads)
