@@ -34,6 +34,7 @@ from xenblk_vhost import native
 from xenblk_vhost.backend.datapath import copy_lane as copy_lane_mod
 from xenblk_vhost.backend.datapath.copy_lane import LANE_ENV, CopyLane
 from xenblk_vhost.backend.datapath.copy_path import SMALL_BUFFER
+from xenblk_vhost.backend.datapath.ring_worker import RingWorker
 from xenblk_vhost.blkif.abi import Abi, layout
 from xenblk_vhost.blkif.constants import OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE
 from xenblk_vhost.blkif.encode import RequestEncoder
@@ -103,6 +104,16 @@ def test_stash_and_pack_make_the_reference_copies(case, rnd, domid):
     intake = CompiledIntake(abi, limits)
     raw = b"".join(slots)
     items = intake.parse(raw, len(slots))
+    # The whole-batch test: None exactly when every slot is plain (then its records are the Requests')
+    whole = intake.parse_unless_plain(raw, len(slots))
+    if items and all(plain(item) for item in items):
+        event("all plain")
+        assert whole is None
+        assert [(op, nseg, id_, sector, nr) for op, nseg, id_, sector, nr in intake.plain_records(len(items))] == \
+            [(r.op, len(r.segments), r.id, r.sector, r.nr_sectors) for r in items]
+        assert intake.build_last(raw, len(items)) == items
+    else:
+        assert whole == items
     ln = lane()
     free = list(range(NSLOTS))
     rnd.shuffle(free)
@@ -260,11 +271,14 @@ def record_storage_calls(monkeypatch, log: list) -> None:
     monkeypatch.setattr(Queue, "queue_lane", queue_lane)
 
 
-async def serve_hostile_mix(tmp_path, guest, platform, seed: int) -> dict:
+async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: bool) -> dict:
     """Rounds of plain reads and writes (1..11 segments, partial pages) mixed with hostile ones and
     a few flushes; what the guest saw and what the storage did."""
+    from xenblk_vhost.sim.guest import Guest
+
+    guest = Guest.create(hv_socket, pages=2600)
     path = make_disk_file(tmp_path / "disk.img")
-    vbd = make_vbd(path, queues=1, data_path="copy")
+    vbd = make_vbd(path, queues=1, data_path="copy", **({"journal_dir": tmp_path / "journal"} if journal else {}))
     front = TestFrontend(guest, Abi.NATIVE)
     rng = random.Random(seed)
     sectors = path.stat().st_size // 512
@@ -272,11 +286,12 @@ async def serve_hostile_mix(tmp_path, guest, platform, seed: int) -> dict:
     pages = []
     try:
         async with connected(vbd, front, platform):
-            for _round in range(5):
+            for _round in range(8):
                 sent = 0
                 for k in range(rng.randint(1, 24)):
                     id_ = 100 * _round + k
-                    kind = rng.choice(["read", "write", "read", "write", "bad-seg", "ro-read", "revoked",
+                    kind = rng.choice(["read", "write"] if _round % 2 else  # (odd rounds: the lane's whole batches)
+                                      ["read", "write", "read", "write", "bad-seg", "ro-read", "revoked",
                                        "beyond", "unknown", "flush", "empty"])
                     nseg = rng.randint(1, 11)
                     segs = []
@@ -289,7 +304,8 @@ async def serve_hostile_mix(tmp_path, guest, platform, seed: int) -> dict:
                                                fill=rng.randbytes(64) * 64)
                         pages.append(page)
                         segs.append([page.gref, first, last])
-                    sector = rng.randrange(0, sectors - 88) // 8 * 8
+                    # disjoint per request of a round: completion order must not matter
+                    sector = (k * (sectors // 24) + rng.randrange(0, sectors // 24 - 88)) // 8 * 8
                     op = OP_WRITE if kind in ("write", "revoked") or rng.random() < 0.3 and kind == "bad-seg" \
                         else OP_READ
                     if kind == "bad-seg":
@@ -314,11 +330,12 @@ async def serve_hostile_mix(tmp_path, guest, platform, seed: int) -> dict:
     finally:
         front.close()
         vbd.close()
+        guest.destroy()
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-async def test_with_and_without_the_lane_the_guest_and_the_storage_see_the_same(tmp_path, guest, platform,
-                                                                                monkeypatch, seed):
+@pytest.mark.parametrize("seed,journal", [(1, False), (2, True)])
+async def test_with_and_without_the_lane_the_guest_and_the_storage_see_the_same(tmp_path, hv_socket, platform,
+                                                                                monkeypatch, seed, journal):
     seen = {}
     for on in (True, False):
         calls: list = []
@@ -334,11 +351,30 @@ async def test_with_and_without_the_lane_the_guest_and_the_storage_see_the_same(
                 return ln
 
             m.setattr(copy_lane_mod.CopyLane, "make", classmethod(make))
+            whole = []  # batches the lane took whole (every request plain)
+            real_plain = RingWorker._dispatch_plain
+
+            def dispatch_plain(self, *args, _whole=whole, _real=real_plain):
+                _whole.append(args[2])
+                return _real(self, *args)
+
+            m.setattr(RingWorker, "_dispatch_plain", dispatch_plain)
+            started: list = []  # every slot as _start gets it: what the lane loaded must be what _dispatch loads
+            real_start = RingWorker._start
+
+            def start(self, slots, _started=started, _real=real_start):
+                _started += [(s.index, s.req_id, s.op, s.sector, s.nr_bytes, tuple(s.segments), s.writes, s.steps,
+                              s.jref, s.status) for s in slots]
+                return _real(self, slots)
+
+            m.setattr(RingWorker, "_start", start)
             work = tmp_path / ("lane" if on else "reference")
             work.mkdir()
-            result = await serve_hostile_mix(work, guest, platform, seed)
+            result = await serve_hostile_mix(work, hv_socket, platform, seed, journal)
             assert made and all((ln is not None) is on for ln in made)
+            assert bool(whole) is on, "the lane never took a whole batch"
         result["calls"] = sorted(calls, key=lambda c: (c[1], c[0], c[2]))
+        result["started"] = sorted(started, key=lambda t: (t[1], t[0]))
         seen[on] = result
     assert any(len(c) == 5 for c in seen[True]["calls"]), "the lane queued nothing"
     assert not any(len(c) == 5 for c in seen[False]["calls"])
@@ -347,6 +383,7 @@ async def test_with_and_without_the_lane_the_guest_and_the_storage_see_the_same(
     assert seen[True]["responses"] == seen[False]["responses"]
     assert [c[:3] for c in seen[True]["calls"]] == [c[:3] for c in seen[False]["calls"]]
     assert seen[True]["disk"] == seen[False]["disk"]
+    assert [t[1:] for t in seen[True]["started"]] == [t[1:] for t in seen[False]["started"]]
     assert seen[True]["pages"] == seen[False]["pages"]
 
 

@@ -53,6 +53,7 @@ _R_MISALIGNED = 11
 KIND_RW, KIND_DISCARD, KIND_INDIRECT, KIND_REJECT = range(4)
 
 _REC = struct.Struct("<BBBBhHI4xQQQ")  # struct xk_req
+_PLAIN = struct.Struct("<xB6xI4xQQQ")  # its op, nseg, id, sector, nr
 _SEG = SEGMENT.struct_for("gref", "first_sect", "last_sect", to_end=True)
 _seg_iter = _SEG.iter_unpack
 _seg_unpack_from = _SEG.unpack_from
@@ -148,10 +149,42 @@ class CompiledIntake(RequestIntake):
         entry = self._entry
         if len(raw) < count * entry:
             raise ValueError(f"{len(raw)} bytes hold fewer than {count} slots")
+        buf = self._decode(raw, count)
+        return self._build(raw, count, buf)
+
+    def _decode(self, raw: bytes, count: int) -> memoryview:
+        """The C decisions for count slots of raw, in the records (_out)."""
+        entry = self._entry
+        if len(raw) < count * entry:
+            raise ValueError(f"{len(raw)} bytes hold fewer than {count} slots")
         buf = self._records(count)
         self._parsed = 0
         self._lib.xk_parse_slots(self._ffi.from_buffer(raw), count, self._cfg, self._out)
         self._parsed = count
+        return buf
+
+    def parse_unless_plain(self, raw: bytes, count: int) -> list | None:
+        """parse(), or None when every slot is a plain READ/WRITE (1..11 direct segments): then
+        nothing is built, the records stay for plain_records() (the copy path's lane takes them)."""
+        if count <= 0:
+            return []
+        buf = self._decode(raw, count)
+        if self._lib.xk_lane_all_plain(self._out, count):
+            return None
+        return self._build(raw, count, buf)
+
+    def build_last(self, raw: bytes, count: int) -> list:
+        """What parse(raw, count) returns, from the records its last decode left (parse_unless_plain's)."""
+        if self._parsed != count:
+            return self.parse(raw, count)
+        return self._build(raw, count, self._outbuf)
+
+    def plain_records(self, count: int):
+        """(op, nseg, id, sector, nr_sectors) of each record of the last decode (count of them)."""
+        return _PLAIN.iter_unpack(self._outbuf[:count * 40])
+
+    def _build(self, raw: bytes, count: int, buf: memoryview) -> list:
+        entry = self._entry
         out: list = []
         append = out.append
         seg_off = self._seg_off

@@ -14,6 +14,16 @@
 
 uint32_t xk_lane_slot_size(void) { return (uint32_t)sizeof(struct xk_lane_slot); }
 
+int xk_lane_all_plain(const struct xk_req *recs, uint32_t count)
+{
+    for (uint32_t i = 0; i < count; i++) {
+        const struct xk_req *r = &recs[i];
+        if (r->kind != XK_RW_KIND || r->op > 1 || r->nseg == 0 || r->nseg > LANE_MAX_SEGS)
+            return 0;
+    }
+    return 1;
+}
+
 int xk_lane_stash(struct xk_lane_slot *table, uint32_t nslots, const uint8_t *raw, uint32_t entry,
                   uint32_t seg_off, const struct xk_req *recs, uint32_t count, const int32_t *slot_of)
 {

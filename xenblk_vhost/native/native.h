@@ -136,3 +136,6 @@ int xk_lane_stash(struct xk_lane_slot *table, uint32_t nslots, const uint8_t *ra
 int xk_lane_pack(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint32_t nslots,
                  const uint16_t *idx, uint32_t n, int to_guest, uint16_t domid, uint64_t base, uint64_t stride);
 uint32_t xk_lane_slot_size(void);
+/* 1 if every one of the count records is a READ or WRITE of 1..11 direct segments (what the lane
+ * takes whole, without building the intake's objects), else 0. */
+int xk_lane_all_plain(const struct xk_req *recs, uint32_t count);

@@ -29,6 +29,11 @@ from ...xen.gntdev import SEGMENT_SIZE, CopyBatch
 
 log = logging.getLogger(__name__)
 
+# Fewer requests than this in a batch (or slots in a group to pack or queue) go the reference way: a
+# lane call's fixed cost (a few cffi conversions) is more than one or two requests' Python (QD1 lost
+# ~5 us per request with the lane on every batch).
+MIN_BATCH = 4
+
 # XENBLK_COPY_LANE=0: no lane (the reference path for every request), for bench.py --engines no-lane.
 LANE_ENV = "XENBLK_COPY_LANE"
 
@@ -83,6 +88,10 @@ class CopyLane:
         n = self._lib.xk_lane_stash(self._table, self.nslots, ffi.from_buffer(raw), intake.entry_size,
                                     intake.seg_offset, records, count, ffi.from_buffer("int32_t[]", slot_of))
         return n >= 0
+
+    def all_plain(self, intake: Any, raw: bytes, count: int) -> list | None:
+        """intake.parse(raw, count), or None when every slot is a plain request (nothing built)."""
+        return intake.parse_unless_plain(raw, count)
 
     def pack(self, batch: CopyBatch, slots: list, to_guest: bool, domid: int) -> bool:
         """Add the grant copies of these lane slots to batch, in order (owners in step). False:

@@ -28,7 +28,7 @@ from ...blkif.request import WireSegments
 from ...storage import StorageDevice
 from ...xen.gntdev import CopyBatch, load_compiled_packing
 from ...xen.interfaces import Gntdev
-from .copy_lane import CopyLane
+from .copy_lane import MIN_BATCH, CopyLane
 from .grant_copy import run_batch
 from .slots import Slot
 
@@ -129,9 +129,9 @@ class CopyDataPath:
                 add_bytes(to_guest, domid, segments.raw, base + slot.buffer, slot)
             else:
                 add(to_guest, domid, segments, base + slot.buffer, slot)
-        if laned is not None and (self.lane is None or not self.lane.pack(batch, laned, to_guest, domid)):
-            for slot in laned:  # the kernel refused one: the reference way, and off the lane
-                slot.lane = False
+        if laned is not None and (len(laned) < MIN_BATCH or self.lane is None
+                                  or not self.lane.pack(batch, laned, to_guest, domid)):
+            for slot in laned:  # a few: cheaper the reference way (the segments are on the slot too)
                 add(to_guest, domid, slot.segments, base + slot.buffer, slot)
         run_batch(self.gntdev, batch)
 

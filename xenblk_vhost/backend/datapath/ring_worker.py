@@ -91,10 +91,11 @@ from ...blkif.constants import (
 )
 from ...blkif.request import DiscardRequest, IndirectRequest, Rejection, Request
 from ...blkif.ring import BackRing, RingOverflow
-from ...native.intake import CompiledIntake, make_intake
+from ...native.intake import _SEG, CompiledIntake, make_intake
 from ...storage import BlkioError, IovecArray, Queue
 from ...xen.interfaces import EventChannel, Gntdev
 from .barrier import BarrierGate
+from .copy_lane import MIN_BATCH
 from .data_path import DataPath
 from .indirect_pages import IndirectPages
 from .journal import InflightJournal
@@ -113,6 +114,9 @@ from .stats import RingStats
 from .storage_ops import queue_step
 
 log = logging.getLogger(__name__)
+
+_seg_unpack_from = _SEG.unpack_from  # a direct request's (gref, first_sect, last_sect), as the intake builds it
+_seg_iter = _SEG.iter_unpack
 
 R_READ_ONLY_FLUSH = "flush with data on a read-only device"
 
@@ -343,22 +347,30 @@ class RingWorker:
                     self.stats.oo_req += 1
                 await self._idle_wait(self._wait_slot)
                 continue
+            lane = self._lane()
             try:
-                if journal is None and self._lane() is None:
+                if journal is None and lane is None:
                     batch = take(ring, free)
                     raw = b""
                 else:  # the journal records the private copy; the lane stashes from it
                     pos = ring.req_cons
                     raw, n = ring.take_slots(free)
-                    batch = parse(raw, n)
+                    batch = parse(raw, n) if lane is None or n < MIN_BATCH else lane.all_plain(self.intake, raw, n)
             except RingOverflow as e:
                 self._halt(e)
                 continue
-            if batch:
+            plain = batch is None  # every request plain: the lane's batch, no object per request
+            if plain and not self._dispatch_plain(lane, raw, n, pos):
+                plain = False
+                assert isinstance(self.intake, CompiledIntake)  # (the lane's condition)
+                batch = self.intake.build_last(raw, n)  # (the lane refused it: the reference way)
+            if plain or batch:
                 if woken:
                     woken = False
                     backoff.worked()
-                if journal is None:
+                if plain:
+                    pass  # dispatched above
+                elif journal is None:
                     await self._dispatch(batch, raw=raw)
                 else:
                     await self._dispatch(batch, pos=pos, raw=raw)
@@ -409,6 +421,66 @@ class RingWorker:
             for slot in run:
                 slot.lane = False
 
+    def _dispatch_plain(self, lane, raw: bytes, n: int, pos: int) -> bool:
+        """_dispatch for a batch of n plain READ/WRITE requests (the intake's records of raw say so):
+        the same slots, journal records, counts and storage requests, without the intake's objects.
+        False: the lane refused the batch (nothing done: the caller serves it the reference way)."""
+        free = self.pool.free
+        idx = free[-n:]
+        idx.reverse()  # the slots n free.pop() would give, in that order
+        intake = self.intake
+        assert isinstance(intake, CompiledIntake)
+        if not lane.stash(intake, raw, n, array("i", idx)):
+            log.warning("%s: the compiled lane refused a batch; serving it the reference way", self.name)
+            return False
+        del free[-n:]
+        journal = self.journal
+        first = -1
+        if journal is not None:
+            first = journal.record_taken(pos, raw, n, None)  # before anything reaches the storage
+        slots = self.pool.slots
+        now = time.monotonic()
+        run: list[Slot] = []
+        append = run.append
+        rd_req = rd_sect = wr_req = wr_sect = 0
+        seg_unpack = _seg_unpack_from
+        off = intake.seg_offset
+        entry = intake.entry_size
+        jref = -1
+        for i, (op, nseg, id_, sector, nr) in enumerate(intake.plain_records(n)):
+            slot = slots[idx[i]]
+            if nseg == 1:
+                segments: tuple = (seg_unpack(raw, off),)
+            else:
+                segments = tuple(_seg_iter(raw[off:off + nseg * 8]))
+            off += entry
+            # Slot.load's stores, inline
+            slot.req_id = id_
+            slot.op = op
+            slot.sector = sector
+            slot.nr_bytes = nr * SECTOR_SIZE
+            slot.segments = segments
+            if op:
+                slot.writes = True
+                slot.steps = _WRITE
+                wr_req += 1
+                wr_sect += nr
+            else:
+                slot.writes = False
+                slot.steps = _READ
+                rd_req += 1
+                rd_sect += nr
+            slot.taken_at = now
+            if first >= 0:
+                jref = first + i
+            slot.jref = jref
+            slot.lane = True
+            append(slot)
+        self._count_dispatched(n, rd_req, rd_sect, wr_req, wr_sect)
+        self._start(run)
+        self._kick()
+        return True
+
     async def _dispatch(self, batch, *, pos: int = -1, raw: bytes = b"", refs=None) -> None:
         """Run a batch: `pos` and `raw` (its ring position and private copy) to record it in the
         journal first; `refs` for requests already recorded (a takeover's). `raw` also lets the
@@ -432,7 +504,7 @@ class RingWorker:
         rd_req = rd_sect = wr_req = wr_sect = 0
         jref = -1
         # The lane takes the plain requests decoded from this very private copy (not a takeover's).
-        lane = self._lane() if raw else None
+        lane = self._lane() if raw and len(batch) >= MIN_BATCH else None
         count = len(batch)
         slot_of = array("i", [-1]) * count if lane is not None else None
         laned = 0
@@ -623,11 +695,10 @@ class RingWorker:
     def _queue_laned(self, lane, slots: list[Slot]) -> int:
         """One storage request per lane slot (each one buffer: one part), in one compiled call;
         one by one if the kernel refuses (then they leave the lane). How many were queued."""
-        if not lane.queue(self.queue, array("H", [slot.index for slot in slots])):
-            qread = self.queue.read
+        if len(slots) < MIN_BATCH or not lane.queue(self.queue, array("H", [slot.index for slot in slots])):
+            qread = self.queue.read  # a few (cheaper one by one), or the kernel refused them
             qwrite = self.queue.write
             for slot in slots:
-                slot.lane = False
                 addr, n = slot.extents[0]
                 (qwrite if slot.steps is _WRITE else qread)(slot.sector * SECTOR_SIZE, addr, n, slot.index)
         for slot in slots:
