@@ -95,7 +95,7 @@ from ...native.intake import _SEG, CompiledIntake, make_intake
 from ...storage import BlkioError, IovecArray, Queue
 from ...xen.interfaces import EventChannel, Gntdev
 from .barrier import BarrierGate
-from .copy_lane import MIN_BATCH
+from .copy_lane import MIN_BATCH, CopyLane
 from .data_path import DataPath
 from .indirect_pages import IndirectPages
 from .journal import InflightJournal
@@ -204,6 +204,9 @@ class RingWorker:
         self._queued = False  # a storage request was queued since the last do_io (see _kick)
         self._last_purge = time.monotonic()
         self._backoff = SpuriousBackoff()
+        self._lane_datapath: DataPath | None = None  # what _lane() decided for (see there)
+        self._lane_queue: Queue | None = None
+        self._lane_cached: CopyLane | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -407,11 +410,16 @@ class RingWorker:
 
     def _lane(self):
         """The copy path's compiled lane (copy_lane.py) when this ring can use it now: the compiled
-        intake (whose records it stashes) and the storage's compiled calls."""
-        lane = self.datapath.lane
-        if lane is None or type(self.intake) is not CompiledIntake or not getattr(self.queue, "compiled_calls", False):
-            return None
-        return lane
+        intake (whose records it stashes) and the storage's compiled calls. Decided again only when
+        the data path or the queue changed (attach_storage): it is asked several times a batch."""
+        datapath, queue = self.datapath, self.queue
+        if datapath is not self._lane_datapath or queue is not self._lane_queue:
+            self._lane_datapath, self._lane_queue = datapath, queue
+            lane = datapath.lane
+            if lane is None or type(self.intake) is not CompiledIntake or not getattr(queue, "compiled_calls", False):
+                lane = None
+            self._lane_cached = lane
+        return self._lane_cached
 
     def _stash(self, lane, raw: bytes, count: int, slot_of: array, run: list[Slot]) -> None:
         """Keep the plain requests just loaded (slot_of: their batch positions' slots) in the lane;
