@@ -5,11 +5,19 @@
 
 Two figures:
 
-  calls    the journal's own calls as the ring worker makes them (one
-           record_taken per batch, one record_answers per push with the
-           push's answers, one published per push) on a tmpfs file, timed
-           alone: CPU per request by batch size, for each engine (compiled:
-           native/journal_kernel.c; python: the reference RingJournal).
+  calls    what the journal adds to the ring worker's own calls around one
+           batch, timed alone (tmpfs file, a ring in memory): the batch's
+           parse by the compiled intake, its answers (record_answers, then
+           the responses written) and the push, with the journal minus the
+           same without it; CPU per request by batch size. Columns: fused
+           (the compiled engine as RingWorker runs it: the intake's parse
+           call writes the frame, the push is one C call with published
+           folded in, without a journal too), calls (the journal's calls one
+           by one, as before that: record_taken after the parse, Python push
+           then published; this tree's compiled journal), python (the same
+           with the reference RingJournal). A tree without the fused calls
+           prints "-" there: run this script with PYTHONPATH at an older
+           checkout for its figures (alternate the runs).
   bridge   the speed issue's benchmark (scripts/benchkit: a compiled guest
            in its own process drives the real Vbd through the simulated
            hypervisor, page-cached file on io_uring, copy path), each
@@ -38,8 +46,18 @@ from benchkit.workloads import FULL, select  # noqa: E402
 
 from xenblk_vhost.backend.datapath.journal import JournalGeometry, RingJournal, format_area  # noqa: E402
 from xenblk_vhost.backend.datapath.journal_compiled import CompiledRingJournal  # noqa: E402
+
+try:  # not in a tree from before the fused calls (this script compares with one: see above)
+    from xenblk_vhost.backend.datapath.journal_compiled import make_ring_push  # noqa: E402
+except ImportError:
+    make_ring_push = None  # type: ignore[assignment]
 from xenblk_vhost.backend.datapath.journal_file import JournalFile  # noqa: E402
 from xenblk_vhost.blkif.abi import Abi, layout  # noqa: E402
+from xenblk_vhost.blkif.constants import OP_READ  # noqa: E402
+from xenblk_vhost.blkif.encode import RequestEncoder  # noqa: E402
+from xenblk_vhost.blkif.ring import BackRing, FrontRing, ring_bytes  # noqa: E402
+from xenblk_vhost.blkif.validate import RequestLimits  # noqa: E402
+from xenblk_vhost.native.intake import make_intake  # noqa: E402
 
 DEFAULT_WORKLOADS = "4k-randread-qd1-o0-r1,4k-randwrite-qd1-o0-r1,-qd32-o0-r1,-qd128-o4-r1"
 
@@ -52,30 +70,72 @@ class _Answer:
         self.status = 0
 
 
-def calls_per_request(directory: Path, batch: int, engine: type[RingJournal], rounds: int = 4000) -> float:
-    """CPU seconds per request of the journal's calls alone, at `batch` requests per batch."""
-    entry = layout(Abi.NATIVE).entry_size
+def _read_slots(batch: int) -> bytes:
+    """batch ring slots of 4 KiB reads (one segment each), as a guest posts them."""
+    enc = RequestEncoder(Abi.NATIVE)
+    buf = bytearray(batch * enc.layout.entry_size)
+    for i in range(batch):
+        enc.rw(buf, i * enc.layout.entry_size, OP_READ, i, 8 * i, [(i, 0, 7)])
+    return bytes(buf)
+
+
+def calls_per_request(directory: Path, batch: int, way: str, journal: bool, rounds: int = 4000) -> float:
+    """CPU seconds per request of the worker's calls around a batch of `batch` requests: way "fused",
+    "calls" or "python" (see the module docstring), with or without the journal."""
+    abi = Abi.NATIVE
+    entry = layout(abi).entry_size
     g = JournalGeometry.for_ring(128, entry, 256)
-    jf = JournalFile.create(directory / f"calls-{batch}.journal", g.size)
+    jf = JournalFile.create(directory / f"calls-{batch}-{way}.journal", g.size)
+    intake = make_intake(abi, RequestLimits(sectors=1 << 30, max_indirect_segments=256))
+    parse = intake.parse
+    mem = bytearray(ring_bytes(2))
+    FrontRing(memoryview(mem), abi, 2)
+    ring = BackRing(memoryview(mem), abi, 2)
+    put = ring.put_response
+    j = None
     try:
         format_area(jf.buffer, g, b"bench", taken_to=0, published=0)
-        j = engine(jf.buffer, g)
-        raw = bytes(range(256)) * (batch * entry // 256 + 1)
-        raw = raw[:batch * entry]
+        if journal:
+            j = (RingJournal if way == "python" else CompiledRingJournal)(jf.buffer, g)
+        raw = _read_slots(batch)
         pos = 0
         answered = [_Answer(0) for _ in range(batch)]  # the worker's slots: jref, status
+        fused = way == "fused"
+        if fused:
+            if make_ring_push is None or not hasattr(intake, "record_into"):
+                return float("nan")  # an older tree
+            if j is not None:
+                intake.record_into(j.c_state)
+            push = make_ring_push(ring, j)
         t0 = time.process_time()
         for _ in range(rounds):
-            ref = j.record_taken(pos, raw, batch)
-            if answered[0].jref != ref:  # the worker sets a slot's jref at dispatch: not journal cost
-                for i, a in enumerate(answered):
-                    a.jref = ref + i
-            j.record_answers(answered, pos)
+            ring.req_cons = (ring.req_cons + batch) & 0xFFFFFFFF  # taken (not timed apart: the same both ways)
+            if j is None:
+                parse(raw, batch)
+            else:
+                if fused:
+                    parse(raw, batch, pos)
+                    ref = intake.recorded
+                else:
+                    parse(raw, batch)
+                    ref = j.record_taken(pos, raw, batch)
+                if answered[0].jref != ref:  # the worker sets a slot's jref at dispatch: not journal cost
+                    for i, a in enumerate(answered):
+                        a.jref = ref + i
+                j.record_answers(answered, ring.rsp_prod_pvt)
+            for a in answered:
+                put(a.jref, 0, a.status)
             pos += batch
-            j.published(pos)
+            if fused:
+                push()
+            else:
+                ring.push_responses()
+                if j is not None:
+                    j.published(ring.rsp_prod_pvt)
         spent = time.process_time() - t0
-        j.release()
     finally:
+        if j is not None:
+            j.release()
         jf.remove()
     return spent / (rounds * batch)
 
@@ -90,11 +150,19 @@ def main() -> int:
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="bench-journal-", dir="/dev/shm") as tmp:
-        print("calls alone (tmpfs file): CPU per request by batch size, median of 5 (compiled / python)")
+        print("calls: what the journal adds to the worker's calls around a batch, CPU per request by batch "
+              "size, median of 7, interleaved (fused / calls / python; in brackets the fused engine's calls "
+              "without a journal)")
+        ways = ("fused", "calls", "python")
         for batch in (1, 8, 32, 64):
-            figs = [statistics.median(calls_per_request(Path(tmp), batch, engine) for _ in range(5))
-                    for engine in (CompiledRingJournal, RingJournal)]
-            print(f"  batch {batch:>2}: {1e6 * figs[0]:.3f} / {1e6 * figs[1]:.3f} us/request")
+            runs: dict[tuple[str, bool], list[float]] = {(w, jr): [] for w in ways for jr in (False, True)}
+            for _ in range(7):
+                for key in runs:
+                    runs[key].append(calls_per_request(Path(tmp), batch, *key))
+            med = {key: statistics.median(v) for key, v in runs.items()}
+            cost = " / ".join("-" if med[(w, True)] != med[(w, True)]
+                              else f"{1e6 * (med[(w, True)] - med[(w, False)]):.3f}" for w in ways)
+            print(f"  batch {batch:>2}: {cost} us/request   [{1e6 * med[('fused', False)]:.3f}]")
         if args.no_bridge:
             return 0
         from benchkit.sim_cases import Timing, run_bridge

@@ -8,11 +8,17 @@ takeovers (read the area back, adopt it in a new writer) in the middle. After ev
 areas must be byte for byte equal, and so must the refs returned, `room` and the frames in use;
 refusals (a full journal, a batch too big) must be the same exceptions. A last check runs the
 takeover plan on the compiled writer's area: the frames it wrote are read back as valid.
+The compiled side takes each step one of its ways at random, as the ring worker or a compiled
+engine would: a batch recorded by the compiled intake's parse call (xk_parse_record, falling back
+to record_taken for a batch with an indirect request, as RingWorker does) or by record_taken; a
+push's answers through record_answers (Python over the C arrays) or xk_journal_answer per answer;
+a publish through published() or xk_journal_published.
 """
 
 from __future__ import annotations
 
 import random
+import struct
 import zlib
 from dataclasses import dataclass
 
@@ -30,7 +36,9 @@ from xenblk_vhost.backend.datapath.journal import (
     read_image,
 )
 from xenblk_vhost.backend.datapath.journal_compiled import CompiledRingJournal, make_ring_journal
-from xenblk_vhost.native.intake import _lib
+from xenblk_vhost.blkif.abi import Abi, layout
+from xenblk_vhost.blkif.validate import RequestLimits
+from xenblk_vhost.native.intake import CompiledIntake, _lib
 
 ENTRY = 112
 
@@ -55,12 +63,36 @@ def _same(a, b, ja, jb, where):
     assert ja.room == jb.room and ja.frames_in_use == jb.frames_in_use, where
 
 
+def _indirect_slot() -> bytes:
+    """A slot the intake parses as an indirect request (a read of one segment)."""
+    slot = bytearray(ENTRY)
+    slot[0], slot[1] = 6, 0
+    slot[2:4] = (1).to_bytes(2, "little")
+    return bytes(slot)
+
+
+def _taken_compiled(rnd, intake, jb, pos, raw, n, indirect):
+    """jb records the batch as the ring worker would: by the intake's parse call, or record_taken."""
+    if rnd.random() < 0.5:
+        return jb.record_taken(pos, raw, n, indirect)
+    intake.record_into(jb.c_state)
+    batch = intake.parse(raw[:n * ENTRY], n, pos)
+    assert len(batch) == n
+    if intake.recorded >= 0:
+        assert indirect is None, "recorded by the parse although the batch holds an indirect request"
+        return intake.recorded
+    return jb.record_taken(pos, raw, n, indirect)  # an indirect request in it (or no room): RingWorker's way
+
+
 def _drive(seed: int, slots: int, per_frame: int, steps: int) -> None:
     rnd = random.Random(seed)
     g = JournalGeometry.for_ring(slots, ENTRY, 16, per_frame=per_frame)
     pos = rnd.choice([0, rnd.randrange(1 << 32), (1 << 32) - 3])
     rsp = pos
     a, b, ja, jb = _pair(g, pos)
+    _ffi, lib = _lib()
+    intake = CompiledIntake(Abi.X86_64, RequestLimits(sectors=1 << 20, max_indirect_segments=16))
+    assert layout(Abi.X86_64).entry_size == ENTRY
     outstanding: list[int] = []
     for step in range(steps):
         r = rnd.random()
@@ -69,18 +101,24 @@ def _drive(seed: int, slots: int, per_frame: int, steps: int) -> None:
                 continue
             n = rnd.randint(1, min(per_frame, slots - len(outstanding)))
             raw = rnd.randbytes(n * ENTRY + rnd.choice([0, 0, 0, ENTRY]))  # the intake may hand a longer copy
+            raw = bytes(b if b != 6 else 7 for b in raw[:1]) + raw[1:]  # slot 0 no indirect request by chance
             indirect = None
             if rnd.random() < 0.3:
                 which = sorted(rnd.sample(range(n), rnd.randint(1, n)))
                 indirect = [(i, rnd.choice([INDIRECT_COPY_FAILED, rnd.randbytes(8 * rnd.randint(1, 16))]))
                             for i in which]
+                i = which[0]  # the worker has such a list only for a batch with an indirect request in it
+                raw = raw[:i * ENTRY] + _indirect_slot() + raw[(i + 1) * ENTRY:]
+            else:  # and none without one
+                raw = b"".join(raw[k:k + ENTRY] if raw[k] != 6 else b"\x07" + raw[k + 1:k + ENTRY]
+                               for k in range(0, len(raw), ENTRY))
             try:
                 ra = ja.record_taken(pos, raw, n, indirect)
             except JournalFull:
                 with pytest.raises(JournalFull):
-                    jb.record_taken(pos, raw, n, indirect)
+                    _taken_compiled(rnd, intake, jb, pos, raw, n, indirect)
                 continue
-            rb = jb.record_taken(pos, raw, n, indirect)
+            rb = _taken_compiled(rnd, intake, jb, pos, raw, n, indirect)
             assert ra == rb, f"refs differ at step {step}"
             outstanding += [ra + i for i in range(n)]
             pos = (pos + n) & 0xFFFFFFFF
@@ -100,11 +138,20 @@ def _drive(seed: int, slots: int, per_frame: int, steps: int) -> None:
                 refs.insert(rnd.randint(0, len(refs)), -1)
             answered = [_Answer(ref, rnd.choice([0, 0, -1, -2])) for ref in refs]
             ja.record_answers(answered, rsp)
-            jb.record_answers(answered, rsp)
+            if rnd.random() < 0.5:
+                jb.record_answers(answered, rsp)
+            else:  # a compiled engine's way: one C call per answer
+                for k, ans in enumerate(answered):
+                    if ans.jref >= 0:
+                        lib.xk_journal_answer(jb.c_state, ans.jref, ans.status, (rsp + k) & 0xFFFFFFFF)
             rsp = (rsp + len(refs)) & 0xFFFFFFFF
         elif r < 0.95:
-            ja.published(rsp)
-            jb.published(rsp)
+            pub = (rsp - rnd.choice([0, 0, 0, 1, 2])) & 0xFFFFFFFF  # now and then not every answer yet
+            ja.published(pub)
+            if rnd.random() < 0.5:
+                jb.published(pub)
+            else:
+                lib.xk_journal_published(jb.c_state, pub)
         else:
             # Takeover: a new writer of each kind continues the area it finds.
             ja.release()
@@ -157,3 +204,46 @@ def test_the_python_engine_keeps_the_reference(monkeypatch):
     monkeypatch.setenv("XENBLK_ENGINE", "python")
     assert type(make_ring_journal(buf, g)) is RingJournal
     assert native_journal.CompiledRingJournal is CompiledRingJournal
+
+
+@settings(max_examples=200, deadline=None)
+@given(rsp_prod=st.integers(0, (1 << 32) - 1), rsp_event=st.integers(0, (1 << 32) - 1),
+       pushed=st.integers(0, 32), near=st.integers(-3, 34), journal=st.booleans())
+def test_the_compiled_push_is_backrings(rsp_prod, rsp_event, pushed, near, journal):
+    """xk_ring_push (make_ring_push) publishes as BackRing.push_responses does and says the same about
+    notifying, for rsp_event anywhere (near the published range too); with a journal, the publish
+    frees what the reference's published() frees."""
+    from xenblk_vhost.backend.datapath.journal_compiled import make_ring_push
+    from xenblk_vhost.blkif.abi import SRING
+    from xenblk_vhost.blkif.ring import BackRing, ring_bytes
+
+    if near <= 32:
+        rsp_event = (rsp_prod + near) & 0xFFFFFFFF
+    rings = []
+    for _ in range(2):
+        mem = bytearray(ring_bytes(0))
+        for name, value in (("req_prod", rsp_prod + pushed), ("rsp_prod", rsp_prod), ("rsp_event", rsp_event)):
+            struct.pack_into("<I", mem, SRING.offset(name), value & 0xFFFFFFFF)
+        ring = BackRing(memoryview(mem), Abi.X86_64, 0)
+        ring.req_cons = (rsp_prod + pushed) & 0xFFFFFFFF
+        for k in range(pushed):
+            ring.put_response(k, 0, 0)
+        rings.append((mem, ring))
+    g = JournalGeometry.for_ring(64, ENTRY, 16)
+    a, b, ja, jb = _pair(g, rsp_prod)
+    if pushed and journal:
+        for j in (ja, jb):
+            ref = j.record_taken(rsp_prod, bytes(pushed * ENTRY), pushed)
+            j.record_answers([_Answer(ref + k, 0) for k in range(pushed)], rsp_prod)
+    (mem_a, ring_a), (mem_b, ring_b) = rings
+    want = ring_a.push_responses()
+    if journal:
+        ja.published(ring_a.rsp_prod_pvt)
+    push = make_ring_push(ring_b, jb if journal else None)
+    assert push is not None
+    assert push() is want
+    assert mem_a == mem_b
+    _same(a, b, ja, jb, "the push")
+    ring_b.view.release()
+    with pytest.raises(ValueError):
+        push()  # the ring let go of: refused, nothing written

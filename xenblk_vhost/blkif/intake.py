@@ -18,7 +18,9 @@ Public API:
     RequestIntake(abi, limits)
         .take(ring, max_count) -> list[Request | DiscardRequest
                                        | IndirectRequest | Rejection]
-        .parse(raw, count) -> same list, from an already private copy
+        .parse(raw, count, pos=-1) -> same list, from an already private copy
+        .record_into(journal_state) -> False: this intake writes no journal (the
+                                compiled one can: native/intake.py); .recorded is -1
         .decode_indirect_segments(header, pages_bytes) -> Request | Rejection
         .limits                 the RequestLimits in force
 """
@@ -34,6 +36,8 @@ from .validate import RequestLimits, Validator
 
 class RequestIntake:
     __slots__ = ("abi", "_decoder", "_validator", "_entry")
+
+    recorded = -1  # the compiled intake's journal record of the last batch parsed: none here
 
     def __init__(self, abi: Abi, limits: RequestLimits) -> None:
         self.abi = abi
@@ -60,8 +64,13 @@ class RequestIntake:
         raw, n = ring.take_slots(max_count)
         return self.parse(raw, n)
 
-    def parse(self, raw: bytes, count: int) -> list[Decoded]:
-        """Decode+validate `count` back-to-back slots of a private copy."""
+    def record_into(self, journal_state) -> bool:
+        """Whether this intake writes each batch's journal record itself: not this one."""
+        return False
+
+    def parse(self, raw: bytes, count: int, pos: int = -1) -> list[Decoded]:
+        """Decode+validate `count` back-to-back slots of a private copy (pos: its ring position,
+        for an intake that records batches in a journal)."""
         decode = self._decoder.decode
         checks = self._validator.check_by_type
         out: list[Decoded] = []

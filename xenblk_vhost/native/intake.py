@@ -95,7 +95,7 @@ class CompiledIntake(RequestIntake):
     """RequestIntake with parse() and decode_indirect_segments() decided by intake_kernel.c."""
 
     __slots__ = ("_ffi", "_lib", "_cfg", "_out", "_outbuf", "_cap", "_seg_off", "_grefs_off",
-                 "_mask", "_nr", "_parsed")
+                 "_mask", "_nr", "_parsed", "_journal", "recorded")
 
     def __init__(self, abi: Abi, limits: RequestLimits, found=None) -> None:
         super().__init__(abi, limits)
@@ -119,7 +119,15 @@ class CompiledIntake(RequestIntake):
         self._cfg = cfg
         self._nr = self._ffi.new("uint64_t *")  # xk_check_segments' out-parameter, reused
         self._parsed = 0  # slots decoded by the last parse() (its records stay in _out until the next)
+        self._journal = None
+        self.recorded = -1
         self._apply(limits)
+
+    def record_into(self, journal_state) -> bool:
+        """Write each batch parsed with its ring position into this journal (a CompiledRingJournal's
+        c_state: struct xk_journal) in the parse call itself: see parse()."""
+        self._journal = journal_state
+        return journal_state is not None
 
     def _apply(self, limits: RequestLimits) -> None:
         cfg = self._cfg
@@ -143,40 +151,58 @@ class CompiledIntake(RequestIntake):
             self._outbuf = self._ffi.buffer(self._out)
         return self._outbuf
 
-    def parse(self, raw: bytes, count: int) -> list:
+    def parse(self, raw: bytes, count: int, pos: int = -1) -> list:
+        """RequestIntake.parse; with `pos` (the batch's ring position) and a journal (record_into),
+        the same C call records the batch in the journal unless it holds an indirect request (whose
+        frame needs its segments, copied later): `recorded` is then its first request's ref, else
+        negative (the caller records it: RingJournal.record_taken)."""
         if count <= 0:
+            self.recorded = -1
             return []
         entry = self._entry
         if len(raw) < count * entry:
             raise ValueError(f"{len(raw)} bytes hold fewer than {count} slots")
-        buf = self._decode(raw, count)
+        buf = self._decode(raw, count, pos)
         return self._build(raw, count, buf)
 
-    def _decode(self, raw: bytes, count: int) -> memoryview:
-        """The C decisions for count slots of raw, in the records (_out)."""
+    def _decode(self, raw: bytes, count: int, pos: int = -1) -> memoryview:
+        """The C decisions for count slots of raw, in the records (_out); the journal's record of
+        them with `pos` (see parse)."""
         entry = self._entry
         if len(raw) < count * entry:
             raise ValueError(f"{len(raw)} bytes hold fewer than {count} slots")
         buf = self._records(count)
         self._parsed = 0
-        self._lib.xk_parse_slots(self._ffi.from_buffer(raw), count, self._cfg, self._out)
+        if pos >= 0 and self._journal is not None:
+            self.recorded = self._lib.xk_parse_record(raw if type(raw) is bytes else self._ffi.from_buffer(raw),
+                                                      count, self._cfg, self._out, self._journal, pos)
+        else:
+            self._lib.xk_parse_slots(raw if type(raw) is bytes else self._ffi.from_buffer(raw),
+                                     count, self._cfg, self._out)
+            self.recorded = -1
         self._parsed = count
         return buf
 
-    def parse_unless_plain(self, raw: bytes, count: int) -> list | None:
+    def parse_unless_plain(self, raw: bytes, count: int, pos: int = -1) -> list | None:
         """parse(), or None when every slot is a plain READ/WRITE (1..11 direct segments): then
-        nothing is built, the records stay for plain_records() (the copy path's lane takes them)."""
+        nothing is built, the records stay for plain_records() (the copy path's lane takes them).
+        `pos`: as parse's (the journal's record)."""
         if count <= 0:
+            self.recorded = -1
             return []
-        buf = self._decode(raw, count)
+        buf = self._decode(raw, count, pos)
         if self._lib.xk_lane_all_plain(self._out, count):
             return None
         return self._build(raw, count, buf)
 
     def build_last(self, raw: bytes, count: int) -> list:
-        """What parse(raw, count) returns, from the records its last decode left (parse_unless_plain's)."""
+        """What parse(raw, count) returns, from the records its last decode left (parse_unless_plain's);
+        `recorded` stays the last decode's (its journal frame is this batch's)."""
         if self._parsed != count:
-            return self.parse(raw, count)
+            recorded = self.recorded
+            out = self.parse(raw, count)
+            self.recorded = recorded
+            return out
         return self._build(raw, count, self._outbuf)
 
     def plain_records(self, count: int):

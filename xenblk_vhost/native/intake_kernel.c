@@ -8,7 +8,6 @@
 #include "native.h"
 
 enum { OP_READ = 0, OP_WRITE = 1, OP_WRITE_BARRIER = 2, OP_FLUSH = 3, OP_DISCARD = 5, OP_INDIRECT = 6 };
-enum { XK_RW = 0, XK_DISCARD = 1, XK_INDIRECT = 2, XK_REJECT = 3 };
 /* Reasons: native_intake.py maps them to decode.py's and validate.py's R_* strings. */
 enum {
     XK_R_NONE = 0, XK_R_UNKNOWN_OP, XK_R_BAD_NR_SEGMENTS, XK_R_BAD_SEGMENT, XK_R_BAD_INDIRECT_OP,

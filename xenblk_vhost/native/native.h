@@ -47,6 +47,7 @@ int xk_pack_sector_ranges(struct xk_copy_seg *out, const char *raw, uint32_t nse
  * rejection (the indirect_op for an indirect request); aux is the discard flag or the
  * indirect_op; nseg the request's segment count; nr the sectors it covers (a discard's
  * nr_sectors). */
+enum { XK_RW = 0, XK_DISCARD = 1, XK_INDIRECT = 2, XK_REJECT = 3 };  /* xk_req.kind */
 struct xk_req {
     uint8_t kind;
     uint8_t op;
@@ -89,26 +90,55 @@ void xk_parse_slots(const uint8_t *raw, uint32_t count, const struct xk_intake_c
  * a segment not a multiple of block_mask + 1 sectors -> XK_R_MISALIGNED; else 0. */
 int xk_check_segments(const uint8_t *raw, uint32_t nseg, uint32_t block_mask, uint64_t *nr);
 
-/* The ring journal's batch record (journal_kernel.c; backend/datapath/journal.py's RingJournal
- * is the reference and the format). native/journal.py fills it once; area is the journal's
- * shared mapping, the offsets are JournalGeometry's. */
-struct xk_journal_geom {
+/* The ring journal's writer (journal_kernel.c; backend/datapath/journal.py's RingJournal is the
+ * reference and the format). journal_compiled.py fills it once; area is the journal's shared
+ * mapping, the offsets are JournalGeometry's. Its bookkeeping lives in arrays Python allocates
+ * and views too (memoryviews over them: record_answers and published run in Python where a call
+ * here would cost more than the work): ctl[0] frames free, ctl[1] frames in done[]; free_[]
+ * the free frames (a stack, next one last); pending[f] requests of frame f not answered;
+ * tags[f] the answer tag of frame f, pre-shifted; done[2k], done[2k+1] a frame all answered
+ * and its last response position, not yet published; seq[0] the last frame's seq. A compiled
+ * ring engine calls these directly (xk_journal_answer per answer, xk_journal_published). */
+struct xk_journal {
     uint8_t *area;
     uint32_t entry;           /* bytes of one ring slot */
     uint32_t frame_size;
     uint32_t raw_off;
     uint32_t lens_off;
     uint32_t ind_off;
+    uint32_t per_frame;
+    uint32_t wpf;             /* 8-byte words per frame */
+    uint32_t ref0;            /* ref of request 0 of frame 0 */
+    uint32_t *ctl;
+    uint32_t *free_;
+    uint32_t *pending;
+    uint64_t *tags;
+    uint32_t *done;
+    uint64_t *seq;
 };
 
-/* record_taken's stores into free frame f: n slots of raw (n*entry bytes) from ring position
- * first_pos under seq; lens NULL for a batch without indirect requests, else 2*n bytes (u16 per
- * request: its segment bytes in ind, 0xFFFF copy failed) and ind_total bytes of segments; crc:
- * zlib's crc32 of raw (then lens, then ind), which this continues over the header fields. The
- * caller checked n, the room and the lengths. Then the header's taken_to hint. */
-void xk_journal_frame(const struct xk_journal_geom *g, uint32_t f, uint64_t seq, uint64_t first_pos,
-                      const uint8_t *raw, uint32_t n, const uint8_t *lens, const uint8_t *ind, uint32_t ind_total,
-                      uint32_t crc);
+/* record_taken: n slots of raw (n*entry bytes) from ring position first_pos into the next free
+ * frame, its crc computed here; lens NULL for a batch without indirect requests, else 2*n bytes
+ * (u16 per request: its segment bytes in ind, 0xFFFF copy failed) and ind_total bytes of segments
+ * (the caller checked ind_total). Then the header's taken_to hint. Returns the first request's
+ * ref, or XK_J_FULL (no free frame) / XK_J_BAD (n is 0 or more than a frame holds): nothing
+ * written then. */
+int64_t xk_journal_take(struct xk_journal *j, uint32_t first_pos, const uint8_t *raw, uint32_t n,
+                        const uint8_t *lens, const uint8_t *ind, uint32_t ind_total);
+/* record_answered: request ref answered status at response position rsp_pos. */
+void xk_journal_answer(struct xk_journal *j, uint64_t ref, int32_t status, uint32_t rsp_pos);
+/* published: rsp_prod is published; frees the frames whose answers all lie before it. */
+void xk_journal_published(struct xk_journal *j, uint32_t rsp_prod);
+/* The intake's parse (xk_parse_slots) and, when no slot is an indirect request (its segments
+ * are copied later, and the frame holds them), the batch's journal record from the same private
+ * copy in the same call: returns the first request's ref, XK_J_INDIRECT when not recorded for
+ * that reason, or xk_journal_take's refusal. */
+int64_t xk_parse_record(const uint8_t *raw, uint32_t count, const struct xk_intake_cfg *cfg,
+                        struct xk_req *out, struct xk_journal *j, uint32_t first_pos);
+/* BackRing.push_responses on the shared ring's page (sring), then, with a journal (j not NULL),
+ * xk_journal_published(j, new_prod): one call for the push. Returns whether to notify. */
+int xk_ring_push(uint8_t *sring, uint32_t new_prod, struct xk_journal *j);
+enum { XK_J_FULL = -1, XK_J_BAD = -2, XK_J_INDIRECT = -3 };
 /* zlib's crc32 (what the reference's frames carry). */
 uint32_t xk_crc32(uint32_t crc, const uint8_t *data, size_t len);
 

@@ -89,9 +89,9 @@ class CopyLane:
                                     intake.seg_offset, records, count, ffi.from_buffer("int32_t[]", slot_of))
         return n >= 0
 
-    def all_plain(self, intake: Any, raw: bytes, count: int) -> list | None:
-        """intake.parse(raw, count), or None when every slot is a plain request (nothing built)."""
-        return intake.parse_unless_plain(raw, count)
+    def all_plain(self, intake: Any, raw: bytes, count: int, pos: int = -1) -> list | None:
+        """intake.parse(raw, count, pos), or None when every slot is a plain request (nothing built)."""
+        return intake.parse_unless_plain(raw, count, pos)
 
     def pack(self, batch: CopyBatch, slots: list, to_guest: bool, domid: int) -> bool:
         """Add the grant copies of these lane slots to batch, in order (owners in step). False:

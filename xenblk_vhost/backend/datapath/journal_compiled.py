@@ -1,39 +1,53 @@
-"""The ring journal with its batch record compiled (native/journal_kernel.c).
+"""The ring journal with its writer compiled (native/journal_kernel.c).
 
 Here, not in native/: it builds on the datapath's RingJournal, and native/ sits below the datapath.
 
     journal = make_ring_journal(buf, geometry)   # CompiledRingJournal when the engine is "compiled"
                                                  # and the kernels load, else RingJournal (the reference)
 
-CompiledRingJournal is a RingJournal whose record_taken writes its frame with one C call: the very
-same bytes in the same order (tests/test_native_journal.py runs random call sequences, takeovers
-included, through both and compares the areas, the refs and `room` after every call). The format,
-its crash consistency and the takeover are the reference's (journal.py, takeover.py); only who
-writes a batch's stores changes (the crc of the slots' copy is still zlib's, called from Python:
-faster on kilobytes than a table loop in C). The bookkeeping (which frame, the seq, the unanswered counts) and
-record_answered / published stay in Python: an answer is one word, and a C call costs as much as
-the interpreter's few operations for it (measured: scripts/bench_journal.py prints both engines).
+CompiledRingJournal is a RingJournal whose state (free frames, seq, unanswered counts, tags, frames
+answered but not published) lives in C arrays (struct xk_journal, native.h), so that:
+  * the compiled intake writes a batch's frame in the very call that parses it
+    (CompiledIntake.record_into(journal.c_state); RingWorker asks for it): the journal's record of
+    a batch costs no call of its own, only a memcpy and a crc in C;
+  * record_taken (a batch with indirect requests, whose segments come later), record_answered and
+    published are one C call each, record_answers one per answer (measured cheaper than the
+    same stores from Python over memoryviews of the arrays; bench_journal.py);
+  * a compiled ring engine can call xk_journal_answer / xk_journal_published itself on c_state;
+  * the ring's push and the journal's published are one C call (make_ring_push, xk_ring_push:
+    BackRing.push_responses' stores and verdict, then published), used by RingWorker._push.
+The very same bytes in the same order and the same frames chosen as the reference
+(tests/test_native_journal.py runs random call sequences, takeovers and the fused intake included,
+through both and compares the areas, the refs and `room` after every call). The format, its crash
+consistency and the takeover are the reference's (journal.py, takeover.py).
 XENBLK_ENGINE=python (or native.enabled False) keeps the reference, as for the intake.
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
+from collections.abc import Callable, Sequence
+from typing import Literal
 
+from ...blkif.constants import U32_MASK
+from ...blkif.ring import BackRing
 from ...native.intake import _lib
 from .journal import (
     _HAS_INDIRECT,
+    _PUBLISHED_WORD,
     _TAG_MOD,
     _TAG_SHIFT,
     HEADER_SIZE,
+    Answered,
     JournalFull,
     JournalGeometry,
+    JournalImage,
     RingJournal,
     indirect_lengths,
 )
 
-_crc32 = zlib.crc32
+_CTL_FREE = 0  # journal_kernel.c's ctl words: frames free, frames in done[]
+_CTL_DONE = 1
 
 
 def make_ring_journal(buf, geometry: JournalGeometry) -> RingJournal:
@@ -45,7 +59,7 @@ def make_ring_journal(buf, geometry: JournalGeometry) -> RingJournal:
 
 
 class CompiledRingJournal(RingJournal):
-    """RingJournal with record_taken's stores done by journal_kernel.c."""
+    """RingJournal with its bookkeeping in C arrays and its stores done by journal_kernel.c."""
 
     def __init__(self, buf, geometry: JournalGeometry, found=None) -> None:
         super().__init__(buf, geometry)
@@ -55,51 +69,150 @@ class CompiledRingJournal(RingJournal):
         ffi, lib = found
         self._ffi = ffi
         self._null = ffi.NULL
+        frames = geometry.frames
         self._area = ffi.from_buffer(self._view)  # released in release(): the mapping can close then
-        g = ffi.new("struct xk_journal_geom *")
-        g.area = ffi.cast("uint8_t *", self._area)
-        g.entry = geometry.entry_size
-        g.frame_size = geometry.frame_size
-        g.raw_off = geometry._raw_offset
-        g.lens_off = geometry._lens_offset
-        g.ind_off = geometry._ind_offset
-        self._geom = g
-        self._frame = lib.xk_journal_frame
+        arrays = {"ctl": ffi.new("uint32_t[]", 2), "free_": ffi.new("uint32_t[]", frames),
+                  "pending": ffi.new("uint32_t[]", frames), "tags": ffi.new("uint64_t[]", frames),
+                  "done": ffi.new("uint32_t[]", 2 * frames), "seq": ffi.new("uint64_t[]", 1)}
+        self._arrays = arrays  # owned here: c_state points into them
+        j = ffi.new("struct xk_journal *")
+        j.area = ffi.cast("uint8_t *", self._area)
+        j.entry = geometry.entry_size
+        j.frame_size = geometry.frame_size
+        j.raw_off = geometry._raw_offset
+        j.lens_off = geometry._lens_offset
+        j.ind_off = geometry._ind_offset
+        j.per_frame = geometry.per_frame
+        j.wpf = self._wpf
+        j.ref0 = self._ref0
+        for name, arr in arrays.items():
+            setattr(j, name, arr)
+        self.c_state = j  # for CompiledIntake.record_into and a compiled ring engine
+
+        def view(name: str, fmt: Literal["I", "Q"]) -> memoryview:
+            return memoryview(ffi.buffer(arrays[name])).cast("B").cast(fmt)
+
+        self._ctl = view("ctl", "I")
+        self._cfree = view("free_", "I")
+        self._cdone = view("done", "I")
+        self._cseq = view("seq", "Q")
+        # The reference's per-frame lists become views of the C arrays (adopt() writes them as is).
+        self._pending = view("pending", "I")  # type: ignore[assignment]
+        self._tags = view("tags", "Q")  # type: ignore[assignment]
+        self._store_lists(self._free, self._done, self._seq)
+        self._take = lib.xk_journal_take
+        self._answer = lib.xk_journal_answer
+        self._publish = lib.xk_journal_published
+
+    def _store_lists(self, free: list[int], done: list[tuple[int, int]], seq: int) -> None:
+        """The reference's free stack, done list and seq into the C arrays."""
+        for k, f in enumerate(free):
+            self._cfree[k] = f
+        for k, (f, last) in enumerate(done):
+            self._cdone[2 * k] = f
+            self._cdone[2 * k + 1] = last
+        self._ctl[_CTL_FREE] = len(free)
+        self._ctl[_CTL_DONE] = len(done)
+        self._cseq[0] = seq
+
+    @property
+    def room(self) -> int:
+        return self._per_frame if self._ctl[_CTL_FREE] else 0
+
+    @property
+    def frames_in_use(self) -> int:
+        return self.geometry.frames - self._ctl[_CTL_FREE]
 
     def record_taken(self, first_pos: int, raw: bytes, n: int,
                      indirect: list[tuple[int, bytes]] | None = None) -> int:
         if not 0 < n <= self._per_frame:
             raise ValueError(f"{n} requests in one frame (at most {self._per_frame})")
-        free = self._free
-        if not free:
+        if not self._ctl[_CTL_FREE]:
             raise JournalFull("no free journal frame")
         nbytes = n * self._entry
         if len(raw) != nbytes:
             if len(raw) < nbytes:
                 raise ValueError(f"{len(raw)} bytes of slots for {n} requests")
             raw = raw[:nbytes]
-        crc = _crc32(raw)  # zlib's, on the kilobytes; the kernel finishes it over the header
-        f = free.pop()
-        self._seq = seq = self._seq + 1
         if indirect:
             lens_list, parts = indirect_lengths(indirect, n)
             ind = b"".join(parts)
             if len(ind) > n * self.geometry.indirect_bytes:
-                free.append(f)
-                self._seq -= 1
                 raise ValueError(f"{len(ind)} bytes of indirect segments for {n} requests")
             lens = struct.pack(f"<{n}H", *lens_list)
-            self._frame(self._geom, f, seq, first_pos, raw, n, lens, ind, len(ind),
-                        _crc32(ind, _crc32(lens, crc)))
+            ref = self._take(self.c_state, first_pos & U32_MASK, raw, n, lens, ind, len(ind))
         else:
-            self._frame(self._geom, f, seq, first_pos, raw, n, self._null, self._null, 0, crc)
-        self._pending[f] = n
-        self._tags[f] = (seq % _TAG_MOD + 1) << _TAG_SHIFT  # journal._tag(seq)
-        return self._ref0 + f * self._wpf
+            ref = self._take(self.c_state, first_pos & U32_MASK, raw, n, self._null, self._null, 0)
+        if ref < 0:  # checked above: only a released journal gets here
+            raise JournalFull("journal released")
+        return ref
+
+    def record_answered(self, ref: int, status: int, rsp_pos: int) -> None:
+        self._answer(self.c_state, ref, status, rsp_pos & U32_MASK)
+
+    def record_answers(self, answered: Sequence[Answered], first_rsp_pos: int) -> None:
+        # One C call per answer: cheaper than the same stores through memoryviews of the C arrays
+        # (a u64 tag read back makes a new int each time); bench_journal.py measures it.
+        answer = self._answer
+        state = self.c_state
+        pos = first_rsp_pos & U32_MASK
+        for a in answered:
+            ref = a.jref
+            if ref >= 0:
+                answer(state, ref, a.status, pos)
+            pos = (pos + 1) & U32_MASK
+
+    def published(self, rsp_prod: int) -> None:
+        if self._ctl[_CTL_DONE]:
+            self._publish(self.c_state, rsp_prod & U32_MASK)
+        else:
+            self._hwords[_PUBLISHED_WORD] = rsp_prod & U32_MASK
+
+    def adopt(self, image: JournalImage, rsp_prod: int) -> None:
+        # The reference's adopt over lists (the per-frame arrays are views already), then into C.
+        self._seq = self._cseq[0]
+        self._done = [(self._cdone[2 * k], self._cdone[2 * k + 1]) for k in range(self._ctl[_CTL_DONE])]
+        super().adopt(image, rsp_prod)
+        self._store_lists(self._free, self._done, self._seq)
 
     def release(self) -> None:
+        self.c_state.area = self._null  # the C calls write nothing after this (their mapping may close)
+        self._ctl[_CTL_FREE] = 0
         self._ffi.release(self._area)
         super().release()
 
 
-assert _HAS_INDIRECT == 1 and HEADER_SIZE == 4096  # journal_kernel.c's constants
+assert _HAS_INDIRECT == 1 and HEADER_SIZE == 4096 and _TAG_SHIFT == 40 and _TAG_MOD == (1 << 24) - 1
+
+
+class CompiledPush:
+    """A ring's push (BackRing.push_responses, the reference) with its journal's published() folded
+    in: one C call (xk_ring_push) where the ring worker made two Python calls."""
+
+    def __init__(self, ring: BackRing, journal: CompiledRingJournal | None, found) -> None:
+        ffi, lib = found
+        # The page's address, not a buffer export: the Vbd releases the ring's view before it
+        # unmaps (an export would forbid both). push() checks the view first: a released view
+        # raises there, as BackRing's push would, and while it is not released the page is mapped.
+        held = ffi.from_buffer(ring.view)
+        self._sring = ffi.cast("uint8_t *", ffi.cast("uintptr_t", held))
+        ffi.release(held)
+        self._ring = ring
+        self._view = ring.view
+        self._state = journal.c_state if journal is not None else ffi.NULL
+        self._push = lib.xk_ring_push
+
+    def push(self) -> bool:
+        """Publish the responses written so far (and free what the journal may); whether to notify."""
+        self._view.nbytes  # noqa: B018 - raises ValueError once the view is released (the ring unmapped)
+        return self._push(self._sring, self._ring.rsp_prod_pvt, self._state) != 0
+
+
+def make_ring_push(ring: BackRing, journal) -> Callable[[], bool] | None:
+    """The compiled push for this ring and its journal (None: no journal), or None where the ring
+    worker keeps BackRing.push_responses + journal.published (the Python engine, or a journal that
+    is not compiled)."""
+    found = _lib()
+    if found is None or (journal is not None and not isinstance(journal, CompiledRingJournal)):
+        return None
+    return CompiledPush(ring, journal, found).push

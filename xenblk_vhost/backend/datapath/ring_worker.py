@@ -99,6 +99,7 @@ from .copy_lane import MIN_BATCH, CopyLane
 from .data_path import DataPath
 from .indirect_pages import IndirectPages
 from .journal import InflightJournal
+from .journal_compiled import make_ring_push
 from .notify_backoff import SpuriousBackoff
 from .ring_policy import RingPolicy
 from .slots import (
@@ -183,6 +184,10 @@ class RingWorker:
             self._iovecs = IovecArray(policy.slots * self._iov_per_slot)
         self._indirect = IndirectPages(gntdev, policy.frontend_domid, self.intake, policy.slots)
         self.journal = journal
+        if journal is not None:  # the compiled intake then records each batch in its parse call
+            self.intake.record_into(getattr(journal, "c_state", None))
+        # The compiled engine's push: the ring's and the journal's published in one C call.
+        self._compiled_push = make_ring_push(ring, journal)
         self._resume: list | None = None  # (item, ref) a takeover left to run again
 
         self._io_outstanding = 0  # storage requests queued or submitted, not completed
@@ -358,7 +363,8 @@ class RingWorker:
                 else:  # the journal records the private copy; the lane stashes from it
                     pos = ring.req_cons
                     raw, n = ring.take_slots(free)
-                    batch = parse(raw, n) if lane is None or n < MIN_BATCH else lane.all_plain(self.intake, raw, n)
+                    batch = (parse(raw, n, pos) if lane is None or n < MIN_BATCH
+                             else lane.all_plain(self.intake, raw, n, pos))
             except RingOverflow as e:
                 self._halt(e)
                 continue
@@ -444,8 +450,10 @@ class RingWorker:
         del free[-n:]
         journal = self.journal
         first = -1
-        if journal is not None:
-            first = journal.record_taken(pos, raw, n, None)  # before anything reaches the storage
+        if journal is not None:  # before anything reaches the storage: by the intake's decode if it could
+            first = intake.recorded
+            if first < 0:
+                first = journal.record_taken(pos, raw, n, None)
         slots = self.pool.slots
         now = time.monotonic()
         run: list[Slot] = []
@@ -500,8 +508,11 @@ class RingWorker:
                 batch = self._indirect.resolve(batch, indirect)
                 break
         if pos >= 0 and self.journal is not None:
-            # Recorded before anything reaches the storage (the intake took no more than room).
-            first = self.journal.record_taken(pos, raw, len(batch), indirect)
+            # Recorded before anything reaches the storage (the intake took no more than room): by
+            # the compiled intake's parse of this batch when it could (no indirect request), else here.
+            first = self.intake.recorded
+            if first < 0:
+                first = self.journal.record_taken(pos, raw, len(batch), indirect)
             refs = range(first, first + len(batch))
         slots = self.pool.slots
         free = self.pool.free
@@ -812,9 +823,13 @@ class RingWorker:
     def _push(self) -> None:
         if self._unpushed:
             self._unpushed = False
-            notify = self.ring.push_responses()
-            if self.journal is not None:
-                self.journal.published(self.ring.rsp_prod_pvt)
+            push = self._compiled_push
+            if push is not None:
+                notify = push()
+            else:
+                notify = self.ring.push_responses()
+                if self.journal is not None:
+                    self.journal.published(self.ring.rsp_prod_pvt)
             if notify:
                 self._notify_frontend()
 
