@@ -162,7 +162,8 @@ def main() -> int:
             med = {key: statistics.median(v) for key, v in runs.items()}
             cost = " / ".join("-" if med[(w, True)] != med[(w, True)]
                               else f"{1e6 * (med[(w, True)] - med[(w, False)]):.3f}" for w in ways)
-            print(f"  batch {batch:>2}: {cost} us/request   [{1e6 * med[('fused', False)]:.3f}]")
+            alone = med[("fused", False)]
+            print(f"  batch {batch:>2}: {cost} us/request   [{'-' if alone != alone else f'{1e6 * alone:.3f}'}]")
         if args.no_bridge:
             return 0
         from benchkit.sim_cases import Timing, run_bridge

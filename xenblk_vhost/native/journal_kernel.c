@@ -194,3 +194,10 @@ int xk_ring_push(uint8_t *sring, uint32_t new_prod, struct xk_journal *j)
         xk_journal_published(j, new_prod);
     return (uint32_t)(new_prod - event) < (uint32_t)(new_prod - old);
 }
+
+void xk_journal_answers(struct xk_journal *j, const int64_t *packed, uint32_t n, uint32_t first_pos)
+{
+    for (uint32_t k = 0; k < n; k++)
+        if (packed[k] >= 0)
+            xk_journal_answer(j, (uint64_t)packed[k] >> 8, (int32_t)(packed[k] & 0xFF), first_pos + k);
+}

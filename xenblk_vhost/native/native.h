@@ -127,6 +127,9 @@ int64_t xk_journal_take(struct xk_journal *j, uint32_t first_pos, const uint8_t 
                         const uint8_t *lens, const uint8_t *ind, uint32_t ind_total);
 /* record_answered: request ref answered status at response position rsp_pos. */
 void xk_journal_answer(struct xk_journal *j, uint64_t ref, int32_t status, uint32_t rsp_pos);
+/* record_answers: packed[k] = ref << 8 | (status & 0xFF) answered at response position first_pos + k,
+ * or negative: the response of no journaled request (nothing recorded; its position still counts). */
+void xk_journal_answers(struct xk_journal *j, const int64_t *packed, uint32_t n, uint32_t first_pos);
 /* published: rsp_prod is published; frees the frames whose answers all lie before it. */
 void xk_journal_published(struct xk_journal *j, uint32_t rsp_prod);
 /* The intake's parse (xk_parse_slots) and, when no slot is an indirect request (its segments
