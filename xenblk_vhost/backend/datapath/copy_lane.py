@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # ~5 us per request with the lane on every batch).
 MIN_BATCH = 4
 
+XK_LANE_MAX_SEGS = 11  # segments a lane slot holds (native/lane_slot.h)
+
 # XENBLK_COPY_LANE=0: no lane (the reference path for every request), for bench.py --engines no-lane.
 LANE_ENV = "XENBLK_COPY_LANE"
 
@@ -96,26 +98,31 @@ class CopyLane:
     def pack(self, batch: CopyBatch, slots: list, to_guest: bool, domid: int) -> bool:
         """Add the grant copies of these lane slots to batch, in order (owners in step). False:
         the kernel refused one (nothing added: the caller adds them the reference way)."""
-        total = 0
-        for slot in slots:
-            total += len(slot.segments)
+        n = len(slots)
         count = batch.count
-        batch.reserve(count + total)
-        idx = array("H", [slot.index for slot in slots])
-        ffi = self._ffi
-        packed = self._lib.xk_lane_pack(ffi.cast("struct xk_copy_seg *", batch.address + count * SEGMENT_SIZE),
-                                        self._table, self.nslots, ffi.from_buffer("uint16_t[]", idx), len(idx),
+        batch.reserve(count + XK_LANE_MAX_SEGS * n)
+        # (cffi passes the list as a temporary uint16_t array)
+        packed = self._lib.xk_lane_pack(self._ffi.cast("struct xk_copy_seg *", batch.address + count * SEGMENT_SIZE),
+                                        self._table, self.nslots, [slot.index for slot in slots], n,
                                         to_guest, domid, self.base, self.stride)
-        if packed != total:
+        if packed < 0:
             return False
         owners = batch.owners
-        for slot in slots:
-            n = len(slot.segments)
-            if n == 1:
-                owners.append(slot)
-            else:
-                owners.extend([slot] * n)
-        batch.count = count + total
+        if packed == n:  # every entry has at least one segment: one each
+            owners.extend(slots)
+        else:
+            total = 0
+            for slot in slots:
+                k = len(slot.segments)
+                total += k
+                if k == 1:
+                    owners.append(slot)
+                else:
+                    owners.extend([slot] * k)
+            if total != packed:  # the table disagrees with the slots: nothing added
+                del owners[len(owners) - total:]
+                return False
+        batch.count = count + packed
         return True
 
     def queue(self, queue: Any, idx: array) -> bool:

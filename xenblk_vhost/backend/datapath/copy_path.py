@@ -84,8 +84,16 @@ class CopyDataPath:
         """
         waiting: list[Slot] = []
         ready: list[Slot] = []
+        base = self._base
         for slot in slots:
             if not slot.segments or slot.status != RSP_OKAY:
+                continue
+            if slot.lane and not waiting:  # _attach, inline: 1..11 segments always fit its small buffer
+                off = slot.index * SMALL_BUFFER
+                slot.buffer = off
+                slot.large = False
+                slot.extents = ((base + off, slot.nr_bytes),)
+                ready.append(slot)
                 continue
             if waiting or not self._attach(slot):
                 waiting.append(slot)  # keep ring order among the waiters

@@ -39,10 +39,17 @@ class LatencyHistogram:
         """A batch of answered requests: one clock read (`now`) for all of them."""
         counts = self.counts
         total = 0.0
+        last = None
+        elapsed = 0.0
+        bucket = 0
         for slot in slots:
-            elapsed = now - slot.taken_at
+            taken = slot.taken_at
+            if taken != last:  # (a batch's requests share their clock read: one bisect for a run of them)
+                last = taken
+                elapsed = now - taken
+                bucket = bisect_left(LATENCY_BOUNDS, elapsed)
             total += elapsed
-            counts[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+            counts[bucket] += 1
         self.sum += total
 
     def snapshot(self) -> dict:
