@@ -50,6 +50,7 @@ from ..xen.interfaces import XenStoreError
 from ..xen.xenstore import XenStoreConnectionError, open_xenstore
 from . import logs
 from .handover import PREPARE_TIMEOUT, Predecessor, Upgrader
+from .heap import freeze_startup_heap, no_collection
 from .preflight import (
     StartupError,
     check_xenstore_argument,
@@ -177,15 +178,17 @@ async def _serve(args: argparse.Namespace, configs: list, notifier: Notifier, cl
                         if preparing.cancelled_caught:
                             log.warning("takeovers not prepared within %g s: the rest after the release",
                                         PREPARE_TIMEOUT)
+                        freeze_startup_heap()
                         clock.mark("takeovers prepared")
-                        released = await predecessor.ready(clock.summary())
-                        hold.set()
-                        clock.mark("the running daemon's drain")
-                        log.info("taking over from the daemon that ran before (its drain: %s s)",
-                                 released.get("drain_s", "unknown"))
-                        # The guests first: the control socket once every device is taken over.
-                        with trio.move_on_after(TAKEOVER_FIRST_TIMEOUT):
-                            await service.settled()
+                        with no_collection():  # the guests' pause: from the release to the rings serving
+                            released = await predecessor.ready(clock.summary())
+                            hold.set()
+                            clock.mark("the running daemon's drain")
+                            log.info("taking over from the daemon that ran before (its drain: %s s)",
+                                     released.get("drain_s", "unknown"))
+                            # The guests first: the control socket once every device is taken over.
+                            with trio.move_on_after(TAKEOVER_FIRST_TIMEOUT):
+                                await service.settled()
                         observability = await _observability_after(predecessor, stack, args, open_observability)
                     if observability is not None:
                         observability.serve(nursery, service, reload=reloader.reload, upgrade=upgrader.upgrade)
