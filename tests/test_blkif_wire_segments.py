@@ -70,7 +70,7 @@ def test_the_compiled_intake_leaves_them_in_wire_form():
 
 
 def test_a_segment_not_whole_blocks_is_still_refused():
-    """The compiled intake passes its own verdict on the lengths to check_rw (which then reads none)."""
+    """The compiled intake checks the lengths in C, from the wire form."""
     limits = RequestLimits(sectors=1 << 30, logical_block_size=4096, max_indirect_segments=256)
     for intake in (CompiledIntake(Abi.NATIVE, limits), RequestIntake(Abi.NATIVE, limits)):
         bad = _decode(intake, 3, first=1, last=7)

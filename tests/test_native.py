@@ -314,3 +314,25 @@ def test_disabled_kernels_leave_every_user_on_its_python_path(monkeypatch):
     finally:
         native.set_enabled(True)
         w.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=10), data=st.data())
+def test_the_compiled_status_check_finds_the_reference_failed_owners(sizes, data):
+    """failed_owners' check that every segment copied (compiled: xk_copy_failures) against the Python scan,
+    with any segments of a batch of indirect-sized requests given a failed status."""
+    batch = g.CopyBatch(capacity=2)
+    for i, n in enumerate(sizes):
+        batch.add_segment_bytes(True, 1, WIRE.pack(7, 0, 7) * n, 0x7F0000000000 + i * (1 << 21), i)
+    statuses = memoryview(batch.buffer).cast("B").cast("h")
+    failed = sorted(set(data.draw(st.lists(st.integers(0, batch.count - 1), max_size=5))))
+    for k in failed:
+        statuses[(k * g.SEGMENT_SIZE + g._STATUS_OFFSET) // 2] = data.draw(st.sampled_from([-1, -3, -8, 1]))
+    statuses.release()
+    got = batch.failed_owners()
+    native.set_enabled(False)
+    try:
+        want = batch.failed_owners()
+    finally:
+        native.set_enabled(True)
+    assert got == want == [batch.owners[k] for k in failed]

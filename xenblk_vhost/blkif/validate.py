@@ -145,9 +145,7 @@ class Validator:
         """Validate any decoded object; a Rejection passes through unchanged."""
         return self.check_by_type[type(req)](req)
 
-    def check_rw(self, req: Request, misaligned_segment: bool | None = None):
-        """misaligned_segment: whether some segment is not whole blocks, when the caller already
-        knows (the compiled decode of an indirect request's segments), so they are not read here."""
+    def check_rw(self, req: Request):
         op = req.op
         if op >= OP_WRITE_BARRIER:
             if op == OP_FLUSH_DISKCACHE:
@@ -169,10 +167,9 @@ class Validator:
             if mask:
                 if sector & mask:
                     return _new(Rejection, (req.id, op, RSP_ERROR, R_MISALIGNED))
-                if misaligned_segment is None:
-                    misaligned_segment = any((last - first + 1) & mask for _gref, first, last in req.segments)
-                if misaligned_segment:
-                    return _new(Rejection, (req.id, op, RSP_ERROR, R_MISALIGNED))
+                for _gref, first, last in req.segments:
+                    if (last - first + 1) & mask:
+                        return _new(Rejection, (req.id, op, RSP_ERROR, R_MISALIGNED))
         return req
 
     def check_discard(self, req: DiscardRequest):

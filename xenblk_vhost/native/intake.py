@@ -26,6 +26,7 @@ import struct
 from ..blkif import decode as _dec
 from ..blkif import validate as _val
 from ..blkif.abi import SEGMENT, Abi, layout
+from ..blkif.constants import MAX_INDIRECT_PAGES_PER_REQUEST
 from ..blkif.intake import RequestIntake
 from ..blkif.request import (
     DiscardRequest,
@@ -48,8 +49,6 @@ REASONS = (
     _val.R_FLUSH_DISABLED, _val.R_BARRIER_DISABLED, _val.R_DISCARD_DISABLED, _val.R_READ_ONLY,
     _val.R_OVERFLOW, _val.R_BEYOND_END, _val.R_MISALIGNED, _val.R_TOO_MANY_INDIRECT,
 )
-_R_BAD_SEGMENT = 3
-_R_MISALIGNED = 11
 KIND_RW, KIND_DISCARD, KIND_INDIRECT, KIND_REJECT = range(4)
 
 _REC = struct.Struct("<BBBBhHI4xQQQ")  # struct xk_req
@@ -58,6 +57,9 @@ _SEG = SEGMENT.struct_for("gref", "first_sect", "last_sect", to_end=True)
 _seg_iter = _SEG.iter_unpack
 _seg_unpack_from = _SEG.unpack_from
 _new = tuple.__new__
+# The grant refs of an indirect request's pages, by how many (1..8: the kernel refused more segments),
+# each Struct made once rather than from a format string per request.
+_GREFS = tuple(struct.Struct(f"<{n}I").unpack_from for n in range(MAX_INDIRECT_PAGES_PER_REQUEST + 1))
 
 
 def engine_name() -> str:
@@ -95,7 +97,7 @@ class CompiledIntake(RequestIntake):
     """RequestIntake with parse() and decode_indirect_segments() decided by intake_kernel.c."""
 
     __slots__ = ("_ffi", "_lib", "_cfg", "_out", "_outbuf", "_cap", "_seg_off", "_grefs_off",
-                 "_mask", "_nr", "_parsed", "_journal", "recorded")
+                 "_parsed", "_journal", "recorded", "_one")
 
     def __init__(self, abi: Abi, limits: RequestLimits, found=None) -> None:
         super().__init__(abi, limits)
@@ -117,10 +119,10 @@ class CompiledIntake(RequestIntake):
         cfg.discard_nr_off = lay.discard.offset("nr_sectors")
         cfg.indirect_handle_off = lay.indirect.offset("handle")
         self._cfg = cfg
-        self._nr = self._ffi.new("uint64_t *")  # xk_check_segments' out-parameter, reused
         self._parsed = 0  # slots decoded by the last parse() (its records stay in _out until the next)
         self._journal = None
         self.recorded = -1
+        self._one = self._ffi.new("struct xk_req *")  # xk_check_indirect's out-parameter, reused
         self._apply(limits)
 
     def record_into(self, journal_state) -> bool:
@@ -138,7 +140,6 @@ class CompiledIntake(RequestIntake):
         cfg.flush = limits.flush_enabled
         cfg.barrier = limits.barrier_enabled
         cfg.discard = limits.discard_enabled
-        self._mask = limits.block_sectors - 1
 
     def set_limits(self, limits: RequestLimits) -> None:
         super().set_limits(limits)
@@ -230,8 +231,7 @@ class CompiledIntake(RequestIntake):
             elif kind == KIND_DISCARD:
                 append(_new(DiscardRequest, (op, id_, handle, sector, nr, aux)))
             else:
-                g = off + self._grefs_off
-                grefs = struct.unpack_from(f"<{indirect_pages_for(nseg)}I", raw, g)
+                grefs = _GREFS[indirect_pages_for(nseg)](raw, off + self._grefs_off)
                 append(_new(IndirectRequest, (op, aux, id_, handle, sector, nseg, grefs)))
             off += entry
         return out
@@ -250,20 +250,22 @@ class CompiledIntake(RequestIntake):
         return self._out if count and self._parsed == count else None
 
     def decode_indirect_segments(self, header: IndirectRequest, pages_bytes) -> Request | Rejection:
-        """As Validator.decode_indirect_segments: the segments' checks in C, the rest shared."""
-        need = header.segments_bytes
-        if len(pages_bytes) < need:
-            raise ValueError(f"indirect pages hold {len(pages_bytes)} bytes, need {need}")
-        raw = bytes(memoryview(pages_bytes).cast("B")[:need])
-        nr = self._nr
-        why = self._lib.xk_check_segments(raw, header.nr_segments, self._mask, nr)
+        """As Validator.decode_indirect_segments, every check in C (xk_check_indirect). The segments stay
+        in wire form (WireSegments: nothing on the copy path unpacks them). pages_bytes of exactly the
+        segments' bytes, as bytes (immutable: IndirectPages.resolve's), is used as is, not copied again."""
+        need = header.nr_segments << 3
+        if type(pages_bytes) is bytes and len(pages_bytes) == need:
+            raw = pages_bytes
+        else:
+            if len(pages_bytes) < need:
+                raise ValueError(f"indirect pages hold {len(pages_bytes)} bytes, need {need}")
+            raw = bytes(memoryview(pages_bytes).cast("B")[:need])
+        out = self._one
         iop = header.indirect_op
-        if why == _R_BAD_SEGMENT:
-            return _new(Rejection, (header.id, iop, -1, _dec.R_BAD_SEGMENT))
-        # The segments stay in wire form (nothing on the copy path unpacks them), and the C check
-        # already says whether one is not whole blocks: check_rw need not read them.
-        req = _new(Request, (iop, header.id, header.handle, header.sector, WireSegments(raw), nr[0], True))
-        return self._validator.check_rw(req, why == _R_MISALIGNED)
+        why = self._lib.xk_check_indirect(raw, header.nr_segments, iop, header.sector, self._cfg, out)
+        if why:
+            return _new(Rejection, (header.id, iop, out.status, REASONS[why]))
+        return _new(Request, (iop, header.id, header.handle, header.sector, WireSegments(raw), out.nr, True))
 
 
 __all__ = ["CompiledIntake", "ENGINES", "ENGINE_ENV", "REASONS", "engine_name", "make_intake"]

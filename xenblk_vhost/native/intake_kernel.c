@@ -31,7 +31,9 @@ static inline void reject(struct xk_req *r, uint8_t op, int16_t status, uint8_t 
     r->reason = reason;
 }
 
-int xk_check_segments(const uint8_t *raw, uint32_t nseg, uint32_t block_mask, uint64_t *nr)
+/* The segment checks: a bad segment (last >= 8 or first > last) -> XK_R_BAD_SEGMENT; else *nr = the
+ * sectors they cover and a segment not a multiple of block_mask + 1 sectors -> XK_R_MISALIGNED; else 0. */
+static int check_segments(const uint8_t *raw, uint32_t nseg, uint32_t block_mask, uint64_t *nr)
 {
     uint64_t total = 0;
     int misaligned = 0;
@@ -89,7 +91,7 @@ static void parse_one(const uint8_t *s, const struct xk_intake_cfg *c, struct xk
         }
         if (nseg > MAX_SEGMENTS) { reject(r, op, RSP_ERROR, XK_R_BAD_NR_SEGMENTS); return; }
         uint64_t nr;
-        int why = xk_check_segments(s + c->seg_off, nseg, c->block_mask, &nr);
+        int why = check_segments(s + c->seg_off, nseg, c->block_mask, &nr);
         if (why == XK_R_BAD_SEGMENT) { reject(r, op, RSP_ERROR, XK_R_BAD_SEGMENT); return; }
         r->nr = nr;
         check_rw(r, c, why == XK_R_MISALIGNED);
@@ -131,4 +133,23 @@ void xk_parse_slots(const uint8_t *raw, uint32_t count, const struct xk_intake_c
 {
     for (uint32_t i = 0; i < count; i++)
         parse_one(raw + (uint64_t)i * cfg->entry, cfg, &out[i]);
+}
+
+int xk_check_indirect(const uint8_t *raw, uint32_t nseg, uint8_t op, uint64_t sector,
+                      const struct xk_intake_cfg *cfg, struct xk_req *out)
+{
+    uint64_t nr;
+    memset(out, 0, sizeof(*out));
+    int why = check_segments(raw, nseg, cfg->block_mask, &nr);
+    if (why == XK_R_BAD_SEGMENT) {  /* the decoder's rule, before any of the validator's */
+        reject(out, op, RSP_ERROR, XK_R_BAD_SEGMENT);
+        return XK_R_BAD_SEGMENT;
+    }
+    out->kind = XK_RW;
+    out->op = op;
+    out->nseg = nseg;
+    out->sector = sector;
+    out->nr = nr;
+    check_rw(out, cfg, why == XK_R_MISALIGNED);
+    return out->kind == XK_REJECT ? out->reason : XK_R_NONE;
 }

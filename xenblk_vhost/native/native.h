@@ -40,6 +40,10 @@ int xk_pack_sector_ranges(struct xk_copy_seg *out, const char *raw, uint32_t nse
                           uint16_t domid, uint64_t local_addr, uint32_t *refused, uint32_t *nrefused,
                           uint64_t *covered);
 
+/* How many of the n segments at segs have a status other than GNTST_okay (0), after the copy ran:
+ * the copy path's check that a batch (2048 segments for 8 requests of 1 MiB) all copied. */
+uint32_t xk_copy_failures(const struct xk_copy_seg *segs, uint32_t n);
+
 /* One decoded + validated ring slot of a batch (intake_kernel.c): 40 bytes, the layout
  * native_intake.py reads with struct "<BBBBhHI4xQQQ". kind: XK_RW (READ/WRITE/
  * WRITE_BARRIER/FLUSH_DISKCACHE), XK_DISCARD, XK_INDIRECT (the slot half), XK_REJECT
@@ -85,10 +89,12 @@ struct xk_intake_cfg {
 void xk_parse_slots(const uint8_t *raw, uint32_t count, const struct xk_intake_cfg *cfg,
                     struct xk_req *out);
 
-/* The segment checks of an indirect request's private copy of nseg segments: a bad segment
- * (last >= 8 or first > last) -> XK_R_BAD_SEGMENT; else *nr = the sectors they cover and
- * a segment not a multiple of block_mask + 1 sectors -> XK_R_MISALIGNED; else 0. */
-int xk_check_segments(const uint8_t *raw, uint32_t nseg, uint32_t block_mask, uint64_t *nr);
+/* An indirect request's second half: its nseg segments (a private copy of their 8-byte wire form)
+ * decoded and the request (op READ or WRITE, sector) validated against cfg, the same decisions as
+ * Validator.decode_indirect_segments (blkif/validate.py). Returns 0 (out->nr: the sectors covered)
+ * or the reason it is rejected (out->status: the status to answer). */
+int xk_check_indirect(const uint8_t *raw, uint32_t nseg, uint8_t op, uint64_t sector,
+                      const struct xk_intake_cfg *cfg, struct xk_req *out);
 
 /* The ring journal's writer (journal_kernel.c; backend/datapath/journal.py's RingJournal is the
  * reference and the format). journal_compiled.py fills it once; area is the journal's shared

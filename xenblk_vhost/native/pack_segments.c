@@ -43,3 +43,11 @@ int xk_pack_sector_ranges(struct xk_copy_seg *out, const char *raw, uint32_t nse
     *covered = addr - local_addr;
     return (int)packed;
 }
+
+uint32_t xk_copy_failures(const struct xk_copy_seg *segs, uint32_t n)
+{
+    uint32_t bad = 0;
+    for (uint32_t i = 0; i < n; i++)
+        bad += segs[i].status != 0;
+    return bad;
+}

@@ -208,6 +208,8 @@ class CopyBatch:
         self._bytes = memoryview(self.buffer).cast("B")
         # int16 view for reading the status of each segment with a stride.
         self._halfwords = self._bytes.cast("h")
+        if _lib is not None:  # the array as the compiled kernels take it, made once per size, not per call
+            self._segs = _ffi.cast("struct xk_copy_seg *", self.address)
 
     def reserve(self, count: int) -> None:
         """Room for `count` segments in all (what is packed is kept)."""
@@ -338,9 +340,8 @@ class CopyBatch:
             self._grow(max(count + nseg, 2 * self.capacity))
         if nseg > len(self._refused_idx):
             self._refused_idx = _ffi.new("uint32_t[]", max(nseg, 2 * len(self._refused_idx)))
-        packed = lib.xk_pack_sector_ranges(_ffi.cast("struct xk_copy_seg *", self.address + count * SEGMENT_SIZE),
-                                           raw, nseg, to_guest, domid, local_addr, self._refused_idx,
-                                           self._nrefused, self._covered)
+        packed = lib.xk_pack_sector_ranges(self._segs + count, raw, nseg, to_guest, domid, local_addr,
+                                           self._refused_idx, self._nrefused, self._covered)
         if self._nrefused[0]:
             if self.refused is None:
                 self.refused = {}
@@ -357,10 +358,16 @@ class CopyBatch:
 
     def failed_owners(self) -> list:
         """The owner of every segment that did not copy (after the copy ran), in order; [] when all did."""
-        step = SEGMENT_SIZE // 2
-        first = _STATUS_OFFSET // 2
-        if self.refused is None and not any(self._halfwords[first : first + step * self.count : step]):
-            return []
+        if self.refused is None:
+            lib = _packer()
+            if lib is not None:  # compiled: ~1 us for the 2048 statuses of 8 requests of 1 MiB, not 13
+                if not lib.xk_copy_failures(self._segs, self.count):
+                    return []
+            else:
+                step = SEGMENT_SIZE // 2
+                first = _STATUS_OFFSET // 2
+                if not any(self._halfwords[first : first + step * self.count : step]):
+                    return []
         return [owner for st, owner in zip(self.results(), self.owners) if st]
 
 

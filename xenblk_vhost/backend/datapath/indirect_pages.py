@@ -67,7 +67,11 @@ class IndirectPages:
                 continue
             rec = _PagesOf(i, item, pos)
             records.append(rec)
-            need = item.segments_bytes
+            need = item.nr_segments << 3
+            if need <= XEN_PAGE_SIZE:  # 512 segments or fewer (up to 2 MiB): one page, the usual case
+                add(False, domid, item.indirect_grefs[0], 0, base + pos, need, rec)
+                pos += need
+                continue
             for gref in item.indirect_grefs:
                 n = need if need < XEN_PAGE_SIZE else XEN_PAGE_SIZE
                 add(False, domid, gref, 0, base + pos, n, rec)
@@ -83,8 +87,9 @@ class IndirectPages:
                 if kept is not None:
                     kept.append((rec.position, b""))
             else:
-                segments = view[rec.offset:rec.offset + h.segments_bytes]
+                # One private copy of exactly the segments' bytes, decoded as is and kept for the journal.
+                segments = bytes(view[rec.offset:rec.offset + (h.nr_segments << 3)])
                 out[rec.position] = decode(h, segments)
                 if kept is not None:
-                    kept.append((rec.position, bytes(segments)))
+                    kept.append((rec.position, segments))
         return out
