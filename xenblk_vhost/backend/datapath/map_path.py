@@ -31,7 +31,7 @@ import logging
 from collections.abc import Sequence
 
 from ...blkif.constants import RSP_ERROR, RSP_OKAY, SECTOR_SIZE, XEN_PAGE_SIZE
-from ...blkif.request import Segments
+from ...blkif.request import Segments, WireSegments
 from ...xen.interfaces import Gntdev, GrantMapError, GrantMapping
 from .copy_lane import CopyLane
 from .persistent_grants import PersistentGrants
@@ -86,6 +86,10 @@ class MapDataPath:
         data = [s for s in slots if s.segments and s.status == RSP_OKAY]
         if not data:
             return []
+        for slot in data:
+            segments = slot.segments
+            if type(segments) is WireSegments:  # read page by page below: unpacked once, as plain tuples
+                slot.segments = segments.unpacked
         if self.persistent is not None:
             for slot in data:
                 self._map_persistent(slot)
