@@ -127,6 +127,10 @@ def test_restart_pauses_are_the_longest_io_under_way_at_each_event(tmp_path):
     report = json.loads(out.read_text())
     assert report["longest_pause_s"] == {"handover": 0.3, "kill": 4.5}
     assert [e["ios_stalled"] for e in report["events"]] == [2, 1]
+    # the part after each event: 109.9 + 0.3 - 110 and 119 + 4.5 - 120
+    assert [e["after_event_s"] for e in report["events"]] == [0.2, 3.5]
+    # the 0.9 s stall at 130 is in no event's window (110-111, 120-125): the run's own noise
+    assert report["baseline_longest_s"] == 0.9 and report["baseline_stalls"] == 1
     assert report["not_connected_samples"] == 1 and report["not_connected"][0]["backend"] == "2"
     assert "handover: 1 events, longest guest I/O pause 0.300 s" in r.stdout
 

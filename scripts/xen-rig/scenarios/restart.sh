@@ -14,7 +14,9 @@
 #     connected xvda once and logged no error (no reconnect, no bad response);
 #   - both ends' xenbus states stayed Connected the whole time (sampled);
 #   - the longest guest I/O pause of each kind is reported (pauses.json):
-#     a hand-over must pause I/O under 1 s; a crash no longer than the time
+#     a hand-over must pause I/O under 1 s (from its start: the old daemon's
+#     drain; a stall's part before it is the emulation's, reported too, with
+#     the run's longest stall near no event); a crash no longer than the time
 #     from the kill to the new daemon serving again (its start-up, exec to its
 #     takeover done, read from its own log: "takeover took"; also reported)
 #     plus 0.5 s (the stalled I/O's own service time before the kill and after
@@ -172,10 +174,14 @@ for i, (kind, t) in enumerate(events):
         startup[float(t)] = serving - float(t)
         exec_to_serving[float(t)] = serving - execd
 for e in report["events"]:
+    # A hand-over's bound is on what it can have caused: from the old daemon's drain to the guest's
+    # stalled I/Os done (after_event_s). Under TCG on a loaded host a guest I/O may have waited most of
+    # a second before any hand-over (baseline_longest_s: the longest stall with no event near it).
     if e["kind"] == "handover":
-        print(f"hand-over at {e['at']:.1f}: pause {e['pause_s']} s")
-    if e["kind"] == "handover" and e["pause_s"] > 1.0:
-        bad.append(f"hand-over at {e['at']:.1f}: guest I/O paused {e['pause_s']} s (> 1 s)")
+        print(f"hand-over at {e['at']:.1f}: pause {e['after_event_s']} s after it began "
+              f"(the longest stalled I/O {e['pause_s']} s from its start)")
+    if e["kind"] == "handover" and e["after_event_s"] > 1.0:
+        bad.append(f"hand-over at {e['at']:.1f}: guest I/O paused {e['after_event_s']} s after it began (> 1 s)")
     if e["kind"] == "kill":
         allow = startup[e["at"]] + 0.5
         print(f"kill at {e['at']:.1f}: pause {e['pause_s']} s, kill -> serving {startup[e['at']]:.2f} s "
