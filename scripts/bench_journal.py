@@ -11,8 +11,9 @@ Two figures:
            the responses written) and the push, with the journal minus the
            same without it; CPU per request by batch size. Columns: fused
            (the compiled engine as RingWorker runs it: the intake's parse
-           call writes the frame, the push is one C call with published
-           folded in, without a journal too), calls (the journal's calls one
+           call writes the frame, the push's responses and their answers
+           are one C call, the push is one C call with published folded in,
+           without a journal too), calls (the journal's calls one
            by one, as before that: record_taken after the parse, Python push
            then published; this tree's compiled journal), python (the same
            with the reference RingJournal). A tree without the fused calls
@@ -51,6 +52,10 @@ try:  # not in a tree from before the fused calls (this script compares with one
     from xenblk_vhost.backend.datapath.journal_compiled import make_ring_push  # noqa: E402
 except ImportError:
     make_ring_push = None  # type: ignore[assignment]
+try:  # nor in one from before the compiled answers (the fused column then writes them from Python)
+    from xenblk_vhost.backend.datapath.journal_compiled import make_ring_answers  # noqa: E402
+except ImportError:
+    make_ring_answers = None  # type: ignore[assignment]
 from xenblk_vhost.backend.datapath.journal_file import JournalFile  # noqa: E402
 from xenblk_vhost.blkif.abi import Abi, layout  # noqa: E402
 from xenblk_vhost.blkif.constants import OP_READ  # noqa: E402
@@ -63,11 +68,13 @@ DEFAULT_WORKLOADS = "4k-randread-qd1-o0-r1,4k-randwrite-qd1-o0-r1,-qd32-o0-r1,-q
 
 
 class _Answer:
-    __slots__ = ("jref", "status")
+    __slots__ = ("jref", "status", "req_id", "op")
 
     def __init__(self, jref: int) -> None:
         self.jref = jref
         self.status = 0
+        self.req_id = jref
+        self.op = 0
 
 
 def _read_slots(batch: int) -> bytes:
@@ -107,6 +114,7 @@ def calls_per_request(directory: Path, batch: int, way: str, journal: bool, roun
             if j is not None:
                 intake.record_into(j.c_state)
             push = make_ring_push(ring, j)
+            answers = make_ring_answers(ring, j) if make_ring_answers is not None else None
         t0 = time.process_time()
         for _ in range(rounds):
             ring.req_cons = (ring.req_cons + batch) & 0xFFFFFFFF  # taken (not timed apart: the same both ways)
@@ -122,9 +130,13 @@ def calls_per_request(directory: Path, batch: int, way: str, journal: bool, roun
                 if answered[0].jref != ref:  # the worker sets a slot's jref at dispatch: not journal cost
                     for i, a in enumerate(answered):
                         a.jref = ref + i
-                j.record_answers(answered, ring.rsp_prod_pvt)
-            for a in answered:
-                put(a.jref, 0, a.status)
+                if not (fused and answers is not None):
+                    j.record_answers(answered, ring.rsp_prod_pvt)
+            if fused and answers is not None and (j is not None or batch >= 16):  # as RingWorker._finish
+                answers(answered)
+            else:
+                for a in answered:
+                    put(a.req_id, 0, a.status)
             pos += batch
             if fused:
                 push()

@@ -247,3 +247,83 @@ def test_the_compiled_push_is_backrings(rsp_prod, rsp_event, pushed, near, journ
     ring_b.view.release()
     with pytest.raises(ValueError):
         push()  # the ring let go of: refused, nothing written
+
+
+@dataclass
+class _Reply:
+    req_id: int
+    op: int
+    jref: int
+    status: int
+
+
+@settings(max_examples=200, deadline=None)
+@given(abi=st.sampled_from([Abi.X86_64, Abi.X86_32]), order=st.integers(0, 2),
+       start=st.integers(0, (1 << 32) - 1), pushes=st.lists(st.integers(1, 20), min_size=1, max_size=6),
+       journal=st.booleans(), seed=st.integers(0, 1 << 32))
+def test_the_compiled_answers_are_the_references(abi, order, start, pushes, journal, seed):
+    """make_ring_answers (xk_ring_answers / xk_ring_answer) writes the responses BackRing.put_response
+    writes and the journal answers record_answers records: the ring pages (pad bytes included) and
+    the journal areas byte for byte, for any id (all 64 bits), operation, status, a reply with no
+    journaled request among them, across the ring's and the u32 wrap; and counts the errors."""
+    from xenblk_vhost.backend.datapath.journal_compiled import make_ring_answers
+    from xenblk_vhost.blkif.ring import BackRing, ring_bytes
+
+    rnd = random.Random(seed)
+    entry = layout(abi).entry_size
+    slots = 32 << order
+    pushes = [min(n, slots) for n in pushes]
+    mems = [bytearray(ring_bytes(order)) for _ in range(2)]
+    left = rnd.randbytes(len(mems[0]) - 64)  # what a guest left in the slots: overwritten alike
+    for mem in mems:
+        mem[64:] = left
+        struct.pack_into("<IxxxxI", mem, 0, start, start)  # req_prod, rsp_prod: an empty ring at start
+    ring_a, ring_b = (BackRing(memoryview(m), abi, order) for m in mems)
+    g = JournalGeometry.for_ring(slots, entry, 16)
+    a, b, ja, jb = _pair(g, start)
+    answers = make_ring_answers(ring_b, jb if journal else None)
+    assert answers is not None
+    pos = start
+    for n in pushes:
+        for ring in (ring_a, ring_b):
+            ring.req_cons = (pos + n) & 0xFFFFFFFF
+            ring.rsp_prod_pvt = pos
+        ref = -1
+        if journal:
+            raw = bytes(n * entry)
+            ref = ja.record_taken(pos, raw, n)
+            assert jb.record_taken(pos, raw, n) == ref
+        replies = [_Reply(rnd.choice([0, (1 << 64) - 1, rnd.getrandbits(64)]), rnd.getrandbits(8),
+                          ref + k if ref >= 0 and rnd.random() < 0.9 else -1, rnd.choice([0, 0, -1, -2]))
+                   for k in range(n)]
+        if journal:
+            ja.record_answers(replies, ring_a.rsp_prod_pvt)
+        for r in replies:
+            ring_a.put_response(r.req_id, r.op, r.status)
+        assert answers(replies) == sum(1 for r in replies if r.status)
+        assert ring_b.rsp_prod_pvt == ring_a.rsp_prod_pvt
+        assert mems[0] == mems[1], "ring pages differ"
+        if journal:
+            ja.published(ring_a.rsp_prod_pvt)
+            jb.published(ring_b.rsp_prod_pvt)
+            _same(a, b, ja, jb, f"a push of {n}")
+        pos = (pos + n) & 0xFFFFFFFF
+
+
+def test_the_compiled_answers_refuse_more_than_was_consumed_and_a_released_ring():
+    from xenblk_vhost.backend.datapath.journal_compiled import make_ring_answers
+    from xenblk_vhost.blkif.ring import BackRing, RingStateError, ring_bytes
+
+    mem = bytearray(ring_bytes(0))
+    ring = BackRing(memoryview(mem), Abi.X86_64, 0)
+    ring.req_cons = 2
+    answers = make_ring_answers(ring, None)
+    assert answers is not None
+    before = bytes(mem)
+    with pytest.raises(RingStateError):
+        answers([_Reply(k, 0, -1, 0) for k in range(3)])
+    assert bytes(mem) == before and ring.rsp_prod_pvt == 0  # nothing written
+    assert answers([_Reply(7, 1, -1, -1)]) == 1 and ring.rsp_prod_pvt == 1
+    ring.view.release()
+    with pytest.raises(ValueError):
+        answers([_Reply(8, 0, -1, 0)])

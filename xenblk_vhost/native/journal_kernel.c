@@ -29,6 +29,7 @@ enum {
     CTL_DONE = 1,
     SRING_RSP_PROD = 8,     /* struct blkif_sring (blkif/abi.py SRING): rsp_prod, rsp_event */
     SRING_RSP_EVENT = 12,
+    SRING_ENTRIES = 64,     /* the slots start after the four indices and the pad */
 };
 #define TAG_MOD ((1u << 24) - 1)
 
@@ -200,4 +201,38 @@ void xk_journal_answers(struct xk_journal *j, const int64_t *packed, uint32_t n,
     for (uint32_t k = 0; k < n; k++)
         if (packed[k] >= 0)
             xk_journal_answer(j, (uint64_t)packed[k] >> 8, (int32_t)(packed[k] & 0xFF), first_pos + k);
+}
+
+/* One response written at ring position pos (BackRing.put_response's bytes: id, operation, a zero
+ * pad byte, status, zeros to the response's size), after its journal answer when it has one
+ * (packed = (jref + 1) << 16 | operation << 8 | (status & 0xFF); jref + 1 == 0: not journaled).
+ * The journal store comes first: a kill between the two leaves an answer the takeover publishes,
+ * never a response the journal does not know (it is not visible before the push anyway). */
+static inline int put_one(const struct xk_rsp_ring *r, uint32_t pos, uint64_t id, uint64_t packed)
+{
+    int8_t status = (int8_t)(packed & 0xFF);
+    uint64_t ref1 = packed >> 16;
+    if (ref1 && r->j)
+        xk_journal_answer(r->j, ref1 - 1, status, pos);
+    uint8_t rsp[16] = {0};
+    int16_t st16 = status;  /* RSP_OKAY 0, RSP_ERROR -1, RSP_EOPNOTSUPP -2: int8 holds them all */
+    memcpy(rsp, &id, 8);
+    rsp[8] = (uint8_t)(packed >> 8);
+    memcpy(rsp + 10, &st16, 2);
+    memcpy(r->sring + SRING_ENTRIES + (size_t)(pos & r->mask) * r->entry, rsp, r->rsp_size);
+    return status != 0;
+}
+
+int xk_ring_answer(const struct xk_rsp_ring *r, uint32_t pos, uint64_t id, uint64_t packed)
+{
+    return put_one(r, pos, id, packed);
+}
+
+int xk_ring_answers(const struct xk_rsp_ring *r, uint32_t first_pos, const uint64_t *ids,
+                    const uint64_t *packed, uint32_t n)
+{
+    int errors = 0;
+    for (uint32_t k = 0; k < n; k++)
+        errors += put_one(r, first_pos + k, ids[k], packed[k]);
+    return errors;
 }

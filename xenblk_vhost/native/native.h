@@ -147,6 +147,24 @@ int64_t xk_parse_record(const uint8_t *raw, uint32_t count, const struct xk_inta
 /* BackRing.push_responses on the shared ring's page (sring), then, with a journal (j not NULL),
  * xk_journal_published(j, new_prod): one call for the push. Returns whether to notify. */
 int xk_ring_push(uint8_t *sring, uint32_t new_prod, struct xk_journal *j);
+/* A ring's responses with their journal answers (RingWorker._finish's answers, compiled): the
+ * shared page, its slot mask and stride, the response's size (16 x86_64, 12 x86_32), the journal
+ * (NULL: none). Made once per ring by journal_compiled.CompiledAnswers. */
+struct xk_rsp_ring {
+    uint8_t *sring;
+    uint32_t mask;
+    uint32_t entry;
+    uint32_t rsp_size;
+    struct xk_journal *j;
+};
+/* Write n responses at ring positions first_pos.. (BackRing.put_response's bytes): ids[k] the
+ * request's id, packed[k] = (jref + 1) << 16 | operation << 8 | (status & 0xFF) (jref + 1 == 0: no
+ * journaled request), each one's journal answer (xk_journal_answer) stored before its response.
+ * The caller checked there are n consumed requests to answer. Returns how many are not RSP_OKAY. */
+int xk_ring_answers(const struct xk_rsp_ring *r, uint32_t first_pos, const uint64_t *ids,
+                    const uint64_t *packed, uint32_t n);
+/* The same for one response (a push of one: QD1). */
+int xk_ring_answer(const struct xk_rsp_ring *r, uint32_t pos, uint64_t id, uint64_t packed);
 enum { XK_J_FULL = -1, XK_J_BAD = -2, XK_J_INDIRECT = -3 };
 /* zlib's crc32 (what the reference's frames carry). */
 uint32_t xk_crc32(uint32_t crc, const uint8_t *data, size_t len);

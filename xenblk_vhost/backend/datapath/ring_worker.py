@@ -99,7 +99,7 @@ from .copy_lane import MIN_BATCH, CopyLane
 from .data_path import DataPath
 from .indirect_pages import IndirectPages
 from .journal import InflightJournal
-from .journal_compiled import make_ring_push
+from .journal_compiled import make_ring_answers, make_ring_push
 from .notify_backoff import SpuriousBackoff
 from .ring_policy import RingPolicy
 from .slots import (
@@ -188,6 +188,11 @@ class RingWorker:
             self.intake.record_into(getattr(journal, "c_state", None))
         # The compiled engine's push: the ring's and the journal's published in one C call.
         self._compiled_push = make_ring_push(ring, journal)
+        # ... and its answers: a push's responses and their journal answers in one C call; without a
+        # journal only for pushes of 16 or more (below, BackRing's puts cost no more than the C
+        # call's list conversion and wrapper; from 32 on the call saves ~0.04 us an answer).
+        self._compiled_answers = make_ring_answers(ring, journal)
+        self._compiled_answers_from = 1 if journal is not None else 16
         self._resume: list | None = None  # (item, ref) a takeover left to run again
 
         self._io_outstanding = 0  # storage requests queued or submitted, not completed
@@ -790,6 +795,9 @@ class RingWorker:
             self.stats.latency.observe(time.monotonic(), ready)  # one clock read for the batch
             if self._halted:  # a halted ring answers nothing more
                 self.stats.errors += sum(1 for s in ready if s.status)
+            elif self._compiled_answers is not None and len(ready) >= self._compiled_answers_from:
+                self.stats.errors += self._compiled_answers(ready)
+                self._unpushed = True
             else:
                 ring = self.ring
                 put = ring.put_response
