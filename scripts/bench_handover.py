@@ -110,7 +110,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> int:
         values = [e["pause"] for e in events if e["kind"] == kind]
         if values:
             below = sum(1 for e in events if e["kind"] == kind and e["below"])
-            bound = f"; {below} of them shorter than the workload's shortest reported gap, counted as it" if below else ""
+            bound = f"; {below} shorter than the workload's shortest reported gap, counted as it" if below else ""
             print(f"  {kind}: median pause {statistics.median(values) * 1000:.1f} ms, longest "
                   f"{max(values) * 1000:.1f} ms (n={len(values)}{bound})")
     during = {id(p) for e in events for p in spanning(pauses, e["at"])}
