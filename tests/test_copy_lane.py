@@ -33,7 +33,7 @@ from backend_support.harness import connected, make_disk_file, make_vbd, read_ba
 from xenblk_vhost import native
 from xenblk_vhost.backend.datapath import copy_lane as copy_lane_mod
 from xenblk_vhost.backend.datapath.copy_lane import LANE_ENV, CopyLane
-from xenblk_vhost.backend.datapath.copy_path import SMALL_BUFFER
+from xenblk_vhost.backend.datapath.copy_path import SMALL_BUFFER, CopyDataPath
 from xenblk_vhost.backend.datapath.ring_worker import RingWorker
 from xenblk_vhost.blkif.abi import Abi, layout
 from xenblk_vhost.blkif.constants import OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE
@@ -206,6 +206,84 @@ def test_hostile_table_entries_are_refused_never_packed_wrong(noise, order, to_g
         assert got.count == 0 and got.owners == []
 
 
+@st.composite
+def completions_st(draw):
+    """A completion array as libblkio hands it back: mostly the lane's successes (tag bit | slot,
+    ret 0), among plain tags (requests queued one by one), errors, slots out of range, and table
+    entries that are random bytes (hostile or stale: never stashed)."""
+    entries = {}
+    comps = []
+    for s in draw(st.lists(st.integers(0, NSLOTS + 2), min_size=1, max_size=24, unique=True)):
+        if draw(st.integers(0, 9)) == 0:
+            entry = draw(st.binary(min_size=104, max_size=104))
+        else:
+            segs = [(draw(st.integers(0, 2**32 - 1)), f, draw(st.integers(f, 7)))
+                    for f in draw(st.lists(st.integers(0, 7), min_size=1, max_size=11))]
+            entry = struct.pack("<QIBB2x", draw(st.integers(0, 2**40)), 512 * sum(b - a + 1 for _, a, b in segs),
+                                len(segs), draw(st.sampled_from([OP_READ, OP_WRITE])))
+            entry += b"".join(struct.pack("<IBB2x", *seg) for seg in segs).ljust(88, b"\0")
+        entries[s] = entry
+        lane_tag = draw(st.integers(0, 11)) != 0
+        ret = 0 if draw(st.integers(0, 11)) else draw(st.sampled_from([-5, -28, 1, 4096]))
+        comps.append(((0x10000 if lane_tag else 0) | s, ret))
+    return entries, comps
+
+
+def lane_success(entries: dict, tag: int, ret: int) -> bool:
+    """The reference's view of a completion the compiled walk may take: a lane request's success
+    (the ring worker's _complete: ret >= 0) whose table entry a stash could have written."""
+    s = tag & 0xFFFF
+    if tag >> 16 != 1 or s >= NSLOTS or ret < 0:
+        return False
+    _, _, nseg, op = struct.unpack_from("<QIBB", entries[s])
+    return 1 <= nseg <= 11 and op <= 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(completions_st(), st.integers(0, 0xFFFF))
+def test_the_completion_walk_makes_the_reference_copies_or_refuses(case, domid):
+    """complete() takes a batch only when every completion is a lane success, and then gives the
+    slots in completion order and the reads' copies back as add_sector_ranges packs them; anything
+    else (an error, a request queued another way, a hostile entry): None, the batch untouched."""
+    entries, comps = case
+    ln = lane()
+    tb = table_bytes(ln)
+    for s, entry in entries.items():
+        if s < NSLOTS:
+            tb[104 * s: 104 * s + 104] = entry
+
+    class Owner:
+        def __init__(self, index):
+            self.index = index
+
+    slots = [Owner(i) for i in range(NSLOTS)]
+    arr = ln._ffi.new("struct xk_completion[]", len(comps))
+    for k, (tag, ret) in enumerate(comps):
+        arr[k].user_data, arr[k].ret = tag, ret
+    ref, got = CopyBatch(), CopyBatch(capacity=1)
+    ref.add_range(True, domid, 5, 0, 0x1000, 512, "other")  # what came before in the batch stays
+    got.add_range(True, domid, 5, 0, 0x1000, 512, "other")
+    before = packed(got)
+    ok = all(lane_success(entries, tag, ret) for tag, ret in comps)
+    for tag, _ in comps if ok else ():
+        s = tag & 0xFFFF
+        _, _, nseg, op = struct.unpack_from("<QIBB", entries[s])
+        segs = [struct.unpack_from("<IBB", entries[s], 16 + 8 * k) for k in range(nseg)]
+        if op == OP_READ:
+            if any(last >= 8 or first > last for _, first, last in segs):
+                ok = False  # a hostile READ entry: refused too
+                break
+            ref.add_sector_ranges(True, domid, segs, BASE + s * SMALL_BUFFER, slots[s])
+    event("taken" if ok else "refused")
+    ready = ln.complete(got, slots, int(ln._ffi.cast("uintptr_t", arr)), len(comps), domid)
+    if ok:
+        assert ready == [slots[tag & 0xFFFF] for tag, _ in comps]
+        assert packed(got) == packed(ref) and got.owners == ref.owners
+    else:
+        assert ready is None
+        assert packed(got) == before and got.owners == ["other"]
+
+
 def test_queue_lane_makes_the_reference_storage_requests(tmp_path):
     """On a real io_uring queue: valid entries queue exactly what Queue.read/write would (tags,
     data moved); one bad entry among them and nothing is queued."""
@@ -226,7 +304,7 @@ def test_queue_lane_makes_the_reference_storage_requests(tmp_path):
         done = []
         while len(done) < 2:
             done += q.do_io(1, 8, timeout=10.0)
-        assert sorted(done) == [(2, 0), (5, 0)]
+        assert sorted(done) == [(ln.tag | 2, 0), (ln.tag | 5, 0)]  # the lane's tags
         assert bytes(region.view[2 * SMALL_BUFFER: 2 * SMALL_BUFFER + 1024]) == (bytes(range(256)) * 4)
         assert read_back(path, 64 * 512, 4096) == b"\xab" * 4096
         struct.pack_into("<QIBB", tb, 104 * 3, 0, 512, 0, OP_READ)  # nseg 0: never stashed
@@ -242,16 +320,22 @@ def test_queue_lane_makes_the_reference_storage_requests(tmp_path):
 
 # ---------------------------------------------------------------- end to end, with and without the lane
 
-def record_storage_calls(monkeypatch, log: list) -> None:
-    """Every READ/WRITE the datapath queues, whichever way: (kind, byte offset, length, tag)."""
+def record_storage_calls(monkeypatch, log: list, failing=None) -> None:
+    """Every READ/WRITE the datapath queues, whichever way: (kind, byte offset, length, tag).
+    failing(offset): whether the storage fails that request (its completion's ret made -EIO, as
+    libblkio reports a device error), whichever way it was queued and reaped."""
     real_read, real_write, real_lane = Queue.read, Queue.write, Queue.queue_lane
+    real_do_io_count = Queue.do_io_count
+    start_of: dict = {}  # slot -> byte offset of its storage request in flight
 
     def read(self, start, addr, length, tag, flags=0):
         log.append(("read", start, length, tag))
+        start_of[tag & 0xFFFF] = start
         real_read(self, start, addr, length, tag, flags)
 
     def write(self, start, addr, length, tag, flags=0):
         log.append(("write", start, length, tag))
+        start_of[tag & 0xFFFF] = start
         real_write(self, start, addr, length, tag, flags)
 
     def queue_lane(self, table, nslots, idx, n, base, stride):
@@ -264,11 +348,28 @@ def record_storage_calls(monkeypatch, log: list) -> None:
             for s in ffi.unpack(ffi.cast("uint16_t *", idx), n):
                 sector, nbytes, _nseg, op = struct.unpack_from("<QIBB", tb, 104 * s)
                 log.append(("write" if op else "read", sector * 512, nbytes, s, "lane"))
+                start_of[s] = sector * 512
         return ok
+
+    def flush(self, tag, flags=0, _real=Queue.flush):
+        start_of.pop(tag & 0xFFFF, None)  # (never failed: only READs and WRITEs)
+        _real(self, tag, flags)
+
+    def do_io_count(self, *args, **kwargs):  # (do_io too: it reaps through this)
+        n = real_do_io_count(self, *args, **kwargs)
+        view = self._completion_bytes
+        for k in range(n if failing is not None else 0):
+            tag, ret = struct.unpack_from("=Q8xi", view, 32 * k)
+            start = start_of.get(tag & 0xFFFF)
+            if ret >= 0 and start is not None and failing(start):
+                struct.pack_into("=i", view, 32 * k + 16, -5)
+        return n
 
     monkeypatch.setattr(Queue, "read", read)
     monkeypatch.setattr(Queue, "write", write)
     monkeypatch.setattr(Queue, "queue_lane", queue_lane)
+    monkeypatch.setattr(Queue, "do_io_count", do_io_count)
+    monkeypatch.setattr(Queue, "flush", flush)
 
 
 async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: bool) -> dict:
@@ -290,7 +391,7 @@ async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: b
                 sent = 0
                 for k in range(rng.randint(1, 24)):
                     id_ = 100 * _round + k
-                    kind = rng.choice(["read", "write"] if _round % 2 else  # (odd rounds: the lane's whole batches)
+                    kind = rng.choice(["read", "write", "read", "ro-read"] if _round % 2 else  # (odd: the lane's)
                                       ["read", "write", "read", "write", "bad-seg", "ro-read", "revoked",
                                        "beyond", "unknown", "flush", "empty"])
                     nseg = rng.randint(1, 11)
@@ -333,7 +434,7 @@ async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: b
         guest.destroy()
 
 
-@pytest.mark.parametrize("seed,journal", [(1, False), (2, True)])
+@pytest.mark.parametrize("seed,journal", [(1, False), (2, True), (3, False)])
 async def test_with_and_without_the_lane_the_guest_and_the_storage_see_the_same(tmp_path, hv_socket, platform,
                                                                                 monkeypatch, seed, journal):
     seen = {}
@@ -341,7 +442,17 @@ async def test_with_and_without_the_lane_the_guest_and_the_storage_see_the_same(
         calls: list = []
         with monkeypatch.context() as m:
             m.setenv(LANE_ENV, "1" if on else "0")
-            record_storage_calls(m, calls)
+            # some requests fail in the storage (seed 3: none, so that whole reaps take the lane)
+            record_storage_calls(m, calls, None if seed == 3 else lambda start: start // 4096 % 13 == 2)
+            walked: list = []  # the compiled completion walk's batches: (slots, statuses after the copy out)
+            real_finish_lane = CopyDataPath.finish_lane
+
+            def finish_lane(self, *args, _walked=walked, _real=real_finish_lane):
+                ready = _real(self, *args)
+                _walked.append(None if ready is None else [s.status for s in ready])
+                return ready
+
+            m.setattr(CopyDataPath, "finish_lane", finish_lane)
             made = []
             real_make = CopyLane.make.__func__  # type: ignore[attr-defined]
 
@@ -373,6 +484,11 @@ async def test_with_and_without_the_lane_the_guest_and_the_storage_see_the_same(
             result = await serve_hostile_mix(work, hv_socket, platform, seed, journal)
             assert made and all((ln is not None) is on for ln in made)
             assert bool(whole) is on, "the lane never took a whole batch"
+            assert bool(walked) is on, "the compiled completion walk was never tried"
+            if on and seed == 3:  # no storage error: the walk takes whole reaps, copy-back failures too
+                assert any(statuses and any(statuses) for statuses in walked), "no read's copy back failed in it"
+            elif on:  # a reap with a storage error goes the reference way
+                assert None in walked, "the walk took every reap: were there no storage errors?"
         result["calls"] = sorted(calls, key=lambda c: (c[1], c[0], c[2]))
         result["started"] = sorted(started, key=lambda t: (t[1], t[0]))
         seen[on] = result

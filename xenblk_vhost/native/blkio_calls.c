@@ -58,6 +58,8 @@ int xb_do_io(uintptr_t q, uintptr_t completions, int min_completions, int max_co
 
 uint32_t xb_lane_slot_size(void) { return (uint32_t)sizeof(struct xk_lane_slot); }
 
+uint32_t xb_lane_tag(void) { return XK_LANE_TAG; }
+
 int xb_queue_lane(uintptr_t q, uintptr_t table, uint32_t nslots, uintptr_t idx, uint32_t n, uint64_t base,
                   uint64_t stride)
 {
@@ -71,10 +73,11 @@ int xb_queue_lane(uintptr_t q, uintptr_t table, uint32_t nslots, uintptr_t idx, 
         uint32_t s = ix[k];
         const struct xk_lane_slot *e = &t[s];
         void *buf = PTR(base + (uint64_t)s * stride);
+        void *tag = PTR(XK_LANE_TAG | (uintptr_t)s);  /* its completion says: queued here, one part */
         if (e->op)
-            blkioq_write(QUEUE(q), e->sector << 9, buf, e->nbytes, PTR((uintptr_t)s), 0);
+            blkioq_write(QUEUE(q), e->sector << 9, buf, e->nbytes, tag, 0);
         else
-            blkioq_read(QUEUE(q), e->sector << 9, buf, e->nbytes, PTR((uintptr_t)s), 0);
+            blkioq_read(QUEUE(q), e->sector << 9, buf, e->nbytes, tag, 0);
     }
     return (int)n;
 }

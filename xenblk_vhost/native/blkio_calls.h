@@ -22,8 +22,9 @@ void xb_set_completion_fd_enabled(uintptr_t q, bool enable);
 int xb_do_io(uintptr_t q, uintptr_t completions, int min_completions, int max_completions, uintptr_t timeout);
 /* The copy path's lane (lane_slot.h, backend/datapath/copy_lane.py): queue a READ or WRITE for
  * each slot idx[0..n) (a uint16_t array) of the lane table (nslots struct xk_lane_slot): from
- * sector*512, nbytes at base + idx*stride, tag idx, in that order. Checks every entry first and
+ * sector*512, nbytes at base + idx*stride, tag XK_LANE_TAG | idx (lane_slot.h), in that order. Checks every entry first and
  * queues nothing (-1) if one is not a stashed READ/WRITE; else returns n. */
 int xb_queue_lane(uintptr_t q, uintptr_t table, uint32_t nslots, uintptr_t idx, uint32_t n, uint64_t base,
                   uint64_t stride);
 uint32_t xb_lane_slot_size(void);
+uint32_t xb_lane_tag(void);  /* lane_slot.h's XK_LANE_TAG */

@@ -11,8 +11,11 @@
 #define GNTCOPY_DEST_GREF 2u
 #define SECTORS_PER_PAGE 8u
 #define LANE_MAX_SEGS 11u
+#define XK_LANE_TAG 0x10000u  /* lane_slot.h's (native.h has the struct, not the header): CopyLane checks */
 
 uint32_t xk_lane_slot_size(void) { return (uint32_t)sizeof(struct xk_lane_slot); }
+
+uint32_t xk_lane_tag(void) { return XK_LANE_TAG; }
 
 int xk_lane_all_plain(const struct xk_req *recs, uint32_t count)
 {
@@ -47,6 +50,36 @@ int xk_lane_stash(struct xk_lane_slot *table, uint32_t nslots, const uint8_t *ra
     return stashed;
 }
 
+/* Pack entry t's segments (its data at addr) into out; how many, or -1 if one would be refused. */
+static int pack_slot(struct xk_copy_seg *out, const struct xk_lane_slot *t, int to_guest, uint16_t domid,
+                     uint64_t addr)
+{
+    if (t->nseg == 0 || t->nseg > LANE_MAX_SEGS)
+        return -1;
+    for (uint32_t i = 0; i < t->nseg; i++) {
+        const uint8_t *w = t->segs + 8 * i;
+        uint32_t gref;
+        memcpy(&gref, w, 4);  /* little-endian host, as the ring */
+        uint32_t first = w[4], last = w[5];
+        if (last >= SECTORS_PER_PAGE || first > last)
+            return -1;
+        struct xk_copy_seg *c = &out[i];
+        memset(c, 0, sizeof(*c));
+        struct xk_copy_foreign *f = to_guest ? &c->dest.foreign : &c->source.foreign;
+        f->ref = gref;
+        f->offset = (uint16_t)(first << 9);
+        f->domid = domid;
+        if (to_guest)
+            c->source.virt = addr;
+        else
+            c->dest.virt = addr;
+        c->len = (uint16_t)((last - first + 1) << 9);
+        c->flags = to_guest ? GNTCOPY_DEST_GREF : GNTCOPY_SOURCE_GREF;
+        addr += c->len;
+    }
+    return (int)t->nseg;
+}
+
 int xk_lane_pack(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint32_t nslots,
                  const uint16_t *idx, uint32_t n, int to_guest, uint16_t domid, uint64_t base, uint64_t stride)
 {
@@ -55,31 +88,46 @@ int xk_lane_pack(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint
         uint32_t s = idx[k];
         if (s >= nslots)
             return -1;
-        const struct xk_lane_slot *t = &table[s];
-        if (t->nseg == 0 || t->nseg > LANE_MAX_SEGS)
+        int got = pack_slot(out + packed, &table[s], to_guest, domid, base + (uint64_t)s * stride);
+        if (got < 0)
             return -1;
-        uint64_t addr = base + (uint64_t)s * stride;
-        for (uint32_t i = 0; i < t->nseg; i++) {
-            const uint8_t *w = t->segs + 8 * i;
-            uint32_t gref;
-            memcpy(&gref, w, 4);  /* little-endian host, as the ring */
-            uint32_t first = w[4], last = w[5];
-            if (last >= SECTORS_PER_PAGE || first > last)
-                return -1;
-            struct xk_copy_seg *c = &out[packed++];
-            memset(c, 0, sizeof(*c));
-            struct xk_copy_foreign *f = to_guest ? &c->dest.foreign : &c->source.foreign;
-            f->ref = gref;
-            f->offset = (uint16_t)(first << 9);
-            f->domid = domid;
-            if (to_guest)
-                c->source.virt = addr;
-            else
-                c->dest.virt = addr;
-            c->len = (uint16_t)((last - first + 1) << 9);
-            c->flags = to_guest ? GNTCOPY_DEST_GREF : GNTCOPY_SOURCE_GREF;
-            addr += c->len;
-        }
+        packed += got;
+    }
+    return packed;
+}
+
+/* Whether completion c is a lane request's success whose entry can be trusted: queued by
+ * xb_queue_lane (its tag), a stashed READ/WRITE of 1..11 segments (a READ's segments are checked by
+ * pack_slot as it packs them). */
+static int lane_success(const struct xk_completion *c, const struct xk_lane_slot *table, uint32_t nslots)
+{
+    uint64_t tag = c->user_data;
+    if ((tag & ~(uint64_t)0xFFFF) != XK_LANE_TAG || (tag & 0xFFFF) >= nslots || c->ret < 0)
+        return 0;
+    const struct xk_lane_slot *t = &table[tag & 0xFFFF];
+    return t->nseg != 0 && t->nseg <= LANE_MAX_SEGS && t->op <= 1;
+}
+
+int xk_lane_complete(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint32_t nslots,
+                     const struct xk_completion *comps, uint32_t n, uint16_t *ready, uint16_t *owners,
+                     uint16_t domid, uint64_t base, uint64_t stride)
+{
+    for (uint32_t k = 0; k < n; k++) {  /* all or nothing: any other completion, the reference way */
+        if (!lane_success(&comps[k], table, nslots))
+            return -1;
+    }
+    int packed = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t s = (uint32_t)(comps[k].user_data & 0xFFFF);
+        ready[k] = (uint16_t)s;
+        if (table[s].op != 0)
+            continue;  /* a WRITE: nothing to copy back */
+        int got = pack_slot(out + packed, &table[s], 1, domid, base + (uint64_t)s * stride);
+        if (got < 0)
+            return -1;
+        for (int i = 0; i < got; i++)
+            owners[packed + i] = (uint16_t)s;
+        packed += got;
     }
     return packed;
 }

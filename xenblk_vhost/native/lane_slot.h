@@ -6,6 +6,10 @@
 #define XK_LANE_SLOT_H
 #include <stdint.h>
 #define XK_LANE_MAX_SEGS 11u
+/* The libblkio tag of a storage request xb_queue_lane made: the slot index with this bit. The lane's
+ * completion walk (xk_lane_complete) takes only such completions, so no state in the table has to
+ * say which slots are in the storage by the lane (a stale mark could outlive a park or a takeover). */
+#define XK_LANE_TAG 0x10000u
 struct xk_lane_slot {
     uint64_t sector;   /* 512-byte units */
     uint32_t nbytes;   /* the sectors its segments cover, in bytes */

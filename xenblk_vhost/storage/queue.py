@@ -87,6 +87,8 @@ class Queue:
         self._q = q
         self._completions = ffi.new("struct blkio_completion[]", max_completions)
         self._completion_bytes = memoryview(ffi.buffer(self._completions))
+        # Where do_io_count() leaves its completions (struct blkio_completion[], 32 bytes each).
+        self.completions_address = int(ffi.cast("uintptr_t", self._completions))
         self._timeout = ffi.new("struct timespec *")  # libblkio writes the remaining time back
         self._completion_fd: int | None = None
         # wait_io(): a full trio schedule point every yield_every calls that did not sleep.
@@ -172,22 +174,31 @@ class Queue:
         anything: without it this would block forever (None: no limit).
         min_completions must not exceed the requests in flight (EINVAL).
         """
+        n = self.do_io_count(min_completions, max_completions, timeout)
+        return self.completed(n) if n else []
+
+    def do_io_count(self, min_completions: int = 0, max_completions: int | None = None,
+                    timeout: float | None = DEFAULT_BLOCKING_TIMEOUT) -> int:
+        """do_io(), but how many completed: they stay in the completion array (completions_address;
+        completed(n) as do_io's list) until the next do_io/wait_io. For a caller that walks them in
+        compiled code (the copy path's lane) without a tuple per completion."""
         if max_completions is None:
             max_completions = self.max_completions
         elif max_completions > self.max_completions:
             raise ValueError(f"max_completions {max_completions} > preallocated {self.max_completions}")
-        if timeout is None or min_completions == 0:
-            ts = self._null
-        else:
+        ts = self._null
+        if timeout is not None and min_completions != 0:
             ts = self._timeout_arg
             frac, whole = math.modf(max(timeout, 0.0))
             self._timeout.tv_sec = int(whole)
             self._timeout.tv_nsec = int(frac * 1e9)
         n = self._do_io(self._qarg, self._completions_arg, min_completions, max_completions, ts)
-        if n <= 0:
-            if n == 0:
-                return []
+        if n < 0:
             raise BlkioError(-n, last_error_message(), f"blkioq_do_io(queue {self.index})")
+        return n
+
+    def completed(self, n: int) -> list[tuple[int, int]]:
+        """The (tag, ret) of the last do_io_count()'s n completions."""
         return list(_iter_completions(self._completion_bytes[: n * _COMPLETION_SIZE]))
 
     def submit(self) -> None:
@@ -226,7 +237,7 @@ class Queue:
         self._set_fd_enabled(self._qarg, enabled)
 
     async def wait_io(self, max_completions: int | None = None,
-                      timeout: float | None = None) -> list[tuple[int, int]]:
+                      timeout: float | None = None, *, count: bool = False):
         """Submit everything queued, then return >= 1 completions (up to max).
 
         Sleeps on the completion fd when nothing has completed yet. The fd is
@@ -248,14 +259,17 @@ class Queue:
         (libblkio cannot tell us that a vhost-user server died: its requests
         simply never complete). A closed queue wakes a sleeper with
         trio.ClosedResourceError.
+
+        count: return how many completed instead (do_io_count: they wait in the completion array).
         """
+        reap = self.do_io_count if count else self.do_io
         self._calls_without_yield += 1
         if self._calls_without_yield >= self.yield_every:
             self._calls_without_yield = 0
             await trio.lowlevel.checkpoint()
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
-        batch = self.do_io(0, max_completions)
+        batch = reap(0, max_completions)
         if batch:
             return batch
         fd = self.completion_fd
@@ -265,7 +279,7 @@ class Queue:
         self._set_fd_enabled(self._qarg, True)
         try:
             while True:
-                batch = self.do_io(0, max_completions)
+                batch = reap(0, max_completions)
                 if batch:
                     return batch
                 with trio.move_on_at(deadline):
@@ -278,7 +292,7 @@ class Queue:
                 except BlockingIOError:
                     pass  # spurious or already consumed: do_io below decides
                 if trio.current_time() >= deadline:
-                    batch = self.do_io(0, max_completions)
+                    batch = reap(0, max_completions)
                     if batch:
                         return batch
                     raise BlkioError(errno.ETIME, f"no completion within {timeout} s", f"wait_io(queue {self.index})")

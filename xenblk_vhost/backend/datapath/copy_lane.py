@@ -56,18 +56,29 @@ def _modules() -> tuple[Any, Any] | None:
 class CopyLane:
     """A ring's lane table (one entry per request slot) and its three calls."""
 
-    __slots__ = ("nslots", "stride", "base", "_ffi", "_lib", "_table", "table_addr")
+    __slots__ = ("nslots", "stride", "base", "tag", "_ffi", "_lib", "_table", "table_addr", "_ready", "_owners",
+                 "_room")
 
     def __init__(self, nslots: int, stride: int, base: int, mods: tuple[Any, Any]) -> None:
         mod, blkio = mods
         self._ffi, self._lib = mod.ffi, mod.lib
         if self._lib.xk_lane_slot_size() != blkio.lib.xb_lane_slot_size():
             raise RuntimeError("the two compiled modules disagree on struct xk_lane_slot")
+        if self._lib.xk_lane_tag() != blkio.lib.xb_lane_tag():
+            raise RuntimeError("the two compiled modules disagree on the lane's tag")
+        self.tag = self._lib.xk_lane_tag()  # the tag bit of what queue() queues (slot index | tag)
         self.nslots = nslots
         self.stride = stride
         self.base = base  # slot i's buffer is at base + i * stride
         self._table = self._ffi.new("struct xk_lane_slot[]", nslots)
         self.table_addr = int(self._ffi.cast("uintptr_t", self._table))
+        self._room = 0  # completions complete()'s out-arrays hold
+        self._grow(256)
+
+    def _grow(self, n: int) -> None:
+        self._room = n
+        self._ready = self._ffi.new("uint16_t[]", n)
+        self._owners = self._ffi.new("uint16_t[]", XK_LANE_MAX_SEGS * n)
 
     @classmethod
     def make(cls, nslots: int, stride: int, base: int) -> CopyLane | None:
@@ -132,3 +143,25 @@ class CopyLane:
         buf = ffi.from_buffer("uint16_t[]", idx)  # alive until the call returns
         return queue.queue_lane(self.table_addr, self.nslots, int(ffi.cast("uintptr_t", buf)), len(idx),
                                 self.base, self.stride)
+
+    def complete(self, batch: CopyBatch, slots: list, completions: int, n: int, domid: int) -> list | None:
+        """The n completions at address `completions` (a queue's struct blkio_completion array),
+        when every one is the success of a request queue() queued: their slots, in completion order,
+        with the READs' copies back to the guest added to batch (owners in step). None: one is not
+        (an error, a request queued another way): nothing added, complete them the reference way."""
+        if n > self._room:
+            self._grow(n)
+        count = batch.count
+        batch.reserve(count + XK_LANE_MAX_SEGS * n)
+        ffi = self._ffi
+        packed = self._lib.xk_lane_complete(ffi.cast("struct xk_copy_seg *", batch.address + count * SEGMENT_SIZE),
+                                            self._table, self.nslots,
+                                            ffi.cast("struct xk_completion *", completions), n,
+                                            self._ready, self._owners, domid, self.base, self.stride)
+        if packed < 0:
+            return None
+        get = slots.__getitem__
+        if packed:
+            batch.owners.extend(map(get, ffi.unpack(self._owners, packed)))
+            batch.count = count + packed
+        return list(map(get, ffi.unpack(self._ready, n)))

@@ -153,6 +153,21 @@ class CopyDataPath:
                 slot.large = False
         return slots
 
+    def finish_lane(self, slots: list[Slot], completions: int, n: int) -> list[Slot] | None:
+        """finish() for n storage completions (a queue's completion array at `completions`) when
+        all are lane requests' successes (copy_lane.py's complete): ONE grant copy of the reads out;
+        their slots, in completion order, may be answered now (a failed copy: RSP_ERROR). None: not
+        all are (nothing done: the ring worker completes them the reference way, then finish())."""
+        lane = self.lane
+        if lane is None:
+            return None
+        batch = self._batch
+        batch.reset()
+        ready = lane.complete(batch, slots, completions, n, self.domid)
+        if ready is not None:
+            run_batch(self.gntdev, batch)  # (lane slots have small buffers: none to give back)
+        return ready
+
     def idle(self) -> None:
         """Nothing kept for speed: the region is fixed for the connection."""
 

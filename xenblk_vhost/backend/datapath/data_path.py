@@ -39,6 +39,12 @@ class DataPath(Protocol):
         Returns those that may be answered now (a shared mapping answers its slots together)."""
         ...
 
+    def finish_lane(self, slots: list[Slot], completions: int, n: int) -> list[Slot] | None:
+        """finish() for n storage completions left in a queue's completion array (at address
+        `completions`; their tags index `slots`) when the compiled lane takes them all; else None
+        (nothing done: the caller completes them one by one and calls finish())."""
+        ...
+
     def idle(self) -> None:
         """The ring has nothing to do: drop what is kept only for speed (stale persistent grants)."""
         ...

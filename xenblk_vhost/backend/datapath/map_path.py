@@ -156,6 +156,9 @@ class MapDataPath:
             return
         slot.extents = _extents(segments, pages)
 
+    def finish_lane(self, slots: list[Slot], completions: int, n: int) -> list[Slot] | None:
+        return None  # no lane here
+
     def finish(self, slots: list[Slot]) -> list[Slot]:
         """Release the slots' mappings; return those whose pages are all unmapped (answer them)."""
         ready: list[Slot] = []

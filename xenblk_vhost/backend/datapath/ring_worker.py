@@ -217,6 +217,12 @@ class RingWorker:
         self._lane_datapath: DataPath | None = None  # what _lane() decided for (see there)
         self._lane_queue: Queue | None = None
         self._lane_cached: CopyLane | None = None
+        # Reap by count (Queue.do_io_count: the completions stay in the queue's array for the lane's
+        # compiled walk) rather than as a list of (tag, ret); decided with the lane (see _lane).
+        self._counted = False
+        # A completion's tag is its slot's index, with the lane's bit (copy_lane.py) when the lane
+        # queued it: masked off (pools of more than 0xFFFF slots have no lane, nor such tags).
+        self._tag_slot = 0xFFFF if policy.slots <= 0xFFFF else -1
 
     # ------------------------------------------------------------ lifecycle
 
@@ -294,8 +300,9 @@ class RingWorker:
                         self._push()
                         continue
                     break  # busy slots with no storage request: cannot progress
+                queue = self.queue
                 try:
-                    batch = await self.queue.wait_io(timeout=timeout)
+                    batch = await self._wait_io(queue, timeout)
                 except BlkioError as e:
                     if e.errno == errno.ETIME:
                         # wait_io's own bound (the drain's) ran out before the scope's: not finished
@@ -307,7 +314,7 @@ class RingWorker:
                 except trio.ClosedResourceError as e:
                     self._storage_failed(e)
                     break
-                self._complete(batch)
+                self._reaped(queue, batch)
                 self._kick()
                 self._push()
         self._push()
@@ -427,9 +434,12 @@ class RingWorker:
         if datapath is not self._lane_datapath or queue is not self._lane_queue:
             self._lane_datapath, self._lane_queue = datapath, queue
             lane = datapath.lane
-            if lane is None or type(self.intake) is not CompiledIntake or not getattr(queue, "compiled_calls", False):
+            if (lane is None or type(self.intake) is not CompiledIntake or not getattr(queue, "compiled_calls", False)
+                    or self._tag_slot < 0):
                 lane = None
             self._lane_cached = lane
+            # (a class check: a wrapper that filters completions, tests' GatedQueue, hands lists)
+            self._counted = lane is not None and hasattr(type(queue), "do_io_count")
         return self._lane_cached
 
     def _stash(self, lane, raw: bytes, count: int, slot_of: array, run: list[Slot]) -> None:
@@ -719,12 +729,16 @@ class RingWorker:
     def _queue_laned(self, lane, slots: list[Slot]) -> int:
         """One storage request per lane slot (each one buffer: one part), in one compiled call;
         one by one if the kernel refuses (then they leave the lane). How many were queued."""
-        if len(slots) < MIN_BATCH or not lane.queue(self.queue, array("H", [slot.index for slot in slots])):
+        few = len(slots) < MIN_BATCH
+        if few or not lane.queue(self.queue, array("H", [slot.index for slot in slots])):
             qread = self.queue.read  # a few (cheaper one by one), or the kernel refused them
             qwrite = self.queue.write
+            # A few keep the lane's tag (their entries were stashed, so the compiled completion walk
+            # can take them with the others); a group the kernel refused does not.
+            tag = lane.tag if few else 0
             for slot in slots:
                 addr, n = slot.extents[0]
-                (qwrite if slot.steps is _WRITE else qread)(slot.sector * SECTOR_SIZE, addr, n, slot.index)
+                (qwrite if slot.steps is _WRITE else qread)(slot.sector * SECTOR_SIZE, addr, n, tag | slot.index)
         for slot in slots:
             slot.parts = 1
             slot.in_storage = True
@@ -745,8 +759,10 @@ class RingWorker:
         """Submit everything queued; complete whatever finished inline, until nothing does."""
         if self._failed or self._away:
             return
-        do_io = self.queue.do_io
-        full = self.queue.max_completions
+        queue = self.queue
+        self._lane()  # (decides _counted for this queue)
+        do_io = queue.do_io_count if self._counted else queue.do_io
+        full = queue.max_completions
         while True:
             self._queued = False
             try:
@@ -756,22 +772,57 @@ class RingWorker:
                 return
             if not done:
                 break
-            self._complete(done)
+            n = self._reaped(queue, done)
             # Again only if completing queued something (a flush's next step, a request that
             # waited for memory) or the completion array came back full: else the next call
             # finds nothing (one cffi call and libblkio's reap saved per batch at QD1).
-            if not self._queued and len(done) < full:
+            if not self._queued and n < full:
                 break
         if self._io_outstanding:
             self._reaper_wakeup.set()
+
+    async def _wait_io(self, queue: Queue, timeout: float):
+        """queue.wait_io: how many completed when reaping by count (see _lane), else the list."""
+        self._lane()
+        if self._counted:
+            return await queue.wait_io(timeout=timeout, count=True)
+        return await queue.wait_io(timeout=timeout)
+
+    def _reaped(self, queue: Queue, done) -> int:
+        """Complete what queue's do_io or wait_io returned: a list of (tag, ret), or (reaping by
+        count) how many completions wait in its array. Returns how many."""
+        if type(done) is not int:
+            self._complete(done)
+            return len(done)
+        if done >= MIN_BATCH and self._complete_lane(queue, done):
+            return done
+        self._complete(queue.completed(done))
+        return done
+
+    def _complete_lane(self, queue: Queue, n: int) -> bool:
+        """_complete for n completions in queue's array when all are the lane's successes: the
+        data path's compiled walk finds their slots and copies the reads out in one call (what
+        _complete and finish() would do, as they would do it); then they are answered. False: not
+        all are (nothing done)."""
+        ready = self.datapath.finish_lane(self.pool.slots, queue.completions_address, n)
+        if ready is None:
+            return False
+        self._io_outstanding -= n
+        self._last_completion = time.monotonic()
+        for slot in ready:  # what _complete leaves on a finished one-part, one-step slot
+            slot.parts = 0
+            slot.in_storage = False
+        self._finish(ready, copied=True)
+        return True
 
     def _complete(self, done) -> None:
         slots = self.pool.slots
         finished = []
         self._io_outstanding -= len(done)
         self._last_completion = time.monotonic()
+        mask = self._tag_slot
         for tag, ret in done:
-            slot = slots[tag]
+            slot = slots[tag & mask]
             if ret < 0:
                 if slot.status == RSP_OKAY:
                     log.debug("%s: storage error %d for id %d", self.name, ret, slot.req_id)
@@ -788,9 +839,10 @@ class RingWorker:
         if finished:
             self._finish(finished)
 
-    def _finish(self, slots) -> None:
-        """Data path finish (copy reads out / unmap), then answer and free the ready slots."""
-        ready = self.datapath.finish(slots)
+    def _finish(self, slots, copied: bool = False) -> None:
+        """Data path finish (copy reads out / unmap), then answer and free the ready slots.
+        copied: the data path's finish_lane did it already (all may be answered)."""
+        ready = slots if copied else self.datapath.finish(slots)
         if ready:
             self.stats.latency.observe(time.monotonic(), ready)  # one clock read for the batch
             if self._halted:  # a halted ring answers nothing more
@@ -1005,7 +1057,7 @@ class RingWorker:
                 continue
             queue = self.queue
             try:
-                batch = await queue.wait_io(timeout=self.storage_timeout)
+                batch = await self._wait_io(queue, self.storage_timeout)
             except trio.ClosedResourceError:
                 continue  # the Vbd destroyed the storage (this or another ring failed): failed or parked
             except BlkioError as e:
@@ -1023,7 +1075,7 @@ class RingWorker:
                 continue
             if queue is not self.queue:
                 continue  # completions of a destroyed instance: their requests were parked again
-            self._complete(batch)
+            self._reaped(queue, batch)
             self._kick()
             self._push()
 
