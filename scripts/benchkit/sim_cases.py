@@ -157,7 +157,7 @@ class CountingQueue(_Wrapper):
     async def wait_io(self, *args, **kwargs):
         done = await self._inner.wait_io(*args, **kwargs)
         self._counts["reaps"] += 1
-        self._counts["reaped"] += len(done)
+        self._counts["reaped"] += done if type(done) is int else len(done)  # (count=True: how many)
         return done
 
 

@@ -23,6 +23,8 @@ from xenblk_vhost.storage import BlkioError
 
 
 class GatedQueue:
+    counted_reaps = False  # what it holds back is filtered out of do_io's lists (see Queue.counted_reaps)
+
     def __init__(self, queue, log: list) -> None:
         self._q = queue
         self.log = log

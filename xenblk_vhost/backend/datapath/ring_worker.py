@@ -438,8 +438,8 @@ class RingWorker:
                     or self._tag_slot < 0):
                 lane = None
             self._lane_cached = lane
-            # (a class check: a wrapper that filters completions, tests' GatedQueue, hands lists)
-            self._counted = lane is not None and hasattr(type(queue), "do_io_count")
+            # (a wrapper that filters the completions, tests' GatedQueue, says it cannot)
+            self._counted = lane is not None and getattr(queue, "counted_reaps", False) is True
         return self._lane_cached
 
     def _stash(self, lane, raw: bytes, count: int, slot_of: array, run: list[Slot]) -> None:
