@@ -220,6 +220,7 @@ class RingWorker:
         # Reap by count (Queue.do_io_count: the completions stay in the queue's array for the lane's
         # compiled walk) rather than as a list of (tag, ret); decided with the lane (see _lane).
         self._counted = False
+        self._completions_at = 0  # where the queue leaves them then (Queue.completions_address)
         # A completion's tag is its slot's index, with the lane's bit (copy_lane.py) when the lane
         # queued it: masked off (pools of more than 0xFFFF slots have no lane, nor such tags).
         self._tag_slot = 0xFFFF if policy.slots <= 0xFFFF else -1
@@ -440,6 +441,7 @@ class RingWorker:
             self._lane_cached = lane
             # (a wrapper that filters the completions, tests' GatedQueue, says it cannot)
             self._counted = lane is not None and getattr(queue, "counted_reaps", False) is True
+            self._completions_at = queue.completions_address if self._counted else 0
         return self._lane_cached
 
     def _stash(self, lane, raw: bytes, count: int, slot_of: array, run: list[Slot]) -> None:
@@ -804,7 +806,9 @@ class RingWorker:
         data path's compiled walk finds their slots and copies the reads out in one call (what
         _complete and finish() would do, as they would do it); then they are answered. False: not
         all are (nothing done)."""
-        ready = self.datapath.finish_lane(self.pool.slots, queue.completions_address, n)
+        if queue is not self._lane_queue or not self._completions_at:  # (decided for another queue)
+            return False
+        ready = self.datapath.finish_lane(self.pool.slots, self._completions_at, n)
         if ready is None:
             return False
         self._io_outstanding -= n
