@@ -8,6 +8,15 @@ from the private copy, in a C table indexed by request slot (`stash`, one call p
 copy path then packs their grant copies (`pack`: the write data in at prepare, the read data out
 at finish) and the ring worker queues their storage requests (`queue`) for all of them at once.
 
+The completion side (`complete`): the storage requests `queue` makes carry the tag
+XK_LANE_TAG | slot (a few queued one by one by the ring worker too), so a completion says by
+itself that it is a lane request's, with no state in the table that a park, an abandon or a
+takeover would have to clear. When every completion of a reap (the queue's own array, read in
+place: Queue.do_io_count) is such a request's success, one C call gives their slots in completion
+order and packs the reads' copies back to the guest; any other reap (a storage error, a flush, an
+indirect request, a map-path queue) is completed by the ring worker's reference loop, whole, so the
+answers keep the reference's order.
+
 Everything else (indirect, flush, barrier, discard, a request re-run by a takeover or re-queued on
 a new storage instance, the Python engine, a failed copy) keeps the Python path, which is the
 reference: the lane makes the same grant copies and the same storage requests, in the same order
@@ -54,7 +63,7 @@ def _modules() -> tuple[Any, Any] | None:
 
 
 class CopyLane:
-    """A ring's lane table (one entry per request slot) and its three calls."""
+    """A ring's lane table (one entry per request slot) and its calls."""
 
     __slots__ = ("nslots", "stride", "base", "tag", "_ffi", "_lib", "_table", "table_addr", "_ready", "_owners",
                  "_room")
