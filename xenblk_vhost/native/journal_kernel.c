@@ -223,9 +223,9 @@ static inline int put_one(const struct xk_rsp_ring *r, uint32_t pos, uint64_t id
     return status != 0;
 }
 
-int xk_ring_answer(const struct xk_rsp_ring *r, uint32_t pos, uint64_t id, uint64_t packed)
+int xk_ring_answer(const struct xk_rsp_ring *r, uint32_t pos, uint64_t id, int64_t jref, uint8_t op, int32_t status)
 {
-    return put_one(r, pos, id, packed);
+    return put_one(r, pos, id, (uint64_t)(jref + 1) << 16 | (uint64_t)op << 8 | ((uint32_t)status & 0xFF));
 }
 
 int xk_ring_answers(const struct xk_rsp_ring *r, uint32_t first_pos, const uint64_t *ids,

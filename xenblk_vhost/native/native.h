@@ -163,8 +163,9 @@ struct xk_rsp_ring {
  * The caller checked there are n consumed requests to answer. Returns how many are not RSP_OKAY. */
 int xk_ring_answers(const struct xk_rsp_ring *r, uint32_t first_pos, const uint64_t *ids,
                     const uint64_t *packed, uint32_t n);
-/* The same for one response (a push of one: QD1). */
-int xk_ring_answer(const struct xk_rsp_ring *r, uint32_t pos, uint64_t id, uint64_t packed);
+/* The same for one response (a push of one: QD1), its fields unpacked (jref -1: not journaled): the
+ * packing cost more in Python than the two arguments more. */
+int xk_ring_answer(const struct xk_rsp_ring *r, uint32_t pos, uint64_t id, int64_t jref, uint8_t op, int32_t status);
 enum { XK_J_FULL = -1, XK_J_BAD = -2, XK_J_INDIRECT = -3 };
 /* zlib's crc32 (what the reference's frames carry). */
 uint32_t xk_crc32(uint32_t crc, const uint8_t *data, size_t len);

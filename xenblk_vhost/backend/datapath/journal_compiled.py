@@ -274,7 +274,7 @@ class CompiledAnswers:
         self._view.nbytes  # noqa: B018 - raises ValueError once the view is released (the ring unmapped)
         pvt = ring.rsp_prod_pvt
         n = len(answered)
-        if ((ring.req_cons - pvt) & U32_MASK) < n:
+        if ((ring.req_cons - pvt) & 0xFFFFFFFF) < n:  # (U32_MASK: a literal saves QD1 a global lookup)
             raise RingStateError("responses without consumed requests to answer")
         # Which way is cheapest by the push's size (per answer at 1 / 2 / 4 / 8 / 64, no journal: the
         # list call 0.62 / 0.53 / 0.53 / 0.26 / 0.17 us, BackRing.put_response 0.53 / 0.41 / 0.36 /
@@ -285,8 +285,8 @@ class CompiledAnswers:
         if n == 1:  # QD1's push
             a = answered[0]
             if self._journaled:
-                ring.rsp_prod_pvt = (pvt + 1) & U32_MASK
-                return self._one(self._ctx, pvt, a.req_id, (a.jref + 1) << 16 | a.op << 8 | (a.status & 0xFF))
+                ring.rsp_prod_pvt = (pvt + 1) & 0xFFFFFFFF
+                return self._one(self._ctx, pvt, a.req_id, a.jref, a.op, a.status)
             ring.put_response(a.req_id, a.op, a.status)
             return 1 if a.status else 0
         if n >= _LIST_FROM:
@@ -298,7 +298,7 @@ class CompiledAnswers:
             errors = 0
             pos = pvt
             for a in answered:
-                errors += one(ctx, pos, a.req_id, (a.jref + 1) << 16 | a.op << 8 | (a.status & 0xFF))
+                errors += one(ctx, pos, a.req_id, a.jref, a.op, a.status)
                 pos = (pos + 1) & U32_MASK
         else:
             put = ring.put_response
