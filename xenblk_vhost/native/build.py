@@ -24,7 +24,7 @@ MODULE = "_xenblk_native"
 HEADER = "native.h"
 C_SOURCES = ("sim_grant_copy.c", "pack_segments.c", "intake_kernel.c", "journal_kernel.c", "lane_kernel.c")
 SOURCES = (HEADER, *C_SOURCES, "build.py")  # and cffi_build.py, which CffiModule stamps itself
-NATIVE = CffiModule(MODULE, HERE, HEADER, C_SOURCES, stamped=(HERE / "build.py",))
+NATIVE = CffiModule(MODULE, HERE, HEADER, C_SOURCES, stamped=(HERE / "build.py", HERE / "copy_seg.h"))
 # libblkio's request-queueing calls (blkio_calls.h says why), a module of its own: it links libblkio,
 # which the kernels above (the simulator's copy, the intake) must not need.
 BLKIO_MODULE = "_xenblk_blkio"

@@ -5,11 +5,9 @@
 #include <stdint.h>
 #include <string.h>
 #include "native.h"
+#include "copy_seg.h"
 
 #define XK_RW_KIND 0u
-#define GNTCOPY_SOURCE_GREF 1u
-#define GNTCOPY_DEST_GREF 2u
-#define SECTORS_PER_PAGE 8u
 #define LANE_MAX_SEGS 11u
 #define XK_LANE_TAG 0x10000u  /* lane_slot.h's (native.h has the struct, not the header): CopyLane checks */
 
@@ -63,19 +61,7 @@ static int pack_slot(struct xk_copy_seg *out, const struct xk_lane_slot *t, int 
         uint32_t first = w[4], last = w[5];
         if (last >= SECTORS_PER_PAGE || first > last)
             return -1;
-        struct xk_copy_seg *c = &out[i];
-        memset(c, 0, sizeof(*c));
-        struct xk_copy_foreign *f = to_guest ? &c->dest.foreign : &c->source.foreign;
-        f->ref = gref;
-        f->offset = (uint16_t)(first << 9);
-        f->domid = domid;
-        if (to_guest)
-            c->source.virt = addr;
-        else
-            c->dest.virt = addr;
-        c->len = (uint16_t)((last - first + 1) << 9);
-        c->flags = to_guest ? GNTCOPY_DEST_GREF : GNTCOPY_SOURCE_GREF;
-        addr += c->len;
+        addr += xk_fill_copy_seg(&out[i], gref, first, last, to_guest, domid, addr);
     }
     return (int)t->nseg;
 }

@@ -5,10 +5,7 @@
 #include <stdint.h>
 #include <string.h>
 #include "native.h"
-
-#define GNTCOPY_SOURCE_GREF 1u
-#define GNTCOPY_DEST_GREF 2u
-#define SECTORS_PER_PAGE 8u
+#include "copy_seg.h"
 
 int xk_pack_sector_ranges(struct xk_copy_seg *out, const char *raw, uint32_t nseg, int to_guest,
                           uint16_t domid, uint64_t local_addr, uint32_t *refused, uint32_t *nrefused,
@@ -25,19 +22,7 @@ int xk_pack_sector_ranges(struct xk_copy_seg *out, const char *raw, uint32_t nse
             refused[bad++] = i;
             continue;
         }
-        struct xk_copy_seg *s = &out[packed++];
-        memset(s, 0, sizeof(*s));
-        struct xk_copy_foreign *f = to_guest ? &s->dest.foreign : &s->source.foreign;
-        f->ref = gref;
-        f->offset = (uint16_t)(first << 9);
-        f->domid = domid;
-        if (to_guest)
-            s->source.virt = addr;
-        else
-            s->dest.virt = addr;
-        s->len = (uint16_t)((last - first + 1) << 9);
-        s->flags = to_guest ? GNTCOPY_DEST_GREF : GNTCOPY_SOURCE_GREF;
-        addr += s->len;
+        addr += xk_fill_copy_seg(&out[packed++], gref, first, last, to_guest, domid, addr);
     }
     *nrefused = bad;
     *covered = addr - local_addr;
