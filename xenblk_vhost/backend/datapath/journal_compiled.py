@@ -203,18 +203,25 @@ class CompiledRingJournal(RingJournal):
 assert _HAS_INDIRECT == 1 and HEADER_SIZE == 4096 and _TAG_SHIFT == 40 and _TAG_MOD == (1 << 24) - 1
 
 
+def _page_address(ffi, ring: BackRing):
+    """The shared ring page's address as a uint8_t *. The address, not a buffer export: the Vbd
+    releases the ring's view before it unmaps (an export would forbid both); so every call through it
+    checks the view first (a released view raises, as BackRing's own calls would), and while the view
+    is not released the page is mapped."""
+    held = ffi.from_buffer(ring.view)
+    try:
+        return ffi.cast("uint8_t *", ffi.cast("uintptr_t", held))
+    finally:
+        ffi.release(held)
+
+
 class CompiledPush:
     """A ring's push (BackRing.push_responses, the reference) with its journal's published() folded
     in: one C call (xk_ring_push) where the ring worker made two Python calls."""
 
     def __init__(self, ring: BackRing, journal: CompiledRingJournal | None, found) -> None:
         ffi, lib = found
-        # The page's address, not a buffer export: the Vbd releases the ring's view before it
-        # unmaps (an export would forbid both). push() checks the view first: a released view
-        # raises there, as BackRing's push would, and while it is not released the page is mapped.
-        held = ffi.from_buffer(ring.view)
-        self._sring = ffi.cast("uint8_t *", ffi.cast("uintptr_t", held))
-        ffi.release(held)
+        self._sring = _page_address(ffi, ring)  # push() checks the view first (see _page_address)
         self._ring = ring
         self._view = ring.view
         self._state = journal.c_state if journal is not None else ffi.NULL
@@ -251,10 +258,8 @@ class CompiledAnswers:
         rsp_size = layout(ring.abi).response.size
         if rsp_size > 16:
             raise ValueError(f"a {rsp_size}-byte response: xk_ring_answers writes at most 16")
-        held = ffi.from_buffer(ring.view)  # the page's address; see CompiledPush for the view's lifetime
         ctx = ffi.new("struct xk_rsp_ring *")
-        ctx.sring = ffi.cast("uint8_t *", ffi.cast("uintptr_t", held))
-        ffi.release(held)
+        ctx.sring = _page_address(ffi, ring)
         ctx.mask = ring.size - 1
         ctx.entry = layout(ring.abi).entry_size
         ctx.rsp_size = rsp_size
@@ -282,13 +287,10 @@ class CompiledAnswers:
         # own list call); below, one call per answer with a journal (it saves the journal's call),
         # BackRing's puts without one (nothing to save). RingWorker without a journal calls this
         # only from 16 answers on.
-        if n == 1:  # QD1's push
+        if n == 1 and self._journaled:  # QD1's push
             a = answered[0]
-            if self._journaled:
-                ring.rsp_prod_pvt = (pvt + 1) & 0xFFFFFFFF
-                return self._one(self._ctx, pvt, a.req_id, a.jref, a.op, a.status)
-            ring.put_response(a.req_id, a.op, a.status)
-            return 1 if a.status else 0
+            ring.rsp_prod_pvt = (pvt + 1) & 0xFFFFFFFF
+            return self._one(self._ctx, pvt, a.req_id, a.jref, a.op, a.status)
         if n >= _LIST_FROM:
             errors = self._many(self._ctx, pvt, [a.req_id for a in answered],
                                 [(a.jref + 1) << 16 | a.op << 8 | (a.status & 0xFF) for a in answered], n)
@@ -313,21 +315,24 @@ class CompiledAnswers:
         return errors
 
 
-def make_ring_answers(ring: BackRing, journal) -> Callable[[Sequence[AnsweredSlot]], int] | None:
-    """The compiled answers for this ring and its journal (None: no journal), or None where the ring
-    worker keeps journal.record_answers + BackRing.put_response (the Python engine, or a journal
-    that is not compiled)."""
+def _compiled_for(journal):
+    """(ffi, lib) when the compiled engine serves a ring with this journal (None: no journal), else
+    None: the Python engine, or a journal that is not compiled."""
     found = _lib()
     if found is None or (journal is not None and not isinstance(journal, CompiledRingJournal)):
         return None
-    return CompiledAnswers(ring, journal, found).answer
+    return found
+
+
+def make_ring_answers(ring: BackRing, journal) -> Callable[[Sequence[AnsweredSlot]], int] | None:
+    """The compiled answers for this ring and its journal (None: no journal), or None where the ring
+    worker keeps journal.record_answers + BackRing.put_response (see _compiled_for)."""
+    found = _compiled_for(journal)
+    return CompiledAnswers(ring, journal, found).answer if found is not None else None
 
 
 def make_ring_push(ring: BackRing, journal) -> Callable[[], bool] | None:
     """The compiled push for this ring and its journal (None: no journal), or None where the ring
-    worker keeps BackRing.push_responses + journal.published (the Python engine, or a journal that
-    is not compiled)."""
-    found = _lib()
-    if found is None or (journal is not None and not isinstance(journal, CompiledRingJournal)):
-        return None
-    return CompiledPush(ring, journal, found).push
+    worker keeps BackRing.push_responses + journal.published (see _compiled_for)."""
+    found = _compiled_for(journal)
+    return CompiledPush(ring, journal, found).push if found is not None else None
