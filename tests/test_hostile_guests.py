@@ -65,7 +65,9 @@ async def test_a_hostile_guest_cannot_hurt_the_service_or_its_neighbour(tmp_path
     assert r.alice_untouched
 
     # Resources: back to the baseline after the attacks; peaks bounded.
-    assert r.fds.after == r.fds.baseline and r.fds.peak <= r.fds.baseline + 8  # racer pipes
+    # A leak is growth; the count may fall by what the service held at the baseline and no longer
+    # needs (a halted ring reconnected; an object of an earlier test collected).
+    assert r.fds.after <= r.fds.baseline and r.fds.peak <= r.fds.baseline + 8  # racer pipes
     assert r.tasks.after <= r.tasks.baseline + 1 and r.tasks.peak <= r.tasks.baseline + 4
     assert r.rss.peak - r.rss.baseline < RSS_BOUND
     if data_path == "copy":  # only the ring is mapped
