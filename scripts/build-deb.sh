@@ -8,6 +8,7 @@
 #   /usr/lib/xenblk-vhost/               a venv of Debian's /usr/bin/python3 with the package (not
 #                                        editable, no test extras) and its journal extra, from PyPI
 #                                        wheels, byte-compiled for its final path, without pip
+#                                        and with its compiled kernels built (native/_build)
 #   /usr/bin/xenblk-vhost                -> the venv's command
 #   /etc/xen/scripts/block-xenblk-vhost  the hotplug shim (`install-hotplug`'s, for the venv's Python)
 #   /lib/systemd/system/                 xenblk-vhost@.service, qemu-storage-daemon@.service
@@ -20,8 +21,9 @@
 # units and start, enable or restart nothing (see debian/ below in this file).
 #
 # The venv holds Python 3.N's site-packages, so the package depends on Debian's python3 3.N:
-# build it on the release it is for (bookworm: 3.11). Needs python3-venv, gcc and
-# libsystemd-dev (systemd-python compiles), and PyPI (or a mirror pip is configured for):
+# build it on the release it is for (bookworm: 3.11). Needs python3-venv, gcc, libblkio-dev (the
+# compiled kernels are built here, not on the target) and libsystemd-dev (systemd-python
+# compiles), and PyPI (or a mirror pip is configured for):
 # scripts/install-deps.sh installs the rest. tests/test_deb.py builds it, installs it into a
 # scratch root with dpkg and runs what it installed.
 set -euo pipefail
@@ -63,9 +65,27 @@ tar -C "$HERE" --exclude=__pycache__ --exclude=xenblk_vhost/native/_build -cf - 
 log "venv $PREFIX with xenblk-vhost $VERSION[journal] (Python $PYVER)"
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile "$WORK/src[journal]"
+# The compiled kernels (xenblk_vhost/native), built here into the venv's native/_build, where
+# native.load() looks first: the packaged unit's daemon could build them nowhere (ProtectSystem=strict,
+# ProtectHome=yes) and would serve every disk on the Python engine. dpkg owns them; the shipped C
+# sources are what their stamp is checked against. -I: the venv's package, not a checkout in $PWD.
+# cffi compiles through setuptools (removed below; Python >= 3.12 venvs come without it).
+"$VENV/bin/python" -c 'import setuptools' 2>/dev/null \
+  || "$VENV/bin/python" -m pip install -q --disable-pip-version-check setuptools
+NATIVE_DIR=$("$VENV/bin/python" -I -c 'import os, xenblk_vhost.native as n; print(os.path.dirname(n.__file__))')
+"$VENV/bin/python" -I -m xenblk_vhost.native --dest "$NATIVE_DIR/_build" >/dev/null \
+  || { echo "build-deb.sh: building the compiled kernels failed (gcc, libblkio-dev)" >&2; exit 1; }
+rm -f "$NATIVE_DIR/_build/.lock"
+"$VENV/bin/python" -I -c 'import sys
+from pathlib import Path
+from xenblk_vhost.native import build
+found = [build.find_built(m) for m in (build.NATIVE, build.BLKIO)]
+venv = Path(sys.prefix).resolve()
+sys.exit(None if all(p and p.is_relative_to(venv) for p in found) else f"not in the venv: {found}")' \
+  || { echo "build-deb.sh: the venv does not find its compiled kernels" >&2; exit 1; }
 "$VENV/bin/python" -m pip uninstall -q -y pip setuptools 2>/dev/null || "$VENV/bin/python" -m pip uninstall -q -y pip
 rm -f "$VENV"/bin/pip* "$VENV"/bin/activate* "$VENV"/bin/Activate.ps1
-"$VENV/bin/python" -c 'import xenblk_vhost, trio, yaml, cffi, prometheus_client, systemd.journal' \
+"$VENV/bin/python" -I -c 'import xenblk_vhost, trio, yaml, cffi, prometheus_client, systemd.journal' \
   || { echo "build-deb.sh: the venv cannot import what the daemon needs" >&2; exit 1; }
 # The venv was made at $VENV: its scripts' #! lines and pyvenv.cfg must name $PREFIX.
 grep -rlI --null -F "$VENV" "$VENV" | xargs -0 -r sed -i "s|$VENV|$PREFIX|g"

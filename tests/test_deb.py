@@ -8,7 +8,8 @@ libblkio1 or python3 of its own). Then, in a mount namespace of their own, the s
 root's /usr and /etc are laid over the machine's (read-only overlays: the machine's
 python3 and libblkio1 are the dependencies), so /usr/bin/xenblk-vhost, the venv under
 /usr/lib/xenblk-vhost and /etc/xen/scripts/block-xenblk-vhost are where an installed
-package has them: `--version`, `check` on an example, the hotplug shim's usage and refusal,
+package has them: `--version`, `check` on an example, the compiled kernels loaded from the
+package's own build (no fallback to the Python engine), the hotplug shim's usage and refusal,
 the packaged unit under `systemd-analyze verify`, the man pages under `man`, and the whole
 stack (`demo`) from the packaged venv. Removal and purge leave nothing behind.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -136,6 +138,14 @@ def test_contents_are_a_production_install(deb):
         assert absent not in packages, absent
     assert not any(p.endswith((".pth", "__editable__")) or "__editable__" in p for p in paths)
     assert not any("/tests/" in p for p in paths if "xenblk_vhost" in p)
+    # The compiled kernels, built, and the sources native.load() checks them against.
+    native = f"{PREFIX}/lib/python3.N/site-packages/xenblk_vhost/native/"
+    shipped = {re.sub(r"/python3\.\d+/", "/python3.N/", p).removeprefix(native) for p in paths}
+    for name in ("native.h", "intake_kernel.c", "lane_kernel.c", "copy_seg.h", "blkio_calls.h", "lane_slot.h",
+                 "_build/_xenblk_native.sha256", "_build/_xenblk_blkio.sha256"):
+        assert name in shipped, name
+    for module in ("_xenblk_native", "_xenblk_blkio"):
+        assert any(re.fullmatch(rf"_build/{module}\.cpython-3\d+-.*\.so", p) for p in shipped), module
     # Byte-compiled here: nothing is written under /usr at run time.
     assert any(re.search(r"/xenblk_vhost/__pycache__/cli\.cpython-3\d+\.pyc$", p) for p in paths)
 
@@ -182,6 +192,39 @@ def test_installed_command_runs(installed, tmp_path):
     assert done.stderr == ""
 
 
+# Run by the packaged venv's python: which engine the datapath gets, and where its modules came from.
+_ENGINE_PROBE = """\
+import logging
+from xenblk_vhost import native
+from xenblk_vhost.blkif.abi import Abi
+from xenblk_vhost.blkif.validate import RequestLimits
+from xenblk_vhost.native import build
+from xenblk_vhost.native.intake import make_intake
+logging.basicConfig(level=logging.WARNING)  # the fallback's warning, if any, on stderr
+print(type(make_intake(Abi.NATIVE, RequestLimits(sectors=8))).__name__)
+native.load_blkio()
+print(build.find_built(build.NATIVE))
+print(build.find_built(build.BLKIO))
+"""
+
+
+def test_installed_package_serves_with_its_compiled_kernels(installed, tmp_path):
+    """The venv's own built kernels load, from the package's files: the daemon under its unit could
+    build them nowhere (ProtectSystem=strict: /usr is read-only, as under these overlays;
+    ProtectHome=yes: no cache), and would serve every disk on the Python engine, a warning its
+    only sign. An empty cache: a build there (from shipped sources) is not what the package ships."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    done = _in_root(installed, f"XDG_CACHE_HOME={cache} {PREFIX}/bin/python3 -c {shlex.quote(_ENGINE_PROBE)}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr == ""  # no "compiled intake unavailable"
+    engine, kernels, blkio = done.stdout.splitlines()
+    assert engine == "CompiledIntake"
+    native_dir = re.compile(rf"^{PREFIX}/lib/python3\.\d+/site-packages/xenblk_vhost/native/_build/")
+    assert native_dir.match(kernels) and native_dir.match(blkio), (kernels, blkio)
+    assert list(cache.iterdir()) == []
+
+
 def test_installed_hotplug_script_runs(installed):
     done = _in_root(installed, """
         /etc/xen/scripts/block-xenblk-vhost --help
@@ -223,6 +266,7 @@ def test_installed_venv_runs_the_whole_stack(installed):
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert (summary["ok"], summary["counters_agree"], summary["failure"]) == (True, True, None), summary
     assert summary["driver"] == "io_uring" and summary["iops"] > 0
+    assert "unavailable" not in done.stderr  # the compiled kernels served it, not the Python fallback
 
 
 def test_remove_then_purge_leaves_nothing(deb, tmp_path):
