@@ -178,3 +178,41 @@ hold.set()
     nice, threads = json.loads(out)
     assert nice == 19 and len(threads) >= 2
     assert threads == [nice] * len(threads)
+
+
+def test_a_released_daemon_lowers_its_ring_workers_but_not_its_successor():
+    """Its ring worker processes (its children) free their rings after the release too: lowered with
+    every thread of theirs and what they started; the successor (also its child) and what the
+    successor started keep their priority."""
+    probe = """
+import json, os, subprocess, sys, time
+from xenblk_vhost.daemon.handover import lower_own_cpu_priority
+nap = "import time; time.sleep(30)"
+sleeper = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {nap!r}]); time.sleep(30)"
+worker = subprocess.Popen([sys.executable, '-c', sleeper])
+successor = subprocess.Popen([sys.executable, '-c', sleeper])
+def below(pid):
+    with open(f'/proc/{pid}/task/{pid}/children') as f:
+        return [int(c) for c in f.read().split()]
+deadline = time.monotonic() + 20
+while not (below(worker.pid) and below(successor.pid)) and time.monotonic() < deadline:
+    time.sleep(0.02)
+lower_own_cpu_priority(spare=successor.pid)
+def nices(pid):
+    return [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f'/proc/{pid}/task')]
+out = {"own": nices(os.getpid()), "worker": nices(worker.pid) + nices(below(worker.pid)[0]),
+       "successor": nices(successor.pid) + nices(below(successor.pid)[0])}
+for p in (worker, successor):
+    for c in below(p.pid):
+        os.kill(c, 9)
+    p.kill()
+print(json.dumps(out))
+"""
+    out = subprocess.run(["nice", "-n", "3", sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    got = json.loads(out)
+    start = os.getpriority(os.PRIO_PROCESS, 0) + 3
+    assert start < 19  # (else lowered and untouched look alike)
+    assert got["own"] == [19] * len(got["own"])
+    assert got["worker"] == [19, 19]  # the worker and the process it started
+    assert got["successor"] == [start, start]  # untouched, with what it started

@@ -307,10 +307,10 @@ class Upgrader:
                 self.lost.set()
                 raise HandoverRefused(f"the new daemon (pid {successor.pid}) went away during the hand-over; "
                                       f"this daemon exits and its service manager restarts it") from e
-            # What this process still does (freeing mappings, data paths, journals; closing the storage
-            # and xenstore) must not compete with the new daemon's takeover: on the TCG rig a 1.3 s free
-            # beside it stretched the guests' pause from 0.15 to 1.3-2.3 s.
-            lower_own_cpu_priority()
+            # What this process and its ring workers still do (freeing mappings, data paths, journals;
+            # closing the storage and xenstore) must not compete with the new daemon's takeover: on the
+            # TCG rig a 1.3 s free beside it stretched the guests' pause from 0.15 to 1.3-2.3 s.
+            lower_own_cpu_priority(spare=successor.pid)
             # systemd follows the new process from now on (it is in our cgroup: we started it).
             self._notifier.notify(f"MAINPID={successor.pid}")
             self.successor_pid = successor.pid
@@ -328,19 +328,46 @@ __all__ += ["Upgrader"]
 RELEASED_NICE = 19
 
 
-def lower_own_cpu_priority() -> None:
-    """Every thread of this process at nice RELEASED_NICE (on Linux a nice value is per thread, so
-    libblkio's and trio's threads are lowered one by one). Best effort: a thread that ended meanwhile
-    or a refusal changes nothing else."""
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]
-    for tid in tids:
+def lower_own_cpu_priority(spare: int | None = None) -> None:
+    """Every thread of this process, and of the processes it started (its ring workers, which free
+    their own mappings and journals after the release), at nice RELEASED_NICE; on Linux a nice value
+    is per thread, so libblkio's and trio's threads are lowered one by one. `spare`: a child left as
+    it is with everything it started (the successor, which this process started too). Best effort: a
+    thread or process that ended meanwhile, or a refusal, changes nothing else."""
+    for pid in [os.getpid(), *_descendants(os.getpid(), spare)]:
         try:
-            os.setpriority(os.PRIO_PROCESS, tid, RELEASED_NICE)
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
         except OSError:
-            pass
+            tids = [pid]
+        for tid in tids:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, RELEASED_NICE)
+            except OSError:
+                pass
+
+
+def _descendants(pid: int, spare: int | None) -> list[int]:
+    """The processes below pid (children first), without spare and what is below it: from each
+    thread's /proc children list (Linux's CONFIG_PROC_CHILDREN, which Debian's kernels have)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for child in children:
+                if child != spare and child not in found:
+                    found.append(child)
+                    todo.append(child)
+    return found
 
 
 __all__ += ["lower_own_cpu_priority"]
