@@ -27,6 +27,7 @@ import trio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_native_intake import batch_st, slot_st
+from test_native_journal import _pair, _same
 
 from backend_support.frontend import TestFrontend
 from backend_support.harness import connected, make_disk_file, make_vbd, read_back
@@ -34,11 +35,15 @@ from xenblk_vhost import native
 from xenblk_vhost.backend.datapath import copy_lane as copy_lane_mod
 from xenblk_vhost.backend.datapath.copy_lane import LANE_ENV, CopyLane
 from xenblk_vhost.backend.datapath.copy_path import SMALL_BUFFER, CopyDataPath
+from xenblk_vhost.backend.datapath.journal import JournalGeometry
+from xenblk_vhost.backend.datapath.journal_compiled import make_compiled_answers
 from xenblk_vhost.backend.datapath.ring_worker import RingWorker
+from xenblk_vhost.backend.datapath.stats import LATENCY_BOUNDS, LatencyHistogram
 from xenblk_vhost.blkif.abi import Abi, layout
 from xenblk_vhost.blkif.constants import OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE
 from xenblk_vhost.blkif.encode import RequestEncoder
 from xenblk_vhost.blkif.request import Request
+from xenblk_vhost.blkif.ring import BackRing, ring_bytes
 from xenblk_vhost.blkif.validate import RequestLimits
 from xenblk_vhost.native.intake import CompiledIntake
 from xenblk_vhost.storage import Queue, StorageDevice
@@ -46,6 +51,7 @@ from xenblk_vhost.xen.gntdev import SEGMENT_SIZE, CopyBatch
 
 NSLOTS = 64
 BASE = 0x7F00_0000_0000
+ENTRY = 128  # bytes of a table entry (struct xk_lane_slot): the plain request's 104, then a held one's fields
 
 
 def lane() -> CopyLane:
@@ -69,8 +75,8 @@ def packed(batch: CopyBatch) -> bytes:
 
 def test_both_modules_agree_on_the_table_layout():
     ln = lane()
-    assert ln._lib.xk_lane_slot_size() == native.load_blkio().lib.xb_lane_slot_size() == 104
-    assert ln._ffi.sizeof("struct xk_lane_slot") == 104
+    assert ln._lib.xk_lane_slot_size() == native.load_blkio().lib.xb_lane_slot_size() == ENTRY
+    assert ln._ffi.sizeof("struct xk_lane_slot") == ENTRY
 
 
 LIMITS = RequestLimits(sectors=1 << 30, logical_block_size=512, read_only=False, max_indirect_segments=0,
@@ -127,9 +133,9 @@ def test_stash_and_pack_make_the_reference_copies(case, rnd, domid):
         assert ln.stash(intake, raw, len(items), slot_of) is True
     tb = table_bytes(ln)
     for s, item in mine.items():
-        sector, nbytes, nseg, op = struct.unpack_from("<QIBB", tb, 104 * s)
+        sector, nbytes, nseg, op = struct.unpack_from("<QIBB", tb, ENTRY * s)
         assert (sector, nbytes, nseg, op) == (item.sector, item.nr_sectors * 512, len(item.segments), item.op)
-        segs = [struct.unpack_from("<IBB", tb, 104 * s + 16 + 8 * k) for k in range(nseg)]
+        segs = [struct.unpack_from("<IBB", tb, ENTRY * s + 16 + 8 * k) for k in range(nseg)]
         assert segs == list(item.segments)
 
     class Owner:
@@ -179,7 +185,8 @@ def test_hostile_table_entries_are_refused_never_packed_wrong(noise, order, to_g
     is one a stash could have written, and then exactly as the reference packs those segments."""
     ln = lane()
     tb = table_bytes(ln)
-    tb[: len(noise)] = noise
+    for s in range(4):  # (the held fields after the 104 bytes stay zero: the packer never reads them)
+        tb[ENTRY * s: ENTRY * s + 104] = noise[104 * s: 104 * s + 104]
     valid = True
     refs = []
     for s in order:
@@ -250,7 +257,7 @@ def test_the_completion_walk_makes_the_reference_copies_or_refuses(case, domid):
     tb = table_bytes(ln)
     for s, entry in entries.items():
         if s < NSLOTS:
-            tb[104 * s: 104 * s + 104] = entry
+            tb[ENTRY * s: ENTRY * s + 104] = entry
 
     class Owner:
         def __init__(self, index):
@@ -297,8 +304,8 @@ def test_queue_lane_makes_the_reference_storage_requests(tmp_path):
         assert ln is not None
         tb = table_bytes(ln)
         # slot 2: read 2 sectors at sector 8; slot 5: write 4096 bytes at sector 64 (data in its buffer)
-        struct.pack_into("<QIBB", tb, 104 * 2, 8, 1024, 1, OP_READ)
-        struct.pack_into("<QIBB", tb, 104 * 5, 64, 4096, 1, OP_WRITE)
+        struct.pack_into("<QIBB", tb, ENTRY * 2, 8, 1024, 1, OP_READ)
+        struct.pack_into("<QIBB", tb, ENTRY * 5, 64, 4096, 1, OP_WRITE)
         region.view[5 * SMALL_BUFFER: 5 * SMALL_BUFFER + 4096] = b"\xab" * 4096
         assert ln.queue(q, array("H", [5, 2])) is True
         done = []
@@ -307,10 +314,10 @@ def test_queue_lane_makes_the_reference_storage_requests(tmp_path):
         assert sorted(done) == [(ln.tag | 2, 0), (ln.tag | 5, 0)]  # the lane's tags
         assert bytes(region.view[2 * SMALL_BUFFER: 2 * SMALL_BUFFER + 1024]) == (bytes(range(256)) * 4)
         assert read_back(path, 64 * 512, 4096) == b"\xab" * 4096
-        struct.pack_into("<QIBB", tb, 104 * 3, 0, 512, 0, OP_READ)  # nseg 0: never stashed
+        struct.pack_into("<QIBB", tb, ENTRY * 3, 0, 512, 0, OP_READ)  # nseg 0: never stashed
         assert ln.queue(q, array("H", [2, 3])) is False
         assert ln.queue(q, array("H", [2, 8])) is False  # no such slot
-        struct.pack_into("<QIBB", tb, 104 * 3, 0, 512, 1, 7)  # not READ/WRITE
+        struct.pack_into("<QIBB", tb, ENTRY * 3, 0, 512, 1, 7)  # not READ/WRITE
         assert ln.queue(q, array("H", [3])) is False
         assert q.do_io(0, 8) == []  # nothing was queued
         q.select_calls(compiled=False)
@@ -344,9 +351,9 @@ def record_storage_calls(monkeypatch, log: list, failing=None) -> None:
             from cffi import FFI
 
             ffi = FFI()
-            tb = ffi.buffer(ffi.cast("char *", table), 104 * nslots)
+            tb = ffi.buffer(ffi.cast("char *", table), ENTRY * nslots)
             for s in ffi.unpack(ffi.cast("uint16_t *", idx), n):
-                sector, nbytes, _nseg, op = struct.unpack_from("<QIBB", tb, 104 * s)
+                sector, nbytes, _nseg, op = struct.unpack_from("<QIBB", tb, ENTRY * s)
                 log.append(("write" if op else "read", sector * 512, nbytes, s, "lane"))
                 start_of[s] = sector * 512
         return ok
@@ -391,7 +398,8 @@ async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: b
                 sent = 0
                 for k in range(rng.randint(1, 24)):
                     id_ = 100 * _round + k
-                    kind = rng.choice(["read", "write", "read", "ro-read"] if _round % 2 else  # (odd: the lane's)
+                    kind = rng.choice(["read", "write", "read", "ro-read", "read", "revoked"]  # (odd: the lane's)
+                                      if _round % 2 else
                                       ["read", "write", "read", "write", "bad-seg", "ro-read", "revoked",
                                        "beyond", "unknown", "flush", "empty"])
                     nseg = rng.randint(1, 11)
@@ -453,6 +461,14 @@ async def test_with_and_without_the_lane_the_guest_and_the_storage_see_the_same(
                 return ready
 
             m.setattr(CopyDataPath, "finish_lane", finish_lane)
+            real_finish_held = CopyDataPath.finish_held
+
+            def finish_held(self, completions, n, _walked=walked, _real=real_finish_held):
+                failed = _real(self, completions, n)
+                _walked.append(None if failed is None else [int(s in failed) for s in self.lane.ready(n)])
+                return failed
+
+            m.setattr(CopyDataPath, "finish_held", finish_held)
             made = []
             real_make = CopyLane.make.__func__  # type: ignore[attr-defined]
 
@@ -479,12 +495,28 @@ async def test_with_and_without_the_lane_the_guest_and_the_storage_see_the_same(
                 return _real(self, slots)
 
             m.setattr(RingWorker, "_start", start)
+            held: list = []  # batches held by the lane: their entries, as _start would have got their slots
+            real_hold = CopyLane.hold
+
+            def hold(self, intake, raw, count, slots, first_ref, taken_at, _held=held, _started=started,
+                     _real=real_hold):
+                counts = _real(self, intake, raw, count, slots, first_ref, taken_at)
+                if counts is not None:
+                    _held.append(count)
+                    for s in slots:
+                        t = self._table[s]
+                        segs = tuple(struct.iter_unpack("<IBBxx", bytes(self._ffi.buffer(t.segs)[:8 * t.nseg])))
+                        _started.append((s, t.id, t.op, t.sector, t.nbytes, segs, bool(t.op), (t.op,), t.jref, 0))
+                return counts
+
+            m.setattr(CopyLane, "hold", hold)
             work = tmp_path / ("lane" if on else "reference")
             work.mkdir()
             result = await serve_hostile_mix(work, hv_socket, platform, seed, journal)
             assert made and all((ln is not None) is on for ln in made)
             assert bool(whole) is on, "the lane never took a whole batch"
             assert bool(walked) is on, "the compiled completion walk was never tried"
+            assert bool(held) is on, "the lane never held a batch"
             if on and seed == 3:  # no storage error: the walk takes whole reaps, copy-back failures too
                 assert any(statuses and any(statuses) for statuses in walked), "no read's copy back failed in it"
             elif on:  # a reap with a storage error goes the reference way
@@ -512,3 +544,205 @@ def test_the_engine_switch_turns_the_lane_off(monkeypatch):
     monkeypatch.setattr(native, "enabled", True)
     assert CopyLane.make(4, SMALL_BUFFER, BASE) is not None
     _ = trio  # (the end-to-end tests above are trio tests)
+
+
+# ---------------------------------------------------------------- held batches (no Slot filled)
+
+def encode_plain(abi: Abi, reqs: list) -> bytes:
+    """Ring slots for (op, id, sector, segments) requests, as a guest writes them."""
+    enc = RequestEncoder(abi)
+    entry = layout(abi).entry_size
+    buf = bytearray(entry * len(reqs))
+    for i, (op, id_, sector, segs) in enumerate(reqs):
+        enc.rw(buf, i * entry, op, id_, sector, segs)
+    return bytes(buf)
+
+
+@st.composite
+def plain_requests_st(draw, min_size=1):
+    segs_st = st.lists(st.integers(0, 7), min_size=1, max_size=11).flatmap(
+        lambda firsts: st.tuples(*[st.tuples(st.integers(0, 2**32 - 1), st.just(f), st.integers(f, 7))
+                                   for f in firsts]))
+    return draw(st.lists(st.tuples(st.sampled_from([OP_READ, OP_WRITE]), st.integers(0, 2**64 - 1),
+                                   st.integers(0, (1 << 30) - 100), segs_st.map(list)),
+                         min_size=min_size, max_size=24))
+
+
+def held_entries(ln: CopyLane) -> bytes:
+    tb = table_bytes(ln)
+    return bytes(tb[ENTRY * s + 14] for s in range(NSLOTS))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(list(Abi)), plain_requests_st(), st.randoms(use_true_random=False),
+       st.integers(-1, 1 << 40), st.floats(0, 1e6))
+def test_hold_keeps_what_dispatch_plain_loads(abi, reqs, rnd, first_ref, taken_at):
+    """hold() keeps in each slot's entry what _dispatch_plain gives the Slot (the Request's id, op,
+    sector, bytes and segments, the journal ref, the batch's clock read), counts as _dispatch counts,
+    and take_back gives it back; a batch with one request that is not plain, a slot out of range or
+    held already: refused, the table untouched."""
+    intake = CompiledIntake(abi, LIMITS)
+    raw = encode_plain(abi, reqs)
+    items = intake.parse(raw, len(reqs))
+    assert all(plain(item) for item in items)
+    ln = lane()
+    slots = array("H", rnd.sample(range(NSLOTS), len(items)))
+    before = bytes(table_bytes(ln))
+    bad = array("H", slots)
+    bad[rnd.randrange(len(bad))] = NSLOTS + rnd.randrange(3)
+    assert ln.hold(intake, raw, len(items), bad, first_ref, taken_at) is None
+    assert ln.hold(intake, raw, len(items), slots[:-1], first_ref, taken_at) is None  # (one slot per request)
+    assert bytes(table_bytes(ln)) == before
+    counts = ln.hold(intake, raw, len(items), slots, first_ref, taken_at)
+    reads = [r for r in items if r.op == OP_READ]
+    writes = [r for r in items if r.op == OP_WRITE]
+    assert counts == [len(reads), sum(r.nr_sectors for r in reads), len(writes), sum(r.nr_sectors for r in writes)]
+    assert ln.held_slots() == sorted(slots)
+    again = array("H", [slots[0]]) + array("H", [s for s in range(NSLOTS) if s not in slots][: len(items) - 1])
+    held_before = bytes(table_bytes(ln))
+    assert ln.hold(intake, raw, len(items), again, first_ref, taken_at) is None  # slots[0] is held
+    assert bytes(table_bytes(ln)) == held_before
+    for i, (s, item) in enumerate(zip(slots, items)):
+        jref = first_ref + i if first_ref >= 0 else -1
+        assert ln.take_back(s) == (item.id, item.op, item.sector, item.nr_sectors * 512, item.segments, taken_at,
+                                   jref)
+        assert ln.take_back(s) is None  # not held any more
+    assert ln.held_slots() == []
+    if len(reqs) > 1:  # a flush among them: nothing held
+        enc = RequestEncoder(abi)
+        mixed = bytearray(raw)
+        enc.rw(mixed, layout(abi).entry_size * rnd.randrange(len(reqs)), OP_FLUSH_DISKCACHE, 1, 0, [])
+        intake.parse(bytes(mixed), len(reqs))
+        before = bytes(table_bytes(ln))
+        assert ln.hold(intake, bytes(mixed), len(reqs), slots, first_ref, taken_at) is None
+        assert bytes(table_bytes(ln)) == before
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(list(Abi)), plain_requests_st(), st.randoms(use_true_random=False), st.integers(0, 0xFFFF))
+def test_pack_op_packs_the_reference_copies_of_one_op(abi, reqs, rnd, domid):
+    """pack_op(op) packs the entries of that op among the slots as add_sector_ranges packs their
+    segments, in the slots' order, the owner of each segment its slot index."""
+    intake = CompiledIntake(abi, LIMITS)
+    raw = encode_plain(abi, reqs)
+    items = intake.parse(raw, len(reqs))
+    ln = lane()
+    slots = array("H", rnd.sample(range(NSLOTS), len(items)))
+    assert ln.hold(intake, raw, len(items), slots, -1, 0.0) is not None
+    for op in (OP_READ, OP_WRITE):
+        to_guest = op == OP_READ
+        ref, got = CopyBatch(), CopyBatch(capacity=1)
+        for b in (ref, got):
+            b.add_range(to_guest, domid, 5, 0, 0x1000, 512, "other")
+        for s, item in zip(slots, items):
+            if item.op == op:
+                ref.add_sector_ranges(to_guest, domid, item.segments, BASE + s * SMALL_BUFFER, s)
+        assert ln.pack_op(got, slots, op, to_guest, domid) is True
+        assert packed(got) == packed(ref) and got.owners == ref.owners
+
+
+class _Held:
+    """What the reference answers and observe() read of a held request (a Slot's fields)."""
+
+    def __init__(self, req_id, op, jref, taken_at):
+        self.req_id, self.op, self.jref, self.taken_at, self.status = req_id, op, jref, taken_at, 0
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from([Abi.X86_64, Abi.X86_32]), plain_requests_st(), st.booleans(), st.integers(0, (1 << 32) - 1),
+       st.randoms(use_true_random=False), st.integers(0, 6), st.integers(0, 0xFFFF))
+def test_the_held_walk_and_answers_are_the_references(abi, reqs, journal, start, rnd, hostile, domid):
+    """complete_held takes a reap only when every completion is a held slot's success (each slot
+    once); then the reads' copies back are add_sector_ranges' and answer_held writes the ring and
+    the journal byte for byte as record_answers + put_response do, and counts the latency as
+    LatencyHistogram.observe does. Anything else (an error, a tag not the lane's, a slot not held or
+    twice, a hostile entry): refused, the table untouched. Both ABIs, across the u32 wrap."""
+    entry = layout(abi).entry_size
+    order = 2
+    mems = [bytearray(ring_bytes(order)) for _ in range(2)]
+    left = random.Random(start).randbytes(len(mems[0]) - 64)  # what a guest left in the slots
+    for mem in mems:
+        mem[64:] = left
+        struct.pack_into("<IxxxxI", mem, 0, start, start)
+    ring_a, ring_b = (BackRing(memoryview(m), abi, order) for m in mems)
+    g = JournalGeometry.for_ring(32 << order, entry, 16)
+    a, b, ja, jb = _pair(g, start)
+    answers = make_compiled_answers(ring_b, jb if journal else None)
+    assert answers is not None
+    n = len(reqs)
+    raw = encode_plain(abi, reqs)
+    intake = CompiledIntake(abi, LIMITS)
+    items = intake.parse(raw, n)
+    first = -1
+    if journal:
+        first = ja.record_taken(start, raw, n)
+        assert jb.record_taken(start, raw, n) == first
+    ln = lane()
+    slots = array("H", rnd.sample(range(NSLOTS), n))
+    taken = [rnd.choice([0.0, 100.0, 100.0 - 3e-5]) for _ in range(2)]
+    assert ln.hold(intake, raw, n, slots, first, taken[0]) is not None
+    # The reap: some of the held slots, in any order, maybe with something the walk must refuse.
+    done = rnd.sample(list(slots), rnd.randint(1, n))
+    comps = [(ln.tag | s, 0) for s in done]
+    why = None
+    if hostile == 1:
+        comps[rnd.randrange(len(comps))] = (comps[0][0], rnd.choice([-5, -28]))
+        why = "an error"
+    elif hostile == 2:
+        comps[rnd.randrange(len(comps))] = (done[0], 0)
+        why = "not the lane's tag"
+    elif hostile == 3:
+        comps.insert(rnd.randrange(len(comps) + 1), comps[rnd.randrange(len(comps))])
+        why = "a slot twice"
+    elif hostile == 4:
+        comps.append((ln.tag | rnd.choice([s for s in range(NSLOTS + 2) if s not in slots]), 0))
+        why = "not held"
+    elif hostile == 5 and any(reqs[list(slots).index(s)][0] == OP_READ for s in done):
+        s = next(s for s in done if reqs[list(slots).index(s)][0] == OP_READ)
+        table_bytes(ln)[ENTRY * s + 16 + 5] = b"\x08"  # a READ's segment made hostile (last_sect 8)
+        why = "a hostile entry"
+    arr = ln._ffi.new("struct xk_completion[]", len(comps))
+    for k, (tag, ret) in enumerate(comps):
+        arr[k].user_data, arr[k].ret = tag, ret
+    got = CopyBatch(capacity=1)
+    got.add_range(True, domid, 5, 0, 0x1000, 512, "other")
+    before, before_packed = bytes(table_bytes(ln)), packed(got)
+    ok = ln.complete_held(got, int(ln._ffi.cast("uintptr_t", arr)), len(comps), domid)
+    event("refused" if why else "taken")
+    if why:
+        assert ok is False, why
+        assert bytes(table_bytes(ln)) == before and packed(got) == before_packed and got.owners == ["other"]
+        return
+    assert ok is True
+    assert ln.ready(len(done)) == done
+    by_slot = dict(zip(slots, zip(items, range(n))))
+    ref = CopyBatch()
+    ref.add_range(True, domid, 5, 0, 0x1000, 512, "other")
+    for s in done:
+        item, _ = by_slot[s]
+        if item.op == OP_READ:
+            ref.add_sector_ranges(True, domid, item.segments, BASE + s * SMALL_BUFFER, s)
+    assert packed(got) == packed(ref) and got.owners == ref.owners
+    # The answers, at the ring's position: as the reference writes them.
+    for ring in (ring_a, ring_b):
+        ring.req_cons = (start + n) & 0xFFFFFFFF
+    replies = [_Held(by_slot[s][0].id, by_slot[s][0].op, first + by_slot[s][1] if first >= 0 else -1, taken[0])
+               for s in done]
+    if journal:
+        ja.record_answers(replies, ring_a.rsp_prod_pvt)
+    for r in replies:
+        ring_a.put_response(r.req_id, r.op, r.status)
+    now = taken[0] + rnd.choice([0.2, 1.5, 3e-5, *LATENCY_BOUNDS])  # (taken 0.0: exactly on a bound)
+    want, have = LatencyHistogram(), LatencyHistogram()
+    want.sum = have.sum = 0.5
+    want.observe(now, replies)
+    answers.answer_held(ln, len(done), now, have)
+    assert (have.counts, have.sum) == (want.counts, want.sum)
+    assert ring_b.rsp_prod_pvt == ring_a.rsp_prod_pvt and mems[0] == mems[1], "ring pages differ"
+    if journal:
+        ja.published(ring_a.rsp_prod_pvt)
+        jb.published(ring_b.rsp_prod_pvt)
+        _same(a, b, ja, jb, "the held answers")
+    assert ln.held_slots() == sorted(set(slots) - set(done))  # the answered ones are no longer held
+    with pytest.raises(RuntimeError):  # answered already: not walked any more
+        answers.answer_held(ln, len(done), now, have)

@@ -155,8 +155,10 @@ def describe_stall(stall: dict, journal_dir: Path | None, domid: int, vdev: str)
 
 async def crash_campaign(workdir: Path, *, kills: int, seed: int = 1, max_life: float = 0.4,
                          max_delay_ms: float = 6.0, queues: int = 2, size: int = 64 << 20,
-                         journal: bool = True, progress=None) -> CampaignResult:
-    """journal=False: the daemons run --no-journal (what the campaign finds then: the issue's failure)."""
+                         journal: bool = True, plain: bool = False, progress=None) -> CampaignResult:
+    """journal=False: the daemons run --no-journal (what the campaign finds then: the issue's failure).
+    plain: the guest sends only direct READs and WRITEs (up to 11 pages): the copy path's lane then
+    holds whole batches (copy_lane.py), and the kills land among them."""
     rnd = random.Random(seed)
     result = CampaignResult()
     t0 = time.monotonic()
@@ -177,7 +179,7 @@ async def crash_campaign(workdir: Path, *, kills: int, seed: int = 1, max_life: 
             export = qsd.add_nbd_export("slow", nbd_socket=nbd_socket, size=size, num_queues=queues)
             qsd.start()
             await _campaign(workdir, qsd, export.socket, queues, kills, rnd, max_life, result, progress,
-                            workdir / "journal" if journal else None)
+                            workdir / "journal" if journal else None, plain)
     finally:
         nbd.kill()
         with trio.CancelScope(shield=True):
@@ -187,7 +189,8 @@ async def crash_campaign(workdir: Path, *, kills: int, seed: int = 1, max_life: 
 
 
 async def _campaign(workdir: Path, qsd: StorageDaemon, vhost_socket: Path, queues: int, kills: int, rnd: random.Random,
-                    max_life: float, result: CampaignResult, progress, journal_dir: Path | None) -> None:
+                    max_life: float, result: CampaignResult, progress, journal_dir: Path | None,
+                    plain: bool = False) -> None:
     config = workdir / "crash.yaml"
     config.write_text("domain: {name: crash}\ndisks:\n"
                       f"  - {{vdev: xvda, driver: virtio-blk-vhost-user, path: {vhost_socket}, queues: {queues}}}\n")
@@ -216,8 +219,9 @@ async def _campaign(workdir: Path, qsd: StorageDaemon, vhost_socket: Path, queue
                     # stall_s: a request never answered ends the call with what is outstanding, long
                     # before its timeout (the longest honest pause is a daemon's start-up: seconds).
                     out = await fe.call("workloads", devs=[vbd.devid], requests=100000, depth=24, seconds=2.0,
-                                        max_sectors=256, region_sectors=16384, seed=rnd.getrandbits(20),
-                                        stall_s=STALL_S, timeout=600)
+                                        max_sectors=88 if plain else 256, region_sectors=16384,
+                                        seed=rnd.getrandbits(20), stall_s=STALL_S, timeout=600,
+                                        **({"mix": [["write", 1], ["read", 1]]} if plain else {}))
                     w = out[str(vbd.devid)]
                     if w.get("stall"):
                         result.stalls += 1

@@ -68,7 +68,8 @@ async def _workloads(fronts: dict[int, Blkfront], a: dict) -> dict:
         w = Workload(requests=int(a.get("requests", 200)), depth=int(a.get("depth", 8)),
                      seed=int(a.get("seed", 1)) + devid, region_sectors=int(a.get("region_sectors", 0)),
                      max_sectors=int(a.get("max_sectors", 64)), seconds=float(a.get("seconds", 0.0)),
-                     final_verify=bool(a.get("final_verify", True)), stall_s=float(a.get("stall_s", 0.0)))
+                     final_verify=bool(a.get("final_verify", True)), stall_s=float(a.get("stall_s", 0.0)),
+                     **({"mix": tuple((op, int(w)) for op, w in a["mix"])} if a.get("mix") else {}))
         results[str(devid)] = (await run_workload(fronts[devid], w)).as_dict()
 
     async with trio.open_nursery() as nursery:

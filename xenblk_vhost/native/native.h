@@ -171,15 +171,20 @@ enum { XK_J_FULL = -1, XK_J_BAD = -2, XK_J_INDIRECT = -3 };
 uint32_t xk_crc32(uint32_t crc, const uint8_t *data, size_t len);
 
 /* The copy path's lane (lane_kernel.c; backend/datapath/copy_lane.py): per request slot, a plain
- * direct READ/WRITE's sector, bytes, op and wire segments (lane_slot.h has the same struct for the
- * sources). */
+ * direct READ/WRITE's sector, bytes, op and wire segments; for a held request (xk_lane_hold) also its
+ * id, journal ref and taken time (lane_slot.h has the same struct for the sources, and says what held
+ * holds). */
 struct xk_lane_slot {
     uint64_t sector;
     uint32_t nbytes;
     uint8_t nseg;
     uint8_t op;
-    uint8_t pad[2];
+    uint8_t held;
+    uint8_t pad;
     uint8_t segs[88];
+    uint64_t id;
+    int64_t jref;
+    double taken_at;
 };
 /* For every batch position i with slot_of[i] >= 0: copy the decoded record recs[i] (an XK_RW READ or
  * WRITE of 1..11 segments) and its segments from the private copy raw (slot i at i*entry, segments
@@ -213,6 +218,36 @@ struct xk_completion {
 int xk_lane_complete(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint32_t nslots,
                      const struct xk_completion *comps, uint32_t n, uint16_t *ready, uint16_t *owners,
                      uint16_t domid, uint64_t base, uint64_t stride);
+/* A whole batch of plain requests held in the table (no Python slot filled): for every batch position
+ * i, record recs[i] (a READ or WRITE of 1..11 segments, as xk_lane_stash requires) and its segments
+ * from raw go to table[slots[i]] with its id, journal ref (first_ref + i; first_ref < 0: -1) and
+ * taken_at, held XK_HELD_YES. counts[0..3]: READ requests, READ sectors, WRITE requests, WRITE
+ * sectors. All or nothing: -1 - i for the first position refused (not such a request, a slot >= nslots
+ * or held already: the slots must be distinct free ones), nothing written then. Returns count. */
+int xk_lane_hold(struct xk_lane_slot *table, uint32_t nslots, const uint8_t *raw, uint32_t entry,
+                 uint32_t seg_off, const struct xk_req *recs, uint32_t count, const uint16_t *slots,
+                 int64_t first_ref, double taken_at, uint64_t *counts);
+/* xk_lane_pack for the entries among idx[0..n) whose op is `op` only (the writes' copy in of a held
+ * batch), the owner slot of each segment in owners (room for 11 * n). Returns how many segments, or -1. */
+int xk_lane_pack_op(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint32_t nslots,
+                    const uint16_t *idx, uint32_t n, uint8_t op, int to_guest, uint16_t domid, uint64_t base,
+                    uint64_t stride, uint16_t *owners);
+/* xk_lane_complete for held requests: every completion must be the success of a request xb_queue_lane
+ * queued whose entry is held XK_HELD_YES (each slot once: it becomes XK_HELD_WALKED, its answer is due);
+ * else -1, the entries as they were, nothing to trust in the outputs. */
+int xk_lane_complete_held(struct xk_copy_seg *out, struct xk_lane_slot *table, uint32_t nslots,
+                          const struct xk_completion *comps, uint32_t n, uint16_t *ready, uint16_t *owners,
+                          uint16_t domid, uint64_t base, uint64_t stride);
+/* Answer the walked held slots ready[0..n) OKAY, in that order, at ring positions first_pos.. (each as
+ * xk_ring_answer: its journal answer, then its response), entries back to XK_HELD_NO; the latency of each
+ * (now - taken_at) counted as LatencyHistogram.observe counts it: buckets[b] (b: how many of the nbounds
+ * bounds are below it; all nbounds + 1 zeroed first), their sum in *total. Returns the mask of the buckets
+ * counted (bit b), or -1 (nothing written) if an entry is not a walked held one. */
+int64_t xk_lane_answer_held(const struct xk_rsp_ring *r, uint32_t first_pos, struct xk_lane_slot *table,
+                            uint32_t nslots, const uint16_t *ready, uint32_t n, double now, const double *bounds,
+                            uint32_t nbounds, uint64_t *buckets, double *total);
+/* The held slots (XK_HELD_YES or XK_HELD_WALKED) in index order into out (room for nslots); how many. */
+uint32_t xk_lane_held_slots(const struct xk_lane_slot *table, uint32_t nslots, uint16_t *out);
 /* 1 if every one of the count records is a READ or WRITE of 1..11 direct segments (what the lane
  * takes whole, without building the intake's objects), else 0. */
 int xk_lane_all_plain(const struct xk_req *recs, uint32_t count);

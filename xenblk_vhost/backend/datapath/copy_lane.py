@@ -24,7 +24,16 @@ per slot (tests/test_copy_lane.py drives random and hostile batches through both
 guest's memory, the statuses, the storage calls). A slot is on the lane while `slot.lane` is True;
 any doubt (a stash or pack the kernel refuses) clears it and the reference path runs.
 
-The table: 104 bytes per request slot (native/lane_slot.h).
+Held batches (`hold`, `complete_held`, `answer_held`): when a whole batch is plain and the ring can
+reap by count, the ring worker fills no Python Slot for it at all. The entry keeps what the rest of
+the request's life needs (its id, journal ref and taken time besides the above, `held` set): its
+write data comes in by `pack_op`, its storage requests are queued by `queue`, its completion is walked
+by `complete_held` and its answer (journal answer, response, latency count) written by `answer_held`,
+all from slot indices. Any other way a held request goes (a storage error among its reap, a copy
+that failed, a park, an abandon, a halted ring) first gives its Slot the fields the reference path
+would have given it (`take_back`, RingWorker._materialise), and then the reference path serves it.
+
+The table: 128 bytes per request slot (native/lane_slot.h).
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ import os
 from array import array
 from typing import Any
 
+from ...native.intake import _SEG
 from ...xen.gntdev import SEGMENT_SIZE, CopyBatch
+from .stats import LATENCY_BOUNDS
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +77,7 @@ class CopyLane:
     """A ring's lane table (one entry per request slot) and its calls."""
 
     __slots__ = ("nslots", "stride", "base", "tag", "_ffi", "_lib", "_table", "table_addr", "_ready", "_owners",
-                 "_room")
+                 "_room", "_counts", "_bounds", "_buckets", "_total", "_held_out")
 
     def __init__(self, nslots: int, stride: int, base: int, mods: tuple[Any, Any]) -> None:
         mod, blkio = mods
@@ -83,6 +94,13 @@ class CopyLane:
         self.table_addr = int(self._ffi.cast("uintptr_t", self._table))
         self._room = 0  # completions complete()'s out-arrays hold
         self._grow(256)
+        ffi = self._ffi
+        self._counts = ffi.new("uint64_t[]", 4)  # hold()'s: rd_req, rd_sect, wr_req, wr_sect
+        assert len(LATENCY_BOUNDS) < 63  # (answer_held's bucket mask is an int64)
+        self._bounds = ffi.new("double[]", LATENCY_BOUNDS)
+        self._buckets = ffi.new("uint64_t[]", len(LATENCY_BOUNDS) + 1)
+        self._total = ffi.new("double *")
+        self._held_out: Any = None  # held_slots()' out-array, made when first needed
 
     def _grow(self, n: int) -> None:
         self._room = n
@@ -110,6 +128,99 @@ class CopyLane:
         n = self._lib.xk_lane_stash(self._table, self.nslots, ffi.from_buffer(raw), intake.entry_size,
                                     intake.seg_offset, records, count, ffi.from_buffer("int32_t[]", slot_of))
         return n >= 0
+
+    def hold(self, intake: Any, raw: bytes, count: int, slots: array, first_ref: int,
+             taken_at: float) -> list[int] | None:
+        """Hold a whole batch of plain requests (the intake's last parse of raw: count records) in the
+        entries of slots (uint16, distinct and free), with their ids, journal refs (first_ref + i, or
+        -1 when first_ref < 0) and taken_at: [rd_req, rd_sect, wr_req, wr_sect]. None: one is not a
+        plain request (or the records are another parse's): nothing held."""
+        records = intake.last_records(count)
+        if records is None or len(slots) != count:
+            return None
+        ffi = self._ffi
+        got = self._lib.xk_lane_hold(self._table, self.nslots, ffi.from_buffer(raw), intake.entry_size,
+                                     intake.seg_offset, records, count, ffi.from_buffer("uint16_t[]", slots),
+                                     first_ref, taken_at, self._counts)
+        return None if got < 0 else ffi.unpack(self._counts, 4)
+
+    def pack_op(self, batch: CopyBatch, idx: array, op: int, to_guest: bool, domid: int) -> bool:
+        """pack() for the entries among the slots idx (uint16) whose op is `op`, the owners slot
+        indices. False: the kernel refused one (nothing added)."""
+        n = len(idx)
+        if n > self._room:
+            self._grow(n)
+        count = batch.count
+        batch.reserve(count + XK_LANE_MAX_SEGS * n)
+        ffi = self._ffi
+        packed = self._lib.xk_lane_pack_op(ffi.cast("struct xk_copy_seg *", batch.address + count * SEGMENT_SIZE),
+                                           self._table, self.nslots, ffi.from_buffer("uint16_t[]", idx), n, op,
+                                           to_guest, domid, self.base, self.stride, self._owners)
+        if packed < 0:
+            return False
+        if packed:
+            batch.owners.extend(ffi.unpack(self._owners, packed))
+            batch.count = count + packed
+        return True
+
+    def complete_held(self, batch: CopyBatch, completions: int, n: int, domid: int) -> bool:
+        """complete() for held requests (each completion a held slot's success, each slot once): the
+        reads' copies back added to batch (owners: slot indices), the slots in completion order kept
+        for answer_held / ready(), marked walked. False: nothing added, no entry changed."""
+        if n > self._room:
+            self._grow(n)
+        count = batch.count
+        batch.reserve(count + XK_LANE_MAX_SEGS * n)
+        ffi = self._ffi
+        packed = self._lib.xk_lane_complete_held(
+            ffi.cast("struct xk_copy_seg *", batch.address + count * SEGMENT_SIZE), self._table, self.nslots,
+            ffi.cast("struct xk_completion *", completions), n, self._ready, self._owners, domid, self.base,
+            self.stride)
+        if packed < 0:
+            return False
+        if packed:
+            batch.owners.extend(ffi.unpack(self._owners, packed))
+            batch.count = count + packed
+        return True
+
+    def ready(self, n: int) -> list[int]:
+        """The slots of the last complete_held (n of them), in completion order."""
+        return self._ffi.unpack(self._ready, n)
+
+    def answer_held(self, ctx: Any, first_pos: int, n: int, now: float, latency: Any) -> None:
+        """Answer the n slots complete_held walked, OKAY, at ring positions first_pos.. through ctx (a
+        struct xk_rsp_ring *: CompiledAnswers'), and count their latency in `latency` (a
+        LatencyHistogram) as its observe(now, slots) would. The entries are no longer held after."""
+        mask = self._lib.xk_lane_answer_held(ctx, first_pos, self._table, self.nslots, self._ready, n, now,
+                                             self._bounds, len(LATENCY_BOUNDS), self._buckets, self._total)
+        if mask < 0:
+            raise RuntimeError("answer_held: an entry is not a walked held one")
+        counts = latency.counts
+        buckets = self._buckets
+        while mask:  # (a batch's requests share their clock read: one or two buckets)
+            low = mask & -mask
+            b = low.bit_length() - 1
+            counts[b] += buckets[b]
+            mask ^= low
+        latency.sum += self._total[0]
+
+    def held_slots(self) -> list[int]:
+        """Every held slot (walked or not), in index order."""
+        if self._held_out is None:
+            self._held_out = self._ffi.new("uint16_t[]", self.nslots)
+        n = self._lib.xk_lane_held_slots(self._table, self.nslots, self._held_out)
+        return self._ffi.unpack(self._held_out, n)
+
+    def take_back(self, s: int) -> tuple | None:
+        """Slot s's request from its held entry, which is no longer held after: (id, op, sector,
+        nr_bytes, segments, taken_at, jref), segments as the intake decodes them (tuples of gref,
+        first_sect, last_sect). None: s is not held."""
+        t = self._table[s]
+        if not t.held:
+            return None
+        t.held = 0
+        segs = tuple(_SEG.iter_unpack(self._ffi.buffer(t.segs)[: 8 * t.nseg]))
+        return t.id, t.op, t.sector, t.nbytes, segs, t.taken_at, t.jref
 
     def all_plain(self, intake: Any, raw: bytes, count: int, pos: int = -1) -> list | None:
         """intake.parse(raw, count, pos), or None when every slot is a plain request (nothing built)."""

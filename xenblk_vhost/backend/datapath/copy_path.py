@@ -23,6 +23,8 @@ plan_bounce() decides how many slots the memory allows.
 
 from __future__ import annotations
 
+import logging
+
 from ...blkif.constants import MAX_SEGMENTS_PER_REQUEST, RSP_OKAY, XEN_PAGE_SIZE
 from ...blkif.request import WireSegments
 from ...storage import StorageDevice
@@ -31,6 +33,8 @@ from ...xen.interfaces import Gntdev
 from .copy_lane import MIN_BATCH, CopyLane
 from .grant_copy import run_batch
 from .slots import Slot
+
+log = logging.getLogger(__name__)
 
 SMALL_BUFFER = MAX_SEGMENTS_PER_REQUEST * XEN_PAGE_SIZE  # 44 KiB
 
@@ -167,6 +171,50 @@ class CopyDataPath:
         if ready is not None:
             run_batch(self.gntdev, batch)  # (lane slots have small buffers: none to give back)
         return ready
+
+    def prepare_held(self, idx) -> list[int] | None:
+        """prepare() for a batch the lane holds (slots idx, uint16; copy_lane.py's hold): their small
+        buffers are theirs by index, ONE grant copy brings the writes' data in. The slots whose copy
+        failed (indices; [] when all copied), or None: the kernel refused to pack them (nothing
+        copied: fill their Slots and prepare() them)."""
+        lane = self.lane
+        batch = self._batch
+        batch.reset()
+        if lane is None or not lane.pack_op(batch, idx, 1, False, self.domid):
+            return None
+        return self._run_held(batch)
+
+    def finish_held(self, completions: int, n: int) -> list[int] | None:
+        """finish_lane() for n completions that are all held lane requests' successes
+        (copy_lane.py's complete_held): ONE grant copy of the reads out; the slots whose copy failed
+        (indices; [] when all copied). The slots, in completion order: lane.ready(n). None: not all
+        are (nothing done)."""
+        lane = self.lane
+        if lane is None:
+            return None
+        batch = self._batch
+        batch.reset()
+        if not lane.complete_held(batch, completions, n, self.domid):
+            return None
+        return self._run_held(batch)
+
+    def _run_held(self, batch: CopyBatch) -> list[int]:
+        """run_batch for a batch whose owners are slot indices: the failed ones, not marked."""
+        if not batch.owners:
+            return []
+        try:
+            self.gntdev.grant_copy_batch(batch)
+        except OSError as e:
+            log.warning("grant copy of %d segments failed as a whole: %s", len(batch.owners), e)
+            return list(batch.owners)
+        return batch.failed_owners()
+
+    def attach_held(self, slot: Slot) -> None:
+        """The buffer fields a lane slot gets in prepare(), for a held slot being given its fields."""
+        off = slot.index * SMALL_BUFFER
+        slot.buffer = off
+        slot.large = False
+        slot.extents = ((self._base + off, slot.nr_bytes),)
 
     def idle(self) -> None:
         """Nothing kept for speed: the region is fixed for the connection."""

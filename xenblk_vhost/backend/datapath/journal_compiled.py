@@ -314,6 +314,18 @@ class CompiledAnswers:
         ring.rsp_prod_pvt = (pvt + n) & U32_MASK
         return errors
 
+    def answer_held(self, lane, n: int, now: float, latency) -> None:
+        """answer() for the n slots a copy lane's complete_held walked (copy_lane.py: their ids, ops
+        and journal refs are in its table; all OKAY): the same stores, from one C call
+        (lane.answer_held through this ring's context), their latency counted in `latency`."""
+        ring = self._ring
+        self._view.nbytes  # noqa: B018 - raises ValueError once the view is released (the ring unmapped)
+        pvt = ring.rsp_prod_pvt
+        if ((ring.req_cons - pvt) & U32_MASK) < n:
+            raise RingStateError("responses without consumed requests to answer")
+        lane.answer_held(self._ctx, pvt, n, now, latency)
+        ring.rsp_prod_pvt = (pvt + n) & U32_MASK
+
 
 def _compiled_for(journal):
     """(ffi, lib) when the compiled engine serves a ring with this journal (None: no journal), else
@@ -324,11 +336,17 @@ def _compiled_for(journal):
     return found
 
 
-def make_ring_answers(ring: BackRing, journal) -> Callable[[Sequence[AnsweredSlot]], int] | None:
+def make_compiled_answers(ring: BackRing, journal) -> CompiledAnswers | None:
     """The compiled answers for this ring and its journal (None: no journal), or None where the ring
     worker keeps journal.record_answers + BackRing.put_response (see _compiled_for)."""
     found = _compiled_for(journal)
-    return CompiledAnswers(ring, journal, found).answer if found is not None else None
+    return CompiledAnswers(ring, journal, found) if found is not None else None
+
+
+def make_ring_answers(ring: BackRing, journal) -> Callable[[Sequence[AnsweredSlot]], int] | None:
+    """make_compiled_answers' answer(), or None."""
+    answers = make_compiled_answers(ring, journal)
+    return answers.answer if answers is not None else None
 
 
 def make_ring_push(ring: BackRing, journal) -> Callable[[], bool] | None:

@@ -99,7 +99,7 @@ from .copy_lane import MIN_BATCH, CopyLane
 from .data_path import DataPath
 from .indirect_pages import IndirectPages
 from .journal import InflightJournal
-from .journal_compiled import make_ring_answers, make_ring_push
+from .journal_compiled import make_compiled_answers, make_ring_push
 from .notify_backoff import SpuriousBackoff
 from .ring_policy import RingPolicy
 from .slots import (
@@ -191,7 +191,8 @@ class RingWorker:
         # ... and its answers: a push's responses and their journal answers in one C call; without a
         # journal only for pushes of 16 or more (below, BackRing's puts cost no more than the C
         # call's list conversion and wrapper; from 32 on the call saves ~0.04 us an answer).
-        self._compiled_answers = make_ring_answers(ring, journal)
+        self._answers = make_compiled_answers(ring, journal)
+        self._compiled_answers = self._answers.answer if self._answers is not None else None
         self._compiled_answers_from = 1 if journal is not None else 16
         self._resume: list | None = None  # (item, ref) a takeover left to run again
 
@@ -224,6 +225,14 @@ class RingWorker:
         # A completion's tag is its slot's index, with the lane's bit (copy_lane.py) when the lane
         # queued it: masked off (pools of more than 0xFFFF slots have no lane, nor such tags).
         self._tag_slot = 0xFFFF if policy.slots <= 0xFFFF else -1
+        # Whole plain batches held by the lane (copy_lane.py's hold): no Slot filled, answered from the
+        # lane's table by the compiled walk; decided with the lane (see _lane). _held: how many slots
+        # are held now (their Slots stale: _materialise gives them their fields before anything else
+        # reads them), in _held_lane, whose buffers are _held_datapath's.
+        self._holding = False
+        self._held = 0
+        self._held_lane: CopyLane | None = None
+        self._held_datapath: DataPath | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -442,6 +451,9 @@ class RingWorker:
             # (a wrapper that filters the completions, tests' GatedQueue, says it cannot)
             self._counted = lane is not None and getattr(queue, "counted_reaps", False) is True
             self._completions_at = queue.completions_address if self._counted else 0
+            max_transfer = self.shape.max_transfer
+            self._holding = (self._counted and self._answers is not None and lane is not None
+                             and (not max_transfer or max_transfer >= lane.stride))
         return self._lane_cached
 
     def _stash(self, lane, raw: bytes, count: int, slot_of: array, run: list[Slot]) -> None:
@@ -461,6 +473,9 @@ class RingWorker:
         idx.reverse()  # the slots n free.pop() would give, in that order
         intake = self.intake
         assert isinstance(intake, CompiledIntake)
+        if (self._holding and not (self._failed or self._away or self._halted)
+                and (self.journal is None or intake.recorded >= 0) and self._dispatch_held(lane, raw, n, idx)):
+            return True
         if not lane.stash(intake, raw, n, array("i", idx)):
             log.warning("%s: the compiled lane refused a batch; serving it the reference way", self.name)
             return False
@@ -513,6 +528,71 @@ class RingWorker:
         self._start(run)
         self._kick()
         return True
+
+    def _dispatch_held(self, lane: CopyLane, raw: bytes, n: int, idx: list[int]) -> bool:
+        """_dispatch_plain with the batch held by the lane (copy_lane.py): its requests stay in the
+        lane's table (ids, journal refs, the batch's clock read) and no Slot is filled; the writes'
+        data in, then the storage requests, each one C call over the slot indices. Any doubt (a copy
+        in failed, a call refused) fills the Slots and goes on the reference way. False: the lane
+        would not hold the batch (nothing done)."""
+        slots_arr = array("H", idx)
+        first = self.intake.recorded if self.journal is not None else -1  # (the parse recorded the batch)
+        counts = lane.hold(self.intake, raw, n, slots_arr, first, time.monotonic())
+        if counts is None:
+            return False
+        del self.pool.free[-n:]
+        self._held += n
+        self._held_lane, self._held_datapath = lane, self.datapath
+        rd_req, rd_sect, wr_req, wr_sect = counts
+        self._count_dispatched(n, rd_req, rd_sect, wr_req, wr_sect)
+        failed = self.datapath.prepare_held(slots_arr) if wr_req else []  # type: ignore[attr-defined]
+        if failed is None:  # the packer refused: prepare() them the reference way
+            self._start(self._materialise(idx, queued=False))
+        elif failed or not lane.queue(self.queue, slots_arr):
+            run = self._materialise(idx, queued=False)
+            for slot in run:  # (what prepare() leaves: a failed copy in is an error)
+                if slot.index in failed:
+                    slot.status = RSP_ERROR
+            self._queue_prepared(run)
+        else:
+            self._io_outstanding += n
+            self._queued = True
+        self._kick()
+        return True
+
+    def _materialise(self, indices, *, queued: bool) -> list[Slot]:
+        """Give these slots, where held by the lane, the fields _dispatch_plain and prepare() give a
+        lane slot (and, queued, what queueing gives it), so that the reference path can serve them;
+        they are not held after. The slots given them, in the order of indices."""
+        lane, datapath = self._held_lane, self._held_datapath
+        if not self._held or lane is None or datapath is None:
+            return []
+        slots = self.pool.slots
+        out = []
+        for s in indices:
+            request = lane.take_back(s)
+            if request is None:
+                continue
+            slot = slots[s]
+            slot.req_id, slot.op, slot.sector, slot.nr_bytes, slot.segments, slot.taken_at, slot.jref = request
+            if slot.op:
+                slot.writes, slot.steps = True, _WRITE
+            else:
+                slot.writes, slot.steps = False, _READ
+            slot.lane = True
+            datapath.attach_held(slot)  # type: ignore[attr-defined]
+            if queued:
+                slot.parts = 1
+                slot.in_storage = True
+            out.append(slot)
+        self._held -= len(out)
+        return out
+
+    def _materialise_all(self) -> None:
+        """Every held slot given its fields (they are all in the storage, or being answered): before
+        anything scans the pool (park, abandon, attach_storage)."""
+        if self._held and self._held_lane is not None:
+            self._materialise(self._held_lane.held_slots(), queued=True)
 
     async def _dispatch(self, batch, *, pos: int = -1, raw: bytes = b"", refs=None) -> None:
         """Run a batch: `pos` and `raw` (its ring position and private copy) to record it in the
@@ -660,7 +740,10 @@ class RingWorker:
                 slot.done = None
                 done.set()
             free.append(slot.index)
-        n = len(slots)
+        self._released(len(slots))
+
+    def _released(self, n: int) -> None:
+        """n slots went back to the pool: the gate's and the stats' counts, and whoever waits."""
         self.gate.leave(n)
         self.stats.in_flight -= n
         if self._slot_freed is not None:
@@ -688,6 +771,11 @@ class RingWorker:
             self._stalled.extend(waiting)
             held = set(map(id, waiting))
             slots = [s for s in slots if id(s) not in held]
+        self._queue_prepared(slots)
+
+    def _queue_prepared(self, slots) -> None:
+        """_start's second half, for prepared slots: queue the first step of each (ring order), answer
+        those that failed already."""
         failed = None
         qread = self.queue.read
         qwrite = self.queue.write
@@ -796,7 +884,7 @@ class RingWorker:
         if type(done) is not int:
             self._complete(done)
             return len(done)
-        if done >= MIN_BATCH and self._complete_lane(queue, done):
+        if (done >= MIN_BATCH or self._held) and self._complete_lane(queue, done):
             return done
         self._complete(queue.completed(done))
         return done
@@ -808,6 +896,8 @@ class RingWorker:
         all are (nothing done)."""
         if queue is not self._lane_queue or not self._completions_at:  # (decided for another queue)
             return False
+        if self._held:  # (a held slot's Slot is stale: the walk below must not hand it out)
+            return self._complete_held(n)
         ready = self.datapath.finish_lane(self.pool.slots, self._completions_at, n)
         if ready is None:
             return False
@@ -819,7 +909,41 @@ class RingWorker:
         self._finish(ready, copied=True)
         return True
 
+    def _complete_held(self, n: int) -> bool:
+        """_complete_lane for n completions in the lane queue's array when all are held slots'
+        successes: the reads copied out, then answered and released, all from the lane's table and
+        slot indices (_finish's work, compiled). False: not all are (nothing done)."""
+        if self._halted:
+            return False  # a halted ring answers nothing: the reference way
+        datapath = self.datapath
+        failed = datapath.finish_held(self._completions_at, n)  # type: ignore[attr-defined]
+        if failed is None:
+            return False
+        self._io_outstanding -= n
+        now = self._last_completion = time.monotonic()
+        lane = self._held_lane
+        assert lane is not None and self._answers is not None
+        if failed:  # a read's copy back failed: its answer is an error, the reference way
+            ready = self._materialise(lane.ready(n), queued=True)
+            for slot in ready:
+                slot.parts = 0
+                slot.in_storage = False
+                if slot.index in failed:
+                    slot.status = RSP_ERROR
+            self._finish(ready, copied=True)
+            return True
+        self._held -= n
+        self._answers.answer_held(lane, n, now, self.stats.latency)
+        self._unpushed = True
+        self.pool.free.extend(lane.ready(n))  # (held slots kept a free slot's step, status and done)
+        self._released(n)
+        if self._stalled:
+            self._retry_stalled()
+        return True
+
     def _complete(self, done) -> None:
+        if self._held:
+            self._materialise([tag & self._tag_slot for tag, _ in done], queued=True)
         slots = self.pool.slots
         finished = []
         self._io_outstanding -= len(done)
@@ -949,6 +1073,7 @@ class RingWorker:
         guest for them.
         """
         self._failed = True
+        self._materialise_all()
         stuck = [s for s in self.pool.slots if s.in_storage]
         self._io_outstanding = 0
         if not answer:  # what waits for a lost storage or for memory is unanswered too
@@ -979,6 +1104,7 @@ class RingWorker:
         without awaiting in between, so nothing can be queued on it meanwhile."""
         if self._away or self._failed:
             return
+        self._materialise_all()
         log.warning("%s: storage lost (%s); holding %d request(s) in flight until it is back",
                     self.name, e, sum(1 for s in self.pool.slots if s.in_storage) + len(self._stalled))
         self._away = True
@@ -1010,6 +1136,7 @@ class RingWorker:
         """Serve from a new storage instance: queue the parked requests again from their first step
         (after `datapath`.prepare() if the data path is new: the copy path's buffers died with the old
         instance; the map path keeps its mappings). Returns how many requests were re-queued."""
+        self._materialise_all()
         if any(s.in_storage for s in self.pool.slots) or self._io_outstanding:
             raise RuntimeError(f"{self.name}: storage replaced while requests are in the old one")
         self.queue = queue

@@ -7,9 +7,12 @@ storage request made for it (a request split in parts has several storage
 requests with the same tag, counted in `parts`).
 
 The ring worker takes and returns slots inline (`pool.slots[pool.free.pop()]`,
-`pool.free.append(index)`: no call per request); Slot.load() is the one
-place a request's own fields (req_id, op, sector, nr_bytes, segments,
-writes, steps, taken_at) are set. A returned slot has step 0, parts 0,
+`pool.free.append(index)`: no call per request); Slot.load() sets a
+request's own fields (req_id, op, sector, nr_bytes, segments, writes, steps,
+taken_at), or, for the copy path's lane, RingWorker._dispatch_plain inline
+and RingWorker._materialise (a batch the lane held in C: copy_lane.py, whose
+slots keep a free slot's fields until a rare path needs them). A returned
+slot has step 0, parts 0,
 status OKAY, done None, in_storage False; the data paths keep their own
 fields right (extents and buffer are set before every use; large and
 mapping are cleared when released).
