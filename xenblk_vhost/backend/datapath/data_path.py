@@ -45,6 +45,22 @@ class DataPath(Protocol):
         (nothing done: the caller completes them one by one and calls finish())."""
         ...
 
+    # A batch the lane holds (copy_lane.py's hold: its requests only in the lane's table, slots by
+    # index); only a path with a lane is asked (the map path answers as if it had none).
+    def prepare_held(self, idx) -> list[int] | None:
+        """prepare() for the held slots idx (uint16 array): the writes' data in. The slots whose copy
+        failed ([] if none), or None: refused (nothing done; the caller fills the Slots)."""
+        ...
+
+    def finish_held(self, completions: int, n: int) -> list[int] | None:
+        """finish_lane() for n completions all of held slots: the reads' data out. The slots whose
+        copy failed ([] if none), or None: not all are held successes (nothing done)."""
+        ...
+
+    def attach_held(self, slot: Slot) -> None:
+        """The data fields prepare() gives a lane slot, for a held slot being given its fields."""
+        ...
+
     def idle(self) -> None:
         """The ring has nothing to do: drop what is kept only for speed (stale persistent grants)."""
         ...

@@ -159,6 +159,15 @@ class MapDataPath:
     def finish_lane(self, slots: list[Slot], completions: int, n: int) -> list[Slot] | None:
         return None  # no lane here
 
+    def prepare_held(self, idx) -> list[int] | None:
+        return None  # no lane here, so nothing is ever held
+
+    def finish_held(self, completions: int, n: int) -> list[int] | None:
+        return None
+
+    def attach_held(self, slot: Slot) -> None:
+        raise RuntimeError("the map path has no lane: no slot of its ring is ever held")
+
     def finish(self, slots: list[Slot]) -> list[Slot]:
         """Release the slots' mappings; return those whose pages are all unmapped (answer them)."""
         ready: list[Slot] = []

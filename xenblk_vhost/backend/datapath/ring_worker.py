@@ -545,7 +545,7 @@ class RingWorker:
         self._held_lane, self._held_datapath = lane, self.datapath
         rd_req, rd_sect, wr_req, wr_sect = counts
         self._count_dispatched(n, rd_req, rd_sect, wr_req, wr_sect)
-        failed = self.datapath.prepare_held(slots_arr) if wr_req else []  # type: ignore[attr-defined]
+        failed = self.datapath.prepare_held(slots_arr) if wr_req else []
         if failed is None:  # the packer refused: prepare() them the reference way
             self._start(self._materialise(idx, queued=False))
         elif failed or not lane.queue(self.queue, slots_arr):
@@ -580,7 +580,7 @@ class RingWorker:
             else:
                 slot.writes, slot.steps = False, _READ
             slot.lane = True
-            datapath.attach_held(slot)  # type: ignore[attr-defined]
+            datapath.attach_held(slot)
             if queued:
                 slot.parts = 1
                 slot.in_storage = True
@@ -916,7 +916,7 @@ class RingWorker:
         if self._halted:
             return False  # a halted ring answers nothing: the reference way
         datapath = self.datapath
-        failed = datapath.finish_held(self._completions_at, n)  # type: ignore[attr-defined]
+        failed = datapath.finish_held(self._completions_at, n)
         if failed is None:
             return False
         self._io_outstanding -= n
