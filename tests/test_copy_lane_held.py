@@ -45,18 +45,19 @@ class StallQueue:
     def fail_next_do_io(self, err: int) -> None:
         self._fail = err
 
-    def do_io_count(self, min_completions=0, max_completions=None, timeout=30.0) -> int:
+    def _raise_injected(self) -> None:
         if self._fail:
             err, self._fail = self._fail, 0
             raise BlkioError(err, "injected", "blkioq_do_io")
+
+    def do_io_count(self, min_completions=0, max_completions=None, timeout=30.0) -> int:
+        self._raise_injected()
         if self.stalled:
             return 0
         return self._q.do_io_count(min_completions, max_completions, timeout)
 
     def do_io(self, min_completions=0, max_completions=None, timeout=30.0) -> list:  # (the lane off)
-        if self._fail:
-            err, self._fail = self._fail, 0
-            raise BlkioError(err, "injected", "blkioq_do_io")
+        self._raise_injected()
         if self.stalled:
             return []
         return self._q.do_io(min_completions, max_completions, timeout)
@@ -96,6 +97,15 @@ def _send_batch(front, pages, reads) -> None:
     front.push()
 
 
+async def _batch_in_storage(vbd, q: StallQueue, front, pages, reads) -> RingWorker:
+    """With the storage stalled, _send_batch and wait until all N are in flight: the ring's worker."""
+    q.stalled = True
+    _send_batch(front, pages, reads)
+    await _wait_for(lambda: vbd.stats()["total"]["in_flight"] == N)
+    [worker] = _workers(vbd)
+    return worker
+
+
 @pytest.mark.parametrize("lane", [True, False])
 @pytest.mark.parametrize("reads", [False, True])
 async def test_held_requests_parked_then_run_again_on_a_new_instance(tmp_path, platform, guest, monkeypatch,
@@ -118,10 +128,7 @@ async def test_held_requests_parked_then_run_again_on_a_new_instance(tmp_path, p
         async with connected(vbd, front, platform):
             pages = [front.data_page(readonly=not reads, fill=None if reads else bytes([k + 1]) * PAGE_SIZE)
                      for k in range(N)]
-            q.stalled = True
-            _send_batch(front, pages, reads)
-            await _wait_for(lambda: vbd.stats()["total"]["in_flight"] == N)
-            [worker] = _workers(vbd)
+            worker = await _batch_in_storage(vbd, q, front, pages, reads)
             assert worker._held == (N if lane else 0)
             assert await front.no_response(0)
             q.fail_next_do_io(errno.EIO)  # the reaper's next poll: the storage is gone
@@ -153,10 +160,7 @@ async def test_held_requests_abandoned_are_answered_error_once(tmp_path, platfor
     try:
         async with connected(vbd, front, platform):
             pages = [front.data_page(readonly=False) for _ in range(N)]
-            q.stalled = True
-            _send_batch(front, pages, reads=True)
-            await _wait_for(lambda: vbd.stats()["total"]["in_flight"] == N)
-            [worker] = _workers(vbd)
+            worker = await _batch_in_storage(vbd, q, front, pages, reads=True)
             assert worker._held == (N if lane else 0)
             q.fail_next_do_io(errno.EIO)
             got = sorted(tuple(r) for r in await front.responses(0, N))
@@ -180,10 +184,7 @@ async def test_a_halted_ring_answers_no_held_request(tmp_path, platform, guest, 
     try:
         async with connected(vbd, front, platform):
             pages = [front.data_page(readonly=False) for _ in range(N)]
-            q.stalled = True
-            _send_batch(front, pages, reads=True)
-            await _wait_for(lambda: vbd.stats()["total"]["in_flight"] == N)
-            [worker] = _workers(vbd)
+            worker = await _batch_in_storage(vbd, q, front, pages, reads=True)
             assert worker._held == N
             ring = front.rings[0].ring
             ring._set_shared(0, ring.req_prod_pvt + ring.size + 7)  # req_prod: a lie

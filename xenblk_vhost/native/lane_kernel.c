@@ -152,26 +152,6 @@ static int lane_success(const struct xk_completion *c, const struct xk_lane_slot
     return t->nseg != 0 && t->nseg <= LANE_MAX_SEGS && t->op <= 1;
 }
 
-/* The reads' copies back of the n slots in ready (checked by the caller's walk): how many segments,
- * or -1 if one would be refused. */
-static int pack_reads_back(struct xk_copy_seg *out, const struct xk_lane_slot *table, const uint16_t *ready,
-                           uint32_t n, uint16_t *owners, uint16_t domid, uint64_t base, uint64_t stride)
-{
-    int packed = 0;
-    for (uint32_t k = 0; k < n; k++) {
-        uint32_t s = ready[k];
-        if (table[s].op != 0)
-            continue;  /* a WRITE: nothing to copy back */
-        int got = pack_slot(out + packed, &table[s], 1, domid, base + (uint64_t)s * stride);
-        if (got < 0)
-            return -1;
-        for (int i = 0; i < got; i++)
-            owners[packed + i] = (uint16_t)s;
-        packed += got;
-    }
-    return packed;
-}
-
 int xk_lane_complete(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint32_t nslots,
                      const struct xk_completion *comps, uint32_t n, uint16_t *ready, uint16_t *owners,
                      uint16_t domid, uint64_t base, uint64_t stride)
@@ -181,7 +161,7 @@ int xk_lane_complete(struct xk_copy_seg *out, const struct xk_lane_slot *table, 
             return -1;
         ready[k] = (uint16_t)(comps[k].user_data & 0xFFFF);
     }
-    return pack_reads_back(out, table, ready, n, owners, domid, base, stride);
+    return xk_lane_pack_op(out, table, nslots, ready, n, 0, 1, domid, base, stride, owners);  /* the reads back */
 }
 
 /* Put the entries marked walked by xk_lane_complete_held's first k completions back to held. */
@@ -204,7 +184,7 @@ int xk_lane_complete_held(struct xk_copy_seg *out, struct xk_lane_slot *table, u
         ready[k] = (uint16_t)(comps[k].user_data & 0xFFFF);
         table[ready[k]].held = XK_HELD_WALKED;
     }
-    int packed = pack_reads_back(out, table, ready, n, owners, domid, base, stride);
+    int packed = xk_lane_pack_op(out, table, nslots, ready, n, 0, 1, domid, base, stride, owners);  /* reads back */
     if (packed < 0)
         unwalk(table, ready, n);
     return packed;

@@ -107,6 +107,21 @@ class CopyLane:
         self._ready = self._ffi.new("uint16_t[]", n)
         self._owners = self._ffi.new("uint16_t[]", XK_LANE_MAX_SEGS * n)
 
+    def _out(self, batch: CopyBatch, n: int) -> tuple[int, Any]:
+        """Room for n slots' grant copies at the end of batch (and n in the out-arrays): batch's
+        count, and where the kernel writes its segments."""
+        if n > self._room:
+            self._grow(n)
+        count = batch.count
+        batch.reserve(count + XK_LANE_MAX_SEGS * n)
+        return count, self._ffi.cast("struct xk_copy_seg *", batch.address + count * SEGMENT_SIZE)
+
+    def _took(self, batch: CopyBatch, count: int, packed: int) -> None:
+        """The kernel added `packed` segments to batch at count, their owners slot indices (_owners)."""
+        if packed:
+            batch.owners.extend(self._ffi.unpack(self._owners, packed))
+            batch.count = count + packed
+
     @classmethod
     def make(cls, nslots: int, stride: int, base: int) -> CopyLane | None:
         """A lane when the compiled kernels load (and native is enabled), else None."""
@@ -148,39 +163,25 @@ class CopyLane:
         """pack() for the entries among the slots idx (uint16) whose op is `op`, the owners slot
         indices. False: the kernel refused one (nothing added)."""
         n = len(idx)
-        if n > self._room:
-            self._grow(n)
-        count = batch.count
-        batch.reserve(count + XK_LANE_MAX_SEGS * n)
-        ffi = self._ffi
-        packed = self._lib.xk_lane_pack_op(ffi.cast("struct xk_copy_seg *", batch.address + count * SEGMENT_SIZE),
-                                           self._table, self.nslots, ffi.from_buffer("uint16_t[]", idx), n, op,
-                                           to_guest, domid, self.base, self.stride, self._owners)
+        count, out = self._out(batch, n)
+        packed = self._lib.xk_lane_pack_op(out, self._table, self.nslots, self._ffi.from_buffer("uint16_t[]", idx), n,
+                                           op, to_guest, domid, self.base, self.stride, self._owners)
         if packed < 0:
             return False
-        if packed:
-            batch.owners.extend(ffi.unpack(self._owners, packed))
-            batch.count = count + packed
+        self._took(batch, count, packed)
         return True
 
     def complete_held(self, batch: CopyBatch, completions: int, n: int, domid: int) -> bool:
         """complete() for held requests (each completion a held slot's success, each slot once): the
         reads' copies back added to batch (owners: slot indices), the slots in completion order kept
         for answer_held / ready(), marked walked. False: nothing added, no entry changed."""
-        if n > self._room:
-            self._grow(n)
-        count = batch.count
-        batch.reserve(count + XK_LANE_MAX_SEGS * n)
-        ffi = self._ffi
-        packed = self._lib.xk_lane_complete_held(
-            ffi.cast("struct xk_copy_seg *", batch.address + count * SEGMENT_SIZE), self._table, self.nslots,
-            ffi.cast("struct xk_completion *", completions), n, self._ready, self._owners, domid, self.base,
-            self.stride)
+        count, out = self._out(batch, n)
+        packed = self._lib.xk_lane_complete_held(out, self._table, self.nslots,
+                                                 self._ffi.cast("struct xk_completion *", completions), n,
+                                                 self._ready, self._owners, domid, self.base, self.stride)
         if packed < 0:
             return False
-        if packed:
-            batch.owners.extend(ffi.unpack(self._owners, packed))
-            batch.count = count + packed
+        self._took(batch, count, packed)
         return True
 
     def ready(self, n: int) -> list[int]:
@@ -269,13 +270,9 @@ class CopyLane:
         when every one is the success of a request queue() queued: their slots, in completion order,
         with the READs' copies back to the guest added to batch (owners in step). None: one is not
         (an error, a request queued another way): nothing added, complete them the reference way."""
-        if n > self._room:
-            self._grow(n)
-        count = batch.count
-        batch.reserve(count + XK_LANE_MAX_SEGS * n)
+        count, out = self._out(batch, n)
         ffi = self._ffi
-        packed = self._lib.xk_lane_complete(ffi.cast("struct xk_copy_seg *", batch.address + count * SEGMENT_SIZE),
-                                            self._table, self.nslots,
+        packed = self._lib.xk_lane_complete(out, self._table, self.nslots,
                                             ffi.cast("struct xk_completion *", completions), n,
                                             self._ready, self._owners, domid, self.base, self.stride)
         if packed < 0:
