@@ -115,7 +115,9 @@ def parse_args(argv=None):
                     help="compiled,python: run every bridge case with the compiled kernels (xenblk_vhost/native) "
                          "and again with their Python references, in one run (default: compiled); py-intake: "
                          "the compiled kernels but the Python request intake (XENBLK_ENGINE=python); no-lane: "
-                         "the compiled kernels without the copy path's compiled lane (XENBLK_COPY_LANE=0)")
+                         "the compiled kernels without the copy path's compiled lane (XENBLK_COPY_LANE=0); "
+                         "no-engine: the lane without the ring engine, the held path driven from Python "
+                         "(XENBLK_RING_ENGINE=0)")
     ap.add_argument("--ring-workers", default="inline",
                     help="inline,process: run every bridge case with the rings in the backend's process "
                          "and again with each ring in a worker process of its own (ring_workers: process; "
@@ -148,8 +150,8 @@ def plan(args) -> list[tuple[str, str, wl.Workload, str, str]]:
     for p in paths:
         wl.parse_path(p)
     engines = [e for e in args.engines.split(",") if e]
-    if not engines or set(engines) - {"compiled", "python", "py-intake", "no-lane"}:
-        raise SystemExit(f"bench.py: --engines takes compiled, python, py-intake and/or no-lane, "
+    if not engines or set(engines) - {"compiled", "python", "py-intake", "no-lane", "no-engine"}:
+        raise SystemExit(f"bench.py: --engines takes compiled, python, py-intake, no-lane and/or no-engine, "
                          f"not {args.engines!r}")
     modes = [m for m in args.ring_workers.split(",") if m]
     if not modes or set(modes) - {"inline", "process"}:
@@ -175,6 +177,8 @@ def summary_line(r: dict) -> str:
         r = {**r, "data_path": r["data_path"] + "/pyin"}
     if r.get("engine") == "no-lane":  # the compiled kernels, without the copy path's lane
         r = {**r, "data_path": r["data_path"] + "/nolane"}
+    if r.get("engine") == "no-engine":  # the lane's held path driven from Python, without the ring engine
+        r = {**r, "data_path": r["data_path"] + "/noeng"}
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
@@ -265,6 +269,7 @@ def main(argv=None) -> int:
 
     from xenblk_vhost import native
     from xenblk_vhost.backend.datapath.copy_lane import LANE_ENV
+    from xenblk_vhost.backend.datapath.ring_engine import ENGINE_ENV as RING_ENGINE_ENV
     from xenblk_vhost.native.intake import ENGINE_ENV
     from xenblk_vhost.sim.hypervisor import running_hypervisor
 
@@ -301,6 +306,7 @@ def main(argv=None) -> int:
             native.set_enabled(engine != "python")
             os.environ[ENGINE_ENV] = "python" if engine == "py-intake" else "compiled"
             os.environ[LANE_ENV] = "0" if engine == "no-lane" else "1"
+            os.environ[RING_ENGINE_ENV] = "0" if engine == "no-engine" else "1"
             try:
                 if not args.no_raw and (tname, w) not in raw_cache:
                     raw_cache[(tname, w)] = run_raw(target, w, timing)

@@ -133,6 +133,11 @@ class _Ring:
         self._get = _IDX.unpack_from
         self._put = _IDX.pack_into
 
+    @property
+    def entry_size(self) -> int:
+        """Bytes of one slot (a request or a response)."""
+        return self._entry
+
     def slot_offset(self, idx: int) -> int:
         """Byte offset in the view of the slot that index `idx` names."""
         return SRING_ENTRIES_OFFSET + (idx & self._mask) * self._entry

@@ -28,3 +28,96 @@ int xb_queue_lane(uintptr_t q, uintptr_t table, uint32_t nslots, uintptr_t idx, 
                   uint64_t stride);
 uint32_t xb_lane_slot_size(void);
 uint32_t xb_lane_tag(void);  /* lane_slot.h's XK_LANE_TAG */
+
+/* The ring engine (ring_engine.c; backend/datapath/ring_engine.py fills this once per ring and reads
+ * it back after each call): a wake-up's plain requests taken, held, recorded, copied, queued,
+ * completed, answered, published and notified in one call. Addresses travel as uintptr_t (the
+ * shared ring page, the compiled intake's struct xk_intake_cfg, CompiledAnswers' struct xk_rsp_ring,
+ * the compiled journal's struct xk_journal, the lane's table, the queue and its completion array).
+ * "in/out" fields are the ring worker's state, which it copies in before and back after a call. */
+enum {
+    XB_ENGINE_IDLE = 0,             /* the ring is empty and req_event asks for the next request */
+    XB_ENGINE_MORE = 1,             /* max_batches served: call again after letting others run */
+    XB_ENGINE_PYTHON = 2,           /* the next request is for the reference path (or no slot or frame) */
+    XB_ENGINE_REAPED = 3,           /* `reaped` completions in the queue's array are for RingWorker._reaped */
+    XB_ENGINE_COPY_IN_FAILED = 4,   /* the last batch (taken[0..held_n)) is held, not queued; failed[0..nfailed) */
+    XB_ENGINE_UNPREPARED = 5,       /* the last batch is held, its copy in not packed: the reference prepares it */
+    XB_ENGINE_COPY_OUT_FAILED = 6,  /* `reaped` completions walked (ready[]), a read's copy out failed[] */
+    XB_ENGINE_STORAGE_ERROR = 7,    /* blkioq_do_io failed with errno `error` */
+    XB_ENGINE_BUG = 8               /* an entry the walk returned was not walked: never */
+};
+enum { XB_COPY_GNTDEV = 1, XB_COPY_SIM = 2 };          /* copy_kind */
+enum { XB_NOTIFY_EVTCHN = 1, XB_NOTIFY_EVENTFD = 2 };  /* notify_kind */
+struct xb_engine {
+    /* the ring: the shared page, its slots, BackRing's private indices (in/out) */
+    uintptr_t sring;
+    uint32_t size;
+    uint32_t entry;
+    uint32_t req_cons;
+    uint32_t rsp_prod_pvt;
+    uintptr_t cfg;
+    uintptr_t rsp;
+    uintptr_t journal;        /* 0: no journal */
+    uintptr_t raw;            /* scratch: the private copy (size slots) */
+    uintptr_t recs;           /* scratch: its records (size struct xk_req) */
+    /* the copy path's lane: its table, the slots' buffers (base + slot * stride) */
+    uintptr_t table;
+    uint32_t nslots;
+    uint64_t base;
+    uint64_t stride;
+    uintptr_t taken;          /* uint16[nslots]: the last batch's slots */
+    uintptr_t ready;          /* uint16[room]: the last walk's slots, in completion order */
+    uintptr_t owners;         /* uint16[11 * room]: each packed segment's slot */
+    uintptr_t failed;         /* uint16[room]: the slots whose grant copy failed */
+    uintptr_t segs;           /* struct xk_copy_seg[11 * room] */
+    /* free slots: SlotPool.free's stack (top last), in/out; low: its lowest depth in the call */
+    uintptr_t stack;
+    uint32_t nfree;
+    uint32_t low;
+    /* the storage queue: blkioq, its completion array (max_completions) */
+    uintptr_t q;
+    uintptr_t completions;
+    uint32_t max_completions;
+    uint32_t max_batches;
+    /* the grant copy: gntdev's ioctl, or the simulated hypervisor's tables of the frontend's domain */
+    int32_t copy_kind;
+    int32_t copy_fd;
+    uint64_t copy_request;
+    uint16_t domid;
+    uint16_t ldomid;
+    uint32_t sim_entries;
+    uintptr_t sim_table;
+    uintptr_t sim_active;
+    uintptr_t sim_memory;
+    uint32_t sim_pages;
+    uint8_t sim_alive_value;
+    uintptr_t sim_alive;
+    /* the notify: /dev/xen/evtchn's ioctl for port, or an eventfd write */
+    int32_t notify_kind;
+    int32_t notify_fd;
+    uint64_t notify_request;
+    uint32_t notify_port;
+    /* latency: LatencyHistogram's bounds; counts and sum accumulated until the ring worker folds them */
+    uintptr_t bounds;
+    uint32_t nbounds;
+    uintptr_t buckets;        /* uint64[nbounds + 1], accumulated */
+    uintptr_t call_buckets;   /* uint64[nbounds + 1], scratch */
+    uint64_t lat_mask;
+    double lat_total;
+    /* out, per call */
+    uint64_t counts[4];       /* accumulated: rd_req, rd_sect, wr_req, wr_sect */
+    uint32_t taken_n;
+    uint32_t queued;
+    uint32_t completed;       /* answered */
+    uint32_t reaped;
+    uint32_t held_n;
+    uint32_t nfailed;
+    uint32_t notifies;
+    int32_t notify_errno;
+    int32_t error;
+    int32_t unpushed;
+};
+/* Serve the ring until it is empty (XB_ENGINE_IDLE) or something is not for the engine. */
+int xb_engine_run(struct xb_engine *e);
+/* The reaper's n completions (already in the queue's array): walked, answered, published. 0 or XB_ENGINE_*. */
+int xb_engine_reap(struct xb_engine *e, uint32_t n);

@@ -28,8 +28,10 @@ NATIVE = CffiModule(MODULE, HERE, HEADER, C_SOURCES, stamped=(HERE / "build.py",
 # libblkio's request-queueing calls (blkio_calls.h says why), a module of its own: it links libblkio,
 # which the kernels above (the simulator's copy, the intake) must not need.
 BLKIO_MODULE = "_xenblk_blkio"
-BLKIO = CffiModule(BLKIO_MODULE, HERE, "blkio_calls.h", ("blkio_calls.c",),
-                   stamped=(HERE / "build.py", HERE / "lane_slot.h"),
+# The ring engine (ring_engine.c) lives here too, with the kernels it chains (compiled in again: a
+# module cannot call into another's C).
+BLKIO = CffiModule(BLKIO_MODULE, HERE, "blkio_calls.h", ("blkio_calls.c", "ring_engine.c", *C_SOURCES),
+                   stamped=(HERE / "build.py", HERE / "lane_slot.h", HERE / "native.h", HERE / "copy_seg.h"),
                    libraries=("blkio",))
 
 

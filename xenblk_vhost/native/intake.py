@@ -125,6 +125,11 @@ class CompiledIntake(RequestIntake):
         self._one = self._ffi.new("struct xk_req *")  # xk_check_indirect's out-parameter, reused
         self._apply(limits)
 
+    @property
+    def cfg_address(self) -> int:
+        """Where the struct xk_intake_cfg is (set_limits changes it in place): for the ring engine."""
+        return int(self._ffi.cast("uintptr_t", self._cfg))
+
     def record_into(self, journal_state) -> bool:
         """Write each batch parsed with its ring position into this journal (a CompiledRingJournal's
         c_state: struct xk_journal) in the parse call itself: see parse()."""

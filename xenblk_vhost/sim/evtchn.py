@@ -54,6 +54,12 @@ class SimPort:
         except BlockingIOError:
             pass  # counter saturated: the peer has it pending already
 
+    def engine_notify(self) -> tuple[int, int, int, int] | None:
+        """The ring engine's notify (backend/datapath/ring_engine.py): an eventfd write to the peer's."""
+        if self._kick_fd < 0:
+            return None
+        return 2, self._kick_fd, 0, self.local_port
+
     def _consume(self) -> bool:
         try:
             os.eventfd_read(self.fileno())

@@ -314,6 +314,22 @@ class SimGntdev:
                 raise RuntimeError(f"simulated grant copy stuck at segment {i} of {n}")
             i = j
 
+    def engine_copier(self, domid: int) -> dict[str, int] | None:
+        """The ring engine's grant copy with domid's grants (backend/datapath/ring_engine.py): this
+        hypervisor's tables of the domain, for xk_sim_grant_copy (the same checks as
+        grant_copy_batch), and its state byte (a dead domain's copies fail GNTST_bad_domain, as here).
+        The tables stay mapped while a mapping of the domain (the ring's) is open: the engine runs only
+        while the ring is mapped. None: no such domain now, or the compiled copy is off."""
+        if not native.enabled:
+            return None
+        dom = self._foreign(domid)
+        if dom is None:
+            return None
+        alive, alive_value = self._hc.alive_flag(domid)
+        return {"kind": 2, "domid": domid, "ldomid": self.domid, "table": dom.table_addr,
+                "entries": dom.table.nr_entries, "active": dom.active_addr, "memory": dom.memory_addr,
+                "pages": dom.pages, "alive": alive, "alive_value": alive_value}
+
     def _load_native(self) -> ModuleType | None:
         """The compiled kernels (built on first use), or None, said once, when they cannot be had."""
         if self._native_failed:

@@ -166,6 +166,14 @@ class Queue:
             return False
         return call(self._qarg, table, nslots, idx, n, base, stride) == n
 
+    def engine_handles(self) -> tuple[int, int, int] | None:
+        """(the blkioq, its completion array, max_completions) as addresses, for the ring engine
+        (backend/datapath/ring_engine.py), when the calls are compiled and the queue open; the caller
+        checks `closed` before each use of them (close() frees the queue)."""
+        if self._q is None or not self.compiled_calls:
+            return None
+        return self._qarg, self._completions_arg, self.max_completions
+
     # ---- submitting and reaping ----
 
     def do_io(self, min_completions: int = 0, max_completions: int | None = None,

@@ -83,6 +83,12 @@ class EvtchnPort:
     def notify(self) -> None:
         ioctl(self.fileno(), IOCTL_EVTCHN_NOTIFY, self._notify_addr)
 
+    def engine_notify(self) -> tuple[int, int, int, int] | None:
+        """The ring engine's notify (backend/datapath/ring_engine.py): IOCTL_EVTCHN_NOTIFY for our port."""
+        if self._fd < 0:
+            return None
+        return 1, self._fd, IOCTL_EVTCHN_NOTIFY, self.local_port
+
     def _drain(self) -> bool:
         """Consume queued deliveries and unmask; True if there was any."""
         fd = self.fileno()

@@ -510,6 +510,11 @@ class GntdevDevice:
             self._copy_arg.segments = batch.address
             ioctl(self.fileno(), IOCTL_GNTDEV_GRANT_COPY, self._copy_arg_addr)
 
+    def engine_copier(self, domid: int) -> dict[str, int] | None:
+        """The ring engine's grant copy (backend/datapath/ring_engine.py): this fd's
+        IOCTL_GNTDEV_GRANT_COPY, as grant_copy_batch runs it."""
+        return {"kind": 1, "domid": domid, "fd": self.fileno(), "request": IOCTL_GNTDEV_GRANT_COPY}
+
     def set_max_grants(self, count: int) -> None:
         """Old kernels cap the grants one fd may map; newer ones dropped the ioctl (ENOTTY),
         as libxengnttab tolerates."""

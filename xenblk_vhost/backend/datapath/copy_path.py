@@ -32,6 +32,7 @@ from ...xen.gntdev import CopyBatch, load_compiled_packing
 from ...xen.interfaces import Gntdev
 from .copy_lane import MIN_BATCH, CopyLane
 from .grant_copy import run_batch
+from .ring_engine import EngineCopier
 from .slots import Slot
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,11 @@ class CopyDataPath:
         slot.buffer = off
         slot.large = False
         slot.extents = ((self._base + off, slot.nr_bytes),)
+
+    def engine_copier(self) -> dict[str, int] | None:
+        """The gntdev's grant copy for the ring engine (ring_engine.py), when it offers one."""
+        gntdev = self.gntdev
+        return gntdev.engine_copier(self.domid) if isinstance(gntdev, EngineCopier) else None
 
     def idle(self) -> None:
         """Nothing kept for speed: the region is fixed for the connection."""

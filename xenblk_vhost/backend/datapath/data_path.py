@@ -61,6 +61,10 @@ class DataPath(Protocol):
         """The data fields prepare() gives a lane slot, for a held slot being given its fields."""
         ...
 
+    def engine_copier(self) -> dict[str, int] | None:
+        """How the ring engine (ring_engine.py) runs this path's grant copies, or None: no engine."""
+        ...
+
     def idle(self) -> None:
         """The ring has nothing to do: drop what is kept only for speed (stale persistent grants)."""
         ...

@@ -93,6 +93,7 @@ class CompiledRingJournal(RingJournal):
         for name, arr in arrays.items():
             setattr(j, name, arr)
         self.c_state = j  # for CompiledIntake.record_into and a compiled ring engine
+        self.c_state_address = int(ffi.cast("uintptr_t", j))  # (the ring engine's: ring_engine.py)
 
         def view(name: str, fmt: Literal["I", "Q"]) -> memoryview:
             return memoryview(ffi.buffer(arrays[name])).cast("B").cast(fmt)
@@ -265,11 +266,22 @@ class CompiledAnswers:
         ctx.rsp_size = rsp_size
         ctx.j = journal.c_state if journal is not None else ffi.NULL
         self._ctx = ctx
+        self._ffi = ffi
         self._ring = ring
         self._view = ring.view
         self._one = lib.xk_ring_answer
         self._many = lib.xk_ring_answers
         self._journaled = journal is not None
+
+    @property
+    def ctx_address(self) -> int:
+        """The struct xk_rsp_ring (the ring engine answers through it)."""
+        return int(self._ffi.cast("uintptr_t", self._ctx))
+
+    @property
+    def sring_address(self) -> int:
+        """The shared ring page (see _page_address: check the view before each use)."""
+        return int(self._ffi.cast("uintptr_t", self._ctx.sring))
 
     def answer(self, answered: Sequence[AnsweredSlot]) -> int:
         """Write the responses of these answers at rsp_prod_pvt on (recorded in the journal first);

@@ -168,6 +168,9 @@ class MapDataPath:
     def attach_held(self, slot: Slot) -> None:
         raise RuntimeError("the map path has no lane: no slot of its ring is ever held")
 
+    def engine_copier(self) -> dict[str, int] | None:
+        return None  # (no lane, no engine)
+
     def finish(self, slots: list[Slot]) -> list[Slot]:
         """Release the slots' mappings; return those whose pages are all unmapped (answer them)."""
         ready: list[Slot] = []

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import time
 from array import array
 from collections.abc import Callable
@@ -101,6 +102,18 @@ from .indirect_pages import IndirectPages
 from .journal import InflightJournal
 from .journal_compiled import make_compiled_answers, make_ring_push
 from .notify_backoff import SpuriousBackoff
+from .ring_engine import (
+    ENGINE_BUG,
+    ENGINE_COPY_IN_FAILED,
+    ENGINE_COPY_OUT_FAILED,
+    ENGINE_IDLE,
+    ENGINE_PYTHON,
+    ENGINE_REAPED,
+    ENGINE_STORAGE_ERROR,
+    ENGINE_UNPREPARED,
+    RingEngine,
+    make_engine,
+)
 from .ring_policy import RingPolicy
 from .slots import (
     STEP_DISCARD,
@@ -231,6 +244,9 @@ class RingWorker:
         # reads them), in _held_lane, whose buffers are _held_datapath's.
         self._holding = False
         self._held = 0
+        # The ring engine (ring_engine.py): a wake-up's plain requests in one C call, where the held
+        # path would serve them; decided with the lane (see _lane).
+        self._engine: RingEngine | None = None
         self._held_lane: CopyLane | None = None
         self._held_datapath: DataPath | None = None
 
@@ -357,6 +373,7 @@ class RingWorker:
         parse = self.intake.parse
         journal = self.journal
         unyielded = 0  # batches since the last full schedule point
+        reference_next = False  # the engine left the next batch to the reference path
         while not self._stopping:
             if self._halted:
                 await self._idle_wait(trio.sleep_forever)
@@ -378,6 +395,30 @@ class RingWorker:
                 await self._idle_wait(self._wait_slot)
                 continue
             lane = self._lane()
+            engine = self._engine
+            if engine is not None and not reference_next and self._engine_may_run(engine):
+                code = self._run_engine(engine)
+                if engine.e.taken_n and woken:
+                    woken = False
+                    backoff.worked()
+                if code == ENGINE_PYTHON:
+                    reference_next = True
+                    continue  # (free slots and journal room looked at again first)
+                if code != ENGINE_IDLE:
+                    await trio.lowlevel.checkpoint()
+                    continue
+                # The ring is empty and req_event asks for the next request (the engine's final check).
+                unyielded = 0
+                self._maybe_purge()
+                if woken:
+                    self.stats.spurious_wakeups += 1
+                    pause = backoff.spurious()
+                    if pause:
+                        await self._idle_wait(partial(trio.sleep, pause))
+                await self._idle_wait(self.channel.wait)
+                woken = True
+                continue
+            reference_next = False
             try:
                 if journal is None and lane is None:
                     batch = take(ring, free)
@@ -424,6 +465,99 @@ class RingWorker:
             await self._idle_wait(self.channel.wait)
             woken = True
 
+    # ------------------------------------------------------------ the ring engine
+
+    def _engine_may_run(self, engine: RingEngine) -> bool:
+        """Whether the engine may serve now: where the held path would (see _dispatch_plain), with
+        the queue, the channel and the ring still open (it keeps their addresses and fds)."""
+        if (self._failed or self._away or self._halted or self._stalled or engine.queue.closed
+                or not engine.channel_open()):
+            return False
+        try:
+            self.ring.view.nbytes  # noqa: B018 - raises once the view is released (the ring unmapped)
+        except ValueError:
+            return False
+        return True
+
+    def _run_engine(self, engine: RingEngine) -> int:
+        """One xb_engine_run with this ring's state in and out; what it stopped for done the reference way.
+        Returns what it returned."""
+        ring = self.ring
+        e = engine.e
+        e.req_cons = ring.req_cons
+        e.rsp_prod_pvt = ring.rsp_prod_pvt
+        engine.load_free(self.pool.free)
+        return self._after_engine(engine, engine.run())
+
+    def _reap_engine(self, engine: RingEngine, n: int) -> None:
+        """The reaper's n completions (in the queue's array) through xb_engine_reap."""
+        ring = self.ring
+        e = engine.e
+        e.req_cons = ring.req_cons
+        e.rsp_prod_pvt = ring.rsp_prod_pvt
+        engine.load_free(self.pool.free)
+        self._after_engine(engine, engine.reap(n))
+
+    def _after_engine(self, engine: RingEngine, code: int) -> int:
+        """Take the engine's state back (what _dispatch_held, _complete_held and _push would have
+        left), then do what it stopped for, as the held path does it."""
+        e = engine.e
+        ring = self.ring
+        ring.req_cons = e.req_cons
+        ring.rsp_prod_pvt = e.rsp_prod_pvt
+        low, top = engine.free_changes()
+        free = self.pool.free
+        del free[low:]
+        if top:
+            free.extend(top)
+        took = e.taken_n
+        if took:
+            rd_req, rd_sect, wr_req, wr_sect = engine.take_counts()
+            self._count_dispatched(took, rd_req, rd_sect, wr_req, wr_sect)
+            self._held += took
+            self._held_lane, self._held_datapath = self._lane_cached, self.datapath
+        self._io_outstanding += e.queued
+        done = e.completed
+        if done:
+            self._held -= done
+            self._io_outstanding -= done
+            self._last_completion = time.monotonic()
+            engine.fold_latency(self.stats.latency)
+            self._released(done)
+        if e.notify_errno and not self._notify_failed:
+            self._notify_failed = True
+            log.warning("%s: cannot notify the frontend: %s", self.name, os.strerror(e.notify_errno))
+        if code > ENGINE_PYTHON:
+            self._engine_stopped(engine, code)
+            self._kick()
+            self._push()
+        elif self._stalled:
+            self._retry_stalled()
+        if self._io_outstanding:
+            self._reaper_wakeup.set()
+        return code
+
+    def _engine_stopped(self, engine: RingEngine, code: int) -> None:
+        """What the engine left to the reference path, as the held path leaves it there."""
+        e = engine.e
+        if code == ENGINE_REAPED:
+            self._reaped(engine.queue, e.reaped)
+        elif code in (ENGINE_COPY_IN_FAILED, ENGINE_UNPREPARED):
+            idx = engine.taken(e.held_n)
+            run = self._materialise(idx, queued=False)
+            if code == ENGINE_UNPREPARED:
+                self._start(run)
+            else:
+                self._queue_failed_in(run, set(engine.failed()))
+        elif code == ENGINE_COPY_OUT_FAILED:
+            self._io_outstanding -= e.reaped
+            self._last_completion = time.monotonic()
+            self._held_copy_out_failed(engine.ready(e.reaped), set(engine.failed()))
+        elif code == ENGINE_STORAGE_ERROR:
+            self._storage_failed(BlkioError(e.error, "blkioq_do_io failed", "the ring engine"))
+        elif code == ENGINE_BUG:
+            raise RuntimeError(f"{self.name}: the ring engine walked an entry it could not answer")
+
     def _halt(self, e: RingOverflow) -> None:
         log.warning("%s: frontend provided bogus ring requests (%s); halting this ring", self.name, e)
         self._halted = True
@@ -454,6 +588,11 @@ class RingWorker:
             max_transfer = self.shape.max_transfer
             self._holding = (self._counted and self._answers is not None and lane is not None
                              and (not max_transfer or max_transfer >= lane.stride))
+            self._engine = None
+            if self._holding:
+                self._engine = make_engine(ring=self.ring, intake=self.intake, answers=self._answers,
+                                           journal=self.journal, lane=lane, queue=queue, datapath=datapath,
+                                           channel=self.channel)
         return self._lane_cached
 
     def _stash(self, lane, raw: bytes, count: int, slot_of: array, run: list[Slot]) -> None:
@@ -549,16 +688,31 @@ class RingWorker:
         if failed is None:  # the packer refused: prepare() them the reference way
             self._start(self._materialise(idx, queued=False))
         elif failed or not lane.queue(self.queue, slots_arr):
-            run = self._materialise(idx, queued=False)
-            for slot in run:  # (what prepare() leaves: a failed copy in is an error)
-                if slot.index in failed:
-                    slot.status = RSP_ERROR
-            self._queue_prepared(run)
+            self._queue_failed_in(self._materialise(idx, queued=False), failed)
         else:
             self._io_outstanding += n
             self._queued = True
         self._kick()
         return True
+
+    def _queue_failed_in(self, run: list[Slot], failed) -> None:
+        """Queue the given (materialised) held slots, those whose copy in failed answered an error
+        (what prepare() leaves: a failed copy in is an error)."""
+        for slot in run:
+            if slot.index in failed:
+                slot.status = RSP_ERROR
+        self._queue_prepared(run)
+
+    def _held_copy_out_failed(self, indices: list[int], failed) -> None:
+        """Walked held slots (in completion order) of which a read's copy back failed: answered the
+        reference way, those an error."""
+        ready = self._materialise(indices, queued=True)
+        for slot in ready:
+            slot.parts = 0
+            slot.in_storage = False
+            if slot.index in failed:
+                slot.status = RSP_ERROR
+        self._finish(ready, copied=True)
 
     def _materialise(self, indices, *, queued: bool) -> list[Slot]:
         """Give these slots, where held by the lane, the fields _dispatch_plain and prepare() give a
@@ -924,13 +1078,7 @@ class RingWorker:
         lane = self._held_lane
         assert lane is not None and self._answers is not None
         if failed:  # a read's copy back failed: its answer is an error, the reference way
-            ready = self._materialise(lane.ready(n), queued=True)
-            for slot in ready:
-                slot.parts = 0
-                slot.in_storage = False
-                if slot.index in failed:
-                    slot.status = RSP_ERROR
-            self._finish(ready, copied=True)
+            self._held_copy_out_failed(lane.ready(n), failed)
             return True
         self._held -= n
         self._answers.answer_held(lane, n, now, self.stats.latency)
@@ -1206,6 +1354,11 @@ class RingWorker:
                 continue
             if queue is not self.queue:
                 continue  # completions of a destroyed instance: their requests were parked again
+            engine = self._engine
+            if (engine is not None and type(batch) is int and self._held and engine.queue is queue
+                    and self._engine_may_run(engine)):
+                self._reap_engine(engine, batch)
+                continue
             self._reaped(queue, batch)
             self._kick()
             self._push()

@@ -1,0 +1,172 @@
+"""The ring engine (backend/datapath/ring_engine.py, native/ring_engine.c) against the reference path.
+
+The engine chains the held path's kernels in one call; what it must keep is every decision of the
+Python-driven path: the same answers, the same data on disk and in the guest's pages, for plain and
+hostile requests (refused ones, revoked and read-only grants whose copies fail, flushes and other
+requests it leaves to the reference path in the middle of its batches), with and without a journal.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import trio
+from test_copy_lane import serve_hostile_mix
+
+from backend_support.frontend import TestFrontend
+from backend_support.harness import connected, make_disk_file, make_vbd
+from xenblk_vhost import native
+from xenblk_vhost.backend.datapath import ring_engine
+from xenblk_vhost.backend.datapath.copy_lane import LANE_ENV
+from xenblk_vhost.backend.datapath.ring_engine import ENGINE_ENV, RingEngine
+from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_OKAY
+from xenblk_vhost.xen.interfaces import PAGE_SIZE
+
+
+def test_the_return_codes_agree_with_the_c_side():
+    lib = native.load_blkio().lib
+    for name in ("IDLE", "MORE", "PYTHON", "REAPED", "COPY_IN_FAILED", "UNPREPARED", "COPY_OUT_FAILED",
+                 "STORAGE_ERROR", "BUG"):
+        assert getattr(ring_engine, f"ENGINE_{name}") == getattr(lib, f"XB_ENGINE_{name}"), name
+    assert (ring_engine.COPY_GNTDEV, ring_engine.COPY_SIM) == (lib.XB_COPY_GNTDEV, lib.XB_COPY_SIM)
+    assert (ring_engine.NOTIFY_EVTCHN, ring_engine.NOTIFY_EVENTFD) == (lib.XB_NOTIFY_EVTCHN, lib.XB_NOTIFY_EVENTFD)
+
+
+def count_engine_calls(m) -> Counter:
+    """What the engine's calls returned (by code), and how many requests it took and answered."""
+    seen: Counter = Counter()
+    real_run, real_reap = RingEngine.run, RingEngine.reap
+
+    def run(self, _real=real_run):
+        code = _real(self)
+        seen[code] += 1
+        seen["taken"] += self.e.taken_n
+        seen["answered"] += self.e.completed
+        return code
+
+    def reap(self, n, _real=real_reap):
+        code = _real(self, n)
+        seen[("reap", code)] += 1
+        seen["answered"] += self.e.completed
+        return code
+
+    m.setattr(RingEngine, "run", run)
+    m.setattr(RingEngine, "reap", reap)
+    return seen
+
+
+@pytest.mark.parametrize("seed,journal", [(1, False), (2, True), (3, False), (4, True)])
+async def test_with_and_without_the_engine_the_guest_and_the_storage_see_the_same(tmp_path, hv_socket, platform,
+                                                                                  monkeypatch, seed, journal):
+    seen = {}
+    codes: Counter = Counter()
+    for on in (True, False):
+        with monkeypatch.context() as m:
+            m.setenv(LANE_ENV, "1" if on else "0")  # off: the reference path, no compiled lane at all
+            m.setenv(ENGINE_ENV, "1" if on else "0")
+            got = count_engine_calls(m)
+            work = tmp_path / ("engine" if on else "reference")
+            work.mkdir()
+            seen[on] = await serve_hostile_mix(work, hv_socket, platform, seed, journal)
+            if on:
+                codes = got
+            else:
+                assert not got, "the engine ran with XENBLK_RING_ENGINE=0"
+    # (its answers: a round's completions mix with those of what it left to the reference path, which
+    # then completes them all: the queue-depth-one test below has it answer every request itself)
+    assert codes["taken"], f"the engine took nothing: {codes}"
+    # It handed the reference path what is not plain (the mix has flushes, refused and empty requests).
+    assert codes[ring_engine.ENGINE_PYTHON], codes
+    assert any(status for _, _, status in seen[True]["responses"]), "no request failed: not hostile"
+    assert seen[True]["responses"] == seen[False]["responses"]
+    assert seen[True]["disk"] == seen[False]["disk"]
+    assert seen[True]["pages"] == seen[False]["pages"]
+
+
+async def _failing_copies(tmp_path, guest, platform) -> dict:
+    """A batch of writes, one from a grant that does not exist (its copy in fails), then a batch of
+    reads, one into a read-only grant (its copy out fails): the answers, the disk, the pages."""
+    path = make_disk_file(tmp_path / "disk.img")
+    vbd = make_vbd(path, queues=1, data_path="copy")
+    front = TestFrontend(guest)
+    got = []
+    try:
+        async with connected(vbd, front, platform):
+            src = [front.data_page(readonly=True, fill=bytes([k + 1]) * PAGE_SIZE) for k in range(6)]
+            for k in range(6):
+                gref = 0x7FFFFF0 if k == 3 else src[k].gref
+                front.rw(0, OP_WRITE, k, 8 * k, [(gref, 0, 7)])
+            front.push()
+            got += sorted(tuple(r) for r in await front.responses(0, 6))
+            dst = [front.data_page(readonly=k == 2, fill=bytes(PAGE_SIZE)) for k in range(6)]
+            for k in range(6):
+                front.rw(0, OP_READ, 10 + k, 8 * k, [(dst[k].gref, 0, 7)])
+            front.push()
+            got += sorted(tuple(r) for r in await front.responses(0, 6))
+            pages = [p.bytes() for p in dst]
+    finally:
+        front.close()
+        vbd.close()
+    return {"responses": got, "disk": path.read_bytes(), "pages": pages}
+
+
+async def test_copies_that_fail_in_the_engine_are_answered_as_the_reference_answers(tmp_path, guest, platform,
+                                                                                    monkeypatch):
+    """The engine stops at a failed copy (in: the batch is held, not queued; out: walked) and the
+    reference path answers the batch: the same answers, disk and pages as without the engine."""
+    seen = {}
+    for on in (True, False):
+        with monkeypatch.context() as m:
+            m.setenv(ENGINE_ENV, "1" if on else "0")
+            codes = count_engine_calls(m)
+            work = tmp_path / str(on)
+            work.mkdir()
+            seen[on] = await _failing_copies(work, guest, platform)
+            if on:
+                assert codes[ring_engine.ENGINE_COPY_IN_FAILED] == 1, codes
+                assert codes[ring_engine.ENGINE_COPY_OUT_FAILED] == 1, codes
+    assert [r[2] for r in seen[True]["responses"]] == [0, 0, 0, -1, 0, 0, 0, 0, -1, 0, 0, 0]
+    assert seen[True] == seen[False]
+
+
+@pytest.mark.parametrize("journal", [False, True])
+async def test_queue_depth_one_is_served_by_the_engine_whole(tmp_path, guest, platform, monkeypatch, journal):
+    """One request at a time, writes then reads back: each answered within the engine's call that took
+    it (a page-cache file completes at submission), the data where it belongs, and the ring's counts
+    and latency as the reference keeps them."""
+    monkeypatch.setenv(ENGINE_ENV, "1")
+    codes = count_engine_calls(monkeypatch)
+    path = make_disk_file(tmp_path / "disk.img")
+    vbd = make_vbd(path, queues=1, data_path="copy", **({"journal_dir": tmp_path / "journal"} if journal else {}))
+    front = TestFrontend(guest)
+    n = 24
+    try:
+        async with connected(vbd, front, platform):
+            pages = [front.data_page(readonly=True, fill=bytes([k + 1]) * PAGE_SIZE) for k in range(n)]
+            for k in range(n):
+                front.rw(0, OP_WRITE, k, 8 * k, [(pages[k].gref, 0, 7)])
+                front.push()
+                [r] = await front.responses(0, 1)
+                assert (r.id, r.op, r.status) == (k, OP_WRITE, RSP_OKAY)
+            back = [front.data_page(readonly=False, fill=None) for _ in range(n)]
+            for k in range(n):
+                front.rw(0, OP_READ, 100 + k, 8 * k, [(back[k].gref, 0, 7)])
+                front.push()
+                [r] = await front.responses(0, 1)
+                assert (r.id, r.op, r.status) == (100 + k, OP_READ, RSP_OKAY)
+                assert back[k].bytes() == bytes([k + 1]) * PAGE_SIZE
+            with trio.fail_after(10):
+                while vbd.stats()["total"]["in_flight"]:
+                    await trio.sleep(0.01)
+            stats = vbd.stats()["total"]
+            assert (stats["rd_req"], stats["wr_req"], stats["rd_sect"], stats["wr_sect"]) == (n, n, 8 * n, 8 * n)
+            assert sum(vbd.stats()["rings"][0]["latency"]["counts"]) == 2 * n
+    finally:
+        front.close()
+        vbd.close()
+    assert codes["taken"] == 2 * n and codes["answered"] == 2 * n, codes
+    with open(path, "rb") as f:
+        for k in range(n):
+            f.seek(8 * k * 512)
+            assert f.read(PAGE_SIZE) == bytes([k + 1]) * PAGE_SIZE

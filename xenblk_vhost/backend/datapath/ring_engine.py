@@ -1,0 +1,232 @@
+"""The ring engine: a wake-up's plain requests served in one C call (native/ring_engine.c).
+
+Step 13 held whole plain batches in C (copy_lane.py's hold), but the ring worker still drove them
+with a dozen calls per wake-up (take, parse, hold, copy in, queue, do_io, walk, copy out, answer,
+push, notify), each with its Python around it: at QD1 that is the whole cost, and under QEMU's TCG
+on the rig every interpreted line counts again. The engine makes the chain one call: xb_engine_run
+takes what the frontend published, and for the leading plain READ/WRITEs does what the held path
+does with the same kernels in the same order, until the ring is empty (req_event re-armed, as
+RING_FINAL_CHECK_FOR_REQUESTS) or something is not for it. The reaper's completions go the same
+way (xb_engine_reap).
+
+The ring worker (ring_worker.py) stays the owner of everything: it copies its state in before a
+call (the ring's private indices, the free-slot stack) and takes the engine's out after (indices,
+slots taken and given back, counts, latency, how many are held in the storage), then does what the
+engine stopped for, the reference way (RingWorker._after_engine). It uses the engine only where the
+held path would serve the batch anyway: the compiled intake, lane and answers, reaping by count, a
+compiled journal or none, nothing stalled, halted, failed or away. XENBLK_RING_ENGINE=0 turns it
+off (bench.py --engines no-engine compares).
+
+The grant copy and the notify are the platform's: gntdev's ioctl or the simulated hypervisor's
+tables, /dev/xen/evtchn's ioctl or the simulated channel's eventfd (EngineCopier, EngineNotifier:
+what the Gntdev and EventChannel implementations offer; a wrapper that does not is served the
+Python way).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from array import array
+from typing import Any, Protocol, runtime_checkable
+
+from ...storage import Queue
+from .stats import LATENCY_BOUNDS
+
+log = logging.getLogger(__name__)
+
+ENGINE_ENV = "XENBLK_RING_ENGINE"
+
+# Batches one call serves before giving the other rings and tasks a turn (XB_ENGINE_MORE).
+MAX_BATCHES = 16
+
+# What xb_engine_run / xb_engine_reap return (blkio_calls.h's XB_ENGINE_*; tests check they agree).
+ENGINE_IDLE = 0  # the ring is empty, req_event re-armed
+ENGINE_MORE = 1  # MAX_BATCHES served: call again after a schedule point
+ENGINE_PYTHON = 2  # the next request (or the lack of a slot or journal frame) is the reference path's
+ENGINE_REAPED = 3  # e.reaped completions wait in the queue's array for RingWorker._reaped
+ENGINE_COPY_IN_FAILED = 4  # the last batch is held, not queued: its failed copies in are failed()
+ENGINE_UNPREPARED = 5  # the last batch is held, its copy in not packed
+ENGINE_COPY_OUT_FAILED = 6  # e.reaped completions walked (ready()), failed() copies out
+ENGINE_STORAGE_ERROR = 7  # blkioq_do_io failed: errno e.error
+ENGINE_BUG = 8
+
+COPY_GNTDEV, COPY_SIM = 1, 2
+NOTIFY_EVTCHN, NOTIFY_EVENTFD = 1, 2
+
+
+@runtime_checkable
+class EngineCopier(Protocol):
+    def engine_copier(self, domid: int) -> dict[str, int] | None:
+        """How the engine runs this gntdev's grant copies with domid's grants: {"kind": COPY_GNTDEV,
+        "fd", "request"} or {"kind": COPY_SIM, the simulated domain's table addresses}; None: it cannot."""
+
+
+@runtime_checkable
+class EngineNotifier(Protocol):
+    def engine_notify(self) -> tuple[int, int, int, int] | None:
+        """(kind, fd, ioctl request, port) for the engine's notify of this channel; None: it cannot."""
+
+
+def wanted() -> bool:
+    return os.environ.get(ENGINE_ENV, "1").strip() != "0"
+
+
+class RingEngine:
+    """One ring's struct xb_engine and its scratch arrays (all owned here: the struct points into them)."""
+
+    __slots__ = ("_ffi", "_lib", "e", "_run", "_reap", "_keep", "_stack", "_room", "_nb", "queue", "_notifier_of")
+
+    def __init__(self, blkio: Any, *, ring: Any, cfg_address: int, rsp_address: int, sring: int,
+                 journal_address: int, lane: Any, queue: Any, handles: tuple[int, int, int], copier: dict[str, int],
+                 notifier: tuple[int, int, int, int], notifier_of: Any = None) -> None:
+        ffi, lib = blkio.ffi, blkio.lib
+        self._ffi, self._lib = ffi, lib
+        self.queue = queue
+        self._notifier_of = notifier_of  # the channel's engine_notify: None once it is closed
+        e = ffi.new("struct xb_engine *")
+        nslots = lane.nslots
+        room = max(nslots, handles[2])
+        self._room = room
+        entry = ring.entry_size
+        keep = [
+            ffi.new("uint8_t[]", ring.size * entry),       # raw
+            ffi.new("uint8_t[]", ring.size * 40),          # recs (struct xk_req: 40 bytes)
+            ffi.new("uint16_t[]", nslots),                 # taken
+            ffi.new("uint16_t[]", room),                   # ready
+            ffi.new("uint16_t[]", 11 * room),              # owners
+            ffi.new("uint16_t[]", room),                   # failed
+            ffi.new("uint8_t[]", 24 * 11 * room),          # segs (struct xk_copy_seg: 24 bytes)
+            ffi.new("uint16_t[]", nslots),                 # stack
+            ffi.new("double[]", LATENCY_BOUNDS),
+            ffi.new("uint64_t[]", len(LATENCY_BOUNDS) + 1),
+            ffi.new("uint64_t[]", len(LATENCY_BOUNDS) + 1),
+        ]
+        self._keep = keep
+        addr = [int(ffi.cast("uintptr_t", a)) for a in keep]
+        e.sring = sring
+        e.size = ring.size
+        e.entry = entry
+        e.cfg = cfg_address
+        e.rsp = rsp_address
+        e.journal = journal_address
+        e.raw, e.recs, e.taken, e.ready, e.owners, e.failed, e.segs, e.stack = addr[:8]
+        e.bounds, e.buckets, e.call_buckets = addr[8:]
+        e.nbounds = len(LATENCY_BOUNDS)
+        e.table = lane.table_addr
+        e.nslots = nslots
+        e.base = lane.base
+        e.stride = lane.stride
+        e.q, e.completions, e.max_completions = handles
+        e.max_batches = MAX_BATCHES
+        e.copy_kind = copier["kind"]
+        if copier["kind"] == COPY_GNTDEV:
+            e.copy_fd, e.copy_request = copier["fd"], copier["request"]
+        else:
+            e.sim_table, e.sim_entries, e.sim_active = copier["table"], copier["entries"], copier["active"]
+            e.sim_memory, e.sim_pages = copier["memory"], copier["pages"]
+            e.sim_alive, e.sim_alive_value = copier["alive"], copier["alive_value"]
+        e.domid = copier["domid"]
+        e.ldomid = copier.get("ldomid", 0)
+        e.notify_kind, e.notify_fd, e.notify_request, e.notify_port = notifier
+        self.e = e
+        self._stack = keep[7]
+        self._nb = len(LATENCY_BOUNDS) + 1
+        self._run = lib.xb_engine_run
+        self._reap = lib.xb_engine_reap
+
+    def channel_open(self) -> bool:
+        """Whether the event channel is still open (the engine writes to its fd)."""
+        return self._notifier_of is None or self._notifier_of() is not None
+
+    def load_free(self, free: list[int]) -> None:
+        """The ring worker's free-slot stack in (before a call)."""
+        n = len(free)
+        if n:
+            self._ffi.memmove(self._stack, array("H", free), 2 * n)
+        self.e.nfree = n
+
+    def run(self) -> int:
+        return self._run(self.e)
+
+    def reap(self, n: int) -> int:
+        return self._reap(self.e, n)
+
+    def free_changes(self) -> tuple[int, list[int]]:
+        """After a call: (low, the stack's entries from low on): the entries below low are untouched."""
+        e = self.e
+        low, top = e.low, e.nfree
+        return low, (self._ffi.unpack(self._stack + low, top - low) if top > low else [])
+
+    def taken(self, n: int) -> list[int]:
+        return self._ffi.unpack(self._ffi.cast("uint16_t *", self.e.taken), n)
+
+    def ready(self, n: int) -> list[int]:
+        return self._ffi.unpack(self._ffi.cast("uint16_t *", self.e.ready), n)
+
+    def failed(self) -> list[int]:
+        return self._ffi.unpack(self._ffi.cast("uint16_t *", self.e.failed), self.e.nfailed)
+
+    def fold_latency(self, latency: Any) -> None:
+        """Add the latency counted since the last fold to latency (a LatencyHistogram)."""
+        e = self.e
+        mask = e.lat_mask
+        if not mask:
+            return
+        buckets = self._keep[9]
+        counts = latency.counts
+        while mask:
+            low = mask & -mask
+            b = low.bit_length() - 1
+            counts[b] += buckets[b]
+            buckets[b] = 0
+            mask ^= low
+        latency.sum += e.lat_total
+        e.lat_mask = 0
+        e.lat_total = 0.0
+
+    def take_counts(self) -> tuple[int, int, int, int]:
+        c = self.e.counts
+        out = (c[0], c[1], c[2], c[3])
+        c[0] = c[1] = c[2] = c[3] = 0
+        return out
+
+
+def make_engine(*, ring: Any, intake: Any, answers: Any, journal: Any, lane: Any, queue: Any, datapath: Any,
+                channel: Any) -> RingEngine | None:
+    """The ring's engine when every piece it chains is the compiled one, else None (the held path)."""
+    if not wanted() or answers is None or lane is None:
+        return None
+    cfg_address = getattr(intake, "cfg_address", None)
+    # The engine submits and reaps itself (blkioq_do_io): only for a queue whose reaping is Queue's own
+    # (a wrapper that only counts or waits may delegate; one that stalls or filters reaps may not).
+    if getattr(getattr(queue, "do_io_count", None), "__func__", None) is not Queue.do_io_count:
+        return None
+    handles_of = getattr(queue, "engine_handles", None)
+    handles = handles_of() if handles_of is not None else None
+    copier_of = getattr(datapath, "engine_copier", None)
+    notifier_of = getattr(channel, "engine_notify", None)
+    if cfg_address is None or handles is None or copier_of is None or notifier_of is None:
+        return None
+    journal_address = 0
+    if journal is not None:
+        state = getattr(journal, "c_state", None)
+        if state is None:
+            return None
+        journal_address = journal.c_state_address
+    copier = copier_of()
+    notifier = notifier_of()
+    if copier is None or notifier is None:
+        return None
+    from ... import native
+
+    try:
+        blkio = native.load_blkio()
+    except native.NativeBuildError as e:
+        log.warning("the ring engine is unavailable: %s", e)
+        return None
+    if not hasattr(blkio.lib, "xb_engine_run"):
+        return None
+    return RingEngine(blkio, ring=ring, cfg_address=cfg_address, rsp_address=answers.ctx_address,
+                      sring=answers.sring_address, journal_address=journal_address, lane=lane, queue=queue,
+                      handles=handles, copier=copier, notifier=notifier, notifier_of=notifier_of)

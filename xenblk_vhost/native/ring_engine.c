@@ -1,0 +1,320 @@
+/* The ring engine: a whole wake-up's plain requests served in one call (backend/datapath/ring_engine.py
+ * says when the ring worker uses it; blkio_calls.h declares the struct and the call).
+ *
+ * It chains what the ring worker's held-batch path (copy_lane.py's hold, RingWorker._dispatch_held,
+ * _complete_held) does in one C call per step, without going back to Python in between: take the
+ * requests the frontend published (a private copy, as BackRing.take_slots), decode and validate the
+ * copy (xk_parse_slots: the intake's verdicts), hold the leading plain READ/WRITEs in the lane's
+ * table (xk_lane_hold), record them in the journal (xk_journal_take, before anything reaches the
+ * storage), copy the writes' data in (xk_lane_pack_op + the grant copy), queue them (xb_queue_lane),
+ * submit and reap (blkioq_do_io), walk the completions (xk_lane_complete_held), copy the reads' data
+ * out, answer (xk_lane_answer_held: journal answer then response), publish (xk_ring_push) and notify.
+ * The same kernels the Python-driven path calls, in the same order: the engine adds no decision of
+ * its own beyond "is this the plain case".
+ *
+ * Anything else stops it before it changes anything the reference path would have to undo, and it
+ * says why (XB_ENGINE_* in blkio_calls.h): a request that is not plain (the reference path takes
+ * it from req_cons, which the engine did not advance past it), no free slot or journal frame, a
+ * bogus req_prod (the reference halts the ring), a completion that is not a held request's success
+ * (left in the queue's completion array for RingWorker._reaped), a grant copy that failed (the
+ * held slots go to the reference path as _dispatch_held / _complete_held send them), a storage
+ * failure. Guest memory is read once per slot, into the private copy; only the copy is parsed. */
+#include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <time.h>
+#include <unistd.h>
+#include <blkio.h>
+
+#include "native.h"
+#include "blkio_calls.h"
+
+#define SRING_REQ_PROD 0
+#define SRING_REQ_EVENT 4
+#define SRING_ENTRIES 64
+#define LANE_MAX_SEGS 11u
+
+struct gntdev_copy_arg {  /* struct ioctl_gntdev_grant_copy (x86_64): count, then the array */
+    uint32_t count;
+    uint32_t pad;
+    struct xk_copy_seg *segments;
+};
+
+static double monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);  /* Python's time.monotonic() clock */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static inline uint32_t load_shared(const struct xb_engine *e, uint32_t off)
+{
+    return __atomic_load_n((const uint32_t *)(uintptr_t)(e->sring + off), __ATOMIC_ACQUIRE);
+}
+
+/* The grant copy of n packed segments; how many failed (0: all copied). */
+static uint32_t grant_copy(struct xb_engine *e, struct xk_copy_seg *segs, uint32_t n)
+{
+    if (!n)
+        return 0;
+    if (e->copy_kind == XB_COPY_GNTDEV) {
+        struct gntdev_copy_arg arg = {n, 0, segs};
+        if (ioctl(e->copy_fd, (unsigned long)e->copy_request, &arg) < 0) {
+            for (uint32_t i = 0; i < n; i++)  /* as a whole (grant_copy_batch's OSError): all failed */
+                segs[i].status = -1;
+            return n;
+        }
+    } else {
+        /* the simulated hypervisor's: its checks, on the domain's tables, or GNTST_bad_domain if it died */
+        int alive = *(volatile const uint8_t *)(uintptr_t)e->sim_alive == e->sim_alive_value;
+        if (alive)
+            xk_sim_grant_copy(segs, 0, (int)n, e->domid, e->ldomid, (const uint8_t *)(uintptr_t)e->sim_table,
+                              e->sim_entries, (const uint32_t *)(uintptr_t)e->sim_active,
+                              (uint8_t *)(uintptr_t)e->sim_memory, e->sim_pages);
+        else
+            xk_sim_grant_copy(segs, 0, (int)n, e->domid, e->ldomid, NULL, 0, NULL, NULL, 0);
+    }
+    return xk_copy_failures(segs, n);
+}
+
+/* The distinct owner slots of the failed segments, into e->failed (CopyBatch.failed_owners' order). */
+static void collect_failed(struct xb_engine *e, const struct xk_copy_seg *segs, uint32_t n)
+{
+    const uint16_t *owners = (const uint16_t *)(uintptr_t)e->owners;
+    uint16_t *failed = (uint16_t *)(uintptr_t)e->failed;
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (!segs[i].status)
+            continue;
+        uint32_t j = 0;
+        while (j < k && failed[j] != owners[i])
+            j++;
+        if (j == k)
+            failed[k++] = owners[i];
+    }
+    e->nfailed = k;
+}
+
+static void notify(struct xb_engine *e)
+{
+    e->notifies++;
+    if (e->notify_kind == XB_NOTIFY_EVTCHN) {
+        uint32_t port = e->notify_port;
+        if (ioctl(e->notify_fd, (unsigned long)e->notify_request, &port) < 0)
+            e->notify_errno = errno;
+    } else {
+        uint64_t one = 1;
+        if (write(e->notify_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+            e->notify_errno = errno;  /* EAGAIN: the counter is saturated, the peer has it pending */
+    }
+}
+
+/* Take, hold, record, copy in and queue the next batch of plain requests. Returns how many were
+ * queued (0: the ring has none now, or cannot take one: *stop says why), or -XB_ENGINE_* (the batch
+ * is held, not queued). */
+static int take_batch(struct xb_engine *e, int *stop)
+{
+    uint32_t rp = load_shared(e, SRING_REQ_PROD);  /* acquire: the slots after it */
+    if ((uint32_t)(rp - e->rsp_prod_pvt) > e->size) {  /* RING_REQUEST_PROD_OVERFLOW: the reference halts */
+        *stop = XB_ENGINE_PYTHON;
+        return 0;
+    }
+    uint32_t n = rp - e->req_cons;
+    uint32_t room = e->size - (e->req_cons - e->rsp_prod_pvt);
+    if (room < n)
+        n = room;
+    if (!n) {
+        if (rp != e->req_cons)
+            *stop = XB_ENGINE_PYTHON;  /* (every response slot owed: cannot happen with slots free) */
+        return 0;
+    }
+    struct xk_journal *j = (struct xk_journal *)(uintptr_t)e->journal;
+    if (n > e->nfree)
+        n = e->nfree;
+    if (j && n > j->per_frame)
+        n = j->per_frame;
+    if (!n || (j && !j->ctl[0])) {  /* no free slot or journal frame: the reference waits for one */
+        *stop = XB_ENGINE_PYTHON;
+        return 0;
+    }
+    uint8_t *raw = (uint8_t *)(uintptr_t)e->raw;
+    const uint8_t *slots = (const uint8_t *)(uintptr_t)(e->sring + SRING_ENTRIES);
+    for (uint32_t i = 0; i < n; i++)  /* the private copy: guest memory read once */
+        memcpy(raw + (size_t)i * e->entry, slots + (size_t)((e->req_cons + i) & (e->size - 1)) * e->entry, e->entry);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
+    const struct xk_intake_cfg *cfg = (const struct xk_intake_cfg *)(uintptr_t)e->cfg;
+    struct xk_req *recs = (struct xk_req *)(uintptr_t)e->recs;
+    xk_parse_slots(raw, n, cfg, recs);
+    uint32_t k = 0;
+    while (k < n && xk_lane_all_plain(&recs[k], 1) && recs[k].nr <= (uint64_t)LANE_MAX_SEGS * 8)
+        k++;
+    if (k < n)
+        *stop = XB_ENGINE_PYTHON;  /* after these: the reference path takes the rest from req_cons */
+    if (!k)
+        return 0;
+
+    uint16_t *stack = (uint16_t *)(uintptr_t)e->stack;
+    uint16_t *taken = (uint16_t *)(uintptr_t)e->taken;
+    for (uint32_t i = 0; i < k; i++)
+        taken[i] = stack[e->nfree - 1 - i];  /* the slots k free.pop() would give, in that order */
+    struct xk_lane_slot *table = (struct xk_lane_slot *)(uintptr_t)e->table;
+    uint64_t counts[4];
+    if (xk_lane_hold(table, e->nslots, raw, e->entry, cfg->seg_off, recs, k, taken, -1, monotonic(), counts) < 0) {
+        *stop = XB_ENGINE_PYTHON;  /* (free slots are never held: cannot happen) nothing done */
+        return 0;
+    }
+    if (j) {  /* before anything reaches the storage */
+        int64_t first = xk_journal_take(j, e->req_cons, raw, k, NULL, NULL, 0);
+        if (first < 0) {  /* (a free frame was checked above: cannot happen) undo the hold */
+            for (uint32_t i = 0; i < k; i++)
+                table[taken[i]].held = 0;
+            *stop = XB_ENGINE_PYTHON;
+            return 0;
+        }
+        for (uint32_t i = 0; i < k; i++)
+            table[taken[i]].jref = first + (int64_t)i;
+    }
+    e->req_cons += k;
+    e->nfree -= k;
+    if (e->nfree < e->low)
+        e->low = e->nfree;
+    e->taken_n += k;
+    e->held_n = k;
+    for (int c = 0; c < 4; c++)
+        e->counts[c] += counts[c];
+
+    if (counts[2]) {  /* the writes' data in: one grant copy for the batch */
+        struct xk_copy_seg *segs = (struct xk_copy_seg *)(uintptr_t)e->segs;
+        int packed = xk_lane_pack_op(segs, table, e->nslots, taken, k, 1, 0, e->domid, e->base, e->stride,
+                                     (uint16_t *)(uintptr_t)e->owners);
+        if (packed < 0) {
+            e->nfailed = 0;
+            return -XB_ENGINE_UNPREPARED;
+        }
+        if (grant_copy(e, segs, (uint32_t)packed)) {
+            collect_failed(e, segs, (uint32_t)packed);
+            return -XB_ENGINE_COPY_IN_FAILED;
+        }
+    }
+    if (xb_queue_lane(e->q, e->table, e->nslots, (uintptr_t)taken, k, e->base, e->stride) < 0) {
+        e->nfailed = 0;
+        return -XB_ENGINE_COPY_IN_FAILED;  /* (checked by the hold: cannot happen) queue them the reference way */
+    }
+    e->queued += k;
+    return (int)k;
+}
+
+/* Walk n completions in the queue's array: the held requests' answers, or a reason to stop. */
+static int complete(struct xb_engine *e, uint32_t n)
+{
+    struct xk_lane_slot *table = (struct xk_lane_slot *)(uintptr_t)e->table;
+    struct xk_copy_seg *segs = (struct xk_copy_seg *)(uintptr_t)e->segs;
+    uint16_t *ready = (uint16_t *)(uintptr_t)e->ready;
+    int packed = xk_lane_complete_held(segs, table, e->nslots, (const struct xk_completion *)(uintptr_t)e->completions,
+                                       n, ready, (uint16_t *)(uintptr_t)e->owners, e->domid, e->base, e->stride);
+    if (packed < 0) {  /* an error, or not a held request's: RingWorker._reaped completes them all */
+        e->reaped = n;
+        return XB_ENGINE_REAPED;
+    }
+    if (grant_copy(e, segs, (uint32_t)packed)) {  /* a read's copy out failed: walked, answered by Python */
+        collect_failed(e, segs, (uint32_t)packed);
+        e->reaped = n;
+        return XB_ENGINE_COPY_OUT_FAILED;
+    }
+    double total = 0.0;
+    int64_t mask = xk_lane_answer_held((const struct xk_rsp_ring *)(uintptr_t)e->rsp, e->rsp_prod_pvt, table,
+                                       e->nslots, ready, n, monotonic(), (const double *)(uintptr_t)e->bounds,
+                                       e->nbounds, (uint64_t *)(uintptr_t)e->call_buckets, &total);
+    if (mask < 0)
+        return XB_ENGINE_BUG;
+    const uint64_t *got = (const uint64_t *)(uintptr_t)e->call_buckets;
+    uint64_t *sums = (uint64_t *)(uintptr_t)e->buckets;
+    for (uint32_t b = 0; b <= e->nbounds; b++)
+        sums[b] += got[b];
+    e->lat_mask |= (uint64_t)mask;
+    e->lat_total += total;
+    e->rsp_prod_pvt += n;
+    e->completed += n;
+    uint16_t *stack = (uint16_t *)(uintptr_t)e->stack;
+    for (uint32_t i = 0; i < n; i++)  /* as pool.free.extend(ready) */
+        stack[e->nfree++] = ready[i];
+    e->unpushed = 1;
+    return 0;
+}
+
+static void push(struct xb_engine *e)
+{
+    if (!e->unpushed)
+        return;
+    e->unpushed = 0;
+    if (xk_ring_push((uint8_t *)(uintptr_t)e->sring, e->rsp_prod_pvt, (struct xk_journal *)(uintptr_t)e->journal))
+        notify(e);
+}
+
+/* Submit what is queued and walk what completed, until a reap comes back short of the array. */
+static int reap(struct xb_engine *e)
+{
+    for (;;) {
+        int n = blkioq_do_io((struct blkioq *)e->q, (struct blkio_completion *)e->completions, 0,
+                             (int)e->max_completions, NULL);
+        if (n < 0) {
+            e->error = -n;
+            return XB_ENGINE_STORAGE_ERROR;
+        }
+        if (!n)
+            return 0;
+        int rc = complete(e, (uint32_t)n);
+        if (rc)
+            return rc;
+        if ((uint32_t)n < e->max_completions)
+            return 0;
+    }
+}
+
+int xb_engine_run(struct xb_engine *e)
+{
+    e->taken_n = e->queued = e->completed = e->reaped = e->held_n = e->nfailed = 0;
+    e->notifies = 0;
+    e->notify_errno = 0;
+    e->low = e->nfree;
+    for (uint32_t batch = 0;; batch++) {
+        int stop = 0;
+        int k = take_batch(e, &stop);
+        if (k < 0) {
+            push(e);
+            return -k;
+        }
+        int rc = reap(e);  /* page-cache reads complete here: the whole cycle in this call */
+        push(e);
+        if (rc)
+            return rc;
+        if (stop)
+            return stop;
+        if (!k) {
+            /* RING_FINAL_CHECK_FOR_REQUESTS: ask for an event at the next request, then look again */
+            __atomic_store_n((uint32_t *)(uintptr_t)(e->sring + SRING_REQ_EVENT), e->req_cons + 1, __ATOMIC_RELAXED);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            if (load_shared(e, SRING_REQ_PROD) == e->req_cons)
+                return XB_ENGINE_IDLE;
+            continue;
+        }
+        if (batch + 1 >= e->max_batches)
+            return XB_ENGINE_MORE;  /* let the other rings and tasks run */
+    }
+}
+
+int xb_engine_reap(struct xb_engine *e, uint32_t n)
+{
+    e->taken_n = e->queued = e->completed = e->reaped = e->held_n = e->nfailed = 0;
+    e->notifies = 0;
+    e->notify_errno = 0;
+    e->low = e->nfree;
+    int rc = n ? complete(e, n) : 0;
+    if (!rc && n >= e->max_completions)
+        rc = reap(e);
+    push(e);
+    return rc;
+}
