@@ -380,7 +380,8 @@ def record_storage_calls(monkeypatch, log: list, failing=None) -> None:
     monkeypatch.setattr(Queue, "flush", flush)
 
 
-async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: bool) -> dict:
+async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: bool,
+                            serve_wake_fd: int | None = None) -> dict:
     """Rounds of plain reads and writes (1..11 segments, partial pages) mixed with hostile ones and
     a few flushes; what the guest saw and what the storage did."""
     from xenblk_vhost.sim.guest import Guest
@@ -388,6 +389,7 @@ async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: b
     guest = Guest.create(hv_socket, pages=2600)
     path = make_disk_file(tmp_path / "disk.img")
     vbd = make_vbd(path, queues=1, data_path="copy", **({"journal_dir": tmp_path / "journal"} if journal else {}))
+    vbd.serve_wake_fd = serve_wake_fd  # (the ring engine's own poll: tests/test_ring_engine.py)
     front = TestFrontend(guest, Abi.NATIVE)
     rng = random.Random(seed)
     sectors = path.stat().st_size // 512

@@ -8,6 +8,9 @@ requests it leaves to the reference path in the middle of its batches), with and
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from collections import Counter
 
 import pytest
@@ -17,10 +20,10 @@ from test_copy_lane import serve_hostile_mix
 from backend_support.frontend import TestFrontend
 from backend_support.harness import connected, make_disk_file, make_vbd
 from xenblk_vhost import native
-from xenblk_vhost.backend.datapath import ring_engine
+from xenblk_vhost.backend.datapath import ring_engine, ring_worker
 from xenblk_vhost.backend.datapath.copy_lane import LANE_ENV
 from xenblk_vhost.backend.datapath.ring_engine import ENGINE_ENV, RingEngine
-from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_OKAY
+from xenblk_vhost.blkif.constants import OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE, RSP_OKAY
 from xenblk_vhost.xen.interfaces import PAGE_SIZE
 
 
@@ -51,8 +54,16 @@ def count_engine_calls(m) -> Counter:
         seen["answered"] += self.e.completed
         return code
 
+    def serve(self, wake_fd, timeout_ms, _real=RingEngine.serve):
+        code = _real(self, wake_fd, timeout_ms)
+        seen[("serve", code)] += 1
+        seen["served taken"] += self.e.taken_n
+        seen["served answered"] += self.e.completed
+        return code
+
     m.setattr(RingEngine, "run", run)
     m.setattr(RingEngine, "reap", reap)
+    m.setattr(RingEngine, "serve", serve)
     return seen
 
 
@@ -170,3 +181,119 @@ async def test_queue_depth_one_is_served_by_the_engine_whole(tmp_path, guest, pl
         for k in range(n):
             f.seek(8 * k * 512)
             assert f.read(PAGE_SIZE) == bytes([k + 1]) * PAGE_SIZE
+
+
+@pytest.fixture
+def serve_in_slices(monkeypatch):
+    """The engine's own poll (xb_engine_serve) in this process, for a ring whose frontend runs in this
+    trio loop too: it comes back every 3 ms (SERVE_SLICE_MS), so that the test's side goes on. An
+    eventfd nobody writes stands for a ring worker process's channel."""
+    monkeypatch.setattr(ring_worker, "SERVE_SLICE_MS", 3)
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    yield fd
+    os.close(fd)
+
+
+def _answers_polled(front, count: int, timeout: float = 10.0) -> list:
+    """A frontend's next count responses, polled (from a thread: the trio loop sleeps in the engine)."""
+    ring = front.rings[0].ring
+    out: list = []
+    deadline = time.monotonic() + timeout
+    while len(out) < count:
+        out += ring.take_responses(count - len(out))
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(out)} of {count} responses within {timeout} s")
+        time.sleep(0.0002)
+    return out
+
+
+@pytest.mark.parametrize("journal", [False, True])
+async def test_the_engines_own_poll_serves_a_guest_while_the_loop_sleeps(tmp_path, guest, platform, monkeypatch,
+                                                                        serve_in_slices, journal):
+    """xb_engine_serve, as a ring worker process's ring sleeps in it: the guest (a thread here, while this
+    trio loop is blocked in the engine's poll) writes one request at a time, then reads them back in
+    batches with a flush in the middle (the engine leaves it to the reference path and comes back):
+    every answer right, the data where it belongs, requests taken and answered inside the poll."""
+    monkeypatch.setenv(ENGINE_ENV, "1")
+    codes = count_engine_calls(monkeypatch)
+    path = make_disk_file(tmp_path / "disk.img")
+    vbd = make_vbd(path, queues=1, data_path="copy", **({"journal_dir": tmp_path / "journal"} if journal else {}))
+    vbd.serve_wake_fd = serve_in_slices
+    front = TestFrontend(guest)
+    n = 24
+    try:
+        async with connected(vbd, front, platform):
+            src = [front.data_page(readonly=True, fill=bytes([k + 1]) * PAGE_SIZE) for k in range(n)]
+            dst = [front.data_page(readonly=False, fill=None) for _ in range(n)]
+
+            def guest_side() -> list:
+                got = []
+                for k in range(n):
+                    front.rw(0, OP_WRITE, k, 8 * k, [(src[k].gref, 0, 7)])
+                    front.push()
+                    got += _answers_polled(front, 1)
+                for b in range(0, n, 8):
+                    for k in range(b, b + 8):
+                        front.rw(0, OP_READ, 100 + k, 8 * k, [(dst[k].gref, 0, 7)])
+                        if k == b + 3:
+                            front.rw(0, OP_FLUSH_DISKCACHE, 1000 + k, 0, [])
+                    front.push()
+                    got += _answers_polled(front, 9)
+                return got
+
+            monkeypatch.setattr(ring_worker, "SERVE_SLICE_MS", 200)  # (the loop sleeps in the poll)
+            got = await trio.to_thread.run_sync(guest_side)
+            monkeypatch.setattr(ring_worker, "SERVE_SLICE_MS", 3)
+            assert sorted((r.id, r.op, r.status) for r in got) == sorted(
+                [(k, OP_WRITE, RSP_OKAY) for k in range(n)] + [(100 + k, OP_READ, RSP_OKAY) for k in range(n)]
+                + [(1000 + b + 3, OP_FLUSH_DISKCACHE, RSP_OKAY) for b in range(0, n, 8)])
+            assert [p.bytes() for p in dst] == [bytes([k + 1]) * PAGE_SIZE for k in range(n)]
+            with trio.fail_after(10):
+                while vbd.stats()["total"]["in_flight"]:
+                    await trio.sleep(0.01)
+            total = vbd.stats()["total"]
+            assert (total["wr_req"], total["rd_req"], total["f_req"]) == (n, n, n // 8)
+    finally:
+        front.close()
+        vbd.close()
+    assert codes["served taken"] >= n and codes["served answered"] >= n, codes
+    assert codes[("serve", ring_engine.ENGINE_PYTHON)], codes  # (the flushes)
+
+
+async def test_the_wake_fd_brings_the_engines_poll_back(tmp_path, guest, platform, monkeypatch, serve_in_slices):
+    """A ring worker process's channel speaking (its fd readable) ends the engine's poll at once."""
+    monkeypatch.setenv(ENGINE_ENV, "1")
+    codes = count_engine_calls(monkeypatch)
+    vbd = make_vbd(make_disk_file(tmp_path / "disk.img"), queues=1, data_path="copy")
+    vbd.serve_wake_fd = serve_in_slices
+    front = TestFrontend(guest)
+    try:
+        async with connected(vbd, front, platform):
+            # (the port's first event, Xen's at binding, brings nothing: a spurious wake-up, which sends
+            # the ring to trio's wait; a request brings it back to the engine's poll)
+            page = front.data_page(readonly=True, fill=b"x" * PAGE_SIZE)
+            front.rw(0, OP_WRITE, 1, 0, [(page.gref, 0, 7)])
+            front.push()
+            await front.responses(0, 1)
+            for _ in range(1000):
+                if codes[("serve", ring_engine.ENGINE_MORE)]:
+                    break
+                await trio.sleep(0.01)
+            assert codes[("serve", ring_engine.ENGINE_MORE)], codes
+            # The next poll is of a minute; the fd speaks 0.2 s into it (from a thread: this loop sleeps).
+            monkeypatch.setattr(ring_worker, "SERVE_SLICE_MS", 60_000)
+            before = codes[("serve", ring_engine.ENGINE_MORE)]
+            t0 = time.monotonic()
+            timer = threading.Timer(0.2, os.eventfd_write, (serve_in_slices, 1))
+            timer.start()
+            with trio.fail_after(30):
+                while codes[("serve", ring_engine.ENGINE_MORE)] == before:
+                    await trio.sleep(0.001)
+            elapsed = time.monotonic() - t0
+            timer.join()
+            os.eventfd_read(serve_in_slices)
+            monkeypatch.setattr(ring_worker, "SERVE_SLICE_MS", 3)
+            assert 0.15 < elapsed < 5, elapsed  # it slept in the poll until the fd spoke, not the minute
+    finally:
+        front.close()
+        vbd.close()

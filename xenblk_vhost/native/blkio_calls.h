@@ -112,12 +112,28 @@ struct xb_engine {
     uint32_t reaped;
     uint32_t held_n;
     uint32_t nfailed;
-    uint32_t notifies;
     int32_t notify_errno;
     int32_t error;
     int32_t unpushed;
+    /* xb_engine_serve's waits: the channel's fd readable while an event is pending (XB_NOTIFY_EVTCHN:
+     * /dev/xen/evtchn's, drained and the port unmasked as EvtchnPort does, IOCTL_EVTCHN_RESET on
+     * overflow; else an eventfd), the queue's completion fd; held: requests held in the storage (in/out) */
+    int32_t wait_fd;
+    int32_t completion_fd;
+    uint64_t reset_request;
+    uint32_t held;
+    uint32_t spurious;        /* out: the serve returned after a wake-up that brought nothing */
+    /* cumulative, for bench.py: notifies made, nanoseconds spent in the grant copy */
+    uint64_t notifies;
+    uint64_t copy_ns;
 };
 /* Serve the ring until it is empty (XB_ENGINE_IDLE) or something is not for the engine. */
 int xb_engine_run(struct xb_engine *e);
+/* xb_engine_run, then, while the ring is empty, sleep in poll() on the event channel, the completion
+ * fd (while requests are held in the storage) and wake_fd (-1: none) and serve again, without going
+ * back to the caller: XB_ENGINE_MORE after timeout_ms without an event, when wake_fd is readable, on a
+ * signal, or every timeout_ms under load; XB_ENGINE_IDLE (spurious set) after a wake-up that brought
+ * nothing (the caller's notify-storm backoff decides); anything else as xb_engine_run. */
+int xb_engine_serve(struct xb_engine *e, int wake_fd, int timeout_ms);
 /* The reaper's n completions (already in the queue's array): walked, answered, published. 0 or XB_ENGINE_*. */
 int xb_engine_reap(struct xb_engine *e, uint32_t n);

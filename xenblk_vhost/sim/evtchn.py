@@ -54,11 +54,12 @@ class SimPort:
         except BlockingIOError:
             pass  # counter saturated: the peer has it pending already
 
-    def engine_notify(self) -> tuple[int, int, int, int] | None:
-        """The ring engine's notify (backend/datapath/ring_engine.py): an eventfd write to the peer's."""
+    def engine_notify(self) -> tuple[int, int, int, int, int, int] | None:
+        """The ring engine's notify (backend/datapath/ring_engine.py): an eventfd write to the peer's;
+        its wait: a read of ours."""
         if self._kick_fd < 0:
             return None
-        return 2, self._kick_fd, 0, self.local_port
+        return 2, self._kick_fd, 0, self.local_port, self._wait_fd, 0
 
     def _consume(self) -> bool:
         try:

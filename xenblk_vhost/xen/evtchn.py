@@ -83,11 +83,12 @@ class EvtchnPort:
     def notify(self) -> None:
         ioctl(self.fileno(), IOCTL_EVTCHN_NOTIFY, self._notify_addr)
 
-    def engine_notify(self) -> tuple[int, int, int, int] | None:
-        """The ring engine's notify (backend/datapath/ring_engine.py): IOCTL_EVTCHN_NOTIFY for our port."""
+    def engine_notify(self) -> tuple[int, int, int, int, int, int] | None:
+        """The ring engine's notify (backend/datapath/ring_engine.py): IOCTL_EVTCHN_NOTIFY for our port;
+        its wait: _drain's reads, unmask and reset."""
         if self._fd < 0:
             return None
-        return 1, self._fd, IOCTL_EVTCHN_NOTIFY, self.local_port
+        return 1, self._fd, IOCTL_EVTCHN_NOTIFY, self.local_port, self._fd, IOCTL_EVTCHN_RESET
 
     def _drain(self) -> bool:
         """Consume queued deliveries and unmask; True if there was any."""

@@ -7,10 +7,12 @@
 # blkfront's defaults: one-page ring, one queue) boots twice:
 #   1. xvda = kernel xen-blkback on a loop device over the image (the reference);
 #   2. then, blkback unloaded, `xenblk-vhost run` (libxl's phy route, our
-#      hotplug script) serves three disks, all over that same image:
-#      xvda grant copy, xvdb grant map, xvdc grant map + persistent grants
-#      (io_uring, buffered: tmpfs has no O_DIRECT, and the loop device under
-#      blkback is buffered too).
+#      hotplug script) serves four disks, all over that same image:
+#      xvda grant copy, xvdb grant map, xvdc grant map + persistent grants,
+#      xvdd grant copy with its ring in a ring worker process (`ring_workers:
+#      process`: the ring engine then also sleeps in its own poll, no trio
+#      between requests) (io_uring, buffered: tmpfs has no O_DIRECT, and the
+#      loop device under blkback is buffered too).
 # Each guest runs the fio jobs (libaio, O_DIRECT, 10 s each) on its disks,
 # every disk in turn per job: 4K random read QD1, 4K random read QD32, 4K
 # random write QD32, 1M sequential read QD8, 1M sequential write QD8.
@@ -77,14 +79,16 @@ until rmmod xen-blkback 2>/dev/null; do
 done
 losetup -d "$LOOP"; LOOP=""
 
-# ---------------------------------------------------------------- 2. xenblk-vhost, three data paths
+# ---------------------------------------------------------------- 2. xenblk-vhost, three data paths, two ways
 xb_yaml "$CFG" $NAME \
   "{vdev: xvda, driver: io_uring, path: $IMG, direct: false, data_path: copy}" \
   "{vdev: xvdb, driver: io_uring, path: $IMG, direct: false, data_path: map, persistent_grants: false}" \
-  "{vdev: xvdc, driver: io_uring, path: $IMG, direct: false, data_path: map, persistent_grants: true}"
+  "{vdev: xvdc, driver: io_uring, path: $IMG, direct: false, data_path: map, persistent_grants: true}" \
+  "{vdev: xvdd, driver: io_uring, path: $IMG, direct: false, data_path: copy, ring_workers: process}"
 xb_start_daemon bench "$CFG"
-bench_guest xenblk-vhost xvda=xbv-copy xvdb=xbv-map xvdc=xbv-map+persist -- \
-  "$(xb_phy_disk xvda "$CFG")" "$(xb_phy_disk xvdb "$CFG")" "$(xb_phy_disk xvdc "$CFG")"
+bench_guest xenblk-vhost xvda=xbv-copy xvdb=xbv-map xvdc=xbv-map+persist xvdd=xbv-copy-proc -- \
+  "$(xb_phy_disk xvda "$CFG")" "$(xb_phy_disk xvdb "$CFG")" "$(xb_phy_disk xvdc "$CFG")" \
+  "$(xb_phy_disk xvdd "$CFG")"
 xb_stop_daemon "bench daemon"
 
 python3 "$RIG_DOM0/bench_monitor.py" table --idle-json "$OUT/idle.json" --out "$OUT" \

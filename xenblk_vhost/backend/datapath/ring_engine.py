@@ -39,6 +39,9 @@ ENGINE_ENV = "XENBLK_RING_ENGINE"
 
 # Batches one call serves before giving the other rings and tasks a turn (XB_ENGINE_MORE).
 MAX_BATCHES = 16
+# xb_engine_serve comes back at least this often (ms), idle or busy: the ring worker process's stats
+# go every 250 ms, and its log records with them.
+SERVE_SLICE_MS = 100
 
 # What xb_engine_run / xb_engine_reap return (blkio_calls.h's XB_ENGINE_*; tests check they agree).
 ENGINE_IDLE = 0  # the ring is empty, req_event re-armed
@@ -64,8 +67,9 @@ class EngineCopier(Protocol):
 
 @runtime_checkable
 class EngineNotifier(Protocol):
-    def engine_notify(self) -> tuple[int, int, int, int] | None:
-        """(kind, fd, ioctl request, port) for the engine's notify of this channel; None: it cannot."""
+    def engine_notify(self) -> tuple[int, int, int, int, int, int] | None:
+        """(kind, fd, ioctl request, port, the fd readable while an event is pending, the reset ioctl
+        request) for the engine's notify of this channel and its own waits; None: it cannot (closed)."""
 
 
 def wanted() -> bool:
@@ -75,11 +79,12 @@ def wanted() -> bool:
 class RingEngine:
     """One ring's struct xb_engine and its scratch arrays (all owned here: the struct points into them)."""
 
-    __slots__ = ("_ffi", "_lib", "e", "_run", "_reap", "_keep", "_stack", "_room", "_nb", "queue", "_notifier_of")
+    __slots__ = ("_ffi", "_lib", "e", "_run", "_reap", "_serve", "_keep", "_stack", "_room", "_nb", "queue",
+                 "_notifier_of")
 
     def __init__(self, blkio: Any, *, ring: Any, cfg_address: int, rsp_address: int, sring: int,
                  journal_address: int, lane: Any, queue: Any, handles: tuple[int, int, int], copier: dict[str, int],
-                 notifier: tuple[int, int, int, int], notifier_of: Any = None) -> None:
+                 notifier: tuple[int, int, int, int, int, int], notifier_of: Any = None) -> None:
         ffi, lib = blkio.ffi, blkio.lib
         self._ffi, self._lib = ffi, lib
         self.queue = queue
@@ -128,12 +133,14 @@ class RingEngine:
             e.sim_alive, e.sim_alive_value = copier["alive"], copier["alive_value"]
         e.domid = copier["domid"]
         e.ldomid = copier.get("ldomid", 0)
-        e.notify_kind, e.notify_fd, e.notify_request, e.notify_port = notifier
+        e.notify_kind, e.notify_fd, e.notify_request, e.notify_port, e.wait_fd, e.reset_request = notifier
+        e.completion_fd = queue.completion_fd
         self.e = e
         self._stack = keep[7]
         self._nb = len(LATENCY_BOUNDS) + 1
         self._run = lib.xb_engine_run
         self._reap = lib.xb_engine_reap
+        self._serve = lib.xb_engine_serve
 
     def channel_open(self) -> bool:
         """Whether the event channel is still open (the engine writes to its fd)."""
@@ -151,6 +158,9 @@ class RingEngine:
 
     def reap(self, n: int) -> int:
         return self._reap(self.e, n)
+
+    def serve(self, wake_fd: int, timeout_ms: int) -> int:
+        return self._serve(self.e, wake_fd, timeout_ms)
 
     def free_changes(self) -> tuple[int, list[int]]:
         """After a call: (low, the stack's entries from low on): the entries below low are untouched."""

@@ -141,6 +141,7 @@ async def _serve(channel: WorkerChannel, start: dict[str, Any],
         try:
             vbd = Vbd.open(start["disk"], queues=1, ring_index=start["spec"].rings[0].index, **start["vbd"],
                            gate_factory=make_gate)
+            vbd.serve_wake_fd = channel.fileno()  # (its ring sleeps in the engine's poll: see RingWorker)
         except Exception as e:
             channel.send({"op": "failed", "error": f"cannot open the storage: {e}", "connect": True})
             return 1

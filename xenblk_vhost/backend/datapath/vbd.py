@@ -186,6 +186,9 @@ class Vbd:
         self._shape_override = shape
         self._gate = BarrierGate()
         self._workers: list[RingWorker] = []
+        # A ring worker process (ring_process.py) sets its channel's fd: its one ring may then sleep in
+        # the ring engine's own poll (RingWorker.serve_wake_fd), which returns when the channel speaks.
+        self.serve_wake_fd: int | None = None
         self._intakes: list[RequestIntake] = []
         self._ring_stats: list[RingStats] = []
         self._serving = False
@@ -517,6 +520,7 @@ class Vbd:
                                 datapath=res.datapath, gntdev=platform.gntdev, gate=self._gate,
                                 on_storage_failure=self._note_storage_failure,
                                 journal=res.journal.journal if res.journal is not None else None)
+        res.worker.serve_wake_fd = self.serve_wake_fd
         if res.journal is not None and res.journal.resumed is not None:
             resumed = res.journal.resumed
             res.worker.resume_from(resumed.republish, resumed.rerun)

@@ -40,6 +40,10 @@ class WorkerChannel:
         self._buf = bytearray()
         self.closed = False
 
+    def fileno(self) -> int:
+        """The socket's fd: readable when the service has spoken (the ring engine's serve wakes on it)."""
+        return self._sock.fileno()
+
     def send(self, msg: dict[str, Any]) -> None:
         """Queue one message; run() writes it. Safe from a logging handler (no await, no trio call
         outside trio's thread)."""
