@@ -32,16 +32,17 @@ class FakeClock:
     """dom0 spends 0.5 s of CPU per 10 s job on blkback's disk, 0.4 s on xenblk-vhost's (all of it the daemon's)."""
 
     def __init__(self):
-        self.t = self.dom0 = self.daemon = 0.0
+        self.t = self.dom0 = self.daemon = self.user = 0.0
 
     def advance(self, label):
         self.t += 10
         self.dom0 += 0.5 if label == "blkback" else 0.4
         if label != "blkback":
             self.daemon += 0.4
+            self.user += 0.1  # (a quarter of the daemon's time in its own code, the rest in the kernel)
 
     def read(self):
-        return {"t": self.t, "dom0": self.dom0, "steal": 0.0, "xenblk-vhost": self.daemon}
+        return {"t": self.t, "dom0": self.dom0, "steal": 0.0, "user": self.user, "xenblk-vhost": self.daemon}
 
 
 JOBS = (("randread-4k-qd1", "read", {"blkback": 1000, "xbv-copy": 600}),
@@ -82,6 +83,7 @@ def test_figures_cpu_and_ratios_per_job():
     assert ours["iops_vs_blkback"] == pytest.approx(0.6)
     assert ours["dom0_cpu_vs_blkback"] == pytest.approx((0.4 / 6000) / (0.5 / 10000))
     assert ours["daemon_cpu_pct"] == pytest.approx(4.0)
+    assert ours["dom0_user_share_pct"] == pytest.approx(25.0) and ref["dom0_user_share_pct"] == 0
     text = bench_monitor.summary(table)
     assert "randread-4k-qd1    xbv-copy" in text and "0.60" in text
 

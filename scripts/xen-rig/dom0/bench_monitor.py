@@ -38,14 +38,15 @@ REFERENCE = "blkback"
 QUIET_CHECK_S = 60  # no console line for this long (longer than a job): check the guest still exists
 
 
-def dom0_cpu_seconds() -> tuple[float, float]:
-    """(busy, steal): CPU seconds dom0 spent busy (user, nice, system, irq, softirq; not idle,
-    iowait, steal), and seconds its vCPUs wanted to run but Xen ran something else (under TCG:
-    the host did not run QEMU), all vCPUs together."""
+def dom0_cpu_seconds() -> tuple[float, float, float]:
+    """(busy, steal, user): CPU seconds dom0 spent busy (user, nice, system, irq, softirq; not idle,
+    iowait, steal), seconds its vCPUs wanted to run but Xen ran something else (under TCG: the host
+    did not run QEMU), and of busy the user-space part (user, nice: processes' own code, not their
+    syscalls, the kernel's grant copies and hypercalls, interrupts), all vCPUs together."""
     with open("/proc/stat") as f:
         fields = f.readline().split()  # "cpu user nice system idle iowait irq softirq steal ..."
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
-    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK, (user + nice) / CLK_TCK
 
 
 def dom0_busy_seconds() -> float:
@@ -125,7 +126,7 @@ class Collector:
                 if fig is None or win is None:
                     continue
                 row = dict(fig, disk=disk, window_s=win["t"], dom0_cpu_s=win["dom0"],
-                           dom0_steal_s=win.get("steal"))
+                           dom0_steal_s=win.get("steal"), dom0_user_s=win.get("user"))
                 if win.get("xenblk-vhost") is not None:
                     row["daemon_cpu_s"] = win["xenblk-vhost"]
                 out.setdefault(job, {})[label] = row
@@ -149,6 +150,8 @@ def combine(per_guest: list[dict], idle_rate: float) -> dict:
             row["dom0_cpu_pct"] = 100 * row["dom0_cpu_s"] / t if t else None
             if row.get("dom0_steal_s") is not None:
                 row["dom0_steal_pct"] = 100 * row["dom0_steal_s"] / t if t else None
+            if row.get("dom0_user_s") is not None and row["dom0_cpu_s"]:
+                row["dom0_user_share_pct"] = 100 * row["dom0_user_s"] / row["dom0_cpu_s"]
             if "daemon_cpu_s" in row:
                 row["daemon_cpu_us_per_io"] = 1e6 * row["daemon_cpu_s"] / ios
                 row["daemon_cpu_pct"] = 100 * row["daemon_cpu_s"] / t if t else None
@@ -163,7 +166,8 @@ def combine(per_guest: list[dict], idle_rate: float) -> dict:
 
 def summary(results: dict) -> str:
     lines = [f"{'job':18} {'backend':15} {'IOPS':>8} {'MB/s':>7} {'p50us':>8} {'p99us':>9} "
-             f"{'dom0us/IO':>9} {'net':>7} {'dom0%':>6} {'xbv%':>5} {'steal%':>6} {'xIOPS':>6} {'xCPU':>6}"]
+             f"{'dom0us/IO':>9} {'net':>7} {'dom0%':>6} {'usr%':>5} {'xbv%':>5} {'steal%':>6} {'xIOPS':>6} "
+             f"{'xCPU':>6}"]
     for job, rows in results["jobs"].items():
         for label, r in rows.items():
             def f(key, fmt, r=r):
@@ -171,12 +175,15 @@ def summary(results: dict) -> str:
                 return "-" if v is None else format(v, fmt)
             lines.append(f"{job:18} {label:15} {r['iops']:8.0f} {r['MBps']:7.1f} {r['p50_us']:8.0f} "
                          f"{r['p99_us']:9.0f} {r['dom0_cpu_us_per_io']:9.0f} {r['dom0_cpu_net_us_per_io']:7.0f} "
-                         f"{f('dom0_cpu_pct', '6.0f')} {f('daemon_cpu_pct', '5.0f')} {f('dom0_steal_pct', '6.0f')} "
+                         f"{f('dom0_cpu_pct', '6.0f')} {f('dom0_user_share_pct', '5.0f')} "
+                         f"{f('daemon_cpu_pct', '5.0f')} {f('dom0_steal_pct', '6.0f')} "
                          f"{f('iops_vs_blkback', '6.2f')} {f('dom0_cpu_vs_blkback', '6.2f')}")
     lines.append(f"xIOPS, xCPU: IOPS and dom0 CPU per I/O as a multiple of kernel blkback's (same guest, same "
                  f"job, same boot); net: dom0 CPU per I/O above dom0's idle rate "
                  f"({100 * results['idle_dom0_cpu_per_s']:.1f}% of a CPU); dom0%: busy, all vCPUs (200% = both); "
-                 f"xbv%: the xenblk-vhost process (its tick-based times include steal); steal%: time dom0 "
+                 f"usr%: of dom0's busy time, user space (processes' own code; the rest is the kernel: "
+                 f"syscalls, grant copies, hypercalls, interrupts); xbv%: the xenblk-vhost process (its "
+                 f"tick-based times include steal; not its ring worker processes); steal%: time dom0 "
                  f"wanted a CPU and did not get it (under TCG: a loaded host): figures with much of it are "
                  f"noise.")
     return "\n".join(lines) + "\n"
@@ -196,8 +203,8 @@ def cmd_follow(args) -> int:
     labels = dict(d.split("=", 1) for d in args.disk)
 
     def counters() -> dict:
-        busy, steal = dom0_cpu_seconds()
-        return {"t": time.monotonic(), "dom0": busy, "steal": steal,
+        busy, steal, user = dom0_cpu_seconds()
+        return {"t": time.monotonic(), "dom0": busy, "steal": steal, "user": user,
                 "xenblk-vhost": process_cpu_seconds(args.daemon_pid) if args.daemon_pid else None}
 
     col = Collector(labels, counters)
