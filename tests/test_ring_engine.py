@@ -86,7 +86,7 @@ async def test_with_and_without_the_engine_the_guest_and_the_storage_see_the_sam
                 assert not got, "the engine ran with XENBLK_RING_ENGINE=0"
     # (its answers: a round's completions mix with those of what it left to the reference path, which
     # then completes them all: the queue-depth-one test below has it answer every request itself)
-    assert codes["taken"], f"the engine took nothing: {codes}"
+    assert codes["taken"] + codes["served taken"], f"the engine took nothing: {codes}"
     # It handed the reference path what is not plain (the mix has flushes, refused and empty requests).
     assert codes[ring_engine.ENGINE_PYTHON], codes
     assert any(status for _, _, status in seen[True]["responses"]), "no request failed: not hostile"
@@ -134,9 +134,9 @@ async def test_copies_that_fail_in_the_engine_are_answered_as_the_reference_answ
             work = tmp_path / str(on)
             work.mkdir()
             seen[on] = await _failing_copies(work, guest, platform)
-            if on:
-                assert codes[ring_engine.ENGINE_COPY_IN_FAILED] == 1, codes
-                assert codes[ring_engine.ENGINE_COPY_OUT_FAILED] == 1, codes
+            if on:  # (from xb_engine_run, or from its own poll in its thread)
+                for code in (ring_engine.ENGINE_COPY_IN_FAILED, ring_engine.ENGINE_COPY_OUT_FAILED):
+                    assert codes[code] + codes[("serve", code)] + codes[("reap", code)] == 1, codes
     assert [r[2] for r in seen[True]["responses"]] == [0, 0, 0, -1, 0, 0, 0, 0, -1, 0, 0, 0]
     assert seen[True] == seen[False]
 
@@ -176,7 +176,9 @@ async def test_queue_depth_one_is_served_by_the_engine_whole(tmp_path, guest, pl
     finally:
         front.close()
         vbd.close()
-    assert codes["taken"] == 2 * n and codes["answered"] == 2 * n, codes
+    # (taken and answered by xb_engine_run, or by the engine's own poll in its thread: xb_engine_serve)
+    assert codes["taken"] + codes["served taken"] == 2 * n, codes
+    assert codes["answered"] + codes["served answered"] == 2 * n, codes
     with open(path, "rb") as f:
         for k in range(n):
             f.seek(8 * k * 512)

@@ -25,14 +25,17 @@ slot and `leave()` when it has answered it; both are O(1) and never wait.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
 
 class BarrierGate:
-    __slots__ = ("in_flight", "_closed", "_opened", "_drained")
+    __slots__ = ("in_flight", "_closed", "_opened", "_drained", "_on_close")
 
     def __init__(self) -> None:
         self.in_flight = 0
+        self._on_close: list[Callable[[], None]] = []
         self._closed = False
         self._opened = trio.Event()
         self._opened.set()
@@ -53,12 +56,19 @@ class BarrierGate:
     async def wait_open(self) -> None:
         await self._opened.wait()
 
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Call fn as the gate closes, before in_flight is looked at: a ring served from a thread
+        (the ring engine's own poll) stops taking requests and brings its counts up to date."""
+        self._on_close.append(fn)
+
     async def drain(self) -> None:
         """Close the gate (after any barrier already running) and wait for in-flight to reach 0."""
         while self._closed:
             await self._opened.wait()
         self._closed = True
         self._opened = trio.Event()
+        for fn in self._on_close:
+            fn()
         try:
             if self.in_flight:
                 self._drained = trio.Event()

@@ -76,6 +76,15 @@ def wanted() -> bool:
     return os.environ.get(ENGINE_ENV, "1").strip() != "0"
 
 
+# XENBLK_RING_SERVE=0: the engine without its own poll (xb_engine_serve), in ring worker processes and in
+# the service's threads alike: every wake-up through trio (bench.py --engines no-serve compares).
+SERVE_ENV = "XENBLK_RING_SERVE"
+
+
+def serve_wanted() -> bool:
+    return os.environ.get(SERVE_ENV, "1").strip() != "0"
+
+
 class RingEngine:
     """One ring's struct xb_engine and its scratch arrays (all owned here: the struct points into them)."""
 

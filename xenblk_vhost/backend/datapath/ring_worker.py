@@ -73,6 +73,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
 from array import array
 from collections.abc import Callable
@@ -107,6 +108,7 @@ from .ring_engine import (
     ENGINE_COPY_IN_FAILED,
     ENGINE_COPY_OUT_FAILED,
     ENGINE_IDLE,
+    ENGINE_MORE,
     ENGINE_PYTHON,
     ENGINE_REAPED,
     ENGINE_STORAGE_ERROR,
@@ -114,6 +116,7 @@ from .ring_engine import (
     SERVE_SLICE_MS,
     RingEngine,
     make_engine,
+    serve_wanted,
 )
 from .ring_policy import RingPolicy
 from .slots import (
@@ -252,6 +255,20 @@ class RingWorker:
         # trio loop while the ring is idle: the engine then sleeps in its own poll (xb_engine_serve),
         # serving wake-ups without trio, until this fd is readable, a timeout or a signal.
         self.serve_wake_fd: int | None = None
+        # In the service's process (serve_wake_fd None) the engine's poll runs in a thread of this
+        # ring's own (_serve_in_thread), the trio loop going on beside it; everything that reads or
+        # changes this ring's state from another task first brings it back (_serve_pause).
+        self._serve_stop: int = -1  # an eventfd: written, it ends the thread's poll
+        self._serve_limiter = trio.CapacityLimiter(1)  # (not trio's shared 40 threads: one per ring)
+        self._serve_lock = threading.Lock()  # held by the thread through its C call
+        self._serve_active = False  # a serve is on (its task has not taken its state back yet)
+        self._serve_blocked = False  # the thread must not start its C call (brought back before)
+        self._serve_ran = False  # its C call ran: its state is to be taken back
+        self._serve_code = ENGINE_IDLE
+        self._serve_taken_back = False  # _after_engine done for it (by the task or by _serve_pause)
+        self._reaper_in_wait = False  # the reaper is in the queue's wait_io (then no thread may serve)
+        self._serve_ok = serve_wanted()
+        gate.on_close(self._serve_pause)
         self._held_lane: CopyLane | None = None
         self._held_datapath: DataPath | None = None
 
@@ -259,14 +276,19 @@ class RingWorker:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop(); return once everything taken was answered."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._reap_loop)
-            task_status.started()
-            if self._resume:
-                await self._run_again()
-            await self._intake_loop()
-            await self._wait_all_answered()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reap_loop)
+                task_status.started()
+                if self._resume:
+                    await self._run_again()
+                await self._intake_loop()
+                await self._wait_all_answered()
+                nursery.cancel_scope.cancel()
+        finally:
+            if self._serve_stop >= 0 and not self._serve_active:  # (the engine's thread is done with it)
+                os.close(self._serve_stop)
+                self._serve_stop = -1
 
     def resume_from(self, republish: list[tuple[int, int, int]], rerun: list) -> None:
         """A takeover (ring_journal.py set the ring's indices): publish the answers the last process
@@ -305,6 +327,7 @@ class RingWorker:
     def stop(self) -> None:
         """Take no more requests (what is in flight still finishes; parked requests are answered ERROR)."""
         self._stopping = True
+        self._serve_pause()
         if self._away:
             self.give_up("disconnecting")
         if self._idle_scope is not None:
@@ -312,6 +335,7 @@ class RingWorker:
 
     @property
     def busy(self) -> int:
+        self._serve_pause()
         return self.pool.busy
 
     async def drain(self, timeout: float, *, keep_unanswered: bool = False) -> bool:
@@ -413,8 +437,14 @@ class RingWorker:
                     await trio.lowlevel.checkpoint()
                     continue
                 # The ring is empty and req_event asks for the next request (the engine's final check).
-                if self.serve_wake_fd is not None and self.pool.busy == self._held:
-                    code = self._serve_engine(engine, self.serve_wake_fd)
+                # (in the service's process not while the reaper waits for what is in the storage: the
+                # queue is one thread's at a time; the reaper answers it, the channel wakes us)
+                if (self._serve_ok and self.pool.busy == self._held and not self._stopping
+                        and (self.serve_wake_fd is not None or not self._reaper_in_wait)):
+                    if self.serve_wake_fd is not None:
+                        code = self._serve_engine(engine, self.serve_wake_fd)
+                    else:
+                        code = await self._serve_in_thread(engine)
                     if engine.e.taken_n:
                         woken = False
                         backoff.worked()
@@ -527,6 +557,76 @@ class RingWorker:
         e.held = self._held
         engine.load_free(self.pool.free)
         return self._after_engine(engine, engine.serve(wake_fd, SERVE_SLICE_MS))
+
+    async def _serve_in_thread(self, engine: RingEngine) -> int:
+        """_serve_engine in a thread of this ring's (the C call releases the GIL): the trio loop serves
+        the other rings and the control plane meanwhile. A cancellation ends the poll (the stop fd)
+        and waits for it; another task that needs this ring's state calls _serve_pause first."""
+        if self._serve_stop < 0:
+            self._serve_stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        ring = self.ring
+        e = engine.e
+        e.req_cons = ring.req_cons
+        e.rsp_prod_pvt = ring.rsp_prod_pvt
+        e.held = self._held
+        engine.load_free(self.pool.free)
+        stop = self._serve_stop
+        lock = self._serve_lock
+        self._serve_blocked = self._serve_ran = self._serve_taken_back = False
+        self._serve_active = True
+
+        def serve() -> None:
+            with lock:  # (held through the C call: _serve_pause waits on it)
+                if self._serve_blocked:
+                    return  # brought back before it started
+                self._serve_code = engine.serve(stop, SERVE_SLICE_MS)
+                self._serve_ran = True
+
+        async def stop_on_cancel() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                os.eventfd_write(stop, 1)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_on_cancel)
+                await trio.to_thread.run_sync(serve, limiter=self._serve_limiter)
+                nursery.cancel_scope.cancel()
+        finally:
+            # (to_thread returned: the thread ran, or was never started, and now never will)
+            with lock:
+                self._serve_blocked = True
+            self._serve_active = False
+            try:
+                os.eventfd_read(stop)
+            except BlockingIOError:
+                pass
+            if not self._serve_taken_back:
+                self._serve_taken_back = True
+                if self._serve_ran:
+                    self._after_engine(engine, self._serve_code)
+            self._reaper_wakeup.set()  # (it waited for the thread to end: see _reap_loop)
+        return self._serve_code if self._serve_ran else ENGINE_MORE
+
+    def settle(self) -> None:
+        """Bring the ring back from the engine's thread, its counts up to date (it serves on at its next
+        turn): for whoever reads its stats."""
+        self._serve_pause()
+
+    def _serve_pause(self) -> None:
+        """Bring a ring served from a thread back before another task reads or changes its state: stop
+        the engine's poll, wait for its C call to return (microseconds: it polls the stop fd), and take
+        its state back, as the serving task would."""
+        if not self._serve_active or self._serve_taken_back:
+            return
+        os.eventfd_write(self._serve_stop, 1)
+        with self._serve_lock:  # the C call returned (or never starts)
+            self._serve_blocked = True
+        self._serve_taken_back = True
+        engine = self._engine
+        if self._serve_ran and engine is not None:
+            self._after_engine(engine, self._serve_code)
 
     def _reap_engine(self, engine: RingEngine, n: int) -> None:
         """The reaper's n completions (in the queue's array) through xb_engine_reap."""
@@ -1236,6 +1336,7 @@ class RingWorker:
 
     def storage_lost(self, why: object = "it failed on another ring") -> None:
         """Never touch the storage again (it failed, maybe on another ring); error what waited for memory."""
+        self._serve_pause()
         if not self._failed:
             log.warning("%s: storage failed (%s); answering errors from now on", self.name, why)
         self._failed = True
@@ -1260,6 +1361,7 @@ class RingWorker:
         process runs it again from the journal's copy. Nothing is copied to the
         guest for them.
         """
+        self._serve_pause()
         self._failed = True
         self._materialise_all()
         stuck = [s for s in self.pool.slots if s.in_storage]
@@ -1290,6 +1392,7 @@ class RingWorker:
         """The vbd's storage failed as a whole and the vbd will try a new instance: park what is in
         flight (unanswered, slots kept), hold the intake. The caller destroys the old instance next,
         without awaiting in between, so nothing can be queued on it meanwhile."""
+        self._serve_pause()
         if self._away or self._failed:
             return
         self._materialise_all()
@@ -1324,6 +1427,7 @@ class RingWorker:
         """Serve from a new storage instance: queue the parked requests again from their first step
         (after `datapath`.prepare() if the data path is new: the copy path's buffers died with the old
         instance; the map path keeps its mappings). Returns how many requests were re-queued."""
+        self._serve_pause()
         self._materialise_all()
         if any(s.in_storage for s in self.pool.slots) or self._io_outstanding:
             raise RuntimeError(f"{self.name}: storage replaced while requests are in the old one")
@@ -1348,6 +1452,7 @@ class RingWorker:
     def give_up(self, why: str) -> None:
         """No storage to come back in time: answer the parked requests ERROR and fail fast until
         attach_storage()."""
+        self._serve_pause()
         if not self._away:
             return
         parked, self._parked = self._parked, []
@@ -1370,13 +1475,18 @@ class RingWorker:
 
     async def _reap_loop(self) -> None:
         while True:
-            if self._failed or self._away or not self._io_outstanding:
+            # (while the engine's thread serves, it reaps: the queue is its alone; woken when it ends)
+            if self._failed or self._away or not self._io_outstanding or self._serve_active:
                 self._reaper_wakeup = trio.Event()
                 await self._reaper_wakeup.wait()
                 continue
             queue = self.queue
+            self._reaper_in_wait = True
             try:
-                batch = await self._wait_io(queue, self.storage_timeout)
+                try:
+                    batch = await self._wait_io(queue, self.storage_timeout)
+                finally:
+                    self._reaper_in_wait = False
             except trio.ClosedResourceError:
                 continue  # the Vbd destroyed the storage (this or another ring failed): failed or parked
             except BlkioError as e:

@@ -241,6 +241,9 @@ class Vbd:
     # ------------------------------------------------------------ stats
 
     def stats(self) -> dict:
+        for w in self._workers:  # (a ring served from a thread counts what it did when brought back)
+            if w is not None:
+                w.settle()
         rings = [s.snapshot() for s in self._ring_stats]
         return {"rings": rings, "total": total(rings), "storage": self.storage_link.snapshot()}
 
