@@ -491,6 +491,12 @@ async def test_rings_drain_side_by_side_under_one_deadline(tmp_path, platform, g
                         front.rw(ring, OP_WRITE, ring, 8 * ring, [(w.gref, 0, 7)])
                         front.push(ring)
                     assert await front.no_response(0, 0.3) and await front.no_response(1, 0.3)
+                    # (the ring engine's thread takes them in real time, which the autojump clock
+                    # does not wait for: until both are in flight)
+                    for _ in range(2000):
+                        if [r["in_flight"] for r in vbd.stats()["rings"]] == [1, 1]:
+                            break
+                        await trio.sleep(0.01)
                     assert [r["in_flight"] for r in vbd.stats()["rings"]] == [1, 1]
                     cancelled_at = trio.current_time()
                     scope.cancel()
