@@ -261,6 +261,7 @@ class RingWorker:
         self._serve_stop: int = -1  # an eventfd: written, it ends the thread's poll
         self._serve_limiter = trio.CapacityLimiter(1)  # (not trio's shared 40 threads: one per ring)
         self._serve_lock = threading.Lock()  # held by the thread through its C call
+        self._serve_gen = 0  # which serve a thread's job is for (a stale one never runs)
         self._serve_active = False  # a serve is on (its task has not taken its state back yet)
         self._serve_blocked = False  # the thread must not start its C call (brought back before)
         self._serve_ran = False  # its C call ran: its state is to be taken back
@@ -572,31 +573,28 @@ class RingWorker:
         engine.load_free(self.pool.free)
         stop = self._serve_stop
         lock = self._serve_lock
-        self._serve_blocked = self._serve_ran = self._serve_taken_back = False
+        with lock:
+            self._serve_gen += 1
+            gen = self._serve_gen
+            self._serve_blocked = self._serve_ran = self._serve_taken_back = False
         self._serve_active = True
 
         def serve() -> None:
             with lock:  # (held through the C call: _serve_pause waits on it)
-                if self._serve_blocked:
-                    return  # brought back before it started
+                if self._serve_blocked or self._serve_gen != gen:
+                    return  # brought back (or given up) before it started: never runs
                 self._serve_code = engine.serve(stop, SERVE_SLICE_MS)
                 self._serve_ran = True
 
-        async def stop_on_cancel() -> None:
-            try:
-                await trio.sleep_forever()
-            finally:
-                os.eventfd_write(stop, 1)
-
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(stop_on_cancel)
-                await trio.to_thread.run_sync(serve, limiter=self._serve_limiter)
-                nursery.cancel_scope.cancel()
+            # abandon_on_cancel: a cancellation comes back at once; the finally below ends the C call
+            # (the stop fd) and waits for it (the lock) before anything else touches the ring.
+            await trio.to_thread.run_sync(serve, limiter=self._serve_limiter, abandon_on_cancel=True)
         finally:
-            # (to_thread returned: the thread ran, or was never started, and now never will)
-            with lock:
+            os.eventfd_write(stop, 1)
+            with lock:  # the C call returned, or never starts (a later start finds the generation moved)
                 self._serve_blocked = True
+                self._serve_gen += 1
             self._serve_active = False
             try:
                 os.eventfd_read(stop)
