@@ -88,20 +88,18 @@ def serve_wanted() -> bool:
 class RingEngine:
     """One ring's struct xb_engine and its scratch arrays (all owned here: the struct points into them)."""
 
-    __slots__ = ("_ffi", "_lib", "e", "_run", "_reap", "_serve", "_keep", "_stack", "_room", "_nb", "queue",
-                 "_notifier_of")
+    __slots__ = ("_ffi", "e", "_run", "_reap", "_serve", "_keep", "_stack", "queue", "_notifier_of")
 
     def __init__(self, blkio: Any, *, ring: Any, cfg_address: int, rsp_address: int, sring: int,
                  journal_address: int, lane: Any, queue: Any, handles: tuple[int, int, int], copier: dict[str, int],
                  notifier: tuple[int, int, int, int, int, int], notifier_of: Any = None) -> None:
         ffi, lib = blkio.ffi, blkio.lib
-        self._ffi, self._lib = ffi, lib
+        self._ffi = ffi
         self.queue = queue
         self._notifier_of = notifier_of  # the channel's engine_notify: None once it is closed
         e = ffi.new("struct xb_engine *")
         nslots = lane.nslots
-        room = max(nslots, handles[2])
-        self._room = room
+        room = max(nslots, handles[2])  # walks of up to max_completions, batches of up to nslots
         entry = ring.entry_size
         keep = [
             ffi.new("uint8_t[]", ring.size * entry),       # raw
@@ -146,7 +144,6 @@ class RingEngine:
         e.completion_fd = queue.completion_fd
         self.e = e
         self._stack = keep[7]
-        self._nb = len(LATENCY_BOUNDS) + 1
         self._run = lib.xb_engine_run
         self._reap = lib.xb_engine_reap
         self._serve = lib.xb_engine_serve

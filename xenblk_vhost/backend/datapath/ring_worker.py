@@ -536,27 +536,26 @@ class RingWorker:
             return False
         return True
 
-    def _run_engine(self, engine: RingEngine) -> int:
-        """One xb_engine_run with this ring's state in and out; what it stopped for done the reference way.
-        Returns what it returned."""
+    def _engine_in(self, engine: RingEngine) -> None:
+        """This ring's state into the engine before a call (_after_engine takes it back)."""
         ring = self.ring
         e = engine.e
         e.req_cons = ring.req_cons
         e.rsp_prod_pvt = ring.rsp_prod_pvt
         e.held = self._held
         engine.load_free(self.pool.free)
+
+    def _run_engine(self, engine: RingEngine) -> int:
+        """One xb_engine_run with this ring's state in and out; what it stopped for done the reference way.
+        Returns what it returned."""
+        self._engine_in(engine)
         return self._after_engine(engine, engine.run())
 
     def _serve_engine(self, engine: RingEngine, wake_fd: int) -> int:
         """xb_engine_serve: the ring served from the engine's own poll until wake_fd is readable,
         SERVE_SLICE passes, or something is for the reference path. Blocks this thread (and its trio
         loop: only where nothing else waits for it, see serve_wake_fd)."""
-        ring = self.ring
-        e = engine.e
-        e.req_cons = ring.req_cons
-        e.rsp_prod_pvt = ring.rsp_prod_pvt
-        e.held = self._held
-        engine.load_free(self.pool.free)
+        self._engine_in(engine)
         return self._after_engine(engine, engine.serve(wake_fd, SERVE_SLICE_MS))
 
     async def _serve_in_thread(self, engine: RingEngine) -> int:
@@ -565,12 +564,7 @@ class RingWorker:
         and waits for it; another task that needs this ring's state calls _serve_pause first."""
         if self._serve_stop < 0:
             self._serve_stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        ring = self.ring
-        e = engine.e
-        e.req_cons = ring.req_cons
-        e.rsp_prod_pvt = ring.rsp_prod_pvt
-        e.held = self._held
-        engine.load_free(self.pool.free)
+        self._engine_in(engine)
         stop = self._serve_stop
         lock = self._serve_lock
         with lock:
@@ -628,12 +622,7 @@ class RingWorker:
 
     def _reap_engine(self, engine: RingEngine, n: int) -> None:
         """The reaper's n completions (in the queue's array) through xb_engine_reap."""
-        ring = self.ring
-        e = engine.e
-        e.req_cons = ring.req_cons
-        e.rsp_prod_pvt = ring.rsp_prod_pvt
-        e.held = self._held
-        engine.load_free(self.pool.free)
+        self._engine_in(engine)
         self._after_engine(engine, engine.reap(n))
 
     def _after_engine(self, engine: RingEngine, code: int) -> int:
