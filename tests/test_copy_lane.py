@@ -134,7 +134,7 @@ def test_stash_and_pack_make_the_reference_copies(case, rnd, domid):
         assert ln.stash(intake, raw, len(items), slot_of) is True
     tb = table_bytes(ln)
     for s, item in mine.items():
-        sector, nbytes, nseg, op = struct.unpack_from("<QIBB", tb, ENTRY * s)
+        sector, nbytes, nseg, op = struct.unpack_from("<QIHB", tb, ENTRY * s)
         assert (sector, nbytes, nseg, op) == (item.sector, item.nr_sectors * 512, len(item.segments), item.op)
         segs = [struct.unpack_from("<IBB", tb, ENTRY * s + 16 + 8 * k) for k in range(nseg)]
         assert segs == list(item.segments)
@@ -227,7 +227,7 @@ def completions_st(draw):
         else:
             segs = [(draw(st.integers(0, 2**32 - 1)), f, draw(st.integers(f, 7)))
                     for f in draw(st.lists(st.integers(0, 7), min_size=1, max_size=11))]
-            entry = struct.pack("<QIBB2x", draw(st.integers(0, 2**40)), 512 * sum(b - a + 1 for _, a, b in segs),
+            entry = struct.pack("<QIHBx", draw(st.integers(0, 2**40)), 512 * sum(b - a + 1 for _, a, b in segs),
                                 len(segs), draw(st.sampled_from([OP_READ, OP_WRITE])))
             entry += b"".join(struct.pack("<IBB2x", *seg) for seg in segs).ljust(88, b"\0")
         entries[s] = entry
@@ -243,7 +243,7 @@ def lane_success(entries: dict, tag: int, ret: int) -> bool:
     s = tag & 0xFFFF
     if tag >> 16 != 1 or s >= NSLOTS or ret < 0:
         return False
-    _, _, nseg, op = struct.unpack_from("<QIBB", entries[s])
+    _, _, nseg, op = struct.unpack_from("<QIHB", entries[s])
     return 1 <= nseg <= 11 and op <= 1
 
 
@@ -275,7 +275,7 @@ def test_the_completion_walk_makes_the_reference_copies_or_refuses(case, domid):
     ok = all(lane_success(entries, tag, ret) for tag, ret in comps)
     for tag, _ in comps if ok else ():
         s = tag & 0xFFFF
-        _, _, nseg, op = struct.unpack_from("<QIBB", entries[s])
+        _, _, nseg, op = struct.unpack_from("<QIHB", entries[s])
         segs = [struct.unpack_from("<IBB", entries[s], 16 + 8 * k) for k in range(nseg)]
         if op == OP_READ:
             if any(last >= 8 or first > last for _, first, last in segs):
@@ -305,8 +305,8 @@ def test_queue_lane_makes_the_reference_storage_requests(tmp_path):
         assert ln is not None
         tb = table_bytes(ln)
         # slot 2: read 2 sectors at sector 8; slot 5: write 4096 bytes at sector 64 (data in its buffer)
-        struct.pack_into("<QIBB", tb, ENTRY * 2, 8, 1024, 1, OP_READ)
-        struct.pack_into("<QIBB", tb, ENTRY * 5, 64, 4096, 1, OP_WRITE)
+        struct.pack_into("<QIHB", tb, ENTRY * 2, 8, 1024, 1, OP_READ)
+        struct.pack_into("<QIHB", tb, ENTRY * 5, 64, 4096, 1, OP_WRITE)
         region.view[5 * SMALL_BUFFER: 5 * SMALL_BUFFER + 4096] = b"\xab" * 4096
         assert ln.queue(q, array("H", [5, 2])) is True
         done = []
@@ -315,10 +315,10 @@ def test_queue_lane_makes_the_reference_storage_requests(tmp_path):
         assert sorted(done) == [(ln.tag | 2, 0), (ln.tag | 5, 0)]  # the lane's tags
         assert bytes(region.view[2 * SMALL_BUFFER: 2 * SMALL_BUFFER + 1024]) == (bytes(range(256)) * 4)
         assert read_back(path, 64 * 512, 4096) == b"\xab" * 4096
-        struct.pack_into("<QIBB", tb, ENTRY * 3, 0, 512, 0, OP_READ)  # nseg 0: never stashed
+        struct.pack_into("<QIHB", tb, ENTRY * 3, 0, 512, 0, OP_READ)  # nseg 0: never stashed
         assert ln.queue(q, array("H", [2, 3])) is False
         assert ln.queue(q, array("H", [2, 8])) is False  # no such slot
-        struct.pack_into("<QIBB", tb, ENTRY * 3, 0, 512, 1, 7)  # not READ/WRITE
+        struct.pack_into("<QIHB", tb, ENTRY * 3, 0, 512, 1, 7)  # not READ/WRITE
         assert ln.queue(q, array("H", [3])) is False
         assert q.do_io(0, 8) == []  # nothing was queued
         q.select_calls(compiled=False)
@@ -354,7 +354,7 @@ def record_storage_calls(monkeypatch, log: list, failing=None) -> None:
             ffi = FFI()
             tb = ffi.buffer(ffi.cast("char *", table), ENTRY * nslots)
             for s in ffi.unpack(ffi.cast("uint16_t *", idx), n):
-                sector, nbytes, _nseg, op = struct.unpack_from("<QIBB", tb, ENTRY * s)
+                sector, nbytes, _nseg, op = struct.unpack_from("<QIHB", tb, ENTRY * s)
                 log.append(("write" if op else "read", sector * 512, nbytes, s, "lane"))
                 start_of[s] = sector * 512
         return ok
@@ -381,12 +381,14 @@ def record_storage_calls(monkeypatch, log: list, failing=None) -> None:
 
 
 async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: bool,
-                            serve_wake_fd: int | None = None) -> dict:
+                            serve_wake_fd: int | None = None, indirect: bool = False) -> dict:
     """Rounds of plain reads and writes (1..11 segments, partial pages) mixed with hostile ones and
-    a few flushes; what the guest saw and what the storage did."""
+    a few flushes; what the guest saw and what the storage did. indirect: indirect requests too (1..40
+    segments: some in a small buffer, some in a large one), hostile ones among them (a bad segment in
+    the indirect page, an indirect page or a data page revoked, a read into a read-only page)."""
     from xenblk_vhost.sim.guest import Guest
 
-    guest = Guest.create(hv_socket, pages=2600)
+    guest = Guest.create(hv_socket, pages=9000 if indirect else 2600)
     path = make_disk_file(tmp_path / "disk.img")
     vbd = make_vbd(path, queues=1, data_path="copy", **({"journal_dir": tmp_path / "journal"} if journal else {}))
     vbd.serve_wake_fd = serve_wake_fd  # (the ring engine's own poll: tests/test_ring_engine.py)
@@ -397,6 +399,8 @@ async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: b
     pages = []
     try:
         async with connected(vbd, front, platform):
+            free_large = vbd._resources[0].datapath._free_large
+            large_before = len(free_large)
             for _round in range(8):
                 sent = 0
                 for k in range(rng.randint(1, 24)):
@@ -405,7 +409,8 @@ async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: b
                                       if _round % 2 else
                                       ["read", "write", "read", "write", "bad-seg", "ro-read", "revoked",
                                        "beyond", "unknown", "flush", "empty"])
-                    nseg = rng.randint(1, 11)
+                    ind = indirect and rng.random() < 0.5
+                    nseg = rng.randint(1, 40 if ind else 11)
                     segs = []
                     nsect = 0
                     for _ in range(nseg):
@@ -417,7 +422,7 @@ async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: b
                         pages.append(page)
                         segs.append([page.gref, first, last])
                     # disjoint per request of a round: completion order must not matter
-                    sector = (k * (sectors // 24) + rng.randrange(0, sectors // 24 - 88)) // 8 * 8
+                    sector = (k * (sectors // 24) + rng.randrange(0, sectors // 24 - 8 * nseg)) // 8 * 8
                     op = OP_WRITE if kind in ("write", "revoked") or rng.random() < 0.3 and kind == "bad-seg" \
                         else OP_READ
                     if kind == "bad-seg":
@@ -426,7 +431,11 @@ async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: b
                         front.end_access(pages[-1])
                     elif kind == "beyond":
                         sector = sectors - rng.randint(0, 4)
-                    if kind == "unknown":
+                    if ind and kind not in ("unknown", "flush", "empty"):
+                        ipages = front.indirect(0, op, id_, sector, [tuple(s) for s in segs])
+                        if rng.random() < 0.1:
+                            front.end_access(ipages[0])  # its indirect page cannot be copied: an error
+                    elif kind == "unknown":
                         front.other(0, rng.choice([4, 7, 9, 200]), id_)
                     elif kind == "flush":
                         front.rw(0, OP_FLUSH_DISKCACHE, id_, 0, [])
@@ -438,6 +447,10 @@ async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: b
                 front.push()
                 got = await front.responses(0, sent)
                 responses += sorted((r.id, r.op, r.status) for r in got)
+            with trio.fail_after(10):
+                while vbd.stats()["total"]["in_flight"]:
+                    await trio.sleep(0.01)
+            assert len(free_large) == large_before, "a large buffer was not given back"
         return {"responses": responses, "disk": path.read_bytes(), "pages": [p.bytes() for p in pages]}
     finally:
         front.close()
@@ -611,7 +624,7 @@ def test_hold_keeps_what_dispatch_plain_loads(abi, reqs, rnd, first_ref, taken_a
     for i, (s, item) in enumerate(zip(slots, items)):
         jref = first_ref + i if first_ref >= 0 else -1
         assert ln.take_back(s) == (item.id, item.op, item.sector, item.nr_sectors * 512, item.segments, taken_at,
-                                   jref)
+                                   jref, -1)  # (-1: its small buffer)
         assert ln.take_back(s) is None  # not held any more
     assert ln.held_slots() == []
     if len(reqs) > 1:  # a flush among them: nothing held

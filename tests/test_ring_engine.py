@@ -46,6 +46,7 @@ def count_engine_calls(m) -> Counter:
         seen[code] += 1
         seen["taken"] += self.e.taken_n
         seen["answered"] += self.e.completed
+        seen["indirect"] = self.e.indirect_taken
         return code
 
     def reap(self, n, _real=real_reap):
@@ -59,6 +60,7 @@ def count_engine_calls(m) -> Counter:
         seen[("serve", code)] += 1
         seen["served taken"] += self.e.taken_n
         seen["served answered"] += self.e.completed
+        seen["indirect"] = self.e.indirect_taken
         return code
 
     m.setattr(RingEngine, "run", run)
@@ -67,9 +69,11 @@ def count_engine_calls(m) -> Counter:
     return seen
 
 
-@pytest.mark.parametrize("seed,journal", [(1, False), (2, True), (3, False), (4, True)])
+@pytest.mark.parametrize("seed,journal,indirect", [(1, False, False), (2, True, False), (3, False, False),
+                                                   (4, True, False), (5, False, True), (6, True, True)])
 async def test_with_and_without_the_engine_the_guest_and_the_storage_see_the_same(tmp_path, hv_socket, platform,
-                                                                                  monkeypatch, seed, journal):
+                                                                                  monkeypatch, seed, journal,
+                                                                                  indirect):
     seen = {}
     codes: Counter = Counter()
     for on in (True, False):
@@ -79,7 +83,7 @@ async def test_with_and_without_the_engine_the_guest_and_the_storage_see_the_sam
             got = count_engine_calls(m)
             work = tmp_path / ("engine" if on else "reference")
             work.mkdir()
-            seen[on] = await serve_hostile_mix(work, hv_socket, platform, seed, journal)
+            seen[on] = await serve_hostile_mix(work, hv_socket, platform, seed, journal, indirect=indirect)
             if on:
                 codes = got
             else:
@@ -87,6 +91,8 @@ async def test_with_and_without_the_engine_the_guest_and_the_storage_see_the_sam
     # (its answers: a round's completions mix with those of what it left to the reference path, which
     # then completes them all: the queue-depth-one test below has it answer every request itself)
     assert codes["taken"] + codes["served taken"], f"the engine took nothing: {codes}"
+    if indirect:  # and indirect requests among them, the reference answering the hostile ones
+        assert codes["indirect"], f"the engine took no indirect request: {codes}"
     # It handed the reference path what is not plain (the mix has flushes, refused and empty requests).
     assert codes[ring_engine.ENGINE_PYTHON] + codes[("serve", ring_engine.ENGINE_PYTHON)], codes
     assert any(status for _, _, status in seen[True]["responses"]), "no request failed: not hostile"
@@ -183,6 +189,56 @@ async def test_queue_depth_one_is_served_by_the_engine_whole(tmp_path, guest, pl
         for k in range(n):
             f.seek(8 * k * 512)
             assert f.read(PAGE_SIZE) == bytes([k + 1]) * PAGE_SIZE
+
+
+@pytest.mark.parametrize("journal", [False, True])
+async def test_indirect_requests_are_served_by_the_engine_and_give_their_buffers_back(tmp_path, guest, platform,
+                                                                                     monkeypatch, journal):
+    """Indirect writes then reads of 12..32 segments (over 44 KiB: a large buffer each, and 12 partial
+    pages: over 11 segments in a small one), 8 at a time: the engine takes them all, the data lands
+    where it belongs, and every large buffer is back on the data path's free stack after."""
+    monkeypatch.setenv(ENGINE_ENV, "1")
+    codes = count_engine_calls(monkeypatch)
+    path = make_disk_file(tmp_path / "disk.img")
+    vbd = make_vbd(path, queues=1, data_path="copy", **({"journal_dir": tmp_path / "journal"} if journal else {}))
+    front = TestFrontend(guest)
+    shapes = [(32, 0, 7), (12, 0, 7), (12, 2, 5), (20, 0, 7), (32, 0, 7), (13, 1, 1), (16, 0, 7), (24, 0, 7)]
+    try:
+        async with connected(vbd, front, platform):
+            free_large = vbd._resources[0].datapath._free_large
+            large_before = len(free_large)
+            assert large_before
+            data = []
+            for k, (nseg, first, last) in enumerate(shapes):
+                pages = [front.data_page(readonly=True, fill=bytes([16 * k + i + 1]) * PAGE_SIZE)
+                         for i in range(nseg)]
+                data.append(b"".join(p.bytes()[first * 512:(last + 1) * 512] for p in pages))
+                front.indirect(0, OP_WRITE, k, 512 * k, [(p.gref, first, last) for p in pages])
+            front.push()
+            got = await front.responses(0, len(shapes))
+            assert sorted((r.id, r.op, r.status) for r in got) == [(k, OP_WRITE, RSP_OKAY) for k in range(len(shapes))]
+            back = []
+            for k, (nseg, first, last) in enumerate(shapes):
+                pages = [front.data_page(readonly=False, fill=bytes(PAGE_SIZE)) for _ in range(nseg)]
+                back.append((pages, first, last))
+                front.indirect(0, OP_READ, 100 + k, 512 * k, [(p.gref, first, last) for p in pages])
+            front.push()
+            got = await front.responses(0, len(shapes))
+            assert sorted((r.id, r.status) for r in got) == [(100 + k, RSP_OKAY) for k in range(len(shapes))]
+            for k, (pages, first, last) in enumerate(back):
+                assert b"".join(p.bytes()[first * 512:(last + 1) * 512] for p in pages) == data[k], k
+            with trio.fail_after(10):
+                while vbd.stats()["total"]["in_flight"]:
+                    await trio.sleep(0.01)
+            assert len(free_large) == large_before
+    finally:
+        front.close()
+        vbd.close()
+    assert codes["indirect"] == 2 * len(shapes), codes
+    with open(path, "rb") as f:
+        for k in range(len(shapes)):
+            f.seek(512 * 512 * k)
+            assert f.read(len(data[k])) == data[k], k
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@
 
 #include "blkio_calls.h"
 #include "lane_slot.h"
+#include "lane_entry.h"
 
 #define QUEUE(q) ((struct blkioq *)(q))
 #define PTR(p) ((void *)(p))
@@ -66,13 +67,13 @@ int xb_queue_lane(uintptr_t q, uintptr_t table, uint32_t nslots, uintptr_t idx, 
     const struct xk_lane_slot *t = (const struct xk_lane_slot *)table;
     const uint16_t *ix = (const uint16_t *)idx;
     for (uint32_t k = 0; k < n; k++) {  /* all or nothing: the caller queues them the reference way */
-        if (ix[k] >= nslots || t[ix[k]].nseg == 0 || t[ix[k]].nseg > XK_LANE_MAX_SEGS || t[ix[k]].op > 1)
+        if (ix[k] >= nslots || !xk_entry_ok(&t[ix[k]]))
             return -1;
     }
     for (uint32_t k = 0; k < n; k++) {
         uint32_t s = ix[k];
         const struct xk_lane_slot *e = &t[s];
-        void *buf = PTR(base + (uint64_t)s * stride);
+        void *buf = PTR(xk_entry_buf(e, base, stride, s));  /* (a held indirect one's may be a large buffer) */
         void *tag = PTR(XK_LANE_TAG | (uintptr_t)s);  /* its completion says: queued here, one part */
         if (e->op)
             blkioq_write(QUEUE(q), e->sector << 9, buf, e->nbytes, tag, 0);

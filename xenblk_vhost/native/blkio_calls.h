@@ -22,8 +22,9 @@ void xb_set_completion_fd_enabled(uintptr_t q, bool enable);
 int xb_do_io(uintptr_t q, uintptr_t completions, int min_completions, int max_completions, uintptr_t timeout);
 /* The copy path's lane (lane_slot.h, backend/datapath/copy_lane.py): queue a READ or WRITE for
  * each slot idx[0..n) (a uint16_t array) of the lane table (nslots struct xk_lane_slot): from
- * sector*512, nbytes at base + idx*stride, tag XK_LANE_TAG | idx (lane_slot.h), in that order. Checks every entry first and
- * queues nothing (-1) if one is not a stashed READ/WRITE; else returns n. */
+ * sector*512, nbytes at the entry's buffer (base + idx*stride; a held indirect entry's own: lane_entry.h),
+ * tag XK_LANE_TAG | idx (lane_slot.h), in that order. Checks every entry first and queues nothing (-1)
+ * if one is not a stashed READ/WRITE; else returns n. */
 int xb_queue_lane(uintptr_t q, uintptr_t table, uint32_t nslots, uintptr_t idx, uint32_t n, uint64_t base,
                   uint64_t stride);
 uint32_t xb_lane_slot_size(void);
@@ -67,9 +68,24 @@ struct xb_engine {
     uint64_t stride;
     uintptr_t taken;          /* uint16[nslots]: the last batch's slots */
     uintptr_t ready;          /* uint16[room]: the last walk's slots, in completion order */
-    uintptr_t owners;         /* uint16[11 * room]: each packed segment's slot */
+    uintptr_t owners;         /* uint16[room_segs]: each packed segment's slot */
     uintptr_t failed;         /* uint16[room]: the slots whose grant copy failed */
-    uintptr_t segs;           /* struct xk_copy_seg[11 * room] */
+    uintptr_t segs;           /* struct xk_copy_seg[room_segs] */
+    uint32_t room_segs;       /* segs' and owners' room: a batch or walk needing more stops the engine */
+    /* indirect requests (lane_entry.h); ind 0: the engine takes none. ind: the lane's side table (max_ind *
+     * 8 bytes per slot) their indirect pages are copied into; grefs_off: indirect_grefs in a slot; large,
+     * nlarge: the data path's free large buffers (uint32 region offsets, a stack; its depth), shared with
+     * CopyDataPath; region: the region's address; max_transfer: the most a storage request may carry (0:
+     * any); lens (uint16[size]) and jind (per frame * max_ind * 8 bytes): scratch for the journal */
+    uintptr_t ind;
+    uint32_t max_ind;
+    uint32_t grefs_off;
+    uintptr_t large;
+    uintptr_t nlarge;
+    uint64_t region;
+    uint64_t max_transfer;
+    uintptr_t lens;
+    uintptr_t jind;
     /* free slots: SlotPool.free's stack (top last), in/out; low: its lowest depth in the call */
     uintptr_t stack;
     uint32_t nfree;
@@ -126,6 +142,7 @@ struct xb_engine {
     /* cumulative, for bench.py: notifies made, nanoseconds spent in the grant copy */
     uint64_t notifies;
     uint64_t copy_ns;
+    uint64_t indirect_taken;  /* cumulative: indirect requests the engine took */
 };
 /* Serve the ring until it is empty (XB_ENGINE_IDLE) or something is not for the engine. */
 int xb_engine_run(struct xb_engine *e);

@@ -24,14 +24,16 @@ MODULE = "_xenblk_native"
 HEADER = "native.h"
 C_SOURCES = ("sim_grant_copy.c", "pack_segments.c", "intake_kernel.c", "journal_kernel.c", "lane_kernel.c")
 SOURCES = (HEADER, *C_SOURCES, "build.py")  # and cffi_build.py, which CffiModule stamps itself
-NATIVE = CffiModule(MODULE, HERE, HEADER, C_SOURCES, stamped=(HERE / "build.py", HERE / "copy_seg.h"))
+NATIVE = CffiModule(MODULE, HERE, HEADER, C_SOURCES,
+                    stamped=(HERE / "build.py", HERE / "copy_seg.h", HERE / "lane_entry.h"))
 # libblkio's request-queueing calls (blkio_calls.h says why), a module of its own: it links libblkio,
 # which the kernels above (the simulator's copy, the intake) must not need.
 BLKIO_MODULE = "_xenblk_blkio"
 # The ring engine (ring_engine.c) lives here too, with the kernels it chains (compiled in again: a
 # module cannot call into another's C).
 BLKIO = CffiModule(BLKIO_MODULE, HERE, "blkio_calls.h", ("blkio_calls.c", "ring_engine.c", *C_SOURCES),
-                   stamped=(HERE / "build.py", HERE / "lane_slot.h", HERE / "native.h", HERE / "copy_seg.h"),
+                   stamped=(HERE / "build.py", HERE / "lane_slot.h", HERE / "native.h", HERE / "copy_seg.h",
+                           HERE / "lane_entry.h"),
                    libraries=("blkio",))
 
 

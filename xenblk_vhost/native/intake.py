@@ -249,6 +249,11 @@ class CompiledIntake(RequestIntake):
     def seg_offset(self) -> int:
         return self._seg_off
 
+    @property
+    def grefs_offset(self) -> int:
+        """Where an indirect request's indirect_grefs lie in its slot (for the ring engine)."""
+        return self._grefs_off
+
     def last_records(self, count: int):
         """The struct xk_req records of the last parse() (for the copy path's lane: copy_lane.py),
         or None unless it decoded `count` slots."""

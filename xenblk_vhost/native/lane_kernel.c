@@ -6,6 +6,7 @@
 #include <string.h>
 #include "native.h"
 #include "copy_seg.h"
+#include "lane_entry.h"
 
 #define XK_RW_KIND 0u
 #define LANE_MAX_SEGS 11u
@@ -40,7 +41,7 @@ static void stash_one(struct xk_lane_slot *t, const struct xk_req *r, const uint
 {
     t->sector = r->sector;
     t->nbytes = (uint32_t)(r->nr << 9);
-    t->nseg = (uint8_t)r->nseg;
+    t->nseg = (uint16_t)r->nseg;
     t->op = r->op;
     memcpy(t->segs, segs, (size_t)r->nseg * 8);
 }
@@ -85,14 +86,42 @@ int xk_lane_hold(struct xk_lane_slot *table, uint32_t nslots, const uint8_t *raw
     return (int)count;
 }
 
-/* Pack entry t's segments (its data at addr) into out; how many, or -1 if one would be refused. */
-static int pack_slot(struct xk_copy_seg *out, const struct xk_lane_slot *t, int to_guest, uint16_t domid,
-                     uint64_t addr)
+int xk_lane_hold_one(struct xk_lane_slot *table, uint32_t nslots, uint16_t slot, const struct xk_req *r,
+                     uint64_t segs, uint64_t buf, uint32_t large, int64_t jref, double taken_at, uint64_t *counts)
 {
-    if (t->nseg == 0 || t->nseg > LANE_MAX_SEGS)
+    if (slot >= nslots || table[slot].held != XK_HELD_NO || r->kind != XK_RW_KIND || r->op > 1 || r->nseg == 0
+        || r->nseg > XK_LANE_MAX_IND || r->nr > (uint64_t)r->nseg * SECTORS_PER_PAGE)
         return -1;
+    struct xk_lane_slot *t = &table[slot];
+    t->sector = r->sector;
+    t->nbytes = (uint32_t)(r->nr << 9);
+    t->nseg = (uint16_t)r->nseg;
+    t->op = r->op;
+    if (r->nseg <= XK_LANE_INLINE_SEGS) {  /* as a direct request: inline, in its small buffer */
+        memcpy(t->segs, (const void *)(uintptr_t)segs, (size_t)r->nseg * 8);
+    } else {
+        struct xk_lane_ext x = {segs, buf, large, 0};
+        memcpy(t->segs, &x, sizeof x);
+    }
+    t->id = r->id;
+    t->jref = jref;
+    t->taken_at = taken_at;
+    t->held = XK_HELD_YES;
+    counts[2 * r->op] += 1;
+    counts[2 * r->op + 1] += r->nr;
+    return 0;
+}
+
+/* Pack entry t's segments (its data at addr) into out, which has room for `room`; how many, or -1 if
+ * one would be refused (or they do not fit). */
+static int pack_slot(struct xk_copy_seg *out, const struct xk_lane_slot *t, int to_guest, uint16_t domid,
+                     uint64_t addr, uint32_t room)
+{
+    if (!xk_entry_ok(t) || t->nseg > room)
+        return -1;
+    const uint8_t *segs = xk_entry_segs(t);
     for (uint32_t i = 0; i < t->nseg; i++) {
-        const uint8_t *w = t->segs + 8 * i;
+        const uint8_t *w = segs + 8 * i;
         uint32_t gref;
         memcpy(&gref, w, 4);  /* little-endian host, as the ring */
         uint32_t first = w[4], last = w[5];
@@ -109,9 +138,11 @@ int xk_lane_pack(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint
     int packed = 0;
     for (uint32_t k = 0; k < n; k++) {
         uint32_t s = idx[k];
-        if (s >= nslots)
+        /* (Python's lane.pack reserves 11 per slot: a bigger entry is never packed here) */
+        if (s >= nslots || table[s].nseg > LANE_MAX_SEGS)
             return -1;
-        int got = pack_slot(out + packed, &table[s], to_guest, domid, base + (uint64_t)s * stride);
+        int got = pack_slot(out + packed, &table[s], to_guest, domid, base + (uint64_t)s * stride,
+                            LANE_MAX_SEGS * n - (uint32_t)packed);
         if (got < 0)
             return -1;
         packed += got;
@@ -121,7 +152,7 @@ int xk_lane_pack(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint
 
 int xk_lane_pack_op(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint32_t nslots,
                     const uint16_t *idx, uint32_t n, uint8_t op, int to_guest, uint16_t domid, uint64_t base,
-                    uint64_t stride, uint16_t *owners)
+                    uint64_t stride, uint16_t *owners, uint32_t room)
 {
     int packed = 0;
     for (uint32_t k = 0; k < n; k++) {
@@ -130,7 +161,8 @@ int xk_lane_pack_op(struct xk_copy_seg *out, const struct xk_lane_slot *table, u
             return -1;
         if (table[s].op != op)
             continue;
-        int got = pack_slot(out + packed, &table[s], to_guest, domid, base + (uint64_t)s * stride);
+        int got = pack_slot(out + packed, &table[s], to_guest, domid, xk_entry_buf(&table[s], base, stride, s),
+                            room - (uint32_t)packed);
         if (got < 0)
             return -1;
         for (int i = 0; i < got; i++)
@@ -148,8 +180,7 @@ static int lane_success(const struct xk_completion *c, const struct xk_lane_slot
     uint64_t tag = c->user_data;
     if ((tag & ~(uint64_t)0xFFFF) != XK_LANE_TAG || (tag & 0xFFFF) >= nslots || c->ret < 0)
         return 0;
-    const struct xk_lane_slot *t = &table[tag & 0xFFFF];
-    return t->nseg != 0 && t->nseg <= LANE_MAX_SEGS && t->op <= 1;
+    return xk_entry_ok(&table[tag & 0xFFFF]);
 }
 
 int xk_lane_complete(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint32_t nslots,
@@ -161,7 +192,11 @@ int xk_lane_complete(struct xk_copy_seg *out, const struct xk_lane_slot *table, 
             return -1;
         ready[k] = (uint16_t)(comps[k].user_data & 0xFFFF);
     }
-    return xk_lane_pack_op(out, table, nslots, ready, n, 0, 1, domid, base, stride, owners);  /* the reads back */
+    for (uint32_t k = 0; k < n; k++)  /* (not held: never more than 11 segments) */
+        if (table[ready[k]].nseg > LANE_MAX_SEGS)
+            return -1;
+    return xk_lane_pack_op(out, table, nslots, ready, n, 0, 1, domid, base, stride, owners,
+                           LANE_MAX_SEGS * n);  /* the reads back */
 }
 
 /* Put the entries marked walked by xk_lane_complete_held's first k completions back to held. */
@@ -173,7 +208,7 @@ static void unwalk(struct xk_lane_slot *table, const uint16_t *ready, uint32_t k
 
 int xk_lane_complete_held(struct xk_copy_seg *out, struct xk_lane_slot *table, uint32_t nslots,
                           const struct xk_completion *comps, uint32_t n, uint16_t *ready, uint16_t *owners,
-                          uint16_t domid, uint64_t base, uint64_t stride)
+                          uint16_t domid, uint64_t base, uint64_t stride, uint32_t room)
 {
     for (uint32_t k = 0; k < n; k++) {
         /* Held, and not yet walked: a second completion of one slot is refused (never answered twice). */
@@ -184,7 +219,7 @@ int xk_lane_complete_held(struct xk_copy_seg *out, struct xk_lane_slot *table, u
         ready[k] = (uint16_t)(comps[k].user_data & 0xFFFF);
         table[ready[k]].held = XK_HELD_WALKED;
     }
-    int packed = xk_lane_pack_op(out, table, nslots, ready, n, 0, 1, domid, base, stride, owners);  /* reads back */
+    int packed = xk_lane_pack_op(out, table, nslots, ready, n, 0, 1, domid, base, stride, owners, room);  /* reads back */
     if (packed < 0)
         unwalk(table, ready, n);
     return packed;
@@ -201,7 +236,7 @@ static uint32_t bucket_of(double elapsed, const double *bounds, uint32_t nbounds
 
 int64_t xk_lane_answer_held(const struct xk_rsp_ring *r, uint32_t first_pos, struct xk_lane_slot *table,
                             uint32_t nslots, const uint16_t *ready, uint32_t n, double now, const double *bounds,
-                            uint32_t nbounds, uint64_t *buckets, double *total)
+                            uint32_t nbounds, uint64_t *buckets, double *total, uint32_t *large, uint32_t *nlarge)
 {
     for (uint32_t k = 0; k < n; k++)
         if (ready[k] >= nslots || table[ready[k]].held != XK_HELD_WALKED)
@@ -212,6 +247,12 @@ int64_t xk_lane_answer_held(const struct xk_rsp_ring *r, uint32_t first_pos, str
     for (uint32_t k = 0; k < n; k++) {
         struct xk_lane_slot *t = &table[ready[k]];
         xk_ring_answer(r, first_pos + k, t->id, t->jref, t->op, 0);
+        if (t->nseg > XK_LANE_INLINE_SEGS) {  /* its large buffer back to the data path's free stack */
+            struct xk_lane_ext x;
+            xk_entry_ext(t, &x);
+            if (x.large != XK_LANE_NO_LARGE && large)
+                large[(*nlarge)++] = x.large;
+        }
         t->held = XK_HELD_NO;
         double elapsed = now - t->taken_at;
         uint32_t b = bucket_of(elapsed, bounds, nbounds);

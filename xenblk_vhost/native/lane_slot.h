@@ -20,11 +20,11 @@
 struct xk_lane_slot {
     uint64_t sector;   /* 512-byte units */
     uint32_t nbytes;   /* the sectors its segments cover, in bytes */
-    uint8_t nseg;      /* 1..11 when stashed; 0: nothing valid here */
+    uint16_t nseg;     /* 1..11 when stashed; 12..XK_LANE_MAX_IND held only (lane_entry.h); 0: nothing valid */
     uint8_t op;        /* 0 READ, 1 WRITE */
     uint8_t held;      /* XK_HELD_*: whether the fields below are the request's (and its Slot stale) */
-    uint8_t pad;
-    uint8_t segs[88];  /* nseg wire segments: u32 gref, u8 first_sect, u8 last_sect, 2 bytes */
+    uint8_t segs[88];  /* nseg <= 11: the wire segments (u32 gref, u8 first_sect, u8 last_sect, 2 bytes);
+                        * more (an indirect request the ring engine holds): struct xk_lane_ext (lane_entry.h) */
     uint64_t id;       /* held only: the request's id, */
     int64_t jref;      /* its journal ref (-1: no journal), */
     double taken_at;   /* the clock read of the batch that took it (the latency histogram's start) */

@@ -177,10 +177,9 @@ uint32_t xk_crc32(uint32_t crc, const uint8_t *data, size_t len);
 struct xk_lane_slot {
     uint64_t sector;
     uint32_t nbytes;
-    uint8_t nseg;
+    uint16_t nseg;
     uint8_t op;
     uint8_t held;
-    uint8_t pad;
     uint8_t segs[88];
     uint64_t id;
     int64_t jref;
@@ -228,24 +227,36 @@ int xk_lane_hold(struct xk_lane_slot *table, uint32_t nslots, const uint8_t *raw
                  uint32_t seg_off, const struct xk_req *recs, uint32_t count, const uint16_t *slots,
                  int64_t first_ref, double taken_at, uint64_t *counts);
 /* xk_lane_pack for the entries among idx[0..n) whose op is `op` only (the writes' copy in of a held
- * batch), the owner slot of each segment in owners (room for 11 * n). Returns how many segments, or -1. */
+ * batch), each from its own buffer (lane_entry.h: a held indirect entry's may be its large one), the owner
+ * slot of each segment in owners; out and owners have room for `room` segments. Returns how many
+ * segments, or -1 (one refused, or they do not fit). */
 int xk_lane_pack_op(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint32_t nslots,
                     const uint16_t *idx, uint32_t n, uint8_t op, int to_guest, uint16_t domid, uint64_t base,
-                    uint64_t stride, uint16_t *owners);
+                    uint64_t stride, uint16_t *owners, uint32_t room);
 /* xk_lane_complete for held requests: every completion must be the success of a request xb_queue_lane
- * queued whose entry is held XK_HELD_YES (each slot once: it becomes XK_HELD_WALKED, its answer is due);
- * else -1, the entries as they were, nothing to trust in the outputs. */
+ * queued whose entry is held XK_HELD_YES (each slot once: it becomes XK_HELD_WALKED, its answer is due),
+ * and the reads' segments must fit in `room` (out and owners); else -1, the entries as they were,
+ * nothing to trust in the outputs. */
 int xk_lane_complete_held(struct xk_copy_seg *out, struct xk_lane_slot *table, uint32_t nslots,
                           const struct xk_completion *comps, uint32_t n, uint16_t *ready, uint16_t *owners,
-                          uint16_t domid, uint64_t base, uint64_t stride);
+                          uint16_t domid, uint64_t base, uint64_t stride, uint32_t room);
 /* Answer the walked held slots ready[0..n) OKAY, in that order, at ring positions first_pos.. (each as
  * xk_ring_answer: its journal answer, then its response), entries back to XK_HELD_NO; the latency of each
  * (now - taken_at) counted as LatencyHistogram.observe counts it: buckets[b] (b: how many of the nbounds
  * bounds are below it; all nbounds + 1 zeroed first), their sum in *total. Returns the mask of the buckets
- * counted (bit b), or -1 (nothing written) if an entry is not a walked held one. */
+ * counted (bit b), or -1 (nothing written) if an entry is not a walked held one. A held indirect entry's
+ * large buffer goes back on the data path's free stack: large[(*nlarge)++] (lane_entry.h). */
 int64_t xk_lane_answer_held(const struct xk_rsp_ring *r, uint32_t first_pos, struct xk_lane_slot *table,
                             uint32_t nslots, const uint16_t *ready, uint32_t n, double now, const double *bounds,
-                            uint32_t nbounds, uint64_t *buckets, double *total);
+                            uint32_t nbounds, uint64_t *buckets, double *total, uint32_t *large, uint32_t *nlarge);
+/* The ring engine's hold of one request (a plain one, or an indirect one whose segments xk_check_indirect
+ * accepted: r is its record then, with its id), any size up to 4096 segments, in table[slot] (free, not
+ * held): its segments at address segs (an indirect one's, in the lane's side table), its data at buf (used
+ * only above 11 segments: 11 or fewer are held as a direct request, in the slot's small buffer), large its
+ * large buffer's offset or 0xFFFFFFFF; id, jref, taken_at as xk_lane_hold; counts[0..3] added to (not
+ * zeroed). 0, or -1 (nothing written) if it is not such a request or the slot is not free. */
+int xk_lane_hold_one(struct xk_lane_slot *table, uint32_t nslots, uint16_t slot, const struct xk_req *r,
+                     uint64_t segs, uint64_t buf, uint32_t large, int64_t jref, double taken_at, uint64_t *counts);
 /* The held slots (XK_HELD_YES or XK_HELD_WALKED) in index order into out (room for nslots); how many. */
 uint32_t xk_lane_held_slots(const struct xk_lane_slot *table, uint32_t nslots, uint16_t *out);
 /* 1 if every one of the count records is a READ or WRITE of 1..11 direct segments (what the lane

@@ -32,11 +32,16 @@
 
 #include "native.h"
 #include "blkio_calls.h"
+#include "lane_entry.h"
 
 #define SRING_REQ_PROD 0
 #define SRING_REQ_EVENT 4
 #define SRING_ENTRIES 64
+#define SRING_MAX_BATCH 4096u  /* a ring's slots at most (order 4: 1024 x86_64; the ABI caps at 4096) */
+#define XK_OP_INDIRECT 6
 #define LANE_MAX_SEGS 11u
+#define PAGE_BYTES 4096u
+#define GNTST_OKAY 0
 
 struct gntdev_copy_arg {  /* struct ioctl_gntdev_grant_copy (x86_64): count, then the array */
     uint32_t count;
@@ -123,8 +128,104 @@ static void notify(struct xb_engine *e)
     }
 }
 
-/* Take, hold, record, copy in and queue the next batch of plain requests. Returns how many were
- * queued (0: the ring has none now, or cannot take one: *stop says why), or -XB_ENGINE_* (the batch
+/* Whether record r is one the engine takes: a plain READ/WRITE (1..11 direct segments), or, with a side
+ * table, an indirect request (its slot half: the parse checked its op and segment count). */
+static int engine_record(const struct xb_engine *e, const struct xk_req *r)
+{
+    if (xk_lane_all_plain(r, 1))
+        return r->nr <= (uint64_t)LANE_MAX_SEGS * 8;
+    return e->ind && r->kind == XK_INDIRECT && r->nseg && r->nseg <= e->max_ind;
+}
+
+static uint8_t *side_entry(const struct xb_engine *e, uint32_t slot)
+{
+    return (uint8_t *)(uintptr_t)e->ind + (size_t)slot * e->max_ind * 8;
+}
+
+/* The indirect requests among the first k records (slots taken[]): their indirect pages' segment bytes
+ * copied into their slots' side table entries (ONE grant copy for the batch, only nseg * 8 bytes, as
+ * IndirectPages.resolve copies them), then decoded and validated from that private copy
+ * (xk_check_indirect: the reference's verdicts; the record becomes the request's, its id kept), and
+ * a buffer found: its slot's small one when its data fits, else a large one (bufs[], larges[]). Stops
+ * at the first it cannot serve (a page that did not copy, a rejection, no large buffer free, more than
+ * a storage request carries, more segments than the engine's arrays hold): the reference path takes
+ * that one and the rest from req_cons. Returns how many of the k the engine keeps. */
+static uint32_t take_indirect(struct xb_engine *e, const uint8_t *raw, struct xk_req *recs, uint32_t k,
+                              const uint16_t *taken, uint64_t *bufs, uint32_t *larges)
+{
+    struct xk_copy_seg *segs = (struct xk_copy_seg *)(uintptr_t)e->segs;
+    uint16_t *owners = (uint16_t *)(uintptr_t)e->owners;
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < k; i++) {
+        if (recs[i].kind != XK_INDIRECT)
+            continue;
+        uint32_t need = recs[i].nseg * 8;
+        uint64_t dest = (uint64_t)(uintptr_t)side_entry(e, taken[i]);
+        for (uint32_t p = 0; need; p++) {  /* (nseg <= max_ind <= 4096: at most 8 pages) */
+            uint32_t len = need < PAGE_BYTES ? need : PAGE_BYTES;
+            uint32_t gref;
+            memcpy(&gref, raw + (size_t)i * e->entry + e->grefs_off + 4 * p, 4);
+            struct xk_copy_seg *g = &segs[m];
+            memset(g, 0, sizeof *g);
+            g->source.foreign.ref = gref;
+            g->source.foreign.domid = e->domid;
+            g->dest.virt = dest;
+            g->len = (uint16_t)len;
+            g->flags = 1;  /* GNTCOPY_source_gref */
+            owners[m++] = (uint16_t)i;
+            dest += len;
+            need -= len;
+        }
+    }
+    uint32_t keep = k;
+    if (m && grant_copy(e, segs, m)) {
+        for (uint32_t g = 0; g < m; g++)  /* the first request whose pages did not all copy */
+            if (segs[g].status != GNTST_OKAY && owners[g] < keep)
+                keep = owners[g];
+    }
+    const struct xk_intake_cfg *cfg = (const struct xk_intake_cfg *)(uintptr_t)e->cfg;
+    uint32_t *large = (uint32_t *)(uintptr_t)e->large;
+    uint32_t *nlarge = (uint32_t *)(uintptr_t)e->nlarge;
+    uint64_t nsegs = 0;
+    for (uint32_t i = 0; i < keep; i++) {
+        struct xk_req *r = &recs[i];
+        larges[i] = XK_LANE_NO_LARGE;
+        bufs[i] = e->base + (uint64_t)taken[i] * e->stride;
+        nsegs += r->nseg;
+        if (nsegs > e->room_segs)
+            return i;
+        if (r->kind != XK_INDIRECT)
+            continue;
+        struct xk_req checked;
+        if (xk_check_indirect(side_entry(e, taken[i]), r->nseg, r->aux, r->sector, cfg, &checked))
+            return i;  /* the reference answers it (its own copy, its own verdict) */
+        uint64_t bytes = checked.nr << 9;
+        if (e->max_transfer && bytes > e->max_transfer)
+            return i;  /* the reference splits it in parts */
+        if (bytes > e->stride) {  /* CopyDataPath._attach: a large buffer, or wait for one */
+            if (!*nlarge)
+                return i;
+            larges[i] = large[--*nlarge];
+            bufs[i] = e->region + larges[i];
+        }
+        checked.id = r->id;
+        *r = checked;
+    }
+    return keep;
+}
+
+/* Give back the large buffers take_indirect took for records [from, k). */
+static void untake_large(struct xb_engine *e, const uint32_t *larges, uint32_t from, uint32_t k)
+{
+    uint32_t *large = (uint32_t *)(uintptr_t)e->large;
+    uint32_t *nlarge = (uint32_t *)(uintptr_t)e->nlarge;
+    for (uint32_t i = k; i-- > from;)  /* popped in order: pushed back in reverse */
+        if (larges[i] != XK_LANE_NO_LARGE)
+            large[(*nlarge)++] = larges[i];
+}
+
+/* Take, hold, record, copy in and queue the next batch of plain (and indirect) requests. Returns how many
+ * were queued (0: the ring has none now, or cannot take one: *stop says why), or -XB_ENGINE_* (the batch
  * is held, not queued). */
 static int take_batch(struct xb_engine *e, int *stop)
 {
@@ -159,29 +260,61 @@ static int take_batch(struct xb_engine *e, int *stop)
     const struct xk_intake_cfg *cfg = (const struct xk_intake_cfg *)(uintptr_t)e->cfg;
     struct xk_req *recs = (struct xk_req *)(uintptr_t)e->recs;
     xk_parse_slots(raw, n, cfg, recs);
-    uint32_t k = 0;
-    while (k < n && xk_lane_all_plain(&recs[k], 1) && recs[k].nr <= (uint64_t)LANE_MAX_SEGS * 8)
-        k++;
+    uint32_t k = 0, nind = 0;
+    while (k < n && engine_record(e, &recs[k]))
+        nind += recs[k++].kind == XK_INDIRECT;
+    uint16_t *stack = (uint16_t *)(uintptr_t)e->stack;
+    uint16_t *taken = (uint16_t *)(uintptr_t)e->taken;
+    for (uint32_t i = 0; i < k; i++)
+        taken[i] = stack[e->nfree - 1 - i];  /* the slots k free.pop() would give, in that order */
+    uint64_t bufs[SRING_MAX_BATCH];
+    uint32_t larges[SRING_MAX_BATCH];
+    if (k > SRING_MAX_BATCH)
+        k = SRING_MAX_BATCH;
+    if (nind)
+        k = take_indirect(e, raw, recs, k, taken, bufs, larges);
     if (k < n)
         *stop = XB_ENGINE_PYTHON;  /* after these: the reference path takes the rest from req_cons */
     if (!k)
         return 0;
 
-    uint16_t *stack = (uint16_t *)(uintptr_t)e->stack;
-    uint16_t *taken = (uint16_t *)(uintptr_t)e->taken;
-    for (uint32_t i = 0; i < k; i++)
-        taken[i] = stack[e->nfree - 1 - i];  /* the slots k free.pop() would give, in that order */
     struct xk_lane_slot *table = (struct xk_lane_slot *)(uintptr_t)e->table;
-    uint64_t counts[4];
-    if (xk_lane_hold(table, e->nslots, raw, e->entry, cfg->seg_off, recs, k, taken, -1, monotonic(), counts) < 0) {
-        *stop = XB_ENGINE_PYTHON;  /* (free slots are never held: cannot happen) nothing done */
-        return 0;
+    uint64_t counts[4] = {0, 0, 0, 0};
+    double now = monotonic();
+    uint32_t ind_total = 0;
+    uint16_t *lens = (uint16_t *)(uintptr_t)e->lens;
+    uint8_t *jind = (uint8_t *)(uintptr_t)e->jind;
+    for (uint32_t i = 0; i < k; i++) {
+        const struct xk_req *r = &recs[i];
+        int indirect = nind && raw[(size_t)i * e->entry] == XK_OP_INDIRECT;  /* (recs[i] is its checked record) */
+        uint64_t segs = indirect ? (uint64_t)(uintptr_t)side_entry(e, taken[i])
+                                 : (uint64_t)(uintptr_t)(raw + (size_t)i * e->entry + cfg->seg_off);
+        uint64_t buf = nind ? bufs[i] : e->base + (uint64_t)taken[i] * e->stride;
+        uint32_t lg = nind ? larges[i] : XK_LANE_NO_LARGE;
+        if (xk_lane_hold_one(table, e->nslots, taken[i], r, segs, buf, lg, -1, now, counts) < 0) {
+            for (uint32_t u = 0; u < i; u++)  /* (free slots are never held: cannot happen) nothing done */
+                table[taken[u]].held = 0;
+            if (nind)
+                untake_large(e, larges, 0, k);
+            *stop = XB_ENGINE_PYTHON;
+            return 0;
+        }
+        if (j && nind) {  /* the frame keeps each indirect request's segments, as record_taken(indirect) */
+            lens[i] = indirect ? (uint16_t)(r->nseg * 8) : 0;
+            if (indirect) {
+                memcpy(jind + ind_total, (const void *)(uintptr_t)segs, (size_t)r->nseg * 8);
+                ind_total += r->nseg * 8;
+            }
+        }
     }
     if (j) {  /* before anything reaches the storage */
-        int64_t first = xk_journal_take(j, e->req_cons, raw, k, NULL, NULL, 0);
+        int64_t first = nind ? xk_journal_take(j, e->req_cons, raw, k, (const uint8_t *)lens, jind, ind_total)
+                             : xk_journal_take(j, e->req_cons, raw, k, NULL, NULL, 0);
         if (first < 0) {  /* (a free frame was checked above: cannot happen) undo the hold */
             for (uint32_t i = 0; i < k; i++)
                 table[taken[i]].held = 0;
+            if (nind)
+                untake_large(e, larges, 0, k);
             *stop = XB_ENGINE_PYTHON;
             return 0;
         }
@@ -194,13 +327,16 @@ static int take_batch(struct xb_engine *e, int *stop)
         e->low = e->nfree;
     e->taken_n += k;
     e->held_n = k;
+    if (nind)
+        for (uint32_t i = 0; i < k; i++)
+            e->indirect_taken += raw[(size_t)i * e->entry] == XK_OP_INDIRECT;
     for (int c = 0; c < 4; c++)
         e->counts[c] += counts[c];
 
     if (counts[2]) {  /* the writes' data in: one grant copy for the batch */
         struct xk_copy_seg *segs = (struct xk_copy_seg *)(uintptr_t)e->segs;
         int packed = xk_lane_pack_op(segs, table, e->nslots, taken, k, 1, 0, e->domid, e->base, e->stride,
-                                     (uint16_t *)(uintptr_t)e->owners);
+                                     (uint16_t *)(uintptr_t)e->owners, e->room_segs);
         if (packed < 0) {
             e->nfailed = 0;
             return -XB_ENGINE_UNPREPARED;
@@ -226,7 +362,8 @@ static int complete(struct xb_engine *e, uint32_t n)
     struct xk_copy_seg *segs = (struct xk_copy_seg *)(uintptr_t)e->segs;
     uint16_t *ready = (uint16_t *)(uintptr_t)e->ready;
     int packed = xk_lane_complete_held(segs, table, e->nslots, (const struct xk_completion *)(uintptr_t)e->completions,
-                                       n, ready, (uint16_t *)(uintptr_t)e->owners, e->domid, e->base, e->stride);
+                                       n, ready, (uint16_t *)(uintptr_t)e->owners, e->domid, e->base, e->stride,
+                                       e->room_segs);
     if (packed < 0) {  /* an error, or not a held request's: RingWorker._reaped completes them all */
         e->reaped = n;
         return XB_ENGINE_REAPED;
@@ -239,7 +376,8 @@ static int complete(struct xb_engine *e, uint32_t n)
     double total = 0.0;
     int64_t mask = xk_lane_answer_held((const struct xk_rsp_ring *)(uintptr_t)e->rsp, e->rsp_prod_pvt, table,
                                        e->nslots, ready, n, monotonic(), (const double *)(uintptr_t)e->bounds,
-                                       e->nbounds, (uint64_t *)(uintptr_t)e->call_buckets, &total);
+                                       e->nbounds, (uint64_t *)(uintptr_t)e->call_buckets, &total,
+                                       (uint32_t *)(uintptr_t)e->large, (uint32_t *)(uintptr_t)e->nlarge);
     if (mask < 0)
         return XB_ENGINE_BUG;
     const uint64_t *got = (const uint64_t *)(uintptr_t)e->call_buckets;

@@ -33,16 +33,23 @@ all from slot indices. Any other way a held request goes (a storage error among 
 that failed, a park, an abandon, a halted ring) first gives its Slot the fields the reference path
 would have given it (`take_back`, RingWorker._materialise), and then the reference path serves it.
 
-The table: 128 bytes per request slot (native/lane_slot.h).
+The ring engine (ring_engine.py) holds indirect requests too: an entry of more than 11 segments keeps
+in the table where its segments are (the side table, max_ind * 8 bytes per slot, which the engine
+copies the indirect pages into) and where its data is (native/lane_entry.h); take_back gives them back.
+
+The table: 128 bytes per request slot (native/lane_slot.h), the side table max_ind * 8 bytes per slot
+(2 KiB at the default 256 segments).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import struct
 from array import array
 from typing import Any
 
+from ...blkif.request import WireSegments
 from ...native.intake import _SEG
 from ...xen.gntdev import SEGMENT_SIZE, CopyBatch
 from .stats import LATENCY_BOUNDS
@@ -55,6 +62,9 @@ log = logging.getLogger(__name__)
 MIN_BATCH = 4
 
 XK_LANE_MAX_SEGS = 11  # segments a lane slot holds (native/lane_slot.h)
+SEGMENT_WIRE = 8  # bytes of a blkif segment on the wire
+_EXT = struct.Struct("<QQII")  # struct xk_lane_ext (native/lane_entry.h)
+NO_LARGE = 0xFFFFFFFF
 
 # XENBLK_COPY_LANE=0: no lane (the reference path for every request), for bench.py --engines no-lane.
 LANE_ENV = "XENBLK_COPY_LANE"
@@ -77,9 +87,10 @@ class CopyLane:
     """A ring's lane table (one entry per request slot) and its calls."""
 
     __slots__ = ("nslots", "stride", "base", "tag", "_ffi", "_lib", "_table", "table_addr", "_ready", "_owners",
-                 "_room", "_counts", "_bounds", "_buckets", "_total", "_held_out")
+                 "_room", "_counts", "_bounds", "_buckets", "_total", "_held_out", "max_ind", "_ind", "ind_addr",
+                 "_large", "_nlarge")
 
-    def __init__(self, nslots: int, stride: int, base: int, mods: tuple[Any, Any]) -> None:
+    def __init__(self, nslots: int, stride: int, base: int, mods: tuple[Any, Any], max_ind: int = 0) -> None:
         mod, blkio = mods
         self._ffi, self._lib = mod.ffi, mod.lib
         if self._lib.xk_lane_slot_size() != blkio.lib.xb_lane_slot_size():
@@ -101,6 +112,13 @@ class CopyLane:
         self._buckets = ffi.new("uint64_t[]", len(LATENCY_BOUNDS) + 1)
         self._total = ffi.new("double *")
         self._held_out: Any = None  # held_slots()' out-array, made when first needed
+        # The side table of the indirect requests the ring engine holds (native/lane_entry.h): their
+        # segments, max_ind per slot (the most a request may have); and where the data path keeps its
+        # free large buffers, which an answered one gives back (set_large).
+        self.max_ind = max_ind if max_ind > XK_LANE_MAX_SEGS else 0
+        self._ind = ffi.new("uint8_t[]", nslots * self.max_ind * SEGMENT_WIRE) if self.max_ind else None
+        self.ind_addr = int(ffi.cast("uintptr_t", self._ind)) if self._ind is not None else 0
+        self._large = self._nlarge = ffi.NULL
 
     def _grow(self, n: int) -> None:
         self._room = n
@@ -123,14 +141,21 @@ class CopyLane:
             batch.count = count + packed
 
     @classmethod
-    def make(cls, nslots: int, stride: int, base: int) -> CopyLane | None:
-        """A lane when the compiled kernels load (and native is enabled), else None."""
+    def make(cls, nslots: int, stride: int, base: int, max_ind: int = 0) -> CopyLane | None:
+        """A lane when the compiled kernels load (and native is enabled), else None. max_ind: the most
+        segments an indirect request may have (a side table for the ring engine's; 0: none)."""
         if os.environ.get(LANE_ENV, "1").strip() == "0":
             return None
         mods = _modules()
         if mods is None or nslots > 0xFFFF:
             return None
-        return cls(nslots, stride, base, mods)
+        return cls(nslots, stride, base, mods, max_ind)
+
+    def set_large(self, stack: int, count: int) -> None:
+        """The data path's free large buffers (uint32 offsets, a stack at `stack`, its depth at `count`),
+        where answer_held puts back a held indirect request's."""
+        ffi = self._ffi
+        self._large, self._nlarge = ffi.cast("uint32_t *", stack), ffi.cast("uint32_t *", count)
 
     def stash(self, intake: Any, raw: bytes, count: int, slot_of: array) -> bool:
         """Keep the requests at the batch positions slot_of names (>= 0) in their slots' entries,
@@ -165,7 +190,8 @@ class CopyLane:
         n = len(idx)
         count, out = self._out(batch, n)
         packed = self._lib.xk_lane_pack_op(out, self._table, self.nslots, self._ffi.from_buffer("uint16_t[]", idx), n,
-                                           op, to_guest, domid, self.base, self.stride, self._owners)
+                                           op, to_guest, domid, self.base, self.stride, self._owners,
+                                           XK_LANE_MAX_SEGS * n)
         if packed < 0:
             return False
         self._took(batch, count, packed)
@@ -178,7 +204,8 @@ class CopyLane:
         count, out = self._out(batch, n)
         packed = self._lib.xk_lane_complete_held(out, self._table, self.nslots,
                                                  self._ffi.cast("struct xk_completion *", completions), n,
-                                                 self._ready, self._owners, domid, self.base, self.stride)
+                                                 self._ready, self._owners, domid, self.base, self.stride,
+                                                 XK_LANE_MAX_SEGS * n)
         if packed < 0:
             return False
         self._took(batch, count, packed)
@@ -193,7 +220,8 @@ class CopyLane:
         struct xk_rsp_ring *: CompiledAnswers'), and count their latency in `latency` (a
         LatencyHistogram) as its observe(now, slots) would. The entries are no longer held after."""
         mask = self._lib.xk_lane_answer_held(ctx, first_pos, self._table, self.nslots, self._ready, n, now,
-                                             self._bounds, len(LATENCY_BOUNDS), self._buckets, self._total)
+                                             self._bounds, len(LATENCY_BOUNDS), self._buckets, self._total,
+                                             self._large, self._nlarge)
         if mask < 0:
             raise RuntimeError("answer_held: an entry is not a walked held one")
         counts = latency.counts
@@ -214,14 +242,23 @@ class CopyLane:
 
     def take_back(self, s: int) -> tuple | None:
         """Slot s's request from its held entry, which is no longer held after: (id, op, sector,
-        nr_bytes, segments, taken_at, jref), segments as the intake decodes them (tuples of gref,
-        first_sect, last_sect). None: s is not held."""
+        nr_bytes, segments, taken_at, jref, large), segments as the intake decodes them (tuples of gref,
+        first_sect, last_sect; an indirect request of more than 11 segments: its WireSegments), large
+        the offset of the large buffer it holds (-1: its slot's small buffer). None: s is not held."""
         t = self._table[s]
         if not t.held:
             return None
         t.held = 0
-        segs = tuple(_SEG.iter_unpack(self._ffi.buffer(t.segs)[: 8 * t.nseg]))
-        return t.id, t.op, t.sector, t.nbytes, segs, t.taken_at, t.jref
+        ffi = self._ffi
+        nseg = t.nseg
+        large = -1
+        if nseg <= XK_LANE_MAX_SEGS:
+            segs: Any = tuple(_SEG.iter_unpack(ffi.buffer(t.segs)[: 8 * nseg]))
+        else:  # struct xk_lane_ext (lane_entry.h): where its segments and data are
+            where, _buf, big, _pad = _EXT.unpack(ffi.buffer(t.segs)[: _EXT.size])
+            segs = WireSegments(ffi.buffer(ffi.cast("uint8_t *", where), nseg * SEGMENT_WIRE)[:])
+            large = -1 if big == NO_LARGE else big
+        return t.id, t.op, t.sector, t.nbytes, segs, t.taken_at, t.jref, large
 
     def all_plain(self, intake: Any, raw: bytes, count: int, pos: int = -1) -> list | None:
         """intake.parse(raw, count, pos), or None when every slot is a plain request (nothing built)."""

@@ -24,6 +24,7 @@ plan_bounce() decides how many slots the memory allows.
 from __future__ import annotations
 
 import logging
+from array import array
 
 from ...blkif.constants import MAX_SEGMENTS_PER_REQUEST, RSP_OKAY, XEN_PAGE_SIZE
 from ...blkif.request import WireSegments
@@ -59,6 +60,39 @@ def plan_bounce(memory: int, max_slots: int, max_request_bytes: int) -> tuple[in
     return slots, nlarge
 
 
+class LargeBuffers:
+    """The free large buffers' offsets in the region: a stack in fixed arrays, so that the ring engine
+    (ring_engine.c) pops and pushes them too, in place: `stack` (uint32 offsets, next one last) and
+    `depth` (one uint32). Never resized: their addresses are the engine's."""
+
+    __slots__ = ("stack", "depth")
+
+    def __init__(self, offsets: list[int]) -> None:
+        self.stack = array("I", offsets or [0])
+        self.depth = array("I", [len(offsets)])
+
+    def pop(self) -> int | None:
+        n = self.depth[0]
+        if not n:
+            return None
+        n -= 1
+        self.depth[0] = n
+        return self.stack[n]
+
+    def push(self, offset: int) -> None:
+        n = self.depth[0]
+        self.stack[n] = offset  # (each buffer is out once: never more than were made)
+        self.depth[0] = n + 1
+
+    def __len__(self) -> int:
+        return self.depth[0]
+
+    @property
+    def addresses(self) -> tuple[int, int]:
+        """(the stack's, the depth's) addresses."""
+        return self.stack.buffer_info()[0], self.depth.buffer_info()[0]
+
+
 class CopyDataPath:
     """A DataPath (data_path.py): each request's data in one bounce buffer of the ring's region."""
 
@@ -76,10 +110,15 @@ class CopyDataPath:
         self._storage = storage
         self._base = self.region.addr
         self._batch = CopyBatch()  # reused by every grant copy of this ring
-        self._free_large = [small_total + i * self._large_size for i in range(large_buffers - 1, -1, -1)]
+        self._free_large = LargeBuffers([small_total + i * self._large_size
+                                         for i in range(large_buffers - 1, -1, -1)])
         # Plain requests' copies packed (and their storage requests queued) a batch at a time in C;
-        # their small buffers are at index * SMALL_BUFFER, as _attach gives them.
-        self.lane: CopyLane | None = CopyLane.make(slots, SMALL_BUFFER, self._base)
+        # their small buffers are at index * SMALL_BUFFER, as _attach gives them. The ring engine also
+        # holds indirect requests there (up to max_request_bytes: their segments in its side table).
+        self.lane: CopyLane | None = CopyLane.make(slots, SMALL_BUFFER, self._base,
+                                                   max_request_bytes // XEN_PAGE_SIZE)
+        if self.lane is not None:
+            self.lane.set_large(*self._free_large.addresses)
 
     def prepare(self, slots: list[Slot]) -> list[Slot]:
         """Give each data-carrying slot its buffer, then ONE grant copy of all write data in.
@@ -112,11 +151,12 @@ class CopyDataPath:
         if n <= SMALL_BUFFER:
             off = slot.index * SMALL_BUFFER
             slot.large = False
-        elif self._free_large:
-            off = self._free_large.pop()
-            slot.large = True
         else:
-            return False
+            got = self._free_large.pop()
+            if got is None:
+                return False
+            off = got
+            slot.large = True
         slot.buffer = off
         slot.extents = ((self._base + off, n),)
         return True
@@ -154,9 +194,16 @@ class CopyDataPath:
         free = self._free_large
         for slot in slots:
             if slot.large:
-                free.append(slot.buffer)
+                free.push(slot.buffer)
                 slot.large = False
         return slots
+
+    def release_large(self, slots: list[Slot]) -> None:
+        """Give back the large buffers these slots hold, unused (a held batch prepare() redoes)."""
+        for slot in slots:
+            if slot.large:
+                self._free_large.push(slot.buffer)
+                slot.large = False
 
     def finish_lane(self, slots: list[Slot], completions: int, n: int) -> list[Slot] | None:
         """finish() for n storage completions (a queue's completion array at `completions`) when
@@ -210,12 +257,18 @@ class CopyDataPath:
             return list(batch.owners)
         return batch.failed_owners()
 
-    def attach_held(self, slot: Slot) -> None:
-        """The buffer fields a lane slot gets in prepare(), for a held slot being given its fields."""
-        off = slot.index * SMALL_BUFFER
+    def attach_held(self, slot: Slot, large: int = -1) -> None:
+        """The buffer fields a lane slot gets in prepare(), for a held slot being given its fields; large:
+        the offset of the large buffer the ring engine gave it (an indirect request), -1: none."""
+        off = slot.index * SMALL_BUFFER if large < 0 else large
         slot.buffer = off
-        slot.large = False
+        slot.large = large >= 0
         slot.extents = ((self._base + off, slot.nr_bytes),)
+
+    def engine_buffers(self) -> tuple[int, int, int]:
+        """(the free large buffers' stack, its depth, the region) addresses, for the ring engine."""
+        stack, depth = self._free_large.addresses
+        return stack, depth, self._base
 
     def engine_copier(self) -> dict[str, int] | None:
         """The gntdev's grant copy for the ring engine (ring_engine.py), when it offers one."""

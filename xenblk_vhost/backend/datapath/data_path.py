@@ -57,8 +57,13 @@ class DataPath(Protocol):
         copy failed ([] if none), or None: not all are held successes (nothing done)."""
         ...
 
-    def attach_held(self, slot: Slot) -> None:
-        """The data fields prepare() gives a lane slot, for a held slot being given its fields."""
+    def release_large(self, slots: list[Slot]) -> None:
+        """Give back the large buffers these slots hold, unused (a held batch that prepare() redoes)."""
+        ...
+
+    def attach_held(self, slot: Slot, large: int = -1) -> None:
+        """The data fields prepare() gives a lane slot, for a held slot being given its fields (large:
+        the large buffer the ring engine gave a held indirect request, -1: none)."""
         ...
 
     def engine_copier(self) -> dict[str, int] | None:

@@ -165,7 +165,10 @@ class MapDataPath:
     def finish_held(self, completions: int, n: int) -> list[int] | None:
         return None
 
-    def attach_held(self, slot: Slot) -> None:
+    def release_large(self, slots: list[Slot]) -> None:
+        """(no bounce buffers)"""
+
+    def attach_held(self, slot: Slot, large: int = -1) -> None:
         raise RuntimeError("the map path has no lane: no slot of its ring is ever held")
 
     def engine_copier(self) -> dict[str, int] | None:

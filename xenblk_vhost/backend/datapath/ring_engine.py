@@ -42,6 +42,8 @@ MAX_BATCHES = 16
 # xb_engine_serve comes back at least this often (ms), idle or busy: the ring worker process's stats
 # go every 250 ms, and its log records with them.
 SERVE_SLICE_MS = 100
+# Requests of the most segments the engine's grant-copy array has room for (beyond: the reference path).
+INDIRECT_IN_FLIGHT = 32
 
 # What xb_engine_run / xb_engine_reap return (blkio_calls.h's XB_ENGINE_*; tests check they agree).
 ENGINE_IDLE = 0  # the ring is empty, req_event re-armed
@@ -92,7 +94,8 @@ class RingEngine:
 
     def __init__(self, blkio: Any, *, ring: Any, cfg_address: int, rsp_address: int, sring: int,
                  journal_address: int, lane: Any, queue: Any, handles: tuple[int, int, int], copier: dict[str, int],
-                 notifier: tuple[int, int, int, int, int, int], notifier_of: Any = None) -> None:
+                 notifier: tuple[int, int, int, int, int, int], notifier_of: Any = None,
+                 indirect: tuple[int, int, int, int, int] | None = None, per_frame: int = 0) -> None:
         ffi, lib = blkio.ffi, blkio.lib
         self._ffi = ffi
         self.queue = queue
@@ -101,19 +104,27 @@ class RingEngine:
         nslots = lane.nslots
         room = max(nslots, handles[2])  # walks of up to max_completions, batches of up to nslots
         entry = ring.entry_size
+        # Indirect requests (lane_entry.h): (grefs offset, large stack, its depth, region, max_transfer).
+        max_ind = lane.max_ind if indirect is not None else 0
+        # The grant-copy array: 11 segments a request, and room for INDIRECT_IN_FLIGHT requests of the most
+        # segments (a batch or a walk needing more goes to the reference path).
+        room_segs = 11 * room + max_ind * min(nslots, INDIRECT_IN_FLIGHT)
         keep = [
             ffi.new("uint8_t[]", ring.size * entry),       # raw
             ffi.new("uint8_t[]", ring.size * 40),          # recs (struct xk_req: 40 bytes)
             ffi.new("uint16_t[]", nslots),                 # taken
             ffi.new("uint16_t[]", room),                   # ready
-            ffi.new("uint16_t[]", 11 * room),              # owners
+            ffi.new("uint16_t[]", room_segs),              # owners
             ffi.new("uint16_t[]", room),                   # failed
-            ffi.new("uint8_t[]", 24 * 11 * room),          # segs (struct xk_copy_seg: 24 bytes)
+            ffi.new("uint8_t[]", 24 * room_segs),          # segs (struct xk_copy_seg: 24 bytes)
             ffi.new("uint16_t[]", nslots),                 # stack
             ffi.new("double[]", LATENCY_BOUNDS),
             ffi.new("uint64_t[]", len(LATENCY_BOUNDS) + 1),
             ffi.new("uint64_t[]", len(LATENCY_BOUNDS) + 1),
         ]
+        if max_ind:
+            keep.append(ffi.new("uint16_t[]", ring.size))                                  # lens
+            keep.append(ffi.new("uint8_t[]", max(1, per_frame) * max_ind * 8))           # jind
         self._keep = keep
         addr = [int(ffi.cast("uintptr_t", a)) for a in keep]
         e.sring = sring
@@ -123,7 +134,13 @@ class RingEngine:
         e.rsp = rsp_address
         e.journal = journal_address
         e.raw, e.recs, e.taken, e.ready, e.owners, e.failed, e.segs, e.stack = addr[:8]
-        e.bounds, e.buckets, e.call_buckets = addr[8:]
+        e.bounds, e.buckets, e.call_buckets = addr[8:11]
+        e.room_segs = room_segs
+        if max_ind:
+            assert indirect is not None
+            e.lens, e.jind = addr[11:13]
+            e.ind, e.max_ind = lane.ind_addr, max_ind
+            e.grefs_off, e.large, e.nlarge, e.region, e.max_transfer = indirect
         e.nbounds = len(LATENCY_BOUNDS)
         e.table = lane.table_addr
         e.nslots = nslots
@@ -209,7 +226,7 @@ class RingEngine:
 
 
 def make_engine(*, ring: Any, intake: Any, answers: Any, journal: Any, lane: Any, queue: Any, datapath: Any,
-                channel: Any) -> RingEngine | None:
+                channel: Any, max_transfer: int = 0) -> RingEngine | None:
     """The ring's engine when every piece it chains is the compiled one, else None (the held path)."""
     if not wanted() or answers is None or lane is None:
         return None
@@ -224,12 +241,21 @@ def make_engine(*, ring: Any, intake: Any, answers: Any, journal: Any, lane: Any
     notifier_of = getattr(channel, "engine_notify", None)
     if cfg_address is None or handles is None or copier_of is None or notifier_of is None:
         return None
+    # Indirect requests too where the lane has a side table and the data path lends its large buffers.
+    indirect = None
+    buffers_of = getattr(datapath, "engine_buffers", None)
+    grefs_off = getattr(intake, "grefs_offset", None)
+    if getattr(lane, "max_ind", 0) and buffers_of is not None and grefs_off is not None:
+        stack, depth, region = buffers_of()
+        indirect = (grefs_off, stack, depth, region, max_transfer)
     journal_address = 0
+    per_frame = 0
     if journal is not None:
         state = getattr(journal, "c_state", None)
         if state is None:
             return None
         journal_address = journal.c_state_address
+        per_frame = journal.geometry.per_frame
     copier = copier_of()
     notifier = notifier_of()
     if copier is None or notifier is None:
@@ -245,4 +271,5 @@ def make_engine(*, ring: Any, intake: Any, answers: Any, journal: Any, lane: Any
         return None
     return RingEngine(blkio, ring=ring, cfg_address=cfg_address, rsp_address=answers.ctx_address,
                       sring=answers.sring_address, journal_address=journal_address, lane=lane, queue=queue,
-                      handles=handles, copier=copier, notifier=notifier, notifier_of=notifier_of)
+                      handles=handles, copier=copier, notifier=notifier, notifier_of=notifier_of, indirect=indirect,
+                      per_frame=per_frame)

@@ -673,6 +673,7 @@ class RingWorker:
             idx = engine.taken(e.held_n)
             run = self._materialise(idx, queued=False)
             if code == ENGINE_UNPREPARED:
+                self.datapath.release_large(run)  # (prepare() gives each its buffer again)
                 self._start(run)
             else:
                 self._queue_failed_in(run, set(engine.failed()))
@@ -719,7 +720,7 @@ class RingWorker:
             if self._holding:
                 self._engine = make_engine(ring=self.ring, intake=self.intake, answers=self._answers,
                                            journal=self.journal, lane=lane, queue=queue, datapath=datapath,
-                                           channel=self.channel)
+                                           channel=self.channel, max_transfer=max_transfer)
         return self._lane_cached
 
     def _stash(self, lane, raw: bytes, count: int, slot_of: array, run: list[Slot]) -> None:
@@ -839,6 +840,7 @@ class RingWorker:
             slot.in_storage = False
             if slot.index in failed:
                 slot.status = RSP_ERROR
+        self.datapath.release_large(ready)  # (an indirect request the engine held: its copy out is done)
         self._finish(ready, copied=True)
 
     def _materialise(self, indices, *, queued: bool) -> list[Slot]:
@@ -855,13 +857,16 @@ class RingWorker:
             if request is None:
                 continue
             slot = slots[s]
-            slot.req_id, slot.op, slot.sector, slot.nr_bytes, slot.segments, slot.taken_at, slot.jref = request
+            (slot.req_id, slot.op, slot.sector, slot.nr_bytes, slot.segments, slot.taken_at, slot.jref,
+             large) = request
             if slot.op:
                 slot.writes, slot.steps = True, _WRITE
             else:
                 slot.writes, slot.steps = False, _READ
-            slot.lane = True
-            datapath.attach_held(slot)
+            # (an indirect request the engine held with more than 11 segments: the reference packs its
+            # WireSegments, from the buffer the engine gave it)
+            slot.lane = type(slot.segments) is tuple
+            datapath.attach_held(slot, large)
             if queued:
                 slot.parts = 1
                 slot.in_storage = True
