@@ -179,6 +179,9 @@ async def test_queue_depth_one_is_served_by_the_engine_whole(tmp_path, guest, pl
             stats = vbd.stats()["total"]
             assert (stats["rd_req"], stats["wr_req"], stats["rd_sect"], stats["wr_sect"]) == (n, n, 8 * n, 8 * n)
             assert sum(vbd.stats()["rings"][0]["latency"]["counts"]) == 2 * n
+            # (the operator's counters: every request the engine's, those of its own poll counted apart)
+            assert stats["engine_req"] == 2 * n
+            assert stats["poll_req"] == codes["served taken"]
     finally:
         front.close()
         vbd.close()

@@ -20,6 +20,8 @@ guest boot; its domid for a file that names none):
   xenblk_vbd_errors_total                                  error responses
   xenblk_vbd_spurious_wakeups_total                        event-channel wake-ups that found no request
                                                            (a notify storm; the backoff bounds its cost)
+  xenblk_vbd_engine_requests_total                         requests the compiled ring engine served
+  xenblk_vbd_engine_poll_requests_total                    of those, taken in the engine's own poll
   xenblk_vbd_requests_in_flight, xenblk_vbd_persistent_grants, xenblk_vbd_ring_halted
   xenblk_vbd_connected, xenblk_vbd_rings, xenblk_vbd_paused, xenblk_vbd_state (xenbus state number)
                                                            per vbd
@@ -117,6 +119,12 @@ class ServiceCollector(Collector):
         errors = CounterMetricFamily("xenblk_vbd_errors", "Responses with an error status", labels=_RING_LABELS)
         spurious = CounterMetricFamily("xenblk_vbd_spurious_wakeups", "Event-channel wake-ups that found no "
                                        "request on the ring (a notify storm)", labels=_RING_LABELS)
+        engine = CounterMetricFamily("xenblk_vbd_engine_requests", "Requests the compiled ring engine took off "
+                                     "the ring (the others went through the Python reference path)",
+                                     labels=_RING_LABELS)
+        polled = CounterMetricFamily("xenblk_vbd_engine_poll_requests", "Of the engine's requests, those taken "
+                                     "in its own poll (no Python between the event and the answer)",
+                                     labels=_RING_LABELS)
         in_flight = GaugeMetricFamily("xenblk_vbd_requests_in_flight", "Requests taken from the ring and not yet "
                                       "answered", labels=_RING_LABELS)
         pgrants = GaugeMetricFamily("xenblk_vbd_persistent_grants", "Grants kept mapped for the frontend",
@@ -168,14 +176,16 @@ class ServiceCollector(Collector):
                 oo.add_metric(labels, ring["oo_req"])
                 errors.add_metric(labels, ring["errors"])
                 spurious.add_metric(labels, ring.get("spurious_wakeups", 0))
+                engine.add_metric(labels, ring.get("engine_req", 0))
+                polled.add_metric(labels, ring.get("poll_req", 0))
                 in_flight.add_metric(labels, ring["in_flight"])
                 pgrants.add_metric(labels, ring["persistent_grants"])
                 halted.add_metric(labels, 1 if ring["halted"] else 0)
             merged = merged_latency(vbd["rings"])
             if merged is not None:
                 latency.add_metric(who, cumulative_buckets(merged), merged["sum"])
-        yield from (requests, moved, oo, errors, spurious, in_flight, pgrants, halted, connected, rings, latency, info,
-                    paused, state, storage_up, losses, reconnects, retried)
+        yield from (requests, moved, oo, errors, spurious, engine, polled, in_flight, pgrants, halted, connected,
+                    rings, latency, info, paused, state, storage_up, losses, reconnects, retried)
 
 
 def metrics_registry(snapshot: Callable[[], dict]) -> CollectorRegistry:

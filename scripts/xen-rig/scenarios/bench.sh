@@ -90,6 +90,8 @@ bench_guest xenblk-vhost xvda=xbv-copy xvdb=xbv-map xvdc=xbv-map+persist xvdd=xb
   "$(xb_phy_disk xvda "$CFG")" "$(xb_phy_disk xvdb "$CFG")" "$(xb_phy_disk xvdc "$CFG")" \
   "$(xb_phy_disk xvdd "$CFG")"
 xb_stop_daemon "bench daemon"
+# How each disk's requests were served (the ring engine, its own poll, the Python reference path).
+grep "the connection served" "$XB_LOG" | sed 's/.*INFO [^ ]* //' | while read -r line; do note "$line"; done
 
 python3 "$RIG_DOM0/bench_monitor.py" table --idle-json "$OUT/idle.json" --out "$OUT" \
   "$OUT/blkback.json" "$OUT/xenblk-vhost.json" || fail "building the table failed"

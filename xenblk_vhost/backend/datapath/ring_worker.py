@@ -556,7 +556,7 @@ class RingWorker:
         SERVE_SLICE passes, or something is for the reference path. Blocks this thread (and its trio
         loop: only where nothing else waits for it, see serve_wake_fd)."""
         self._engine_in(engine)
-        return self._after_engine(engine, engine.serve(wake_fd, SERVE_SLICE_MS))
+        return self._after_engine(engine, engine.serve(wake_fd, SERVE_SLICE_MS), served=True)
 
     async def _serve_in_thread(self, engine: RingEngine) -> int:
         """_serve_engine in a thread of this ring's (the C call releases the GIL): the trio loop serves
@@ -597,7 +597,7 @@ class RingWorker:
             if not self._serve_taken_back:
                 self._serve_taken_back = True
                 if self._serve_ran:
-                    self._after_engine(engine, self._serve_code)
+                    self._after_engine(engine, self._serve_code, served=True)
             self._reaper_wakeup.set()  # (it waited for the thread to end: see _reap_loop)
         return self._serve_code if self._serve_ran else ENGINE_MORE
 
@@ -618,16 +618,16 @@ class RingWorker:
         self._serve_taken_back = True
         engine = self._engine
         if self._serve_ran and engine is not None:
-            self._after_engine(engine, self._serve_code)
+            self._after_engine(engine, self._serve_code, served=True)
 
     def _reap_engine(self, engine: RingEngine, n: int) -> None:
         """The reaper's n completions (in the queue's array) through xb_engine_reap."""
         self._engine_in(engine)
         self._after_engine(engine, engine.reap(n))
 
-    def _after_engine(self, engine: RingEngine, code: int) -> int:
+    def _after_engine(self, engine: RingEngine, code: int, served: bool = False) -> int:
         """Take the engine's state back (what _dispatch_held, _complete_held and _push would have
-        left), then do what it stopped for, as the held path does it."""
+        left), then do what it stopped for, as the held path does it. served: from its own poll."""
         e = engine.e
         ring = self.ring
         ring.req_cons = e.req_cons
@@ -639,6 +639,9 @@ class RingWorker:
             free.extend(top)
         took = e.taken_n
         if took:
+            self.stats.engine_req += took
+            if served:
+                self.stats.poll_req += took
             rd_req, rd_sect, wr_req, wr_sect = engine.take_counts()
             self._count_dispatched(took, rd_req, rd_sect, wr_req, wr_sect)
             self._held += took

@@ -20,7 +20,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any
 
-COUNTERS = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "errors", "spurious_wakeups")
+COUNTERS = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "errors", "spurious_wakeups",
+            "engine_req", "poll_req")
 
 # Request latency, from taking a request off the ring to putting its response
 # on it, counted in buckets with these upper bounds (seconds); the last bucket
@@ -68,6 +69,9 @@ class RingStats:
     wr_sect: int
     errors: int
     spurious_wakeups: int  # event-channel wake-ups that found no request (notify_backoff.py)
+    engine_req: int  # requests the compiled ring engine took off the ring (ring_engine.py): the rest went the
+    #                  reference way (flushes, discards, barriers, rejections, a failed copy...)
+    poll_req: int  # of those, taken in the engine's own poll (no trio between the event and the answer)
 
     def __init__(self) -> None:
         for name in COUNTERS:

@@ -847,9 +847,17 @@ class Device:
 
     async def _disconnect(self) -> None:
         if self.vbd is not None and self.vbd.serving:
+            self._log_served(self.vbd.stats()["total"])
             await self.vbd.disconnect()
         self.published_sectors = None
         self.connection = None
+
+    def _log_served(self, t: dict) -> None:
+        """What the connection ending did, in one line (the counters restart with the next one)."""
+        served = t["rd_req"] + t["wr_req"] + t["f_req"] + t["ds_req"]
+        log.info("%s: the connection served %d requests (%d reads, %d writes, %d flushes, %d discards; %d errors); "
+                 "the ring engine took %d of them, %d in its own poll", self.name, served, t["rd_req"], t["wr_req"],
+                 t["f_req"], t["ds_req"], t["errors"], t.get("engine_req", 0), t.get("poll_req", 0))
 
     def _close_vbd(self) -> None:
         vbd, self.vbd = self.vbd, None
