@@ -296,6 +296,9 @@ def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *
         "storage_cpu_us_per_io": None if got["storage_cpu"] is None else 1e6 * got["storage_cpu"] / ios,
         "loadgen_cpu_us_per_io": 1e6 * g["cpu_s"] / max(g["total"], 1),
         "oo_req": stats["oo_req"], "requests_served": got["served"], "ios_served": ios,
+        # how the requests were served: by the ring engine, and by it from its own poll (warm-up included)
+        "engine_share": stats.get("engine_req", 0) / max(1, stats["rd_req"] + stats["wr_req"]),
+        "poll_share": stats.get("poll_req", 0) / max(1, stats["rd_req"] + stats["wr_req"]),
         "ios_completed": g["total"], "probe": got.get("probe"),
     }
 
