@@ -61,6 +61,7 @@ def count_engine_calls(m) -> Counter:
         seen["served taken"] += self.e.taken_n
         seen["served answered"] += self.e.completed
         seen["indirect"] = self.e.indirect_taken
+        seen["spins"] += self.e.spins
         return code
 
     m.setattr(RingEngine, "run", run)
@@ -268,14 +269,17 @@ def _answers_polled(front, count: int, timeout: float = 10.0) -> list:
     return out
 
 
-@pytest.mark.parametrize("journal", [False, True])
+@pytest.mark.parametrize("journal,spin_us", [(False, 0), (True, 0), (False, 1000), (True, 1000)])
 async def test_the_engines_own_poll_serves_a_guest_while_the_loop_sleeps(tmp_path, guest, platform, monkeypatch,
-                                                                        serve_in_slices, journal):
+                                                                        serve_in_slices, journal, spin_us):
     """xb_engine_serve, as a ring worker process's ring sleeps in it: the guest (a thread here, while this
     trio loop is blocked in the engine's poll) writes one request at a time, then reads them back in
     batches with a flush in the middle (the engine leaves it to the reference path and comes back):
-    every answer right, the data where it belongs, requests taken and answered inside the poll."""
+    every answer right, the data where it belongs, requests taken and answered inside the poll. With the
+    poll's spin (1 ms: longer than this Python guest takes to write its next request), requests are found
+    by looking at the ring, without an event; without it, never."""
     monkeypatch.setenv(ENGINE_ENV, "1")
+    monkeypatch.setenv(ring_engine.SPIN_ENV, str(spin_us))
     codes = count_engine_calls(monkeypatch)
     path = make_disk_file(tmp_path / "disk.img")
     vbd = make_vbd(path, queues=1, data_path="copy", **({"journal_dir": tmp_path / "journal"} if journal else {}))
@@ -319,6 +323,15 @@ async def test_the_engines_own_poll_serves_a_guest_while_the_loop_sleeps(tmp_pat
         vbd.close()
     assert codes["served taken"] >= n and codes["served answered"] >= n, codes
     assert codes[("serve", ring_engine.ENGINE_PYTHON)], codes  # (the flushes)
+    assert (codes["spins"] > 0) == (spin_us > 0), codes
+
+
+def test_the_spin_setting_is_bounded(monkeypatch):
+    for value, us in (("0", 0), ("35", 35), ("-4", 0), ("99999", 1000), ("fast", ring_engine.DEFAULT_SPIN_US)):
+        monkeypatch.setenv(ring_engine.SPIN_ENV, value)
+        assert ring_engine.spin_us() == us, value
+    monkeypatch.delenv(ring_engine.SPIN_ENV)
+    assert ring_engine.spin_us() == ring_engine.DEFAULT_SPIN_US
 
 
 async def test_the_wake_fd_brings_the_engines_poll_back(tmp_path, guest, platform, monkeypatch, serve_in_slices):

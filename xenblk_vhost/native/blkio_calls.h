@@ -139,6 +139,9 @@ struct xb_engine {
     uint64_t reset_request;
     uint32_t held;
     uint32_t spurious;        /* out: the serve returned after a wake-up that brought nothing */
+    uint32_t spin_ns;         /* in: xb_engine_serve's adaptive polling: how long it looks at the ring (and the
+                               * storage's completions) before asking the frontend for an event and sleeping */
+    uint32_t spins;           /* out: times that look found work (no event, no sleep) */
     /* cumulative, for bench.py: notifies made, nanoseconds spent in the grant copy */
     uint64_t notifies;
     uint64_t copy_ns;

@@ -87,6 +87,19 @@ def serve_wanted() -> bool:
     return os.environ.get(SERVE_ENV, "1").strip() != "0"
 
 
+# XENBLK_RING_SPIN_US: how long the engine's poll looks at the ring (and the storage's completions) before
+# asking the frontend for an event and sleeping (ring_engine.c's spin_for_work); 0: it sleeps at once.
+SPIN_ENV = "XENBLK_RING_SPIN_US"
+DEFAULT_SPIN_US = 20
+
+
+def spin_us() -> int:
+    try:
+        return max(0, min(1000, int(os.environ.get(SPIN_ENV, DEFAULT_SPIN_US))))
+    except ValueError:
+        return DEFAULT_SPIN_US
+
+
 class RingEngine:
     """One ring's struct xb_engine and its scratch arrays (all owned here: the struct points into them)."""
 
@@ -159,6 +172,7 @@ class RingEngine:
         e.ldomid = copier.get("ldomid", 0)
         e.notify_kind, e.notify_fd, e.notify_request, e.notify_port, e.wait_fd, e.reset_request = notifier
         e.completion_fd = queue.completion_fd
+        e.spin_ns = spin_us() * 1000
         self.e = e
         self._stack = keep[7]
         self._run = lib.xb_engine_run
