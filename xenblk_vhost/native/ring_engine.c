@@ -21,6 +21,7 @@
  * failure. Guest memory is read once per slot, into the private copy; only the copy is parsed. */
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -455,7 +456,7 @@ static int spin_for_work(struct xb_engine *e)
             if (e->completed != before)
                 return 1;
         }
-        __builtin_ia32_pause();
+        sched_yield();  /* (a thread this core would run meanwhile, an io_uring worker, runs: measured) */
     } while (monotonic_ns() < until);
     return 0;
 }

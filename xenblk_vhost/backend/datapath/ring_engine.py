@@ -88,9 +88,12 @@ def serve_wanted() -> bool:
 
 
 # XENBLK_RING_SPIN_US: how long the engine's poll looks at the ring (and the storage's completions) before
-# asking the frontend for an event and sleeping (ring_engine.c's spin_for_work); 0: it sleeps at once.
+# asking the frontend for an event and sleeping (ring_engine.c's spin_for_work); 0: it sleeps at once. 50 us
+# by bench.py (README step 16: 10 and 20 us lost most of it, a QD1 round trip there being 20-30 us); after
+# work only, so an idle ring costs nothing and a ring at a few hundred requests a second a few per cent of
+# a core at most.
 SPIN_ENV = "XENBLK_RING_SPIN_US"
-DEFAULT_SPIN_US = 20
+DEFAULT_SPIN_US = 50
 
 
 def spin_us() -> int:
