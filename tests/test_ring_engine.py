@@ -183,6 +183,7 @@ async def test_queue_depth_one_is_served_by_the_engine_whole(tmp_path, guest, pl
             # (the operator's counters: every request the engine's, those of its own poll counted apart)
             assert stats["engine_req"] == 2 * n
             assert stats["poll_req"] == codes["served taken"]
+            assert stats["poll_returns"] == sum(v for k, v in codes.items() if type(k) is tuple and k[0] == "serve")
     finally:
         front.close()
         vbd.close()

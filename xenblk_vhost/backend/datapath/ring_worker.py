@@ -638,6 +638,8 @@ class RingWorker:
         if top:
             free.extend(top)
         took = e.taken_n
+        if served:
+            self.stats.poll_returns += 1
         if took:
             self.stats.engine_req += took
             if served:

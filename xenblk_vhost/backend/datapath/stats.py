@@ -21,7 +21,7 @@ from bisect import bisect_left
 from typing import Any
 
 COUNTERS = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "errors", "spurious_wakeups",
-            "engine_req", "poll_req")
+            "engine_req", "poll_req", "poll_returns")
 
 # Request latency, from taking a request off the ring to putting its response
 # on it, counted in buckets with these upper bounds (seconds); the last bucket
@@ -72,6 +72,8 @@ class RingStats:
     engine_req: int  # requests the compiled ring engine took off the ring (ring_engine.py): the rest went the
     #                  reference way (flushes, discards, barriers, rejections, a failed copy...)
     poll_req: int  # of those, taken in the engine's own poll (no trio between the event and the answer)
+    poll_returns: int  # times the engine's poll came back to Python (every 100 ms idle, or for something
+    #                    it leaves to the reference path): poll_req / poll_returns requests per stay in C
 
     def __init__(self) -> None:
         for name in COUNTERS:
