@@ -6,7 +6,6 @@
 
 #include "blkio_calls.h"
 #include "lane_slot.h"
-#include "lane_entry.h"
 
 #define QUEUE(q) ((struct blkioq *)(q))
 #define PTR(p) ((void *)(p))

@@ -23,12 +23,12 @@ int xb_do_io(uintptr_t q, uintptr_t completions, int min_completions, int max_co
 /* The copy path's lane (lane_slot.h, backend/datapath/copy_lane.py): queue a READ or WRITE for
  * each slot idx[0..n) (a uint16_t array) of the lane table (nslots struct xk_lane_slot): from
  * sector*512, nbytes at the entry's buffer (base + idx*stride; a held indirect entry's own: lane_entry.h),
- * tag XK_LANE_TAG | idx (lane_slot.h), in that order. Checks every entry first and queues nothing (-1)
+ * tag XK_LANE_TAG | idx (lane_entry.h), in that order. Checks every entry first and queues nothing (-1)
  * if one is not a stashed READ/WRITE; else returns n. */
 int xb_queue_lane(uintptr_t q, uintptr_t table, uint32_t nslots, uintptr_t idx, uint32_t n, uint64_t base,
                   uint64_t stride);
 uint32_t xb_lane_slot_size(void);
-uint32_t xb_lane_tag(void);  /* lane_slot.h's XK_LANE_TAG */
+uint32_t xb_lane_tag(void);  /* lane_entry.h's XK_LANE_TAG */
 
 /* The ring engine (ring_engine.c; backend/datapath/ring_engine.py fills this once per ring and reads
  * it back after each call): a wake-up's plain requests taken, held, recorded, copied, queued,

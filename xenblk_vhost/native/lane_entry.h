@@ -1,5 +1,6 @@
-/* Where a lane entry's segments and data are (struct xk_lane_slot: lane_slot.h, native.h): shared by
- * lane_kernel.c and blkio_calls.c. Include it after the struct's definition (native.h or lane_slot.h).
+/* The lane's constants, and where a lane entry's segments and data are (struct xk_lane_slot: lane_slot.h,
+ * native.h): the one place lane_kernel.c, ring_engine.c and blkio_calls.c take them from. Include it after
+ * the struct's definition (native.h, or lane_slot.h, which includes it).
  *
  * An entry of 1..11 segments keeps them inline and its data in its slot's small buffer (base + slot *
  * stride): every request the Python-driven lane stashes, and the ring engine's plain ones (an indirect
@@ -15,6 +16,15 @@
 #include <string.h>
 
 #define XK_LANE_INLINE_SEGS 11u
+/* The libblkio tag of a storage request xb_queue_lane made: the slot index with this bit. The lane's
+ * completion walk (xk_lane_complete) takes only such completions, so no state in the table has to
+ * say which slots are in the storage by the lane (a stale mark could outlive a park or a takeover). */
+#define XK_LANE_TAG 0x10000u
+/* held: XK_HELD_NO (its Slot has the request: filled by Python), XK_HELD_YES (only this entry has it),
+ * XK_HELD_WALKED (and its completion was taken by xk_lane_complete_held: to be answered). */
+#define XK_HELD_NO 0u
+#define XK_HELD_YES 1u
+#define XK_HELD_WALKED 2u
 #define XK_LANE_MAX_IND 4096u   /* blkif's limit on an indirect request's segments */
 #define XK_LANE_NO_LARGE 0xFFFFFFFFu
 
@@ -34,7 +44,7 @@ static inline void xk_entry_ext(const struct xk_lane_slot *t, struct xk_lane_ext
 static inline int xk_entry_ok(const struct xk_lane_slot *t)
 {
     return t->nseg != 0 && t->op <= 1
-           && (t->nseg <= XK_LANE_INLINE_SEGS || (t->held != 0 && t->nseg <= XK_LANE_MAX_IND));
+           && (t->nseg <= XK_LANE_INLINE_SEGS || (t->held != XK_HELD_NO && t->nseg <= XK_LANE_MAX_IND));
 }
 
 /* Entry t's wire segments (t checked by xk_entry_ok). */

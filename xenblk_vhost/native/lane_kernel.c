@@ -9,11 +9,7 @@
 #include "lane_entry.h"
 
 #define XK_RW_KIND 0u
-#define LANE_MAX_SEGS 11u
-#define XK_LANE_TAG 0x10000u  /* lane_slot.h's (native.h has the struct, not the header): CopyLane checks */
-#define XK_HELD_NO 0u          /* lane_slot.h's held values */
-#define XK_HELD_YES 1u
-#define XK_HELD_WALKED 2u
+#define LANE_MAX_SEGS XK_LANE_INLINE_SEGS
 
 uint32_t xk_lane_slot_size(void) { return (uint32_t)sizeof(struct xk_lane_slot); }
 

@@ -7,16 +7,6 @@
 #ifndef XK_LANE_SLOT_H
 #define XK_LANE_SLOT_H
 #include <stdint.h>
-#define XK_LANE_MAX_SEGS 11u
-/* The libblkio tag of a storage request xb_queue_lane made: the slot index with this bit. The lane's
- * completion walk (xk_lane_complete) takes only such completions, so no state in the table has to
- * say which slots are in the storage by the lane (a stale mark could outlive a park or a takeover). */
-#define XK_LANE_TAG 0x10000u
-/* held: XK_HELD_NO (its Slot has the request: filled by Python), XK_HELD_YES (only this entry has it),
- * XK_HELD_WALKED (and its completion was taken by xk_lane_complete_held: to be answered). */
-#define XK_HELD_NO 0u
-#define XK_HELD_YES 1u
-#define XK_HELD_WALKED 2u
 struct xk_lane_slot {
     uint64_t sector;   /* 512-byte units */
     uint32_t nbytes;   /* the sectors its segments cover, in bytes */
@@ -29,4 +19,6 @@ struct xk_lane_slot {
     int64_t jref;      /* its journal ref (-1: no journal), */
     double taken_at;   /* the clock read of the batch that took it (the latency histogram's start) */
 };
+/* (the lane's constants, and where an entry's segments and data are) */
+#include "lane_entry.h"
 #endif

@@ -198,7 +198,7 @@ int xk_lane_stash(struct xk_lane_slot *table, uint32_t nslots, const uint8_t *ra
 int xk_lane_pack(struct xk_copy_seg *out, const struct xk_lane_slot *table, uint32_t nslots,
                  const uint16_t *idx, uint32_t n, int to_guest, uint16_t domid, uint64_t base, uint64_t stride);
 uint32_t xk_lane_slot_size(void);
-/* The tag bit of the storage requests xb_queue_lane makes (lane_slot.h's XK_LANE_TAG). */
+/* The tag bit of the storage requests xb_queue_lane makes (lane_entry.h's XK_LANE_TAG). */
 uint32_t xk_lane_tag(void);
 /* A libblkio struct blkio_completion as a queue's completion array holds it (storage/queue.py checks
  * its size against libblkio's): the request's tag, libblkio's message, its result. */
@@ -209,7 +209,7 @@ struct xk_completion {
     int32_t reserved[3];
 };
 /* The completion side of the lane: when every one of the n completions comps[0..n) is the success
- * (ret >= 0) of a request xb_queue_lane queued (tag XK_LANE_TAG | slot, lane_slot.h) for a valid
+ * (ret >= 0) of a request xb_queue_lane queued (tag XK_LANE_TAG | slot, lane_entry.h) for a valid
  * entry, write their slots in completion order to ready[0..n), pack the READs' copies back to the
  * guest into out (as xk_lane_pack with to_guest does, in that order; the owner slot of each segment
  * in owners) and return how many segments were packed. Else -1, nothing to trust in the outputs:

@@ -40,7 +40,7 @@
 #define SRING_ENTRIES 64
 #define SRING_MAX_BATCH 4096u  /* a ring's slots at most (order 4: 1024 x86_64; the ABI caps at 4096) */
 #define XK_OP_INDIRECT 6
-#define LANE_MAX_SEGS 11u
+#define LANE_MAX_SEGS XK_LANE_INLINE_SEGS
 #define PAGE_BYTES 4096u
 #define GNTST_OKAY 0
 
@@ -294,7 +294,7 @@ static int take_batch(struct xb_engine *e, int *stop)
         uint32_t lg = nind ? larges[i] : XK_LANE_NO_LARGE;
         if (xk_lane_hold_one(table, e->nslots, taken[i], r, segs, buf, lg, -1, now, counts) < 0) {
             for (uint32_t u = 0; u < i; u++)  /* (free slots are never held: cannot happen) nothing done */
-                table[taken[u]].held = 0;
+                table[taken[u]].held = XK_HELD_NO;
             if (nind)
                 untake_large(e, larges, 0, k);
             *stop = XB_ENGINE_PYTHON;
@@ -313,7 +313,7 @@ static int take_batch(struct xb_engine *e, int *stop)
                              : xk_journal_take(j, e->req_cons, raw, k, NULL, NULL, 0);
         if (first < 0) {  /* (a free frame was checked above: cannot happen) undo the hold */
             for (uint32_t i = 0; i < k; i++)
-                table[taken[i]].held = 0;
+                table[taken[i]].held = XK_HELD_NO;
             if (nind)
                 untake_large(e, larges, 0, k);
             *stop = XB_ENGINE_PYTHON;

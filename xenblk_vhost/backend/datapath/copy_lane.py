@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 # ~5 us per request with the lane on every batch).
 MIN_BATCH = 4
 
-XK_LANE_MAX_SEGS = 11  # segments a lane slot holds (native/lane_slot.h)
+XK_LANE_MAX_SEGS = 11  # segments a lane slot holds inline (native/lane_entry.h: XK_LANE_INLINE_SEGS)
 SEGMENT_WIRE = 8  # bytes of a blkif segment on the wire
 _EXT = struct.Struct("<QQII")  # struct xk_lane_ext (native/lane_entry.h)
 NO_LARGE = 0xFFFFFFFF

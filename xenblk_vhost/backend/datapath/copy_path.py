@@ -191,15 +191,11 @@ class CopyDataPath:
     def finish(self, slots: list[Slot]) -> list[Slot]:
         """ONE grant copy of every successful read out; release buffers. All may be answered now."""
         self._copy(slots, True)  # (a slot that never got a buffer has failed: skipped)
-        free = self._free_large
-        for slot in slots:
-            if slot.large:
-                free.push(slot.buffer)
-                slot.large = False
+        self.release_large(slots)
         return slots
 
     def release_large(self, slots: list[Slot]) -> None:
-        """Give back the large buffers these slots hold, unused (a held batch prepare() redoes)."""
+        """Give back the large buffers these slots hold (finish(), or a held batch prepare() redoes)."""
         for slot in slots:
             if slot.large:
                 self._free_large.push(slot.buffer)

@@ -585,19 +585,12 @@ class RingWorker:
             # (the stop fd) and waits for it (the lock) before anything else touches the ring.
             await trio.to_thread.run_sync(serve, limiter=self._serve_limiter, abandon_on_cancel=True)
         finally:
-            os.eventfd_write(stop, 1)
-            with lock:  # the C call returned, or never starts (a later start finds the generation moved)
-                self._serve_blocked = True
-                self._serve_gen += 1
+            self._serve_pause()  # (unless another task brought it back already)
             self._serve_active = False
             try:
                 os.eventfd_read(stop)
             except BlockingIOError:
                 pass
-            if not self._serve_taken_back:
-                self._serve_taken_back = True
-                if self._serve_ran:
-                    self._after_engine(engine, self._serve_code, served=True)
             self._reaper_wakeup.set()  # (it waited for the thread to end: see _reap_loop)
         return self._serve_code if self._serve_ran else ENGINE_MORE
 
@@ -609,12 +602,13 @@ class RingWorker:
     def _serve_pause(self) -> None:
         """Bring a ring served from a thread back before another task reads or changes its state: stop
         the engine's poll, wait for its C call to return (microseconds: it polls the stop fd), and take
-        its state back, as the serving task would."""
+        its state back, once: the serving task's own ending comes here too."""
         if not self._serve_active or self._serve_taken_back:
             return
         os.eventfd_write(self._serve_stop, 1)
-        with self._serve_lock:  # the C call returned (or never starts)
+        with self._serve_lock:  # the C call returned, or never starts (a later start sees the generation moved)
             self._serve_blocked = True
+            self._serve_gen += 1
         self._serve_taken_back = True
         engine = self._engine
         if self._serve_ran and engine is not None:
