@@ -10,7 +10,7 @@ import trio
 
 from backend_support.frontend import TestFrontend
 from backend_support.harness import connected, make_disk_file, make_vbd
-from xenblk_vhost.backend.datapath.notify_backoff import FIRST_DELAY, MAX_DELAY, SpuriousBackoff
+from xenblk_vhost.backend.datapath.notify_backoff import FIRST_DELAY, FREE_SPURIOUS, MAX_DELAY, SpuriousBackoff
 from xenblk_vhost.blkif.constants import OP_READ, RSP_OKAY
 
 
@@ -79,8 +79,10 @@ async def test_a_notify_storm_wakes_the_ring_a_bounded_number_of_times(tmp_path,
                 stop.set()
             bound = 2 + 7 + 1.0 / MAX_DELAY + 5  # free one, the growing pauses, the capped ones, slack
             assert wakeups <= bound, wakeups
-            # the operator sees the storm in the stats (two wake-ups came before the counting channel)
-            assert wakeups // 2 <= spurious <= wakeups + 2
+            # the operator sees the storm in the stats (two wake-ups came before the counting channel); they
+            # count the ring engine's poll's too (the ring sleeps there between trio's waits: it absorbs
+            # FREE_SPURIOUS in a row, then the backoff above decides), at most 1 + FREE_SPURIOUS per trio wake-up
+            assert wakeups // 2 <= spurious <= (2 + FREE_SPURIOUS) * (wakeups + 2), (wakeups, spurious)
             assert waited < MAX_DELAY + 2.0  # at most one pause (plus a loaded machine's scheduling)
     finally:
         front.close()

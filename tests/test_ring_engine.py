@@ -22,6 +22,7 @@ from backend_support.harness import connected, make_disk_file, make_vbd
 from xenblk_vhost import native
 from xenblk_vhost.backend.datapath import ring_engine, ring_worker
 from xenblk_vhost.backend.datapath.copy_lane import LANE_ENV
+from xenblk_vhost.backend.datapath.notify_backoff import FREE_SPURIOUS
 from xenblk_vhost.backend.datapath.ring_engine import ENGINE_ENV, RingEngine
 from xenblk_vhost.blkif.constants import OP_FLUSH_DISKCACHE, OP_READ, OP_WRITE, RSP_OKAY
 from xenblk_vhost.xen.interfaces import PAGE_SIZE
@@ -34,6 +35,7 @@ def test_the_return_codes_agree_with_the_c_side():
         assert getattr(ring_engine, f"ENGINE_{name}") == getattr(lib, f"XB_ENGINE_{name}"), name
     assert (ring_engine.COPY_GNTDEV, ring_engine.COPY_SIM) == (lib.XB_COPY_GNTDEV, lib.XB_COPY_SIM)
     assert (ring_engine.NOTIFY_EVTCHN, ring_engine.NOTIFY_EVENTFD) == (lib.XB_NOTIFY_EVTCHN, lib.XB_NOTIFY_EVENTFD)
+    assert lib.XB_FREE_SPURIOUS == FREE_SPURIOUS  # (the poll absorbs as many as the backoff lets go free)
 
 
 def count_engine_calls(m) -> Counter:

@@ -299,6 +299,8 @@ def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *
         # how the requests were served: by the ring engine, and by it from its own poll (warm-up included)
         "engine_share": stats.get("engine_req", 0) / max(1, stats["rd_req"] + stats["wr_req"]),
         "poll_share": stats.get("poll_req", 0) / max(1, stats["rd_req"] + stats["wr_req"]),
+        "poll_returns_per_io": stats.get("poll_returns", 0) / max(1, stats["rd_req"] + stats["wr_req"]),
+        "spurious_per_io": stats.get("spurious_wakeups", 0) / max(1, stats["rd_req"] + stats["wr_req"]),
         "ios_completed": g["total"], "probe": got.get("probe"),
     }
 

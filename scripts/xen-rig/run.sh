@@ -11,7 +11,11 @@
 #   scripts/xen-rig/run.sh --list
 # Options: --timeout S (whole boot; default: sum of the scenarios' own
 #          "# rig-timeout:" + 300 s for boot), --quiet (serial console only to
-#          the log, not to stdout).
+#          the log, not to stdout), --profile (the bench scenario runs py-spy
+#          on the daemon through each job: share/out/bench/profiles/; needs
+#          py-spy, which scripts/install-deps.sh puts in .venv), --env NAME=VALUE
+#          (exported in dom0 before the scenarios: an A/B of a XENBLK_* knob such
+#          as XENBLK_RING_SPIN_US; repeatable).
 # A scenario is one file, scripts/xen-rig/scenarios/NAME.sh (bash, with
 # dom0/lib.sh sourced) or NAME.py (dom0 venv python, dom0/ on sys.path).
 # Results: $XENBLK_RIG_DIR/runs/<stamp>-<names>/ (symlink runs/latest):
@@ -24,11 +28,14 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 [ "$(id -u)" = 0 ] || rig_die "run as root"
 
-TIMEOUT=""; QUIET=0; names=()
+TIMEOUT=""; QUIET=0; PROFILE=0; names=(); envs=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --timeout) TIMEOUT=$2; shift 2;;
     --quiet) QUIET=1; shift;;
+    --profile) PROFILE=1; shift;;
+    --env) [[ "${2:-}" =~ ^[A-Z][A-Z0-9_]*=[^\'\"]*$ ]] || rig_die "--env wants NAME=VALUE (no quotes), not '${2:-}'"
+           envs+=("$2"); shift 2;;
     --list) ls "$RIG_HERE/scenarios" | sed 's/\.\(sh\|py\)$//'; exit 0;;
     -*) rig_die "unknown option $1";;
     *) names+=("$1"); shift;;
@@ -69,6 +76,12 @@ for f in vmlinux:domu-vmlinux initrd.cpio:domu-initrd.cpio initrd-fio.cpio:domu-
   ln "$RIG/boot/${f#*:}" "$SHARE/guest/${f%%:*}" 2>/dev/null || cp "$RIG/boot/${f#*:}" "$SHARE/guest/${f%%:*}"
 done
 printf '%s\n' "${names[@]}" > "$SHARE/scenarios.txt"
+printf '%s\n' "${envs[@]}" > "$SHARE/env.txt"
+if [ $PROFILE = 1 ]; then  # (a static binary: it runs in dom0 as it is)
+  PYSPY=$(ls "$RIG_REPO/.venv/bin/py-spy" 2>/dev/null || command -v py-spy || true)
+  [ -n "$PYSPY" ] || rig_die "--profile needs py-spy: scripts/install-deps.sh installs it into .venv (the bench extra)"
+  mkdir -p "$SHARE/tools" && cp "$PYSPY" "$SHARE/tools/py-spy"
+fi
 git -C "$RIG_REPO" log -1 --format='%H %s' > "$SHARE/src/COMMIT" 2>/dev/null || true
 # Byte-compile here: dom0 is CPython 3.11 too, and compiling the package under
 # TCG costs tens of seconds at the first import (pyc files are valid across 3.11.x).

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +137,91 @@ def test_table_merges_the_guests(tmp_path):
     table = json.loads((tmp_path / "results.json").read_text())
     assert table["jobs"]["write-1m-qd8"]["xbv-copy"]["iops_vs_blkback"] == pytest.approx(0.8)
     assert "write-1m-qd8       blkback" in (tmp_path / "summary.txt").read_text()
+
+
+bm = bench_monitor  # (the tests below: the ring counters, the process table, the profiler)
+
+
+def _fio_json(iops: float, ios: int) -> str:
+    side = {"iops": iops, "bw_bytes": iops * 4096, "total_ios": ios, "runtime": 10_000,
+            "clat_ns": {"percentile": {"50.000000": 1_000_000, "99.000000": 5_000_000}}}
+    return json.dumps({"jobs": [{"read": side, "write": {"total_ios": 0}, "usr_cpu": 1.0, "sys_cpu": 2.0}]})
+
+
+def test_ring_counters_per_job_and_table():
+    clock = iter(range(100))
+    cpu = {"t": 0.0, "dom0": 0.0, "xenblk-vhost": 0.0}
+
+    def counters():
+        t = next(clock)
+        return {k: (float(t) if v is not None else None) for k, v in cpu.items()}
+
+    reads = iter([
+        {"xvda": dict.fromkeys(bm.RING_COUNTERS, 0)},  # BEGIN
+        {"xvda": {"rd_req": 1000, "wr_req": 0, "engine_req": 900, "poll_req": 600, "poll_returns": 60,
+                  "spurious_wakeups": 7, "oo_req": 0}},  # END
+    ])
+    col = bm.Collector({"xvda": "xbv-copy"}, counters, lambda: next(reads))
+    for line in ("XENBLK-FIO-BEGIN xvda randread-4k-qd1", "XENBLK-FIO-END xvda randread-4k-qd1",
+                 f"XENBLK-FIO-JSON xvda randread-4k-qd1 {_fio_json(100.0, 1000)}"):
+        col.line(line)
+    row = col.results()["randread-4k-qd1"]["xbv-copy"]
+    assert row["rings"]["engine_req"] == 900 and row["rings"]["poll_returns"] == 60
+    assert row["window_s"] == 1.0 and row["daemon_cpu_s"] == 1.0
+    text = bm.summary(bm.combine([col.results()], idle_rate=0.0))
+    ring_line = [ln for ln in text.splitlines() if ln.startswith("randread-4k-qd1") and "90.0" in ln]
+    assert ring_line, text
+    assert ring_line[0].split()[2:] == ["1000", "90.0", "60.0", "10.0", "7", "0"]
+
+
+def test_no_ring_table_without_daemon_counters():
+    col = bm.Collector({"xvda": "blkback"}, lambda: {"t": 0.0, "dom0": 0.0, "xenblk-vhost": None})
+    for line in ("XENBLK-FIO-BEGIN xvda j", "XENBLK-FIO-END xvda j", f"XENBLK-FIO-JSON xvda j {_fio_json(5.0, 50)}"):
+        col.line(line)
+    assert "rings" not in col.results()["j"]["blkback"]
+    assert "engine%" not in bm.summary(bm.combine([col.results()], idle_rate=0.0))
+
+
+def test_profile_top_counts_self_and_total():
+    raw = ("process 1:\"python\";Thread 1 (active);main (x.py:1);serve (y.py:2);poll (z.py:3) 30\n"
+           "process 1:\"python\";Thread 1 (active);main (x.py:1);serve (y.py:2) 10\n"
+           "process 1:\"python\";Thread 2 (active);work (w.py:9) 60\n"
+           "garbage line\n")
+    top = bm.profile_top(raw)
+    assert top.startswith("100 samples")
+    assert "    30  30.0%  poll (z.py:3)" in top
+    assert "    60  60.0%  work (w.py:9)" in top
+    total = top.split("total (")[1]
+    assert "    40  40.0%  serve (y.py:2)" in total
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="py-spy attaches to another process: root on these machines")
+def test_profiler_records_a_process(tmp_path):
+    binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    assert os.access(binary, os.X_OK), "py-spy comes with the bench extra (scripts/install-deps.sh)"
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: sum(range(1000))"])
+    try:
+        prof = bm.Profiler(binary, busy.pid, tmp_path, {"xvda": "xbv-copy"})
+        prof.start("xvda", "job")
+        time.sleep(1.5)
+        prof.stop("xvda", "job")
+        assert not prof.problems
+        top = (tmp_path / "xbv-copy.job.top.txt").read_text()
+        assert "<module> (<string>" in top, top
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_busiest_processes_by_pid():
+    """CPU spent between two process tables, per pid (a kernel worker's name changes with its work item), the
+    busiest first; a process that appeared meanwhile counts whole."""
+    before = {"10": ("xenstored", 1.0, 2.0), "11": ("kworker/0:2-events", 0.0, 5.0), "12": ("idle", 3.0, 3.0)}
+    after = {"10": ("xenstored", 1.5, 2.1), "11": ("kworker/0:2-mm_percpu_wq", 0.0, 7.0), "12": ("idle", 3.0, 3.0),
+             "13": ("python3", 0.2, 0.1)}
+    top = bm.busiest(before, after, n=2)
+    assert list(top) == ["kworker/0:2[11]", "xenstored[10]"]
+    assert top["kworker/0:2[11]"] == [0.0, 2.0] and top["xenstored[10]"] == [0.5, 0.1]
+    assert bm.busiest(before, after)["python3[13]"] == [0.2, 0.1]
+    mine = bm.process_table()[str(os.getpid())]
+    assert mine[0].startswith(("python", "pytest")) and mine[1] + mine[2] > 0

@@ -138,22 +138,28 @@ struct xb_engine {
     int32_t completion_fd;
     uint64_t reset_request;
     uint32_t held;
-    uint32_t spurious;        /* out: the serve returned after a wake-up that brought nothing */
+    uint32_t spurious;        /* out: wake-ups that brought nothing in this serve (it returns at the second
+                               * in a row: XB_FREE_SPURIOUS) */
     uint32_t spin_ns;         /* in: xb_engine_serve's adaptive polling: how long it looks at the ring (and the
                                * storage's completions) before asking the frontend for an event and sleeping */
     uint32_t spins;           /* out: times that look found work (no event, no sleep) */
+    uint32_t spin_cur_ns;     /* in/out: that look's length now, 0..spin_ns: it adapts (ring_engine.c, spin_grow) */
     /* cumulative, for bench.py: notifies made, nanoseconds spent in the grant copy */
     uint64_t notifies;
     uint64_t copy_ns;
     uint64_t indirect_taken;  /* cumulative: indirect requests the engine took */
 };
+/* Wake-ups in a row that brought nothing and that xb_engine_serve absorbs (looking at the ring a while)
+ * before it returns XB_ENGINE_IDLE for the caller's backoff (notify_backoff.py's FREE_SPURIOUS). */
+enum { XB_FREE_SPURIOUS = 1 };
 /* Serve the ring until it is empty (XB_ENGINE_IDLE) or something is not for the engine. */
 int xb_engine_run(struct xb_engine *e);
 /* xb_engine_run, then, while the ring is empty, sleep in poll() on the event channel, the completion
  * fd (while requests are held in the storage) and wake_fd (-1: none) and serve again, without going
  * back to the caller: XB_ENGINE_MORE after timeout_ms without an event, when wake_fd is readable, on a
- * signal, or every timeout_ms under load; XB_ENGINE_IDLE (spurious set) after a wake-up that brought
- * nothing (the caller's notify-storm backoff decides); anything else as xb_engine_run. */
+ * signal, or every timeout_ms under load; XB_ENGINE_IDLE after wake-ups that brought nothing, more than
+ * XB_FREE_SPURIOUS in a row, or one without spin_ns (the caller's notify-storm backoff decides; spurious
+ * counts them all); anything else as xb_engine_run. */
 int xb_engine_serve(struct xb_engine *e, int wake_fd, int timeout_ms);
 /* The reaper's n completions (already in the queue's array): walked, answered, published. 0 or XB_ENGINE_*. */
 int xb_engine_reap(struct xb_engine *e, uint32_t n);

@@ -434,16 +434,40 @@ static void reset_outs(struct xb_engine *e)
     e->low = e->nfree;
 }
 
+/* How long the look lasts adapts to the ring, as KVM's halt polling does (halt_poll_ns, grow and shrink):
+ * after a look that found nothing, the sleep that follows says whether a look could have: one that ended
+ * sooner than spin_ns doubles it (from XB_SPIN_GROW_NS), a longer one halves it (none below
+ * XB_SPIN_FLOOR_NS). A frontend that answers within microseconds (the simulator's load generator, a busy
+ * guest) keeps it near spin_ns; one a millisecond away (the rig's guest at queue depth one) brings it to
+ * none within a few requests: there the looks only cost dom0 syscalls. */
+#define XB_SPIN_FLOOR_NS 2000u
+#define XB_SPIN_GROW_NS 10000u
+
+static void spin_shrink(struct xb_engine *e)
+{
+    e->spin_cur_ns /= 2;
+    if (e->spin_cur_ns < XB_SPIN_FLOOR_NS)
+        e->spin_cur_ns = 0;
+}
+
+static void spin_grow(struct xb_engine *e)
+{
+    uint64_t next = e->spin_cur_ns ? 2ull * e->spin_cur_ns : XB_SPIN_GROW_NS;
+    e->spin_cur_ns = next > e->spin_ns ? e->spin_ns : (uint32_t)next;
+}
+
 /* Adaptive polling (xb_engine_serve's, e->spin_ns): before asking the frontend for an event, look at the
- * ring, and with requests in the storage at its completions, for a while, as SPDK's and io_uring's
- * pollers do: a frontend at queue depth one pushes its next request within microseconds of our answer,
- * and an event and a sleep cost both sides more than the look (on a VM the idle vCPU's wake-up alone
- * was ~50 us). Returns 1 when work came (a request published, or completions answered), 0 after spin_ns
- * without any, or -XB_ENGINE_* when the reap stopped. req_event is not armed meanwhile: the frontend
- * sends no event for what it publishes while we look. */
+ * ring, and with requests in the storage at its completions, for a while (spin_cur_ns, see spin_grow), as
+ * SPDK's and io_uring's pollers do: a frontend at queue depth one pushes its next request within
+ * microseconds of our answer, and an event and a sleep cost both sides more than the look (on a VM the idle
+ * vCPU's wake-up alone was ~50 us). Returns 1 when work came (a request published, or completions
+ * answered), 0 after spin_cur_ns without any, or -XB_ENGINE_* when the reap stopped. req_event is not armed
+ * meanwhile: the frontend sends no event for what it publishes while we look. */
 static int spin_for_work(struct xb_engine *e)
 {
-    uint64_t until = monotonic_ns() + e->spin_ns;
+    if (!e->spin_cur_ns)
+        return 0;
+    uint64_t until = monotonic_ns() + e->spin_cur_ns;
     do {
         if (load_shared(e, SRING_REQ_PROD) != e->req_cons)
             return 1;
@@ -542,7 +566,8 @@ int xb_engine_serve(struct xb_engine *e, int wake_fd, int timeout_ms)
     reset_outs(e);
     uint64_t until = monotonic_ns() + (uint64_t)timeout_ms * 1000000u;
     uint32_t taken_at_wake = 0;
-    int woken = 0;
+    uint32_t taken_at_spurious = 0;
+    int woken = 0, spurious_in_a_row = 0;
     for (;;) {
         int rc = cycle(e, e->spin_ns != 0);
         if (rc == XB_ENGINE_MORE) {
@@ -553,8 +578,25 @@ int xb_engine_serve(struct xb_engine *e, int wake_fd, int timeout_ms)
         if (rc)
             return rc;
         if (woken && e->taken_n == taken_at_wake) {
-            e->spurious = 1;  /* the caller's backoff decides how long to sleep on it */
-            return XB_ENGINE_IDLE;
+            e->spurious++;
+            if (e->taken_n != taken_at_spurious)
+                spurious_in_a_row = 0;  /* work since the last one: not in a row */
+            taken_at_spurious = e->taken_n;
+            /* A second in a row, or no look to make: the caller's backoff decides how long to sleep on it
+             * (a guest that only kicks). The first one in a row is most often an event for a request we took
+             * while looking (published as req_event was armed): the next request is then usually close
+             * behind, so look a while, as after work, then sleep again. Going back to the caller for it cost
+             * the rig's inline ring a trip through trio per return (the ring then stays there for a while). */
+            if (++spurious_in_a_row > XB_FREE_SPURIOUS || !e->spin_ns)
+                return XB_ENGINE_IDLE;
+            woken = 0;
+            int got = spin_for_work(e);
+            if (got < 0)
+                return -got;
+            if (got) {
+                e->spins++;
+                continue;
+            }
         }
         if (monotonic_ns() >= until)
             return XB_ENGINE_MORE;
@@ -573,11 +615,18 @@ int xb_engine_serve(struct xb_engine *e, int wake_fd, int timeout_ms)
                 continue;
             }
         }
+        uint64_t slept_from = e->spin_ns ? monotonic_ns() : 0;
         int r = poll(fds, 3, timeout_ms);
         if (waiting_io)
             blkioq_set_completion_fd_enabled((struct blkioq *)e->q, false);
         if (r <= 0 || (fds[1].revents & (POLLIN | POLLHUP | POLLERR)))
             return XB_ENGINE_MORE;  /* a timeout, a signal, or the caller is wanted */
+        if (e->spin_ns) {  /* would a look have caught it? */
+            if (monotonic_ns() - slept_from < e->spin_ns)
+                spin_grow(e);
+            else
+                spin_shrink(e);
+        }
         if (fds[0].revents & (POLLERR | POLLNVAL))
             return XB_ENGINE_MORE;
         if (fds[2].revents & POLLIN) {

@@ -19,6 +19,17 @@ completion latency p50/p99, dom0 CPU per I/O (and net of dom0's idle rate),
 the daemon's CPU, and every backend's ratio to kernel blkback (the disk
 labelled "blkback").
 
+With --daemon-pid it also asks the daemon's control socket for its
+counters (`ctl stats`) just before BEGIN and just after END, so each
+xenblk-vhost row says how its requests were served in that job: by the ring
+engine, in the engine's own poll, how many requests per return of that poll
+to Python, spurious wake-ups. With --profiler (run.sh --profile) it runs
+py-spy on the daemon through each job of each of its disks (raw collapsed
+stacks with the C frames, DIR/LABEL.JOB.txt) and writes the functions with most samples next
+to them (.top.txt): py-spy stops the process for each sample (it must, to
+read C stacks) and costs dom0 CPU, so the figures of such a run are for
+finding where the time goes, not for comparing.
+
 Under TCG absolute figures mean little; ratios measured in one boot, with
 the same guest and the same jobs, are the point.
 """
@@ -26,8 +37,10 @@ the same guest and the same jobs, are the point.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,6 +49,11 @@ from pathlib import Path
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 REFERENCE = "blkback"
 QUIET_CHECK_S = 60  # no console line for this long (longer than a job): check the guest still exists
+# The daemon's ring counters read per job (observability/snapshot.py's "total" of each vbd).
+RING_COUNTERS = ("rd_req", "wr_req", "engine_req", "poll_req", "poll_returns", "spurious_wakeups", "oo_req")
+PROFILE_RATE = 50  # py-spy samples per second (TCG: more costs the daemon a visible share of a CPU)
+PROFILE_TOP = 40  # functions listed in each .top.txt
+PROCESSES_SHOWN = 5  # per job and backend: the processes that spent most of dom0's CPU
 
 
 def dom0_cpu_seconds() -> tuple[float, float, float]:
@@ -63,6 +81,119 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
+def process_table() -> dict[str, tuple[str, float, float]]:
+    """{pid: (comm, user, system CPU seconds)} of every process now (threads included): who in dom0 spent
+    a job's CPU (the daemon, its ring worker processes, xenstored, the loop device's kernel threads...)."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        comm = text[text.find("(") + 1:text.rfind(")")]
+        rest = text.rsplit(")", 1)[1].split()
+        out[entry.name] = (comm, int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK)
+    return out
+
+
+def busiest(before: dict, after: dict, n: int = PROCESSES_SHOWN) -> dict[str, list[float]]:
+    """The n processes that spent the most CPU between two process_table()s: {"comm[pid]": [user s, system s]}
+    (keyed by pid: a kernel worker's comm changes with its work)."""
+    spent = {}
+    for pid, (comm, u1, s1) in after.items():
+        _, u0, s0 = before.get(pid, (comm, 0.0, 0.0))
+        if u1 - u0 + s1 - s0 > 0:
+            spent[f"{comm.split('-')[0] if comm.startswith('kworker') else comm}[{pid}]"] = [
+                round(u1 - u0, 3), round(s1 - s0, 3)]
+    return dict(sorted(spent.items(), key=lambda kv: -sum(kv[1]))[:n])
+
+
+def daemon_ring_counters() -> dict[str, dict[str, int]] | None:
+    """{vdev: RING_COUNTERS summed over its rings} from the daemon's control socket (None if it does not
+    answer: the rows then go without)."""
+    from xenblk_vhost.control_protocol import ControlError, default_control_path, request_control
+    path = default_control_path()
+    if path is None:
+        return None
+    try:
+        stats = request_control(path, "stats")
+    except (ControlError, OSError, ValueError):
+        return None
+    out = {}
+    for vbd in stats.get("vbds", []):
+        tot = vbd.get("total") or {}
+        out[vbd.get("vdev")] = {k: int(tot.get(k, 0)) for k in RING_COUNTERS}
+    return out
+
+
+class Profiler:
+    """py-spy on the daemon through each (disk, job) window: raw collapsed stacks into DIR."""
+
+    def __init__(self, binary: str, pid: int, out_dir: Path, labels: dict[str, str]) -> None:
+        self.binary, self.pid, self.out_dir, self.labels = binary, pid, out_dir, labels
+        self.running: dict[tuple[str, str], tuple[subprocess.Popen, Path]] = {}
+        self.problems: list[str] = []
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, disk: str, job: str) -> None:
+        path = self.out_dir / f"{self.labels.get(disk, disk)}.{job}.txt"
+        cmd = [self.binary, "record", "--pid", str(self.pid), "--rate", str(PROFILE_RATE), "--format", "raw",
+               "--threads", "--subprocesses", "--native", "--output", str(path)]
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(f"{path}.err", "w"))
+        except OSError as e:
+            self.problems.append(f"py-spy did not start: {e}")
+            return
+        self.running[(disk, job)] = (proc, path)
+
+    def stop(self, disk: str, job: str) -> None:
+        entry = self.running.pop((disk, job), None)
+        if entry is None:
+            return
+        proc, path = entry
+        proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            self.problems.append(f"py-spy for {disk} {job} did not stop")
+            return
+        if path.exists():
+            (path.parent / (path.stem + ".top.txt")).write_text(profile_top(path.read_text()))
+
+
+def profile_top(collapsed: str) -> str:
+    """The functions of py-spy's raw output (one "frame;frame;... count" line per stack) with the most samples:
+    self (the stack's last frame) and total (anywhere in the stack), per thread and for all."""
+    own: collections.Counter = collections.Counter()
+    anywhere: collections.Counter = collections.Counter()
+    threads: collections.Counter = collections.Counter()
+    samples = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = stack.split(";")
+        # (--threads: a frame names the thread; --subprocesses: one before it names the process)
+        head = 2 if frames[0].startswith("process ") and len(frames) > 1 else 1
+        threads[";".join(frames[:head])] += n
+        own[frames[-1]] += n
+        for frame in set(frames[head:]):
+            anywhere[frame] += n
+    lines = [f"{samples} samples at {PROFILE_RATE}/s (~{samples / PROFILE_RATE:.1f} s of CPU)", "", "threads:"]
+    lines += [f"  {n:6d} {100 * n / max(samples, 1):5.1f}%  {t}" for t, n in threads.most_common()]
+    lines += ["", "self (the frame on top of the stack):"]
+    lines += [f"  {n:6d} {100 * n / max(samples, 1):5.1f}%  {f}" for f, n in own.most_common(PROFILE_TOP)]
+    lines += ["", "total (the frame anywhere in the stack):"]
+    lines += [f"  {n:6d} {100 * n / max(samples, 1):5.1f}%  {f}" for f, n in anywhere.most_common(PROFILE_TOP)]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- fio's report
 
 def fio_figures(report: dict) -> dict:
@@ -81,9 +212,15 @@ def fio_figures(report: dict) -> dict:
 class Collector:
     """Consumes one guest's console lines; keeps per (disk, job) CPU windows and fio figures."""
 
-    def __init__(self, labels: dict[str, str], read_counters):
+    def __init__(self, labels: dict[str, str], read_counters, ring_counters=None, profiler=None):
         self.labels = labels
         self.read_counters = read_counters  # () -> {"t": s, "dom0": s, "xenblk-vhost": s or None}
+        self.ring_counters = ring_counters  # () -> daemon_ring_counters()'s dict or None
+        self.profiler: Profiler | None = profiler
+        self.ring_open: dict[tuple[str, str], dict] = {}
+        self.rings: dict[tuple[str, str], dict] = {}
+        self.procs_open: dict[tuple[str, str], dict] = {}
+        self.procs: dict[tuple[str, str], dict] = {}
         self.open: dict[tuple[str, str], dict] = {}
         self.windows: dict[tuple[str, str], dict] = {}
         self.figures: dict[tuple[str, str], dict] = {}
@@ -96,17 +233,32 @@ class Collector:
         parts = text.split(" ", 3)
         tag = parts[0]
         if tag == "XENBLK-FIO-BEGIN" and len(parts) >= 3:
-            self.open[(parts[1], parts[2])] = self.read_counters()
+            key = (parts[1], parts[2])
+            # (the daemon's counters and the profiler outside the CPU window where they can be)
+            if self.ring_counters is not None:
+                self.ring_open[key] = self.ring_counters()
+            self.procs_open[key] = process_table()
+            self.open[key] = self.read_counters()
+            if self.profiler is not None and self.labels.get(parts[1]) != REFERENCE:
+                self.profiler.start(*key)
             if parts[2] not in self.jobs:
                 self.jobs.append(parts[2])
         elif tag == "XENBLK-FIO-END" and len(parts) >= 3:
-            start = self.open.pop((parts[1], parts[2]), None)
+            key = (parts[1], parts[2])
+            start = self.open.pop(key, None)
             if start is None:
                 self.problems.append(f"END without BEGIN: {text}")
                 return
             end = self.read_counters()
-            self.windows[(parts[1], parts[2])] = {k: (None if end[k] is None or start[k] is None else end[k] - start[k])
-                                                  for k in end}
+            self.windows[key] = {k: (None if end[k] is None or start[k] is None else end[k] - start[k]) for k in end}
+            if key in self.procs_open:
+                self.procs[key] = busiest(self.procs_open.pop(key), process_table())
+            if self.profiler is not None:
+                self.profiler.stop(*key)
+            if self.ring_counters is not None:
+                before, after = self.ring_open.pop(key, None), self.ring_counters()
+                if before and after and parts[1] in before and parts[1] in after:
+                    self.rings[key] = {k: after[parts[1]][k] - before[parts[1]][k] for k in RING_COUNTERS}
         elif tag == "XENBLK-FIO-JSON" and len(parts) == 4:
             try:
                 self.figures[(parts[1], parts[2])] = fio_figures(json.loads(parts[3]))
@@ -129,6 +281,10 @@ class Collector:
                            dom0_steal_s=win.get("steal"), dom0_user_s=win.get("user"))
                 if win.get("xenblk-vhost") is not None:
                     row["daemon_cpu_s"] = win["xenblk-vhost"]
+                if (disk, job) in self.rings:
+                    row["rings"] = self.rings[(disk, job)]
+                if (disk, job) in self.procs:
+                    row["processes"] = self.procs[(disk, job)]
                 out.setdefault(job, {})[label] = row
         return out
 
@@ -186,6 +342,28 @@ def summary(results: dict) -> str:
                  f"tick-based times include steal; not its ring worker processes); steal%: time dom0 "
                  f"wanted a CPU and did not get it (under TCG: a loaded host): figures with much of it are "
                  f"noise.")
+    ring_rows = [(job, label, r["rings"]) for job, rows in results["jobs"].items()
+                 for label, r in rows.items() if r.get("rings")]
+    if ring_rows:
+        lines += ["", f"{'job':18} {'backend':15} {'requests':>9} {'engine%':>8} {'poll%':>6} {'req/return':>10} "
+                      f"{'spurious':>9} {'oo_req':>7}"]
+        for job, label, c in ring_rows:
+            n = c["rd_req"] + c["wr_req"]
+            per_return = f"{c['poll_req'] / c['poll_returns']:10.1f}" if c["poll_returns"] else f"{'-':>10}"
+            lines.append(f"{job:18} {label:15} {n:9d} {100 * c['engine_req'] / max(n, 1):8.1f} "
+                         f"{100 * c['poll_req'] / max(n, 1):6.1f} {per_return} {c['spurious_wakeups']:9d} "
+                         f"{c['oo_req']:7d}")
+        lines.append("From the daemon's counters around each job (ctl stats): engine%: requests the compiled ring "
+                     "engine took; poll%: of them in its own poll (no trio between requests); req/return: requests "
+                     "per return of that poll to Python; spurious: wake-ups that found no request.")
+    proc_rows = [(job, label, r) for job, rows in results["jobs"].items() for label, r in rows.items()
+                 if r.get("processes")]
+    if proc_rows:
+        lines += ["", f"{'job':18} {'backend':15} the processes that spent most CPU: user+system us per I/O"]
+        for job, label, r in proc_rows:
+            ios = max(r["ios"], 1)
+            parts = [f"{name} {1e6 * u / ios:.0f}+{1e6 * sy / ios:.0f}" for name, (u, sy) in r["processes"].items()]
+            lines.append(f"{job:18} {label:15} " + ", ".join(parts))
     return "\n".join(lines) + "\n"
 
 
@@ -207,7 +385,10 @@ def cmd_follow(args) -> int:
         return {"t": time.monotonic(), "dom0": busy, "steal": steal, "user": user,
                 "xenblk-vhost": process_cpu_seconds(args.daemon_pid) if args.daemon_pid else None}
 
-    col = Collector(labels, counters)
+    profiler = None
+    if args.profiler and args.daemon_pid:
+        profiler = Profiler(args.profiler, args.daemon_pid, Path(args.profile_dir or Path(args.out).parent), labels)
+    col = Collector(labels, counters, daemon_ring_counters if args.daemon_pid else None, profiler)
     deadline = time.monotonic() + args.timeout
     pos, buf = 0, b""
     last_line = time.monotonic()
@@ -238,6 +419,10 @@ def cmd_follow(args) -> int:
         col.problems.append(f"the guest did not finish within {args.timeout:.0f} s")
     elif col.done is not None and col.done != "ok":
         col.problems.append(f"the guest finished with status {col.done}")
+    if profiler is not None:
+        for key in list(profiler.running):
+            profiler.stop(*key)
+        col.problems += profiler.problems
     missing = [f"{d} {j}" for j in col.jobs for d in labels if (d, j) not in col.figures]
     if missing:
         col.problems.append(f"no fio figures for {', '.join(missing)}")
@@ -270,6 +455,8 @@ def main(argv=None) -> int:
     p.add_argument("--daemon-pid", type=int, help="the xenblk-vhost process serving the disks")
     p.add_argument("--out", required=True, help="JSON file for this guest's figures")
     p.add_argument("--timeout", type=float, default=1200)
+    p.add_argument("--profiler", help="py-spy binary: profile the daemon through each job of its disks")
+    p.add_argument("--profile-dir", help="where the profiles go (default: --out's directory)")
     p.add_argument("--poll", type=float, default=0.1)
     p = sub.add_parser("table")
     p.add_argument("--idle-json", required=True, help="output of `idle`")

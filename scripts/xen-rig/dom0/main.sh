@@ -49,6 +49,12 @@ cleanup_between() {
   rm -f /var/log/xen/console/*.log /var/log/xen/*.log
 }
 
+# run.sh --env NAME=VALUE: for every scenario (checked there: a name and a value without quotes).
+while IFS= read -r kv; do
+  [ -n "$kv" ] || continue
+  export "${kv%%=*}=${kv#*=}"; echo "RIG: env ${kv%%=*}=${kv#*=}"
+done < <(cat "$RIG_SHARE/env.txt" 2>/dev/null)
+
 for sc in $(cat "$RIG_SHARE/scenarios.txt"); do
   OUT=$OUTROOT/$sc
   mkdir -p "$OUT"

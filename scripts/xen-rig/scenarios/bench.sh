@@ -19,6 +19,10 @@
 # dom0/bench_monitor.py reads dom0's CPU counters (and the daemon's) around
 # each job and prints, per job and backend: IOPS, MB/s, latency, dom0 CPU per
 # I/O, and each backend's ratio to blkback's.
+# The daemon's ring counters are read around each job (how each disk's requests
+# were served: the summary's second table). `run.sh --profile bench` also runs
+# py-spy on the daemon through each of its jobs ($OUT/profiles/LABEL.JOB.txt
+# and .top.txt; it costs dom0 CPU: such a run's figures are not for comparing).
 # Results: $OUT/results.json, $OUT/summary.txt (run.sh prints it at the end).
 . "$RIG_DOM0/xenblk_lib.sh"
 
@@ -29,7 +33,12 @@ IMG=$DIR/disk.img CFG=$XB_DIR/xbv-bench.yaml
 CON=/var/log/xen/console/guest-$NAME.log   # (xb_create starts it afresh)
 [ -s "$RIG_SHARE/guest/initrd-fio.cpio" ] || fail "no fio initramfs on the share (build-image.sh's domu stage makes it)"
 
-LOOP="" XB_PID=""
+LOOP="" XB_PID="" PROFILER=""
+if [ -x "$RIG_SHARE/tools/py-spy" ]; then
+  PROFILER=/run/xenblk-rig/py-spy
+  cp "$RIG_SHARE/tools/py-spy" "$PROFILER" || fail "cannot copy py-spy from the share"
+  note "profiling: py-spy on the daemon through each job ($OUT/profiles)"
+fi
 # (set -e holds in traps too: nothing here may fail)
 cleanup() {
   xl destroy $NAME 2>/dev/null || true
@@ -56,7 +65,8 @@ bench_guest() {
   note "$tag: guest $NAME domid $XB_DOMID; 5 fio jobs x $# disk(s) x ${FIO_RUNTIME} s"
   local rc=0
   python3 "$RIG_DOM0/bench_monitor.py" follow --console "$CON" --guest $NAME "${labels[@]}" \
-    ${XB_PID:+--daemon-pid "$XB_PID"} --out "$OUT/$tag.json" --timeout 1000 || rc=$?
+    ${XB_PID:+--daemon-pid "$XB_PID"} ${XB_PID:+${PROFILER:+--profiler "$PROFILER" --profile-dir "$OUT/profiles"}} \
+    --out "$OUT/$tag.json" --timeout 1000 || rc=$?
   cp "$CON" "$OUT/guest-$NAME.$tag.log" 2>/dev/null || true
   [ $rc = 0 ] || fail "$tag: the jobs did not all complete (console in guest-$NAME.$tag.log)"
   local i=0

@@ -42,6 +42,12 @@ MAX_BATCHES = 16
 # xb_engine_serve comes back at least this often (ms), idle or busy: the ring worker process's stats
 # go every 250 ms, and its log records with them.
 SERVE_SLICE_MS = 100
+# The same in a thread of the service's process (RingWorker._serve_in_thread): nothing in that process waits
+# for the ring meanwhile (a task that needs it stops the poll through its stop fd), so it comes back only for
+# the stall check (no completion, no event for this long while requests are in the storage) and to bound a
+# stay. Each return costs the rig's TCG dom0 milliseconds of trio, and the ring stays on trio's path until
+# the reaper's wait ends.
+SERVE_THREAD_SLICE_MS = 1000
 # Requests of the most segments the engine's grant-copy array has room for (beyond: the reference path).
 INDIRECT_IN_FLIGHT = 32
 
@@ -175,7 +181,7 @@ class RingEngine:
         e.ldomid = copier.get("ldomid", 0)
         e.notify_kind, e.notify_fd, e.notify_request, e.notify_port, e.wait_fd, e.reset_request = notifier
         e.completion_fd = queue.completion_fd
-        e.spin_ns = spin_us() * 1000
+        e.spin_ns = e.spin_cur_ns = spin_us() * 1000
         self.e = e
         self._stack = keep[7]
         self._run = lib.xb_engine_run

@@ -114,6 +114,7 @@ from .ring_engine import (
     ENGINE_STORAGE_ERROR,
     ENGINE_UNPREPARED,
     SERVE_SLICE_MS,
+    SERVE_THREAD_SLICE_MS,
     RingEngine,
     make_engine,
     serve_wanted,
@@ -455,11 +456,12 @@ class RingWorker:
                     if code != ENGINE_IDLE:
                         await trio.lowlevel.checkpoint()  # (the channel's reader, the stats)
                         continue
-                    woken = True  # a wake-up that brought nothing: the backoff below
+                    woken = True  # wake-ups that brought nothing (_after_engine counted them): the backoff below
+                elif woken:
+                    self.stats.spurious_wakeups += 1
                 unyielded = 0
                 self._maybe_purge()
                 if woken:
-                    self.stats.spurious_wakeups += 1
                     pause = backoff.spurious()
                     if pause:
                         await self._idle_wait(partial(trio.sleep, pause))
@@ -577,7 +579,7 @@ class RingWorker:
             with lock:  # (held through the C call: _serve_pause waits on it)
                 if self._serve_blocked or self._serve_gen != gen:
                     return  # brought back (or given up) before it started: never runs
-                self._serve_code = engine.serve(stop, SERVE_SLICE_MS)
+                self._serve_code = engine.serve(stop, SERVE_THREAD_SLICE_MS)
                 self._serve_ran = True
 
         try:
@@ -634,6 +636,7 @@ class RingWorker:
         took = e.taken_n
         if served:
             self.stats.poll_returns += 1
+            self.stats.spurious_wakeups += e.spurious  # (all of them: the poll absorbs the first in a row)
         if took:
             self.stats.engine_req += took
             if served:

@@ -74,6 +74,10 @@ from .state_machine import Action, on_frontend_state
 log = logging.getLogger(__name__)
 
 RESIZE_POLL_INTERVAL = 1.0
+# The watches and the serve's failures wake the control loop, which then reads the three nodes (_step); a
+# resize poll alone reads them only every this many (a safety net for a lost watch event): three xenstore
+# round trips per disk per second cost the rig's TCG dom0 a visible share of a CPU with nothing happening.
+RESTEP_EVERY = 10
 # A device found Connected (a restart, a crash): how long its storage may refuse us before the
 # device is failed. The guest's I/O waits meanwhile; failing it loses the guest its disk.
 TAKEOVER_STORAGE_PATIENCE = 30.0
@@ -188,10 +192,14 @@ class _Wakeup:
     def set(self) -> None:
         self._event.set()
 
-    async def wait(self, timeout: float) -> None:
+    async def wait(self, timeout: float) -> bool:
+        """True if set() woke it, False if the timeout passed first."""
+        fired = False
         with trio.move_on_after(timeout):
             await self._event.wait()
+            fired = True
         self._event = trio.Event()
+        return fired
 
 
 class Device:
@@ -536,11 +544,12 @@ class Device:
         async with trio.open_nursery() as watchers:
             for path in (fe_state, f"{self.be}/state", f"{self.be}/online"):
                 await watchers.start(self._forward_watch, path)
+            quiet = 0  # resize polls in a row that no watch or failure interrupted
             while True:
-                if await self._step(fe_state):
+                if quiet % RESTEP_EVERY == 0 and await self._step(fe_state):
                     break
                 await self._check_resize()
-                await self._wakeup.wait(self._resize_interval)
+                quiet = 0 if await self._wakeup.wait(self._resize_interval) else quiet + 1
             watchers.cancel_scope.cancel()
 
     async def _forward_watch(self, path: str, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
