@@ -132,6 +132,32 @@ async def test_wait_consumes_coalesced_deliveries_and_unmasks_once():
         kernel.close()
 
 
+def test_a_short_read_ends_the_drain(monkeypatch):
+    """The device's read hands over every queued port up to the count, so a read that returns less has
+    emptied the queue: no second read just to get EAGAIN (a syscall per wake-up, and under a PV dom0 each
+    goes through Xen). A full read (256 ports) reads again."""
+    chan, kernel = _device_pair(9)
+    reads: list[int] = []
+    real_read = os.read
+
+    def counting_read(fd: int, n: int) -> bytes:
+        reads.append(n)
+        return real_read(fd, n)
+
+    monkeypatch.setattr(e.os, "read", counting_read)
+    try:
+        kernel.sendall(struct.pack("=3I", 9, 9, 9))
+        assert chan._drain() and len(reads) == 1
+        assert kernel.recv(64) == struct.pack("=I", 9)
+        reads.clear()
+        kernel.sendall(struct.pack("=I", 9) * 300)  # more than one read's 256
+        assert chan._drain() and len(reads) == 2
+        assert select.select([chan.fileno()], [], [], 0)[0] == []  # all consumed
+    finally:
+        chan.close()
+        kernel.close()
+
+
 async def test_close_wakes_a_blocked_waiter_with_closed_resource_error():
     chan, kernel = _device_pair(3)
     try:

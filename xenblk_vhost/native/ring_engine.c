@@ -552,6 +552,8 @@ static int consume_event(struct xb_engine *e)
         if (r < (ssize_t)sizeof ports[0])
             break;
         got = 1;
+        if (r < (ssize_t)sizeof ports)
+            break;  /* a short read: the queue is empty (a read copies all it holds, up to the count) */
     }
     if (got) {
         uint32_t port = e->notify_port;

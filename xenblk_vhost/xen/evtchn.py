@@ -111,6 +111,8 @@ class EvtchnPort:
                 break
             if decode_pending(data):
                 got = True
+            if len(data) < _READ_SIZE:
+                break  # a short read: the queue is empty (a read copies all it holds, up to the count)
         if got:
             os.write(fd, self._unmask)
         return got
