@@ -144,7 +144,8 @@ struct xb_engine {
                                * storage's completions) before asking the frontend for an event and sleeping */
     uint32_t spins;           /* out: times that look found work (no event, no sleep) */
     uint32_t spin_cur_ns;     /* in/out: that look's length now, 0..spin_ns: it adapts (ring_engine.c, spin_grow) */
-    /* cumulative, for bench.py: notifies made, nanoseconds spent in the grant copy */
+    /* cumulative, for bench.py: notifies made, nanoseconds spent in the simulator's grant copy (the real one is
+     * not timed: see ring_engine.c grant_copy) */
     uint64_t notifies;
     uint64_t copy_ns;
     uint64_t indirect_taken;  /* cumulative: indirect requests the engine took */

@@ -5,6 +5,7 @@
     bench_monitor.py follow --console LOG --guest NAME --disk xvda=blkback ... \
         [--daemon-pid PID] --out FILE [--timeout S]
     bench_monitor.py table --idle-json FILE --out DIR RESULTS.json...
+    bench_monitor.py clock                            what a clock read costs in this dom0 (JSON)
 
 `follow` tails a guest's console (xenconsoled's log). At each
 XENBLK-FIO-BEGIN DISK JOB it reads dom0's CPU counters (/proc/stat: user,
@@ -25,10 +26,11 @@ xenblk-vhost row says how its requests were served in that job: by the ring
 engine, in the engine's own poll, how many requests per return of that poll
 to Python, spurious wake-ups. With --profiler (run.sh --profile) it runs
 py-spy on the daemon through each job of each of its disks (raw collapsed
-stacks with the C frames, DIR/LABEL.JOB.txt) and writes the functions with most samples next
-to them (.top.txt): py-spy stops the process for each sample (it must, to
-read C stacks) and costs dom0 CPU, so the figures of such a run are for
-finding where the time goes, not for comparing.
+stacks, DIR/LABEL.JOB.txt) and writes the functions with most samples next
+to them (.top.txt): py-spy costs dom0 CPU, so the figures of such a run are
+for finding where the time goes, not for comparing. (Without C frames: with
+them, py-spy stops the process for each sample, and under TCG it took 20
+samples in a 10 s job.)
 
 Under TCG absolute figures mean little; ratios measured in one boot, with
 the same guest and the same jobs, are the point.
@@ -141,7 +143,7 @@ class Profiler:
     def start(self, disk: str, job: str) -> None:
         path = self.out_dir / f"{self.labels.get(disk, disk)}.{job}.txt"
         cmd = [self.binary, "record", "--pid", str(self.pid), "--rate", str(PROFILE_RATE), "--format", "raw",
-               "--threads", "--subprocesses", "--native", "--output", str(path)]
+               "--threads", "--subprocesses", "--nonblocking", "--output", str(path)]
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(f"{path}.err", "w"))
         except OSError as e:
@@ -377,6 +379,24 @@ def cmd_idle(args) -> int:
     return 0
 
 
+def cmd_clock(args) -> int:
+    """What a clock read costs here against a plain syscall (getppid) and a Python call that makes none: under
+    a PV dom0 whose TSC Linux marked unstable (the clocksource is then xen's), clock_gettime has no vDSO
+    path and goes through the kernel and Xen like any syscall. The ring engine reads the clock per request."""
+    def per_call(fn, n=args.calls) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return 1e6 * (time.perf_counter() - t0) / n
+    try:
+        source = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource").read_text().strip()
+    except OSError:
+        source = "?"
+    print(json.dumps({"clocksource": source, "clock_gettime_us": round(per_call(time.monotonic_ns), 2),
+                      "getppid_us": round(per_call(os.getppid), 2), "python_call_us": round(per_call(int), 2)}))
+    return 0
+
+
 def cmd_follow(args) -> int:
     labels = dict(d.split("=", 1) for d in args.disk)
 
@@ -448,6 +468,8 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("idle")
     p.add_argument("seconds", type=float)
+    p = sub.add_parser("clock")
+    p.add_argument("--calls", type=int, default=20000)
     p = sub.add_parser("follow")
     p.add_argument("--console", required=True)
     p.add_argument("--guest", help="the guest's name: stop if it is gone")
@@ -463,7 +485,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="directory for results.json and summary.txt")
     p.add_argument("results", nargs="+", help="`follow` outputs")
     args = ap.parse_args(argv)
-    return {"idle": cmd_idle, "follow": cmd_follow, "table": cmd_table}[args.cmd](args)
+    return {"idle": cmd_idle, "clock": cmd_clock, "follow": cmd_follow, "table": cmd_table}[args.cmd](args)
 
 
 if __name__ == "__main__":

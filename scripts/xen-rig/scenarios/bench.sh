@@ -78,6 +78,7 @@ bench_guest() {
 # dom0's CPU rate with nothing to serve.
 python3 "$RIG_DOM0/bench_monitor.py" idle 5 > "$OUT/idle.json" || fail "measuring dom0's idle CPU failed"
 note "dom0 idle: $(cat "$OUT/idle.json")"
+note "dom0 clock: $(python3 "$RIG_DOM0/bench_monitor.py" clock || echo unmeasured)"
 
 # ---------------------------------------------------------------- 1. kernel blkback
 modprobe xen-blkback || fail "modprobe xen-blkback failed"

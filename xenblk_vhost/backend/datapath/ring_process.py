@@ -7,7 +7,7 @@ speaks over the socketpair FD (worker_channel.py). This side:
                opens its own Platform (gntdev, evtchn), its own storage instance with one queue
                (io_uring: its own open of the file), then maps, binds and serves the ring
     -> started | failed {error, connect}
-    -> stats   {ring, storage}                 every STATS_INTERVAL s, and last with `stopped`
+    -> stats   {ring, storage}                 every STATS_INTERVAL s if they changed, and last with `stopped`
     -> log     {name, level, text}             every record logged here, for the service's log
     <- pause   (operator's quiesce) -> paused  once nothing of this ring is in flight
     <- resume
@@ -164,9 +164,13 @@ async def _pause(channel: WorkerChannel, gate: CoordinatedGate) -> None:
 async def _serve_vbd(channel: WorkerChannel, vbd: Vbd, start: dict[str, Any], platform: Platform,
                      gate: list[CoordinatedGate]) -> int:
     async def send_stats() -> None:
+        last = None
         while True:
             await trio.sleep(STATS_INTERVAL)
-            channel.send({"op": "stats", **_snapshot(vbd)})
+            snapshot = _snapshot(vbd)
+            if snapshot != last:  # (an idle ring's worker sends nothing: its service decodes nothing)
+                channel.send({"op": "stats", **snapshot})
+                last = snapshot
 
     try:
         async with trio.open_nursery() as nursery:
