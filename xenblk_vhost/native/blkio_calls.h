@@ -144,6 +144,7 @@ struct xb_engine {
                                * storage's completions) before asking the frontend for an event and sleeping */
     uint32_t spins;           /* out: times that look found work (no event, no sleep) */
     uint32_t spin_cur_ns;     /* in/out: that look's length now, 0..spin_ns: it adapts (ring_engine.c, spin_grow) */
+    double stamp;             /* internal: the engine's last clock read (a take, an answer: monotonic seconds) */
     /* cumulative, for bench.py: notifies made, nanoseconds spent in the simulator's grant copy (the real one is
      * not timed: see ring_engine.c grant_copy) */
     uint64_t notifies;

@@ -57,6 +57,13 @@ static double monotonic(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* The clock read the latency histogram needs (a take, an answer), kept: the look's adaptation measures a
+ * sleep between two of them instead of reading the clock around poll() (coarse_ns says what a read costs). */
+static double stamp(struct xb_engine *e)
+{
+    return e->stamp = monotonic();
+}
+
 static uint64_t monotonic_ns(void)
 {
     struct timespec ts;
@@ -292,7 +299,7 @@ static int take_batch(struct xb_engine *e, int *stop)
 
     struct xk_lane_slot *table = (struct xk_lane_slot *)(uintptr_t)e->table;
     uint64_t counts[4] = {0, 0, 0, 0};
-    double now = monotonic();
+    double now = stamp(e);
     uint32_t ind_total = 0;
     uint16_t *lens = (uint16_t *)(uintptr_t)e->lens;
     uint8_t *jind = (uint8_t *)(uintptr_t)e->jind;
@@ -387,7 +394,7 @@ static int complete(struct xb_engine *e, uint32_t n)
     }
     double total = 0.0;
     int64_t mask = xk_lane_answer_held((const struct xk_rsp_ring *)(uintptr_t)e->rsp, e->rsp_prod_pvt, table,
-                                       e->nslots, ready, n, monotonic(), (const double *)(uintptr_t)e->bounds,
+                                       e->nslots, ready, n, stamp(e), (const double *)(uintptr_t)e->bounds,
                                        e->nbounds, (uint64_t *)(uintptr_t)e->call_buckets, &total,
                                        (uint32_t *)(uintptr_t)e->large, (uint32_t *)(uintptr_t)e->nlarge);
     if (mask < 0)
@@ -448,7 +455,8 @@ static void reset_outs(struct xb_engine *e)
 /* How long the look lasts adapts to the ring, as KVM's halt polling does (halt_poll_ns, grow and shrink):
  * after a look that found nothing, the sleep that follows says whether a look could have: one that ended
  * sooner than spin_ns doubles it (from XB_SPIN_GROW_NS), a longer one halves it (none below
- * XB_SPIN_FLOOR_NS). A frontend that answers within microseconds (the simulator's load generator, a busy
+ * XB_SPIN_FLOOR_NS). The sleep is measured between the last stamp before it and the first after (see
+ * spin_adapt). A frontend that answers within microseconds (the simulator's load generator, a busy
  * guest) keeps it near spin_ns; one a millisecond away (the rig's guest at queue depth one) brings it to
  * none within a few requests: there the looks only cost dom0 syscalls. */
 #define XB_SPIN_FLOOR_NS 2000u
@@ -465,6 +473,17 @@ static void spin_grow(struct xb_engine *e)
 {
     uint64_t next = e->spin_cur_ns ? 2ull * e->spin_cur_ns : XB_SPIN_GROW_NS;
     e->spin_cur_ns = next > e->spin_ns ? e->spin_ns : (uint32_t)next;
+}
+
+/* After a sleep: `from` the last stamp before it (an answer, or the take that put requests in the storage),
+ * e->stamp the first after it. Between them also lie the look that came before the sleep (looked_ns) and
+ * the work before the first stamp: a sleep shorter than spin_ns shows as less than spin_ns + looked_ns. */
+static void spin_adapt(struct xb_engine *e, double from, uint32_t looked_ns)
+{
+    if ((e->stamp - from) * 1e9 < (double)e->spin_ns + (double)looked_ns)
+        spin_grow(e);
+    else
+        spin_shrink(e);
 }
 
 /* Adaptive polling (xb_engine_serve's, e->spin_ns): before asking the frontend for an event, look at the
@@ -581,8 +600,15 @@ int xb_engine_serve(struct xb_engine *e, int wake_fd, int timeout_ms)
     uint32_t taken_at_wake = 0;
     uint32_t taken_at_spurious = 0;
     int woken = 0, spurious_in_a_row = 0;
+    double slept_from = 0.0;  /* the stamp before the last sleep, while the look's adaptation waits for the next */
+    uint32_t looked_ns = 0;
+    int adapting = 0;
     for (;;) {
         int rc = cycle(e, e->spin_ns != 0);
+        if (adapting && e->stamp != slept_from) {
+            adapting = 0;
+            spin_adapt(e, slept_from, looked_ns);
+        }
         if (rc == XB_ENGINE_MORE) {
             if (coarse_ns() < until)
                 continue;  /* (under load: back to the caller every timeout_ms) */
@@ -628,18 +654,16 @@ int xb_engine_serve(struct xb_engine *e, int wake_fd, int timeout_ms)
                 continue;
             }
         }
-        uint64_t slept_from = e->spin_ns ? monotonic_ns() : 0;  /* (the look's adaptation: a fine clock) */
+        if (e->spin_ns && !adapting) {
+            adapting = 1;
+            slept_from = e->stamp;
+            looked_ns = e->spin_cur_ns;
+        }
         int r = poll(fds, 3, timeout_ms);
         if (waiting_io)
             blkioq_set_completion_fd_enabled((struct blkioq *)e->q, false);
         if (r <= 0 || (fds[1].revents & (POLLIN | POLLHUP | POLLERR)))
             return XB_ENGINE_MORE;  /* a timeout, a signal, or the caller is wanted */
-        if (e->spin_ns) {  /* would a look have caught it? */
-            if (monotonic_ns() - slept_from < e->spin_ns)
-                spin_grow(e);
-            else
-                spin_shrink(e);
-        }
         if (fds[0].revents & (POLLERR | POLLNVAL))
             return XB_ENGINE_MORE;
         if (fds[2].revents & POLLIN) {
