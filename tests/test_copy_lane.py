@@ -451,7 +451,9 @@ async def serve_hostile_mix(tmp_path, hv_socket, platform, seed: int, journal: b
                 while vbd.stats()["total"]["in_flight"]:
                     await trio.sleep(0.01)
             assert len(free_large) == large_before, "a large buffer was not given back"
-        return {"responses": responses, "disk": path.read_bytes(), "pages": [p.bytes() for p in pages]}
+            latency = vbd.stats()["total"]["latency"]
+        return {"responses": responses, "disk": path.read_bytes(), "pages": [p.bytes() for p in pages],
+                "latency": latency}
     finally:
         front.close()
         vbd.close()

@@ -104,6 +104,44 @@ async def test_with_and_without_the_engine_the_guest_and_the_storage_see_the_sam
     assert seen[True]["pages"] == seen[False]["pages"]
 
 
+def _timed(latency: dict) -> int:
+    """How many requests a latency snapshot timed, after checking none was timed from a clock of 0.0 (an
+    untimed request's taken_at: its elapsed would be the host's uptime, in the last bucket)."""
+    counts = latency["counts"]
+    assert counts[-1] == 0, f"a request slower than {latency['bounds'][-1]} s: an untimed one timed? {latency}"
+    assert latency["sum"] < sum(counts) * latency["bounds"][-1]
+    return sum(counts)
+
+
+@pytest.mark.parametrize("seed,indirect", [(7, False), (8, True)])
+async def test_with_the_latency_sampled_the_engine_answers_the_same_and_times_only_the_sampled(
+        tmp_path, hv_socket, platform, monkeypatch, seed, indirect):
+    """XENBLK_LATENCY_SAMPLE=3 (the default where a clock read is a syscall): the hostile mix answered as the
+    reference answers it; the requests the engine took untimed are counted, not timed, also when the
+    reference path completes them (a failed copy out, a completion not the engine's)."""
+    seen = {}
+    for on in (True, False):
+        with monkeypatch.context() as m:
+            m.setenv(LANE_ENV, "1" if on else "0")
+            m.setenv(ENGINE_ENV, "1" if on else "0")
+            m.setenv(ring_engine.SPIN_ENV, "0")  # (sampling applies while the look is off)
+            m.setenv(ring_engine.LATENCY_SAMPLE_ENV, "3")
+            got = count_engine_calls(m)
+            work = tmp_path / ("engine" if on else "reference")
+            work.mkdir()
+            seen[on] = await serve_hostile_mix(work, hv_socket, platform, seed, True, indirect=indirect)
+            if on:
+                taken = got["taken"] + got["served taken"]
+    assert taken > 6, "the engine took too few to sample"
+    for key in ("responses", "disk", "pages"):
+        assert seen[True][key] == seen[False][key], key
+    # The reference path times every request it takes to the storage (not those refused at intake), the
+    # engine about one batch in three of those it took.
+    reference = _timed(seen[False]["latency"])
+    assert 0 < reference <= len(seen[False]["responses"])
+    assert reference - taken <= _timed(seen[True]["latency"]) < reference
+
+
 async def _failing_copies(tmp_path, guest, platform) -> dict:
     """A batch of writes, one from a grant that does not exist (its copy in fails), then a batch of
     reads, one into a read-only grant (its copy out fails): the answers, the disk, the pages."""
@@ -150,12 +188,16 @@ async def test_copies_that_fail_in_the_engine_are_answered_as_the_reference_answ
     assert seen[True] == seen[False]
 
 
-@pytest.mark.parametrize("journal", [False, True])
-async def test_queue_depth_one_is_served_by_the_engine_whole(tmp_path, guest, platform, monkeypatch, journal):
+@pytest.mark.parametrize("journal,sample", [(False, 1), (True, 1), (False, 4)])
+async def test_queue_depth_one_is_served_by_the_engine_whole(tmp_path, guest, platform, monkeypatch, journal,
+                                                             sample):
     """One request at a time, writes then reads back: each answered within the engine's call that took
     it (a page-cache file completes at submission), the data where it belongs, and the ring's counts
-    and latency as the reference keeps them."""
+    and latency as the reference keeps them (sample 4: one request in 4 timed, each a batch of its own)."""
     monkeypatch.setenv(ENGINE_ENV, "1")
+    monkeypatch.setenv(ring_engine.LATENCY_SAMPLE_ENV, str(sample))
+    if sample > 1:
+        monkeypatch.setenv(ring_engine.SPIN_ENV, "0")
     codes = count_engine_calls(monkeypatch)
     path = make_disk_file(tmp_path / "disk.img")
     vbd = make_vbd(path, queues=1, data_path="copy", **({"journal_dir": tmp_path / "journal"} if journal else {}))
@@ -181,7 +223,7 @@ async def test_queue_depth_one_is_served_by_the_engine_whole(tmp_path, guest, pl
                     await trio.sleep(0.01)
             stats = vbd.stats()["total"]
             assert (stats["rd_req"], stats["wr_req"], stats["rd_sect"], stats["wr_sect"]) == (n, n, 8 * n, 8 * n)
-            assert sum(vbd.stats()["rings"][0]["latency"]["counts"]) == 2 * n
+            assert _timed(vbd.stats()["rings"][0]["latency"]) == 2 * n // sample
             # (the operator's counters: every request the engine's, those of its own poll counted apart)
             assert stats["engine_req"] == 2 * n
             assert stats["poll_req"] == codes["served taken"]
@@ -335,6 +377,25 @@ def test_the_spin_setting_is_bounded(monkeypatch):
         assert ring_engine.spin_us() == us, value
     monkeypatch.delenv(ring_engine.SPIN_ENV)
     assert ring_engine.spin_us() == ring_engine.DEFAULT_SPIN_US
+
+
+def test_where_a_clock_read_is_a_syscall_the_engine_samples_latency_and_does_not_look(monkeypatch):
+    lib = native.load_blkio().lib
+    cost = lib.xb_clock_cost_ns()
+    # (this machine reads its clock in the vDSO: tens of ns; the rig's dom0 through Xen: ~25 us)
+    assert 0 < cost < ring_engine.SLOW_CLOCK_NS, cost
+    monkeypatch.delenv(ring_engine.SPIN_ENV, raising=False)
+    monkeypatch.delenv(ring_engine.LATENCY_SAMPLE_ENV, raising=False)
+    monkeypatch.setattr(ring_engine, "_clock_cost_ns", None)
+    assert (ring_engine.spin_us(lib), ring_engine.latency_sample(lib)) == (ring_engine.DEFAULT_SPIN_US, 1)
+    monkeypatch.setattr(ring_engine, "_clock_cost_ns", 25_000)
+    assert (ring_engine.spin_us(lib), ring_engine.latency_sample(lib)) == (0, ring_engine.SLOW_CLOCK_SAMPLE)
+    # what the operator sets wins, bounded
+    for value, every in (("1", 1), ("7", 7), ("0", 1), ("99999", 1024), ("some", ring_engine.SLOW_CLOCK_SAMPLE)):
+        monkeypatch.setenv(ring_engine.LATENCY_SAMPLE_ENV, value)
+        assert ring_engine.latency_sample(lib) == every, value
+    monkeypatch.setenv(ring_engine.SPIN_ENV, "20")
+    assert ring_engine.spin_us(lib) == 20
 
 
 async def test_the_wake_fd_brings_the_engines_poll_back(tmp_path, guest, platform, monkeypatch, serve_in_slices):

@@ -145,6 +145,11 @@ struct xb_engine {
     uint32_t spins;           /* out: times that look found work (no event, no sleep) */
     uint32_t spin_cur_ns;     /* in/out: that look's length now, 0..spin_ns: it adapts (ring_engine.c, spin_grow) */
     double stamp;             /* internal: the engine's last clock read (a take, an answer: monotonic seconds) */
+    uint32_t lat_every;       /* in: the latency histogram times one batch taken in lat_every (0, 1: every one),
+                               * and only while spin_ns is 0 (the look's adaptation needs every stamp); where a
+                               * clock read is a syscall (xb_clock_cost_ns), each untimed batch saves two.
+                               * Untimed requests (taken_at 0.0) are answered and counted, not timed. */
+    uint32_t lat_tick;        /* internal: batches taken since the last timed one */
     /* cumulative, for bench.py: notifies made, nanoseconds spent in the simulator's grant copy (the real one is
      * not timed: see ring_engine.c grant_copy) */
     uint64_t notifies;
@@ -160,8 +165,12 @@ int xb_engine_run(struct xb_engine *e);
  * fd (while requests are held in the storage) and wake_fd (-1: none) and serve again, without going
  * back to the caller: XB_ENGINE_MORE after timeout_ms without an event, when wake_fd is readable, on a
  * signal, or every timeout_ms under load; XB_ENGINE_IDLE after wake-ups that brought nothing, more than
- * XB_FREE_SPURIOUS in a row, or one without spin_ns (the caller's notify-storm backoff decides; spurious
- * counts them all); anything else as xb_engine_run. */
+ * XB_FREE_SPURIOUS in a row (the caller's notify-storm backoff decides; spurious counts them all); anything
+ * else as xb_engine_run. */
 int xb_engine_serve(struct xb_engine *e, int wake_fd, int timeout_ms);
 /* The reaper's n completions (already in the queue's array): walked, answered, published. 0 or XB_ENGINE_*. */
 int xb_engine_reap(struct xb_engine *e, uint32_t n);
+/* What one clock_gettime(CLOCK_MONOTONIC) costs on this host, nanoseconds (the least of a few back-to-back
+ * reads): tens of ns where the vDSO reads it, microseconds where it is a syscall (a PV dom0 whose TSC
+ * Linux marked unstable: ~25 us on the rig's). ring_engine.py sets lat_every and the look's default by it. */
+uint64_t xb_clock_cost_ns(void);

@@ -250,6 +250,8 @@ int64_t xk_lane_answer_held(const struct xk_rsp_ring *r, uint32_t first_pos, str
                 large[(*nlarge)++] = x.large;
         }
         t->held = XK_HELD_NO;
+        if (t->taken_at == 0.0)
+            continue;  /* untimed (the ring engine's lat_every): answered and counted, not timed */
         double elapsed = now - t->taken_at;
         uint32_t b = bucket_of(elapsed, bounds, nbounds);
         buckets[b]++;

@@ -243,7 +243,8 @@ int xk_lane_complete_held(struct xk_copy_seg *out, struct xk_lane_slot *table, u
 /* Answer the walked held slots ready[0..n) OKAY, in that order, at ring positions first_pos.. (each as
  * xk_ring_answer: its journal answer, then its response), entries back to XK_HELD_NO; the latency of each
  * (now - taken_at) counted as LatencyHistogram.observe counts it: buckets[b] (b: how many of the nbounds
- * bounds are below it; all nbounds + 1 zeroed first), their sum in *total. Returns the mask of the buckets
+ * bounds are below it; all nbounds + 1 zeroed first; an entry whose taken_at is 0.0 is not timed: the ring
+ * engine's lat_every), their sum in *total. Returns the mask of the buckets
  * counted (bit b), or -1 (nothing written) if an entry is not a walked held one. A held indirect entry's
  * large buffer goes back on the data path's free stack: large[(*nlarge)++] (lane_entry.h). */
 int64_t xk_lane_answer_held(const struct xk_rsp_ring *r, uint32_t first_pos, struct xk_lane_slot *table,

@@ -101,12 +101,55 @@ def serve_wanted() -> bool:
 SPIN_ENV = "XENBLK_RING_SPIN_US"
 DEFAULT_SPIN_US = 50
 
+# XENBLK_LATENCY_SAMPLE: the engine times one batch taken in N for the latency histogram (1: every one).
+# Timing a batch costs two clock reads (its take, its answer): free where the vDSO reads the clock, a
+# syscall each where Linux reads it through the hypervisor (a PV dom0 whose TSC it found unstable: the
+# rig's, 25-34 us a read; at queue depth one the two were a quarter of the engine's syscalls per request).
+LATENCY_SAMPLE_ENV = "XENBLK_LATENCY_SAMPLE"
+# A clock read slower than this is a syscall (a vDSO read costs tens of ns; see xb_clock_cost_ns).
+SLOW_CLOCK_NS = 1000
+# Where the clock is a syscall: one batch in SLOW_CLOCK_SAMPLE timed, and no look before sleeping (the
+# look reads the clock at every turn; on the rig it cost dom0 28 % more CPU per I/O: README step 17).
+SLOW_CLOCK_SAMPLE = 16
 
-def spin_us() -> int:
+
+def _env_int(name: str, low: int, high: int) -> int | None:
+    """An integer knob from the environment, clamped; None when unset or not a number."""
     try:
-        return max(0, min(1000, int(os.environ.get(SPIN_ENV, DEFAULT_SPIN_US))))
-    except ValueError:
-        return DEFAULT_SPIN_US
+        return max(low, min(high, int(os.environ[name])))
+    except (KeyError, ValueError):
+        return None
+
+
+_clock_cost_ns: int | None = None
+
+
+def clock_cost_ns(lib: Any) -> int:
+    """What a clock read costs in this process's host (measured once, logged when it is a syscall)."""
+    global _clock_cost_ns
+    if _clock_cost_ns is None:
+        _clock_cost_ns = int(lib.xb_clock_cost_ns())
+        if _clock_cost_ns >= SLOW_CLOCK_NS:
+            log.info("a clock read costs %.1f us here (a syscall, no vDSO clock): the ring engine times one batch"
+                     " in %d for the latency histogram (%s) and does not look at the ring before sleeping (%s)"
+                     " unless set", _clock_cost_ns / 1000, SLOW_CLOCK_SAMPLE, LATENCY_SAMPLE_ENV, SPIN_ENV)
+    return _clock_cost_ns
+
+
+def spin_us(lib: Any = None) -> int:
+    """XENBLK_RING_SPIN_US, else DEFAULT_SPIN_US (0 where a clock read is a syscall: lib given)."""
+    us = _env_int(SPIN_ENV, 0, 1000)
+    if us is not None:
+        return us
+    return 0 if lib is not None and clock_cost_ns(lib) >= SLOW_CLOCK_NS else DEFAULT_SPIN_US
+
+
+def latency_sample(lib: Any) -> int:
+    """XENBLK_LATENCY_SAMPLE, else 1 (SLOW_CLOCK_SAMPLE where a clock read is a syscall)."""
+    every = _env_int(LATENCY_SAMPLE_ENV, 1, 1024)
+    if every is not None:
+        return every
+    return SLOW_CLOCK_SAMPLE if clock_cost_ns(lib) >= SLOW_CLOCK_NS else 1
 
 
 class RingEngine:
@@ -181,7 +224,8 @@ class RingEngine:
         e.ldomid = copier.get("ldomid", 0)
         e.notify_kind, e.notify_fd, e.notify_request, e.notify_port, e.wait_fd, e.reset_request = notifier
         e.completion_fd = queue.completion_fd
-        e.spin_ns = e.spin_cur_ns = spin_us() * 1000
+        e.spin_ns = e.spin_cur_ns = spin_us(lib) * 1000
+        e.lat_every = latency_sample(lib)  # (sampling applies while the look is off: struct xb_engine)
         self.e = e
         self._stack = keep[7]
         self._run = lib.xb_engine_run

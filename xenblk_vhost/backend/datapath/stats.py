@@ -45,6 +45,8 @@ class LatencyHistogram:
         bucket = 0
         for slot in slots:
             taken = slot.taken_at
+            if not taken:
+                continue  # untimed: a request the ring engine took without a clock read (its lat_every)
             if taken != last:  # (a batch's requests share their clock read: one bisect for a run of them)
                 last = taken
                 elapsed = now - taken
