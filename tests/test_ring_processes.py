@@ -23,6 +23,7 @@ from backend_support.frontend import TestFrontend
 from backend_support.harness import DISK_SIZE, connected, make_disk_file, make_vbd, read_back
 from backend_support.workload import Workload
 from xenblk_vhost.backend.datapath import process_vbd as process_vbd_module
+from xenblk_vhost.backend.datapath import ring_process
 from xenblk_vhost.backend.datapath.process_vbd import ProcessVbd, RingWorkerDied
 from xenblk_vhost.backend.datapath.restart_budget import RestartBudget
 from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, OP_WRITE_BARRIER, RSP_OKAY
@@ -80,6 +81,37 @@ async def test_two_rings_in_processes_serve_a_mixed_workload(tmp_path, platform,
         work.pool.revoke_all()
         for r in front.rings:
             assert all(guest.end_access(ref) for ref in r.refs), "ring pages still mapped"
+    finally:
+        front.close()
+        vbd.close()
+
+
+async def test_the_service_gets_each_workers_counters_on_request(tmp_path, platform, guest):
+    """The workers report their counters every STATS_INTERVAL (1 s) and sleep in the ring engine's poll
+    up to SERVE_SLICE_MS (1 s): refresh_stats (`ctl stats`) asks for them, which wakes the poll, and has
+    every request answered so far counted well before either period."""
+    path = make_disk_file(tmp_path / "disk.img")
+    vbd = process_vbd(path, queues=2)
+    front = TestFrontend(guest, nrings=2)
+    try:
+        async with connected(vbd, front, platform):
+            pages = [front.data_page(readonly=True, fill=bytes([0x61 + k]) * PAGE_SIZE) for k in range(6)]
+            for rnd in range(3):
+                for ring in range(2):
+                    for k in range(6):
+                        front.rw(ring, OP_WRITE, 10 * rnd + k, 8 * (k + 6 * ring), [(pages[k].gref, 0, 7)])
+                    front.push(ring)
+                for ring in range(2):
+                    with trio.fail_after(20):
+                        assert len(await front.responses(ring, 6)) == 6
+                t0 = trio.current_time()
+                with trio.fail_after(20):
+                    await vbd.refresh_stats()
+                took = trio.current_time() - t0
+                counted = [r["wr_req"] for r in vbd.stats()["rings"]]
+                assert counted == [6 * (rnd + 1)] * 2, (rnd, counted)
+                # (answered, not waited out: a worker's periodic report would have taken up to a second)
+                assert took < min(process_vbd_module.STATS_REFRESH_TIMEOUT, ring_process.STATS_INTERVAL) / 2, took
     finally:
         front.close()
         vbd.close()

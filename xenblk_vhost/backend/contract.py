@@ -137,5 +137,10 @@ class VbdDataplane(Protocol):
         """{"rings": [per-ring counters], "total": {...}} (backend/datapath/stats.py)."""
         ...
 
+    async def refresh_stats(self) -> None:
+        """Bring stats() up to now where its counters live elsewhere (ring worker processes report them
+        every second and on this request); returns at once where stats() is always current."""
+        ...
+
 
 OpenVbd = Callable[[DiskConfig], VbdDataplane]

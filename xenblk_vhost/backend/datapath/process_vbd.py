@@ -63,6 +63,9 @@ MAX_RESTARTS = 3
 RESTART_WINDOW = 60.0
 WORKER_EXIT_GRACE = 5.0  # beyond drain_timeout, before a worker that does not exit is killed
 START_TIMEOUT = 300.0  # exec, imports, storage open, map and bind (QEMU TCG on a loaded host: over 60 s)
+# How long `ctl stats` waits for the ring workers' fresh counters (refresh_stats): a worker's Python turn
+# under QEMU TCG takes milliseconds; one that does not answer within this is left at its last report.
+STATS_REFRESH_TIMEOUT = 1.0
 
 
 class RingWorkerDied(RuntimeError):
@@ -80,6 +83,7 @@ class _Worker:
         self.stopping = False
         self.paused = trio.Event()
         self.barrier_done = trio.Event()
+        self.stats_came = trio.Event()  # set by its next stats message (refresh_stats waits for it)
 
 
 def _exit_text(code: int | None) -> str:
@@ -130,6 +134,18 @@ class ProcessVbd(Vbd):
     def stats(self) -> dict:
         rings = [self._ring_snaps[i] for i in sorted(self._ring_snaps)]
         return {"rings": rings, "total": total(rings), "storage": self._storage_snap or self.storage_link.snapshot()}
+
+    async def refresh_stats(self) -> None:
+        """Ask every worker for its counters now and wait for them (at most STATS_REFRESH_TIMEOUT: a worker
+        busy elsewhere or dying is left at its last report). Its ring's poll wakes for the request."""
+        workers = [w for w in self._procs if not w.stopping]
+        for w in workers:
+            if w.stats_came.is_set():
+                w.stats_came = trio.Event()
+            w.channel.send({"op": "stats"})
+        with trio.move_on_after(STATS_REFRESH_TIMEOUT):
+            for w in workers:
+                await w.stats_came.wait()
 
     def worker_pids(self) -> list[int]:
         """The ring workers' process ids, in ring order (while serving)."""
@@ -254,6 +270,7 @@ class ProcessVbd(Vbd):
                         if w in self._procs:
                             self._procs.remove(w)
                         w.paused.set()  # nothing waits for a gone worker's drain (a pause, a barrier)
+                        w.stats_came.set()  # nor for its counters
                         w.barrier_done.set()
             if died is None or self._connection_ending:
                 return
@@ -376,6 +393,7 @@ class ProcessVbd(Vbd):
                 self._relog(msg)
             elif op in ("stats", "stopped"):
                 self._note_stats(worker, msg)
+                worker.stats_came.set()
                 if op == "stopped":
                     return None
             elif op == "paused":

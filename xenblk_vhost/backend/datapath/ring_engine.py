@@ -39,9 +39,11 @@ ENGINE_ENV = "XENBLK_RING_ENGINE"
 
 # Batches one call serves before giving the other rings and tasks a turn (XB_ENGINE_MORE).
 MAX_BATCHES = 16
-# xb_engine_serve comes back at least this often (ms), idle or busy: the ring worker process's stats
-# go every 250 ms, and its log records with them.
-SERVE_SLICE_MS = 100
+# xb_engine_serve comes back at least this often (ms), idle or busy, in a ring worker process: for the stall
+# check (as SERVE_THREAD_SLICE_MS) and its periodic stats (ring_process.STATS_INTERVAL); the service asks for
+# fresh ones over the channel, which brings the poll back at once. Each return cost the rig's TCG dom0
+# milliseconds of Python: at 100 ms, 36-56 QD1 requests a return (step 20).
+SERVE_SLICE_MS = 1000
 # The same in a thread of the service's process (RingWorker._serve_in_thread): nothing in that process waits
 # for the ring meanwhile (a task that needs it stops the poll through its stop fd), so it comes back only for
 # the stall check (no completion, no event for this long while requests are in the storage) and to bound a

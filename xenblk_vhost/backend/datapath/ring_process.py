@@ -7,7 +7,9 @@ speaks over the socketpair FD (worker_channel.py). This side:
                opens its own Platform (gntdev, evtchn), its own storage instance with one queue
                (io_uring: its own open of the file), then maps, binds and serves the ring
     -> started | failed {error, connect}
-    -> stats   {ring, storage}                 every STATS_INTERVAL s if they changed, and last with `stopped`
+    -> stats   {ring, storage}                 every STATS_INTERVAL s if they changed, on request, and last
+                                               with `stopped`
+    <- stats   (the service wants them now: ProcessVbd.refresh_stats) -> stats
     -> log     {name, level, text}             every record logged here, for the service's log
     <- pause   (operator's quiesce) -> paused  once nothing of this ring is in flight
     <- resume
@@ -41,7 +43,10 @@ from .worker_channel import WorkerChannel
 
 log = logging.getLogger(__name__)
 
-STATS_INTERVAL = 0.25
+# The counters go to the service this often when they changed (its view between requests: Prometheus'
+# scrape); `ctl stats` asks for them (the `stats` request). The trio loop runs them only when the ring's
+# poll comes back (SERVE_SLICE_MS, or the channel speaking): no shorter than that.
+STATS_INTERVAL = 1.0
 
 
 class CoordinatedGate(BarrierGate):
@@ -197,6 +202,8 @@ async def _serve_vbd(channel: WorkerChannel, vbd: Vbd, start: dict[str, Any], pl
                     gate[0].barrier_go()
                 elif op == "size":
                     vbd.apply_size(msg["sectors"])
+                elif op == "stats":
+                    channel.send({"op": "stats", **_snapshot(vbd)})
             nursery.cancel_scope.cancel()
     except Exception as e:
         log.error("%s: ring worker failed: %s", vbd.disk.name, e, exc_info=e)

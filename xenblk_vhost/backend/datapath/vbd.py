@@ -240,6 +240,9 @@ class Vbd:
 
     # ------------------------------------------------------------ stats
 
+    async def refresh_stats(self) -> None:
+        """stats() is always current here (the rings are this process's)."""
+
     def stats(self) -> dict:
         for w in self._workers:  # (a ring served from a thread counts what it did when brought back)
             if w is not None:

@@ -6,9 +6,13 @@ ConnectionSpec, StorageShape, ReconnectPolicy), and the socket is a
 socketpair between the service and the child it exec'd itself, which no
 other process can reach; nothing a guest writes travels on it.
 
-Sending never waits: `send()` queues the frame (from trio or from a logging
-handler) and the channel's `run()` task writes frames one at a time, so
-frames never interleave. `receive()` returns None at the peer's end (EOF or
+Sending never waits: in trio's thread `send()` writes the frame at once when
+nothing is queued before it and the socket takes it whole (a ring worker's
+trio loop may block in the ring engine's poll right after: a reply left in
+the queue would wait for the poll's slice); otherwise, and from another
+thread (a logging handler), it queues the frame (or its rest) and the
+channel's `run()` task writes the queue in order, so frames never
+interleave. `receive()` returns None at the peer's end (EOF or
 a reset: a killed worker, a vanished parent).
 """
 
@@ -33,6 +37,7 @@ class ChannelClosed(Exception):
 class WorkerChannel:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
+        self._raw = sock  # (send()'s direct write; the same socket as trio's)
         self._sock = trio.socket.from_stdlib_socket(sock)
         self._stream = trio.SocketStream(self._sock)
         self._out: collections.deque[bytes] = collections.deque()
@@ -50,11 +55,21 @@ class WorkerChannel:
         if self.closed:
             return
         data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-        self._out.append(_LEN.pack(len(data)) + data)
+        frame = _LEN.pack(len(data)) + data
         try:
             trio.lowlevel.current_trio_token()
         except RuntimeError:
+            self._out.append(frame)
             return  # another thread: run() polls
+        if not self._out:  # (then run() is not in the middle of a frame: it pops a frame once written)
+            try:
+                written = self._raw.send(frame)
+            except OSError:  # full (BlockingIOError), or a broken peer: run()'s write finds out and says so
+                written = 0
+            if written == len(frame):
+                return
+            frame = frame[written:]
+        self._out.append(frame)
         self._wake.set()
 
     async def run(self) -> None:
