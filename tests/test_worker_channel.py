@@ -76,3 +76,37 @@ async def test_a_gone_peer_ends_the_channel_without_raising_from_send():
         assert await here.receive() is None
     finally:
         here.close()
+
+
+class _Steps(trio.abc.Instrument):
+    """How many times each task named like `name` ran a step."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.steps = 0
+
+    def before_task_step(self, task) -> None:
+        if self.name in task.name:
+            self.steps += 1
+
+
+async def test_an_idle_channel_does_not_wake_its_loop():
+    """run() sleeps until there is something to write (the service's loop under TCG pays milliseconds a
+    wake-up): over half a second idle, a step or two to start, none after."""
+    here, there = _pair()
+    steps = _Steps("WorkerChannel.run")
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(here.run)
+            await trio.sleep(0.5)
+            idle = steps.steps
+            await trio.to_thread.run_sync(here.send, {"op": "log", "k": 1})  # (another thread wakes it)
+            with trio.fail_after(10):
+                assert await there.receive() == {"op": "log", "k": 1}
+            nursery.cancel_scope.cancel()
+        assert idle <= 2, idle
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+        here.close()
+        there.close()

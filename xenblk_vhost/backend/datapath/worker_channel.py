@@ -12,7 +12,9 @@ trio loop may block in the ring engine's poll right after: a reply left in
 the queue would wait for the poll's slice); otherwise, and from another
 thread (a logging handler), it queues the frame (or its rest) and the
 channel's `run()` task writes the queue in order, so frames never
-interleave. `receive()` returns None at the peer's end (EOF or
+interleave. Another thread wakes `run()` through trio's token; nothing
+polls (an idle channel costs its trio loop no wake-up: under the rig's TCG
+each is milliseconds). `receive()` returns None at the peer's end (EOF or
 a reset: a killed worker, a vanished parent).
 """
 
@@ -42,6 +44,7 @@ class WorkerChannel:
         self._stream = trio.SocketStream(self._sock)
         self._out: collections.deque[bytes] = collections.deque()
         self._wake = trio.Event()
+        self._token: trio.lowlevel.TrioToken | None = None  # run()'s loop: other threads wake it through it
         self._buf = bytearray()
         self.closed = False
 
@@ -58,9 +61,15 @@ class WorkerChannel:
         frame = _LEN.pack(len(data)) + data
         try:
             trio.lowlevel.current_trio_token()
-        except RuntimeError:
+        except RuntimeError:  # another thread: queued, and run() woken in its own thread
             self._out.append(frame)
-            return  # another thread: run() polls
+            token = self._token
+            if token is not None:
+                try:
+                    token.run_sync_soon(self._wake_run)
+                except trio.RunFinishedError:
+                    pass  # (the loop is gone: nothing will write it)
+            return
         if not self._out:  # (then run() is not in the middle of a frame: it pops a frame once written)
             try:
                 written = self._raw.send(frame)
@@ -72,14 +81,18 @@ class WorkerChannel:
         self._out.append(frame)
         self._wake.set()
 
+    def _wake_run(self) -> None:
+        self._wake.set()  # (in trio's thread: the current event, whichever run() waits on)
+
     async def run(self) -> None:
         """Write queued frames until cancelled (then what is queued is written, briefly, if it can be)."""
+        self._token = trio.lowlevel.current_trio_token()
         try:
             while True:
                 while self._out:
                     await self._send_first()
                 self._wake = trio.Event()
-                with trio.move_on_after(0.1):
+                if not self._out:  # (a frame another thread queued before the token was there)
                     await self._wake.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.closed = True
