@@ -382,8 +382,9 @@ def test_the_spin_setting_is_bounded(monkeypatch):
 def test_where_a_clock_read_is_a_syscall_the_engine_samples_latency_and_does_not_look(monkeypatch):
     lib = native.load_blkio().lib
     cost = lib.xb_clock_cost_ns()
-    # (this machine reads its clock in the vDSO: tens of ns; the rig's dom0 through Xen: ~25 us)
-    assert 0 < cost < ring_engine.SLOW_CLOCK_NS, cost
+    # (this machine reads its clock in the vDSO: tens of ns, or 0 where two reads can agree; the rig's dom0
+    # through Xen: ~25 us)
+    assert 0 <= cost < ring_engine.SLOW_CLOCK_NS, cost
     monkeypatch.delenv(ring_engine.SPIN_ENV, raising=False)
     monkeypatch.delenv(ring_engine.LATENCY_SAMPLE_ENV, raising=False)
     monkeypatch.setattr(ring_engine, "_clock_cost_ns", None)
