@@ -99,13 +99,13 @@ static double take_stamp(struct xb_engine *e)
 /* The clock read for answering the held slots ready[0..n): none when none of them was timed. */
 static double answer_stamp(struct xb_engine *e, const struct xk_lane_slot *table, const uint16_t *ready, uint32_t n)
 {
-    if (e->lat_every > 1)
-        for (uint32_t i = 0;; i++) {
-            if (i == n)
-                return 0.0;
-            if (ready[i] >= e->nslots || table[ready[i]].taken_at != 0.0)
-                break;
-        }
+    if (e->lat_every > 1) {
+        uint32_t i = 0;
+        while (i < n && ready[i] < e->nslots && table[ready[i]].taken_at == 0.0)
+            i++;
+        if (i == n)
+            return 0.0;
+    }
     return stamp(e);
 }
 
@@ -431,7 +431,7 @@ static int complete(struct xb_engine *e, uint32_t n)
         return XB_ENGINE_COPY_OUT_FAILED;
     }
     double total = 0.0;
-    double now = answer_stamp(e, table, ready, n);  /* (xk_lane_answer_held checked ready[] is held slots) */
+    double now = answer_stamp(e, table, ready, n);  /* (ready[]: xk_lane_complete_held's walked held slots) */
     int64_t mask = xk_lane_answer_held((const struct xk_rsp_ring *)(uintptr_t)e->rsp, e->rsp_prod_pvt, table,
                                        e->nslots, ready, n, now, (const double *)(uintptr_t)e->bounds,
                                        e->nbounds, (uint64_t *)(uintptr_t)e->call_buckets, &total,
