@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from e2e_support.fixtures import disk_image, read_text, state_is, tree, wait_node
-from xenblk_vhost.backend.xenbus.device import Device, DeviceId, ToolstackNodes, effective_disk
+from xenblk_vhost.backend.xenbus.device import Device, DeviceId, ToolstackNodes, _Wakeup, effective_disk, next_tick
 from xenblk_vhost.backend.xenbus.guest_warnings import GuestWarnings
 from xenblk_vhost.config import DiskConfig
 from xenblk_vhost.sim import toolstack
@@ -167,3 +167,41 @@ def test_effective_disk_mode_and_discard_enable():
     no_discard = effective_disk(base, ToolstackNodes("/fe", 5, "", "w", cdrom=False, discard_enable=False))
     assert not no_discard.discard and not no_discard.readonly
     assert not effective_disk(base.__class__(**{**base.__dict__, "discard": False}), rw).discard
+
+
+def test_resize_polls_tick_on_multiples_of_their_interval():
+    assert next_tick(0.0, 1.0) == 1.0
+    assert next_tick(0.999, 1.0) == 1.0
+    assert next_tick(1.0, 1.0) == 2.0  # (after now: never a tick of zero length)
+    assert next_tick(7.3, 0.5) == 7.5
+
+
+async def test_devices_started_apart_poll_on_the_same_ticks(autojump_clock):
+    """Two control loops that started 0.3 s apart wake on the same instants of trio's clock: the service's
+    loop wakes once a tick for all its devices, not once per device."""
+    woke: dict[str, list[float]] = {"a": [], "b": []}
+
+    async def poller(name: str) -> None:
+        wakeup = _Wakeup()
+        for _ in range(3):
+            assert not await wakeup.wait_until(next_tick(trio.current_time(), 1.0))
+            woke[name].append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poller, "a")
+        await trio.sleep(0.3)
+        nursery.start_soon(poller, "b")
+    assert woke["a"] == woke["b"] == [1.0, 2.0, 3.0]
+
+
+async def test_a_set_wakes_the_poll_before_its_tick(autojump_clock):
+    wakeup = _Wakeup()
+
+    async def later() -> None:
+        await trio.sleep(0.25)
+        wakeup.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(later)
+        assert await wakeup.wait_until(next_tick(trio.current_time(), 1.0))
+        assert trio.current_time() == 0.25

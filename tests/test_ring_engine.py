@@ -57,8 +57,8 @@ def count_engine_calls(m) -> Counter:
         seen["answered"] += self.e.completed
         return code
 
-    def serve(self, wake_fd, timeout_ms, _real=RingEngine.serve):
-        code = _real(self, wake_fd, timeout_ms)
+    def serve(self, wake_fd, timeout_ms, idle_untimed=False, _real=RingEngine.serve):
+        code = _real(self, wake_fd, timeout_ms, idle_untimed)
         seen[("serve", code)] += 1
         seen["served taken"] += self.e.taken_n
         seen["served answered"] += self.e.completed
@@ -228,6 +228,9 @@ async def test_queue_depth_one_is_served_by_the_engine_whole(tmp_path, guest, pl
             assert stats["engine_req"] == 2 * n
             assert stats["poll_req"] == codes["served taken"]
             assert stats["poll_returns"] == sum(v for k, v in codes.items() if type(k) is tuple and k[0] == "serve")
+            # (its own kernel calls: each request its own submission, one at a time, beside the sleeps;
+            # the notifies, the events' reads; none made twice over)
+            assert stats["engine_sleeps"] + 2 * n <= stats["engine_syscalls"] <= 6 * (2 * n), stats
     finally:
         front.close()
         vbd.close()
@@ -436,3 +439,48 @@ async def test_the_wake_fd_brings_the_engines_poll_back(tmp_path, guest, platfor
     finally:
         front.close()
         vbd.close()
+
+
+@pytest.mark.parametrize("untimed", [True, False])
+async def test_an_idle_ring_in_the_services_thread_sleeps_until_something_happens(tmp_path, guest, platform,
+                                                                                  monkeypatch, untimed):
+    """The service's thread serving an idle ring sleeps in the engine's poll without a timeout (each return
+    costs the service's loop a wake-up: milliseconds of a PV dom0 under TCG), yet a request still wakes it and
+    is answered at once; after work it comes back within its slice, to report it. Without idle_untimed it comes
+    back every slice (20 ms here) idle or not."""
+    monkeypatch.setenv(ENGINE_ENV, "1")
+    monkeypatch.setattr(ring_worker, "SERVE_THREAD_SLICE_MS", 20)
+    monkeypatch.setattr(ring_worker, "SERVE_IDLE_UNTIMED", untimed)
+    codes = count_engine_calls(monkeypatch)
+    vbd = make_vbd(make_disk_file(tmp_path / "disk.img"), queues=1, data_path="copy")
+    front = TestFrontend(guest)
+
+    def returns() -> int:
+        return sum(v for k, v in codes.items() if type(k) is tuple and k[0] == "serve")
+
+    try:
+        async with connected(vbd, front, platform):
+            page = front.data_page(readonly=True, fill=b"y" * PAGE_SIZE)
+            for k in range(3):
+                front.rw(0, OP_WRITE, k, 8 * k, [(page.gref, 0, 7)])
+                front.push()
+                with trio.fail_after(10):
+                    await front.responses(0, 1)
+            await trio.sleep(0.3)  # (the call that served them comes back within its slice)
+            assert codes["served taken"], codes  # (served from the thread's poll, as the rest of the test needs)
+            before = returns()
+            await trio.sleep(0.5)
+            idle_returns = returns() - before
+            t0 = trio.current_time()
+            front.rw(0, OP_WRITE, 9, 64, [(page.gref, 0, 7)])
+            front.push()
+            with trio.fail_after(10):
+                [r] = await front.responses(0, 1)
+            assert (r.id, r.status) == (9, RSP_OKAY) and trio.current_time() - t0 < 1.0
+    finally:
+        front.close()
+        vbd.close()
+    if untimed:
+        assert idle_returns == 0, codes
+    else:
+        assert idle_returns >= 5, codes

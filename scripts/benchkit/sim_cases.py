@@ -301,6 +301,8 @@ def run_bridge(hv_socket: str, target, w: Workload, path: str, timing: Timing, *
         "poll_share": stats.get("poll_req", 0) / max(1, stats["rd_req"] + stats["wr_req"]),
         "poll_returns_per_io": stats.get("poll_returns", 0) / max(1, stats["rd_req"] + stats["wr_req"]),
         "spurious_per_io": stats.get("spurious_wakeups", 0) / max(1, stats["rd_req"] + stats["wr_req"]),
+        # the engine's own kernel calls per request it took (what each costs a PV dom0: the rig)
+        "engine_syscalls_per_req": stats.get("engine_syscalls", 0) / max(1, stats.get("engine_req", 0)),
         "ios_completed": g["total"], "probe": got.get("probe"),
     }
 

@@ -13,7 +13,9 @@
 #          "# rig-timeout:" + 300 s for boot), --quiet (serial console only to
 #          the log, not to stdout), --profile (the bench scenario runs py-spy
 #          on the daemon through each job: share/out/bench/profiles/; needs
-#          py-spy, which scripts/install-deps.sh puts in .venv), --env NAME=VALUE
+#          py-spy, which scripts/install-deps.sh puts in .venv), --perf JOB[,JOB]
+#          (the bench scenario runs `perf record -a` on all of dom0 through those
+#          jobs of every disk, blkback's too: share/out/bench/perf/), --env NAME=VALUE
 #          (exported in dom0 before the scenarios: an A/B of a XENBLK_* knob such
 #          as XENBLK_RING_SPIN_US; repeatable).
 # A scenario is one file, scripts/xen-rig/scenarios/NAME.sh (bash, with
@@ -28,12 +30,14 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 [ "$(id -u)" = 0 ] || rig_die "run as root"
 
-TIMEOUT=""; QUIET=0; PROFILE=0; names=(); envs=()
+TIMEOUT=""; QUIET=0; PROFILE=0; PERF_JOBS=""; names=(); envs=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --timeout) TIMEOUT=$2; shift 2;;
     --quiet) QUIET=1; shift;;
     --profile) PROFILE=1; shift;;
+    --perf) [[ "${2:-}" =~ ^[a-z0-9,-]+$ ]] || rig_die "--perf wants fio job names (randread-4k-qd1,...), not '${2:-}'"
+            PERF_JOBS=$2; shift 2;;
     --env) [[ "${2:-}" =~ ^[A-Z][A-Z0-9_]*=[^\'\"]*$ ]] || rig_die "--env wants NAME=VALUE (no quotes), not '${2:-}'"
            envs+=("$2"); shift 2;;
     --list) ls "$RIG_HERE/scenarios" | sed 's/\.\(sh\|py\)$//'; exit 0;;
@@ -82,6 +86,7 @@ if [ $PROFILE = 1 ]; then  # (a static binary: it runs in dom0 as it is)
   [ -n "$PYSPY" ] || rig_die "--profile needs py-spy: scripts/install-deps.sh installs it into .venv (the bench extra)"
   mkdir -p "$SHARE/tools" && cp "$PYSPY" "$SHARE/tools/py-spy"
 fi
+if [ -n "$PERF_JOBS" ]; then mkdir -p "$SHARE/tools" && echo "$PERF_JOBS" > "$SHARE/tools/perf-jobs"; fi
 git -C "$RIG_REPO" log -1 --format='%H %s' > "$SHARE/src/COMMIT" 2>/dev/null || true
 # Byte-compile here: dom0 is CPython 3.11 too, and compiling the package under
 # TCG costs tens of seconds at the first import (pyc files are valid across 3.11.x).

@@ -159,7 +159,7 @@ def test_ring_counters_per_job_and_table():
     reads = iter([
         {"xvda": dict.fromkeys(bm.RING_COUNTERS, 0)},  # BEGIN
         {"xvda": {"rd_req": 1000, "wr_req": 0, "engine_req": 900, "poll_req": 600, "poll_returns": 60,
-                  "spurious_wakeups": 7, "oo_req": 0}},  # END
+                  "spurious_wakeups": 7, "oo_req": 0, "engine_syscalls": 4500, "engine_sleeps": 900}},  # END
     ])
     col = bm.Collector({"xvda": "xbv-copy"}, counters, lambda: next(reads))
     for line in ("XENBLK-FIO-BEGIN xvda randread-4k-qd1", "XENBLK-FIO-END xvda randread-4k-qd1",
@@ -171,7 +171,7 @@ def test_ring_counters_per_job_and_table():
     text = bm.summary(bm.combine([col.results()], idle_rate=0.0))
     ring_line = [ln for ln in text.splitlines() if ln.startswith("randread-4k-qd1") and "90.0" in ln]
     assert ring_line, text
-    assert ring_line[0].split()[2:] == ["1000", "90.0", "60.0", "10.0", "7", "0"]
+    assert ring_line[0].split()[2:] == ["1000", "90.0", "60.0", "10.0", "7", "0", "5.00", "1.00"]
 
 
 def test_no_ring_table_without_daemon_counters():
@@ -216,12 +216,64 @@ def test_profiler_records_a_process(tmp_path):
 def test_busiest_processes_by_pid():
     """CPU spent between two process tables, per pid (a kernel worker's name changes with its work item), the
     busiest first; a process that appeared meanwhile counts whole."""
-    before = {"10": ("xenstored", 1.0, 2.0), "11": ("kworker/0:2-events", 0.0, 5.0), "12": ("idle", 3.0, 3.0)}
-    after = {"10": ("xenstored", 1.5, 2.1), "11": ("kworker/0:2-mm_percpu_wq", 0.0, 7.0), "12": ("idle", 3.0, 3.0),
-             "13": ("python3", 0.2, 0.1)}
+    before = {"10": ("xenstored", 1.0, 2.0, 40), "11": ("kworker/0:2-events", 0.0, 5.0, 7),
+              "12": ("idle", 3.0, 3.0, 0)}
+    after = {"10": ("xenstored", 1.5, 2.1, 52), "11": ("kworker/0:2-mm_percpu_wq", 0.0, 7.0, 9),
+             "12": ("idle", 3.0, 3.0, 0), "13": ("python3", 0.2, 0.1, 3)}
     top = bm.busiest(before, after, n=2)
     assert list(top) == ["kworker/0:2[11]", "xenstored[10]"]
-    assert top["kworker/0:2[11]"] == [0.0, 2.0] and top["xenstored[10]"] == [0.5, 0.1]
-    assert bm.busiest(before, after)["python3[13]"] == [0.2, 0.1]
+    assert top["kworker/0:2[11]"] == [0.0, 2.0, 2] and top["xenstored[10]"] == [0.5, 0.1, 12]
+    assert bm.busiest(before, after)["python3[13]"] == [0.2, 0.1, 3]
     mine = bm.process_table()[str(os.getpid())]
     assert mine[0].startswith(("python", "pytest")) and mine[1] + mine[2] > 0
+    time.sleep(0.01)  # (a sleep is a voluntary switch of this, the main thread)
+    assert bm.process_table()[str(os.getpid())][3] > mine[3]
+
+
+def test_process_rows_show_wake_ups_per_second():
+    """The process table's lines: user+system us per I/O, then the main thread's wake-ups per second of the
+    job (and without them, as an older results.json has them)."""
+    results = {"idle_dom0_cpu_per_s": 0.0, "jobs": {"j": {"xbv": {
+        "iops": 100.0, "MBps": 0.4, "ios": 1000, "window_s": 10.0, "p50_us": 1.0, "p99_us": 2.0,
+        "dom0_cpu_us_per_io": 1.0, "dom0_cpu_net_us_per_io": 1.0,
+        "processes": {"xenblk-vhost[5]": [0.1, 0.02, 70], "python[9]": [0.2, 0.4]}}}}}
+    line = [ln for ln in bm.summary(results).splitlines() if ln.startswith("j ") and "[5]" in ln][0]
+    assert line.endswith("xenblk-vhost[5] 100+20/7, python[9] 200+400"), line
+
+
+FAKE_PERF = """#!{python}
+import signal, sys, time
+args = sys.argv[1:]
+if args[0] == "record":
+    out = args[args.index("-o") + 1]
+    signal.signal(signal.SIGINT, lambda *_: (open(out, "w").write("samples"), sys.exit(0)))
+    while True:
+        time.sleep(0.05)
+elif args[0] == "report":
+    data = open(args[args.index("-i") + 1]).read()
+    print("report of", data, "by", args[args.index("--sort") + 1])
+"""
+
+
+def test_perf_records_the_chosen_jobs_of_every_disk(tmp_path):
+    """perf record runs through the chosen jobs' windows only, blkback's disk too, and each window's report
+    (by process, then by function) lands in the output directory, its data file gone from the scratch."""
+    fake = tmp_path / "perf"
+    fake.write_text(FAKE_PERF.format(python=sys.executable))
+    fake.chmod(0o755)
+    perf = bm.PerfRecorder({"qd1"}, tmp_path / "out", {"xvda": "blkback", "xvdb": "xbv-copy"},
+                           scratch=tmp_path / "scratch", binary=str(fake))
+    clock = iter(range(100))
+    col = bm.Collector({"xvda": "blkback", "xvdb": "xbv-copy"},
+                       lambda: {"t": float(next(clock)), "dom0": 0.0, "xenblk-vhost": None}, perf=perf)
+    for disk in ("xvda", "xvdb"):
+        for job in ("qd1", "qd32"):
+            col.line(f"XENBLK-FIO-BEGIN {disk} {job}")
+            time.sleep(0.3)  # (the fake's handler installed)
+            col.line(f"XENBLK-FIO-END {disk} {job}")
+    perf.reports()
+    assert not perf.problems
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["blkback.qd1.txt", "xbv-copy.qd1.txt"]
+    text = (tmp_path / "out" / "xbv-copy.qd1.txt").read_text()
+    assert "report of samples by comm\n" in text and "by comm,dso,symbol" in text
+    assert not list((tmp_path / "scratch").iterdir())

@@ -155,6 +155,17 @@ struct xb_engine {
     uint64_t notifies;
     uint64_t copy_ns;
     uint64_t indirect_taken;  /* cumulative: indirect requests the engine took */
+    /* out, per call: the kernel calls the engine made itself (poll, the channel's read and unmask, the grant
+     * copy and notify ioctls, the completion fd's read; blkioq_do_io counted once when it had requests to
+     * submit, as io_uring's enter; not the clock's reads), and of them the sleeps (poll): in a PV dom0 each
+     * is a trip through Xen (getppid: 21-32 us on the rig's), so per request they are its cost's floor */
+    uint32_t syscalls;
+    uint32_t sleeps;
+    uint32_t unsubmitted;     /* internal: requests queued since the last blkioq_do_io */
+    uint32_t idle_untimed;    /* in: xb_engine_serve's sleep has no timeout while the call has nothing to report
+                               * (nothing taken, answered or spurious) and nothing is in the storage: an idle
+                               * ring then costs its process no wake-up at all (each cost the rig's TCG dom0
+                               * milliseconds of Python); whatever needs the ring meanwhile wakes it (wake_fd) */
 };
 /* Wake-ups in a row that brought nothing and that xb_engine_serve absorbs (looking at the ring a while)
  * before it returns XB_ENGINE_IDLE for the caller's backoff (notify_backoff.py's FREE_SPURIOUS). */
@@ -163,7 +174,8 @@ enum { XB_FREE_SPURIOUS = 1 };
 int xb_engine_run(struct xb_engine *e);
 /* xb_engine_run, then, while the ring is empty, sleep in poll() on the event channel, the completion
  * fd (while requests are held in the storage) and wake_fd (-1: none) and serve again, without going
- * back to the caller: XB_ENGINE_MORE after timeout_ms without an event, when wake_fd is readable, on a
+ * back to the caller: XB_ENGINE_MORE after timeout_ms without an event (with idle_untimed: only once
+ * the call has something to report or requests in the storage), when wake_fd is readable, on a
  * signal, or every timeout_ms under load; XB_ENGINE_IDLE after wake-ups that brought nothing, more than
  * XB_FREE_SPURIOUS in a row (the caller's notify-storm backoff decides; spurious counts them all); anything
  * else as xb_engine_run. */

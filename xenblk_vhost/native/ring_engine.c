@@ -131,6 +131,7 @@ static uint32_t grant_copy(struct xb_engine *e, struct xk_copy_seg *segs, uint32
         return 0;
     if (e->copy_kind == XB_COPY_GNTDEV) {
         struct gntdev_copy_arg arg = {n, 0, segs};
+        e->syscalls++;
         if (ioctl(e->copy_fd, (unsigned long)e->copy_request, &arg) < 0) {
             for (uint32_t i = 0; i < n; i++)  /* as a whole (grant_copy_batch's OSError): all failed */
                 segs[i].status = -1;
@@ -174,6 +175,7 @@ static void collect_failed(struct xb_engine *e, const struct xk_copy_seg *segs, 
 static void notify(struct xb_engine *e)
 {
     e->notifies++;
+    e->syscalls++;
     if (e->notify_kind == XB_NOTIFY_EVTCHN) {
         uint32_t port = e->notify_port;
         if (ioctl(e->notify_fd, (unsigned long)e->notify_request, &port) < 0)
@@ -409,6 +411,7 @@ static int take_batch(struct xb_engine *e, int *stop)
     }
     e->queued += k;
     e->held += k;
+    e->unsubmitted = 1;
     return (int)k;
 }
 
@@ -467,6 +470,8 @@ static void push(struct xb_engine *e)
 static int reap(struct xb_engine *e)
 {
     for (;;) {
+        e->syscalls += e->unsubmitted;  /* (io_uring enters the kernel to submit; a reap alone reads its ring) */
+        e->unsubmitted = 0;
         int n = blkioq_do_io((struct blkioq *)e->q, (struct blkio_completion *)e->completions, 0,
                              (int)e->max_completions, NULL);
         if (n < 0) {
@@ -486,7 +491,7 @@ static int reap(struct xb_engine *e)
 static void reset_outs(struct xb_engine *e)
 {
     e->taken_n = e->queued = e->completed = e->reaped = e->held_n = e->nfailed = e->spurious = 0;
-    e->spins = 0;
+    e->spins = e->syscalls = e->sleeps = 0;
     e->notify_errno = 0;
     e->low = e->nfree;
 }
@@ -605,14 +610,17 @@ static int consume_event(struct xb_engine *e)
 {
     if (e->notify_kind != XB_NOTIFY_EVTCHN) {
         uint64_t count;
+        e->syscalls++;
         return read(e->wait_fd, &count, sizeof count) == (ssize_t)sizeof count;
     }
     uint32_t ports[256];
     int got = 0;
     for (;;) {
         ssize_t r = read(e->wait_fd, ports, sizeof ports);
+        e->syscalls++;
         if (r < 0) {
             if (errno == EFBIG) {  /* the kernel's queue overflowed: reset it, count it as an event */
+                e->syscalls++;
                 ioctl(e->wait_fd, (unsigned long)e->reset_request, 0);
                 got = 1;
             }
@@ -626,6 +634,7 @@ static int consume_event(struct xb_engine *e)
     }
     if (got) {
         uint32_t port = e->notify_port;
+        e->syscalls++;
         if (write(e->wait_fd, &port, sizeof port) < 0)
             e->notify_errno = errno;
     }
@@ -699,7 +708,12 @@ int xb_engine_serve(struct xb_engine *e, int wake_fd, int timeout_ms)
             slept_from = e->stamp;
             looked_ns = e->spin_cur_ns;
         }
-        int r = poll(fds, 3, timeout_ms);
+        /* (idle_untimed: a call with nothing to report and nothing in the storage sleeps until something
+         * happens; one that has, at most timeout_ms: the caller folds what it did, checks for a stall) */
+        int quiet = !waiting_io && !e->taken_n && !e->completed && !e->spurious;
+        e->syscalls++;
+        e->sleeps++;
+        int r = poll(fds, 3, e->idle_untimed && quiet ? -1 : timeout_ms);
         if (waiting_io)
             blkioq_set_completion_fd_enabled((struct blkioq *)e->q, false);
         if (r <= 0 || (fds[1].revents & (POLLIN | POLLHUP | POLLERR)))
@@ -708,6 +722,7 @@ int xb_engine_serve(struct xb_engine *e, int wake_fd, int timeout_ms)
             return XB_ENGINE_MORE;
         if (fds[2].revents & POLLIN) {
             uint64_t count;
+            e->syscalls++;
             if (read(e->completion_fd, &count, sizeof count) < 0 && errno != EAGAIN)
                 return XB_ENGINE_MORE;
             rc = reap(e);

@@ -22,6 +22,9 @@ guest boot; its domid for a file that names none):
                                                            (a notify storm; the backoff bounds its cost)
   xenblk_vbd_engine_requests_total                         requests the compiled ring engine served
   xenblk_vbd_engine_poll_requests_total                    of those, taken in the engine's own poll
+  xenblk_vbd_engine_syscalls_total{kind=all|sleep}         kernel calls the engine made itself, and of
+                                                           them its sleeps (per request: what each costs
+                                                           a PV dom0, a trip through Xen apiece)
   xenblk_vbd_requests_in_flight, xenblk_vbd_persistent_grants, xenblk_vbd_ring_halted
   xenblk_vbd_connected, xenblk_vbd_rings, xenblk_vbd_paused, xenblk_vbd_state (xenbus state number)
                                                            per vbd
@@ -125,6 +128,9 @@ class ServiceCollector(Collector):
         polled = CounterMetricFamily("xenblk_vbd_engine_poll_requests", "Of the engine's requests, those taken "
                                      "in its own poll (no Python between the event and the answer)",
                                      labels=_RING_LABELS)
+        syscalls = CounterMetricFamily("xenblk_vbd_engine_syscalls", "Kernel calls the compiled ring engine "
+                                       "made itself (kind=all), and of them its sleeps in poll (kind=sleep)",
+                                       labels=_RING_LABELS + ("kind",))
         in_flight = GaugeMetricFamily("xenblk_vbd_requests_in_flight", "Requests taken from the ring and not yet "
                                       "answered", labels=_RING_LABELS)
         pgrants = GaugeMetricFamily("xenblk_vbd_persistent_grants", "Grants kept mapped for the frontend",
@@ -178,14 +184,16 @@ class ServiceCollector(Collector):
                 spurious.add_metric(labels, ring.get("spurious_wakeups", 0))
                 engine.add_metric(labels, ring.get("engine_req", 0))
                 polled.add_metric(labels, ring.get("poll_req", 0))
+                syscalls.add_metric(labels + ["all"], ring.get("engine_syscalls", 0))
+                syscalls.add_metric(labels + ["sleep"], ring.get("engine_sleeps", 0))
                 in_flight.add_metric(labels, ring["in_flight"])
                 pgrants.add_metric(labels, ring["persistent_grants"])
                 halted.add_metric(labels, 1 if ring["halted"] else 0)
             merged = merged_latency(vbd["rings"])
             if merged is not None:
                 latency.add_metric(who, cumulative_buckets(merged), merged["sum"])
-        yield from (requests, moved, oo, errors, spurious, engine, polled, in_flight, pgrants, halted, connected,
-                    rings, latency, info, paused, state, storage_up, losses, reconnects, retried)
+        yield from (requests, moved, oo, errors, spurious, engine, polled, syscalls, in_flight, pgrants, halted,
+                    connected, rings, latency, info, paused, state, storage_up, losses, reconnects, retried)
 
 
 def metrics_registry(snapshot: Callable[[], dict]) -> CollectorRegistry:

@@ -37,6 +37,9 @@ Pin-Priority: 500
 EOS
 in_root apt-get update -q
 in_root apt-get install -y -q --no-install-recommends libblkio1 qemu-system-common
+# Not the project's: linux-perf for `run.sh --perf bench` (where dom0's CPU goes, kernel and Xen's share
+# included: a PV dom0 has no PMU, perf samples on its cpu-clock).
+in_root apt-get install -y -q --no-install-recommends linux-perf
 in_root apt-get clean
 
 # Wheels are fetched by the host's pip, which carries this machine's index and

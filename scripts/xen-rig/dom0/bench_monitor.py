@@ -30,7 +30,10 @@ stacks, DIR/LABEL.JOB.txt) and writes the functions with most samples next
 to them (.top.txt): py-spy costs dom0 CPU, so the figures of such a run are
 for finding where the time goes, not for comparing. (Without C frames: with
 them, py-spy stops the process for each sample, and under TCG it took 20
-samples in a 10 s job.)
+samples in a 10 s job.) With --perf-jobs (run.sh --perf) it runs `perf record -a` on all of
+dom0 through those jobs of every disk, blkback's too, and writes perf's report of each next to the
+others (DIR/LABEL.JOB.txt: by process, then by process, library and function): where dom0's CPU
+goes, the kernel's part (syscalls, hypercalls: samples land where Xen returns) included.
 
 Under TCG absolute figures mean little; ratios measured in one boot, with
 the same guest and the same jobs, are the point.
@@ -52,10 +55,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 REFERENCE = "blkback"
 QUIET_CHECK_S = 60  # no console line for this long (longer than a job): check the guest still exists
 # The daemon's ring counters read per job (observability/snapshot.py's "total" of each vbd).
-RING_COUNTERS = ("rd_req", "wr_req", "engine_req", "poll_req", "poll_returns", "spurious_wakeups", "oo_req")
+RING_COUNTERS = ("rd_req", "wr_req", "engine_req", "poll_req", "poll_returns", "spurious_wakeups", "oo_req",
+                 "engine_syscalls", "engine_sleeps")
 PROFILE_RATE = 50  # py-spy samples per second (TCG: more costs the daemon a visible share of a CPU)
 PROFILE_TOP = 40  # functions listed in each .top.txt
 PROCESSES_SHOWN = 5  # per job and backend: the processes that spent most of dom0's CPU
+PERF_RATE = 199  # perf's samples per second per vCPU (cpu-clock: a PV dom0 has no PMU)
+PERF_SCRATCH = Path("/run/xenblk-rig")  # perf's data files (tmpfs: the share's 9p is slow), reports go to DIR
 
 
 def dom0_cpu_seconds() -> tuple[float, float, float]:
@@ -83,9 +89,23 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
-def process_table() -> dict[str, tuple[str, float, float]]:
-    """{pid: (comm, user, system CPU seconds)} of every process now (threads included): who in dom0 spent
-    a job's CPU (the daemon, its ring worker processes, xenstored, the loop device's kernel threads...)."""
+def voluntary_switches(pid: str) -> int:
+    """Times the process's main thread slept (blocked in a syscall) so far: its wake-ups (a trio loop's, an
+    engine's poll), 0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def process_table() -> dict[str, tuple[str, float, float, int]]:
+    """{pid: (comm, user, system CPU seconds, its main thread's wake-ups)} of every process now (threads
+    included in the CPU): who in dom0 spent a job's CPU (the daemon, its ring worker processes, xenstored, the
+    loop device's kernel threads...) and how often it woke for it."""
     out = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -97,20 +117,20 @@ def process_table() -> dict[str, tuple[str, float, float]]:
             continue
         comm = text[text.find("(") + 1:text.rfind(")")]
         rest = text.rsplit(")", 1)[1].split()
-        out[entry.name] = (comm, int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK)
+        out[entry.name] = (comm, int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK, voluntary_switches(entry.name))
     return out
 
 
 def busiest(before: dict, after: dict, n: int = PROCESSES_SHOWN) -> dict[str, list[float]]:
-    """The n processes that spent the most CPU between two process_table()s: {"comm[pid]": [user s, system s]}
-    (keyed by pid: a kernel worker's comm changes with its work)."""
+    """The n processes that spent the most CPU between two process_table()s: {"comm[pid]": [user s, system s,
+    main thread's wake-ups]} (keyed by pid: a kernel worker's comm changes with its work)."""
     spent = {}
-    for pid, (comm, u1, s1) in after.items():
-        _, u0, s0 = before.get(pid, (comm, 0.0, 0.0))
+    for pid, (comm, u1, s1, w1) in after.items():
+        _, u0, s0, w0 = before.get(pid, (comm, 0.0, 0.0, 0))
         if u1 - u0 + s1 - s0 > 0:
             spent[f"{comm.split('-')[0] if comm.startswith('kworker') else comm}[{pid}]"] = [
-                round(u1 - u0, 3), round(s1 - s0, 3)]
-    return dict(sorted(spent.items(), key=lambda kv: -sum(kv[1]))[:n])
+                round(u1 - u0, 3), round(s1 - s0, 3), max(w1 - w0, 0)]
+    return dict(sorted(spent.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))[:n])
 
 
 def daemon_ring_counters() -> dict[str, dict[str, int]] | None:
@@ -167,6 +187,62 @@ class Profiler:
             (path.parent / (path.stem + ".top.txt")).write_text(profile_top(path.read_text()))
 
 
+class PerfRecorder:
+    """`perf record -a` through the (disk, job) windows of the chosen jobs; perf's reports at the end (outside
+    every window: a report under TCG takes a while)."""
+
+    def __init__(self, jobs: set[str], out_dir: Path, labels: dict[str, str], scratch: Path = PERF_SCRATCH,
+                 binary: str = "perf") -> None:
+        self.jobs, self.out_dir, self.labels, self.scratch, self.binary = jobs, out_dir, labels, scratch, binary
+        self.running: dict[tuple[str, str], subprocess.Popen] = {}
+        self.recorded: list[tuple[Path, Path]] = []  # (data, report)
+        self.problems: list[str] = []
+
+    def start(self, disk: str, job: str) -> None:
+        if job not in self.jobs:
+            return
+        name = f"{self.labels.get(disk, disk)}.{job}"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        data = self.scratch / f"{name}.perf.data"
+        cmd = [self.binary, "record", "-a", "-g", "-e", "cpu-clock", "-F", str(PERF_RATE), "-o", str(data)]
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError as e:
+            self.problems.append(f"perf did not start: {e}")
+            return
+        self.running[(disk, job)] = proc
+        self.recorded.append((data, self.out_dir / f"{name}.txt"))
+
+    def stop(self, disk: str, job: str) -> None:
+        proc = self.running.pop((disk, job), None)
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGINT)  # perf writes its file on SIGINT
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            self.problems.append(f"perf for {disk} {job} did not stop")
+
+    def reports(self) -> None:
+        """perf's report of every window recorded: by process, then by process, library and function."""
+        for key in list(self.running):
+            self.stop(*key)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for data, report in self.recorded:
+            if not data.exists():
+                self.problems.append(f"perf wrote no {data.name}")
+                continue
+            base = [self.binary, "report", "-i", str(data), "--stdio", "--no-children", "-g", "none"]
+            parts = []
+            for sort, limit in (("comm", "0.5"), ("comm,dso,symbol", "0.3")):
+                got = subprocess.run([*base, "--sort", sort, "--percent-limit", limit], capture_output=True,
+                                     text=True, timeout=900)
+                parts.append(got.stdout if got.returncode == 0 else f"perf report failed: {got.stderr[-2000:]}")
+            report.write_text("\n".join(parts))
+            data.unlink()
+
+
 def profile_top(collapsed: str) -> str:
     """The functions of py-spy's raw output (one "frame;frame;... count" line per stack) with the most samples:
     self (the stack's last frame) and total (anywhere in the stack), per thread and for all."""
@@ -214,11 +290,12 @@ def fio_figures(report: dict) -> dict:
 class Collector:
     """Consumes one guest's console lines; keeps per (disk, job) CPU windows and fio figures."""
 
-    def __init__(self, labels: dict[str, str], read_counters, ring_counters=None, profiler=None):
+    def __init__(self, labels: dict[str, str], read_counters, ring_counters=None, profiler=None, perf=None):
         self.labels = labels
         self.read_counters = read_counters  # () -> {"t": s, "dom0": s, "xenblk-vhost": s or None}
         self.ring_counters = ring_counters  # () -> daemon_ring_counters()'s dict or None
         self.profiler: Profiler | None = profiler
+        self.perf: PerfRecorder | None = perf
         self.ring_open: dict[tuple[str, str], dict] = {}
         self.rings: dict[tuple[str, str], dict] = {}
         self.procs_open: dict[tuple[str, str], dict] = {}
@@ -243,6 +320,8 @@ class Collector:
             self.open[key] = self.read_counters()
             if self.profiler is not None and self.labels.get(parts[1]) != REFERENCE:
                 self.profiler.start(*key)
+            if self.perf is not None:
+                self.perf.start(*key)
             if parts[2] not in self.jobs:
                 self.jobs.append(parts[2])
         elif tag == "XENBLK-FIO-END" and len(parts) >= 3:
@@ -252,6 +331,8 @@ class Collector:
                 self.problems.append(f"END without BEGIN: {text}")
                 return
             end = self.read_counters()
+            if self.perf is not None:
+                self.perf.stop(*key)
             self.windows[key] = {k: (None if end[k] is None or start[k] is None else end[k] - start[k]) for k in end}
             if key in self.procs_open:
                 self.procs[key] = busiest(self.procs_open.pop(key), process_table())
@@ -348,23 +429,31 @@ def summary(results: dict) -> str:
                  for label, r in rows.items() if r.get("rings")]
     if ring_rows:
         lines += ["", f"{'job':18} {'backend':15} {'requests':>9} {'engine%':>8} {'poll%':>6} {'req/return':>10} "
-                      f"{'spurious':>9} {'oo_req':>7}"]
+                      f"{'spurious':>9} {'oo_req':>7} {'sys/req':>8} {'sleep/req':>9}"]
         for job, label, c in ring_rows:
             n = c["rd_req"] + c["wr_req"]
             per_return = f"{c['poll_req'] / c['poll_returns']:10.1f}" if c["poll_returns"] else f"{'-':>10}"
+            engine_n = max(c["engine_req"], 1)
             lines.append(f"{job:18} {label:15} {n:9d} {100 * c['engine_req'] / max(n, 1):8.1f} "
                          f"{100 * c['poll_req'] / max(n, 1):6.1f} {per_return} {c['spurious_wakeups']:9d} "
-                         f"{c['oo_req']:7d}")
+                         f"{c['oo_req']:7d} {c.get('engine_syscalls', 0) / engine_n:8.2f} "
+                         f"{c.get('engine_sleeps', 0) / engine_n:9.2f}")
         lines.append("From the daemon's counters around each job (ctl stats): engine%: requests the compiled ring "
                      "engine took; poll%: of them in its own poll (no trio between requests); req/return: requests "
-                     "per return of that poll to Python; spurious: wake-ups that found no request.")
+                     "per return of that poll to Python; spurious: wake-ups that found no request; sys/req, "
+                     "sleep/req: kernel calls the engine made itself per request it took (each a trip through "
+                     "Xen in a PV dom0), and of them its sleeps in poll().")
     proc_rows = [(job, label, r) for job, rows in results["jobs"].items() for label, r in rows.items()
                  if r.get("processes")]
     if proc_rows:
-        lines += ["", f"{'job':18} {'backend':15} the processes that spent most CPU: user+system us per I/O"]
+        lines += ["", f"{'job':18} {'backend':15} the processes that spent most CPU: user+system us per I/O "
+                      f"(/ their main thread's wake-ups per second)"]
         for job, label, r in proc_rows:
-            ios = max(r["ios"], 1)
-            parts = [f"{name} {1e6 * u / ios:.0f}+{1e6 * sy / ios:.0f}" for name, (u, sy) in r["processes"].items()]
+            ios, t = max(r["ios"], 1), max(r.get("window_s") or 0.0, 1e-9)
+            parts = []
+            for name, (u, sy, *woke) in r["processes"].items():
+                part = f"{name} {1e6 * u / ios:.0f}+{1e6 * sy / ios:.0f}"
+                parts.append(part + (f"/{woke[0] / t:.0f}" if woke else ""))
             lines.append(f"{job:18} {label:15} " + ", ".join(parts))
     return "\n".join(lines) + "\n"
 
@@ -408,7 +497,10 @@ def cmd_follow(args) -> int:
     profiler = None
     if args.profiler and args.daemon_pid:
         profiler = Profiler(args.profiler, args.daemon_pid, Path(args.profile_dir or Path(args.out).parent), labels)
-    col = Collector(labels, counters, daemon_ring_counters if args.daemon_pid else None, profiler)
+    perf = None
+    if args.perf_jobs:
+        perf = PerfRecorder(set(args.perf_jobs.split(",")), Path(args.perf_dir or Path(args.out).parent), labels)
+    col = Collector(labels, counters, daemon_ring_counters if args.daemon_pid else None, profiler, perf)
     deadline = time.monotonic() + args.timeout
     pos, buf = 0, b""
     last_line = time.monotonic()
@@ -443,6 +535,9 @@ def cmd_follow(args) -> int:
         for key in list(profiler.running):
             profiler.stop(*key)
         col.problems += profiler.problems
+    if perf is not None:
+        perf.reports()
+        col.problems += perf.problems
     missing = [f"{d} {j}" for j in col.jobs for d in labels if (d, j) not in col.figures]
     if missing:
         col.problems.append(f"no fio figures for {', '.join(missing)}")
@@ -479,6 +574,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1200)
     p.add_argument("--profiler", help="py-spy binary: profile the daemon through each job of its disks")
     p.add_argument("--profile-dir", help="where the profiles go (default: --out's directory)")
+    p.add_argument("--perf-jobs", help="JOB[,JOB]: perf record all of dom0 through these jobs of every disk")
+    p.add_argument("--perf-dir", help="where perf's reports go (default: --out's directory)")
     p.add_argument("--poll", type=float, default=0.1)
     p = sub.add_parser("table")
     p.add_argument("--idle-json", required=True, help="output of `idle`")

@@ -40,7 +40,9 @@ xb_start_daemon() {  # tag config...
     [ $((SECONDS - since)) -lt "$limit" ] || { cat "$XB_LOG"; fail "xenblk-vhost run not ready after $limit s"; }
   done
   note "daemon $tag: pid $XB_PID ready after $(awk "BEGIN{print $(uptime_s)-$t0}")s"
-  xb_cpu_timeline "$XB_PID" "$OUT/cpu-daemon-$tag.txt"
+  # (XB_CPU_TIMELINE=0: none. Its shell loop forks four processes every 2 s, which a PV dom0 under TCG pays
+  # dearly for (page tables through Xen): the bench's jobs would count it as the daemon's dom0 CPU.)
+  [ "${XB_CPU_TIMELINE:-1}" = 0 ] || xb_cpu_timeline "$XB_PID" "$OUT/cpu-daemon-$tag.txt"
 }
 
 # qemu-storage-daemon exporting an image over vhost-user-blk (aio=threads:

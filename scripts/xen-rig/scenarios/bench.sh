@@ -23,6 +23,9 @@
 # were served: the summary's second table). `run.sh --profile bench` also runs
 # py-spy on the daemon through each of its jobs ($OUT/profiles/LABEL.JOB.txt
 # and .top.txt; it costs dom0 CPU: such a run's figures are not for comparing).
+# `run.sh --perf JOB,... bench` runs perf on all of dom0 through those jobs of
+# every disk, blkback's included ($OUT/perf/LABEL.JOB.txt: perf report by
+# process, library and function; the same caveat).
 # Results: $OUT/results.json, $OUT/summary.txt (run.sh prints it at the end).
 . "$RIG_DOM0/xenblk_lib.sh"
 
@@ -33,11 +36,16 @@ IMG=$DIR/disk.img CFG=$XB_DIR/xbv-bench.yaml
 CON=/var/log/xen/console/guest-$NAME.log   # (xb_create starts it afresh)
 [ -s "$RIG_SHARE/guest/initrd-fio.cpio" ] || fail "no fio initramfs on the share (build-image.sh's domu stage makes it)"
 
-LOOP="" XB_PID="" PROFILER=""
+LOOP="" XB_PID="" PROFILER="" PERF_JOBS=""
 if [ -x "$RIG_SHARE/tools/py-spy" ]; then
   PROFILER=/run/xenblk-rig/py-spy
   cp "$RIG_SHARE/tools/py-spy" "$PROFILER" || fail "cannot copy py-spy from the share"
   note "profiling: py-spy on the daemon through each job ($OUT/profiles)"
+fi
+if [ -s "$RIG_SHARE/tools/perf-jobs" ]; then
+  command -v perf > /dev/null || fail "--perf: no perf in dom0 (build-image.sh's runtime stage installs linux-perf)"
+  PERF_JOBS=$(cat "$RIG_SHARE/tools/perf-jobs")
+  note "perf: all of dom0 through the jobs $PERF_JOBS of every disk ($OUT/perf)"
 fi
 # (set -e holds in traps too: nothing here may fail)
 cleanup() {
@@ -66,6 +74,7 @@ bench_guest() {
   local rc=0
   python3 "$RIG_DOM0/bench_monitor.py" follow --console "$CON" --guest $NAME "${labels[@]}" \
     ${XB_PID:+--daemon-pid "$XB_PID"} ${XB_PID:+${PROFILER:+--profiler "$PROFILER" --profile-dir "$OUT/profiles"}} \
+    ${PERF_JOBS:+--perf-jobs "$PERF_JOBS" --perf-dir "$OUT/perf"} \
     --out "$OUT/$tag.json" --timeout 1000 || rc=$?
   cp "$CON" "$OUT/guest-$NAME.$tag.log" 2>/dev/null || true
   [ $rc = 0 ] || fail "$tag: the jobs did not all complete (console in guest-$NAME.$tag.log)"
@@ -96,7 +105,10 @@ xb_yaml "$CFG" $NAME \
   "{vdev: xvdb, driver: io_uring, path: $IMG, direct: false, data_path: map, persistent_grants: false}" \
   "{vdev: xvdc, driver: io_uring, path: $IMG, direct: false, data_path: map, persistent_grants: true}" \
   "{vdev: xvdd, driver: io_uring, path: $IMG, direct: false, data_path: copy, ring_workers: process}"
-xb_start_daemon bench "$CFG"
+# (no CPU timeline: bench_monitor reads the daemon's CPU around each job; the timeline's shell loop forked
+# four processes every 2 s, 5-8 % of dom0's samples in perf's reports of the xenblk-vhost jobs and none of
+# blkback's: it ran only beside the daemon)
+XB_CPU_TIMELINE=0 xb_start_daemon bench "$CFG"
 bench_guest xenblk-vhost xvda=xbv-copy xvdb=xbv-map xvdc=xbv-map+persist xvdd=xbv-copy-proc -- \
   "$(xb_phy_disk xvda "$CFG")" "$(xb_phy_disk xvdb "$CFG")" "$(xb_phy_disk xvdc "$CFG")" \
   "$(xb_phy_disk xvdd "$CFG")"

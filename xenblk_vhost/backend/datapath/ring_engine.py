@@ -39,7 +39,7 @@ ENGINE_ENV = "XENBLK_RING_ENGINE"
 
 # Batches one call serves before giving the other rings and tasks a turn (XB_ENGINE_MORE).
 MAX_BATCHES = 16
-# xb_engine_serve comes back at least this often (ms), idle or busy, in a ring worker process: for the stall
+# xb_engine_serve comes back at least this often (ms) while busy, in a ring worker process: for the stall
 # check (as SERVE_THREAD_SLICE_MS) and its periodic stats (ring_process.STATS_INTERVAL); the service asks for
 # fresh ones over the channel, which brings the poll back at once. Each return cost the rig's TCG dom0
 # milliseconds of Python: at 100 ms, 36-56 QD1 requests a return (step 20).
@@ -50,6 +50,12 @@ SERVE_SLICE_MS = 1000
 # stay. Each return costs the rig's TCG dom0 milliseconds of trio, and the ring stays on trio's path until
 # the reaper's wait ends.
 SERVE_THREAD_SLICE_MS = 1000
+# In the service's thread an idle ring's poll sleeps without a timeout (struct xb_engine's idle_untimed): it
+# comes back when it has something to report (then within the slice) or when a task needs the ring (every one
+# that does stops the poll first: RingWorker._serve_pause). Not so in a ring worker process, whose poll blocks
+# its trio loop: what other threads hand that loop (log records for the channel, trio's token) waits for the
+# poll's return, a slice at most.
+SERVE_IDLE_UNTIMED = True
 # Requests of the most segments the engine's grant-copy array has room for (beyond: the reference path).
 INDIRECT_IN_FLIGHT = 32
 
@@ -251,7 +257,8 @@ class RingEngine:
     def reap(self, n: int) -> int:
         return self._reap(self.e, n)
 
-    def serve(self, wake_fd: int, timeout_ms: int) -> int:
+    def serve(self, wake_fd: int, timeout_ms: int, idle_untimed: bool = False) -> int:
+        self.e.idle_untimed = 1 if idle_untimed else 0
         return self._serve(self.e, wake_fd, timeout_ms)
 
     def free_changes(self) -> tuple[int, list[int]]:

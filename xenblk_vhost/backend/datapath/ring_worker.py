@@ -113,6 +113,7 @@ from .ring_engine import (
     ENGINE_REAPED,
     ENGINE_STORAGE_ERROR,
     ENGINE_UNPREPARED,
+    SERVE_IDLE_UNTIMED,
     SERVE_SLICE_MS,
     SERVE_THREAD_SLICE_MS,
     RingEngine,
@@ -579,7 +580,7 @@ class RingWorker:
             with lock:  # (held through the C call: _serve_pause waits on it)
                 if self._serve_blocked or self._serve_gen != gen:
                     return  # brought back (or given up) before it started: never runs
-                self._serve_code = engine.serve(stop, SERVE_THREAD_SLICE_MS)
+                self._serve_code = engine.serve(stop, SERVE_THREAD_SLICE_MS, idle_untimed=SERVE_IDLE_UNTIMED)
                 self._serve_ran = True
 
         try:
@@ -634,6 +635,8 @@ class RingWorker:
         if top:
             free.extend(top)
         took = e.taken_n
+        self.stats.engine_syscalls += e.syscalls
+        self.stats.engine_sleeps += e.sleeps
         if served:
             self.stats.poll_returns += 1
             self.stats.spurious_wakeups += e.spurious  # (all of them: the poll absorbs the first in a row)

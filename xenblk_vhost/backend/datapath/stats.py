@@ -21,7 +21,7 @@ from bisect import bisect_left
 from typing import Any
 
 COUNTERS = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "errors", "spurious_wakeups",
-            "engine_req", "poll_req", "poll_returns")
+            "engine_req", "poll_req", "poll_returns", "engine_syscalls", "engine_sleeps")
 
 # Request latency, from taking a request off the ring to putting its response
 # on it, counted in buckets with these upper bounds (seconds); the last bucket
@@ -74,8 +74,12 @@ class RingStats:
     engine_req: int  # requests the compiled ring engine took off the ring (ring_engine.py): the rest went the
     #                  reference way (flushes, discards, barriers, rejections, a failed copy...)
     poll_req: int  # of those, taken in the engine's own poll (no trio between the event and the answer)
-    poll_returns: int  # times the engine's poll came back to Python (every 100 ms idle, or for something
-    #                    it leaves to the reference path): poll_req / poll_returns requests per stay in C
+    poll_returns: int  # times the engine's poll came back to Python (every second while busy; idle, every second
+    #                    in a ring worker process and never in the service's thread; or for something it leaves
+    #                    to the reference path): poll_req / poll_returns requests per stay in C
+    engine_syscalls: int  # kernel calls the engine made itself (ring_engine.c's struct xb_engine says which): per
+    #                       request, the floor of what a PV dom0 pays for it (each a trip through Xen)
+    engine_sleeps: int  # of those, the engine's sleeps in poll()
 
     def __init__(self) -> None:
         for name in COUNTERS:
