@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -277,3 +278,32 @@ def test_perf_records_the_chosen_jobs_of_every_disk(tmp_path):
     text = (tmp_path / "out" / "xbv-copy.qd1.txt").read_text()
     assert "report of samples by comm\n" in text and "by comm,dso,symbol" in text
     assert not list((tmp_path / "scratch").iterdir())
+
+
+def test_following_the_console_sleeps_until_it_is_written(tmp_path):
+    """The console's follower wakes when its file is written (inotify on the directory: the file may be
+    created afresh), not for another file of the directory, and not before."""
+    log = tmp_path / "guest-x.log"
+    watch = bm.FileWatch(str(log), fallback=0.05)
+    assert watch.fd >= 0, "inotify is available on every Linux these tests run on"
+    try:
+        t0 = time.monotonic()
+        (tmp_path / "other.log").write_text("not ours\n")
+        watch.wait(0.4)
+        assert time.monotonic() - t0 >= 0.35  # (another guest's log: it slept on)
+        timer = threading.Timer(0.2, lambda: log.write_text("XENBLK-FIO-BEGIN xvda j\n"))
+        t0 = time.monotonic()
+        timer.start()
+        watch.wait(10)
+        timer.join()
+        assert 0.15 <= time.monotonic() - t0 < 5
+    finally:
+        watch.close()
+
+
+def test_without_inotify_the_follower_sleeps_its_poll(tmp_path):
+    watch = bm.FileWatch(str(tmp_path / "guest.log"), fallback=0.05)
+    watch.close()  # (as if inotify were not to be had)
+    t0 = time.monotonic()
+    watch.wait(10)
+    assert 0.04 <= time.monotonic() - t0 < 1

@@ -486,6 +486,60 @@ def cmd_clock(args) -> int:
     return 0
 
 
+class FileWatch:
+    """Sleep until a file is written to (inotify), or up to a timeout: the console log is written only at a
+    job's edges, so following it costs no wake-up in between (polling it every 0.1 s was 10 wake-ups a second
+    of this Python process in every job, blkback's too: 40-60 us of dom0 CPU per QD1 I/O under TCG). Where
+    inotify is not to be had, wait() sleeps `fallback` seconds instead."""
+
+    IN_MODIFY, IN_CREATE, IN_CLOEXEC, IN_NONBLOCK = 0x2, 0x100, 0o2000000, 0o4000
+
+    def __init__(self, path: str, fallback: float) -> None:
+        self.fallback = fallback
+        self.name = os.fsencode(os.path.basename(path))
+        self.fd = -1
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(self.IN_CLOEXEC | self.IN_NONBLOCK)
+            if fd >= 0:
+                # the directory's: the file may not exist yet, and xenconsoled may create it anew
+                if libc.inotify_add_watch(fd, os.fsencode(os.path.dirname(os.path.abspath(path))),
+                                          self.IN_MODIFY | self.IN_CREATE) >= 0:
+                    self.fd = fd
+                else:
+                    os.close(fd)
+        except (OSError, AttributeError):
+            self.fd = -1
+
+    def wait(self, timeout: float) -> None:
+        """Until the file is written to (or created), or timeout seconds."""
+        if self.fd < 0:
+            time.sleep(min(self.fallback, timeout))
+            return
+        import select
+        import struct
+        until = time.monotonic() + timeout
+        while (left := until - time.monotonic()) > 0:
+            if not select.select([self.fd], [], [], left)[0]:
+                return
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                continue
+            pos = 0
+            while pos + 16 <= len(data):  # struct inotify_event: wd, mask, cookie, len, then the name
+                size = struct.unpack_from("iIII", data, pos)[3]
+                if data[pos + 16:pos + 16 + size].rstrip(b"\0") == self.name:
+                    return  # (another file of the directory, another guest's log: not ours, wait on)
+                pos += 16 + size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def cmd_follow(args) -> int:
     labels = dict(d.split("=", 1) for d in args.disk)
 
@@ -502,6 +556,7 @@ def cmd_follow(args) -> int:
         perf = PerfRecorder(set(args.perf_jobs.split(",")), Path(args.perf_dir or Path(args.out).parent), labels)
     col = Collector(labels, counters, daemon_ring_counters if args.daemon_pid else None, profiler, perf)
     deadline = time.monotonic() + args.timeout
+    watch = FileWatch(args.console, args.poll)  # (before the first read: no write goes unnoticed)
     pos, buf = 0, b""
     last_line = time.monotonic()
     while col.done is None and time.monotonic() < deadline:
@@ -526,7 +581,8 @@ def cmd_follow(args) -> int:
             if subprocess.run(["xl", "domid", args.guest], capture_output=True).returncode != 0:
                 col.problems.append(f"guest {args.guest} is gone")
                 break
-        time.sleep(args.poll)
+        watch.wait(max(0.0, min(QUIET_CHECK_S, deadline - time.monotonic())))
+    watch.close()
     if col.done is None and not col.problems:
         col.problems.append(f"the guest did not finish within {args.timeout:.0f} s")
     elif col.done is not None and col.done != "ok":
@@ -576,7 +632,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile-dir", help="where the profiles go (default: --out's directory)")
     p.add_argument("--perf-jobs", help="JOB[,JOB]: perf record all of dom0 through these jobs of every disk")
     p.add_argument("--perf-dir", help="where perf's reports go (default: --out's directory)")
-    p.add_argument("--poll", type=float, default=0.1)
+    p.add_argument("--poll", type=float, default=0.1,
+                   help="seconds between looks at the console where inotify cannot watch it")
     p = sub.add_parser("table")
     p.add_argument("--idle-json", required=True, help="output of `idle`")
     p.add_argument("--out", required=True, help="directory for results.json and summary.txt")
