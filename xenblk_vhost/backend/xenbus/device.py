@@ -873,10 +873,14 @@ class Device:
     def _log_served(self, t: dict) -> None:
         """What the connection ending did, in one line (the counters restart with the next one)."""
         served = t["rd_req"] + t["wr_req"] + t["f_req"] + t["ds_req"]
+        engine = t.get("engine_req", 0)
+        calls = t.get("engine_syscalls", 0)
         log.info("%s: the connection served %d requests (%d reads, %d writes, %d flushes, %d discards; %d errors); "
-                 "the ring engine took %d of them, %d in its own poll, which came back to Python %d times", self.name,
-                 served, t["rd_req"], t["wr_req"], t["f_req"], t["ds_req"], t["errors"], t.get("engine_req", 0),
-                 t.get("poll_req", 0), t.get("poll_returns", 0))
+                 "the ring engine took %d of them, %d in its own poll, which came back to Python %d times; it made "
+                 "%d kernel calls (%.2f a request), %d of them sleeps", self.name,
+                 served, t["rd_req"], t["wr_req"], t["f_req"], t["ds_req"], t["errors"], engine,
+                 t.get("poll_req", 0), t.get("poll_returns", 0), calls, calls / engine if engine else 0.0,
+                 t.get("engine_sleeps", 0))
 
     def _close_vbd(self) -> None:
         vbd, self.vbd = self.vbd, None
