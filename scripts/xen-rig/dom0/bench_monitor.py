@@ -527,11 +527,13 @@ class FileWatch:
                 data = os.read(self.fd, 65536)
             except BlockingIOError:
                 continue
+            # struct inotify_event: wd, mask, cookie, len, then the name. Events of another file of the
+            # directory (another guest's log) are not ours: wait on.
             pos = 0
-            while pos + 16 <= len(data):  # struct inotify_event: wd, mask, cookie, len, then the name
+            while pos + 16 <= len(data):
                 size = struct.unpack_from("iIII", data, pos)[3]
                 if data[pos + 16:pos + 16 + size].rstrip(b"\0") == self.name:
-                    return  # (another file of the directory, another guest's log: not ours, wait on)
+                    return
                 pos += 16 + size
 
     def close(self) -> None:
