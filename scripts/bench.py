@@ -246,7 +246,7 @@ def case_figures(w, b: dict, raw: dict | None, ceiling: dict | None, sampler) ->
         "requests_per_io": b["requests_per_io"], "oo_req": b["oo_req"],
         "engine_share": b["engine_share"], "poll_share": b["poll_share"],
         "poll_returns_per_io": b["poll_returns_per_io"], "spurious_per_io": b["spurious_per_io"],
-        "engine_syscalls_per_req": b.get("engine_syscalls_per_req"),
+        "engine_syscalls_per_req": b["engine_syscalls_per_req"],
     }
     if sampler is not None:
         row["profile"] = {k: round(v, 4) for k, v in sampler.shares().items()}

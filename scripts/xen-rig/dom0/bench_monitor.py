@@ -43,9 +43,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import json
 import os
+import select
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -151,6 +154,18 @@ def daemon_ring_counters() -> dict[str, dict[str, int]] | None:
     return out
 
 
+def interrupt(proc: subprocess.Popen, timeout: float) -> bool:
+    """SIGINT a recorder (py-spy and perf write their file on it) and wait for it; killed, and False, if it
+    does not end within timeout seconds."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return False
+    return True
+
+
 class Profiler:
     """py-spy on the daemon through each (disk, job) window: raw collapsed stacks into DIR."""
 
@@ -176,11 +191,7 @@ class Profiler:
         if entry is None:
             return
         proc, path = entry
-        proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if not interrupt(proc, 60):
             self.problems.append(f"py-spy for {disk} {job} did not stop")
             return
         if path.exists():
@@ -217,11 +228,7 @@ class PerfRecorder:
         proc = self.running.pop((disk, job), None)
         if proc is None:
             return
-        proc.send_signal(signal.SIGINT)  # perf writes its file on SIGINT
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if not interrupt(proc, 120):
             self.problems.append(f"perf for {disk} {job} did not stop")
 
     def reports(self) -> None:
@@ -499,7 +506,6 @@ class FileWatch:
         self.name = os.fsencode(os.path.basename(path))
         self.fd = -1
         try:
-            import ctypes
             libc = ctypes.CDLL(None, use_errno=True)
             fd = libc.inotify_init1(self.IN_CLOEXEC | self.IN_NONBLOCK)
             if fd >= 0:
@@ -517,8 +523,6 @@ class FileWatch:
         if self.fd < 0:
             time.sleep(min(self.fallback, timeout))
             return
-        import select
-        import struct
         until = time.monotonic() + timeout
         while (left := until - time.monotonic()) > 0:
             if not select.select([self.fd], [], [], left)[0]:
