@@ -40,16 +40,19 @@ from xenblk_vhost.backend.datapath.vbd import Vbd, VbdConnectError, open_storage
 from xenblk_vhost.backend.features import derive_features
 from xenblk_vhost.blkif.abi import Abi
 from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_OKAY
+from xenblk_vhost.sim.guest import Guest
 from xenblk_vhost.storage import StorageLimits
 
 # XENBLK_TEST_SEED varies the random workloads (e.g. to hunt for rare failures).
 SEED_SALT = os.environ.get("XENBLK_TEST_SEED", "")
 
-PATHS = [("copy", False), ("map", False), ("map", True)]
+PATHS = [("copy", False), ("copy", True), ("map", False), ("map", True)]
 
-# The storages and the data paths each can use: io_uring on a file takes all three; a
-# qemu-storage-daemon over vhost-user-blk only the copy path (its buffers must be shared memory).
-TARGETS = [("file", "copy", False), ("file", "map", False), ("file", "map", True), ("qsd", "copy", False)]
+# The storages and the data paths each can use: io_uring on a file takes all of them; a
+# qemu-storage-daemon over vhost-user-blk only the copy path (its buffers must be shared memory),
+# with persistent grants (the engine's memcpy) as by default.
+TARGETS = [("file", "copy", False), ("file", "copy", True), ("file", "map", False), ("file", "map", True),
+           ("qsd", "copy", True)]
 
 
 @contextmanager
@@ -65,7 +68,8 @@ def storage_target(kind: str, workdir: Path, queues: int):
 
 
 @pytest.mark.parametrize("target,data_path,persistent", TARGETS,
-                         ids=["file-copy", "file-map", "file-map-persistent", "qsd-copy"])
+                         ids=["file-copy", "file-copy-persistent", "file-map", "file-map-persistent",
+                              "qsd-copy-persistent"])
 @pytest.mark.parametrize("abi", [Abi.NATIVE, Abi.X86_32], ids=["x86_64", "x86_32"])
 @pytest.mark.parametrize("order,nrings,indirect", [(0, 1, False), (4, 4, True)],
                          ids=["order0-1ring-direct", "order4-4rings-indirect"])
@@ -108,7 +112,15 @@ async def test_random_workload_matches_model_and_file(tmp_path, platform, guest,
             vbd.close()
 
 
-async def test_nothing_left_behind_after_disconnect(tmp_path, platform, guest):
+@pytest.fixture
+def roomy_guest(hv_socket):
+    """A guest with room for every data path's pages in turn (its frames are not given back between them)."""
+    g = Guest.create(hv_socket, pages=2048, grant_frames=8)
+    yield g
+    g.close()
+
+
+async def test_nothing_left_behind_after_disconnect(tmp_path, platform, roomy_guest):
     """No task, fd, memory region or grant mapping survives a connection.
 
     A first connection warms up what legitimately outlives it (the simulated
@@ -116,6 +128,7 @@ async def test_nothing_left_behind_after_disconnect(tmp_path, platform, guest):
     storage); from then on every connect/disconnect cycle must give back
     exactly the fds it took.
     """
+    guest = roomy_guest
     path = make_disk_file(tmp_path / "disk.img")
     tasks_before = count_tasks()
     for data_path, persistent in PATHS:
@@ -164,11 +177,11 @@ async def test_reconnect_serves_again(tmp_path, platform, guest):
 
 async def test_bad_connection_specs_are_refused_and_leave_nothing(tmp_path, platform, guest):
     path = make_disk_file(tmp_path / "disk.img")
-    vbd = make_vbd(path, queues=1, ring_page_order=1)
+    vbd = make_vbd(path, queues=1, ring_page_order=1, persistent_grants=False)
     try:
         too_many = TestFrontend(guest, nrings=2)
         too_big = TestFrontend(guest, order=2)
-        persistent_on_copy = TestFrontend(guest, persistent=True)
+        persistent_not_offered = TestFrontend(guest, persistent=True)
         front = TestFrontend(guest)
         with pytest.raises(VbdConnectError, match="cannot map ring"):  # a ref never granted
             spec = front.spec()
@@ -176,7 +189,7 @@ async def test_bad_connection_specs_are_refused_and_leave_nothing(tmp_path, plat
                                            (spec.rings[0].__class__(0, (3999,), spec.rings[0].event_channel),)),
                             platform)
         fds = open_fds()  # from here on (the sim gntdev has looked at the guest's memory)
-        for bad in (too_many, too_big, persistent_on_copy):
+        for bad in (too_many, too_big, persistent_not_offered):
             with pytest.raises(VbdConnectError):
                 await vbd.serve(bad.spec(), platform)
         # an unbindable port: the ring mapping is released again
@@ -188,7 +201,7 @@ async def test_bad_connection_specs_are_refused_and_leave_nothing(tmp_path, plat
         assert all(guest.end_access(ref) for ref in front.rings[0].refs)
         assert not vbd.serving
         assert open_fds() == fds
-        for f in (too_many, too_big, persistent_on_copy, front):
+        for f in (too_many, too_big, persistent_not_offered, front):
             f.close()
     finally:
         vbd.close()
@@ -212,8 +225,11 @@ def test_features_follow_config_and_storage(tmp_path):
     assert (f.sectors, f.sector_size, f.physical_sector_size) == (2 << 20, 512, 4096)
     assert f.flush and f.barrier and not f.discard_secure
     assert f.discard and f.discard_by_write_zeroes and f.discard_granularity == 512
-    assert f.max_indirect_segments == 256 and f.max_queues == 2 and not f.persistent
-    assert f.connect_nodes()["feature-persistent"] == "0"
+    # (persistent grants by default, on the copy path too: its engine copies the mapped pages itself)
+    assert f.max_indirect_segments == 256 and f.max_queues == 2 and f.persistent and f.data_path == "copy"
+    assert f.connect_nodes()["feature-persistent"] == "1"
+    off = disk_config(tmp_path / "x.img", persistent_grants=False)
+    assert derive_features(off, _limits(), capacity=1 << 30, num_queues=1).connect_nodes()["feature-persistent"] == "0"
     assert f.probe_nodes() == {"feature-max-indirect-segments": "256", "multi-queue-max-queues": "2",
                                "max-ring-page-order": "4"}
     # vhost-user-like storage: real discard with its granularity, indirect bounded by max-segments
@@ -240,7 +256,7 @@ def test_features_follow_config_and_storage(tmp_path):
     assert f.request_limits(100).sectors == 100 and f.request_limits().max_indirect_segments == 256
     # storage that needs registered memory cannot take grant-mapped pages: copy, whatever the config
     f = derive_features(mapped, vu, capacity=1 << 30, num_queues=1)
-    assert f.data_path == "copy" and not f.persistent and f.max_indirect_segments == 126
+    assert f.data_path == "copy" and f.persistent and f.max_indirect_segments == 126
 
 
 async def test_online_resize_is_seen_and_applied(tmp_path, platform, guest):

@@ -76,7 +76,7 @@ def test_requests_per_io_follows_the_backend_limit():
 
 # ---------------------------------------------------------------- the bridge
 
-@pytest.mark.parametrize("path", ["copy", "map", "map+persistent"])
+@pytest.mark.parametrize("path", ["copy", "copy+persistent", "map", "map+persistent"])
 def test_bridge_writes_land_where_and_as_the_guest_sent_them(hv_socket, file_target, path):
     # 128 KiB sequential writes (indirect requests) over a 2 MiB file: every
     # 4 KiB block must end up holding one of the guest's pages, and each

@@ -85,7 +85,7 @@ async def test_demo_vhost_user_json_summary(tmp_path):
     assert (summary["driver"], summary["data_path"]) == ("virtio-blk-vhost-user", "copy")
     negotiated = summary["negotiated"]
     assert (negotiated["queues"], negotiated["ring_page_order"], negotiated["max_indirect_segments"]) == (1, 2, 32)
-    assert negotiated["persistent_grants"] is False  # offered only on the map path
+    assert negotiated["persistent_grants"] is True  # offered on the copy path too (the engine copies them)
     assert "starting qemu-storage-daemon" in result.stderr.decode()
     assert_cleaned_up(tmp_path)
 
@@ -98,7 +98,7 @@ async def test_demo_text_summary_and_map_refused_for_vhost_user(tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     text = result.stdout.decode()
     assert text.startswith("xenblk-vhost demo: PASSED  (io_uring, copy data path")
-    assert "negotiated: ABI x86_64-abi, 1 queue(s), ring order 2, indirect 32, persistent grants no" in text
+    assert "negotiated: ABI x86_64-abi, 1 queue(s), ring order 2, indirect 32, persistent grants yes" in text
     assert "0 mismatches, 0 I/O errors, 0 protocol errors" in text
     assert "counters agree with the guest" in text
     assert_cleaned_up(tmp_path)

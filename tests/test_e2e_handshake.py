@@ -41,7 +41,8 @@ async def test_handshake_publishes_blkbacks_nodes_and_serves_verified_data(tmp_p
             # Before the frontend does anything: the probe keys and InitWait.
             before = await tree(world.xs, vbd.backend)
             assert before["state"] == "2"
-            assert set(before) == LIBXL_KEYS | BLKBACK_PROBE_KEYS
+            # (feature-persistent already at probe, as we offer it: blkback writes it at connect)
+            assert set(before) == LIBXL_KEYS | BLKBACK_PROBE_KEYS | {"feature-persistent"}
             assert (before["multi-queue-max-queues"], before["max-ring-page-order"],
                     before["feature-max-indirect-segments"]) == ("2", "2", "64")
 
@@ -56,7 +57,7 @@ async def test_handshake_publishes_blkbacks_nodes_and_serves_verified_data(tmp_p
                 physical = int(nodes["physical-sector-size"])  # the file system's preferred I/O size
                 assert physical >= 512 and physical & (physical - 1) == 0
                 assert (nodes["feature-flush-cache"], nodes["feature-barrier"], nodes["feature-discard"],
-                        nodes["feature-persistent"]) == ("1", "1", "1", "0")
+                        nodes["feature-persistent"]) == ("1", "1", "1", "1")  # (by default, on the copy path too)
                 neg = info["negotiated"]
                 # The frontend took what we offered, no more.
                 assert (neg["nr_rings"], neg["ring_page_order"], neg["max_indirect_segments"]) == (2, 2, 64)

@@ -70,8 +70,8 @@ async def test_a_hostile_guest_cannot_hurt_the_service_or_its_neighbour(tmp_path
     assert r.fds.after <= r.fds.baseline and r.fds.peak <= r.fds.baseline + 8  # racer pipes
     assert r.tasks.after <= r.tasks.baseline + 1 and r.tasks.peak <= r.tasks.baseline + 4
     assert r.rss.peak - r.rss.baseline < RSS_BOUND
-    if data_path == "copy":  # only the ring is mapped
-        assert r.maps.peak == r.maps.baseline == r.maps.after == 1
+    if data_path == "copy":  # the ring, and the persistent grants the engine copies with (bounded): no batch mapping
+        assert r.maps.baseline >= 1 and r.maps.peak <= 1 + MAX_PERSISTENT_GRANTS
     else:  # the ring, the persistent grants kept (bounded), one batch mapping per slot in flight
         assert r.maps.peak <= 1 + MAX_PERSISTENT_GRANTS + RING_INFLIGHT
     # Mallory vanished with a ring of requests in flight: everything of hers released.

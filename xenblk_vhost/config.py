@@ -14,7 +14,7 @@ A file names its domain and its disks::
         ring_page_order: 4        # largest ring offered (max-ring-page-order)
         max_indirect_segments: 256
         data_path: copy           # copy | map
-        persistent_grants: true   # only with data_path: map
+        persistent_grants: true   # feature-persistent, both data paths
         ring_workers: inline      # inline | process (each ring in a process of its own)
         discard: true
         limits: {max_inflight: 128, memory: 64MiB}   # per ring

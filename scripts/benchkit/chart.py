@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PATH_COLOURS = {"copy": "#1f77b4", "map": "#ff7f0e", "map+persistent": "#2ca02c"}
+PATH_COLOURS = {"copy": "#1f77b4", "copy+persistent": "#9467bd", "map": "#ff7f0e", "map+persistent": "#2ca02c"}
 RAW_COLOUR = "#9a9a9a"
 
 

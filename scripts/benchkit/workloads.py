@@ -93,9 +93,10 @@ QUICK = (
     Workload("write", "seq", 1 * MIB, 8, 0, 1),
 )
 
-# Data paths: copy works on every driver; map (+persistent) only where the
-# storage can use any memory (io_uring), not over vhost-user.
-PATHS = ("copy", "map", "map+persistent")
+# Data paths: copy (+persistent: the frontend's persistent grants mapped, the ring engine
+# copying them itself) works on every driver; map (+persistent) only where the storage can
+# use any memory (io_uring), not over vhost-user.
+PATHS = ("copy", "copy+persistent", "map", "map+persistent")
 MAP_CAPABLE_DRIVERS = frozenset({"io_uring", "nvme-io_uring"})
 
 
@@ -103,7 +104,8 @@ def parse_path(path: str) -> tuple[str, bool]:
     """'map+persistent' -> ('map', True); 'copy' -> ('copy', False)."""
     if path not in PATHS:
         raise ValueError(f"unknown data path {path!r} (one of {', '.join(PATHS)})")
-    return ("map", True) if path == "map+persistent" else (path, False)
+    base, _, persistent = path.partition("+")
+    return base, bool(persistent)
 
 
 def select(workloads, names: str | None) -> list[Workload]:

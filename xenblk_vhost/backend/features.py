@@ -28,8 +28,10 @@ Decisions, each as Linux blkback makes it unless noted:
                        pages, so that at least two such requests fit); values
                        up to 11 mean no indirect at all (0), as a frontend
                        would not use them
-  feature-persistent   config persistent_grants, and only with data_path map
-                       (on the copy path a persistent mapping saves nothing)
+  feature-persistent   config persistent_grants (both data paths: the map
+                       path maps each page once instead of per request; the
+                       copy path's ring engine copies to and from the mapped
+                       pages itself instead of asking Xen: copy_grants.py)
   data path            config data_path, except that storage whose buffers
                        must lie in registered memory regions (vhost-user,
                        vDPA: needs-mem-regions) always gets copy: grant-mapped
@@ -143,7 +145,7 @@ def derive_features(disk: DiskConfig, storage: StorageLimits, *, capacity: int, 
         discard_secure=False,
         discard_by_write_zeroes=discard and not storage.supports_discard,
         max_indirect_segments=max_indirect_segments(disk, storage, data_path),
-        persistent=disk.persistent_grants and data_path == "map",
+        persistent=disk.persistent_grants,
         max_queues=num_queues,
         max_ring_page_order=disk.ring_page_order,
         data_path=data_path,

@@ -162,6 +162,11 @@ struct xb_engine {
     uint32_t syscalls;
     uint32_t sleeps;
     uint32_t unsubmitted;     /* internal: requests queued since the last blkioq_do_io */
+    /* feature-persistent on the copy path: the ring's struct xk_pgrants (native.h; 0: none) and scratch for the
+     * segments that still go to Xen (struct xk_copy_seg[room_segs], uint32[room_segs]) */
+    uintptr_t pgrants;
+    uintptr_t pg_rest;
+    uintptr_t pg_idx;
     uint32_t idle_untimed;    /* in: xb_engine_serve's sleep has no timeout while the call has nothing to report
                                * (nothing taken, answered or spurious) and nothing is in the storage: an idle
                                * ring then costs its process no wake-up at all (each cost the rig's TCG dom0

@@ -22,7 +22,8 @@ from .cffi_build import CffiModule
 HERE = Path(__file__).resolve().parent
 MODULE = "_xenblk_native"
 HEADER = "native.h"
-C_SOURCES = ("sim_grant_copy.c", "pack_segments.c", "intake_kernel.c", "journal_kernel.c", "lane_kernel.c")
+C_SOURCES = ("sim_grant_copy.c", "pack_segments.c", "intake_kernel.c", "journal_kernel.c", "lane_kernel.c",
+             "pgrant_table.c")
 SOURCES = (HEADER, *C_SOURCES, "build.py")  # and cffi_build.py, which CffiModule stamps itself
 NATIVE = CffiModule(MODULE, HERE, HEADER, C_SOURCES,
                     stamped=(HERE / "build.py", HERE / "copy_seg.h", HERE / "lane_entry.h"))

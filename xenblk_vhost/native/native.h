@@ -263,3 +263,43 @@ uint32_t xk_lane_held_slots(const struct xk_lane_slot *table, uint32_t nslots, u
 /* 1 if every one of the count records is a READ or WRITE of 1..11 direct segments (what the lane
  * takes whole, without building the intake's objects), else 0. */
 int xk_lane_all_plain(const struct xk_req *recs, uint32_t count);
+
+/* A ring's persistently mapped grants (feature-persistent on the copy path: pgrant_table.c;
+ * backend/datapath/copy_grants.py owns one and fills it): gref -> the address of its page mapped
+ * read-write in this process, for the ring engine's copies, which become a memcpy for a segment
+ * whose gref is here instead of a part of Xen's GNTTABOP_copy. Open addressing (linear probing from
+ * the gref's Fibonacci hash, deletion by backward shift); key gref + 1, 0: empty. The owner changes
+ * it only while no engine call runs. used: set by every hit (the owner's LRU reads and clears it).
+ * miss[0..nmiss): grefs of segments that went to Xen for want of a mapping (the owner maps them and
+ * sets nmiss to 0; more than miss_room are not recorded); hits: segments copied here, cumulative. */
+struct xk_pgrant_slot {
+    uint32_t key;
+    uint32_t used;
+    uint64_t addr;
+};
+struct xk_pgrants {
+    struct xk_pgrant_slot *slots;
+    uint32_t mask;            /* slots - 1: a power of two of at least twice max */
+    uint32_t shift;           /* 32 - log2(slots) */
+    uint32_t count;
+    uint32_t max;
+    uint32_t *miss;
+    uint32_t miss_room;
+    uint32_t nmiss;
+    uint64_t hits;
+};
+/* The page address of gref (its used flag set), 0 if it is not mapped here. */
+uint64_t xk_pg_find(struct xk_pgrants *t, uint32_t gref);
+/* gref's page is at addr: 1 added, 0 replaced, -1 refused (the table holds max, or gref is 2**32 - 1). */
+int xk_pg_put(struct xk_pgrants *t, uint32_t gref, uint64_t addr);
+/* gref forgotten (before its page is unmapped): 1, or 0 if it was not here. */
+int xk_pg_del(struct xk_pgrants *t, uint32_t gref);
+/* The grefs whose used flag is set, flags cleared, into out (up to room; the rest stay flagged). */
+uint32_t xk_pg_take_used(struct xk_pgrants *t, uint32_t *out, uint32_t room);
+/* The persistent part of a grant copy of segs[0..n) (packed as for IOCTL_GNTDEV_GRANT_COPY, the foreign
+ * side domid's): a segment with one foreign side whose gref is in t and whose range lies in the page is
+ * copied with memcpy, status GNTST_okay (0); every other one is appended to rest[] and its index to
+ * idx[] (room for n each), its gref recorded as a miss, for Xen's copy (whose statuses the caller puts
+ * back: segs[idx[k]].status = rest[k].status). Returns how many went to rest. */
+uint32_t xk_pg_copy(struct xk_pgrants *t, struct xk_copy_seg *segs, uint32_t n, uint16_t domid,
+                    struct xk_copy_seg *rest, uint32_t *idx);

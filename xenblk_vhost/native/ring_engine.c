@@ -124,18 +124,38 @@ static inline uint32_t load_shared(const struct xb_engine *e, uint32_t off)
     return __atomic_load_n((const uint32_t *)(uintptr_t)(e->sring + off), __ATOMIC_ACQUIRE);
 }
 
-/* The grant copy of n packed segments; how many failed (0: all copied). */
+static void xen_copy(struct xb_engine *e, struct xk_copy_seg *segs, uint32_t n);
+
+/* The grant copy of n packed segments; how many failed (0: all copied). The segments whose grant is
+ * persistently mapped (e->pgrants) are copied here (xk_pg_copy); only the others go to Xen. */
 static uint32_t grant_copy(struct xb_engine *e, struct xk_copy_seg *segs, uint32_t n)
 {
     if (!n)
         return 0;
+    if (e->pgrants) {
+        struct xk_copy_seg *rest = (struct xk_copy_seg *)(uintptr_t)e->pg_rest;
+        uint32_t *idx = (uint32_t *)(uintptr_t)e->pg_idx;
+        uint32_t m = xk_pg_copy((struct xk_pgrants *)(uintptr_t)e->pgrants, segs, n, e->domid, rest, idx);
+        if (m) {
+            xen_copy(e, rest, m);
+            for (uint32_t k = 0; k < m; k++)
+                segs[idx[k]].status = rest[k].status;
+        }
+        return m ? xk_copy_failures(segs, n) : 0;
+    }
+    xen_copy(e, segs, n);
+    return xk_copy_failures(segs, n);
+}
+
+/* Xen's grant copy of n packed segments (statuses in them): gntdev's ioctl, or the simulated hypervisor's. */
+static void xen_copy(struct xb_engine *e, struct xk_copy_seg *segs, uint32_t n)
+{
     if (e->copy_kind == XB_COPY_GNTDEV) {
         struct gntdev_copy_arg arg = {n, 0, segs};
         e->syscalls++;
         if (ioctl(e->copy_fd, (unsigned long)e->copy_request, &arg) < 0) {
             for (uint32_t i = 0; i < n; i++)  /* as a whole (grant_copy_batch's OSError): all failed */
                 segs[i].status = -1;
-            return n;
         }
     } else {
         /* the simulated hypervisor's: its checks, on the domain's tables, or GNTST_bad_domain if it died.
@@ -151,7 +171,6 @@ static uint32_t grant_copy(struct xb_engine *e, struct xk_copy_seg *segs, uint32
             xk_sim_grant_copy(segs, 0, (int)n, e->domid, e->ldomid, NULL, 0, NULL, NULL, 0);
         e->copy_ns += monotonic_ns() - t0;
     }
-    return xk_copy_failures(segs, n);
 }
 
 /* The distinct owner slots of the failed segments, into e->failed (CopyBatch.failed_owners' order). */

@@ -8,11 +8,16 @@
 #   1. xvda = kernel xen-blkback on a loop device over the image (the reference);
 #   2. then, blkback unloaded, `xenblk-vhost run` (libxl's phy route, our
 #      hotplug script) serves four disks, all over that same image:
-#      xvda grant copy, xvdb grant map, xvdc grant map + persistent grants,
-#      xvdd grant copy with its ring in a ring worker process (`ring_workers:
-#      process`: the ring engine then also sleeps in its own poll, no trio
-#      between requests) (io_uring, buffered: tmpfs has no O_DIRECT, and the
-#      loop device under blkback is buffered too).
+#      xvda grant copy without persistent grants (`persistent_grants: false`:
+#      every byte copied by Xen's grant copy), xvdb grant copy with them (the
+#      default: the ring engine copies to and from the frontend's persistently
+#      mapped pages itself), xvdc grant map + persistent grants, xvdd grant
+#      copy (with persistent grants) with its ring in a ring worker process
+#      (`ring_workers: process`: the ring engine then also sleeps in its own
+#      poll, no trio between requests) (io_uring, buffered: tmpfs has no
+#      O_DIRECT, and the loop device under blkback is buffered too). Until
+#      step 22 xvdb was grant map without persistent grants (`xbv-map`, the
+#      slowest in every boot) and xvda and xvdd copied through Xen.
 # Each guest runs the fio jobs (libaio, O_DIRECT, 10 s each) on its disks,
 # every disk in turn per job: 4K random read QD1, 4K random read QD32, 4K
 # random write QD32, 1M sequential read QD8, 1M sequential write QD8.
@@ -101,15 +106,15 @@ losetup -d "$LOOP"; LOOP=""
 
 # ---------------------------------------------------------------- 2. xenblk-vhost, three data paths, two ways
 xb_yaml "$CFG" $NAME \
-  "{vdev: xvda, driver: io_uring, path: $IMG, direct: false, data_path: copy}" \
-  "{vdev: xvdb, driver: io_uring, path: $IMG, direct: false, data_path: map, persistent_grants: false}" \
+  "{vdev: xvda, driver: io_uring, path: $IMG, direct: false, data_path: copy, persistent_grants: false}" \
+  "{vdev: xvdb, driver: io_uring, path: $IMG, direct: false, data_path: copy}" \
   "{vdev: xvdc, driver: io_uring, path: $IMG, direct: false, data_path: map, persistent_grants: true}" \
   "{vdev: xvdd, driver: io_uring, path: $IMG, direct: false, data_path: copy, ring_workers: process}"
 # (no CPU timeline: bench_monitor reads the daemon's CPU around each job; the timeline's shell loop forked
 # four processes every 2 s, 5-8 % of dom0's samples in perf's reports of the xenblk-vhost jobs and none of
 # blkback's: it ran only beside the daemon)
 XB_CPU_TIMELINE=0 xb_start_daemon bench "$CFG"
-bench_guest xenblk-vhost xvda=xbv-copy xvdb=xbv-map xvdc=xbv-map+persist xvdd=xbv-copy-proc -- \
+bench_guest xenblk-vhost xvda=xbv-copy xvdb=xbv-copy+persist xvdc=xbv-map+persist xvdd=xbv-copy-proc -- \
   "$(xb_phy_disk xvda "$CFG")" "$(xb_phy_disk xvdb "$CFG")" "$(xb_phy_disk xvdc "$CFG")" \
   "$(xb_phy_disk xvdd "$CFG")"
 xb_stop_daemon "bench daemon"

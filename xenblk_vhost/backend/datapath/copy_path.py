@@ -31,6 +31,7 @@ from ...blkif.request import WireSegments
 from ...storage import StorageDevice
 from ...xen.gntdev import CopyBatch, load_compiled_packing
 from ...xen.interfaces import Gntdev
+from .copy_grants import CopyGrants
 from .copy_lane import MIN_BATCH, CopyLane
 from .grant_copy import run_batch
 from .ring_engine import EngineCopier
@@ -97,13 +98,14 @@ class CopyDataPath:
     """A DataPath (data_path.py): each request's data in one bounce buffer of the ring's region."""
 
     uses_iovecs = False  # one contiguous buffer per request
-    keeps_grants = False
-    persistent_grants = 0
 
     def __init__(self, storage: StorageDevice, gntdev: Gntdev, domid: int, *, slots: int, large_buffers: int,
-                 max_request_bytes: int) -> None:
+                 max_request_bytes: int, grants: CopyGrants | None = None) -> None:
         self.gntdev = gntdev
         self.domid = domid
+        # feature-persistent: the frontend's persistent grants mapped for the ring engine's memcpy (copy_grants.py)
+        self.grants = grants
+        self.keeps_grants = grants is not None
         self._large_size = max_request_bytes if large_buffers else 0
         small_total = slots * SMALL_BUFFER
         self.region = storage.alloc_mem_region(small_total + large_buffers * self._large_size)
@@ -271,9 +273,21 @@ class CopyDataPath:
         gntdev = self.gntdev
         return gntdev.engine_copier(self.domid) if isinstance(gntdev, EngineCopier) else None
 
+    def engine_grants(self) -> CopyGrants | None:
+        """The ring's persistently mapped grants, whose table the ring engine copies with, or None."""
+        return self.grants
+
+    @property
+    def persistent_grants(self) -> int:
+        return len(self.grants) if self.grants is not None else 0
+
     def idle(self) -> None:
-        """Nothing kept for speed: the region is fixed for the connection."""
+        """The ring has nothing to do: unmap persistent grants unused for long (the region is fixed)."""
+        if self.grants is not None:
+            self.grants.purge()
 
     def close(self) -> None:
+        if self.grants is not None:
+            self.grants.close()
         if not self.region.released and not self._storage.closed:
             self._storage.release_mem_region(self.region)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from .copy_grants import CopyGrants
 from .copy_lane import CopyLane
 from .slots import Slot
 
@@ -68,6 +69,10 @@ class DataPath(Protocol):
 
     def engine_copier(self) -> dict[str, int] | None:
         """How the ring engine (ring_engine.py) runs this path's grant copies, or None: no engine."""
+        ...
+
+    def engine_grants(self) -> CopyGrants | None:
+        """The persistently mapped grants the ring engine copies to and from itself (copy_grants.py), or None."""
         ...
 
     def idle(self) -> None:

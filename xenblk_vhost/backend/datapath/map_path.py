@@ -174,6 +174,9 @@ class MapDataPath:
     def engine_copier(self) -> dict[str, int] | None:
         return None  # (no lane, no engine)
 
+    def engine_grants(self) -> None:
+        return None  # (no engine)
+
     def finish(self, slots: list[Slot]) -> list[Slot]:
         """Release the slots' mappings; return those whose pages are all unmapped (answer them)."""
         ready: list[Slot] = []

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from ...xen.interfaces import GrantMapError
 
@@ -55,8 +56,10 @@ class _Entry:
 class PersistentGrants:
     def __init__(self, gntdev, domid: int, *, max_grants: int = DEFAULT_MAX_GRANTS,
                  unused_seconds: float = DEFAULT_UNUSED_SECONDS, trim_interval: float = DEFAULT_TRIM_INTERVAL,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, on_unmap: Callable[[int], None] | None = None) -> None:
         self.gntdev = gntdev
+        # Told each gref just before its page is unmapped (the copy path's table forgets it: copy_grants.py).
+        self.on_unmap = on_unmap
         self.domid = domid
         self.max_grants = max_grants
         self.unused_seconds = unused_seconds
@@ -99,6 +102,19 @@ class PersistentGrants:
         entry.users -= 1
         entry.last_used = self._clock() if now is None else now
 
+    def touch(self, gref: int, now: float) -> None:
+        """gref's page was used (by someone that does not acquire: the ring engine's copies) at now."""
+        entry = self._entries.get(gref)
+        if entry is not None:
+            self._entries.move_to_end(gref)
+            entry.last_used = now
+
+    def _unmap(self, gref: int) -> None:
+        entry = self._entries.pop(gref)
+        if self.on_unmap is not None:
+            self.on_unmap(gref)
+        entry.mapping.close()
+
     def trim(self, now: float) -> int:
         """If a gref found the cache full and trim_interval has passed since the last trim, unmap up to
         5% of the entries, least recently used first, skipping busy ones; returns how many.
@@ -117,7 +133,7 @@ class PersistentGrants:
                 if len(victims) >= want:
                     break
         for gref in victims:
-            self._entries.pop(gref).mapping.close()
+            self._unmap(gref)
         return len(victims)
 
     def purge_unused(self) -> int:
@@ -125,14 +141,13 @@ class PersistentGrants:
         horizon = self._clock() - self.unused_seconds
         stale = [g for g, e in self._entries.items() if e.users == 0 and e.last_used < horizon]
         for gref in stale:
-            self._entries.pop(gref).mapping.close()
+            self._unmap(gref)
         return len(stale)
 
     def close(self) -> None:
         """Unmap everything (disconnect). Entries still in use are a caller bug but are unmapped too."""
-        while self._entries:
-            _, entry = self._entries.popitem()
-            entry.mapping.close()
+        for gref in list(self._entries):
+            self._unmap(gref)
 
 
 __all__ = ["PersistentGrants", "GrantMapError", "DEFAULT_MAX_GRANTS"]

@@ -163,12 +163,13 @@ def latency_sample(lib: Any) -> int:
 class RingEngine:
     """One ring's struct xb_engine and its scratch arrays (all owned here: the struct points into them)."""
 
-    __slots__ = ("_ffi", "e", "_run", "_reap", "_serve", "_keep", "_stack", "queue", "_notifier_of")
+    __slots__ = ("_ffi", "e", "_run", "_reap", "_serve", "_keep", "_stack", "queue", "_notifier_of", "grants")
 
     def __init__(self, blkio: Any, *, ring: Any, cfg_address: int, rsp_address: int, sring: int,
                  journal_address: int, lane: Any, queue: Any, handles: tuple[int, int, int], copier: dict[str, int],
                  notifier: tuple[int, int, int, int, int, int], notifier_of: Any = None,
-                 indirect: tuple[int, int, int, int, int] | None = None, per_frame: int = 0) -> None:
+                 indirect: tuple[int, int, int, int, int] | None = None, per_frame: int = 0,
+                 grants: Any = None) -> None:
         ffi, lib = blkio.ffi, blkio.lib
         self._ffi = ffi
         self.queue = queue
@@ -198,6 +199,11 @@ class RingEngine:
         if max_ind:
             keep.append(ffi.new("uint16_t[]", ring.size))                                  # lens
             keep.append(ffi.new("uint8_t[]", max(1, per_frame) * max_ind * 8))           # jind
+        # Persistent grants (copy_grants.py): the table, and scratch for the segments that still go to Xen.
+        self.grants = grants
+        if grants is not None:
+            keep.append(ffi.new("uint8_t[]", 24 * room_segs))   # pg_rest
+            keep.append(ffi.new("uint32_t[]", room_segs))       # pg_idx
         self._keep = keep
         addr = [int(ffi.cast("uintptr_t", a)) for a in keep]
         e.sring = sring
@@ -214,6 +220,9 @@ class RingEngine:
             e.lens, e.jind = addr[11:13]
             e.ind, e.max_ind = lane.ind_addr, max_ind
             e.grefs_off, e.large, e.nlarge, e.region, e.max_transfer = indirect
+        if grants is not None:
+            e.pgrants = grants.address
+            e.pg_rest, e.pg_idx = addr[-2:]
         e.nbounds = len(LATENCY_BOUNDS)
         e.table = lane.table_addr
         e.nslots = nslots
@@ -332,6 +341,8 @@ def make_engine(*, ring: Any, intake: Any, answers: Any, journal: Any, lane: Any
             return None
         journal_address = journal.c_state_address
         per_frame = journal.geometry.per_frame
+    grants_of = getattr(datapath, "engine_grants", None)
+    grants = grants_of() if grants_of is not None else None
     copier = copier_of()
     notifier = notifier_of()
     if copier is None or notifier is None:
@@ -348,4 +359,4 @@ def make_engine(*, ring: Any, intake: Any, answers: Any, journal: Any, lane: Any
     return RingEngine(blkio, ring=ring, cfg_address=cfg_address, rsp_address=answers.ctx_address,
                       sring=answers.sring_address, journal_address=journal_address, lane=lane, queue=queue,
                       handles=handles, copier=copier, notifier=notifier, notifier_of=notifier_of, indirect=indirect,
-                      per_frame=per_frame)
+                      per_frame=per_frame, grants=grants)

@@ -635,6 +635,10 @@ class RingWorker:
         if top:
             free.extend(top)
         took = e.taken_n
+        grants = engine.grants
+        if grants is not None:  # the persistent grants it found unmapped get mapped now, between its calls
+            grants.absorb()
+            self.stats.persistent_grants = len(grants)
         self.stats.engine_syscalls += e.syscalls
         self.stats.engine_sleeps += e.sleeps
         if served:

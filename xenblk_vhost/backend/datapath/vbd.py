@@ -70,6 +70,7 @@ from ...xen.interfaces import EventChannel, GrantMapping, Platform
 from ..contract import ConnectionSpec, RingSpec, VbdConnectError
 from ..features import MAX_PERSISTENT_GRANTS, VbdFeatures, derive_features
 from .barrier import BarrierGate
+from .copy_grants import CopyGrants
 from .copy_path import CopyDataPath, plan_bounce
 from .data_path import DataPath
 from .journal import JournalGeometry
@@ -476,8 +477,12 @@ class Vbd:
             slots, nlarge = plan_bounce(self.disk.memory, max_slots, max_request_bytes)
 
             def new_datapath(storage: StorageDevice) -> DataPath:
+                grants = None
+                if spec.persistent_grants:  # (a fresh table with each storage instance: mapped again lazily)
+                    grants = CopyGrants.make(platform.gntdev, domid, max_grants=self.max_persistent_grants,
+                                             trim_interval=self.persistent_trim_interval)
                 return CopyDataPath(storage, platform.gntdev, domid, slots=slots, large_buffers=nlarge,
-                                    max_request_bytes=max_request_bytes)
+                                    max_request_bytes=max_request_bytes, grants=grants)
 
             res.new_datapath = new_datapath
             res.datapath = new_datapath(self.storage)
