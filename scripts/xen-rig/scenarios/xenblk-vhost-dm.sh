@@ -3,10 +3,12 @@
 # with device_model_override = the xenblk-vhost console script, which libxl
 # execs with QEMU's arguments (it answers libxl's QMP and serves
 # backend/qdisk) and device_model_args_pv naming the YAML. The disk uses the
-# grant-copy data path (the default): feature-persistent is offered as 0 and
-# the guest must say "persistent grants: disabled" while still using indirect
-# descriptors. The guest is blkback-reference's ref-default (1 vCPU, one-page
-# ring) and must negotiate what that one did, persistent grants aside.
+# grant-copy data path (the default) with persistent grants (the default since
+# step 22: the ring engine copies the mapped pages itself): feature-persistent
+# is offered as 1 and the guest must say "persistent grants: enabled" (and
+# bounce its data through them), with indirect descriptors. The guest is
+# blkback-reference's ref-default (1 vCPU, one-page ring) and must negotiate
+# what that one did, persistent grants included.
 # Then: the device model is gone with the guest, and dom0 finds the guest's
 # ext4 clean in the file.
 . "$RIG_DOM0/xenblk_lib.sh"
@@ -19,12 +21,13 @@ xb_yaml "$CFG" $NAME \
 DM=$RIG_VENV/bin/xenblk-vhost
 [ -x "$DM" ] || fail "$DM missing"
 
-SAME=(indirect_descriptors backend_max_indirect_segments segments_per_request flush discard ring_order
+SAME=(persistent_grants bounce_buffer backend_persistent indirect_descriptors backend_max_indirect_segments
+      segments_per_request flush discard ring_order
       backend_max_ring_order queues backend_max_queues guest_hw_queues sectors sector_size protocol)
 run_guest $NAME --disk "format=raw,vdev=xvda,access=rw,backendtype=qdisk,target=$IMG" \
   --cfg "device_model_override=\"$DM\"" --cfg "device_model_args_pv=[ \"--config=$CFG\" ]" \
   --expect xs.be.type=qdisk \
-  --expect neg.persistent_grants=disabled --expect neg.backend_persistent=0 --expect neg.bounce_buffer=disabled \
+  --expect neg.persistent_grants=enabled --expect neg.backend_persistent=1 --expect neg.bounce_buffer=enabled \
   --expect neg.indirect_descriptors=enabled --expect neg.backend_max_indirect_segments=256 \
   --expect neg.segments_per_request=32 --expect "neg.flush=flush diskcache: enabled" \
   --expect neg.discard=supported --expect neg.sectors=131072 --expect ro=0 --expect neg.protocol=x86_64-abi \
@@ -38,6 +41,8 @@ DMLOG=/var/log/xen/qemu-dm-$NAME.log
 cp "$DMLOG" "$OUT/" 2>/dev/null || fail "no device model log $DMLOG: libxl never started xenblk-vhost"
 grep -q "as the device model of domain" "$DMLOG" || fail "the device model log does not show xenblk-vhost starting"
 grep -q "device model for domain .* running" "$DMLOG" || fail "the device model never announced running"
+grep -Eq "the connection served .*; [1-9][0-9]* persistent grants mapped" "$DMLOG" \
+  || fail "no persistent grant was mapped: the ring engine copied everything through Xen"
 grep -qE "qdisk-[0-9]+-51712: .*Connected" "$DMLOG" || fail "the device model log shows no qdisk device reaching Connected"
 xb_log_clean "$DMLOG" "device model"
 i=0
