@@ -212,12 +212,15 @@ def test_a_connections_end_logs_what_it_served_and_the_engines_kernel_calls(capl
     took (what each costs a PV dom0); none taken: 0.00, no division by zero; the persistent grants mapped."""
     from types import SimpleNamespace
     totals = {"rd_req": 6, "wr_req": 4, "f_req": 1, "ds_req": 0, "errors": 0, "engine_req": 8, "poll_req": 7,
-              "poll_returns": 2, "engine_syscalls": 44, "engine_sleeps": 9, "persistent_grants": 35}
+              "poll_returns": 2, "engine_syscalls": 44, "engine_sleeps": 9, "persistent_grants": 35,
+              "copy_segs_mapped": 30, "copy_segs_xen": 6}
     with caplog.at_level(logging.INFO, logger="xenblk_vhost.backend.xenbus.device"):
         Device._log_served(SimpleNamespace(name="d5/51712"), totals)
         Device._log_served(SimpleNamespace(name="d6/51712"), {k: 0 for k in totals})
     first, second = (r.getMessage() for r in caplog.records)
     assert "served 11 requests (6 reads, 4 writes, 1 flushes, 0 discards; 0 errors)" in first
     assert "took 8 of them, 7 in its own poll" in first
-    assert first.endswith("it made 44 kernel calls (5.50 a request), 9 of them sleeps; 35 persistent grants mapped")
-    assert second.endswith("it made 0 kernel calls (0.00 a request), 0 of them sleeps; 0 persistent grants mapped")
+    assert first.endswith("it made 44 kernel calls (5.50 a request), 9 of them sleeps; 35 persistent grants mapped, "
+                          "30 of its 36 grant-copy segments copied from them")
+    assert second.endswith("it made 0 kernel calls (0.00 a request), 0 of them sleeps; 0 persistent grants mapped, "
+                           "0 of its 0 grant-copy segments copied from them")

@@ -246,6 +246,9 @@ async def test_a_persistent_frontend_on_the_copy_path_is_copied_by_the_engine(tm
             assert 0 < len(grants) <= max_grants
             assert sum(_mapped(guest, p.gref) for p in pages) == len(grants)
             assert vbd.stats()["total"]["persistent_grants"] == len(grants)
+            total = vbd.stats()["total"]
+            assert total["copy_segs_mapped"] == grants.hits  # (the operator's counters: ctl stats, Prometheus)
+            assert total["copy_segs_mapped"] + total["copy_segs_xen"] == 2 * n  # one segment a request
             if max_grants >= 8:
                 assert grants.mapped == 8  # each page once
                 assert grants.hits == n  # every read

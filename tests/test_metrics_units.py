@@ -55,6 +55,7 @@ def _snapshot(with_latency: bool) -> dict:
     ring = RingStats()
     ring.rd_req, ring.rd_sect, ring.wr_req, ring.wr_sect, ring.f_req, ring.oo_req = 3, 24, 2, 16, 1, 4
     ring.engine_syscalls, ring.engine_sleeps = 30, 5
+    ring.copy_segs_mapped, ring.copy_segs_xen = 40, 3
     snap = ring.snapshot()
     if with_latency:
         snap["latency"] = _latency([2, 3, 1], 0.042)
@@ -83,6 +84,8 @@ def test_collector_reads_the_snapshot_at_scrape_time():
     assert got[("xenblk_vbd_out_of_requests_total", ring)] == 4
     assert got[("xenblk_vbd_engine_syscalls_total", tuple(sorted(ring + (("kind", "all"),))))] == 30
     assert got[("xenblk_vbd_engine_syscalls_total", tuple(sorted(ring + (("kind", "sleep"),))))] == 5
+    assert got[("xenblk_vbd_engine_copy_segments_total", tuple(sorted(ring + (("how", "mapped"),))))] == 40
+    assert got[("xenblk_vbd_engine_copy_segments_total", tuple(sorted(ring + (("how", "xen"),))))] == 3
     assert got[("xenblk_vbd_connected", vbd)] == 1
     assert got[("xenblk_vbd_request_latency_seconds_bucket", tuple(sorted(vbd + (("le", "0.01"),))))] == 5
     assert got[("xenblk_vbd_request_latency_seconds_bucket", tuple(sorted(vbd + (("le", "+Inf"),))))] == 6

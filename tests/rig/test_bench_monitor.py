@@ -160,7 +160,8 @@ def test_ring_counters_per_job_and_table():
     reads = iter([
         {"xvda": dict.fromkeys(bm.RING_COUNTERS, 0)},  # BEGIN
         {"xvda": {"rd_req": 1000, "wr_req": 0, "engine_req": 900, "poll_req": 600, "poll_returns": 60,
-                  "spurious_wakeups": 7, "oo_req": 0, "engine_syscalls": 4500, "engine_sleeps": 900}},  # END
+                  "spurious_wakeups": 7, "oo_req": 0, "engine_syscalls": 4500, "engine_sleeps": 900,
+                  "copy_segs_mapped": 800, "copy_segs_xen": 100}},  # END
     ])
     col = bm.Collector({"xvda": "xbv-copy"}, counters, lambda: next(reads))
     for line in ("XENBLK-FIO-BEGIN xvda randread-4k-qd1", "XENBLK-FIO-END xvda randread-4k-qd1",
@@ -172,7 +173,7 @@ def test_ring_counters_per_job_and_table():
     text = bm.summary(bm.combine([col.results()], idle_rate=0.0))
     ring_line = [ln for ln in text.splitlines() if ln.startswith("randread-4k-qd1") and "90.0" in ln]
     assert ring_line, text
-    assert ring_line[0].split()[2:] == ["1000", "90.0", "60.0", "10.0", "7", "0", "5.00", "1.00"]
+    assert ring_line[0].split()[2:] == ["1000", "90.0", "60.0", "10.0", "7", "0", "5.00", "1.00", "88.9"]
 
 
 def test_no_ring_table_without_daemon_counters():

@@ -167,6 +167,10 @@ struct xb_engine {
     uintptr_t pgrants;
     uintptr_t pg_rest;
     uintptr_t pg_idx;
+    /* out, per call: grant-copy segments the engine copied itself from persistently mapped pages (pgrants), and
+     * those it handed to Xen's grant copy */
+    uint32_t pg_segs;
+    uint32_t xen_segs;
     uint32_t idle_untimed;    /* in: xb_engine_serve's sleep has no timeout while the call has nothing to report
                                * (nothing taken, answered or spurious) and nothing is in the storage: an idle
                                * ring then costs its process no wake-up at all (each cost the rig's TCG dom0

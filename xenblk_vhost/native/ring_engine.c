@@ -136,6 +136,7 @@ static uint32_t grant_copy(struct xb_engine *e, struct xk_copy_seg *segs, uint32
         struct xk_copy_seg *rest = (struct xk_copy_seg *)(uintptr_t)e->pg_rest;
         uint32_t *idx = (uint32_t *)(uintptr_t)e->pg_idx;
         uint32_t m = xk_pg_copy((struct xk_pgrants *)(uintptr_t)e->pgrants, segs, n, e->domid, rest, idx);
+        e->pg_segs += n - m;
         if (m) {
             xen_copy(e, rest, m);
             for (uint32_t k = 0; k < m; k++)
@@ -150,6 +151,7 @@ static uint32_t grant_copy(struct xb_engine *e, struct xk_copy_seg *segs, uint32
 /* Xen's grant copy of n packed segments (statuses in them): gntdev's ioctl, or the simulated hypervisor's. */
 static void xen_copy(struct xb_engine *e, struct xk_copy_seg *segs, uint32_t n)
 {
+    e->xen_segs += n;
     if (e->copy_kind == XB_COPY_GNTDEV) {
         struct gntdev_copy_arg arg = {n, 0, segs};
         e->syscalls++;
@@ -510,7 +512,7 @@ static int reap(struct xb_engine *e)
 static void reset_outs(struct xb_engine *e)
 {
     e->taken_n = e->queued = e->completed = e->reaped = e->held_n = e->nfailed = e->spurious = 0;
-    e->spins = e->syscalls = e->sleeps = 0;
+    e->spins = e->syscalls = e->sleeps = e->pg_segs = e->xen_segs = 0;
     e->notify_errno = 0;
     e->low = e->nfree;
 }

@@ -25,6 +25,8 @@ guest boot; its domid for a file that names none):
   xenblk_vbd_engine_syscalls_total{kind=all|sleep}         kernel calls the engine made itself, and of
                                                            them its sleeps (per request: what each costs
                                                            a PV dom0, a trip through Xen apiece)
+  xenblk_vbd_engine_copy_segments_total{how=mapped|xen}    the engine's grant-copy segments: copied by it
+                                                           from or to persistently mapped pages, or by Xen
   xenblk_vbd_requests_in_flight, xenblk_vbd_persistent_grants, xenblk_vbd_ring_halted
   xenblk_vbd_connected, xenblk_vbd_rings, xenblk_vbd_paused, xenblk_vbd_state (xenbus state number)
                                                            per vbd
@@ -131,6 +133,9 @@ class ServiceCollector(Collector):
         syscalls = CounterMetricFamily("xenblk_vbd_engine_syscalls", "Kernel calls the compiled ring engine "
                                        "made itself (kind=all), and of them its sleeps in poll (kind=sleep)",
                                        labels=_RING_LABELS + ("kind",))
+        copied = CounterMetricFamily("xenblk_vbd_engine_copy_segments", "Grant-copy segments of the compiled ring "
+                                     "engine: copied by it from or to persistently mapped pages (how=mapped), or "
+                                     "by Xen's grant copy (how=xen)", labels=_RING_LABELS + ("how",))
         in_flight = GaugeMetricFamily("xenblk_vbd_requests_in_flight", "Requests taken from the ring and not yet "
                                       "answered", labels=_RING_LABELS)
         pgrants = GaugeMetricFamily("xenblk_vbd_persistent_grants", "Grants kept mapped for the frontend",
@@ -186,13 +191,15 @@ class ServiceCollector(Collector):
                 polled.add_metric(labels, ring.get("poll_req", 0))
                 syscalls.add_metric(labels + ["all"], ring.get("engine_syscalls", 0))
                 syscalls.add_metric(labels + ["sleep"], ring.get("engine_sleeps", 0))
+                copied.add_metric(labels + ["mapped"], ring.get("copy_segs_mapped", 0))
+                copied.add_metric(labels + ["xen"], ring.get("copy_segs_xen", 0))
                 in_flight.add_metric(labels, ring["in_flight"])
                 pgrants.add_metric(labels, ring["persistent_grants"])
                 halted.add_metric(labels, 1 if ring["halted"] else 0)
             merged = merged_latency(vbd["rings"])
             if merged is not None:
                 latency.add_metric(who, cumulative_buckets(merged), merged["sum"])
-        yield from (requests, moved, oo, errors, spurious, engine, polled, syscalls, in_flight, pgrants, halted,
+        yield from (requests, moved, oo, errors, spurious, engine, polled, syscalls, copied, in_flight, pgrants, halted,
                     connected, rings, latency, info, paused, state, storage_up, losses, reconnects, retried)
 
 

@@ -59,7 +59,7 @@ REFERENCE = "blkback"
 QUIET_CHECK_S = 60  # no console line for this long (longer than a job): check the guest still exists
 # The daemon's ring counters read per job (observability/snapshot.py's "total" of each vbd).
 RING_COUNTERS = ("rd_req", "wr_req", "engine_req", "poll_req", "poll_returns", "spurious_wakeups", "oo_req",
-                 "engine_syscalls", "engine_sleeps")
+                 "engine_syscalls", "engine_sleeps", "copy_segs_mapped", "copy_segs_xen")
 PROFILE_RATE = 50  # py-spy samples per second (TCG: more costs the daemon a visible share of a CPU)
 PROFILE_TOP = 40  # functions listed in each .top.txt
 PROCESSES_SHOWN = 5  # per job and backend: the processes that spent most of dom0's CPU
@@ -436,20 +436,24 @@ def summary(results: dict) -> str:
                  for label, r in rows.items() if r.get("rings")]
     if ring_rows:
         lines += ["", f"{'job':18} {'backend':15} {'requests':>9} {'engine%':>8} {'poll%':>6} {'req/return':>10} "
-                      f"{'spurious':>9} {'oo_req':>7} {'sys/req':>8} {'sleep/req':>9}"]
+                      f"{'spurious':>9} {'oo_req':>7} {'sys/req':>8} {'sleep/req':>9} {'mapped%':>8}"]
         for job, label, c in ring_rows:
             n = c["rd_req"] + c["wr_req"]
             per_return = f"{c['poll_req'] / c['poll_returns']:10.1f}" if c["poll_returns"] else f"{'-':>10}"
             engine_n = max(c["engine_req"], 1)
+            segs = c.get("copy_segs_mapped", 0) + c.get("copy_segs_xen", 0)
+            mapped = f"{100 * c.get('copy_segs_mapped', 0) / segs:8.1f}" if segs else f"{'-':>8}"
             lines.append(f"{job:18} {label:15} {n:9d} {100 * c['engine_req'] / max(n, 1):8.1f} "
                          f"{100 * c['poll_req'] / max(n, 1):6.1f} {per_return} {c['spurious_wakeups']:9d} "
                          f"{c['oo_req']:7d} {c.get('engine_syscalls', 0) / engine_n:8.2f} "
-                         f"{c.get('engine_sleeps', 0) / engine_n:9.2f}")
+                         f"{c.get('engine_sleeps', 0) / engine_n:9.2f} {mapped}")
         lines.append("From the daemon's counters around each job (ctl stats): engine%: requests the compiled ring "
                      "engine took; poll%: of them in its own poll (no trio between requests); req/return: requests "
                      "per return of that poll to Python; spurious: wake-ups that found no request; sys/req, "
                      "sleep/req: kernel calls the engine made itself per request it took (each a trip through "
-                     "Xen in a PV dom0), and of them its sleeps in poll().")
+                     "Xen in a PV dom0), and of them its sleeps in poll(); mapped%: of the engine's grant-copy "
+                     "segments, those it copied itself from the frontend's persistently mapped pages (the rest "
+                     "went to Xen's grant copy).")
     proc_rows = [(job, label, r) for job, rows in results["jobs"].items() for label, r in rows.items()
                  if r.get("processes")]
     if proc_rows:

@@ -640,6 +640,8 @@ class RingWorker:
             grants.absorb()
             self.stats.persistent_grants = len(grants)
         self.stats.engine_syscalls += e.syscalls
+        self.stats.copy_segs_mapped += e.pg_segs
+        self.stats.copy_segs_xen += e.xen_segs
         self.stats.engine_sleeps += e.sleeps
         if served:
             self.stats.poll_returns += 1

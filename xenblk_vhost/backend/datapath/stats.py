@@ -21,7 +21,8 @@ from bisect import bisect_left
 from typing import Any
 
 COUNTERS = ("oo_req", "rd_req", "wr_req", "f_req", "ds_req", "rd_sect", "wr_sect", "errors", "spurious_wakeups",
-            "engine_req", "poll_req", "poll_returns", "engine_syscalls", "engine_sleeps")
+            "engine_req", "poll_req", "poll_returns", "engine_syscalls", "engine_sleeps", "copy_segs_mapped",
+            "copy_segs_xen")
 
 # Request latency, from taking a request off the ring to putting its response
 # on it, counted in buckets with these upper bounds (seconds); the last bucket
@@ -80,6 +81,8 @@ class RingStats:
     engine_syscalls: int  # kernel calls the engine made itself (ring_engine.c's struct xb_engine says which): per
     #                       request, the floor of what a PV dom0 pays for it (each a trip through Xen)
     engine_sleeps: int  # of those, the engine's sleeps in poll()
+    copy_segs_mapped: int  # grant-copy segments the engine copied itself, to or from persistently mapped pages
+    copy_segs_xen: int  # those it handed to Xen's grant copy (not mapped, or no persistent grants)
 
     def __init__(self) -> None:
         for name in COUNTERS:

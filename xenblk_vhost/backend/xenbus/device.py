@@ -877,10 +877,12 @@ class Device:
         calls = t.get("engine_syscalls", 0)
         log.info("%s: the connection served %d requests (%d reads, %d writes, %d flushes, %d discards; %d errors); "
                  "the ring engine took %d of them, %d in its own poll, which came back to Python %d times; it made "
-                 "%d kernel calls (%.2f a request), %d of them sleeps; %d persistent grants mapped", self.name,
+                 "%d kernel calls (%.2f a request), %d of them sleeps; %d persistent grants mapped, %d of its %d "
+                 "grant-copy segments copied from them", self.name,
                  served, t["rd_req"], t["wr_req"], t["f_req"], t["ds_req"], t["errors"], engine,
                  t.get("poll_req", 0), t.get("poll_returns", 0), calls, calls / engine if engine else 0.0,
-                 t.get("engine_sleeps", 0), t.get("persistent_grants", 0))
+                 t.get("engine_sleeps", 0), t.get("persistent_grants", 0), t.get("copy_segs_mapped", 0),
+                 t.get("copy_segs_mapped", 0) + t.get("copy_segs_xen", 0))
 
     def _close_vbd(self) -> None:
         vbd, self.vbd = self.vbd, None
