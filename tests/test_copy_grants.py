@@ -15,10 +15,10 @@ import random
 import pytest
 import trio
 
-from backend_support.frontend import TestFrontend
+from backend_support.frontend import BACKEND_DOMID, Page, TestFrontend
 from backend_support.harness import connected, make_disk_file, make_vbd, read_back
 from xenblk_vhost import native
-from xenblk_vhost.backend.datapath.copy_grants import MISS_ROOM, CopyGrants, _table_slots
+from xenblk_vhost.backend.datapath.copy_grants import MISS_ROOM, REFUSED_MAX, CopyGrants, _table_slots
 from xenblk_vhost.backend.datapath.persistent_grants import PersistentGrants
 from xenblk_vhost.backend.datapath.ring_engine import ENGINE_ENV
 from xenblk_vhost.blkif.constants import OP_READ, OP_WRITE, RSP_OKAY
@@ -72,17 +72,18 @@ def test_the_table_agrees_with_a_dict_through_random_puts_and_deletes(mod):
     for max_grants in (3, 40, 1056):
         grants = make_grants(mod, FakeGntdev(), max_grants=max_grants)
         t = grants.t
-        assert t.mask + 1 == _table_slots(max_grants) >= 2 * max_grants
+        cap = t.max  # (the cache's pages and REFUSED_MAX grefs entered without an address)
+        assert cap == max_grants + REFUSED_MAX and t.mask + 1 == _table_slots(cap) >= 2 * cap and t.open == 1
         model: dict[int, int] = {}
         # few distinct grefs (many collisions and re-puts), and some that hash alike (multiples of the table)
-        pool = [rng.randrange(1 << 32) for _ in range(max_grants * 2)] + [k * (t.mask + 1) for k in range(8)]
+        pool = [rng.randrange(1 << 32) for _ in range(cap * 2)] + [k * (t.mask + 1) for k in range(8)]
         pool.append(0xFFFFFFFF)  # (its key would be 0: refused)
-        for _ in range(20 * max_grants + 200):
+        for _ in range(20 * cap + 200):
             gref = rng.choice(pool)
             if rng.random() < 0.55:
                 addr = rng.randrange(1, 1 << 48)
                 rc = lib.xk_pg_put(t, gref, addr)
-                if gref == 0xFFFFFFFF or (gref not in model and len(model) >= max_grants):
+                if gref == 0xFFFFFFFF or (gref not in model and len(model) >= cap):
                     assert rc == -1
                 else:
                     assert rc == (0 if gref in model else 1)
@@ -170,10 +171,11 @@ def test_absorb_maps_each_miss_once_refuses_bad_ones_and_trims_a_full_cache(mod)
     assert t.nmiss == 0
     assert sorted(g for op, g in gntdev.log if op == "map") == [1, 2, 66]
     assert lib.xk_pg_find(t, 1) == gntdev.pages[1].addr and lib.xk_pg_find(t, 66) == 0
+    assert t.count == 3 and t.open == 1  # (66 entered without an address: the engine stops for it no more)
     miss(66, 3, 4)
     assert grants.absorb() == 2  # 66 not tried again
     assert [g for op, g in gntdev.log if op == "map"].count(66) == 1
-    assert len(grants) == t.count == 4
+    assert len(grants) == 4 and t.count == 5
     # full: 5 is not mapped; the cache trims at its interval, least recently used first (the engine's
     # uses count: 1 and 2 were found since, 3 and 4 were not)
     lib.xk_pg_find(t, 1)
@@ -183,16 +185,20 @@ def test_absorb_maps_each_miss_once_refuses_bad_ones_and_trims_a_full_cache(mod)
     assert grants.absorb() == 0
     unmapped = [g for op, g in gntdev.log if op == "unmap"]
     assert unmapped == [3]  # (5 % of 4: one entry a trim)
-    assert lib.xk_pg_find(t, 3) == 0 and t.count == len(grants) == 3
+    assert lib.xk_pg_find(t, 3) == 0 and len(grants) == 3 and t.count == 4
+    assert t.open == 1  # (closed while full, open again after the trim)
     miss(5)
     assert grants.absorb() == 1 and lib.xk_pg_find(t, 5) == gntdev.pages[5].addr
+    miss(6)
+    now[0] += 0.01  # (within the trim interval: full, closed)
+    assert grants.absorb() == 0 and t.open == 0
     # misses beyond the list's room are not recorded (they go to Xen all the same)
     for g in range(MISS_ROOM + 10):
         if t.nmiss < t.miss_room:
             miss(1000 + g)
     assert t.nmiss == MISS_ROOM
     grants.close()
-    assert t.count == 0 and len(grants) == 0
+    assert t.count == 1 and len(grants) == 0 and t.open == 0  # (66's entry, without an address, stays)
     assert sorted(g for op, g in gntdev.log if op == "unmap") == [1, 2, 3, 4, 5]
 
 
@@ -206,14 +212,23 @@ async def _served(front, ring, k: int) -> None:
     assert (r.id, r.status) == (k, RSP_OKAY), r
 
 
+def _complete(front, page: Page) -> Page:
+    """What Linux blkfront does with a persistent grant when its request completes (since XSA-396): keep it
+    if the backend has it mapped, else end the access and grant the page anew for its next use."""
+    if not front.end_access(page):
+        return page  # still mapped by the backend: kept, reused as it is
+    return Page(page.frame, front.guest.grant_access(page.frame, BACKEND_DOMID, readonly=False), False, front.guest)
+
+
 @pytest.mark.parametrize("max_grants", [64, 4])
 async def test_a_persistent_frontend_on_the_copy_path_is_copied_by_the_engine(tmp_path, guest, platform,
                                                                               monkeypatch, max_grants):
-    """Writes and reads through 8 reused pages, one at a time: the engine copies them through Xen until the
-    ring worker has what it missed mapped (after the engine's call: here, when the stats bring the ring
-    back from the engine's thread), then itself (the table's hits); the data lands where it belongs either
-    way, the pages stay mapped while connected (at most max_grants: 4 makes the cache evict and map again)
-    and none after."""
+    """Writes and reads through 8 reused pages, one at a time, by a frontend that keeps a persistent grant
+    only while the backend has it mapped (Linux blkfront): each page is mapped before its first request is
+    served (the engine stops for it: XB_ENGINE_MAP), so blkfront keeps every grant and the engine copies
+    every request itself; the data lands where it belongs, the pages stay mapped while connected and none
+    after. With room for 4 the cache evicts (at every absorb: trim interval 0) and maps again, and the data is
+    still right."""
     monkeypatch.setenv(ENGINE_ENV, "1")
     path = make_disk_file(tmp_path / "disk.img")
     vbd = make_vbd(path, queues=1, data_path="copy", persistent_grants=True, max_persistent_grants=max_grants,
@@ -221,39 +236,37 @@ async def test_a_persistent_frontend_on_the_copy_path_is_copied_by_the_engine(tm
     front = TestFrontend(guest, persistent=True)
     pages = front.data_pages(8, readonly=False)
     n = 48
+    regranted = 0
     try:
         async with connected(vbd, front, platform):
             assert vbd.features.persistent
             grants = vbd._resources[0].datapath.grants
             assert grants is not None
-            for k in range(n):
-                p = pages[k % 8]
-                p.view[:] = bytes([k + 1]) * PAGE_SIZE
-                front.rw(0, OP_WRITE, k, 8 * k, [(p.gref, 0, 7)])
-                front.push()
-                await _served(front, 0, k)
-            assert vbd.stats()["total"]["persistent_grants"] == len(grants)
-            assert len(grants) == 8 if max_grants >= 8 else 0 < len(grants) <= max_grants
-            assert grants.hits == 0 or max_grants < 8  # (all copied through Xen before the first return)
-            for k in range(n):
-                p = pages[k % 8]
-                p.view[:] = bytes(PAGE_SIZE)
-                front.rw(0, OP_READ, 1000 + k, 8 * k, [(p.gref, 1, 6)])  # (a partial page: its sectors only)
-                front.push()
-                await _served(front, 0, 1000 + k)
-                assert p.bytes() == bytes(512) + bytes([k + 1]) * (6 * 512) + bytes(512), k
-            assert vbd.stats()["total"]["persistent_grants"] == len(grants)
-            assert 0 < len(grants) <= max_grants
-            assert sum(_mapped(guest, p.gref) for p in pages) == len(grants)
-            assert vbd.stats()["total"]["persistent_grants"] == len(grants)
+            for phase, op in enumerate((OP_WRITE, OP_READ)):
+                for k in range(n):
+                    i = k % 8
+                    p = pages[i]
+                    p.view[:] = bytes([k + 1]) * PAGE_SIZE if op == OP_WRITE else bytes(PAGE_SIZE)
+                    first, last = (0, 7) if op == OP_WRITE else (1, 6)  # (a read of a partial page: its sectors)
+                    front.rw(0, op, 1000 * phase + k, 8 * k, [(p.gref, first, last)])
+                    front.push()
+                    await _served(front, 0, 1000 * phase + k)
+                    if op == OP_READ:
+                        assert p.bytes() == bytes(512) + bytes([k + 1]) * (6 * 512) + bytes(512), k
+                    pages[i] = _complete(front, p)
+                    regranted += pages[i] is not p
             total = vbd.stats()["total"]
+            assert total["persistent_grants"] == len(grants)
             assert total["copy_segs_mapped"] == grants.hits  # (the operator's counters: ctl stats, Prometheus)
             assert total["copy_segs_mapped"] + total["copy_segs_xen"] == 2 * n  # one segment a request
             if max_grants >= 8:
-                assert grants.mapped == 8  # each page once
-                assert grants.hits == n  # every read
+                assert regranted == 0  # every page mapped before its first request completed: kept by the frontend
+                assert grants.mapped == len(grants) == 8  # each page once
+                assert grants.hits == 2 * n  # every request copied by the engine itself
             else:
-                assert grants.mapped > 4 and 0 < grants.hits < n  # (4 of the 8 pages mapped at a time)
+                assert 0 < len(grants) <= max_grants
+                assert grants.mapped > 4 and 0 < grants.hits <= 2 * n  # (evicted pages mapped again)
+            assert sum(_mapped(guest, p.gref) for p in pages) == len(grants)
         assert not any(_mapped(guest, p.gref) for p in pages)
         assert all(front.end_access(p) for p in pages)
     finally:

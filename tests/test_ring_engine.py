@@ -31,7 +31,7 @@ from xenblk_vhost.xen.interfaces import PAGE_SIZE
 def test_the_return_codes_agree_with_the_c_side():
     lib = native.load_blkio().lib
     for name in ("IDLE", "MORE", "PYTHON", "REAPED", "COPY_IN_FAILED", "UNPREPARED", "COPY_OUT_FAILED",
-                 "STORAGE_ERROR", "BUG"):
+                 "STORAGE_ERROR", "BUG", "MAP"):
         assert getattr(ring_engine, f"ENGINE_{name}") == getattr(lib, f"XB_ENGINE_{name}"), name
     assert (ring_engine.COPY_GNTDEV, ring_engine.COPY_SIM) == (lib.XB_COPY_GNTDEV, lib.XB_COPY_SIM)
     assert (ring_engine.NOTIFY_EVTCHN, ring_engine.NOTIFY_EVENTFD) == (lib.XB_NOTIFY_EVTCHN, lib.XB_NOTIFY_EVENTFD)

@@ -45,7 +45,9 @@ enum {
     XB_ENGINE_UNPREPARED = 5,       /* the last batch is held, its copy in not packed: the reference prepares it */
     XB_ENGINE_COPY_OUT_FAILED = 6,  /* `reaped` completions walked (ready[]), a read's copy out failed[] */
     XB_ENGINE_STORAGE_ERROR = 7,    /* blkioq_do_io failed with errno `error` */
-    XB_ENGINE_BUG = 8               /* an entry the walk returned was not walked: never */
+    XB_ENGINE_BUG = 8,              /* an entry the walk returned was not walked: never */
+    XB_ENGINE_MAP = 9               /* the next request's pages are to be mapped first (persistent grants: the misses
+                                     * of struct xk_pgrants); nothing of it taken: map them, call again */
 };
 enum { XB_COPY_GNTDEV = 1, XB_COPY_SIM = 2 };          /* copy_kind */
 enum { XB_NOTIFY_EVTCHN = 1, XB_NOTIFY_EVENTFD = 2 };  /* notify_kind */

@@ -287,7 +287,15 @@ struct xk_pgrants {
     uint32_t miss_room;
     uint32_t nmiss;
     uint64_t hits;
+    uint32_t open;            /* 1 while the owner maps what the engine asks for (its cache has room): see xk_pg_need */
+    uint32_t pad;
 };
+/* Whether the nseg 8-byte wire segments at segs (their gref first) include one the owner should map before the
+ * request that carries them is served: a gref not in the table at all (an entry with address 0 is one the owner
+ * could not map) while the table is open. Such grefs are recorded as misses. Linux blkfront ends its access to
+ * a persistent grant that the backend has not mapped when the request completes (and grants the page anew
+ * next time), so a page mapped only after its request would never be seen again. */
+int xk_pg_need(struct xk_pgrants *t, const uint8_t *segs, uint32_t nseg, uint32_t stride);
 /* The page address of gref (its used flag set), 0 if it is not mapped here. */
 uint64_t xk_pg_find(struct xk_pgrants *t, uint32_t gref);
 /* gref's page is at addr: 1 added, 0 replaced, -1 refused (the table holds max, or gref is 2**32 - 1). */

@@ -35,6 +35,23 @@ static struct xk_pgrant_slot *pg_lookup(struct xk_pgrants *t, uint32_t gref)
     return NULL;
 }
 
+int xk_pg_need(struct xk_pgrants *t, const uint8_t *segs, uint32_t nseg, uint32_t stride)
+{
+    if (!t->open)
+        return 0;
+    int need = 0;
+    for (uint32_t i = 0; i < nseg; i++) {
+        uint32_t gref;
+        memcpy(&gref, segs + (size_t)i * stride, 4);
+        if (gref != UINT32_MAX && !pg_lookup(t, gref)) {
+            need = 1;
+            if (t->nmiss < t->miss_room)
+                t->miss[t->nmiss++] = gref;
+        }
+    }
+    return need;
+}
+
 uint64_t xk_pg_find(struct xk_pgrants *t, uint32_t gref)
 {
     struct xk_pgrant_slot *s = pg_lookup(t, gref);

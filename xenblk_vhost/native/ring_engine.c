@@ -231,7 +231,7 @@ static uint8_t *side_entry(const struct xb_engine *e, uint32_t slot)
  * a storage request carries, more segments than the engine's arrays hold): the reference path takes
  * that one and the rest from req_cons. Returns how many of the k the engine keeps. */
 static uint32_t take_indirect(struct xb_engine *e, const uint8_t *raw, struct xk_req *recs, uint32_t k,
-                              const uint16_t *taken, uint64_t *bufs, uint32_t *larges)
+                              const uint16_t *taken, uint64_t *bufs, uint32_t *larges, int *map_first)
 {
     struct xk_copy_seg *segs = (struct xk_copy_seg *)(uintptr_t)e->segs;
     uint16_t *owners = (uint16_t *)(uintptr_t)e->owners;
@@ -279,6 +279,10 @@ static uint32_t take_indirect(struct xb_engine *e, const uint8_t *raw, struct xk
         struct xk_req checked;
         if (xk_check_indirect(side_entry(e, taken[i]), r->nseg, r->aux, r->sector, cfg, &checked))
             return i;  /* the reference answers it (its own copy, its own verdict) */
+        if (e->pgrants && xk_pg_need((struct xk_pgrants *)(uintptr_t)e->pgrants, side_entry(e, taken[i]), r->nseg, 8)) {
+            *map_first = 1;  /* its data pages are to be mapped first (its indirect pages are copied again then) */
+            return i;
+        }
         uint64_t bytes = checked.nr << 9;
         if (e->max_transfer && bytes > e->max_transfer)
             return i;  /* the reference splits it in parts */
@@ -341,8 +345,20 @@ static int take_batch(struct xb_engine *e, int *stop)
     struct xk_req *recs = (struct xk_req *)(uintptr_t)e->recs;
     xk_parse_slots(raw, n, cfg, recs);
     uint32_t k = 0, nind = 0;
-    while (k < n && engine_record(e, &recs[k]))
+    struct xk_pgrants *pg = (struct xk_pgrants *)(uintptr_t)e->pgrants;
+    int map_first = 0;  /* the engine stops before a request whose pages are to be mapped first */
+    while (k < n && engine_record(e, &recs[k])) {
+        if (pg) {  /* a direct request's data pages, an indirect one's indirect pages */
+            const uint8_t *slot = raw + (size_t)k * e->entry;
+            int ind = recs[k].kind == XK_INDIRECT;
+            uint32_t pages = ind ? (recs[k].nseg * 8 + PAGE_BYTES - 1) / PAGE_BYTES : recs[k].nseg;
+            if (xk_pg_need(pg, slot + (ind ? e->grefs_off : cfg->seg_off), pages, ind ? 4 : 8)) {
+                map_first = 1;
+                break;
+            }
+        }
         nind += recs[k++].kind == XK_INDIRECT;
+    }
     uint16_t *stack = (uint16_t *)(uintptr_t)e->stack;
     uint16_t *taken = (uint16_t *)(uintptr_t)e->taken;
     for (uint32_t i = 0; i < k; i++)
@@ -352,9 +368,9 @@ static int take_batch(struct xb_engine *e, int *stop)
     if (k > SRING_MAX_BATCH)
         k = SRING_MAX_BATCH;
     if (nind)
-        k = take_indirect(e, raw, recs, k, taken, bufs, larges);
-    if (k < n)
-        *stop = XB_ENGINE_PYTHON;  /* after these: the reference path takes the rest from req_cons */
+        k = take_indirect(e, raw, recs, k, taken, bufs, larges, &map_first);
+    if (k < n)  /* after these: the reference path takes the rest from req_cons, or their pages are mapped first */
+        *stop = map_first ? XB_ENGINE_MAP : XB_ENGINE_PYTHON;
     if (!k)
         return 0;
 

@@ -69,6 +69,7 @@ ENGINE_UNPREPARED = 5  # the last batch is held, its copy in not packed
 ENGINE_COPY_OUT_FAILED = 6  # e.reaped completions walked (ready()), failed() copies out
 ENGINE_STORAGE_ERROR = 7  # blkioq_do_io failed: errno e.error
 ENGINE_BUG = 8
+ENGINE_MAP = 9  # the next request's persistent grants are to be mapped first (CopyGrants.absorb): call again
 
 COPY_GNTDEV, COPY_SIM = 1, 2
 NOTIFY_EVTCHN, NOTIFY_EVENTFD = 1, 2

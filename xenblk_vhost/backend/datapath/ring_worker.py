@@ -108,6 +108,7 @@ from .ring_engine import (
     ENGINE_COPY_IN_FAILED,
     ENGINE_COPY_OUT_FAILED,
     ENGINE_IDLE,
+    ENGINE_MAP,
     ENGINE_MORE,
     ENGINE_PYTHON,
     ENGINE_REAPED,
@@ -665,7 +666,7 @@ class RingWorker:
         if e.notify_errno and not self._notify_failed:
             self._notify_failed = True
             log.warning("%s: cannot notify the frontend: %s", self.name, os.strerror(e.notify_errno))
-        if code > ENGINE_PYTHON:
+        if code > ENGINE_PYTHON and code != ENGINE_MAP:  # (MAP: absorb() above mapped its pages; call again)
             self._engine_stopped(engine, code)
             self._kick()
             self._push()
