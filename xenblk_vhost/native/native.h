@@ -270,8 +270,9 @@ int xk_lane_all_plain(const struct xk_req *recs, uint32_t count);
  * whose gref is here instead of a part of Xen's GNTTABOP_copy. Open addressing (linear probing from
  * the gref's Fibonacci hash, deletion by backward shift); key gref + 1, 0: empty. The owner changes
  * it only while no engine call runs. used: set by every hit (the owner's LRU reads and clears it).
- * miss[0..nmiss): grefs of segments that went to Xen for want of a mapping (the owner maps them and
- * sets nmiss to 0; more than miss_room are not recorded); hits: segments copied here, cumulative. */
+ * miss[0..nmiss): grefs the owner is to map: those of a request the engine stopped before (xk_pg_need) and
+ * those of segments that went to Xen for want of a mapping (the owner maps them, or enters them without an
+ * address, and sets nmiss to 0; more than miss_room are not recorded); hits: segments copied here, cumulative. */
 struct xk_pgrant_slot {
     uint32_t key;
     uint32_t used;
