@@ -296,3 +296,72 @@ def test_gntdev_close_unmaps_everything(hv_socket):
     finally:
         guest.destroy()
     assert os.path.exists(hv_socket)
+
+
+# A backend killed *inside* a pin or unpin (the sim does Xen's work in the backend's process, so a
+# SIGKILL can land there, as it cannot inside Xen). The crasher makes the kill land exactly there.
+MID_PIN_CRASHER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from xenblk_vhost.sim import open_sim, grant_table, pin_ledger
+    hv, domid, ref, port, where = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    p = open_sim(hv)
+    p.evtchn.bind_interdomain(domid, port)  # unbound by the hypervisor after it released our pins
+    def die(*_a, **_k):
+        os.kill(os.getpid(), signal.SIGKILL)
+    def then_die(method):
+        def wrapped(*a):
+            method(*a)
+            die()
+        return wrapped
+    if where == "pin":  # the pin count raised, the in-use flags not yet set
+        grant_table.ActiveTable.add = then_die(grant_table.ActiveTable.add)
+    elif where == "confirm":  # pinned, our ledger entry still pending
+        pin_ledger.PinLedger.confirm = die
+    else:  # "unpin": the pin count dropped, the flags not yet cleared
+        m = p.gntdev.map_grants(domid, [ref], readonly=False)
+        grant_table.ActiveTable.sub = then_die(grant_table.ActiveTable.sub)
+        m.close()
+    p.gntdev.map_grants(domid, [ref], readonly=False)
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["pin", "confirm", "unpin"])
+@pytest.mark.parametrize("others", [0, 1])
+async def test_a_backend_killed_inside_a_pin_leaves_xens_state_as_if_before_or_after(hv_socket, platform, where,
+                                                                                      others):
+    """The pin counts and GTF flags end as the live backends' mappings say: no pin leaked (the guest
+    can revoke once nobody maps), none lost (not while another backend maps), and the next map of a
+    re-granted ref sees the new frame, not the one pinned before the kill."""
+    async with guest_agent(hv_socket) as g:
+        f = (await g.call("alloc", n=2))["frames"]
+        for frame, seed in zip(f, (21, 22)):
+            await g.call("fill", frame=frame, seed=seed)
+        ref = (await g.call("grant", frame=f[0], domid=0, readonly=False))["gref"]
+        port = (await g.call("evtchn_alloc", remote=0))["port"]
+        live = platform.gntdev.map_grants(g.domid, [ref], readonly=False) if others else None
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-c", MID_PIN_CRASHER, hv_socket, str(g.domid), str(ref), str(port), where])
+        with trio.fail_after(30):
+            await proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        for _ in range(500):
+            if (await g.call("port_status", port=port))["state"] == "unbound":
+                break
+            await trio.sleep(0.01)
+        assert (await g.call("port_status", port=port))["state"] == "unbound"
+        if live is not None:
+            # still mapped by us: the guest cannot take the page back, and our map still works
+            assert (await g.call("entry", gref=ref))["flags"] == GTF_permit_access | GTF_reading | GTF_writing
+            assert (await g.call("end_access", gref=ref)) == {"ok": False}
+            assert bytes(live.buffer) == pattern(21)
+            live.close()
+        assert (await g.call("entry", gref=ref))["flags"] == GTF_permit_access
+        assert (await g.call("end_access", gref=ref)) == {"ok": True}
+        # the guest grants the same ref (its free list is LIFO) for another page: a map shows that page
+        assert (await g.call("grant", frame=f[1], domid=0, readonly=False))["gref"] == ref
+        m = platform.gntdev.map_grants(g.domid, [ref], readonly=False)
+        assert bytes(m.buffer) == pattern(22)
+        m.close()
+        assert (await g.call("end_access", gref=ref)) == {"ok": True}

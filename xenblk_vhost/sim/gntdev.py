@@ -77,6 +77,13 @@ class ForeignDomain:
             self.memory_fd = -1
 
 
+def _unpin(dom: ForeignDomain, ledger: PinLedger, ref: int, write: bool, entry: int) -> None:
+    """Unpin one mapped grant, its ledger entry pending while the unpin runs (pin_ledger.py)."""
+    ledger.unpinning(entry)
+    dom.table.unpin(ref, write, dom.active)
+    ledger.remove(entry)
+
+
 class SimGrantMapping:
     """Granted frames mapped contiguously, pinned in the guest's entries. Implements GrantMapping."""
 
@@ -144,8 +151,7 @@ class SimGrantMapping:
         dom, write = self._dom, not self.readonly
         ledger = self._dev._pin_ledger()
         for ref, entry in zip(self.refs, self._ledger):
-            ledger.remove(entry)
-            dom.table.unpin(ref, write, dom.active)
+            _unpin(dom, ledger, ref, write, entry)
         self._dev._maps.discard(self)
         dom.users -= 1
         if dom.retired:
@@ -206,12 +212,17 @@ class SimGntdev:
         entries: list[int] = []
         try:
             for ref in refs:
+                # Listed (pending) before the pin starts: a kill inside it is repaired by the
+                # hypervisor, not leaked (pin_ledger.py).
+                entry = ledger.add(domid, ref, write)
                 status, frame = dom.table.pin(ref, self.domid, write, dom.active)
                 if status == _OKAY:
-                    entries.append(ledger.add(domid, ref, write))
+                    ledger.confirm(entry)
+                    entries.append(entry)
+                else:
+                    ledger.remove(entry)
                 if status == _OKAY and not 0 <= frame < dom.pages:
-                    ledger.remove(entries.pop())
-                    dom.table.unpin(ref, write, dom.active)
+                    _unpin(dom, ledger, ref, write, entries.pop())
                     status = _BAD_PAGE
                 if status != _OKAY:
                     raise GrantMapError(
@@ -234,8 +245,7 @@ class SimGntdev:
                 raise
         except BaseException:
             for ref, entry in zip(refs[: len(frames)], entries):
-                ledger.remove(entry)
-                dom.table.unpin(ref, write, dom.active)
+                _unpin(dom, ledger, ref, write, entry)
             raise
         mapping = SimGrantMapping(self, dom, region, refs, tuple(frames), readonly, entries)
         dom.users += 1

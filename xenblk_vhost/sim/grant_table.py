@@ -159,6 +159,21 @@ class SharedGrantTable:
         if clear:
             self._atomic.fetch_and16(ref * ENTRY_SIZE, 0xFFFF & ~clear)
 
+    def repair_pins(self, ref: int, active: ActiveTable, seen: int, reads: int, writes: int) -> bool:
+        """After a backend died inside a pin or unpin of ref (pin_ledger.py): set the pin counts, seen
+        as `seen` a moment ago, to the reads and writes the live backends hold, and the entry's in-use
+        flags to match (what Xen's state would be had the kill come before or after, not inside).
+        False, changing nothing, if the counts moved meanwhile (a live pin or unpin: look again)."""
+        swapped, _ = active.cas(ref, seen, reads * _READ_PIN + writes * _WRITE_PIN)
+        if not swapped:
+            return False
+        want = (GTF_reading if reads or writes else 0) | (GTF_writing if writes else 0)
+        offset = ref * ENTRY_SIZE
+        combo = struct.unpack_from("<I", self._buf, offset)[0]
+        while combo & (GTF_reading | GTF_writing) != want:
+            _, combo = self._atomic.cas32(offset, combo, combo & ~(GTF_reading | GTF_writing) | want)
+        return True
+
     def _set_status(self, ref: int, ldomid: int, write: bool, *, check_type: bool) -> int:
         """Xen's _set_status_v1 for a map: check, then set the in-use flags with compare-and-swap."""
         offset = ref * ENTRY_SIZE
@@ -201,6 +216,12 @@ class ActiveTable:
     def add(self, ref: int, inc: int) -> int:
         """Add inc to the pin counts; return the counts before."""
         return self._atomic.fetch_add32(ref * ACTIVE_ENTRY_SIZE, inc)
+
+    def counts(self, ref: int) -> int:
+        return self.get(ref)[0]
+
+    def cas(self, ref: int, expected: int, desired: int) -> tuple[bool, int]:
+        return self._atomic.cas32(ref * ACTIVE_ENTRY_SIZE, expected, desired)
 
     def sub(self, ref: int, dec: int) -> int:
         """Subtract dec from the pin counts; return the counts after."""

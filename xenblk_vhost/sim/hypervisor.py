@@ -52,6 +52,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -329,12 +330,44 @@ class Hypervisor:
                 tables = ForeignDomain(domid, dom.pages, dom.grant_frames, os.dup(dom.memory_fd),
                                        os.dup(dom.grant_fd), os.dup(dom.active_fd))
                 try:
-                    for ref, write in pins:
-                        tables.table.unpin(ref, write, tables.active)
+                    inside = set()
+                    for ref, write, pending in pins:
+                        if pending:
+                            inside.add(ref)  # killed inside this pin or unpin
+                        else:
+                            tables.table.unpin(ref, write, tables.active)
+                    for ref in sorted(inside):
+                        self._repair_pins(tables, domid, ref)
                 finally:
                     tables.retire()
         finally:
             os.close(fd)
+
+    def _repair_pins(self, tables: ForeignDomain, domid: int, ref: int) -> None:
+        """Recompute ref's pin counts and in-use flags from what the live backends list (pin_ledger.py).
+
+        The counts are read before the ledgers, and swapped only if unchanged: a live pin or unpin
+        lists its entry (pending) before it touches the counts, so one that ran meanwhile either shows
+        in the ledgers or makes the swap fail, and we look again. A live entry pending means a pin or
+        unpin under way (a few microseconds): wait it out, up to 2 s."""
+        deadline = time.monotonic() + 2.0
+        while True:
+            seen = tables.active.counts(ref)
+            reads = writes = busy = 0
+            for fd in self._pin_ledgers.values():
+                for r, write, pending in read_ledger(fd).get(domid, ()):
+                    if r == ref:
+                        busy += pending
+                        writes += write and not pending
+                        reads += not write and not pending
+            if busy and time.monotonic() < deadline:
+                time.sleep(0.0005)
+                continue
+            if busy:
+                print(f"sim hypervisor: grant {ref} of domain {domid}: a live backend's pin stayed pending 2 s; "
+                      "counting it as not pinned", file=sys.stderr)
+            if tables.table.repair_pins(ref, tables.active, seen, reads, writes):
+                return
 
     def disconnect(self, owner: int) -> None:
         """A client went away (exited or crashed): do what its kernel would on process exit."""
