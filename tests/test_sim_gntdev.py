@@ -22,6 +22,7 @@ import trio
 from xenblk_vhost.sim import open_sim
 from xenblk_vhost.sim.grant_table import GTF_permit_access, GTF_reading, GTF_readonly, GTF_writing
 from xenblk_vhost.sim.guest import guest_agent, pattern
+from xenblk_vhost.sim.hypercall import Hypercalls
 from xenblk_vhost.xen.interfaces import PAGE_SIZE, CopySegment, Gntdev, GrantMapError, GrantMapping, GrantStatus
 
 
@@ -341,6 +342,8 @@ async def test_a_backend_killed_inside_a_pin_leaves_xens_state_as_if_before_or_a
         ref = (await g.call("grant", frame=f[0], domid=0, readonly=False))["gref"]
         port = (await g.call("evtchn_alloc", remote=0))["port"]
         live = platform.gntdev.map_grants(g.domid, [ref], readonly=False) if others else None
+        xen = Hypercalls(hv_socket)
+        repaired = xen.call("counters")[0]["pins_repaired"]
         proc = await trio.lowlevel.open_process(
             [sys.executable, "-c", MID_PIN_CRASHER, hv_socket, str(g.domid), str(ref), str(port), where])
         with trio.fail_after(30):
@@ -351,6 +354,8 @@ async def test_a_backend_killed_inside_a_pin_leaves_xens_state_as_if_before_or_a
                 break
             await trio.sleep(0.01)
         assert (await g.call("port_status", port=port))["state"] == "unbound"
+        assert xen.call("counters")[0]["pins_repaired"] == repaired + 1  # (this ref, put right)
+        xen.close()
         if live is not None:
             # still mapped by us: the guest cannot take the page back, and our map still works
             assert (await g.call("entry", gref=ref))["flags"] == GTF_permit_access | GTF_reading | GTF_writing

@@ -142,6 +142,7 @@ class Hypervisor:
         self._notifies: dict[int, UnmapNotify] = {}
         self._tokens = itertools.count(1)
         self._pin_ledgers: dict[int, int] = {}  # owner -> memfd of the grant pins it holds (pin_ledger.py)
+        self.pins_repaired = 0  # refs whose pins a process died in the middle of (_repair_pins)
 
     def _set_status(self, domid: int, state: int) -> None:
         os.pwrite(self.status_fd, bytes([state]), domid)
@@ -338,6 +339,7 @@ class Hypervisor:
                             tables.table.unpin(ref, write, tables.active)
                     for ref in sorted(inside):
                         self._repair_pins(tables, domid, ref)
+                        self.pins_repaired += 1
                 finally:
                     tables.retire()
         finally:
@@ -401,6 +403,8 @@ class Hypervisor:
             return {}, []
         if op == "list_domains":
             return {"domains": sorted(self.domains)}, []
+        if op == "counters":
+            return {"pins_repaired": self.pins_repaired}, []
         if op in ("guest_memory", "foreign_domain"):
             dom = self.domain(int(req["domid"]))
             if dom.domid == 0:

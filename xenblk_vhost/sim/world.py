@@ -113,6 +113,11 @@ class World:
         await self.xs.release_domain(domid)
         return outcomes
 
+    def hypervisor_counters(self) -> dict[str, int]:
+        """The simulated Xen's own counters (pins_repaired: grant pins of backends killed inside a pin or
+        unpin, put right when they died: sim/pin_ledger.py)."""
+        return self._hc.call("counters")[0]
+
     # ---- devices -----------------------------------------------------------------------
 
     async def add_vbd(self, domid: int, cfg: VbdConfig) -> VbdPaths:
