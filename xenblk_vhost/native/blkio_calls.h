@@ -177,7 +177,22 @@ struct xb_engine {
                                * (nothing taken, answered or spurious) and nothing is in the storage: an idle
                                * ring then costs its process no wake-up at all (each cost the rig's TCG dom0
                                * milliseconds of Python); whatever needs the ring meanwhile wakes it (wake_fd) */
+    uint32_t block_wait;      /* in: xb_engine_serve's sleeps with nothing in the storage block in read(2) on
+                               * wait_fd (made blocking for the call, as it was after) instead of poll(2) and then
+                               * the read: one kernel call less a wake-up, a trip through Xen each in a PV dom0.
+                               * The read has no second fd and no timeout: it ends at an event, at
+                               * xb_wake_signal() sent to the serving thread (whoever wakes the call must send
+                               * it, again until the call has returned: a signal between the serving thread's
+                               * last look and its read is not seen), or at timeout_ms (a POSIX timer aimed at
+                               * the serving thread, armed once a call). So only for a caller that can signal
+                               * the serving thread (the service's serve thread; not a ring worker process,
+                               * whose service speaks to it through wake_fd). */
+    int32_t fd_flags;         /* internal: wait_fd's file status flags as found (0: not read yet; O_RDWR is not 0) */
 };
+/* The signal xb_engine_serve's block_wait read is woken by (a real-time one), its handler installed (once:
+ * it does nothing, and without SA_RESTART, so the read fails with EINTR). Returns the signal's number, or
+ * -1 (errno) when the handler could not be installed. */
+int xb_wake_signal(void);
 /* Wake-ups in a row that brought nothing and that xb_engine_serve absorbs (looking at the ring a while)
  * before it returns XB_ENGINE_IDLE for the caller's backoff (notify_backoff.py's FREE_SPURIOUS). */
 enum { XB_FREE_SPURIOUS = 1 };

@@ -19,9 +19,15 @@
  * (left in the queue's completion array for RingWorker._reaped), a grant copy that failed (the
  * held slots go to the reference path as _dispatch_held / _complete_held send them), a storage
  * failure. Guest memory is read once per slot, into the private copy; only the copy is parsed. */
+#define _GNU_SOURCE  /* SIGEV_THREAD_ID */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -678,7 +684,147 @@ static int consume_event(struct xb_engine *e)
     return got;
 }
 
+/* block_wait (blkio_calls.h): the wake signal, and a timer per serving thread that sends it at the call's
+ * timeout (made at the thread's first timed sleep, deleted at its exit: a thread key's destructor). */
+static int wake_signo = -1;
+static pthread_once_t wake_once = PTHREAD_ONCE_INIT;
+static pthread_key_t wake_timer_key;
+
+static void wake_handler(int sig)
+{
+    (void)sig;  /* its only work is the EINTR of the read it interrupts */
+}
+
+static void wake_timer_free(void *p)
+{
+    timer_delete(*(timer_t *)p);
+    free(p);
+}
+
+static void wake_setup(void)
+{
+    int sig = SIGRTMIN + 5;  /* (glibc keeps the first ones; nothing in our process uses real-time signals) */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = wake_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;  /* no SA_RESTART */
+    if (sigaction(sig, &sa, NULL) == 0 && pthread_key_create(&wake_timer_key, wake_timer_free) == 0)
+        wake_signo = sig;
+}
+
+int xb_wake_signal(void)
+{
+    pthread_once(&wake_once, wake_setup);
+    return wake_signo;
+}
+
+/* This thread's timer set to send the wake signal at CLOCK_MONOTONIC `at_ns` (coarse_ns's clock, finer).
+ * 0, or -1 when there is none: the caller then polls (a blocking read must not go without its timeout). */
+static int arm_wake_timer(uint64_t at_ns)
+{
+    timer_t *t = pthread_getspecific(wake_timer_key);
+    if (!t) {
+        t = malloc(sizeof *t);
+        if (!t)
+            return -1;
+        struct sigevent sev;
+        memset(&sev, 0, sizeof sev);
+        sev.sigev_notify = SIGEV_THREAD_ID;
+        sev.sigev_signo = wake_signo;
+#ifdef sigev_notify_thread_id
+        sev.sigev_notify_thread_id = (pid_t)syscall(SYS_gettid);
+#else
+        sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);  /* (glibc < 2.35 names it only so) */
+#endif
+        if (timer_create(CLOCK_MONOTONIC, &sev, t) < 0) {
+            free(t);
+            return -1;
+        }
+        if (pthread_setspecific(wake_timer_key, t)) {
+            wake_timer_free(t);
+            return -1;
+        }
+    }
+    struct itimerspec its;
+    memset(&its, 0, sizeof its);
+    its.it_value.tv_sec = (time_t)(at_ns / 1000000000u);
+    its.it_value.tv_nsec = (long)(at_ns % 1000000000u);
+    return timer_settime(*t, TIMER_ABSTIME, &its, NULL);
+}
+
+/* What a serve call's blocking sleeps set up once: wait_fd blocking, the timer armed. */
+struct block_state {
+    int blocking;
+    int armed;
+};
+
+/* block_wait's sleep: read(2) on wait_fd, blocking, until an event (1: consumed, the port unmasked, as
+ * consume_event), the wake signal or the timer (-1: the call goes back to its caller), or 0: cannot block
+ * here (wait_fd's flags or the timer refused: block_wait is turned off, the caller polls). until_ns: the
+ * call's timeout (0: none, an untimed sleep). */
+static int block_for_event(struct xb_engine *e, uint64_t until_ns, struct block_state *bs)
+{
+    if (!bs->blocking) {
+        if (!e->fd_flags) {
+            e->syscalls++;
+            int flags = fcntl(e->wait_fd, F_GETFL);
+            if (flags <= 0) {
+                e->block_wait = 0;
+                return 0;
+            }
+            e->fd_flags = flags;
+        }
+        e->syscalls++;
+        if (fcntl(e->wait_fd, F_SETFL, e->fd_flags & ~O_NONBLOCK) < 0) {
+            e->block_wait = 0;
+            return 0;
+        }
+        bs->blocking = 1;
+    }
+    if (until_ns && !bs->armed) {
+        e->syscalls++;
+        if (arm_wake_timer(until_ns) < 0) {
+            e->block_wait = 0;
+            return 0;
+        }
+        bs->armed = 1;
+    }
+    e->syscalls++;
+    e->sleeps++;
+    if (e->notify_kind != XB_NOTIFY_EVTCHN) {
+        uint64_t count;
+        return read(e->wait_fd, &count, sizeof count) == (ssize_t)sizeof count ? 1 : -1;
+    }
+    uint32_t ports[256];  /* (one port per fd: the kernel queues it once until it is unmasked) */
+    ssize_t r = read(e->wait_fd, ports, sizeof ports);
+    if (r < 0 && errno == EFBIG) {  /* the kernel's queue overflowed: reset it, count it as an event */
+        e->syscalls++;
+        ioctl(e->wait_fd, (unsigned long)e->reset_request, 0);
+    } else if (r < (ssize_t)sizeof ports[0]) {
+        return -1;  /* EINTR: the wake signal or the timer (or the fd is gone) */
+    }
+    uint32_t port = e->notify_port;
+    e->syscalls++;
+    if (write(e->wait_fd, &port, sizeof port) < 0)
+        e->notify_errno = errno;
+    return 1;
+}
+
+static int serve(struct xb_engine *e, int wake_fd, int timeout_ms, struct block_state *bs);
+
 int xb_engine_serve(struct xb_engine *e, int wake_fd, int timeout_ms)
+{
+    struct block_state bs = {0, 0};
+    int rc = serve(e, wake_fd, timeout_ms, &bs);
+    if (bs.blocking) {  /* wait_fd as it was: the caller's reads must not block */
+        e->syscalls++;
+        fcntl(e->wait_fd, F_SETFL, e->fd_flags);
+    }
+    return rc;
+}
+
+static int serve(struct xb_engine *e, int wake_fd, int timeout_ms, struct block_state *bs)
 {
     reset_outs(e);
     uint64_t until = coarse_ns() + (uint64_t)timeout_ms * 1000000u;
@@ -748,6 +894,16 @@ int xb_engine_serve(struct xb_engine *e, int wake_fd, int timeout_ms)
         /* (idle_untimed: a call with nothing to report and nothing in the storage sleeps until something
          * happens; one that has, at most timeout_ms: the caller folds what it did, checks for a stall) */
         int quiet = !waiting_io && !e->taken_n && !e->completed && !e->spurious;
+        if (e->block_wait && !waiting_io && wake_signo > 0) {
+            int got = block_for_event(e, e->idle_untimed && quiet ? 0 : until, bs);
+            if (got < 0)
+                return XB_ENGINE_MORE;  /* woken by the caller, or the timeout */
+            if (got > 0) {
+                woken = 1;
+                taken_at_wake = e->taken_n;
+                continue;
+            }
+        }
         e->syscalls++;
         e->sleeps++;
         int r = poll(fds, 3, e->idle_untimed && quiet ? -1 : timeout_ms);

@@ -110,6 +110,15 @@ def serve_wanted() -> bool:
 SPIN_ENV = "XENBLK_RING_SPIN_US"
 DEFAULT_SPIN_US = 50
 
+# XENBLK_RING_BLOCK_WAIT=0: the engine's serve thread sleeps in poll(2) and then reads the event channel,
+# as before step 23, instead of one blocking read(2) (struct xb_engine's block_wait): for measurements.
+BLOCK_WAIT_ENV = "XENBLK_RING_BLOCK_WAIT"
+
+
+def block_wait_wanted() -> bool:
+    return os.environ.get(BLOCK_WAIT_ENV, "1").strip() != "0"
+
+
 # XENBLK_LATENCY_SAMPLE: the engine times one batch taken in N for the latency histogram (1: every one).
 # Timing a batch costs two clock reads (its take, its answer): free where the vDSO reads the clock, a
 # syscall each where Linux reads it through the hypervisor (a PV dom0 whose TSC it found unstable: the
@@ -164,7 +173,8 @@ def latency_sample(lib: Any) -> int:
 class RingEngine:
     """One ring's struct xb_engine and its scratch arrays (all owned here: the struct points into them)."""
 
-    __slots__ = ("_ffi", "e", "_run", "_reap", "_serve", "_keep", "_stack", "queue", "_notifier_of", "grants")
+    __slots__ = ("_ffi", "e", "_run", "_reap", "_serve", "_keep", "_stack", "queue", "_notifier_of", "grants",
+                 "_lib", "wake_signal")
 
     def __init__(self, blkio: Any, *, ring: Any, cfg_address: int, rsp_address: int, sring: int,
                  journal_address: int, lane: Any, queue: Any, handles: tuple[int, int, int], copier: dict[str, int],
@@ -249,6 +259,20 @@ class RingEngine:
         self._run = lib.xb_engine_run
         self._reap = lib.xb_engine_reap
         self._serve = lib.xb_engine_serve
+        self._lib = lib
+        self.wake_signal: int | None = None  # block_wait's (enable_block_wait)
+
+    def enable_block_wait(self) -> int | None:
+        """serve()'s sleeps become one blocking read of the event channel (blkio_calls.h: block_wait): only
+        for a caller that wakes the serving thread with the returned signal (pthread_kill), again until
+        serve() has returned. None (nothing changed) where the signal's handler could not be installed."""
+        if self.wake_signal is None:
+            signo = int(self._lib.xb_wake_signal())
+            if signo <= 0:
+                return None
+            self.wake_signal = signo
+            self.e.block_wait = 1
+        return self.wake_signal
 
     def channel_open(self) -> bool:
         """Whether the event channel is still open (the engine writes to its fd)."""

@@ -73,6 +73,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import threading
 import time
 from array import array
@@ -118,6 +119,7 @@ from .ring_engine import (
     SERVE_SLICE_MS,
     SERVE_THREAD_SLICE_MS,
     RingEngine,
+    block_wait_wanted,
     make_engine,
     serve_wanted,
 )
@@ -135,6 +137,10 @@ from .stats import RingStats
 from .storage_ops import queue_step
 
 log = logging.getLogger(__name__)
+
+# How often _serve_pause sends the engine's wake signal again while its serve thread has not returned
+# (block_wait: one landing just before the thread's read is not seen; the next one is).
+WAKE_RETRY_S = 0.002
 
 _seg_unpack_from = _SEG.unpack_from  # a direct request's (gref, first_sect, last_sect), as the intake builds it
 _seg_iter = _SEG.iter_unpack
@@ -264,6 +270,8 @@ class RingWorker:
         self._serve_stop: int = -1  # an eventfd: written, it ends the thread's poll
         self._serve_limiter = trio.CapacityLimiter(1)  # (not trio's shared 40 threads: one per ring)
         self._serve_lock = threading.Lock()  # held by the thread through its C call
+        self._serve_thread = 0  # that thread's ident while it holds the lock (for block_wait's wake signal)
+        self._serve_signal: int | None = None  # the engine's wake signal, once block_wait is on
         self._serve_gen = 0  # which serve a thread's job is for (a stale one never runs)
         self._serve_active = False  # a serve is on (its task has not taken its state back yet)
         self._serve_blocked = False  # the thread must not start its C call (brought back before)
@@ -571,6 +579,8 @@ class RingWorker:
         self._engine_in(engine)
         stop = self._serve_stop
         lock = self._serve_lock
+        if self._serve_signal is None and block_wait_wanted():
+            self._serve_signal = engine.enable_block_wait()
         with lock:
             self._serve_gen += 1
             gen = self._serve_gen
@@ -581,7 +591,11 @@ class RingWorker:
             with lock:  # (held through the C call: _serve_pause waits on it)
                 if self._serve_blocked or self._serve_gen != gen:
                     return  # brought back (or given up) before it started: never runs
-                self._serve_code = engine.serve(stop, SERVE_THREAD_SLICE_MS, idle_untimed=SERVE_IDLE_UNTIMED)
+                self._serve_thread = threading.get_ident()
+                try:
+                    self._serve_code = engine.serve(stop, SERVE_THREAD_SLICE_MS, idle_untimed=SERVE_IDLE_UNTIMED)
+                finally:
+                    self._serve_thread = 0
                 self._serve_ran = True
 
         try:
@@ -610,13 +624,31 @@ class RingWorker:
         if not self._serve_active or self._serve_taken_back:
             return
         os.eventfd_write(self._serve_stop, 1)
-        with self._serve_lock:  # the C call returned, or never starts (a later start sees the generation moved)
+        self._serve_acquire()  # the C call returned, or never starts (a later start sees the generation moved)
+        try:
             self._serve_blocked = True
             self._serve_gen += 1
+        finally:
+            self._serve_lock.release()
         self._serve_taken_back = True
         engine = self._engine
         if self._serve_ran and engine is not None:
             self._after_engine(engine, self._serve_code, served=True)
+
+    def _serve_acquire(self) -> None:
+        """Take the serve lock, which the thread holds through its C call: with block_wait the engine may
+        sleep in a read that only the wake signal ends, and a signal that lands between its last look and
+        its read is not seen: sent again every WAKE_RETRY_S until the call has returned."""
+        lock, signo = self._serve_lock, self._serve_signal
+        if signo is None:
+            lock.acquire()
+            return
+        while True:
+            thread = self._serve_thread  # (non-zero only while that thread holds the lock: it is alive)
+            if thread:
+                signal.pthread_kill(thread, signo)
+            if lock.acquire(timeout=WAKE_RETRY_S):
+                return
 
     def _reap_engine(self, engine: RingEngine, n: int) -> None:
         """The reaper's n completions (in the queue's array) through xb_engine_reap."""
