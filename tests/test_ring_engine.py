@@ -514,6 +514,7 @@ async def _read_one_at_a_time(tmp_path, guest, platform, block: bool, n: int) ->
                 assert (r.id, r.status) == (k, RSP_OKAY)
             [worker] = vbd._workers
             assert (worker._serve_signal is not None) == block
+            assert worker._engine is not None and worker._engine.e.block_wait == block
     finally:
         front.close()
         vbd.close()

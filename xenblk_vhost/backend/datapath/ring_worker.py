@@ -272,6 +272,7 @@ class RingWorker:
         self._serve_lock = threading.Lock()  # held by the thread through its C call
         self._serve_thread = 0  # that thread's ident while it holds the lock (for block_wait's wake signal)
         self._serve_signal: int | None = None  # the engine's wake signal, once block_wait is on
+        self._block_wait = block_wait_wanted()
         self._serve_gen = 0  # which serve a thread's job is for (a stale one never runs)
         self._serve_active = False  # a serve is on (its task has not taken its state back yet)
         self._serve_blocked = False  # the thread must not start its C call (brought back before)
@@ -579,7 +580,7 @@ class RingWorker:
         self._engine_in(engine)
         stop = self._serve_stop
         lock = self._serve_lock
-        if self._serve_signal is None and block_wait_wanted():
+        if self._block_wait:  # (each engine of the ring's: a reconnect makes a new one)
             self._serve_signal = engine.enable_block_wait()
         with lock:
             self._serve_gen += 1
@@ -619,8 +620,9 @@ class RingWorker:
 
     def _serve_pause(self) -> None:
         """Bring a ring served from a thread back before another task reads or changes its state: stop
-        the engine's poll, wait for its C call to return (microseconds: it polls the stop fd), and take
-        its state back, once: the serving task's own ending comes here too."""
+        the engine's poll, wait for its C call to return (microseconds: it polls the stop fd, or
+        block_wait's read ends at the wake signal), and take its state back, once: the serving task's
+        own ending comes here too."""
         if not self._serve_active or self._serve_taken_back:
             return
         os.eventfd_write(self._serve_stop, 1)
