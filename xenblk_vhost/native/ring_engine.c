@@ -790,25 +790,10 @@ static int block_for_event(struct xb_engine *e, uint64_t until_ns, struct block_
         }
         bs->armed = 1;
     }
-    e->syscalls++;
     e->sleeps++;
-    if (e->notify_kind != XB_NOTIFY_EVTCHN) {
-        uint64_t count;
-        return read(e->wait_fd, &count, sizeof count) == (ssize_t)sizeof count ? 1 : -1;
-    }
-    uint32_t ports[256];  /* (one port per fd: the kernel queues it once until it is unmasked) */
-    ssize_t r = read(e->wait_fd, ports, sizeof ports);
-    if (r < 0 && errno == EFBIG) {  /* the kernel's queue overflowed: reset it, count it as an event */
-        e->syscalls++;
-        ioctl(e->wait_fd, (unsigned long)e->reset_request, 0);
-    } else if (r < (ssize_t)sizeof ports[0]) {
-        return -1;  /* EINTR: the wake signal or the timer (or the fd is gone) */
-    }
-    uint32_t port = e->notify_port;
-    e->syscalls++;
-    if (write(e->wait_fd, &port, sizeof port) < 0)
-        e->notify_errno = errno;
-    return 1;
+    /* consume_event's read, blocking now (one port per fd, queued once until it is unmasked: its first read
+     * is short, so it does not read again); nothing consumed: EINTR, the wake signal or the timer */
+    return consume_event(e) ? 1 : -1;
 }
 
 static int serve(struct xb_engine *e, int wake_fd, int timeout_ms, struct block_state *bs);
