@@ -58,7 +58,9 @@ def count_engine_calls(m) -> Counter:
         return code
 
     def serve(self, wake_fd, timeout_ms, idle_untimed=False, _real=RingEngine.serve):
+        notifies = self.e.notifies  # (cumulative in the engine: this call's are the difference)
         code = _real(self, wake_fd, timeout_ms, idle_untimed)
+        seen["served notifies"] += self.e.notifies - notifies
         seen[("serve", code)] += 1
         seen["served taken"] += self.e.taken_n
         seen["served answered"] += self.e.completed
@@ -525,15 +527,20 @@ async def test_block_wait_sleeps_in_one_read_and_saves_a_kernel_call_a_wake_up(t
     """block_wait (the service's serve thread): the engine sleeps for the guest's event in one blocking read
     of the channel instead of poll(2) and then the read: the same requests, one at a time, served from the
     thread's sleeps both ways, cost one kernel call less each (and a few more a call: the fd's flags, the
-    timer). (Sleeps for the storage's completions stay polls: the completion fd is a second fd.)"""
+    timer). (Sleeps for the storage's completions stay polls: the completion fd is a second fd.)
+
+    The notify ioctls are left out of the comparison: whether a response needs one depends on whether the
+    test's frontend had asked for an event yet when it was pushed (its rsp_event), a race with the backend
+    that differs from run to run (CI once saw 30 notifies in 40 requests one way and 40 the other: 0.25 a
+    request, more than the margin) and has nothing to do with how the backend sleeps."""
     n = 40
     on = await _serve_one_at_a_time(tmp_path, guest, platform, monkeypatch, True, n)
     off = await _serve_one_at_a_time(tmp_path, guest, platform, monkeypatch, False, n)
     for c in (on, off):
         assert c["served taken"] >= n - 2 and c["sleeps"] >= n - 2, (on, off)
     calls = sum(v for k, v in on.items() if type(k) is tuple and k[0] == "serve")
-    per_request_on = (on["syscalls"] - 3 * calls) / on["served taken"]
-    per_request_off = off["syscalls"] / off["served taken"]
+    per_request_on = (on["syscalls"] - on["served notifies"] - 3 * calls) / on["served taken"]
+    per_request_off = (off["syscalls"] - off["served notifies"]) / off["served taken"]
     assert per_request_on <= per_request_off - 0.8, (per_request_on, per_request_off, on, off)
 
 
