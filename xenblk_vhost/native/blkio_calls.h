@@ -184,9 +184,11 @@ struct xb_engine {
                                * xb_wake_signal() sent to the serving thread (whoever wakes the call must send
                                * it, again until the call has returned: a signal between the serving thread's
                                * last look and its read is not seen), or at timeout_ms (a POSIX timer aimed at
-                               * the serving thread, armed once a call). So only for a caller that can signal
-                               * the serving thread (the service's serve thread; not a ring worker process,
-                               * whose service speaks to it through wake_fd). */
+                               * the serving thread, armed once a call, firing again every 2 ms until the call
+                               * disarms it, for the same reason). So only for a caller that can signal the
+                               * serving thread: the service's serve thread (RingWorker._serve_acquire), a ring
+                               * worker process's main thread with a thread watching wake_fd for it
+                               * (channel_watch.py): the read does not watch wake_fd. */
     int32_t fd_flags;         /* internal: wait_fd's file status flags as found (0: not read yet; O_RDWR is not 0) */
 };
 /* The signal xb_engine_serve's block_wait read is woken by (a real-time one), its handler installed (once:

@@ -685,7 +685,13 @@ static int consume_event(struct xb_engine *e)
 }
 
 /* block_wait (blkio_calls.h): the wake signal, and a timer per serving thread that sends it at the call's
- * timeout (made at the thread's first timed sleep, deleted at its exit: a thread key's destructor). */
+ * timeout and again every XB_WAKE_REFIRE_NS until the call disarms it (made at the thread's first timed
+ * sleep, deleted at its exit: a thread key's destructor). The again: the signal is seen only by a read it
+ * interrupts, and the timer can fire before a read starts - between the serve's last look at the clock
+ * and the read, or before that look, the coarse clock lagging the timer's by up to a tick (4 ms at 250 Hz):
+ * a call whose slice is a few ms sleeps past it, a read that nothing else ends (the engine's tests' 3 ms
+ * slices in a ring worker process hung so, its frontend waiting for the same thread's trio loop). */
+#define XB_WAKE_REFIRE_NS 2000000u
 static int wake_signo = -1;
 static pthread_once_t wake_once = PTHREAD_ONCE_INIT;
 static pthread_key_t wake_timer_key;
@@ -750,7 +756,19 @@ static int arm_wake_timer(uint64_t at_ns)
     memset(&its, 0, sizeof its);
     its.it_value.tv_sec = (time_t)(at_ns / 1000000000u);
     its.it_value.tv_nsec = (long)(at_ns % 1000000000u);
+    its.it_interval.tv_nsec = XB_WAKE_REFIRE_NS;
     return timer_settime(*t, TIMER_ABSTIME, &its, NULL);
+}
+
+/* This thread's timer stopped (at the end of a call that armed it: it re-fires until then). */
+static void disarm_wake_timer(void)
+{
+    timer_t *t = pthread_getspecific(wake_timer_key);
+    if (t) {
+        struct itimerspec its;
+        memset(&its, 0, sizeof its);
+        timer_settime(*t, 0, &its, NULL);
+    }
 }
 
 /* What a serve call's blocking sleeps set up once: wait_fd blocking, the timer armed. */
@@ -802,6 +820,10 @@ int xb_engine_serve(struct xb_engine *e, int wake_fd, int timeout_ms)
 {
     struct block_state bs = {0, 0};
     int rc = serve(e, wake_fd, timeout_ms, &bs);
+    if (bs.armed) {  /* (a signal it sent before this lands in the caller: a no-op handler, an EINTR retried) */
+        e->syscalls++;
+        disarm_wake_timer();
+    }
     if (bs.blocking) {  /* wait_fd as it was: the caller's reads must not block */
         e->syscalls++;
         fcntl(e->wait_fd, F_SETFL, e->fd_flags);

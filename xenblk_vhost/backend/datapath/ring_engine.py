@@ -110,8 +110,9 @@ def serve_wanted() -> bool:
 SPIN_ENV = "XENBLK_RING_SPIN_US"
 DEFAULT_SPIN_US = 50
 
-# XENBLK_RING_BLOCK_WAIT=0: the engine's serve thread sleeps in poll(2) and then reads the event channel,
-# as before step 23, instead of one blocking read(2) (struct xb_engine's block_wait): for measurements.
+# XENBLK_RING_BLOCK_WAIT=0: the engine's serve calls (the service's serve thread, a ring worker process's
+# main thread) sleep in poll(2) and then read the event channel, as before step 23, instead of one blocking
+# read(2) (struct xb_engine's block_wait): for measurements.
 BLOCK_WAIT_ENV = "XENBLK_RING_BLOCK_WAIT"
 
 

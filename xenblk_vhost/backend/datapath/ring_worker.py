@@ -98,6 +98,7 @@ from ...native.intake import _SEG, CompiledIntake, make_intake
 from ...storage import BlkioError, IovecArray, Queue
 from ...xen.interfaces import EventChannel, Gntdev
 from .barrier import BarrierGate
+from .channel_watch import ChannelWatch
 from .copy_lane import MIN_BATCH, CopyLane
 from .data_path import DataPath
 from .indirect_pages import IndirectPages
@@ -138,8 +139,9 @@ from .storage_ops import queue_step
 
 log = logging.getLogger(__name__)
 
-# How often _serve_pause sends the engine's wake signal again while its serve thread has not returned
-# (block_wait: one landing just before the thread's read is not seen; the next one is).
+# How often _serve_pause (and a ring worker process's ChannelWatch) sends the engine's wake signal again
+# while its serve call has not returned (block_wait: one landing just before the read is not seen; the next
+# one is).
 WAKE_RETRY_S = 0.002
 
 _seg_unpack_from = _SEG.unpack_from  # a direct request's (gref, first_sect, last_sect), as the intake builds it
@@ -273,6 +275,7 @@ class RingWorker:
         self._serve_thread = 0  # that thread's ident while it holds the lock (for block_wait's wake signal)
         self._serve_signal: int | None = None  # the engine's wake signal, once block_wait is on
         self._block_wait = block_wait_wanted()
+        self._channel_watch: ChannelWatch | None = None  # block_wait's in a ring worker process (_serve_engine)
         self._serve_gen = 0  # which serve a thread's job is for (a stale one never runs)
         self._serve_active = False  # a serve is on (its task has not taken its state back yet)
         self._serve_blocked = False  # the thread must not start its C call (brought back before)
@@ -302,6 +305,9 @@ class RingWorker:
             if self._serve_stop >= 0 and not self._serve_active:  # (the engine's thread is done with it)
                 os.close(self._serve_stop)
                 self._serve_stop = -1
+            if self._channel_watch is not None:  # (no serve call is on: they run in this task)
+                self._channel_watch.close()
+                self._channel_watch = None
 
     def resume_from(self, republish: list[tuple[int, int, int]], rerun: list) -> None:
         """A takeover (ring_journal.py set the ring's indices): publish the answers the last process
@@ -567,9 +573,30 @@ class RingWorker:
     def _serve_engine(self, engine: RingEngine, wake_fd: int) -> int:
         """xb_engine_serve: the ring served from the engine's own poll until wake_fd is readable,
         SERVE_SLICE passes, or something is for the reference path. Blocks this thread (and its trio
-        loop: only where nothing else waits for it, see serve_wake_fd)."""
+        loop: only where nothing else waits for it, see serve_wake_fd). With block_wait the engine's
+        sleeps do not watch wake_fd: a ChannelWatch thread does, and wakes this one."""
         self._engine_in(engine)
-        return self._after_engine(engine, engine.serve(wake_fd, SERVE_SLICE_MS), served=True)
+        watch = self._channel_watch_for(engine, wake_fd)
+        if watch is None:
+            return self._after_engine(engine, engine.serve(wake_fd, SERVE_SLICE_MS), served=True)
+        with watch.serving():
+            code = engine.serve(wake_fd, SERVE_SLICE_MS)
+        return self._after_engine(engine, code, served=True)
+
+    def _channel_watch_for(self, engine: RingEngine, wake_fd: int) -> ChannelWatch | None:
+        """block_wait for the engine's serve on this thread (each engine of the ring's: a reconnect makes a
+        new one), and the thread that wakes it when wake_fd speaks; None: the engine polls wake_fd itself."""
+        if not self._block_wait:
+            return None
+        signo = engine.enable_block_wait()
+        if signo is None:
+            return None
+        watch = self._channel_watch
+        if watch is None or watch.fd != wake_fd:
+            if watch is not None:
+                watch.close()
+            watch = self._channel_watch = ChannelWatch(wake_fd, signo, WAKE_RETRY_S)
+        return watch
 
     async def _serve_in_thread(self, engine: RingEngine) -> int:
         """_serve_engine in a thread of this ring's (the C call releases the GIL): the trio loop serves
