@@ -51,7 +51,8 @@ def table(report: Report) -> str:
         f"worst latency {report.alice_max_latency_s * 1000:.0f} ms under attack "
         f"(mean {report.alice_mean_latency_s * 1000:.1f} ms; worst {report.alice_quiet_max_latency_s * 1000:.0f} ms "
         f"before the attacks), disk outside its workload untouched={report.alice_untouched}",
-        f"memory (RSS of the process running the service and the attacker): baseline "
+        f"memory (RSS of the process running the service and the attacker, the simulated guests' memory "
+        f"mapped in it left out): baseline "
         f"{report.rss.baseline / MiB:.1f} MiB, peak {report.rss.peak / MiB:.1f} MiB "
         f"(+{(report.rss.peak - report.rss.baseline) / MiB:.1f} MiB; mallory's ring: limits.memory "
         f"{RING_MEMORY // MiB} MiB, max_inflight {RING_INFLIGHT})",

@@ -31,7 +31,8 @@ MiB = 1 << 20
 # service blocked by mallory) is seconds, not this.
 ALICE_LATENCY_BOUND = 2.0
 # Growth of the RSS of the process running the service (and mallory's
-# frontend): mallory's ring memory limit plus interpreter slack. Measured +2-3 MiB.
+# frontend), the simulated guests' memory mapped in it left out (campaign._rss):
+# mallory's ring memory limit plus interpreter slack. Measured +2-3 MiB.
 RSS_BOUND = RING_MEMORY + 8 * MiB
 RACES = {"double-fetch-slot", "double-fetch-indirect", "double-fetch-req-prod", "grant-revoked-racing",
          "notify-storm"}
