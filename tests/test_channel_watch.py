@@ -14,6 +14,11 @@ def _signo() -> int:
     return signo
 
 
+# How long a call lasts where the watch must signal it: long enough that a thread the machine's load delays
+# for a while still finds the call on (the test waits only for what it must see).
+CALL_S = 1.0
+
+
 def _serve_for(watch: ChannelWatch, seconds: float) -> threading.Thread:
     """A thread inside one serve call for `seconds` (its sleep, interrupted by the signals, is resumed)."""
     def call() -> None:
@@ -35,7 +40,7 @@ def test_a_readable_channel_wakes_the_call_on_and_again_until_it_is_over():
     fd = os.eventfd(0, os.EFD_NONBLOCK)
     watch = ChannelWatch(fd, _signo(), retry_s=0.002)
     try:
-        call = _serve_for(watch, 0.3)
+        call = _serve_for(watch, CALL_S)
         time.sleep(0.05)
         assert watch.signals_sent == 0  # (nothing to say: the call sleeps on)
         os.eventfd_write(fd, 1)
@@ -44,7 +49,7 @@ def test_a_readable_channel_wakes_the_call_on_and_again_until_it_is_over():
         sent = watch.signals_sent
         time.sleep(0.05)
         assert watch.signals_sent == sent  # the call is over: none after it, though the fd is still readable
-        call = _serve_for(watch, 0.1)  # the next call, the fd not drained: woken at once, as the poll was
+        call = _serve_for(watch, CALL_S)  # the next call, the fd not drained: woken at once, as the poll was
         _wait_for(lambda: watch.signals_sent > sent)
         call.join()
         os.eventfd_read(fd)  # (drained, as the channel's reader does between calls)
@@ -65,7 +70,7 @@ def test_nothing_is_sent_outside_a_call_and_a_hang_up_wakes_one():
         os.close(w)  # (the service's death: the channel hangs up)
         time.sleep(0.05)
         assert watch.signals_sent == 0
-        call = _serve_for(watch, 0.2)
+        call = _serve_for(watch, CALL_S)
         _wait_for(lambda: watch.signals_sent >= 1)
         call.join()
     finally:
