@@ -503,12 +503,7 @@ async def test_block_wait_in_a_ring_worker_process_saves_the_same_kernel_call(tm
         on = await _worker_reads_one_at_a_time(tmp_path, guest, platform, m, serve_in_slices, True, n)
     with monkeypatch.context() as m:
         off = await _worker_reads_one_at_a_time(tmp_path, guest, platform, m, serve_in_slices, False, n)
-    for c in (on, off):
-        assert c["served taken"] >= n - 2 and c["sleeps"] >= n - 2, (on, off)
-    calls = sum(v for k, v in on.items() if type(k) is tuple and k[0] == "serve")
-    per_request_on = (on["syscalls"] - on["served notifies"] - 4 * calls) / on["served taken"]
-    per_request_off = (off["syscalls"] - off["served notifies"]) / off["served taken"]
-    assert per_request_on <= per_request_off - 0.8, (per_request_on, per_request_off, on, off)
+    _assert_block_wait_saves_a_call_a_request(on, off, n)
 
 
 @pytest.mark.parametrize("untimed", [True, False])
@@ -588,6 +583,19 @@ async def _read_one_at_a_time(tmp_path, guest, platform, block: bool, n: int) ->
         vbd.close()
 
 
+def _assert_block_wait_saves_a_call_a_request(on: Counter, off: Counter, n: int) -> None:
+    """The engine's counts of the same n requests with block_wait on and off: each request served from a
+    sleep, and on costs at least 0.8 kernel calls fewer a request, once its calls' own (the fd's flags twice,
+    the timer armed and disarmed: 4 a call at most) are taken off. The notify ioctls are left out: whether a
+    response needs one is a race with the test's frontend (its rsp_event), not how the backend sleeps."""
+    for c in (on, off):
+        assert c["served taken"] >= n - 2 and c["sleeps"] >= n - 2, (on, off)
+    calls = sum(v for k, v in on.items() if type(k) is tuple and k[0] == "serve")
+    per_request_on = (on["syscalls"] - on["served notifies"] - 4 * calls) / on["served taken"]
+    per_request_off = (off["syscalls"] - off["served notifies"]) / off["served taken"]
+    assert per_request_on <= per_request_off - 0.8, (per_request_on, per_request_off, on, off)
+
+
 async def test_block_wait_sleeps_in_one_read_and_saves_a_kernel_call_a_wake_up(tmp_path, guest, platform,
                                                                                monkeypatch):
     """block_wait (the service's serve thread): the engine sleeps for the guest's event in one blocking read
@@ -603,12 +611,7 @@ async def test_block_wait_sleeps_in_one_read_and_saves_a_kernel_call_a_wake_up(t
     n = 40
     on = await _serve_one_at_a_time(tmp_path, guest, platform, monkeypatch, True, n)
     off = await _serve_one_at_a_time(tmp_path, guest, platform, monkeypatch, False, n)
-    for c in (on, off):
-        assert c["served taken"] >= n - 2 and c["sleeps"] >= n - 2, (on, off)
-    calls = sum(v for k, v in on.items() if type(k) is tuple and k[0] == "serve")
-    per_request_on = (on["syscalls"] - on["served notifies"] - 4 * calls) / on["served taken"]
-    per_request_off = (off["syscalls"] - off["served notifies"]) / off["served taken"]
-    assert per_request_on <= per_request_off - 0.8, (per_request_on, per_request_off, on, off)
+    _assert_block_wait_saves_a_call_a_request(on, off, n)
 
 
 async def test_block_wait_is_woken_for_whoever_needs_the_ring_however_often(tmp_path, guest, platform, monkeypatch):
