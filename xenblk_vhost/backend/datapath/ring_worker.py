@@ -78,6 +78,7 @@ import threading
 import time
 from array import array
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 
 import trio
@@ -577,9 +578,7 @@ class RingWorker:
         sleeps do not watch wake_fd: a ChannelWatch thread does, and wakes this one."""
         self._engine_in(engine)
         watch = self._channel_watch_for(engine, wake_fd)
-        if watch is None:
-            return self._after_engine(engine, engine.serve(wake_fd, SERVE_SLICE_MS), served=True)
-        with watch.serving():
+        with watch.serving() if watch is not None else nullcontext():
             code = engine.serve(wake_fd, SERVE_SLICE_MS)
         return self._after_engine(engine, code, served=True)
 
